@@ -1,0 +1,162 @@
+"""Checkpoints: safetensors weights with JSON metadata; loading never executes code.
+
+One file per checkpoint, ``RUN_DIR/checkpoints/step-NNNNNNN.safetensors``, holding the
+tensors ``model.*`` (raw weights), ``ema.*`` (the moving average) and ``optim.*``
+(optimizer state), and in the safetensors header:
+
+* ``ddpm``: JSON with ``format_version``, ``step``, ``config`` (the full :class:`RunConfig`)
+  and any further run state;
+* ``checksum``: SHA-256 over every tensor's name, dtype, shape and bytes, verified on load,
+  so a truncated or tampered file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CheckpointError
+from .fileio import atomic_write
+
+__all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_metadata", "resolve_checkpoint",
+           "checkpoint_path", "list_checkpoints", "tensor_checksum", "split_prefix", "flatten_optimizer_state",
+           "unflatten_optimizer_state"]
+
+FORMAT_VERSION = 1
+_STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}.safetensors"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoints of a run directory, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_FILE.match(p.name))]
+    return sorted(found)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file as given, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise CheckpointError(f"{path} holds no checkpoints (expected {path}/checkpoints/step-NNNNNNN.safetensors)")
+        return found[-1][1]
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint: {path}")
+    return path
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of every tensor, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write tensors and JSON-serialisable ``meta`` to ``path`` atomically.
+
+    A failure (full disk, permission) raises :class:`CheckpointError`; any previous file at
+    ``path`` is left intact and no temporary file remains.
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {"ddpm": json.dumps({"format_version": FORMAT_VERSION, **meta}),
+              "checksum": tensor_checksum(tensors)}
+    try:
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"could not save checkpoint {path}: {reason}; "
+                              "the previous checkpoint is intact") from None
+
+
+def _header(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a ddpm checkpoint (not a readable safetensors file: {exc})") from None
+    if "ddpm" not in header:
+        raise CheckpointError(f"{path} is not a ddpm checkpoint (a safetensors file without ddpm metadata)")
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint (file or run directory), without reading tensors."""
+    path = resolve_checkpoint(path)
+    try:
+        meta = json.loads(_header(path)["ddpm"])
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has corrupt ddpm metadata") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {version!r}; "
+                              f"this ddpm reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint (file or run directory): (tensors, metadata).
+
+    The tensor checksum is verified unless ``verify=False``; a truncated, tampered or
+    foreign file raises :class:`CheckpointError`.
+    """
+    path = resolve_checkpoint(path)
+    meta = read_metadata(path)
+    header = _header(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from None
+    if verify and tensor_checksum(tensors) != header.get("checksum"):
+        raise CheckpointError(f"{path} failed its checksum: the file is corrupt or was modified")
+    meta["path"] = str(path)
+    return {k: v.to(device) for k, v in tensors.items()}, meta
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix.``, with the prefix removed."""
+    p = prefix + "."
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (``optim.<param>.<key>``) and JSON-able rest."""
+    tensors, scalars = {}, {}
+    for idx, st in state_dict["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], info: dict) -> dict:
+    """Inverse of :func:`flatten_optimizer_state`."""
+    state: dict[int, dict] = {}
+    for name, value in split_prefix(tensors, "optim").items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in info.get("scalars", {}).items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": info["param_groups"]}

@@ -1,0 +1,174 @@
+"""Run configuration as typed dataclasses, validated when built.
+
+A :class:`RunConfig` holds everything needed to rebuild a run: the U-Net architecture,
+the diffusion process, the data and the training options. It is saved as JSON in the
+run directory and inside every checkpoint, so sampling needs no training option again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .diffusion import LOSS_WEIGHTINGS, OBJECTIVES, VARIANCES
+from .errors import ConfigError
+from .models import UnetConfig, preset_config
+from .schedules import SCHEDULES
+
+__all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
+           "build_model", "build_diffusion"]
+
+# The U-Net preset used when --preset is not given, by dataset name.
+DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist"}
+
+
+def _from_dict(cls, d: dict, section: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"[{section}] must be a table of options")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) in [{section}]: {', '.join(unknown)}")
+    return cls(**d)
+
+
+def _choice(value: Any, choices, what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusion process (Ho et al. 2020 defaults)."""
+
+    timesteps: int = 1000              # T
+    schedule: str = "linear"           # linear | cosine | sigmoid
+    objective: str = "eps"             # what the network predicts: eps | x0 | v
+    loss_weighting: str = "uniform"    # uniform (L_simple) | min-snr
+    min_snr_gamma: float = 5.0
+    variance: str = "posterior"        # sigma_t^2 at sampling: posterior (beta-tilde) | beta
+    clip_denoised: bool = True         # clip the x0 estimate to [-1, 1] while sampling
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.timesteps, int) or self.timesteps < 2:
+            raise ConfigError(f"timesteps must be an integer >= 2; got {self.timesteps!r}")
+        _choice(self.schedule, tuple(SCHEDULES), "schedule")
+        _choice(self.objective, OBJECTIVES, "objective")
+        _choice(self.loss_weighting, LOSS_WEIGHTINGS, "loss weighting")
+        _choice(self.variance, VARIANCES, "variance")
+        if not self.min_snr_gamma > 0:
+            raise ConfigError(f"min_snr_gamma must be > 0; got {self.min_snr_gamma}")
+
+
+@dataclass
+class DataConfig:
+    """Where the training images come from."""
+
+    name: str = "digits"                          # digits | mnist | fashion-mnist | a folder | an .npz file
+    root: str | None = None                       # folder holding the IDX files of mnist / fashion-mnist
+    split: str = "train"                          # train | test
+    image_size: tuple[int, int] | None = None     # resize + center-crop to (H, W); None keeps the native size
+    channels: int | None = None                   # 1 grey, 3 RGB, 4 RGBA; None keeps the native channels
+    hflip: bool = False                           # random horizontal flips
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        if self.image_size is not None:
+            self.image_size = tuple(int(s) for s in self.image_size)
+            if len(self.image_size) != 2 or min(self.image_size) < 1:
+                raise ConfigError(f"image size must be a positive size or H W; got {self.image_size}")
+        _choice(self.split, ("train", "test"), "split")
+        if self.channels is not None:
+            _choice(self.channels, (1, 3, 4), "channels")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. The defaults are the built-in digits run (about 5 CPU-minutes)."""
+
+    steps: int = 3000                  # optimizer steps
+    batch_size: int = 128
+    lr: float = 1e-3                   # Adam learning rate (the paper: 2e-4 for CIFAR-10)
+    grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999          # decay of the exponential moving average of the weights
+    ema_warmup: bool = True            # decay_n = min(ema_decay, (1 + n) / (10 + n)), so short runs are usable
+    seed: int = 0
+    device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
+    log_every: int = 50                # steps between metrics-log lines
+    sample_every: int = 0              # steps between sample grids (0: only at the end)
+    checkpoint_every: int = 1000       # steps between checkpoints (the last step is always saved)
+    num_samples: int = 64              # images in each sample grid
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "num_samples", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer; got {value!r}")
+        for name in ("sample_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0; got {self.lr}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"gradient clipping norm must be >= 0; got {self.grad_clip}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ConfigError(f"EMA decay must be in [0, 1]; got {self.ema_decay}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as ``config.json`` and inside each checkpoint."""
+
+    preset: str
+    model: UnetConfig
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
+                "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()},
+                "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict) or "model" not in d:
+            raise ConfigError("configuration has no [model] section")
+        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train"})
+        if unknown:
+            raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
+        try:
+            return cls(preset=d.get("preset", "custom"),
+                       model=_from_dict(UnetConfig, d["model"], "model"),
+                       diffusion=_from_dict(DiffusionConfig, d.get("diffusion", {}), "diffusion"),
+                       data=_from_dict(DataConfig, d.get("data", {}), "data"),
+                       train=_from_dict(TrainConfig, d.get("train", {}), "train"))
+        except TypeError as exc:  # a value of the wrong type that the validators could not compare
+            raise ConfigError(f"invalid configuration: {exc}") from None
+
+    @classmethod
+    def for_preset(cls, preset: str, **model_overrides) -> "RunConfig":
+        return cls(preset=preset, model=preset_config(preset, **model_overrides))
+
+
+def build_model(config: RunConfig):
+    """The U-Net that ``config`` describes."""
+    from .models import Unet
+
+    return Unet(config.model)
+
+
+def build_diffusion(config: RunConfig, model=None):
+    """A :class:`~ddpm.diffusion.GaussianDiffusion` for ``config`` around ``model`` (built if None)."""
+    from .diffusion import GaussianDiffusion
+
+    d = config.diffusion
+    return GaussianDiffusion(model if model is not None else build_model(config),
+                             image_size=config.model.image_size, channels=config.model.channels,
+                             timesteps=d.timesteps, schedule=d.schedule, objective=d.objective,
+                             loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
+                             variance=d.variance, clip_denoised=d.clip_denoised)

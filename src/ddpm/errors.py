@@ -1,0 +1,31 @@
+"""Errors a user can cause, each mapped to one exit code of the CLI.
+
+The CLI prints ``ddpm: error: <message>`` for these and exits with ``exit_code``;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class DdpmError(Exception):
+    """Base class for user-facing errors (bad option, bad data, bad checkpoint)."""
+
+    exit_code = 1
+
+
+class ConfigError(DdpmError, ValueError):
+    """An option or configuration value is invalid (exit code 2)."""
+
+    exit_code = 2
+
+
+class DataError(DdpmError):
+    """A dataset is missing, empty, corrupt or of the wrong shape (exit code 3)."""
+
+    exit_code = 3
+
+
+class CheckpointError(DdpmError):
+    """A checkpoint is missing, truncated, foreign or inconsistent (exit code 4)."""
+
+    exit_code = 4

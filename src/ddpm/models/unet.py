@@ -1,0 +1,268 @@
+"""The noise-prediction U-Net of Ho et al. 2020 (Appendix B), after PixelCNN++ / Wide ResNet.
+
+Structure, as in the paper's reference implementation:
+
+* a sinusoidal embedding of the timestep index followed by a two-layer MLP (width 4 x base);
+* at each resolution level, ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3x3 conv, the
+  projected time embedding added, GroupNorm, SiLU, dropout, 3x3 conv, with a 1x1 shortcut when
+  the channel count changes), self-attention after each block at the chosen resolutions, and a
+  stride-2 3x3 convolution to go down a level;
+* a middle of residual block, attention, residual block;
+* the mirror image going up (``num_res_blocks + 1`` blocks a level, each fed the matching skip
+  connection, nearest-neighbour upsampling followed by a 3x3 convolution);
+* GroupNorm, SiLU and a 3x3 convolution to the output channels.
+
+The network sees only ``(x_t, t)``: ``t`` is the 0-based timestep index, never the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["UnetConfig", "Unet", "timestep_embedding"]
+
+
+@dataclass
+class UnetConfig:
+    """Architecture of :class:`Unet`. The defaults are the paper's CIFAR-10 model."""
+
+    image_size: tuple[int, int] = (32, 32)        # (H, W) of the images the model is built for
+    channels: int = 3                             # image channels in and out
+    dim: int = 128                                # base channel count ("ch" in the paper's code)
+    dim_mults: tuple[int, ...] = (1, 2, 2, 2)     # channel multiplier at each resolution level
+    num_res_blocks: int = 2                       # residual blocks per level on the way down
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (shorter side) with self-attention
+    dropout: float = 0.1
+    norm_groups: int = 32                         # GroupNorm groups (the paper: 32)
+    attention_heads: int = 1                      # the paper uses one head
+    out_channels: int | None = None               # defaults to ``channels``
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        self.image_size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        self.dim_mults = tuple(int(m) for m in self.dim_mults)
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        self.validate()
+
+    def validate(self) -> None:
+        if len(self.image_size) != 2 or min(self.image_size) < 1:
+            raise ConfigError(f"image_size must be a positive int or (H, W), got {self.image_size}")
+        if self.channels < 1:
+            raise ConfigError(f"channels must be >= 1, got {self.channels}")
+        if self.dim < 1 or not self.dim_mults or min(self.dim_mults) < 1:
+            raise ConfigError("dim and every dim_mults entry must be positive")
+        if self.num_res_blocks < 1:
+            raise ConfigError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dim % 2:
+            raise ConfigError(f"dim must be even (sinusoidal embedding), got {self.dim}")
+        for c in {self.dim * m for m in self.dim_mults}:
+            if c % self.norm_groups:
+                raise ConfigError(f"channel count {c} is not divisible by norm_groups={self.norm_groups}")
+            if c % self.attention_heads:
+                raise ConfigError(f"channel count {c} is not divisible by attention_heads={self.attention_heads}")
+        factor = 2 ** (len(self.dim_mults) - 1)
+        h, w = self.image_size
+        if h % factor or w % factor:
+            raise ConfigError(f"image size {h}x{w} must be divisible by {factor} "
+                              f"for {len(self.dim_mults)} resolution levels")
+        levels = {min(h, w) // 2 ** i for i in range(len(self.dim_mults))}
+        unknown = [r for r in self.attention_resolutions if r not in levels]
+        if unknown:
+            raise ConfigError(f"attention_resolutions {unknown} match no level; the levels are {sorted(levels)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UnetConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of timestep indices (Vaswani et al. 2017, as in the paper's code).
+
+    Frequencies exp(-log(10000) i / (dim/2 - 1)), i = 0..dim/2-1; sines then cosines.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Mark a layer to start at zero (the paper's ``init_scale=0`` on the last layer of each branch)."""
+    module.zero_init = True
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block with the timestep embedding added between the two convolutions."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions, with a residual connection."""
+
+    def __init__(self, ch: int, groups: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)            # softmax(q k^T / sqrt(d)) v
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Unet(nn.Module):
+    """The paper's U-Net. ``Unet(dim=64, dim_mults=(1, 2), image_size=16, channels=1, ...)``
+    takes the fields of :class:`UnetConfig` as keywords; ``Unet.from_preset(name)`` builds a
+    named preset (see :mod:`ddpm.models.presets`).
+
+    ``forward(x_t, t)`` takes x_t of shape [B, C, H, W] and 0-based timestep indices ``t``
+    (LongTensor [B]) and returns a tensor of shape [B, out_channels, H, W].
+    """
+
+    def __init__(self, config: UnetConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = UnetConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either a UnetConfig or keyword options, not both")
+        self.config = cfg = config
+        self.image_size, self.channels = cfg.image_size, cfg.channels
+        ch, emb_dim, groups = cfg.dim, cfg.dim * 4, cfg.norm_groups
+        out_channels = cfg.out_channels or cfg.channels
+
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(cfg.channels, ch, 3, padding=1)
+
+        res = min(cfg.image_size)
+        skip_chs = [ch]
+        self.down = nn.ModuleList()
+        cur = ch
+        for level, mult in enumerate(cfg.dim_mults):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, groups)]
+                cur = ch * mult
+                if res in cfg.attention_resolutions:
+                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads))
+                self.down.append(nn.ModuleList(blocks))
+                skip_chs.append(cur)
+            if level != len(cfg.dim_mults) - 1:
+                self.down.append(nn.ModuleList([Downsample(cur)]))
+                skip_chs.append(cur)
+                res //= 2
+
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, groups),
+                                  AttentionBlock(cur, groups, cfg.attention_heads),
+                                  ResBlock(cur, cur, emb_dim, cfg.dropout, groups)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.dim_mults))):
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, emb_dim, cfg.dropout, groups)]
+                cur = ch * mult
+                if res in cfg.attention_resolutions:
+                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads))
+                self.up.append(nn.ModuleList(blocks))
+            if level != 0:
+                self.up.append(nn.ModuleList([Upsample(cur)]))
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(groups, cur)
+        self.conv_out = _zero(nn.Conv2d(cur, out_channels, 3, padding=1))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """Glorot-uniform ("fan_avg") weights and zero biases, as in the paper's code;
+        the last layer of every residual branch stays zero."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                if getattr(m, "zero_init", False):
+                    nn.init.zeros_(m.weight)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "Unet":
+        from .presets import preset_config
+
+        return cls(preset_config(name, **overrides))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            h = block(h, emb) if isinstance(block, ResBlock) else block(h)
+        return h
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"expected x of shape [B, {self.channels}, H, W], got {list(x.shape)}")
+        emb = self.time_mlp(timestep_embedding(t, self.config.dim).to(x.dtype))
+        h = self.conv_in(x)
+        hs = [h]
+        for blocks in self.down:
+            h = self._run(blocks, h, emb)
+            hs.append(h)
+        h = self._run(self.mid, h, emb)
+        for blocks in self.up:
+            if isinstance(blocks[0], ResBlock):
+                h = torch.cat([h, hs.pop()], dim=1)
+            h = self._run(blocks, h, emb)
+        return self.conv_out(F.silu(self.norm_out(h)))

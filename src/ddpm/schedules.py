@@ -25,6 +25,9 @@ def linear_betas(timesteps: int) -> torch.Tensor:
     so that the total amount of noise stays about the same.
     """
     scale = 1000.0 / timesteps
+    if scale * 0.02 >= 1.0:
+        raise ConfigError(f"the linear schedule needs T >= 21 (its last beta, 0.02 * 1000 / T, must stay "
+                          f"below 1); got T = {timesteps}")
     return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
 
 

@@ -1,0 +1,136 @@
+"""Checkpoints: round trip, refusal of foreign / truncated / tampered files, atomic saving."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ddpm import CheckpointError
+from ddpm.checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
+                             read_metadata, resolve_checkpoint, save_checkpoint, split_prefix,
+                             unflatten_optimizer_state)
+from ddpm.fileio import atomic_write
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.w": torch.randn(4, 3, generator=g), "model.b": torch.randn(3, generator=g),
+            "ema.w": torch.randn(4, 3, generator=g), "optim.0.exp_avg": torch.randn(5, generator=g).to(torch.bfloat16)}
+
+
+def test_round_trip_preserves_tensors_and_metadata(tmp_path):
+    path = checkpoint_path(tmp_path, 42)
+    assert path.name == "step-0000042.safetensors"
+    tensors = _tensors()
+    save_checkpoint(path, tensors, {"step": 42, "config": {"a": [1, 2]}})
+    loaded, meta = load_checkpoint(path)
+    assert set(loaded) == set(tensors)
+    for k in tensors:
+        assert loaded[k].dtype == tensors[k].dtype and torch.equal(loaded[k], tensors[k])
+    assert meta["step"] == 42 and meta["config"] == {"a": [1, 2]} and meta["format_version"] == 1
+    assert split_prefix(loaded, "model").keys() == {"w", "b"}
+
+
+def test_run_directory_resolves_to_newest_checkpoint(tmp_path):
+    for step in (5, 100, 20):
+        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 20, 100]
+    assert resolve_checkpoint(tmp_path) == checkpoint_path(tmp_path, 100)
+    assert read_metadata(tmp_path)["step"] == 100
+
+
+def test_missing_and_empty_run_directory_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
+        resolve_checkpoint(tmp_path)
+
+
+def test_non_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a ddpm checkpoint"):
+        load_checkpoint(path)
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    path = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="without ddpm metadata"):
+        load_checkpoint(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, _tensors(), {"step": 1})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 7])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_tampered_tensor_fails_the_checksum(tmp_path):
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, _tensors(), {"step": 1})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF                                 # flip bits inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+
+
+def test_future_format_version_is_refused(tmp_path):
+    path = tmp_path / "future.safetensors"
+    save_file({"model.w": torch.zeros(1)}, str(path), metadata={"ddpm": json.dumps({"format_version": 99})})
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, code):
+    path = checkpoint_path(tmp_path, 7)
+    save_checkpoint(path, _tensors(0), {"step": 7})
+    before = path.read_bytes()
+
+    def failing_replace(src, dst):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match=os.strerror(code)):
+        save_checkpoint(path, _tensors(1), {"step": 7})
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]      # no temporary file left behind
+
+
+def test_atomic_write_failure_mid_write_leaves_target_intact(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+
+    def half_write(tmp):
+        tmp.write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(target, half_write)
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_optimizer_state_round_trip():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, info = flatten_optimizer_state(opt.state_dict())
+    json.dumps(info)                                                  # the rest must be JSON
+    restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(info)))
+    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    fresh.load_state_dict(restored)
+    for idx, st in opt.state_dict()["state"].items():
+        for key, value in st.items():
+            assert torch.equal(fresh.state_dict()["state"][idx][key], value)

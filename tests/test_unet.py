@@ -1,0 +1,193 @@
+"""The paper's U-Net: sizes, shapes, initialisation, the time embedding, config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ddpm
+from ddpm.models import PRESETS, Unet, UnetConfig, preset_config, timestep_embedding
+from ddpm.models.unet import ResBlock
+
+SMALL = dict(dim=16, dim_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, norm_groups=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Run on one thread: the inputs are tiny, and on a busy 2-core machine OpenMP's barriers
+    make two threads many times slower than one (see tests/test_diffusion.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_unet(seed: int = 0, **overrides) -> Unet:
+    torch.manual_seed(seed)
+    return Unet(**{**SMALL, "image_size": 8, "channels": 3, **overrides})
+
+
+def perturb_zero_init(model: Unet, seed: int = 1, std: float = 0.1) -> Unet:
+    """Give the zero-initialised last layers random weights, so that every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "zero_init", False):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * std)
+    return model
+
+
+# ----------------------------------------------------------------------------- presets
+
+def test_cifar10_preset_has_the_papers_parameter_count():
+    with torch.device("meta"):
+        model = Unet.from_preset("cifar10")
+    assert model.num_parameters() == 35_746_307                      # Ho et al. 2020, Appendix B
+
+
+def test_celebahq256_preset_has_about_114m_parameters():
+    with torch.device("meta"):
+        model = Unet.from_preset("celebahq256")
+    assert 113_500_000 <= model.num_parameters() <= 114_000_000
+
+
+def test_every_preset_builds_a_valid_config():
+    for name in PRESETS:
+        config = preset_config(name)
+        assert UnetConfig.from_dict(config.to_dict()) == config
+    assert preset_config("cifar10", dropout=0.0).dropout == 0.0
+    with pytest.raises(ddpm.ConfigError):
+        preset_config("imagenet")
+    with pytest.raises(ddpm.ConfigError):
+        UnetConfig.from_dict({**preset_config("digits").to_dict(), "width": 3})
+
+
+# ----------------------------------------------------------------------------- shapes
+
+@pytest.mark.parametrize("image_size, channels, attention", [
+    (8, 1, (4,)), (8, 3, (8, 4)), ((8, 16), 3, (4,)), ((16, 8), 4, (8,)), (12, 1, (6,)), (8, 1, ()),
+])
+def test_output_shape_equals_input_shape(image_size, channels, attention):
+    model = small_unet(image_size=image_size, channels=channels, attention_resolutions=attention)
+    model = perturb_zero_init(model).eval()
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    x = torch.randn(2, channels, h, w)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 999]))
+    assert out.shape == x.shape
+    assert bool(torch.isfinite(out).all())
+
+
+def test_out_channels_override():
+    model = small_unet(channels=3, out_channels=6)
+    out = model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    assert out.shape == (2, 6, 8, 8)
+
+
+def test_wrong_input_channels_are_refused():
+    with pytest.raises(ValueError):
+        small_unet(channels=3)(torch.randn(2, 1, 8, 8), torch.tensor([0, 0]))
+
+
+# ----------------------------------------------------------------------------- initialisation and the time embedding
+
+def test_fresh_model_outputs_zeros():
+    """The last layer starts at zero (the paper's init), so a fresh model predicts eps = 0."""
+    model = small_unet()
+    out = model(torch.randn(3, 3, 8, 8), torch.tensor([0, 10, 999]))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(model.conv_out.weight, torch.zeros_like(model.conv_out.weight))
+    zero_layers = [m for m in model.modules() if getattr(m, "zero_init", False)]
+    assert len(zero_layers) > 1                                      # every residual branch, not just the output
+    for m in zero_layers:
+        assert not m.weight.any() and not m.bias.any()
+
+
+def test_output_depends_on_the_timestep():
+    model = perturb_zero_init(small_unet()).eval()
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2)).expand(3, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 0, 500]))
+    assert torch.equal(out[0], out[1])                              # same input, same t: same output
+    assert (out[0] - out[2]).abs().max().item() > 1e-3               # same input, other t: other output
+
+
+@pytest.mark.parametrize("dim", [4, 16, 128])
+def test_timestep_embedding_formula(dim):
+    t = torch.tensor([0, 1, 7, 250, 999])
+    emb = timestep_embedding(t, dim)
+    half = dim // 2
+    expected = torch.empty(len(t), dim, dtype=torch.float64)
+    for row, step in enumerate(t.tolist()):
+        for i in range(half):
+            arg = step * math.exp(-math.log(10000.0) * i / (half - 1))
+            expected[row, i] = math.sin(arg)
+            expected[row, half + i] = math.cos(arg)
+    assert emb.shape == (len(t), dim)
+    # float32 arguments up to 999 carry an absolute error of about 1e-4.
+    torch.testing.assert_close(emb.double(), expected, rtol=0, atol=2e-4)
+
+
+def test_res_block_adds_the_time_embedding_between_the_convolutions():
+    torch.manual_seed(3)
+    block = ResBlock(in_ch=8, out_ch=16, emb_dim=32, dropout=0.0, groups=4)
+    torch.nn.init.normal_(block.conv2.weight, std=0.1)
+    x, emb = torch.randn(2, 8, 4, 4), torch.randn(2, 32)
+
+    seen = {}
+    block.norm2.register_forward_pre_hook(lambda module, args: seen.update(h=args[0]))
+    out = block(x, emb)
+    h = block.conv1(torch.nn.functional.silu(block.norm1(x)))
+    torch.testing.assert_close(seen["h"], h + block.emb_proj(torch.nn.functional.silu(emb))[:, :, None, None])
+
+    out.square().sum().backward()
+    assert block.emb_proj.weight.grad is not None and block.emb_proj.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- config validation
+
+@pytest.mark.parametrize("overrides", [
+    dict(image_size=10, dim_mults=(1, 2, 2)),                       # 10 not divisible by 2^2
+    dict(image_size=(8, 12), dim_mults=(1, 2, 2, 2)),               # 12 not divisible by 2^3
+    dict(attention_resolutions=(3,)),                               # levels are 8 and 4
+    dict(attention_resolutions=(16,)),
+    dict(norm_groups=32),                                           # 16 channels, 32 groups
+    dict(dim=12, norm_groups=8),                                    # 12 not divisible by 8
+    dict(attention_heads=3),
+    dict(dim=15, norm_groups=1, attention_heads=1),                 # odd dim: no sinusoidal embedding
+    dict(num_res_blocks=0),
+    dict(dropout=1.0),
+    dict(channels=0),
+    dict(dim_mults=()),
+    dict(image_size=0),
+])
+def test_bad_config_raises_config_error(overrides):
+    with pytest.raises(ddpm.ConfigError):
+        UnetConfig(**{**SMALL, "image_size": 8, "channels": 3, **overrides})
+
+
+def test_config_and_keywords_are_exclusive():
+    with pytest.raises(TypeError):
+        Unet(UnetConfig(**SMALL, image_size=8), dim=32)
+
+
+# ----------------------------------------------------------------------------- train / eval, autograd
+
+def test_forward_and_backward_in_train_and_eval_mode():
+    model = perturb_zero_init(small_unet(dropout=0.5))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+
+    model.train()
+    a, b = model(x, t), model(x, t)
+    assert not torch.equal(a, b)                                     # dropout is active in training
+    (a.square().mean() + b.square().mean()).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads.values())
+    assert grads["time_mlp.0.weight"].abs().sum() > 0               # the timestep path is trained too
+    assert grads["conv_in.weight"].abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, t), model(x, t))                 # and off in evaluation

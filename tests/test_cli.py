@@ -187,8 +187,7 @@ def test_weights_from_another_architecture_are_refused(trained_run, tmp_path):
     from ddpm.checkpoint import load_checkpoint, save_checkpoint
 
     tensors, meta = load_checkpoint(trained_run)
-    meta["config"]["model"]["dim"] = 32
-    meta["config"]["model"]["norm_groups"] = 8
+    meta["config"]["model"]["dim"] *= 2                  # the saved weights are half as wide
     meta.pop("path"), meta.pop("format_version")
     bad = tmp_path / "mismatch.safetensors"
     save_checkpoint(bad, tensors, meta)

@@ -19,16 +19,6 @@ from ddpm.schedules import NoiseSchedule
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: these are small tensors in long loops, and on a busy 2-core machine
-    OpenMP's barriers made two threads 50x slower than one (measured: 110 s against 2 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def linear() -> NoiseSchedule:
     return NoiseSchedule("linear", 1000)

@@ -14,16 +14,6 @@ from ddpm.models.unet import ResBlock
 SMALL = dict(dim=16, dim_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, norm_groups=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run on one thread: the inputs are tiny, and on a busy 2-core machine OpenMP's barriers
-    make two threads many times slower than one (see tests/test_diffusion.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_unet(seed: int = 0, **overrides) -> Unet:
     torch.manual_seed(seed)
     return Unet(**{**SMALL, "image_size": 8, "channels": 3, **overrides})

@@ -182,10 +182,12 @@ def _train_config(args):
 
 def cmd_train(args) -> int:
     from .config import build_model
+    from .generate import select_device
     from .train import check_training_data, prepare_run_dir, train
 
     config, data = _train_config(args)
     check_training_data(config, data)
+    select_device(config.train.device)          # an unavailable device is an error before anything runs
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0

@@ -7,6 +7,7 @@ run directory and inside every checkpoint, so sampling needs no training option 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -32,6 +33,11 @@ def _from_dict(cls, d: dict, section: str):
     return cls(**d)
 
 
+def _is_int(value: Any) -> bool:
+    """A real integer: bools (True == 1) and floats are refused rather than silently taken."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _choice(value: Any, choices, what: str) -> None:
     if value not in choices:
         raise ConfigError(f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")
@@ -50,7 +56,7 @@ class DiffusionConfig:
     clip_denoised: bool = True         # clip the x0 estimate to [-1, 1] while sampling
 
     def __post_init__(self) -> None:
-        if not isinstance(self.timesteps, int) or self.timesteps < 2:
+        if not _is_int(self.timesteps) or self.timesteps < 2:
             raise ConfigError(f"timesteps must be an integer >= 2; got {self.timesteps!r}")
         _choice(self.schedule, tuple(SCHEDULES), "schedule")
         _choice(self.objective, OBJECTIVES, "objective")
@@ -75,11 +81,14 @@ class DataConfig:
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
         if self.image_size is not None:
-            self.image_size = tuple(int(s) for s in self.image_size)
-            if len(self.image_size) != 2 or min(self.image_size) < 1:
-                raise ConfigError(f"image size must be a positive size or H W; got {self.image_size}")
+            size = tuple(self.image_size)
+            if len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size):
+                raise ConfigError(f"image size must be a positive integer or H W; got {self.image_size!r}")
+            self.image_size = size
         _choice(self.split, ("train", "test"), "split")
         if self.channels is not None:
+            if not _is_int(self.channels):
+                raise ConfigError(f"channels must be 1, 3 or 4; got {self.channels!r}")
             _choice(self.channels, (1, 3, 4), "channels")
 
 
@@ -87,7 +96,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation and bookkeeping. The defaults are the built-in digits run (about 5 CPU-minutes)."""
 
-    steps: int = 3000                  # optimizer steps
+    steps: int = 2000                  # optimizer steps
     batch_size: int = 128
     lr: float = 1e-3                   # Adam learning rate (the paper: 2e-4 for CIFAR-10)
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
@@ -103,11 +112,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_samples", "log_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer; got {value!r}")
         for name in ("sample_every", "checkpoint_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0; got {self.lr}")
@@ -115,7 +124,9 @@ class TrainConfig:
             raise ConfigError(f"gradient clipping norm must be >= 0; got {self.grad_clip}")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError(f"EMA decay must be in [0, 1]; got {self.ema_decay}")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+        if not _is_int(self.seed):
+            raise ConfigError(f"seed must be an integer; got {self.seed!r}")
+        if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
 
 

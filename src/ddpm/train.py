@@ -58,13 +58,14 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
-        if len(ema_params) != len(params):
-            raise ValueError("EMA and model have different parameter sets")
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
+        ema_params, params = dict(self.model.named_parameters()), dict(model.named_parameters())
+        ema_buffers, buffers = dict(self.model.named_buffers()), dict(model.named_buffers())
+        if ema_params.keys() != params.keys() or ema_buffers.keys() != buffers.keys():
+            raise ValueError("EMA and model have different parameter or buffer names")
+        names = list(params)
+        torch._foreach_lerp_([ema_params[n] for n in names], [params[n].detach() for n in names], 1.0 - decay)
+        for name, b in buffers.items():
+            ema_buffers[name].copy_(b)
         self.num_updates += 1
 
 
@@ -83,8 +84,7 @@ def prepare_run_dir(out: str | os.PathLike | None) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; "
-                          "choose another --out (resuming a run comes with --resume)")
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 

@@ -385,11 +385,77 @@ def test_folder_applies_exif_orientation(tmp_path):
     assert load_dataset(tmp_path).image_size == (8, 4)
 
 
-def test_folder_corrupt_image_names_the_file(tmp_path):
+def test_folder_corrupt_image_names_the_file_when_strict(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "good.png")
     (tmp_path / "x.png").write_bytes(np.random.default_rng(5).bytes(200))
     with pytest.raises(DataError, match="x.png"):
+        load_dataset(tmp_path, strict=True)
+
+
+def test_folder_corrupt_image_is_skipped_and_counted_by_default(tmp_path):
+    for k in range(3):
+        Image.fromarray(np.full((4, 4), 50 * k, np.uint8)).save(tmp_path / f"good{k}.png")
+    (tmp_path / "x.png").write_bytes(np.random.default_rng(5).bytes(200))
+    data = load_dataset(tmp_path)
+    assert data.num_images == 3
+    assert len(data.skipped) == 1 and "x.png" in data.skipped[0]
+    assert sorted(int(img[0, 0, 0]) for img in data.images) == [0, 50, 100]
+
+
+def test_folder_skipping_keeps_labels_aligned(tmp_path):
+    for cls, value in (("a", 10), ("b", 200)):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(tmp_path / cls / "ok.png")
+    (tmp_path / "a" / "bad.png").write_bytes(b"not an image at all")
+    data = load_dataset(tmp_path)
+    assert data.labels.tolist() == [0, 1] and data.images[:, 0, 0, 0].tolist() == [10, 200]
+
+
+def test_folder_with_only_unreadable_images_is_an_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"junk")
+    (tmp_path / "y.jpg").write_bytes(b"junk")
+    with pytest.raises(DataError, match="none of its 2 image files"):
         load_dataset(tmp_path)
+
+
+def _write_cifar_batch(path, labels, rng):
+    """Records in the CIFAR-10 binary layout: a label byte, then the R, G and B planes."""
+    records = np.zeros((len(labels), 3073), np.uint8)
+    records[:, 0] = labels
+    records[:, 1:] = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+    path.write_bytes(records.tobytes())
+    return records
+
+
+def test_cifar10_binary_batches(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    train = [_write_cifar_batch(folder / f"data_batch_{i}.bin", [i, 9 - i], rng) for i in range(1, 6)]
+    _write_cifar_batch(folder / "test_batch.bin", [3], rng)
+    data = load_dataset("cifar10", data_root=tmp_path)
+    assert data.images.shape == (10, 32, 32, 3) and data.labels.tolist() == [1, 8, 2, 7, 3, 6, 4, 5, 5, 4]
+    first = train[0][0]
+    # pixel (row 0, col 1) of image 0: red plane byte 1, green byte 1025, blue byte 2049 of the record
+    assert data.images[0, 0, 1].tolist() == [first[1 + 1], first[1 + 1024 + 1], first[1 + 2048 + 1]]
+    assert data.class_names[3] == "cat"
+    assert load_dataset("cifar10", data_root=folder, split="test").num_images == 1
+
+
+def test_cifar10_pickled_version_is_refused(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"pickle")
+    with pytest.raises(DataError, match="refused for safety"):
+        load_dataset("cifar10", data_root=tmp_path)
+
+
+def test_cifar10_wrong_size_and_missing_root(tmp_path):
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)]:
+        (tmp_path / name).write_bytes(b"\x00" * 3000)
+    with pytest.raises(DataError, match="not a multiple"):
+        load_dataset("cifar10", data_root=tmp_path)
+    with pytest.raises(DataError, match="--data-root"):
+        load_dataset("cifar10")
 
 
 def test_folder_truncated_image_names_the_file(tmp_path):
@@ -397,7 +463,7 @@ def test_folder_truncated_image_names_the_file(tmp_path):
     path = tmp_path / "cut.png"
     path.write_bytes(path.read_bytes()[:60])
     with pytest.raises(DataError, match="cut.png"):
-        load_dataset(tmp_path)
+        load_dataset(tmp_path, strict=True)
 
 
 def test_folder_empty_or_without_images(tmp_path):
@@ -421,7 +487,7 @@ def test_folder_mixed_sizes_need_image_size(tmp_path):
 # ----------------------------------------------------------------------------- options and paths
 
 def test_names_are_the_documented_ones():
-    assert DATASET_NAMES == ("digits", "mnist", "fashion-mnist")
+    assert DATASET_NAMES == ("digits", "mnist", "fashion-mnist", "cifar10")
 
 
 @pytest.mark.parametrize("kwargs", [

@@ -367,7 +367,7 @@ def test_run_config_round_trips_through_a_dict():
     (lambda d: d["model"].update(width=3), "width"),
     (lambda d: d.pop("model"), "model"),
     (lambda d: d.update(train=3), "train"),
-    (lambda d: d["train"].update(lr="fast"), "invalid"),
+    (lambda d: d["train"].update(lr="fast"), "learning rate"),
 ])
 def test_run_config_from_dict_rejects_unknown_or_malformed_entries(change, phrase):
     d = tiny_config().to_dict()

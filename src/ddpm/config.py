@@ -7,6 +7,7 @@ run directory and inside every checkpoint, so sampling needs no training option 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -17,10 +18,10 @@ from .models import UnetConfig, preset_config
 from .schedules import SCHEDULES
 
 __all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
-           "build_model", "build_diffusion"]
+           "RECIPES", "build_model", "build_diffusion", "load_toml", "merge_layers"]
 
 # The U-Net preset used when --preset is not given, by dataset name.
-DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist"}
+DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "cifar10"}
 
 
 def _from_dict(cls, d: dict, section: str):
@@ -36,6 +37,10 @@ def _from_dict(cls, d: dict, section: str):
 def _is_int(value: Any) -> bool:
     """A real integer: bools (True == 1) and floats are refused rather than silently taken."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _choice(value: Any, choices, what: str) -> None:
@@ -76,8 +81,15 @@ class DataConfig:
     image_size: tuple[int, int] | None = None     # resize + center-crop to (H, W); None keeps the native size
     channels: int | None = None                   # 1 grey, 3 RGB, 4 RGBA; None keeps the native channels
     hflip: bool = False                           # random horizontal flips
+    strict: bool = False                          # an unreadable image is an error instead of skipped
 
     def __post_init__(self) -> None:
+        for name in ("name", "root"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                setattr(self, name, os.fspath(value))
+            elif not (isinstance(value, str) or (value is None and name == "root")):
+                raise ConfigError(f"data {name} must be a string; got {value!r}")
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
         if self.image_size is not None:
@@ -97,37 +109,60 @@ class TrainConfig:
     """Optimisation and bookkeeping. The defaults are the built-in digits run (about 5 CPU-minutes)."""
 
     steps: int = 2000                  # optimizer steps
-    batch_size: int = 128
-    lr: float = 1e-3                   # Adam learning rate (the paper: 2e-4 for CIFAR-10)
+    batch_size: int = 128              # images per optimizer step (split into grad_accum micro-batches)
+    grad_accum: int = 1                # micro-batches per optimizer step
+    optimizer: str = "adam"            # adam | adamw
+    lr: float = 1e-3                   # peak learning rate (the paper: 2e-4 for CIFAR-10)
+    weight_decay: float = 0.0          # AdamW's decoupled weight decay (0 with adam)
+    warmup_steps: int = 0              # linear learning-rate warm-up (the paper's code: 5000)
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999          # decay of the exponential moving average of the weights
     ema_warmup: bool = True            # decay_n = min(ema_decay, (1 + n) / (10 + n)), so short runs are usable
+    precision: str = "fp32"            # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler, CUDA)
+    grad_checkpointing: bool = False   # recompute activations in the backward pass (less memory)
+    max_bad_steps: int = 10            # consecutive non-finite steps tolerated before training stops
     seed: int = 0
     device: str = "auto"               # auto | cpu | cuda | cuda:N | mps
+    init: str | None = None            # start from this checkpoint's EMA weights (fine-tuning)
     log_every: int = 50                # steps between metrics-log lines
     sample_every: int = 0              # steps between sample grids (0: only at the end)
     checkpoint_every: int = 1000       # steps between checkpoints (the last step is always saved)
+    keep_last: int = 3                 # checkpoints kept besides milestones (0 keeps all)
+    milestone_every: int = 0           # checkpoints at multiples of this are never deleted (0: none)
     num_samples: int = 64              # images in each sample grid
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "num_samples", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "num_samples", "log_every", "max_bad_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer; got {value!r}")
-        for name in ("sample_every", "checkpoint_every"):
+        for name in ("sample_every", "checkpoint_every", "warmup_steps", "keep_last", "milestone_every"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0; got {self.lr}")
-        if not self.grad_clip >= 0:
-            raise ConfigError(f"gradient clipping norm must be >= 0; got {self.grad_clip}")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            raise ConfigError(f"EMA decay must be in [0, 1]; got {self.ema_decay}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        _choice(self.optimizer, ("adam", "adamw"), "optimizer")
+        _choice(self.precision, ("fp32", "bf16", "fp16"), "precision")
+        if not _is_number(self.lr) or not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0; got {self.lr!r}")
+        if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
+            raise ConfigError(f"weight decay must be >= 0; got {self.weight_decay!r}")
+        if not _is_number(self.grad_clip) or not self.grad_clip >= 0:
+            raise ConfigError(f"gradient clipping norm must be >= 0; got {self.grad_clip!r}")
+        if not _is_number(self.ema_decay) or not 0.0 <= self.ema_decay <= 1.0:
+            raise ConfigError(f"EMA decay must be in [0, 1]; got {self.ema_decay!r}")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer; got {self.seed!r}")
         if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+        for name in ("ema_warmup", "grad_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name.replace('_', ' ')} must be true or false; got {getattr(self, name)!r}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
 
 
 @dataclass
@@ -183,3 +218,61 @@ def build_diffusion(config: RunConfig, model=None):
                              timesteps=d.timesteps, schedule=d.schedule, objective=d.objective,
                              loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
                              variance=d.variance, clip_denoised=d.clip_denoised)
+
+
+# ----------------------------------------------------------------------------- recipes and files
+
+# The training recipe that goes with each preset: data and train defaults, which a TOML
+# file (--config) and then command-line flags override.
+RECIPES: dict[str, dict[str, dict]] = {
+    "digits": {},                                  # the TrainConfig defaults are the digits run
+    "mnist": {"train": dict(batch_size=64, lr=5e-4, warmup_steps=200, steps=10_000,
+                            checkpoint_every=2_000, sample_every=2_000)},
+    # Ho et al. 2020, Appendix B: batch 128, Adam 2e-4, 5,000 warm-up steps, EMA 0.9999,
+    # random horizontal flips, 800k steps (dropout 0.1 is part of the cifar10 model preset).
+    "cifar10": {"train": dict(batch_size=128, lr=2e-4, warmup_steps=5_000, ema_decay=0.9999, steps=800_000,
+                              log_every=100, checkpoint_every=10_000, sample_every=10_000,
+                              milestone_every=100_000),
+                "data": dict(hflip=True)},
+    # The 256x256 models: batch 64, 2e-5 (CelebA-HQ), 0.5M steps.
+    "celebahq256": {"train": dict(batch_size=64, lr=2e-5, warmup_steps=5_000, steps=500_000, log_every=100,
+                                  checkpoint_every=10_000, sample_every=10_000, milestone_every=100_000),
+                    "data": dict(hflip=True)},
+}
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    """Read a TOML configuration file: optional ``preset`` and tables [model], [diffusion], [data], [train]."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no such configuration file: {path}") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
+    unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; "
+                          "expected preset and the tables [model], [diffusion], [data], [train]")
+    if "preset" in d and not isinstance(d["preset"], str):
+        raise ConfigError(f"{path}: preset must be a string; got {d['preset']!r}")
+    for section in ("model", "diffusion", "data", "train"):
+        if section in d and not isinstance(d[section], dict):
+            raise ConfigError(f"{path}: {section} must be a table [{section}]; got {d[section]!r}")
+    return d
+
+
+def merge_layers(*layers: dict) -> dict:
+    """Merge configuration dictionaries section by section; later layers win."""
+    out: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict):
+                out[key] = {**out.get(key, {}), **value}
+            elif value is not None:
+                out[key] = value
+    return out

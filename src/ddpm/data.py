@@ -27,7 +27,8 @@ import os
 import struct
 import zipfile
 import zlib
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from .errors import ConfigError, DataError
 
 __all__ = ["ImageData", "DATASET_NAMES", "SPLITS", "IMAGE_EXTENSIONS", "load_dataset", "to_tensor", "to_uint8"]
 
-DATASET_NAMES = ("digits", "mnist", "fashion-mnist")
+DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -51,7 +52,11 @@ IDX_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 IDX_FILE_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                   "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
+CIFAR10_RECORD = 1 + 3 * 32 * 32   # label byte, then the red, green and blue 32x32 planes
+CIFAR10_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+
 CLASS_NAMES = {
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
     "digits": [str(digit) for digit in range(10)],
     "mnist": [str(digit) for digit in range(10)],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -76,6 +81,7 @@ class ImageData:
     labels: np.ndarray | None
     name: str
     class_names: list[str] | None = None
+    skipped: list[str] = field(default_factory=list)   # "path: reason" of each unreadable file left out
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -101,14 +107,16 @@ class ImageData:
 # ----------------------------------------------------------------------------- public entry point
 
 def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None = None, split: str = "train",
-                 image_size: int | tuple[int, int] | None = None, channels: int | None = None) -> ImageData:
-    """Load a dataset by name (``digits``, ``mnist``, ``fashion-mnist``) or from a path.
+                 image_size: int | tuple[int, int] | None = None, channels: int | None = None,
+                 strict: bool = False) -> ImageData:
+    """Load a dataset by name (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``) or from a path.
 
     Args:
         data: a name from :data:`DATASET_NAMES`, or a path to a ``.npz`` archive or a
             folder of images. Names take precedence over paths.
-        data_root: folder holding the IDX files of ``mnist`` / ``fashion-mnist``;
-            not used by the other sources.
+        data_root: folder holding the IDX files of ``mnist`` / ``fashion-mnist``, or the
+            binary CIFAR-10 batches (``cifar-10-batches-bin/``, or the ``.bin`` files
+            themselves) for ``cifar10``; not used by the other sources.
         split: ``"train"`` or ``"test"``. ``digits`` uses a fixed split: the first
             1500 images are train, the last 297 are test. A path (``.npz`` or folder)
             is loaded whole for either split.
@@ -119,6 +127,8 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
             uses the ITU-R 601-2 luma (Pillow's "L"), alpha is dropped or added as
             255. Without it, a folder loads as 1 channel if every image is grey,
             else 3; other sources keep their own channels.
+        strict: a folder image that cannot be decoded is an error; by default it is
+            left out, and listed in ``ImageData.skipped``.
 
     Raises:
         ConfigError: ``split``, ``channels`` or ``image_size`` is not a valid value.
@@ -128,7 +138,12 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
     _check_channels(channels)
     size = _parse_image_size(image_size)
     if isinstance(data, str) and data in DATASET_NAMES:
-        dataset = _load_digits(split) if data == "digits" else _load_idx_dataset(data, data_root, split)
+        if data == "digits":
+            dataset = _load_digits(split)
+        elif data == "cifar10":
+            dataset = _load_cifar10(data_root, split)
+        else:
+            dataset = _load_idx_dataset(data, data_root, split)
         return _resize_and_convert(dataset, size, channels)
     if isinstance(data, str) and not data:
         raise ConfigError(f"no dataset given: pass one of {', '.join(DATASET_NAMES)} or a path")
@@ -136,7 +151,7 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
     if not path.exists():
         raise DataError(f"no such file or directory: {path} (dataset names are {', '.join(DATASET_NAMES)})")
     if path.is_dir():
-        return _load_image_folder(path, size, channels)
+        return _load_image_folder(path, size, channels, strict)
     if path.suffix.lower() == ".npz":
         return _resize_and_convert(_load_npz(path), size, channels)
     raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
@@ -176,6 +191,39 @@ def _load_digits(split: str) -> ImageData:
     labels = digits.target.astype(np.int64)
     part = slice(None, DIGITS_TRAIN_SIZE) if split == "train" else slice(DIGITS_TRAIN_SIZE, None)
     return ImageData(np.ascontiguousarray(images[part]), labels[part].copy(), "digits", CLASS_NAMES["digits"])
+
+
+# ----------------------------------------------------------------------------- CIFAR-10 (binary version)
+
+def _load_cifar10(data_root: str | os.PathLike | None, split: str) -> ImageData:
+    """The binary CIFAR-10 batches: records of one label byte and 3072 pixel bytes (R, G, B planes).
+
+    The pickled "python version" is refused: loading it would unpickle files from the internet.
+    """
+    if data_root is None:
+        raise DataError("cifar10 needs --data-root: a folder holding cifar-10-batches-bin/ "
+                        "(data_batch_1.bin ... data_batch_5.bin, test_batch.bin)")
+    root = Path(data_root)
+    folder = root / "cifar-10-batches-bin" if (root / "cifar-10-batches-bin").is_dir() else root
+    missing = [name for name in CIFAR10_FILES[split] if not (folder / name).is_file()]
+    if missing:
+        pickled = (root / "cifar-10-batches-py").is_dir() or (folder / "data_batch_1").is_file()
+        hint = (" It holds the pickled Python version, which is refused for safety: use the binary version "
+                "(cifar-10-binary.tar.gz)." if pickled else "")
+        raise DataError(f"{folder} lacks the CIFAR-10 binary file(s) {', '.join(missing)}.{hint}")
+    chunks = []
+    for name in CIFAR10_FILES[split]:
+        raw = np.fromfile(folder / name, dtype=np.uint8)
+        if raw.size == 0 or raw.size % CIFAR10_RECORD:
+            raise DataError(f"{folder / name} is not a CIFAR-10 binary batch: {raw.size} bytes is not a "
+                            f"multiple of the {CIFAR10_RECORD}-byte record")
+        chunks.append(raw.reshape(-1, CIFAR10_RECORD))
+    records = np.concatenate(chunks)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise DataError(f"{folder}: labels above 9; these are not CIFAR-10 batches")
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return ImageData(np.ascontiguousarray(images), labels, "cifar10", CLASS_NAMES["cifar10"])
 
 
 # ----------------------------------------------------------------------------- MNIST-style IDX files
@@ -298,16 +346,38 @@ def _check_npz_labels(labels: np.ndarray, num_images: int, path: Path) -> np.nda
 
 # ----------------------------------------------------------------------------- folders of images
 
-def _load_image_folder(root: Path, size: tuple[int, int] | None, channels: int | None) -> ImageData:
-    """Every image under ``root`` (recursive, sorted); class subfolders give labels."""
+def _load_image_folder(root: Path, size: tuple[int, int] | None, channels: int | None,
+                       strict: bool = False) -> ImageData:
+    """Every image under ``root`` (recursive, sorted); class subfolders give labels.
+
+    Files are decoded by a pool of threads (Pillow releases the GIL while decoding). An
+    unreadable file is an error with ``strict``, else left out and listed in ``skipped``.
+    """
     paths = _find_image_files(root)
     labels, class_names = _class_labels(root, paths)
-    arrays = [_image_to_array(_load_image_file(path, channels), size) for path in paths]
+
+    def load(path: Path) -> np.ndarray | DataError:
+        try:
+            return _image_to_array(_load_image_file(path, channels), size)
+        except DataError as exc:
+            if strict:
+                raise
+            return exc
+
+    workers = min(8, os.cpu_count() or 1) if len(paths) > 64 else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(load, paths))
+    skipped = [f"{path}: {result}" for path, result in zip(paths, results) if isinstance(result, DataError)]
+    good = [i for i, result in enumerate(results) if not isinstance(result, DataError)]
+    if not good:
+        raise DataError(f"{root}: none of its {len(paths)} image files could be decoded (first: {skipped[0]})")
+    paths, arrays = [paths[i] for i in good], [results[i] for i in good]
+    labels = labels[good] if labels is not None else None
     if size is None:
         _check_same_size(root, paths, arrays)
     if channels is None and any(array.shape[-1] == 3 for array in arrays):
         arrays = [np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array for array in arrays]
-    return ImageData(np.stack(arrays), labels, str(root), class_names)
+    return ImageData(np.stack(arrays), labels, str(root), class_names, skipped)
 
 
 def _find_image_files(root: Path) -> list[Path]:

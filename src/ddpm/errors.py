@@ -29,3 +29,17 @@ class CheckpointError(DdpmError):
     """A checkpoint is missing, truncated, foreign or inconsistent (exit code 4)."""
 
     exit_code = 4
+
+
+class TrainingError(DdpmError):
+    """Training cannot go on, e.g. too many non-finite steps in a row (exit code 5)."""
+
+    exit_code = 5
+
+
+class TrainingInterrupted(DdpmError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written (exit code 130 or 143)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .fileio import atomic_write
 
-__all__ = ["make_grid", "save_png", "save_npz"]
+__all__ = ["make_grid", "side_by_side", "save_png", "save_npz"]
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, scale: int | None = None,
@@ -53,3 +53,26 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     return atomic_write(path, write)
+
+
+def side_by_side(images: list[np.ndarray], titles: list[str], gap: int = 12, title_height: int = 14) -> np.ndarray:
+    """Place uint8 [H, W, C] images next to each other on white, each under its title."""
+    from PIL import ImageDraw
+
+    channels = max(im.shape[2] for im in images)
+    images = [np.repeat(im, channels, axis=2) if im.shape[2] != channels else im for im in images]
+    height = max(im.shape[0] for im in images) + title_height
+    width = sum(im.shape[1] for im in images) + gap * (len(images) - 1)
+    canvas = np.full((height, width, channels), 255, np.uint8)
+    x = 0
+    for im in images:
+        canvas[title_height:title_height + im.shape[0], x:x + im.shape[1]] = im
+        x += im.shape[1] + gap
+    pil = Image.fromarray(canvas[:, :, 0] if channels == 1 else canvas)
+    draw = ImageDraw.Draw(pil)
+    x = 0
+    for im, title in zip(images, titles):
+        draw.text((x + 2, 1), title, fill=0 if channels == 1 else (0,) * channels)
+        x += im.shape[1] + gap
+    out = np.asarray(pil)
+    return out[:, :, None] if out.ndim == 2 else out

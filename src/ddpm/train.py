@@ -1,18 +1,24 @@
 """The training loop (Ho et al. 2020, Algorithm 1), reading top to bottom in labelled phases.
 
 Randomness is derived from ``(seed, step)``: the data order of each epoch, and the
-timesteps, noise, flips and dropout of each step. A step's result therefore depends only
-on the weights, the optimizer state and the step number, which is what makes a resumed
-run continue exactly.
+timesteps, noise, flips and dropout of each step, all drawn for the whole batch before it
+is split into micro-batches. A step's result therefore depends only on the weights, the
+optimizer state and the step number, which is what makes a resumed run continue exactly
+(bit for bit on the CPU). Sample grids use generators of their own and never touch the
+training stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import platform
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -23,20 +29,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import checkpoint_path, flatten_optimizer_state, save_checkpoint
+from . import __version__
+from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
+                         save_checkpoint, split_prefix, unflatten_optimizer_state)
 from .config import RunConfig, build_diffusion
 from .data import ImageData, load_dataset
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write, write_json
-from .generate import generate, select_device, write_samples
-from .images import make_grid, save_png
+from .generate import generate, select_device
+from .images import make_grid, save_png, side_by_side
+from .plots import line_chart
+from .seeding import derive_seed
 
-__all__ = ["EMA", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data", "check_training_data", "train", "TrainResult"]
-
-
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence), e.g. (seed, step)."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+__all__ = ["EMA", "EpochOrder", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
+           "check_training_data", "lr_at", "train", "TrainResult"]
 
 
 class EMA:
@@ -69,6 +75,14 @@ class EMA:
         self.num_updates += 1
 
 
+def lr_at(config: RunConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to the peak, then constant."""
+    tc = config.train
+    if tc.warmup_steps and step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    return tc.lr
+
+
 # ----------------------------------------------------------------------------- run directories
 
 def new_run_dir(root: str | os.PathLike = "runs") -> Path:
@@ -84,9 +98,34 @@ def prepare_run_dir(out: str | os.PathLike | None) -> Path:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; choose another --out")
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty; "
+                          "choose another --out, or continue it with --resume")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _provenance() -> dict:
+    """Who ran what: command line, versions, git commit of the source tree when available."""
+    import PIL
+    import safetensors
+
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv, "cwd": os.getcwd(),
+            "host": platform.node(), "python": platform.python_version(),
+            "versions": {"ddpm": __version__, "torch": torch.__version__, "numpy": np.__version__,
+                         "pillow": PIL.__version__, "safetensors": safetensors.__version__},
+            "git_commit": commit}
+
+
+def _append_provenance(run_dir: Path, event: str) -> None:
+    path = run_dir / "provenance.json"
+    history = json.loads(path.read_text()) if path.exists() else []
+    write_json(path, history + [{"event": event, **_provenance()}])
 
 
 # ----------------------------------------------------------------------------- data
@@ -94,7 +133,8 @@ def prepare_run_dir(out: str | os.PathLike | None) -> Path:
 def load_training_data(config: RunConfig) -> ImageData:
     """Load the dataset that ``config.data`` names and check that it fits the model."""
     d = config.data
-    data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels)
+    data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
+                        strict=d.strict)
     check_training_data(config, data)
     return data
 
@@ -127,6 +167,55 @@ class EpochOrder:
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
+def to_tensor_on_device(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1], on the batch's device."""
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+# ----------------------------------------------------------------------------- checkpoints of a run
+
+def _prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints, sparing milestones."""
+    if keep_last <= 0:
+        return
+    found = list_checkpoints(run_dir)
+    for step, path in found[:-keep_last]:
+        if not (milestone_every and step % milestone_every == 0):
+            path.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files left by a process killed mid-save (the checkpoints themselves are intact)."""
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp-*"):
+                p.unlink(missing_ok=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (work lost since the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue                     # a line cut short by a crash
+    atomic_write(path, lambda tmp: tmp.write_text("".join(x + "\n" for x in kept)))
+
+
+@dataclass
+class Counters:
+    """Run state beyond the weights, saved in every checkpoint."""
+
+    step: int = 0                 # optimizer steps done
+    bad_steps: int = 0            # steps skipped for a non-finite loss or gradient, in total
+    bad_in_row: int = 0           # ... and consecutively, up to now
+    scaler_skips: int = 0         # fp16 steps the gradient scaler skipped (overflow while finding its scale)
+
+
 # ----------------------------------------------------------------------------- training
 
 @dataclass
@@ -136,6 +225,282 @@ class TrainResult:
     grid: Path
     final_loss: float
     seconds: float
+    counters: Counters
+
+
+class _StopSignals:
+    """Turn SIGINT / SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:               # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _autocast(device: torch.device, precision: str):
+    """Autocast for the network only (the diffusion maths casts its inputs to float32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _check_precision(device: torch.device, precision: str) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU does not support bfloat16; use --precision fp16 or fp32")
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:   # tensorboard missing or broken: the JSONL log has everything
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _draw_loss_curve(run_dir: Path) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    series = {"loss": (steps, [r["loss"] for r in rows])}
+    for q in range(4):
+        if f"loss_q{q}" in rows[0]:
+            series[f"t quartile {q}"] = (steps, [r.get(f"loss_q{q}", float("nan")) for r in rows])
+    line_chart(series, run_dir / "loss.png", title="training loss (mean over each logging window)",
+               xlabel="step", ylabel="loss", log_y=True)
+
+
+def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | None = None,
+          resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train the model ``config`` describes and write everything to ``run_dir``.
+
+    The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
+    ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
+    (EMA and raw weights side by side); the final grid is also copied to ``samples.png``.
+    With ``resume`` it continues from the newest checkpoint in ``run_dir``.
+    """
+    tc = config.train
+    run_dir = Path(run_dir)
+    start_time = time.time()
+
+    # --- Phase 1: set-up (device, data, model, optimizer, EMA) ----------------------------
+    device = select_device(tc.device)
+    _check_precision(device, tc.precision)
+    torch.manual_seed(tc.seed)
+    if data is None:
+        data = load_training_data(config)
+    else:
+        check_training_data(config, data)
+    images = torch.from_numpy(data.images).to(device)               # uint8 [N, H, W, C], kept compact
+    diffusion = build_diffusion(config).to(device)
+    model = diffusion.model
+    model.gradient_checkpointing = tc.grad_checkpointing
+    optim_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+    counters = Counters()
+
+    if resume:
+        _remove_stale_temporaries(run_dir)
+        counters, ema = _restore(run_dir, config, model, optimizer, scaler)
+        _truncate_metrics(run_dir / "metrics.jsonl", counters.step)
+        _append_provenance(run_dir, f"resume from step {counters.step}")
+    else:
+        if tc.init:
+            _init_from(tc.init, model)
+        ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+        _append_provenance(run_dir, "start")
+    write_json(run_dir / "config.json", config.to_dict())
+    ema_diffusion = build_diffusion(config, ema.model)
+    order = EpochOrder(data.num_images, tc.batch_size, tc.seed)
+    micro = tc.micro_batch_size
+    T = config.diffusion.timesteps
+
+    def save(step: int) -> Path:
+        optim_tensors, optim_info = flatten_optimizer_state(optimizer.state_dict())
+        tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors}
+        meta = {"step": step, "config": config.to_dict(), "ema_updates": ema.num_updates, "optimizer": optim_info,
+                "counters": vars(counters), "scaler": scaler.state_dict() if scaler else None,
+                "dataset": data.name, "num_images": data.num_images, "data_position": step * tc.batch_size,
+                "rng": _rng_states()}
+        path = save_checkpoint(checkpoint_path(run_dir, step), tensors, meta)
+        _prune_checkpoints(run_dir, tc.keep_last, tc.milestone_every)
+        _draw_loss_curve(run_dir)
+        return path
+
+    def sample_grid(step: int) -> Path:
+        """EMA and raw weights side by side, from one fixed seed (a generator of its own)."""
+        seed = derive_seed(tc.seed, 2)
+        grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False))
+                 for d in (ema_diffusion, diffusion.eval())]
+        return save_png(run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
+
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    board = _tensorboard(run_dir)
+    interactive = progress and sys.stderr.isatty()
+    bar = tqdm(total=tc.steps, initial=counters.step, desc="training", unit="step", disable=not interactive,
+               dynamic_ncols=True)
+    window = _Window()
+    last_ckpt = grid = None
+    loss_value = float("nan")
+
+    # --- Phase 2: the loop (Algorithm 1) ---------------------------------------------------------
+    try:
+        with _StopSignals() as stop:
+            for step in range(counters.step, tc.steps):
+                model.train()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(config, step)
+
+                # All randomness of this step comes from (seed, step), drawn for the whole batch.
+                step_seed = derive_seed(tc.seed, step, 0)
+                torch.manual_seed(step_seed)                                  # dropout
+                g = torch.Generator(device=device).manual_seed(step_seed)    # flips, t, eps
+                x = to_tensor_on_device(images[order.batch(step).to(device)])
+                if config.data.hflip:
+                    flip = torch.rand(x.shape[0], generator=g, device=device) < 0.5
+                    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+                t = torch.randint(0, T, (x.shape[0],), generator=g, device=device)
+                noise = torch.randn(x.shape, generator=g, device=device)
+
+                # Forward and backward over micro-batches (gradient accumulation).
+                optimizer.zero_grad(set_to_none=True)
+                losses = []
+                for i in range(0, tc.batch_size, micro):
+                    with _autocast(device, tc.precision):
+                        per_sample = diffusion(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
+                                               reduction="none")
+                    loss = per_sample.mean() * (micro / tc.batch_size)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    losses.append(per_sample.detach())
+                per_sample = torch.cat(losses)
+                loss_value = float(per_sample.mean())
+                if scaler:
+                    scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf))
+
+                # Update, or skip a step whose loss or gradient is not finite.
+                if math.isfinite(loss_value) and (math.isfinite(grad_norm) or scaler):
+                    if scaler:
+                        scale = scaler.get_scale()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        counters.scaler_skips += int(scaler.get_scale() < scale)
+                    else:
+                        optimizer.step()
+                    ema.update(model)
+                    counters.bad_in_row = 0
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler:
+                        scaler.update()
+                    counters.bad_steps += 1
+                    counters.bad_in_row += 1
+                    if counters.bad_in_row >= tc.max_bad_steps:
+                        last = list_checkpoints(run_dir)
+                        raise TrainingError(
+                            f"{counters.bad_in_row} steps in a row had a non-finite loss or gradient (step {step + 1}: "
+                            f"loss {loss_value}, gradient norm {grad_norm}); training stopped. Last good checkpoint: "
+                            f"{last[-1][1] if last else 'none'}. Try a lower --lr, --grad-clip 1 or --precision fp32")
+                counters.step = done = step + 1
+
+                # Bookkeeping: metrics, progress, checkpoints, sample grids.
+                window.add(per_sample, t, T, grad_norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    metrics = window.flush(done, lr_at(config, step), tc.batch_size, counters, start_time)
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                    if board:
+                        for key, value in metrics.items():
+                            if key != "step":
+                                board.add_scalar(key, value, done)
+                    if progress and not interactive:
+                        print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
+                interrupted = stop.received is not None
+                if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or interrupted:
+                    last_ckpt = save(done)
+                if interrupted:
+                    name = signal.Signals(stop.received).name
+                    raise TrainingInterrupted(
+                        f"{name} received: stopped after step {done} and saved {last_ckpt}; "
+                        f"continue with: ddpm train --resume {run_dir}", 128 + stop.received)
+                if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
+                    grid = sample_grid(done)
+    finally:
+        bar.close()
+        metrics_file.close()
+        if board:
+            board.close()
+
+    # --- Phase 3: finish ------------------------------------------------------------------------------
+    if last_ckpt is None:           # resumed a run that was already complete
+        last_ckpt = list_checkpoints(run_dir)[-1][1]
+    if grid is None:
+        grid = sample_grid(counters.step)
+    final_grid = atomic_write(run_dir / "samples.png", lambda tmp: shutil.copyfile(grid, tmp))
+    return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, grid=final_grid, final_loss=loss_value,
+                       seconds=time.time() - start_time, counters=counters)
+
+
+class _Window:
+    """Metrics averaged over one logging window, including the loss per timestep quartile."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss, self.norm, self.steps, self.images, self.time = 0.0, 0.0, 0, 0, time.time()
+        self.q_sum, self.q_count = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, T: int, grad_norm: float) -> None:
+        if not torch.isfinite(per_sample).all():
+            return
+        self.loss += float(per_sample.mean())
+        self.norm += grad_norm if math.isfinite(grad_norm) else 0.0
+        self.steps += 1
+        self.images += per_sample.shape[0]
+        q = (t * 4 // T).cpu()
+        self.q_sum.index_add_(0, q, per_sample.double().cpu())
+        self.q_count.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
+
+    def flush(self, step: int, lr: float, batch_size: int, counters: Counters, start_time: float) -> dict:
+        elapsed = max(time.time() - self.time, 1e-9)
+        n = max(self.steps, 1)
+        metrics = {"step": step, "loss": self.loss / n if self.steps else float("nan"), "grad_norm": self.norm / n,
+                   "lr": lr, "images_per_s": self.images / elapsed, "bad_steps": counters.bad_steps,
+                   "scaler_skips": counters.scaler_skips, "elapsed_s": time.time() - start_time}
+        for q in range(4):
+            metrics[f"loss_q{q}"] = float(self.q_sum[q] / self.q_count[q]) if self.q_count[q] else float("nan")
+        self.reset()
+        return metrics
 
 
 def _log_line(step: int, total: int, metrics: dict) -> str:
@@ -143,104 +508,45 @@ def _log_line(step: int, total: int, metrics: dict) -> str:
             f"{metrics['images_per_s']:.0f} img/s")
 
 
-def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train the model ``config`` describes and write everything to ``run_dir``.
+def _rng_states() -> dict:
+    """Global RNG states, recorded for the record: the loop itself reseeds from (seed, step)."""
+    import random
 
-    The run directory receives ``config.json``, ``metrics.jsonl``,
-    ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``; the final
-    sample grid is also copied to ``samples.png``.
-    """
-    tc = config.train
-    run_dir = Path(run_dir)
-    start_time = time.time()
+    return {"python": repr(random.getstate()[1][:4]), "numpy_seed_state": int(np.random.get_state()[2]),
+            "torch_initial_seed": torch.initial_seed(),
+            "cuda_initial_seed": torch.cuda.initial_seed() if torch.cuda.is_available() else None}
 
-    # --- Phase 1: set-up (device, data, model, optimizer, EMA) ---------------------------
-    device = select_device(tc.device)
-    torch.manual_seed(tc.seed)
-    if data is None:
-        data = load_training_data(config)
-    else:
-        check_training_data(config, data)
-    images = torch.from_numpy(data.images).to(device)             # uint8 [N, H, W, C], kept compact
-    diffusion = build_diffusion(config).to(device)
-    model = diffusion.model
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    order = EpochOrder(data.num_images, tc.batch_size, tc.seed)
-    write_json(run_dir / "config.json", config.to_dict())
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-    interactive = progress and sys.stderr.isatty()
-    bar = tqdm(total=tc.steps, desc="training", unit="step", disable=not interactive, dynamic_ncols=True)
 
-    def save(step: int) -> Path:
-        optim_tensors, optim_info = flatten_optimizer_state(optimizer.state_dict())
-        tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors}
-        meta = {"step": step, "config": config.to_dict(), "ema_updates": ema.num_updates,
-                "optimizer": optim_info, "dataset": data.name, "num_images": data.num_images}
-        return save_checkpoint(checkpoint_path(run_dir, step), tensors, meta)
-
-    def sample_grid(step: int) -> Path:
-        samples = generate(_ema_diffusion, tc.num_samples, batch_size=tc.num_samples,
-                           seed=derive_seed(tc.seed, 2), progress=False)
-        return save_png(run_dir / "samples" / f"step-{step:07d}.png", make_grid(samples))
-
-    _ema_diffusion = build_diffusion(config, ema.model)
-
-    # --- Phase 2: the loop (Algorithm 1) ----------------------------------------------------
-    window_loss, window_norm, window_n, window_t = 0.0, 0.0, 0, time.time()
-    last_ckpt, grid, loss_value = None, None, float("nan")
+def _load_state(model: nn.Module, state: dict, path: str, what: str) -> None:
     try:
-        for step in range(tc.steps):
-            model.train()
-            # All randomness of this step comes from (seed, step).
-            step_seed = derive_seed(tc.seed, step, 0)
-            torch.manual_seed(step_seed)                                   # dropout
-            g = torch.Generator(device=device).manual_seed(step_seed)     # t, eps, flips
-            x = to_tensor_on_device(images[order.batch(step).to(device)])
-            if config.data.hflip:
-                flip = torch.rand(x.shape[0], generator=g, device=device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(3), x)
-
-            loss = diffusion(x, generator=g)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       tc.grad_clip if tc.grad_clip > 0 else math.inf)
-            optimizer.step()
-            ema.update(model)
-
-            # Bookkeeping: metrics, progress, checkpoints, sample grids.
-            loss_value = loss.item()
-            window_loss, window_norm, window_n = window_loss + loss_value, window_norm + float(grad_norm), window_n + 1
-            done = step + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-            if done % tc.log_every == 0 or done == tc.steps:
-                elapsed = time.time() - window_t
-                metrics = {"step": done, "loss": window_loss / window_n, "grad_norm": window_norm / window_n,
-                           "lr": tc.lr, "images_per_s": window_n * tc.batch_size / max(elapsed, 1e-9),
-                           "elapsed_s": time.time() - start_time}
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                if progress and not interactive:
-                    print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
-                window_loss, window_norm, window_n, window_t = 0.0, 0.0, 0, time.time()
-            if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps:
-                last_ckpt = save(done)
-            if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
-                grid = sample_grid(done)
-    finally:
-        bar.close()
-        metrics_file.close()
-
-    # --- Phase 3: finish ---------------------------------------------------------------------
-    final_grid = atomic_write(run_dir / "samples.png", lambda tmp: shutil.copyfile(grid, tmp))
-    return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, grid=final_grid, final_loss=loss_value,
-                       seconds=time.time() - start_time)
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: {what} do not match this model ({first})") from None
 
 
-def to_tensor_on_device(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1], on the batch's device."""
-    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+def _init_from(checkpoint: str, model: nn.Module) -> None:
+    """Fine-tuning: start from another run's EMA weights (the architecture must match)."""
+    tensors, meta = load_checkpoint(checkpoint)
+    _load_state(model, split_prefix(tensors, "ema"), meta["path"], "its EMA weights")
+
+
+def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler) -> tuple[Counters, EMA]:
+    """Load weights, EMA, optimizer and counters from the newest checkpoint of ``run_dir``."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
+    tensors, meta = load_checkpoint(found[-1][1])
+    _load_state(model, split_prefix(tensors, "model"), meta["path"], "the weights")
+    ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
+    _load_state(ema.model, split_prefix(tensors, "ema"), meta["path"], "the EMA weights")
+    ema.num_updates = int(meta.get("ema_updates", 0))
+    try:
+        # Tensors stay on the CPU: load_state_dict moves moments to the parameters' device and
+        # keeps Adam's step counters where the optimizer expects them.
+        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{meta['path']}: the optimizer state does not fit ({exc})") from None
+    if scaler and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    return Counters(**meta.get("counters", {"step": meta["step"]})), ema

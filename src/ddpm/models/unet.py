@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 
@@ -221,6 +222,7 @@ class Unet(nn.Module):
                 self.up.append(nn.ModuleList([Upsample(cur)]))
                 res *= 2
 
+        self.gradient_checkpointing = False     # recompute residual blocks in the backward pass
         self.norm_out = nn.GroupNorm(groups, cur)
         self.conv_out = _zero(nn.Conv2d(cur, out_channels, 3, padding=1))
         self._init_weights()
@@ -245,10 +247,14 @@ class Unet(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @staticmethod
-    def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(self, blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for block in blocks:
-            h = block(h, emb) if isinstance(block, ResBlock) else block(h)
+            if not isinstance(block, ResBlock):
+                h = block(h)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, emb, use_reentrant=False)    # dropout's RNG state is replayed
+            else:
+                h = block(h, emb)
         return h
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -134,3 +134,12 @@ def test_optimizer_state_round_trip():
     for idx, st in opt.state_dict()["state"].items():
         for key, value in st.items():
             assert torch.equal(fresh.state_dict()["state"][idx][key], value)
+
+
+def test_checkpoint_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644          # readable by collaborators, as other files are

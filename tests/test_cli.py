@@ -50,7 +50,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, code: int, *phrases
 
 def test_train_writes_a_complete_run_directory(trained_run):
     assert sorted(p.name for p in trained_run.iterdir()) == [
-        "checkpoints", "config.json", "metrics.jsonl", "samples", "samples.png"]
+        "checkpoints", "config.json", "loss.png", "metrics.jsonl", "provenance.json", "samples", "samples.png"]
     assert [p.name for p in sorted((trained_run / "checkpoints").iterdir())] == [
         "step-0000002.safetensors", "step-0000004.safetensors"]
     assert (trained_run / "samples" / "step-0000004.png").is_file()

@@ -140,9 +140,21 @@ def test_corrupt_png_is_a_data_error_naming_the_file(tmp_path, capsys):
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
     out = tmp_path / "run"
     code, line = cli_error(capsys, "train", "--data", str(folder), "--preset", "digits", "--image-size", "8",
-                           *TINY, "--out", str(out))
+                           "--strict", *TINY, "--out", str(out))
     assert code == 3 and "broken.png" in line
     assert not out.exists()
+
+
+def test_corrupt_png_is_skipped_with_a_warning_by_default(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    write_pngs(folder, 8)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(folder), "--preset", "digits", "--image-size", "8", "--channels", "3",
+                 *TINY, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped 1 unreadable image" in err and "broken.png" in err
+    assert (out / "checkpoints").is_dir()
 
 
 def test_corrupt_png_as_a_user_sees_it(tmp_path):
@@ -151,7 +163,7 @@ def test_corrupt_png_as_a_user_sees_it(tmp_path):
     write_pngs(folder, 2)
     (folder / "broken.png").write_bytes(b"garbage")
     proc = subprocess.run([sys.executable, "-m", "ddpm", "train", "--data", str(folder), "--preset", "digits",
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
+                           "--strict", "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()

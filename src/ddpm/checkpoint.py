@@ -33,6 +33,12 @@ FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step-(\d+)\.safetensors$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:07d}.safetensors"
 
@@ -78,8 +84,12 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {"ddpm": json.dumps({"format_version": FORMAT_VERSION, **meta}),
               "checksum": tensor_checksum(tensors)}
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())          # safetensors creates files 0600; honour the umask instead
+
     try:
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        return atomic_write(path, write)
     except (OSError, SafetensorError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise CheckpointError(f"could not save checkpoint {path}: {reason}; "

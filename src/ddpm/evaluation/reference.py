@@ -24,7 +24,7 @@ from ..fileio import atomic_write
 from .features import LENET_WEIGHTS, LenetFeatures, check_images
 from .metrics import feature_statistics, frechet_distance, kid
 
-__all__ = ["ReferenceStats", "default_cache_dir", "reference_stats", "fast_reference", "fast_metric",
+__all__ = ["ReferenceStats", "default_cache_dir", "subset_indices", "reference_stats", "fast_reference", "fast_metric",
            "extractor_key"]
 
 CACHE_FORMAT = 1
@@ -95,10 +95,21 @@ def _dataset_key(data: str | os.PathLike) -> str:
     return f"{stem}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
 
 
+def subset_indices(num_images: int, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` of ``num_images`` indices drawn without replacement with a fixed seed, in ascending order."""
+    if n >= num_images:
+        return np.arange(num_images)
+    return np.sort(np.random.default_rng(seed).choice(num_images, n, replace=False))
+
+
 def reference_stats(data: str | os.PathLike, extractor, *, split: str = "test", n: int | None = None,
                     data_root: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
                     channels: int | None = None, cache_dir: str | os.PathLike | None = None) -> ReferenceStats:
-    """Features of the first ``n`` images (all when None) of a dataset split, cached on disk.
+    """Features of ``n`` images (all when None) of a dataset split, cached on disk.
+
+    A subset is drawn at random with a fixed seed (:func:`subset_indices`), never the first
+    ``n``: datasets are often ordered (MNIST's test set holds two writer populations one after
+    the other), and a prefix would be a biased reference.
 
     ``image_size`` / ``channels`` convert the images as :func:`ddpm.data.load_dataset` does
     (to compare with a model's samples, pass the model's size and channels).
@@ -106,14 +117,15 @@ def reference_stats(data: str | os.PathLike, extractor, *, split: str = "test", 
     dataset = load_dataset(data, data_root=data_root, split=split, image_size=image_size, channels=channels)
     count = dataset.num_images if n is None else min(n, dataset.num_images)
     h, w = dataset.image_size
-    key = f"{_dataset_key(data)}-{split}-n{count}-{h}x{w}x{dataset.channels}-{extractor_key(extractor)}"
+    subset = "" if count == dataset.num_images else "r"          # r: a seeded random subset
+    key = f"{_dataset_key(data)}-{split}-n{count}{subset}-{h}x{w}x{dataset.channels}-{extractor_key(extractor)}"
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"{key}.npz"
     if path.is_file():
         cached = ReferenceStats.load(path)
         if cached.key == key:
             return cached
-    stats = ReferenceStats.from_features(extractor(dataset.images[:count]), key)
+    stats = ReferenceStats.from_features(extractor(dataset.images[subset_indices(dataset.num_images, count)]), key)
     stats.save(path)
     return stats
 

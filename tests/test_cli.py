@@ -108,7 +108,8 @@ def test_dry_run_prints_config_and_writes_nothing(tmp_path, capsys):
 
 
 def test_help_shows_examples():
-    for args in (["--help"], ["train", "--help"], ["sample", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["sample", "--help"], ["inspect", "--help"], ["eval", "--help"],
+                 ["interpolate", "--help"]):
         proc = run_cli(*args)
         assert proc.returncode == 0 and "examples:" in proc.stdout, args
 

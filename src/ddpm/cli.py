@@ -248,7 +248,10 @@ def _add_interpolate(sub) -> None:
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a checkpoint's configuration, step and tensors",
-                       description="Print a checkpoint's configuration, step and a summary of its tensors.")
+                       description="Print a checkpoint's configuration, step and a summary of its tensors.",
+                       epilog="examples:\n  ddpm inspect runs/001\n"
+                              "  ddpm inspect runs/001/checkpoints/step-0002000.safetensors --json\n",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="a checkpoint file or a run directory (its newest checkpoint)")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 

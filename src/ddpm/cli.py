@@ -28,6 +28,7 @@ examples:
   ddpm train --data fashion-mnist --data-root DIR --batch-size 64 --steps 20000
   ddpm train --data photos/ --preset cifar10 --image-size 32 --channels 3 --out runs/photos
   ddpm train --data images.npz --preset mnist --dry-run
+  ddpm train --conditional --label-dropout 0.1  # class-conditional (classifier-free guidance)
 """
 
 EXAMPLES_SAMPLE = """\
@@ -39,6 +40,8 @@ examples:
   ddpm sample --checkpoint runs/001 --n 8 --progressive --out samples/fig6  # x_t and x0 estimates over time
   ddpm sample --checkpoint runs/001 --n 1 --start-index 37 --seed 7         # regenerate image 37 of a run
   ddpm sample --checkpoint runs/001/checkpoints/step-0003000.safetensors --seed 7 --weights raw
+  ddpm sample --checkpoint runs/002 --class all --n 8 --sampler dpm-solver++ --steps 20   # conditional: a row per class
+  ddpm sample --checkpoint runs/002 --class 3 5 --n 16 --guidance-scale 5
 """
 
 EXAMPLES_INTERPOLATE = """\
@@ -113,6 +116,10 @@ def _add_train(sub) -> None:
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
     g.add_argument("--loss-weighting", choices=("uniform", "min-snr"), help="default uniform (L_simple)")
     g.add_argument("--dropout", type=float, help="dropout rate in the residual blocks")
+    g.add_argument("--conditional", action="store_true",
+                   help="class-conditional model: num_classes from the data's labels, for classifier-free guidance")
+    g.add_argument("--label-dropout", type=float, metavar="P",
+                   help="with --conditional: probability that a label is replaced by the null label (default 0.1)")
     g = p.add_argument_group("training")
     g.add_argument("--config", metavar="TOML", help="a TOML file with [model], [diffusion], [data], [train] tables")
     g.add_argument("--steps", type=_positive_int, help="optimizer steps (with --resume: may extend the run)")
@@ -158,7 +165,7 @@ TRAIN_FLAGS = {
         "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
-        "eval_every", "eval_samples")},
+        "eval_every", "eval_samples", "label_dropout")},
 }
 # What a resumed run may change.
 RESUME_MAY_CHANGE = {"steps", "device"}
@@ -176,7 +183,7 @@ def _add_sample(sub) -> None:
                                    "and record.json, from which any single image can be regenerated.",
                        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
+    p.add_argument("--n", type=_positive_int, default=64, help="number of images, of each class with --class (default 64)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
     p.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k)")
@@ -191,6 +198,14 @@ def _add_sample(sub) -> None:
                    help="also write DIR/progressive.png: x_t and the x0 estimate of each image over time (Figure 6)")
     g.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .generate import DEFAULT_GUIDANCE_SCALE
+
+    g = p.add_argument_group("class-conditional models (trained with --conditional)")
+    g.add_argument("--class", dest="classes", nargs="+", metavar="K",
+                   help="class labels (0-based), or 'all': --n images of each, one grid row per class")
+    g.add_argument("--guidance-scale", type=float, metavar="W",
+                   help=f"classifier-free guidance: eps = eps_uncond + W (eps_cond - eps_uncond); 1 is the "
+                        f"conditional model alone, 0 the unconditional (default {DEFAULT_GUIDANCE_SCALE:g})")
 
 
 def _add_sampler_options(p) -> None:
@@ -305,6 +320,70 @@ def _add_eval(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+EXAMPLES_VIZ = """\
+examples:
+  ddpm viz schedule --out schedule.png                        # linear, cosine and sigmoid at T = 1000
+  ddpm viz schedule --timesteps 100 --schedules linear cosine --out schedule.png
+  ddpm viz forward --data digits --steps 0 100 250 500 750 999 --out forward.png
+  ddpm viz forward --data mnist --data-root ../shared/data/mnist --schedules cosine --n 8 --out forward.png
+  ddpm viz reverse --checkpoint runs/001 --out reverse.png     # x_t and the x0 estimate (Figure 6)
+  ddpm viz reverse --checkpoint runs/001 --sampler ddim --steps 20 --n 2 --out reverse-ddim.png
+  ddpm viz training runs/001 --out training.png                # loss, loss per t quartile, samples over the run
+"""
+
+
+def _add_viz(sub) -> None:
+    from .schedules import SCHEDULES
+
+    p = sub.add_parser("viz", help="pictures of the schedule, forward and reverse process, and training",
+                       description="Draw each stage of a diffusion model as one PNG: the noise schedules, real "
+                                   "images diffused by q(x_t | x_0), progressive generation from a checkpoint, "
+                                   "and a training run. Charts need matplotlib (pip install 'ddpm[viz]').",
+                       epilog=EXAMPLES_VIZ, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_subparsers(dest="viz_command", metavar="WHAT", parser_class=_Parser, required=True)
+    schedules = dict(nargs="+", choices=sorted(SCHEDULES), default=["linear", "cosine", "sigmoid"],
+                     metavar="NAME", help="linear, cosine and/or sigmoid (default: all three)")
+
+    s = what.add_parser("schedule", help="alpha-bar, beta and log SNR against t, for each schedule",
+                        description="Plot alpha-bar_t, beta_t and log SNR(t) of the schedules side by side.")
+    s.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
+    s.add_argument("--schedules", **schedules)
+    s.add_argument("--out", required=True, metavar="PNG")
+
+    f = what.add_parser("forward", help="real images diffused to chosen steps, one block per schedule",
+                        description="Diffuse real images with q(x_t | x_0) (Eq. 4) to the chosen 0-based steps, "
+                                    "with the same noise for every step and schedule (fixed --seed).")
+    f.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10, a folder or an .npz file")
+    f.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
+    f.add_argument("--steps", type=_nonneg_int, nargs="+", default=[0, 100, 250, 500, 750, 999], metavar="T",
+                   help="0-based steps to show (default 0 100 250 500 750 999)")
+    f.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
+    f.add_argument("--schedules", **schedules)
+    f.add_argument("--n", type=_positive_int, default=4, help="images, the first n of the train split (default 4)")
+    f.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N", help="resize and center-crop")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True, metavar="PNG")
+
+    r = what.add_parser("reverse", help="x_t and the x0 estimate over the reverse process (Figure 6)",
+                        description="Progressive generation from a checkpoint with any sampler: for each image, "
+                                    "a row of x_t and a row of the x0 estimate at evenly spaced sampler steps.")
+    r.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
+    r.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
+    r.add_argument("--frames", type=_positive_int, default=10, help="columns: sampler steps shown (default 10)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    _add_sampler_options(r)
+    r.add_argument("--out", required=True, metavar="PNG")
+
+    t = what.add_parser("training", help="loss curves and sample grids of a run, as one PNG",
+                        description="Loss curve, loss per timestep quartile and the sample grids over a run "
+                                    "(from RUN_DIR/metrics.jsonl and RUN_DIR/samples/).")
+    t.add_argument("run_dir", metavar="RUN_DIR")
+    t.add_argument("--grids", type=_positive_int, default=4, help="sample grids shown, evenly spread (default 4)")
+    t.add_argument("--out", required=True, metavar="PNG")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models: train, sample, inspect.",
                      epilog=EXAMPLES_MAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -315,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interpolate(sub)
     _add_inspect(sub)
     _add_eval(sub)
+    _add_viz(sub)
     return parser
 
 
@@ -363,12 +443,26 @@ def _train_config(args):
         raise ConfigError(f"invalid configuration: {exc}") from None
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
                         image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+    model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
+    if args.conditional:
+        model_layer["num_classes"] = _num_classes(data)
+    elif args.label_dropout is not None and model_layer.get("num_classes") is None:
+        raise ConfigError("--label-dropout applies to class-conditional models; add --conditional")
     try:
-        model_cfg = preset_config(preset, **{**merged.get("model", {}), "image_size": data.image_size,
-                                             "channels": data.channels})
+        model_cfg = preset_config(preset, **model_layer)
     except TypeError as exc:
         raise ConfigError(f"invalid [model] option: {exc}") from None
     return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
+
+
+def _num_classes(data) -> int:
+    """The class count of a labelled dataset: its class names, else the largest label + 1."""
+    from .errors import DataError
+
+    if data.labels is None:
+        raise DataError(f"--conditional needs class labels, and dataset {data.name!r} has none (use class "
+                        "subfolders, an .npz with a 'labels' array, or digits / mnist / fashion-mnist / cifar10)")
+    return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
 
 
 def _resume_config(args):
@@ -392,6 +486,8 @@ def _resume_config(args):
     saved = RunConfig.from_dict(meta["config"])
     if args.preset and args.preset != saved.preset:
         raise ConfigError(f"--preset {args.preset} differs from the run's saved preset {saved.preset}")
+    if args.conditional and not saved.conditional:
+        raise ConfigError("--conditional differs from the run's saved model, which is unconditional")
     saved_dict = saved.to_dict()
     for section, values in _flag_layer(args).items():
         for key, value in values.items():
@@ -466,23 +562,53 @@ def cmd_sample(args) -> int:
     out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
     device = select_device(args.device)
     diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights)
-    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, n=args.n,
-                           start_index=args.start_index, device=str(device))      # validates --steps against T
-    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, start_index=args.start_index)
+    classes, guidance = _classes_from_args(args, diffusion)
+    total = args.n * len(classes) if classes else args.n
+    labels = None if classes is None else [c for c in classes for _ in range(args.n)]   # one grid row per class
+    extra = {} if classes is None else {"classes": classes, "guidance_scale": guidance, "n_per_class": args.n}
+    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, n=total,
+                           start_index=args.start_index, device=str(device), **extra)  # validates --steps against T
+    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, start_index=args.start_index,
+                  labels=labels, guidance_scale=guidance)
     if args.progressive:
-        images, x_t, x0_pred = progressive_frames(diffusion, args.n, sampling=sampling, **common)
+        images, x_t, x0_pred = progressive_frames(diffusion, total, sampling=sampling, **common)
         save_png(out / "progressive.png", progressive_grid(x_t, x0_pred))
     else:
-        images = generate(diffusion, args.n, sampling=sampling, **common)
-    indices = np.arange(args.start_index, args.start_index + args.n)
-    paths = write_samples(out, images, indices=indices)
+        images = generate(diffusion, total, sampling=sampling, **common)
+    indices = np.arange(args.start_index, args.start_index + total)
+    arrays = {"indices": indices} if labels is None else {"indices": indices, "labels": np.asarray(labels)}
+    paths = write_samples(out, images, nrow=args.n if classes else None, **arrays)
     if args.png:
         for k, image in zip(indices, images):
             save_png(out / "images" / f"{k:06d}.png", image)
     write_json(out / "record.json", record)
-    print(f"wrote {args.n} images ({record['sampler']}, {record['steps']} steps) from {meta['path']} "
+    print(f"wrote {total} images ({record['sampler']}, {record['steps']} steps) from {meta['path']} "
           f"(step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {out / 'record.json'}")
     return 0
+
+
+def _classes_from_args(args, diffusion) -> tuple[list[int] | None, float | None]:
+    """``--class K ... | all`` and ``--guidance-scale W`` checked against the checkpoint's model."""
+    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes
+
+    if args.classes is None:
+        if args.guidance_scale is not None:
+            raise ConfigError("--guidance-scale needs --class")
+        return None, None
+    count = num_classes(diffusion)
+    if count is None:
+        raise ConfigError("--class needs a class-conditional checkpoint (trained with --conditional); "
+                          "this one is unconditional")
+    if args.classes == ["all"]:
+        classes = list(range(count))
+    else:
+        try:
+            classes = [int(c) for c in args.classes]
+        except ValueError:
+            raise ConfigError(f"--class takes class numbers or 'all'; got {' '.join(args.classes)}") from None
+    guidance = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    check_labels(diffusion, classes, guidance)
+    return classes, guidance
 
 
 def cmd_interpolate(args) -> int:
@@ -643,7 +769,41 @@ def _eval_sample_quality(args, metrics: list[str], samples, shape: dict, results
         results["nn_grid"] = args.nn_grid
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval}
+def cmd_viz(args) -> int:
+    from . import viz
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out} must end in .png")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory")
+    if args.viz_command == "schedule":
+        viz.schedule_figure(out, timesteps=args.timesteps, schedules=args.schedules)
+    elif args.viz_command == "forward":
+        from .data import load_dataset
+
+        size = None
+        if args.image_size:
+            if len(args.image_size) not in (1, 2):
+                raise ConfigError("--image-size takes N or H W")
+            size = tuple(args.image_size * 2 if len(args.image_size) == 1 else args.image_size)
+        data = load_dataset(args.data, data_root=args.data_root, image_size=size)
+        viz.forward_figure(out, data.images[:args.n], args.steps, schedules=args.schedules,
+                           timesteps=args.timesteps, seed=args.seed)
+    elif args.viz_command == "reverse":
+        from .generate import load_diffusion, resolved_sampling, select_device
+
+        sampling = _sampling_from_args(args)
+        diffusion, _ = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights)
+        resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
+        viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling)
+    else:
+        viz.training_figure(out, args.run_dir, grids=args.grids)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz}
 
 
 def main(argv: list[str] | None = None) -> int:

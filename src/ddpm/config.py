@@ -132,6 +132,7 @@ class TrainConfig:
     num_samples: int = 64              # images in each sample grid
     eval_every: int = 0                # steps between fast-metric evaluations of the EMA model (0: never)
     eval_samples: int = 256            # images generated for each evaluation
+    label_dropout: float = 0.1         # class-conditional models: P(label replaced by the null label) (Ho & Salimans 2022)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "num_samples", "log_every", "max_bad_steps", "eval_samples"):
@@ -154,6 +155,8 @@ class TrainConfig:
             raise ConfigError(f"gradient clipping norm must be >= 0; got {self.grad_clip!r}")
         if not _is_number(self.ema_decay) or not 0.0 <= self.ema_decay <= 1.0:
             raise ConfigError(f"EMA decay must be in [0, 1]; got {self.ema_decay!r}")
+        if not _is_number(self.label_dropout) or not 0.0 <= self.label_dropout <= 1.0:
+            raise ConfigError(f"label dropout must be in [0, 1]; got {self.label_dropout!r}")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer; got {self.seed!r}")
         if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)):
@@ -176,6 +179,11 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def conditional(self) -> bool:
+        """Class-conditional (``model.num_classes`` set): training feeds labels, with label dropout."""
+        return self.model.num_classes is not None
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),

@@ -26,7 +26,8 @@ from .images import make_grid, save_npz, save_png
 from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, make_denoiser
 from .seeding import derive_seed
 
-__all__ = ["select_device", "load_diffusion", "sampling_options", "resolved_sampling", "sample_images",
+__all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
+           "sampling_options", "resolved_sampling", "sample_images",
            "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record", "write_samples", "file_sha256"]
 
 
@@ -104,21 +105,61 @@ def _clip(diffusion: GaussianDiffusion, sampling: SamplingOptions) -> bool:
     return diffusion.clip_denoised if sampling.clip is None else bool(sampling.clip)
 
 
+# Classifier-free guidance scale w used when none is given (``ddpm sample --class``, training grids).
+# Ho & Salimans 2022 write it 1 + w, so this is their w = 2: clearly the requested class, at some
+# cost in diversity; w = 1 is the conditional model alone, w = 0 the unconditional one.
+DEFAULT_GUIDANCE_SCALE = 3.0
+
+
+def num_classes(diffusion: GaussianDiffusion) -> int | None:
+    """The class count of a class-conditional model, None for an unconditional one."""
+    config = getattr(diffusion.model, "config", None)
+    return getattr(config, "num_classes", None)
+
+
+def check_labels(diffusion: GaussianDiffusion, labels, guidance_scale: float | None) -> None:
+    """Fail early on class labels an unconditional model cannot take, or outside 0..num_classes-1."""
+    classes = num_classes(diffusion)
+    if labels is None:
+        if guidance_scale is not None:
+            raise ConfigError("a guidance scale needs class labels (--class)")
+        return
+    if classes is None:
+        raise ConfigError("this checkpoint is an unconditional model: it takes no class labels "
+                          "(train with --conditional)")
+    bad = sorted({int(c) for c in labels if not 0 <= int(c) < classes})
+    if bad:
+        raise ConfigError(f"class {bad[0]} is out of range: this model has classes 0..{classes - 1}")
+    if guidance_scale is not None and not guidance_scale >= 0:
+        raise ConfigError(f"the guidance scale must be >= 0; got {guidance_scale}")
+
+
 def sample_images(diffusion: GaussianDiffusion, indices: list[int], *, seed: int = 0,
                   sampling: SamplingOptions = DEFAULT_SAMPLING, callback: Callable | None = None,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, labels=None, guidance_scale: float | None = None) -> torch.Tensor:
     """One batch: the images with run indices ``indices``, in [0, 1], shape [B, C, H, W].
 
     Image k's noise comes from a CPU generator seeded with ``derive_seed(seed, k)``: first x_T,
     then each step's noise. ``callback`` receives the sampler's per-step dict (model range).
+    A class-conditional model takes one class label per image (``labels``; None: unconditional)
+    and classifier-free guidance with ``guidance_scale`` w (None or 1: the conditional model alone).
     """
     device = diffusion.device
     shape = (diffusion.channels, *diffusion.image_size)
     generators = [torch.Generator().manual_seed(derive_seed(seed, k)) for k in indices]
     noise = batch_noise(generators, shape, device)
     x_T = noise()
+    check_labels(diffusion, labels, guidance_scale)
+    cond: dict = {}
+    if labels is not None:
+        y = torch.as_tensor(list(labels), dtype=torch.long, device=device)
+        cond = {"model_kwargs": {"y": y}}
+        if guidance_scale is not None and guidance_scale != 1:
+            cond.update(guidance_scale=float(guidance_scale),
+                        uncond_kwargs={"y": torch.full_like(y, num_classes(diffusion))})
     denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
-                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding)
+                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding,
+                             **cond)
     timesteps = sampling.timesteps(diffusion.timesteps)
     bar = tqdm(total=len(timesteps), desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
@@ -139,8 +180,11 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
              spacing: str | None = None, eta: float | None = None, variance: str | None = None,
              clip: bool | None = None, dynamic_thresholding: bool | None = None,
              sampling: SamplingOptions | None = None, start_index: int = 0,
-             callback: Callable | None = None) -> np.ndarray:
+             callback: Callable | None = None, labels=None, guidance_scale: float | None = None) -> np.ndarray:
     """Images ``start_index`` .. ``start_index + n - 1`` of a run, as uint8 [N, H, W, C], in batches.
+
+    A class-conditional model takes ``labels`` (one class per image, length ``n``; None:
+    unconditional) and a classifier-free ``guidance_scale`` (see :func:`sample_images`).
 
     The sampler is :data:`~ddpm.samplers.DEFAULT_SAMPLING` (ancestral over 50 respaced steps) unless
     ``sampling`` or the keywords (see :func:`sampling_options`) choose another. Image k depends only
@@ -156,12 +200,16 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
                                     dynamic_thresholding=dynamic_thresholding)
     elif any(v is not None for v in (sampler, steps, spacing, eta, variance, clip, dynamic_thresholding)):
         raise ConfigError("pass either sampling= or the separate sampler keywords, not both")
+    if labels is not None and len(labels) != n:
+        raise ConfigError(f"{len(labels)} class labels for {n} images; give one per image")
+    check_labels(diffusion, labels, guidance_scale)
     out = []
     for first in range(start_index, start_index + n, batch_size):
         indices = list(range(first, min(first + batch_size, start_index + n)))
         on_step = None if callback is None else (lambda info, idx=indices: callback(idx, info))
+        batch_labels = None if labels is None else [labels[k - start_index] for k in indices]
         images = sample_images(diffusion, indices, seed=seed, sampling=sampling, callback=on_step,
-                               progress=progress)
+                               progress=progress, labels=batch_labels, guidance_scale=guidance_scale)
         out.append(to_uint8(images.cpu()))
     return np.concatenate(out)
 
@@ -307,8 +355,10 @@ def sample_record(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOp
             **resolved_sampling(diffusion, sampling), "seed_of_image_k": "derive_seed(seed, k) (ddpm.seeding)"}
 
 
-def write_samples(out_dir: str | os.PathLike, images: np.ndarray, **extra: np.ndarray) -> dict[str, Path]:
-    """Write ``grid.png`` and ``samples.npz`` (array ``images``, uint8 [N, H, W, C]) to ``out_dir``."""
+def write_samples(out_dir: str | os.PathLike, images: np.ndarray, nrow: int | None = None,
+                  **extra: np.ndarray) -> dict[str, Path]:
+    """Write ``grid.png`` (``nrow`` images a row; default square-ish) and ``samples.npz``
+    (array ``images``, uint8 [N, H, W, C]) to ``out_dir``."""
     out_dir = Path(out_dir)
-    return {"grid": save_png(out_dir / "grid.png", make_grid(images)),
+    return {"grid": save_png(out_dir / "grid.png", make_grid(images, nrow=nrow)),
             "samples": save_npz(out_dir / "samples.npz", images=images, **extra)}

@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .diffusion import VARIANCES, check_objective, predict_eps_from_x0, prediction_to_eps_x0, randn
+from .diffusion import (VARIANCES, check_objective, predict_eps_from_x0, predict_x0_from_eps, prediction_to_eps_x0,
+                        randn)
 from .errors import ConfigError
 from .schedules import NoiseSchedule
 
@@ -59,8 +60,17 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = DYNAMIC_THRESHOLD_PE
 
 
 def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = "eps", clip: bool = False,
-                  dynamic_thresholding: bool = False, model_kwargs: dict | None = None) -> Denoiser:
-    """Adapt ``model(x_t, t_batch)`` trained with ``objective`` into ``denoiser(x_t, t) -> (eps_pred, x0_pred)``.
+                  dynamic_thresholding: bool = False, model_kwargs: dict | None = None,
+                  guidance_scale: float | None = None, uncond_kwargs: dict | None = None) -> Denoiser:
+    """Adapt ``model(x_t, t_batch, **model_kwargs)`` trained with ``objective`` into
+    ``denoiser(x_t, t) -> (eps_pred, x0_pred)``.
+
+    With ``guidance_scale`` w, classifier-free guidance (Ho & Salimans 2022, Eq. 6, written with
+    w = 1 + their w): eps_pred = eps_uncond + w (eps_cond - eps_uncond), where eps_cond uses
+    ``model_kwargs`` (e.g. ``{"y": labels}``) and eps_uncond ``uncond_kwargs`` (e.g. the null
+    label). Both come from ONE forward pass over the batch concatenated with itself. Outputs of x0-
+    or v-trained models are converted to eps first and combined there; x0_pred is then recomputed
+    from the guided eps (Eq. 4). w = 1 is the conditional model, w = 0 the unconditional one.
 
     With ``clip`` x0_pred is clipped to [-1, 1], with ``dynamic_thresholding`` it is thresholded
     (:func:`dynamic_threshold`); either way eps_pred is then re-derived from the corrected x0_pred
@@ -69,12 +79,24 @@ def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = 
     check_objective(objective)
     if clip and dynamic_thresholding:
         raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
+    if guidance_scale is not None and uncond_kwargs is None:
+        raise ConfigError("classifier-free guidance needs uncond_kwargs (the model's unconditional inputs)")
     kwargs = model_kwargs or {}
+
+    def predict(x_t: torch.Tensor, t_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if guidance_scale is None:
+            output = model(x_t, t_batch, **kwargs).float()
+            return prediction_to_eps_x0(schedule, x_t, t_batch, output, objective)
+        both = {k: torch.cat([kwargs[k], uncond_kwargs[k]]) for k in kwargs}          # one batched pass
+        x_2, t_2 = torch.cat([x_t, x_t]), torch.cat([t_batch, t_batch])
+        eps_2, _ = prediction_to_eps_x0(schedule, x_2, t_2, model(x_2, t_2, **both).float(), objective)
+        eps_cond, eps_uncond = eps_2.chunk(2)
+        eps_pred = eps_uncond + guidance_scale * (eps_cond - eps_uncond)              # Ho & Salimans, Eq. 6
+        return eps_pred, predict_x0_from_eps(schedule, x_t, t_batch, eps_pred)
 
     def denoiser(x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
-        output = model(x_t, t_batch, **kwargs).float()
-        eps_pred, x0_pred = prediction_to_eps_x0(schedule, x_t, t_batch, output, objective)
+        eps_pred, x0_pred = predict(x_t, t_batch)
         if clip or dynamic_thresholding:
             x0_pred = x0_pred.clamp(-1.0, 1.0) if clip else dynamic_threshold(x0_pred)
             eps_pred = predict_eps_from_x0(schedule, x_t, t_batch, x0_pred)

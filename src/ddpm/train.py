@@ -1,7 +1,7 @@
 """The training loop (Ho et al. 2020, Algorithm 1), reading top to bottom in labelled phases.
 
 Randomness is derived from ``(seed, step)``: the data order of each epoch, and the
-timesteps, noise, flips and dropout of each step, all drawn for the whole batch before it
+timesteps, noise, flips, dropout and (class-conditional models) label dropout of each step, all drawn for the whole batch before it
 is split into micro-batches. A step's result therefore depends only on the weights, the
 optimizer state and the step number, which is what makes a resumed run continue exactly
 (bit for bit on the CPU). Sample grids use generators of their own and never touch the
@@ -36,12 +36,12 @@ from .config import RunConfig, build_diffusion
 from .data import ImageData, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write, write_json
-from .generate import generate, select_device
+from .generate import DEFAULT_GUIDANCE_SCALE, generate, select_device
 from .images import make_grid, save_png, side_by_side
 from .plots import line_chart
 from .seeding import derive_seed
 
-__all__ = ["EMA", "EpochOrder", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
+__all__ = ["EMA", "EpochOrder", "label_dropout", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
            "check_training_data", "lr_at", "train", "TrainResult"]
 
 
@@ -73,6 +73,13 @@ class EMA:
         for name, b in buffers.items():
             ema_buffers[name].copy_(b)
         self.num_updates += 1
+
+
+def label_dropout(y: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each label by the null label ``num_classes`` with probability ``p`` (Ho & Salimans 2022,
+    Algorithm 1), so one network learns the conditional and the unconditional model."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
 def lr_at(config: RunConfig, step: int) -> float:
@@ -146,6 +153,13 @@ def check_training_data(config: RunConfig, data: ImageData) -> None:
                         f"images but the model expects {config.model.channels}-channel "
                         f"{config.model.image_size[0]}x{config.model.image_size[1]}; "
                         "pass --image-size / --channels")
+    if config.conditional:
+        if data.labels is None:
+            raise DataError(f"dataset {data.name!r} has no class labels; a class-conditional model needs them "
+                            "(class subfolders, an .npz 'labels' array, or a labelled built-in dataset)")
+        if len(data.labels) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < config.model.num_classes:
+            raise DataError(f"dataset {data.name!r} has labels {int(data.labels.min())}..{int(data.labels.max())} "
+                            f"but the model has num_classes = {config.model.num_classes}")
     if data.num_images < config.train.batch_size:
         raise DataError(f"dataset {data.name!r} has {data.num_images} images, fewer than the batch size "
                         f"{config.train.batch_size}; lower --batch-size")
@@ -319,6 +333,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     else:
         check_training_data(config, data)
     images = torch.from_numpy(data.images).to(device)               # uint8 [N, H, W, C], kept compact
+    labels = torch.from_numpy(data.labels).to(device) if config.conditional else None
     diffusion = build_diffusion(config).to(device)
     model = diffusion.model
     model.gradient_checkpointing = tc.grad_checkpointing
@@ -357,9 +372,16 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
         return path
 
     def sample_grid(step: int) -> Path:
-        """EMA and raw weights side by side, from one fixed seed (a generator of its own)."""
+        """EMA and raw weights side by side, from one fixed seed (a generator of its own).
+        A class-conditional model draws the classes in turn, one per grid column, with guidance."""
         seed = derive_seed(tc.seed, 2)
-        grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False))
+        cond, nrow = {}, None
+        if config.conditional:
+            classes = config.model.num_classes
+            cond = {"labels": [k % classes for k in range(tc.num_samples)], "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+            nrow = min(classes, tc.num_samples)
+        grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False, **cond),
+                           nrow=nrow)
                  for d in (ema_diffusion, diffusion.eval())]
         return save_png(run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
 
@@ -398,12 +420,16 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 step_seed = derive_seed(tc.seed, step, 0)
                 torch.manual_seed(step_seed)                                  # dropout
                 g = torch.Generator(device=device).manual_seed(step_seed)    # flips, t, eps
-                x = to_tensor_on_device(images[order.batch(step).to(device)])
+                index = order.batch(step).to(device)
+                x = to_tensor_on_device(images[index])
                 if config.data.hflip:
                     flip = torch.rand(x.shape[0], generator=g, device=device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
                 t = torch.randint(0, T, (x.shape[0],), generator=g, device=device)
                 noise = torch.randn(x.shape, generator=g, device=device)
+                y = None
+                if labels is not None:          # drawn last, so unconditional runs keep their random stream
+                    y = label_dropout(labels[index], config.model.num_classes, tc.label_dropout, g)
 
                 # Forward and backward over micro-batches (gradient accumulation).
                 optimizer.zero_grad(set_to_none=True)
@@ -411,6 +437,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 for i in range(0, tc.batch_size, micro):
                     with _autocast(device, tc.precision):
                         per_sample = diffusion(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
+                                               model_kwargs=None if y is None else {"y": y[i:i + micro]},
                                                reduction="none")
                     loss = per_sample.mean() * (micro / tc.batch_size)
                     (scaler.scale(loss) if scaler else loss).backward()

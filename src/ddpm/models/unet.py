@@ -12,7 +12,10 @@ Structure, as in the paper's reference implementation:
   connection, nearest-neighbour upsampling followed by a 3x3 convolution);
 * GroupNorm, SiLU and a 3x3 convolution to the output channels.
 
-The network sees only ``(x_t, t)``: ``t`` is the 0-based timestep index, never the schedule.
+The network sees only ``(x_t, t)``, plus an optional class label ``y``: ``t`` is the 0-based
+timestep index, never the schedule. With ``num_classes`` set, a learned class embedding is added
+to the timestep embedding (class-conditional model); index ``num_classes`` is the "no label"
+(null) token that classifier-free guidance trains and samples with (Ho & Salimans 2022).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class UnetConfig:
     norm_groups: int = 32                         # GroupNorm groups (the paper: 32)
     attention_heads: int = 1                      # the paper uses one head
     out_channels: int | None = None               # defaults to ``channels``
+    num_classes: int | None = None                # class-conditional with this many classes; None: unconditional
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -63,6 +67,9 @@ class UnetConfig:
             raise ConfigError(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        k = self.num_classes
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ConfigError(f"num_classes must be a positive integer or None, got {self.num_classes!r}")
         if self.dim % 2:
             raise ConfigError(f"dim must be even (sinusoidal embedding), got {self.dim}")
         for c in {self.dim * m for m in self.dim_mults}:
@@ -171,8 +178,10 @@ class Unet(nn.Module):
     takes the fields of :class:`UnetConfig` as keywords; ``Unet.from_preset(name)`` builds a
     named preset (see :mod:`ddpm.models.presets`).
 
-    ``forward(x_t, t)`` takes x_t of shape [B, C, H, W] and 0-based timestep indices ``t``
-    (LongTensor [B]) and returns a tensor of shape [B, out_channels, H, W].
+    ``forward(x_t, t, y=None)`` takes x_t of shape [B, C, H, W] and 0-based timestep indices ``t``
+    (LongTensor [B]) and returns a tensor of shape [B, out_channels, H, W]. A class-conditional
+    model (``num_classes`` set) also takes class labels ``y`` (LongTensor [B] in 0..num_classes,
+    where ``num_classes`` is the null label); ``y=None`` means unconditional (all null).
     """
 
     def __init__(self, config: UnetConfig | None = None, **kwargs):
@@ -187,6 +196,9 @@ class Unet(nn.Module):
         out_channels = cfg.out_channels or cfg.channels
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.num_classes = cfg.num_classes
+        if cfg.num_classes is not None:      # one extra row: the null label of classifier-free guidance
+            self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(cfg.channels, ch, 3, padding=1)
 
         res = min(cfg.image_size)
@@ -257,10 +269,16 @@ class Unet(nn.Module):
                 h = block(h, emb)
         return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels:
             raise ValueError(f"expected x of shape [B, {self.channels}, H, W], got {list(x.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.config.dim).to(x.dtype))
+        if self.num_classes is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.class_emb(y).to(emb.dtype)
+        elif y is not None:
+            raise ValueError("class labels y given to an unconditional model (num_classes is None)")
         h = self.conv_in(x)
         hs = [h]
         for blocks in self.down:

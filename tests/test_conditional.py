@@ -8,6 +8,8 @@ digits, judged by a logistic-regression classifier fitted on the digits' train s
 
 from __future__ import annotations
 
+from ddpm.generate import DEFAULT_GUIDANCE_SCALE
+
 import json
 from pathlib import Path
 
@@ -286,7 +288,7 @@ def test_cli_class_all_puts_one_class_per_grid_row(conditional_run, tmp_path):
     assert main(["sample", "--checkpoint", str(conditional_run), "--out", str(out), "--class", "all", "--n", "3",
                  "--sampler", "dpm-solver++", "--steps", "3", "--quiet"]) == 0
     record = json.loads((out / "record.json").read_text())
-    assert record["classes"] == list(range(10)) and record["guidance_scale"] == 3.0     # the documented default
+    assert record["classes"] == list(range(10)) and record["guidance_scale"] == DEFAULT_GUIDANCE_SCALE == 2.0     # the documented default
     cell = 8 * 8 + 2
     assert Image.open(out / "grid.png").size == (3 * cell + 2, 10 * cell + 2)           # 3 columns, 10 rows
 

@@ -106,9 +106,10 @@ def _clip(diffusion: GaussianDiffusion, sampling: SamplingOptions) -> bool:
 
 
 # Classifier-free guidance scale w used when none is given (``ddpm sample --class``, training grids).
-# Ho & Salimans 2022 write it 1 + w, so this is their w = 2: clearly the requested class, at some
-# cost in diversity; w = 1 is the conditional model alone, w = 0 the unconditional one.
-DEFAULT_GUIDANCE_SCALE = 3.0
+# Ho & Salimans 2022 write it 1 + w, so this is their w = 1. w = 1 is the conditional model alone,
+# w = 0 the unconditional one. benchmarks/conditional_mnist.py: on MNIST, w = 2 already gives 100%
+# of the requested digit (96% at w = 1) while the fast FID grows far less than at w = 3 (35 vs 66).
+DEFAULT_GUIDANCE_SCALE = 2.0
 
 
 def num_classes(diffusion: GaussianDiffusion) -> int | None:

@@ -198,3 +198,40 @@ def test_viz_help_shows_examples(capsys):
         main(["viz"])                                    # WHAT is required
     assert exc.value.code == 2
     one_line_error(capsys, "required")
+
+
+def test_training_figure_and_grids_go_to_tensorboard_when_installed(run_dir, tmp_path, monkeypatch, capsys):
+    """With tensorboard importable, `viz training` also logs the figure and the sample grids as images."""
+    import sys
+    import types
+
+    pytest.importorskip("matplotlib")
+    logged, closed = [], []
+
+    class FakeWriter:                                 # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_image(self, tag, image, step=None, dataformats="CHW"):
+            logged.append((tag, step, image.shape, dataformats, self.log_dir))
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    out = tmp_path / "training.png"
+    assert main(["viz", "training", str(run_dir), "--out", str(out)]) == 0
+    assert "also in TensorBoard" in capsys.readouterr().out
+    assert logged[0][0] == "viz/training" and logged[0][2] == png(out).shape and logged[0][3] == "HWC"
+    assert [step for tag, step, *_ in logged if tag == "samples"] == [s for s, _ in viz.sample_grids(run_dir, 4)]
+    assert all(entry[4] == str(run_dir / "tensorboard") for entry in logged) and closed == [True]
+
+
+def test_no_tensorboard_means_png_only(run_dir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    pytest.importorskip("matplotlib")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # import fails as if not installed
+    out = tmp_path / "training.png"
+    assert main(["viz", "training", str(run_dir), "--out", str(out)]) == 0
+    assert "TensorBoard" not in capsys.readouterr().out and out.is_file()

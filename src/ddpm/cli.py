@@ -799,6 +799,8 @@ def cmd_viz(args) -> int:
         viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling)
     else:
         viz.training_figure(out, args.run_dir, grids=args.grids)
+        if viz.training_to_tensorboard(args.run_dir, out, grids=args.grids):
+            print(f"also in TensorBoard: {Path(args.run_dir) / 'tensorboard'}")
     print(f"wrote {out}")
     return 0
 

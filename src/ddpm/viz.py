@@ -201,3 +201,25 @@ def training_figure(path: str | os.PathLike, run_dir: str | os.PathLike, *, grid
         bottom.text(0.5, 0.5, "no sample grids in samples/ yet", ha="center", va="center")
     fig.suptitle(f"run {Path(run_dir).resolve().name}: training")
     return _save_figure(fig, path)
+
+
+def training_to_tensorboard(run_dir: str | os.PathLike, figure: str | os.PathLike, *, grids: int = 4) -> bool:
+    """The same picture in TensorBoard: the figure and the run's sample grids as images in
+    ``RUN_DIR/tensorboard`` (where training logs its scalars). False when tensorboard is not installed.
+    """
+    from PIL import Image
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:          # tensorboard missing or broken: the PNG has everything
+        return False
+    writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+    try:
+        with Image.open(figure) as im:
+            writer.add_image("viz/training", np.asarray(im.convert("RGB")), dataformats="HWC")
+        for step, grid_path in sample_grids(run_dir, grids):
+            with Image.open(grid_path) as im:
+                writer.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+    finally:
+        writer.close()
+    return True

@@ -26,7 +26,7 @@ from .errors import CheckpointError
 from .fileio import atomic_write
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_metadata", "resolve_checkpoint",
-           "checkpoint_path", "list_checkpoints", "tensor_checksum", "split_prefix", "flatten_optimizer_state",
+           "checkpoint_path", "list_checkpoints", "tensor_checksum", "split_prefix", "load_weights", "flatten_optimizer_state",
            "unflatten_optimizer_state"]
 
 FORMAT_VERSION = 1
@@ -146,6 +146,18 @@ def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     """The tensors under ``prefix.``, with the prefix removed."""
     p = prefix + "."
     return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: str) -> None:
+    """Load the ``prefix.*`` tensors of a checkpoint into ``model``, strictly.
+
+    Missing, unexpected or wrongly shaped tensors raise :class:`CheckpointError` naming the file.
+    """
+    try:
+        model.load_state_dict(split_prefix(tensors, prefix), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: the {prefix}.* weights do not match the model's architecture ({first})") from None
 
 
 def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:

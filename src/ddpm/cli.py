@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, DdpmError, TrainingInterrupted
+from .errors import CheckpointError, ConfigError, DdpmError, TrainingInterrupted
 
 EXAMPLES_MAIN = """\
 examples:
@@ -479,8 +479,6 @@ def _resume_config(args):
         raise ConfigError("--config cannot be combined with --resume: the run keeps its saved configuration")
     found = list_checkpoints(run_dir)
     if not found:
-        from .errors import CheckpointError
-
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
     meta = read_metadata(found[-1][1])
     saved = RunConfig.from_dict(meta["config"])

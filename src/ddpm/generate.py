@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, split_prefix
+from .checkpoint import load_checkpoint, load_weights
 from .config import RunConfig, build_diffusion
 from .data import to_uint8
 from .diffusion import GaussianDiffusion, from_model_range
@@ -67,12 +67,7 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
     diffusion = build_diffusion(config)
-    state = split_prefix(tensors, "ema" if weights == "ema" else "model")
-    try:
-        diffusion.model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{meta['path']}: weights do not match the saved architecture ({first})") from None
+    load_weights(diffusion.model, tensors, "ema" if weights == "ema" else "model", meta["path"])
     meta["run_config"] = config
     return diffusion.to(device).eval(), meta
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
-                         save_checkpoint, split_prefix, unflatten_optimizer_state)
+                         load_weights, save_checkpoint, unflatten_optimizer_state)
 from .config import RunConfig, build_diffusion
 from .data import ImageData, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
@@ -590,18 +590,10 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
-def _load_state(model: nn.Module, state: dict, path: str, what: str) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: {what} do not match this model ({first})") from None
-
-
 def _init_from(checkpoint: str, model: nn.Module) -> None:
     """Fine-tuning: start from another run's EMA weights (the architecture must match)."""
     tensors, meta = load_checkpoint(checkpoint)
-    _load_state(model, split_prefix(tensors, "ema"), meta["path"], "its EMA weights")
+    load_weights(model, tensors, "ema", meta["path"])
 
 
 def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler) -> tuple[Counters, EMA]:
@@ -610,9 +602,9 @@ def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scal
     if not found:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
     tensors, meta = load_checkpoint(found[-1][1])
-    _load_state(model, split_prefix(tensors, "model"), meta["path"], "the weights")
+    load_weights(model, tensors, "model", meta["path"])
     ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
-    _load_state(ema.model, split_prefix(tensors, "ema"), meta["path"], "the EMA weights")
+    load_weights(ema.model, tensors, "ema", meta["path"])
     ema.num_updates = int(meta.get("ema_updates", 0))
     try:
         # Tensors stay on the CPU: load_state_dict moves moments to the parameters' device and

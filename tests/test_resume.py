@@ -24,7 +24,7 @@ from ddpm.train import train
 
 def small_config(steps: int, **train_options) -> RunConfig:
     """The digits preset with dropout, flips and gradient accumulation: every source of randomness on."""
-    options = dict(steps=steps, batch_size=8, grad_accum=2, num_samples=2, log_every=1, checkpoint_every=3,
+    options = dict(steps=steps, batch_size=4, grad_accum=2, num_samples=2, log_every=1, checkpoint_every=3,
                    warmup_steps=4, keep_last=0)
     return RunConfig(preset="digits", model=preset_config("digits", dropout=0.1),
                      diffusion=DiffusionConfig(timesteps=50),

@@ -165,8 +165,9 @@ def test_logged_learning_rate_rises_linearly_during_warmup(tmp_path, no_sampling
 def test_gradient_accumulation_matches_one_full_batch(tmp_path, no_sampling):
     # Without clipping, so that a wrongly scaled gradient shows in Adam's moments (the first Adam
     # step itself, lr * g / (|g| + eps), hardly depends on the gradient's scale).
-    runs = {accum: train(tiny_config(grad_accum=accum, grad_clip=0.0), tmp_path / f"accum{accum}",
-                         data=tiny_data(), progress=False) for accum in (1, 2)}
+    # --batch-size is per forward pass: 8 images in one pass, or 2 micro-batches of 4.
+    runs = {accum: train(tiny_config(batch_size=8 // accum, grad_accum=accum, grad_clip=0.0),
+                         tmp_path / f"accum{accum}", data=tiny_data(), progress=False) for accum in (1, 2)}
     full, accum = (load_checkpoint(runs[n].checkpoint)[0] for n in (1, 2))
     assert full.keys() == accum.keys() and any(name.startswith("optim.") for name in full)
     for name in full:
@@ -180,11 +181,14 @@ def test_gradient_accumulation_matches_one_full_batch(tmp_path, no_sampling):
     assert any(not torch.equal(full[f"model.{name}"], initial[name]) for name in initial)
 
 
-def test_grad_accum_must_divide_the_batch(capsys):
-    with pytest.raises(ConfigError, match="divisible"):
-        TrainConfig(batch_size=8, grad_accum=3)
-    assert main(["train", *TINY, "--batch-size", "8", "--grad-accum", "3", "--dry-run"]) == 2
-    assert "grad_accum" in error_line(capsys)
+def test_the_global_batch_is_the_batch_size_times_grad_accum_and_must_fit_the_data(capsys):
+    assert TrainConfig(batch_size=8, grad_accum=3).global_batch_size() == 24
+    assert TrainConfig(batch_size=8, grad_accum=3).global_batch_size(world_size=2) == 48
+    # The built-in digits have 1,500 images: 3 micro-batches of 500 fill exactly one step, of 501 too many.
+    assert main(["train", *TINY, "--batch-size", "500", "--grad-accum", "3", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["batch_size"] == 500
+    assert main(["train", *TINY, "--batch-size", "501", "--grad-accum", "3", "--dry-run"]) == 3
+    assert "fewer than the global batch 1503" in error_line(capsys)
 
 
 # ----------------------------------------------------------------------------- 5. optimizer and precision

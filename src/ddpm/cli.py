@@ -1,7 +1,12 @@
 """The ``ddpm`` command line: a thin layer of validated options over the library.
 
-Exit codes: 0 success, 2 usage or configuration error, 3 data error, 4 checkpoint error.
+Exit codes: 0 success, 2 usage or configuration error, 3 data error, 4 checkpoint error, 5 training
+stopped (non-finite steps), 6 another process of a torchrun group was lost, 128 + N stopped by signal N.
 User mistakes print one line, ``ddpm: error: ...``, never a traceback.
+
+Under torchrun (``torchrun --nproc_per_node N -m ddpm train|sample|eval ...``) every process runs
+the same command: ``train`` trains data-parallel, ``sample`` and ``eval --checkpoint`` split the
+image indices among the processes, and rank 0 writes the files and the messages.
 """
 
 from __future__ import annotations
@@ -123,7 +128,9 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--config", metavar="TOML", help="a TOML file with [model], [diffusion], [data], [train] tables")
     g.add_argument("--steps", type=_positive_int, help="optimizer steps (with --resume: may extend the run)")
-    g.add_argument("--batch-size", type=_positive_int, help="images per optimizer step")
+    g.add_argument("--batch-size", type=_positive_int,
+                   help="images per forward pass of each process; an optimizer step sees batch size x "
+                        "processes (torchrun) x grad-accum images")
     g.add_argument("--grad-accum", type=_positive_int, help="micro-batches per step (gradient accumulation)")
     g.add_argument("--optimizer", choices=("adam", "adamw"))
     g.add_argument("--lr", type=_positive_float, help="peak learning rate")
@@ -167,8 +174,8 @@ TRAIN_FLAGS = {
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
         "eval_every", "eval_samples", "label_dropout")},
 }
-# What a resumed run may change.
-RESUME_MAY_CHANGE = {"steps", "device"}
+# What a resumed run may change (batch_size only as the per-process share of the saved global batch).
+RESUME_MAY_CHANGE = {"steps", "device", "grad_accum"}
 
 
 def _flag(name: str) -> str:
@@ -487,15 +494,29 @@ def _resume_config(args):
     if args.conditional and not saved.conditional:
         raise ConfigError("--conditional differs from the run's saved model, which is unconditional")
     saved_dict = saved.to_dict()
+    # The global batch is kept; the per-process batch follows from the processes and grad_accum.
+    from . import distributed
+    from .config import per_process_batch
+    from .train import checkpoint_global_batch
+
+    grad_accum = args.grad_accum or saved.train.grad_accum
+    batch_size = per_process_batch(checkpoint_global_batch(meta), distributed.env_world_size(), grad_accum)
+    if args.batch_size is not None and args.batch_size != batch_size:
+        raise ConfigError(f"--batch-size {args.batch_size} does not keep the run's global batch of "
+                          f"{checkpoint_global_batch(meta)} images with {distributed.env_world_size()} process(es) "
+                          f"and grad_accum {grad_accum} (that takes --batch-size {batch_size}, or leave it out)")
     for section, values in _flag_layer(args).items():
         for key, value in values.items():
+            if key == "batch_size":
+                continue
             name = next(n for n, target in TRAIN_FLAGS.items() if target == (section, key))
             old = saved_dict[section][key]
             same = (list(value) == list(old)) if isinstance(value, tuple) and old is not None else value == old
             if not same and name not in RESUME_MAY_CHANGE:
                 raise ConfigError(f"{_flag(name)} {value} differs from the run's saved value {old}; a resumed run "
-                                  "keeps its configuration (only --steps and --device may change)")
-    train_cfg = dc_replace(saved.train, steps=args.steps or saved.train.steps, device=args.device or saved.train.device)
+                                  "keeps its configuration (only --steps, --device and --grad-accum may change)")
+    train_cfg = dc_replace(saved.train, steps=args.steps or saved.train.steps, device=args.device or saved.train.device,
+                           batch_size=batch_size, grad_accum=grad_accum)
     if train_cfg.steps <= meta["step"]:
         raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
                           "to extend it")
@@ -504,31 +525,43 @@ def _resume_config(args):
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .config import build_model
-    from .generate import select_device
     from .train import check_training_data, load_training_data, prepare_run_dir, train
 
-    if args.resume:
-        config, run_dir = _resume_config(args)
-        data = load_training_data(config)
-    else:
-        config, data = _train_config(args)
-        check_training_data(config, data)
-    select_device(config.train.device)          # an unavailable device is an error before anything runs
+    main_rank = distributed.is_main()
+    with distributed.agree("checking the configuration"):     # one rank's mistake stops all, one message
+        if args.resume:
+            config, run_dir = _resume_config(args)
+            data = load_training_data(config)
+        else:
+            config, data = _train_config(args)
+            check_training_data(config, data)
+        distributed.training_device(config.train.device)     # an unavailable device is an error before anything runs
     if args.dry_run:
-        print(json.dumps(config.to_dict(), indent=2))
+        if main_rank:
+            print(json.dumps(config.to_dict(), indent=2))
         return 0
-    if data.skipped:
+    if data.skipped and main_rank:
         print(f"ddpm: warning: skipped {len(data.skipped)} unreadable image(s) (--strict makes this an error): "
               + "; ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
     if not args.resume:
-        run_dir = prepare_run_dir(args.out)
-    if not args.quiet:
+        run_dir = None
+        with distributed.agree("creating the run directory"):
+            if main_rank:
+                run_dir = prepare_run_dir(args.out)
+        # With no --out only rank 0 picks the next free runs/NNN; the others take its choice.
+        run_dir = Path(distributed.broadcast_object(None if run_dir is None else str(run_dir)))
+    world = distributed.world_size()
+    if not args.quiet and main_rank:
         verb = "resuming" if args.resume else "training"
+        procs = f" with {world} processes (global batch {config.train.global_batch_size(world)})" if world > 1 else ""
         print(f"{verb} preset {config.preset!r} ({build_model(config).num_parameters() / 1e6:.2f}M parameters) "
               f"on {data.name} ({data.num_images} images, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
-              f"to step {config.train.steps} -> {run_dir}", file=sys.stderr)
+              f"to step {config.train.steps}{procs} -> {run_dir}", file=sys.stderr)
     result = train(config, run_dir, data=data, resume=bool(args.resume), progress=not args.quiet)
+    if not main_rank:
+        return 0
     print(f"done in {result.seconds:.0f} s: checkpoint {result.checkpoint}, samples {result.grid}")
     if result.counters.bad_steps:
         print(f"ddpm: warning: {result.counters.bad_steps} step(s) were skipped for a non-finite loss or gradient "
@@ -556,23 +589,42 @@ def cmd_sample(args) -> int:
                            select_device, write_samples)
     from .images import save_png
 
-    sampling = _sampling_from_args(args)
-    out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
-    device = select_device(args.device)
-    diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights)
-    classes, guidance = _classes_from_args(args, diffusion)
-    total = args.n * len(classes) if classes else args.n
-    labels = None if classes is None else [c for c in classes for _ in range(args.n)]   # one grid row per class
-    extra = {} if classes is None else {"classes": classes, "guidance_scale": guidance, "n_per_class": args.n}
-    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, n=total,
-                           start_index=args.start_index, device=str(device), **extra)  # validates --steps against T
-    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet, start_index=args.start_index,
-                  labels=labels, guidance_scale=guidance)
+    from . import distributed
+
+    with distributed.agree("checking the options"):
+        sampling = _sampling_from_args(args)
+        out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
+        device = distributed.training_device(args.device)
+        diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights)
+        classes, guidance = _classes_from_args(args, diffusion)
+        total = args.n * len(classes) if classes else args.n
+        labels = None if classes is None else [c for c in classes for _ in range(args.n)]   # one grid row per class
+        extra = {} if classes is None else {"classes": classes, "guidance_scale": guidance, "n_per_class": args.n}
+        world = distributed.world_size()
+        if world > 1:
+            extra["processes"] = world
+            if total < world:
+                raise ConfigError(f"{total} image(s) for {world} processes; each process needs at least one")
+        record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, n=total,
+                               start_index=args.start_index, device=str(device), **extra)  # validates --steps against T
+    # Each process generates a contiguous range of the image indices; image k depends only on
+    # (seed, k), so the gathered images are those one process would make.
+    lo, hi = distributed.shard_range(total)
+    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet and distributed.is_main(),
+                  start_index=args.start_index + lo, labels=None if labels is None else labels[lo:hi],
+                  guidance_scale=guidance)
     if args.progressive:
-        images, x_t, x0_pred = progressive_frames(diffusion, total, sampling=sampling, **common)
+        images, x_t, x0_pred = progressive_frames(diffusion, hi - lo, sampling=sampling, **common)
+        gathered = distributed.gather_arrays((images, x_t.swapaxes(0, 1), x0_pred.swapaxes(0, 1)))
+        if gathered is None:
+            return 0
+        images, x_t, x0_pred = gathered[0], gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1)
         save_png(out / "progressive.png", progressive_grid(x_t, x0_pred))
     else:
-        images = generate(diffusion, total, sampling=sampling, **common)
+        gathered = distributed.gather_arrays((generate(diffusion, hi - lo, sampling=sampling, **common),))
+        if gathered is None:             # not rank 0: its images went to rank 0, which writes them
+            return 0
+        images = gathered[0]
     indices = np.arange(args.start_index, args.start_index + total)
     arrays = {"indices": indices} if labels is None else {"indices": indices, "labels": np.asarray(labels)}
     paths = write_samples(out, images, nrow=args.n if classes else None, **arrays)
@@ -673,13 +725,22 @@ def _eval_samples(args, diffusion, progress: bool):
     from .data import load_dataset
     from .generate import generate
 
+    from . import distributed
+
     if diffusion is None:
-        return load_dataset(args.samples).images[:args.n]
+        return load_dataset(args.samples).images[:args.n] if distributed.is_main() else None
     options = {k: getattr(args, k) for k in ("sampler", "steps", "eta") if getattr(args, k) is not None}
     unknown = sorted(set(options) - set(inspect.signature(generate).parameters))
     if unknown:
         raise ConfigError(f"this version cannot sample with --{', --'.join(unknown)}")
-    return generate(diffusion, args.n, batch_size=args.batch_size, seed=args.seed, progress=progress, **options)
+    if args.n < distributed.world_size():
+        raise ConfigError(f"--n {args.n} is fewer than the {distributed.world_size()} processes")
+    # Under torchrun each process generates a contiguous range of the indices; rank 0 gathers them.
+    lo, hi = distributed.shard_range(args.n)
+    images = generate(diffusion, hi - lo, batch_size=args.batch_size, seed=args.seed, start_index=lo,
+                      progress=progress and distributed.is_main(), **options)
+    gathered = distributed.gather_arrays((images,))
+    return None if gathered is None else gathered[0]
 
 
 def cmd_eval(args) -> int:
@@ -691,13 +752,28 @@ def cmd_eval(args) -> int:
     from .fileio import write_json
     from .generate import load_diffusion, select_device
 
+    from . import distributed
+
     metrics = list(dict.fromkeys(args.metric))
-    if "bpd" in metrics and not args.checkpoint:
-        raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
     progress = not args.quiet
     diffusion = None
-    if args.checkpoint:
-        diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights)
+    with distributed.agree("checking the options"):
+        if "bpd" in metrics and not args.checkpoint:
+            raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
+        if args.checkpoint:
+            diffusion, meta = load_diffusion(args.checkpoint, device=distributed.training_device(args.device),
+                                             weights=args.weights)
+    samples = None
+    wants_samples = any(m in metrics for m in ("fid", "kid", "pr", "fast")) or args.nn_grid
+    if wants_samples and distributed.world_size() > 1:
+        # Several processes share the sampling; rank 0 alone computes every metric.
+        start = time.perf_counter()
+        samples = _eval_samples(args, diffusion, progress)
+        sampling_seconds = round(time.perf_counter() - start, 2)
+        if samples is None:
+            return 0
+    elif not distributed.is_main():
+        return 0
     results: dict = {"data": args.data, "split": args.split}
     shape = dict(image_size=diffusion.image_size, channels=diffusion.channels) if diffusion is not None else {}
     if "bpd" in metrics:
@@ -710,10 +786,12 @@ def cmd_eval(args) -> int:
         bound = evaluate_bpd(diffusion, images, batch_size=args.batch_size, seed=args.seed,
                              progress=progress)
         results.update(bound.to_dict(), bpd_seconds=round(time.perf_counter() - start, 2))
-    if any(m in metrics for m in ("fid", "kid", "pr", "fast")) or args.nn_grid:
-        start = time.perf_counter()
-        samples = _eval_samples(args, diffusion, progress)
-        results.update(n_samples=len(samples), sampling_seconds=round(time.perf_counter() - start, 2))
+    if wants_samples:
+        if samples is None:
+            start = time.perf_counter()
+            samples = _eval_samples(args, diffusion, progress)
+            sampling_seconds = round(time.perf_counter() - start, 2)
+        results.update(n_samples=len(samples), sampling_seconds=sampling_seconds)
         shape = {"image_size": samples.shape[1:3], "channels": samples.shape[3]}
         _eval_sample_quality(args, metrics, samples, shape, results)
     for key, value in results.items():
@@ -812,14 +890,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from . import distributed
+
     try:
+        distributed.init()          # under torchrun: join the process group (a no-op otherwise)
         return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
-        print(f"ddpm: {exc}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"ddpm: {exc}", file=sys.stderr)
         return exc.exit_code
     except DdpmError as exc:
-        print(f"ddpm: error: {exc}", file=sys.stderr)
+        # Under torchrun, rank 0 speaks for errors every rank shares (decided together, or gathered
+        # by distributed.agree); a lost peer is news only the rank that saw it can give.
+        if distributed.is_main() or isinstance(exc, distributed.PeerLost):
+            print(f"ddpm: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("ddpm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()

@@ -18,7 +18,7 @@ from .models import UnetConfig, preset_config
 from .schedules import SCHEDULES
 
 __all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
-           "RECIPES", "build_model", "build_diffusion", "load_toml", "merge_layers"]
+           "RECIPES", "per_process_batch", "build_model", "build_diffusion", "load_toml", "merge_layers"]
 
 # The U-Net preset used when --preset is not given, by dataset name.
 DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "cifar10"}
@@ -109,7 +109,8 @@ class TrainConfig:
     """Optimisation and bookkeeping. The defaults are the built-in digits run (about 5 CPU-minutes)."""
 
     steps: int = 2000                  # optimizer steps
-    batch_size: int = 128              # images per optimizer step (split into grad_accum micro-batches)
+    batch_size: int = 128              # images per forward pass of each process; an optimizer step sees
+                                       # batch_size x processes x grad_accum images (the global batch)
     grad_accum: int = 1                # micro-batches per optimizer step
     optimizer: str = "adam"            # adam | adamw
     lr: float = 1e-3                   # peak learning rate (the paper: 2e-4 for CIFAR-10)
@@ -143,8 +144,6 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(f"batch size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         _choice(self.optimizer, ("adam", "adamw"), "optimizer")
         _choice(self.precision, ("fp32", "bf16", "fp16"), "precision")
         if not _is_number(self.lr) or not self.lr > 0:
@@ -167,7 +166,21 @@ class TrainConfig:
 
     @property
     def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum
+        """Images per forward pass of one process: ``batch_size`` itself."""
+        return self.batch_size
+
+    def global_batch_size(self, world_size: int = 1) -> int:
+        """Images per optimizer step over all processes: batch_size x world_size x grad_accum."""
+        return self.batch_size * world_size * self.grad_accum
+
+
+def per_process_batch(global_batch: int, world_size: int, grad_accum: int) -> int:
+    """The per-process batch that keeps ``global_batch`` with ``world_size`` processes and ``grad_accum``."""
+    if global_batch % (world_size * grad_accum):
+        raise ConfigError(f"the run's global batch of {global_batch} images does not divide among {world_size} "
+                          f"process(es) x grad_accum {grad_accum}; resume with a number of processes and "
+                          f"--grad-accum whose product divides {global_batch}")
+    return global_batch // (world_size * grad_accum)
 
 
 @dataclass

@@ -6,6 +6,14 @@ is split into micro-batches. A step's result therefore depends only on the weigh
 optimizer state and the step number, which is what makes a resumed run continue exactly
 (bit for bit on the CPU). Sample grids use generators of their own and never touch the
 training stream.
+
+Data parallelism (``torchrun``, :mod:`ddpm.distributed`) is the same loop: the global batch of
+batch_size x world_size x grad_accum images is drawn, with its flips, t, noise and label
+dropout, exactly as one process would draw it, and is cut into grad_accum chunks of
+batch_size x world_size rows; rank r takes rows [r * batch_size, (r + 1) * batch_size) of
+each chunk. One process with batch 2b and two with batch b therefore train on the same rows
+with the same randomness (DistributedDataParallel averages the gradients), and so do grad_accum
+and extra processes. Only dropout masks differ per rank (the global RNG is seeded with the rank).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import distributed
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
                          load_weights, save_checkpoint, unflatten_optimizer_state)
 from .config import RunConfig, build_diffusion
@@ -42,7 +51,7 @@ from .plots import line_chart
 from .seeding import derive_seed
 
 __all__ = ["EMA", "EpochOrder", "label_dropout", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
-           "check_training_data", "lr_at", "train", "TrainResult"]
+           "check_training_data", "checkpoint_global_batch", "lr_at", "train", "TrainResult"]
 
 
 class EMA:
@@ -146,8 +155,9 @@ def load_training_data(config: RunConfig) -> ImageData:
     return data
 
 
-def check_training_data(config: RunConfig, data: ImageData) -> None:
-    """Raise :class:`DataError` unless ``data`` matches the model and holds at least one batch."""
+def check_training_data(config: RunConfig, data: ImageData, world_size: int | None = None) -> None:
+    """Raise :class:`DataError` unless ``data`` matches the model and holds at least one global batch
+    (``world_size`` processes; default: as many as the launcher started)."""
     if data.image_size != tuple(config.model.image_size) or data.channels != config.model.channels:
         raise DataError(f"dataset {data.name!r} has {data.channels}-channel {data.image_size[0]}x{data.image_size[1]} "
                         f"images but the model expects {config.model.channels}-channel "
@@ -160,13 +170,18 @@ def check_training_data(config: RunConfig, data: ImageData) -> None:
         if len(data.labels) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < config.model.num_classes:
             raise DataError(f"dataset {data.name!r} has labels {int(data.labels.min())}..{int(data.labels.max())} "
                             f"but the model has num_classes = {config.model.num_classes}")
-    if data.num_images < config.train.batch_size:
-        raise DataError(f"dataset {data.name!r} has {data.num_images} images, fewer than the batch size "
-                        f"{config.train.batch_size}; lower --batch-size")
+    world = distributed.env_world_size() if world_size is None else world_size
+    global_batch = config.train.global_batch_size(world)
+    if data.num_images < global_batch:
+        what = (f"the batch size {global_batch}" if global_batch == config.train.batch_size else
+                f"the global batch {global_batch} (--batch-size {config.train.batch_size} x {world} process(es) "
+                f"x grad_accum {config.train.grad_accum})")
+        raise DataError(f"dataset {data.name!r} has {data.num_images} images, fewer than {what}; lower --batch-size")
 
 
 class EpochOrder:
-    """Batches of indices: one permutation per epoch seeded by (seed, epoch), last partial batch dropped."""
+    """Global batches of indices: one permutation per epoch seeded by (seed, epoch), last partial batch
+    dropped; the same for any number of processes (each takes its rows of the global batch)."""
 
     def __init__(self, num_images: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.seed = num_images, batch_size, seed
@@ -235,8 +250,8 @@ class Counters:
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint: Path
-    grid: Path
+    checkpoint: Path | None        # None on ranks other than 0, which write nothing
+    grid: Path | None
     final_loss: float
     seconds: float
     counters: Counters
@@ -319,19 +334,26 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
     (EMA and raw weights side by side); the final grid is also copied to ``samples.png``.
     With ``resume`` it continues from the newest checkpoint in ``run_dir``.
+
+    Under torchrun (after :func:`ddpm.distributed.init`) every process runs this function: the
+    model is wrapped in DistributedDataParallel, each rank trains on its rows of the global batch,
+    and only rank 0 writes files, keeps the EMA and draws sample grids (see the module docstring).
     """
     tc = config.train
     run_dir = Path(run_dir)
     start_time = time.time()
 
     # --- Phase 1: set-up (device, data, model, optimizer, EMA) ----------------------------
-    device = select_device(tc.device)
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
+    device = distributed.training_device(tc.device)
     _check_precision(device, tc.precision)
     torch.manual_seed(tc.seed)
     if data is None:
         data = load_training_data(config)
     else:
-        check_training_data(config, data)
+        check_training_data(config, data, world)
+    global_batch = tc.global_batch_size(world)
     images = torch.from_numpy(data.images).to(device)               # uint8 [N, H, W, C], kept compact
     labels = torch.from_numpy(data.labels).to(device) if config.conditional else None
     diffusion = build_diffusion(config).to(device)
@@ -342,21 +364,37 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     counters = Counters()
 
-    if resume:
-        _remove_stale_temporaries(run_dir)
-        counters, ema = _restore(run_dir, config, model, optimizer, scaler)
-        _truncate_metrics(run_dir / "metrics.jsonl", counters.step)
-        _append_provenance(run_dir, f"resume from step {counters.step}")
-    else:
-        if tc.init:
-            _init_from(tc.init, model)
-        ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-        _append_provenance(run_dir, "start")
-    write_json(run_dir / "config.json", config.to_dict())
-    ema_diffusion = build_diffusion(config, ema.model)
-    order = EpochOrder(data.num_images, tc.batch_size, tc.seed)
-    micro = tc.micro_batch_size
+    ema = None                      # rank 0 alone keeps the moving average
+    with distributed.agree("loading the checkpoint"):
+        if resume:
+            counters, ema = _restore(run_dir, config, model, optimizer, scaler, global_batch, keep_ema=main)
+        else:
+            if tc.init:
+                _init_from(tc.init, model)
+            if main:
+                ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    if main:
+        if resume:
+            _remove_stale_temporaries(run_dir)
+            _truncate_metrics(run_dir / "metrics.jsonl", counters.step)
+        _append_provenance(run_dir, f"resume from step {counters.step}" if resume else "start")
+        write_json(run_dir / "config.json", config.to_dict())
+    ema_diffusion = build_diffusion(config, ema.model) if main else None
+    order = EpochOrder(data.num_images, global_batch, tc.seed)
+    micro = tc.batch_size
     T = config.diffusion.timesteps
+    # This rank's rows of the global batch: chunk a (one micro-batch of every rank) holds rows
+    # [a * micro * world, (a + 1) * micro * world), of which rank r takes the r-th run of micro rows.
+    chunks = [slice(a * micro * world + rank * micro, a * micro * world + (rank + 1) * micro)
+              for a in range(tc.grad_accum)]
+    mine = torch.cat([torch.arange(c.start, c.stop) for c in chunks]).to(device)
+    net = diffusion
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Wraps the loss module around the U-Net, so the gradients of its parameters are averaged
+        # over the ranks in the backward pass (the replicas start from rank 0's weights).
+        net = DistributedDataParallel(diffusion, device_ids=[device.index] if device.type == "cuda" else None)
 
     def save(step: int) -> Path:
         optim_tensors, optim_info = flatten_optimizer_state(optimizer.state_dict())
@@ -364,8 +402,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                    **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors}
         meta = {"step": step, "config": config.to_dict(), "ema_updates": ema.num_updates, "optimizer": optim_info,
                 "counters": vars(counters), "scaler": scaler.state_dict() if scaler else None,
-                "dataset": data.name, "num_images": data.num_images, "data_position": step * tc.batch_size,
-                "rng": _rng_states()}
+                "dataset": data.name, "num_images": data.num_images, "data_position": step * global_batch,
+                "global_batch": global_batch, "world_size": world, "rng": _rng_states()}
         path = save_checkpoint(checkpoint_path(run_dir, step), tensors, meta)
         _prune_checkpoints(run_dir, tc.keep_last, tc.milestone_every)
         _draw_loss_curve(run_dir)
@@ -388,7 +426,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     # Optional monitoring: the fast metric (LeNet features, ddpm.evaluation) of EMA samples
     # drawn with DPM-Solver++ in 25 steps, against the dataset's test split (statistics cached).
     reference = None
-    if tc.eval_every:
+    if tc.eval_every and main:
         from .evaluation import fast_metric, fast_reference
 
         d = config.data
@@ -399,8 +437,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                           seed=derive_seed(tc.seed, 3), progress=False, sampler="dpm-solver++", steps=25)
         return {"step": step, **fast_metric(images, reference)}
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-    board = _tensorboard(run_dir)
+    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+    board = _tensorboard(run_dir) if main else None
+    progress = progress and main
     interactive = progress and sys.stderr.isatty()
     bar = tqdm(total=tc.steps, initial=counters.step, desc="training", unit="step", disable=not interactive,
                dynamic_ncols=True)
@@ -416,34 +455,49 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(config, step)
 
-                # All randomness of this step comes from (seed, step), drawn for the whole batch.
+                # All randomness of this step comes from (seed, step), drawn for the whole global
+                # batch; this rank then keeps its rows (``mine``).
                 step_seed = derive_seed(tc.seed, step, 0)
-                torch.manual_seed(step_seed)                                  # dropout
+                torch.manual_seed(step_seed if rank == 0 else derive_seed(tc.seed, step, 0, rank))   # dropout
                 g = torch.Generator(device=device).manual_seed(step_seed)    # flips, t, eps
                 index = order.batch(step).to(device)
-                x = to_tensor_on_device(images[index])
+                shape = (index.shape[0], config.model.channels, *config.model.image_size)
+                x = to_tensor_on_device(images[index[mine]])
                 if config.data.hflip:
-                    flip = torch.rand(x.shape[0], generator=g, device=device) < 0.5
+                    flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                t = torch.randint(0, T, (x.shape[0],), generator=g, device=device)
-                noise = torch.randn(x.shape, generator=g, device=device)
+                t = torch.randint(0, T, (shape[0],), generator=g, device=device)[mine]
+                noise = torch.randn(shape, generator=g, device=device)[mine]
                 y = None
                 if labels is not None:          # drawn last, so unconditional runs keep their random stream
-                    y = label_dropout(labels[index], config.model.num_classes, tc.label_dropout, g)
+                    y = label_dropout(labels[index], config.model.num_classes, tc.label_dropout, g)[mine]
 
-                # Forward and backward over micro-batches (gradient accumulation).
+                # Forward and backward over micro-batches (gradient accumulation); DDP averages
+                # the gradients over the ranks in the last backward pass only.
                 optimizer.zero_grad(set_to_none=True)
                 losses = []
-                for i in range(0, tc.batch_size, micro):
-                    with _autocast(device, tc.precision):
-                        per_sample = diffusion(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
-                                               model_kwargs=None if y is None else {"y": y[i:i + micro]},
-                                               reduction="none")
-                    loss = per_sample.mean() * (micro / tc.batch_size)
-                    (scaler.scale(loss) if scaler else loss).backward()
+                for a, i in enumerate(range(0, x.shape[0], micro)):
+                    sync = contextlib.nullcontext() if world == 1 or a == tc.grad_accum - 1 else net.no_sync()
+                    with sync, distributed.collective("a training step"):
+                        with _autocast(device, tc.precision):
+                            per_sample = net(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
+                                             model_kwargs=None if y is None else {"y": y[i:i + micro]},
+                                             reduction="none")
+                        loss = per_sample.mean() * (1 / tc.grad_accum)
+                        (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(per_sample.detach())
                 per_sample = torch.cat(losses)
-                loss_value = float(per_sample.mean())
+                if world == 1:
+                    loss_value, stop_now = float(per_sample.mean()), None
+                else:
+                    # One small all-reduce per step: the global mean loss (so that every rank takes
+                    # the same skip decision) and any stop signal received by any rank.
+                    received = stop.received
+                    total, count, n_int, n_term = distributed.all_reduce_sum(
+                        [float(per_sample.double().sum()), per_sample.numel(), float(received == signal.SIGINT),
+                         float(received is not None and received != signal.SIGINT)], "a training step")
+                    loss_value = total / count
+                    stop_now = None if not (n_int or n_term) else (signal.SIGTERM if n_term else signal.SIGINT)
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(
@@ -458,7 +512,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                         counters.scaler_skips += int(scaler.get_scale() < scale)
                     else:
                         optimizer.step()
-                    ema.update(model)
+                    if ema is not None:
+                        ema.update(model)
                     counters.bad_in_row = 0
                 else:
                     optimizer.zero_grad(set_to_none=True)
@@ -474,28 +529,35 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                             f"{last[-1][1] if last else 'none'}. Try a lower --lr, --grad-clip 1 or --precision fp32")
                 counters.step = done = step + 1
 
-                # Bookkeeping: metrics, progress, checkpoints, sample grids.
-                window.add(per_sample, t, T, grad_norm)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                if done % tc.log_every == 0 or done == tc.steps:
-                    metrics = window.flush(done, lr_at(config, step), tc.batch_size, counters, start_time)
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
-                    if board:
-                        for key, value in metrics.items():
-                            if key != "step" and value is not None:
-                                board.add_scalar(key, value, done)
-                    if progress and not interactive:
-                        print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
-                interrupted = stop.received is not None
+                # Bookkeeping: metrics, progress, checkpoints, sample grids (rank 0). With several
+                # ranks the loss is the global mean; its quartiles come from rank 0's rows.
+                signum = stop.received if world == 1 else stop_now
+                interrupted = signum is not None
+                if main:
+                    window.add(per_sample, t, T, grad_norm, loss=None if world == 1 else loss_value, world=world)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    if done % tc.log_every == 0 or done == tc.steps:
+                        metrics = window.flush(done, lr_at(config, step), global_batch, counters, start_time)
+                        metrics_file.write(json.dumps(metrics) + "\n")
+                        metrics_file.flush()
+                        if board:
+                            for key, value in metrics.items():
+                                if key != "step" and value is not None:
+                                    board.add_scalar(key, value, done)
+                        if progress and not interactive:
+                            print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
                 if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or interrupted:
-                    last_ckpt = save(done)
+                    with distributed.agree("saving a checkpoint"):        # the others wait for rank 0's save
+                        if main:
+                            last_ckpt = save(done)
                 if interrupted:
-                    name = signal.Signals(stop.received).name
+                    name = signal.Signals(signum).name
                     raise TrainingInterrupted(
                         f"{name} received: stopped after step {done} and saved {last_ckpt}; "
-                        f"continue with: ddpm train --resume {run_dir}", 128 + stop.received)
+                        f"continue with: ddpm train --resume {run_dir}", 128 + signum)
+                if not main:
+                    continue
                 if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
                     grid = sample_grid(done)
                 if reference is not None and (done % tc.eval_every == 0 or done == tc.steps):
@@ -504,13 +566,20 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                     metrics_file.flush()
                     if board:
                         board.add_scalar("fast_fid", scores["fast_fid"], done)
+    except distributed.PeerLost as exc:
+        raise distributed.PeerLost(f"{exc}; continue from the newest checkpoint with: ddpm train --resume {run_dir}",
+                                   ) from None
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
         if board:
             board.close()
 
     # --- Phase 3: finish ------------------------------------------------------------------------------
+    if not main:
+        return TrainResult(run_dir=run_dir, checkpoint=None, grid=None, final_loss=loss_value,
+                           seconds=time.time() - start_time, counters=counters)
     if last_ckpt is None:           # resumed a run that was already complete
         last_ckpt = list_checkpoints(run_dir)[-1][1]
     if grid is None:
@@ -530,13 +599,16 @@ class _Window:
         self.loss, self.norm, self.steps, self.images, self.time = 0.0, 0.0, 0, 0, time.time()
         self.q_sum, self.q_count = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
 
-    def add(self, per_sample: torch.Tensor, t: torch.Tensor, T: int, grad_norm: float) -> None:
-        if not torch.isfinite(per_sample).all():
+    def add(self, per_sample: torch.Tensor, t: torch.Tensor, T: int, grad_norm: float, *,
+            loss: float | None = None, world: int = 1) -> None:
+        """One step: this rank's per-sample losses and timesteps; ``loss`` the global mean when several
+        ranks (``world``) trained on equal shares of the batch."""
+        if not torch.isfinite(per_sample).all() or (loss is not None and not math.isfinite(loss)):
             return
-        self.loss += float(per_sample.mean())
+        self.loss += float(per_sample.mean()) if loss is None else loss
         self.norm += grad_norm if math.isfinite(grad_norm) else 0.0
         self.steps += 1
-        self.images += per_sample.shape[0]
+        self.images += per_sample.shape[0] * world
         q = (t * 4 // T).cpu()
         self.q_sum.index_add_(0, q, per_sample.double().cpu())
         self.q_count.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
@@ -596,16 +668,37 @@ def _init_from(checkpoint: str, model: nn.Module) -> None:
     load_weights(model, tensors, "ema", meta["path"])
 
 
-def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler) -> tuple[Counters, EMA]:
-    """Load weights, EMA, optimizer and counters from the newest checkpoint of ``run_dir``."""
+def checkpoint_global_batch(meta: dict) -> int:
+    """The global batch (images per optimizer step) a checkpoint was trained with.
+
+    Checkpoints written before data parallelism do not store it: there ``batch_size`` meant the
+    images per optimizer step (split into grad_accum micro-batches), so it is the global batch.
+    """
+    if "global_batch" in meta:
+        return int(meta["global_batch"])
+    return int(meta["config"]["train"]["batch_size"])
+
+
+def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler, global_batch: int,
+             keep_ema: bool = True) -> tuple[Counters, EMA | None]:
+    """Load weights, EMA (when ``keep_ema``), optimizer and counters from the newest checkpoint of ``run_dir``."""
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
     tensors, meta = load_checkpoint(found[-1][1])
+    saved_batch = checkpoint_global_batch(meta)
+    if saved_batch != global_batch:
+        tc = config.train
+        raise ConfigError(f"{meta['path']} was trained with a global batch of {saved_batch} images, but this run "
+                          f"would use {global_batch} (batch size {tc.batch_size} x {global_batch // tc.global_batch_size()} "
+                          f"process(es) x grad_accum {tc.grad_accum}); per-process batch "
+                          f"{saved_batch} / (processes x grad_accum) keeps it")
     load_weights(model, tensors, "model", meta["path"])
-    ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
-    load_weights(ema.model, tensors, "ema", meta["path"])
-    ema.num_updates = int(meta.get("ema_updates", 0))
+    ema = None
+    if keep_ema:
+        ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
+        load_weights(ema.model, tensors, "ema", meta["path"])
+        ema.num_updates = int(meta.get("ema_updates", 0))
     try:
         # Tensors stay on the CPU: load_state_dict moves moments to the parameters' device and
         # keeps Adam's step counters where the optimizer expects them.

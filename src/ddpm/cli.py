@@ -190,7 +190,9 @@ def _add_sample(sub) -> None:
                                    "and record.json, from which any single image can be regenerated.",
                        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images, of each class with --class (default 64)")
+    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=64,
+                   help="number of images, of each class with --class (default 64; under torchrun write --num-images, "
+                        "since torchrun takes --n for its own --nnodes)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
     p.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k)")
@@ -305,7 +307,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", required=True, help="reference dataset: digits, mnist, fashion-mnist, a folder or .npz")
     p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
     p.add_argument("--split", choices=("train", "test"), default="test", help="reference split (default test)")
-    p.add_argument("--n", type=_positive_int, default=100,
+    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=100,
                    help="images to evaluate: test images for bpd, samples generated or read (default 100)")
     p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
     p.add_argument("--features", choices=("inception", "lenet"), default="inception",

@@ -51,7 +51,7 @@ from .plots import line_chart
 from .seeding import derive_seed
 
 __all__ = ["EMA", "EpochOrder", "label_dropout", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
-           "check_training_data", "checkpoint_global_batch", "lr_at", "train", "TrainResult"]
+           "check_training_data", "checkpoint_global_batch", "rank_rows", "lr_at", "train", "TrainResult"]
 
 
 class EMA:
@@ -194,6 +194,19 @@ class EpochOrder:
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 1))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+def rank_rows(batch_size: int, world_size: int, grad_accum: int, rank: int) -> torch.Tensor:
+    """The rows of the global batch that ``rank`` trains on, micro-batch after micro-batch.
+
+    The global batch of batch_size x world_size x grad_accum rows is cut into grad_accum chunks of
+    batch_size x world_size rows (one micro-batch of every rank); rank r takes rows
+    [r * batch_size, (r + 1) * batch_size) of each chunk. So two ranks with batch b cover exactly
+    the rows one rank with batch 2b covers, micro-batch by micro-batch.
+    """
+    chunk = batch_size * world_size
+    return torch.cat([torch.arange(a * chunk + rank * batch_size, a * chunk + (rank + 1) * batch_size)
+                      for a in range(grad_accum)])
 
 
 def to_tensor_on_device(batch: torch.Tensor) -> torch.Tensor:
@@ -383,11 +396,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     order = EpochOrder(data.num_images, global_batch, tc.seed)
     micro = tc.batch_size
     T = config.diffusion.timesteps
-    # This rank's rows of the global batch: chunk a (one micro-batch of every rank) holds rows
-    # [a * micro * world, (a + 1) * micro * world), of which rank r takes the r-th run of micro rows.
-    chunks = [slice(a * micro * world + rank * micro, a * micro * world + (rank + 1) * micro)
-              for a in range(tc.grad_accum)]
-    mine = torch.cat([torch.arange(c.start, c.stop) for c in chunks]).to(device)
+    mine = rank_rows(micro, world, tc.grad_accum, rank).to(device)
     net = diffusion
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel

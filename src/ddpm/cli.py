@@ -34,6 +34,8 @@ examples:
   ddpm train --data photos/ --preset cifar10 --image-size 32 --channels 3 --out runs/photos
   ddpm train --data images.npz --preset mnist --dry-run
   ddpm train --conditional --label-dropout 0.1  # class-conditional (classifier-free guidance)
+  torchrun --nproc_per_node 8 -m ddpm train --preset cifar10 --data cifar10 --data-root DIR --batch-size 16
+                                               # 8 GPUs, global batch 8 x 16 = 128
 """
 
 EXAMPLES_SAMPLE = """\
@@ -47,6 +49,7 @@ examples:
   ddpm sample --checkpoint runs/001/checkpoints/step-0003000.safetensors --seed 7 --weights raw
   ddpm sample --checkpoint runs/002 --class all --n 8 --sampler dpm-solver++ --steps 20   # conditional: a row per class
   ddpm sample --checkpoint runs/002 --class 3 5 --n 16 --guidance-scale 5
+  torchrun --nproc_per_node 8 -m ddpm sample --checkpoint runs/001 --num-images 50000 --png   # split over 8 GPUs
 """
 
 EXAMPLES_INTERPOLATE = """\

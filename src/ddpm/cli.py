@@ -591,7 +591,7 @@ def cmd_sample(args) -> int:
 
     from .fileio import write_json
     from .generate import (generate, load_diffusion, progressive_frames, progressive_grid, sample_record,
-                           select_device, write_samples)
+                           write_samples)
     from .images import save_png
 
     from . import distributed
@@ -755,7 +755,7 @@ def cmd_eval(args) -> int:
 
     from .data import load_dataset
     from .fileio import write_json
-    from .generate import load_diffusion, select_device
+    from .generate import load_diffusion
 
     from . import distributed
 
@@ -886,6 +886,8 @@ def cmd_viz(args) -> int:
     return 0
 
 
+# The commands that share their work among the processes torchrun starts.
+DISTRIBUTED_COMMANDS = ("train", "sample", "eval")
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz}
 
 
@@ -899,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         distributed.init()          # under torchrun: join the process group (a no-op otherwise)
+        if distributed.world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(f"ddpm {args.command} runs in one process; start it without torchrun")
         return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
         if distributed.is_main():

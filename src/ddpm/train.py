@@ -45,7 +45,7 @@ from .config import RunConfig, build_diffusion
 from .data import ImageData, load_dataset
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write, write_json
-from .generate import DEFAULT_GUIDANCE_SCALE, generate, select_device
+from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
 from .plots import line_chart
 from .seeding import derive_seed
@@ -284,9 +284,13 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:               # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.received = signum
+        if self.received is not None:
+            # Ctrl-C under torchrun reaches a worker twice at once (from the terminal, and forwarded
+            # by torchrun): that is still one request to stop after the step.
+            if signum == self.received and time.monotonic() - self._received_at < 2.0:
+                return
+            raise KeyboardInterrupt                 # a second signal: stop at once
+        self.received, self._received_at = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

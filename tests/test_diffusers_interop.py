@@ -485,6 +485,7 @@ DAMAGES = {
     "foreign-betas": (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json", trained_betas=None,
                                            beta_schedule="scaled_linear", num_train_timesteps=1000),
                       "match none of ddpm's schedules"),
+    "newer-option": (lambda f: _edit_json(f / "unet" / "config.json", attention_softcap=30.0), "attention_softcap"),
     "corrupt-json": (lambda f: (f / "unet" / "config.json").write_text("{not json"), "not readable JSON"),
     "corrupt-weights": (lambda f: _truncate(f / "unet" / "diffusion_pytorch_model.safetensors"),
                         "not a readable safetensors file"),

@@ -327,7 +327,7 @@ examples:
 then, in Python (offline):
   from diffusers import DDPMPipeline
   pipe = DDPMPipeline.from_pretrained("exported/digits")
-  images = pipe(batch_size=4, num_inference_steps=50, output_type="np").images   # = ddpm sample --steps 50
+  images = pipe(batch_size=4, num_inference_steps=50, output_type="np").images   # as ddpm sample --steps 50
 """
 
 EXAMPLES_IMPORT = """\

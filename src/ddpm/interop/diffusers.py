@@ -163,18 +163,27 @@ def unet_to_diffusers_config(m: UnetConfig) -> dict:
     }
 
 
-def _with_defaults(cls, config: dict) -> dict:
-    """``config`` completed with the defaults of ``cls.__init__`` (as diffusers does for older configs)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {name: config.get(name, p.default) for name, p in params.items()
-            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+def _with_defaults(cls, config: dict, source: str) -> dict:
+    """``config`` completed with the defaults of ``cls.__init__`` (as diffusers does for older configs).
+
+    A key the installed diffusers does not know (a newer version's option) is refused unless it is
+    null or false: it might change what the network computes.
+    """
+    params = {name: p for name, p in inspect.signature(cls.__init__).parameters.items()
+              if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = sorted(k for k, v in config.items() if not k.startswith("_") and k not in params
+                     and v not in (None, False))
+    if unknown:
+        raise CheckpointError(f"{source} has option(s) {', '.join(unknown)} unknown to the installed diffusers "
+                              "(written by a newer version?); ddpm cannot tell what they change")
+    return {name: config.get(name, p.default) for name, p in params.items()}
 
 
 def unet_from_diffusers_config(config: dict) -> UnetConfig:
     """The :class:`~ddpm.models.UnetConfig` equal to a ``UNet2DModel`` configuration (missing keys take
     UNet2DModel's defaults). Raises :class:`CheckpointError` for one our U-Net cannot express."""
     diffusers = require_diffusers()
-    c = _with_defaults(diffusers.UNet2DModel, config)
+    c = _with_defaults(diffusers.UNet2DModel, config, "the UNet2DModel configuration")
     cannot = "ddpm's U-Net cannot express this UNet2DModel"
 
     def need(ok: bool, what: str) -> None:
@@ -272,7 +281,7 @@ def diffusion_from_diffusers_scheduler(config: dict) -> DiffusionConfig:
     """Our :class:`~ddpm.config.DiffusionConfig` for a ``DDPMScheduler`` configuration. The betas must
     equal (to float32 precision) one of our schedules at the same T. Raises :class:`CheckpointError`."""
     diffusers = require_diffusers()
-    c = _with_defaults(diffusers.DDPMScheduler, config)
+    c = _with_defaults(diffusers.DDPMScheduler, config, "the DDPMScheduler configuration")
     cannot = "ddpm cannot express this DDPMScheduler"
     if c["variance_type"] not in TYPE_TO_VARIANCE:
         raise CheckpointError(f"{cannot}: variance_type {c['variance_type']!r} (only "

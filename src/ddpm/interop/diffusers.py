@@ -6,22 +6,21 @@ writes one from a checkpoint; :func:`import_diffusers` turns one into a checkpoi
 the optional extra ``ddpm[diffusers]``, imported only here and only when a conversion runs.
 
 **The U-Net.** ``UNet2DModel`` expresses our U-Net exactly when it is configured as below (each
-setting checked numerically in ``tests/test_diffusers_interop.py``):
+setting checked numerically in ``tests/test_diffusers_interop.py``). Ours (:class:`~ddpm.models.UnetConfig`)
+on the left, diffusers' on the right:
 
-=========================================  ==================================================
-ours (:class:`~ddpm.models.UnetConfig`)    ``UNet2DModel``
-=========================================  ==================================================
-``dim * dim_mults`` (``dim_mults[0]=1``)   ``block_out_channels``
-``num_res_blocks``                         ``layers_per_block`` (the up path has one more)
-attention at a level's resolution          ``AttnDownBlock2D`` / ``AttnUpBlock2D`` there
-middle: resblock, attention, resblock      ``UNetMidBlock2D``, ``add_attention=True``
-``attention_heads``                        ``attention_head_dim`` = channels / heads (None: 1 head)
-``norm_groups``, ``norm_eps``              ``norm_num_groups``, ``norm_eps``
-sinusoid: sin then cos, exp(-ln(1e4) i / (half - 1))  ``flip_sin_to_cos=False``, ``freq_shift=1``
-``downsample_padding`` symmetric / same    ``downsample_padding`` 1 / 0 (0: pad after, as TF's SAME)
-time embedding added after conv1           ``resnet_time_scale_shift="default"``
-``dropout``                                ``dropout``
-=========================================  ==================================================
+* ``dim * dim_mults`` (with ``dim_mults[0] == 1``): ``block_out_channels``;
+* ``num_res_blocks``: ``layers_per_block`` (both build one more block a level on the way up);
+* attention at a level's resolution: ``AttnDownBlock2D`` / ``AttnUpBlock2D`` at that level;
+* the middle (residual block, attention, residual block): ``UNetMidBlock2D``, ``add_attention=True``;
+* ``attention_heads``: ``attention_head_dim`` = channels per head (None: one head per layer);
+* ``norm_groups``, ``norm_eps``: ``norm_num_groups``, ``norm_eps``;
+* the sinusoidal embedding, sines then cosines at frequencies exp(-ln(10000) i / (dim/2 - 1)):
+  ``flip_sin_to_cos=False``, ``freq_shift=1``;
+* ``downsample_padding`` ``symmetric`` / ``same``: ``downsample_padding`` 1 / 0 (0 pads one zero
+  row and column after, TensorFlow's SAME);
+* the time embedding added between the two convolutions: ``resnet_time_scale_shift="default"``;
+* ``dropout``: ``dropout``.
 
 Weights map module by module; the one reshaping is the attention: our ``qkv`` 1x1 convolution
 (3C output channels: q, k, v, each head-major) is diffusers' ``to_q``, ``to_k``, ``to_v`` linear
@@ -93,7 +92,10 @@ def require_diffusers(what: str = "converting to or from diffusers"):
     """The ``diffusers`` module, or a one-line error that names the extra to install."""
     try:
         import diffusers
-    except ImportError:
+    except ImportError as exc:
+        if exc.name not in (None, "diffusers"):          # installed, but one of its own imports fails
+            raise ConfigError(f"{what} needs diffusers, which failed to import ({exc}); reinstall it: "
+                              f"{INSTALL_HINT}") from None
         raise ConfigError(f"{what} needs the diffusers package, which is not installed: {INSTALL_HINT}") from None
     return diffusers
 

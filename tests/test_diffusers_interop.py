@@ -429,10 +429,10 @@ def test_missing_diffusers_names_the_extra(tmp_path, capsys, monkeypatch, comman
     (tmp_path / "folder").mkdir()
     real_import = builtins.__import__
 
-    def no_diffusers(name, *args, **kwargs):
-        if name == "diffusers" or name.startswith("diffusers."):
+    def no_diffusers(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and (name == "diffusers" or name.startswith("diffusers.")):    # not ddpm.interop.diffusers
             raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
+        return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.setattr(builtins, "__import__", no_diffusers)
     argv = (["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")] if command == "export"

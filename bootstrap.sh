@@ -20,6 +20,6 @@ fi
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 echo "bootstrap: installing $TORCH_SPEC"
 pip_install "$TORCH_SPEC"
-echo "bootstrap: installing ddpm, its test tools and matplotlib (the viz extra)"
-pip_install -e ".[test,viz]"
+echo "bootstrap: installing ddpm, its test tools, matplotlib (the viz extra) and diffusers (the diffusers extra)"
+pip_install -e ".[test,viz,diffusers]"
 .venv/bin/python -c "import ddpm, torch; print(f'bootstrap: ddpm {ddpm.__version__} with torch {torch.__version__} ready in .venv')"

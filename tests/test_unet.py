@@ -181,3 +181,36 @@ def test_forward_and_backward_in_train_and_eval_mode():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(x, t), model(x, t))                 # and off in evaluation
+
+
+# ----------------------------------------------------------------------------- GroupNorm epsilon, downsampling padding
+
+def test_norm_eps_reaches_every_group_norm():
+    model = small_unet(norm_eps=1e-6)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+    assert all(m.eps == 1e-5 for m in small_unet().modules() if isinstance(m, torch.nn.GroupNorm))
+
+
+def test_same_padding_is_tensorflows_one_zero_row_and_column_after():
+    from ddpm.models.unet import Downsample
+
+    torch.manual_seed(0)
+    same, symmetric = Downsample(4, "same"), Downsample(4)
+    symmetric.load_state_dict(same.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    padded = torch.zeros(2, 4, 9, 9)
+    padded[:, :, :8, :8] = x                                         # zeros after, none before
+    expected = torch.nn.functional.conv2d(padded, same.conv.weight, same.conv.bias, stride=2)
+    torch.testing.assert_close(same(x), expected)
+    assert same(x).shape == symmetric(x).shape == (2, 4, 4, 4)
+    assert not torch.allclose(same(x), symmetric(x))
+
+
+def test_configs_saved_before_the_new_fields_keep_the_old_network():
+    old = {k: v for k, v in preset_config("digits").to_dict().items() if k not in ("norm_eps", "downsample_padding")}
+    config = UnetConfig.from_dict(old)
+    assert (config.norm_eps, config.downsample_padding) == (1e-5, "symmetric")
+    for bad in (dict(norm_eps=0), dict(norm_eps=True), dict(downsample_padding="valid")):
+        with pytest.raises(ddpm.ConfigError):
+            UnetConfig.from_dict({**old, **bad})

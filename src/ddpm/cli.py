@@ -332,6 +332,53 @@ def _add_eval(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+EXAMPLES_EXPORT = """\
+examples:
+  ddpm export --checkpoint runs/001 --format diffusers --out exported/digits
+  ddpm export --checkpoint runs/001/checkpoints/step-0002000.safetensors --out exported/raw --weights raw
+then, in Python (offline):
+  from diffusers import DDPMPipeline
+  pipe = DDPMPipeline.from_pretrained("exported/digits")
+  images = pipe(batch_size=4, num_inference_steps=50, output_type="np").images   # as ddpm sample --steps 50
+"""
+
+EXAMPLES_IMPORT = """\
+examples:
+  ddpm import --format diffusers ddpm-cifar10-32/ --out imported/cifar10.safetensors
+  ddpm sample --checkpoint imported/cifar10.safetensors --n 16 --out samples/cifar10
+  ddpm eval --metric fast --checkpoint imported/mnist.safetensors --data mnist --data-root DIR
+"""
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a diffusers DDPMPipeline folder",
+                       description="Write a checkpoint as a folder that diffusers' DDPMPipeline.from_pretrained "
+                                   "loads: unet/ (UNet2DModel config and safetensors weights), scheduler/ "
+                                   "(DDPMScheduler config: the same schedule, variance, prediction type and "
+                                   "clipping) and model_index.json. Needs diffusers (pip install 'ddpm[diffusers]'). "
+                                   "Class-conditional and other models DDPMPipeline cannot run are refused.",
+                       epilog=EXAMPLES_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
+    p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the target format (diffusers)")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder (nothing is overwritten)")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="EMA (default, what ddpm sample uses) or raw weights")
+
+
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="convert a diffusers DDPMPipeline folder into a checkpoint",
+                       description="Convert a diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler, "
+                                   "safetensors weights) into a ddpm checkpoint that sample, eval, interpolate "
+                                   "and inspect read. Needs diffusers (pip install 'ddpm[diffusers]'). Pickled "
+                                   ".bin weights are refused, never loaded; so are architectures and schedules "
+                                   "ddpm cannot express.",
+                       epilog=EXAMPLES_IMPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", metavar="DIR", help="the pipeline folder (model_index.json, unet/, scheduler/)")
+    p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the source format (diffusers)")
+    p.add_argument("--out", required=True, metavar="CHECKPOINT",
+                   help="the checkpoint file to write (.safetensors; an existing file is refused)")
+
+
 EXAMPLES_VIZ = """\
 examples:
   ddpm viz schedule --out schedule.png                        # linear, cosine and sigmoid at T = 1000
@@ -407,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_eval(sub)
     _add_viz(sub)
+    _add_export(sub)
+    _add_import(sub)
     return parser
 
 
@@ -886,9 +935,26 @@ def cmd_viz(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .interop.diffusers import export_diffusers
+
+    out = export_diffusers(args.checkpoint, args.out, weights=args.weights)
+    print(f"wrote a diffusers DDPMPipeline folder to {out} ({args.weights} weights of {args.checkpoint})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .interop.diffusers import import_diffusers
+
+    out = import_diffusers(args.folder, args.out)
+    print(f"wrote checkpoint {out} from the diffusers folder {args.folder}")
+    return 0
+
+
 # The commands that share their work among the processes torchrun starts.
 DISTRIBUTED_COMMANDS = ("train", "sample", "eval")
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz,
+            "export": cmd_export, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 
-__all__ = ["UnetConfig", "Unet", "timestep_embedding"]
+__all__ = ["UnetConfig", "Unet", "timestep_embedding", "DOWNSAMPLE_PADDINGS"]
+
+DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
 
 @dataclass
@@ -48,6 +50,10 @@ class UnetConfig:
     attention_heads: int = 1                      # the paper uses one head
     out_channels: int | None = None               # defaults to ``channels``
     num_classes: int | None = None                # class-conditional with this many classes; None: unconditional
+    norm_eps: float = 1e-5                        # GroupNorm epsilon (the paper's TensorFlow code: 1e-6)
+    downsample_padding: str = "symmetric"         # symmetric: one zero row/column on each side of the stride-2
+                                                  # conv; same: TensorFlow's SAME, one after and none before
+                                                  # (the paper's code, and diffusers' downsample_padding=0)
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -70,6 +76,11 @@ class UnetConfig:
         k = self.num_classes
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ConfigError(f"num_classes must be a positive integer or None, got {self.num_classes!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ConfigError(f"downsample_padding must be one of {', '.join(DOWNSAMPLE_PADDINGS)}, "
+                              f"got {self.downsample_padding!r}")
         if self.dim % 2:
             raise ConfigError(f"dim must be even (sinusoidal embedding), got {self.dim}")
         for c in {self.dim * m for m in self.dim_mults}:
@@ -120,12 +131,12 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """Residual block with the timestep embedding added between the two convolutions."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -140,10 +151,10 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over all spatial positions, with a residual connection."""
 
-    def __init__(self, ch: int, groups: int, heads: int):
+    def __init__(self, ch: int, groups: int, heads: int, eps: float = 1e-5):
         super().__init__()
         self.heads = heads
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps=eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = _zero(nn.Conv2d(ch, ch, 1))
 
@@ -156,11 +167,16 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """Stride-2 3x3 convolution; ``padding="same"`` pads one zero row and column after (TensorFlow's SAME)."""
+
+    def __init__(self, ch: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.pad_after = padding == "same"
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.pad_after else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad_after:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -192,7 +208,7 @@ class Unet(nn.Module):
             raise TypeError("pass either a UnetConfig or keyword options, not both")
         self.config = cfg = config
         self.image_size, self.channels = cfg.image_size, cfg.channels
-        ch, emb_dim, groups = cfg.dim, cfg.dim * 4, cfg.norm_groups
+        ch, emb_dim, groups, eps = cfg.dim, cfg.dim * 4, cfg.norm_groups, cfg.norm_eps
         out_channels = cfg.out_channels or cfg.channels
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -207,35 +223,35 @@ class Unet(nn.Module):
         cur = ch
         for level, mult in enumerate(cfg.dim_mults):
             for _ in range(cfg.num_res_blocks):
-                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, groups)]
+                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, groups, eps)]
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
-                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads))
+                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads, eps))
                 self.down.append(nn.ModuleList(blocks))
                 skip_chs.append(cur)
             if level != len(cfg.dim_mults) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur)]))
+                self.down.append(nn.ModuleList([Downsample(cur, cfg.downsample_padding)]))
                 skip_chs.append(cur)
                 res //= 2
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, groups),
-                                  AttentionBlock(cur, groups, cfg.attention_heads),
-                                  ResBlock(cur, cur, emb_dim, cfg.dropout, groups)])
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps),
+                                  AttentionBlock(cur, groups, cfg.attention_heads, eps),
+                                  ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.dim_mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, emb_dim, cfg.dropout, groups)]
+                blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, emb_dim, cfg.dropout, groups, eps)]
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
-                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads))
+                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads, eps))
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
                 res *= 2
 
         self.gradient_checkpointing = False     # recompute residual blocks in the backward pass
-        self.norm_out = nn.GroupNorm(groups, cur)
+        self.norm_out = nn.GroupNorm(groups, cur, eps=eps)
         self.conv_out = _zero(nn.Conv2d(cur, out_channels, 3, padding=1))
         self._init_weights()
 

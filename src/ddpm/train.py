@@ -312,8 +312,13 @@ def _draw_loss_curve(run_dir: Path) -> None:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | None = None,
-          resume: bool = False, progress: bool = True) -> TrainResult:
+          resume: bool = False, progress: bool = True, objective=None) -> TrainResult:
     """Train the model ``config`` describes and write everything to ``run_dir``.
+
+    ``objective`` replaces Algorithm 1's loss (e.g. :class:`ddpm.distill.DistillationObjective`):
+    it draws the timesteps, ``objective.draw_timesteps(batch_size, generator)``, in place of
+    t ~ Uniform, and gives the per-sample losses, ``objective.losses(model, images, t, noise,
+    model_kwargs)``; everything else (EMA, checkpoints, resume, logs) is the same. None: L_simple.
 
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
@@ -425,7 +430,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 if config.data.hflip:
                     flip = torch.rand(x.shape[0], generator=g, device=device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                t = torch.randint(0, T, (x.shape[0],), generator=g, device=device)
+                if objective is None:
+                    t = torch.randint(0, T, (x.shape[0],), generator=g, device=device)
+                else:
+                    t = objective.draw_timesteps(x.shape[0], g)
                 noise = torch.randn(x.shape, generator=g, device=device)
                 y = None
                 if labels is not None:          # drawn last, so unconditional runs keep their random stream
@@ -435,10 +443,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 optimizer.zero_grad(set_to_none=True)
                 losses = []
                 for i in range(0, tc.batch_size, micro):
+                    kwargs = None if y is None else {"y": y[i:i + micro]}
                     with _autocast(device, tc.precision):
-                        per_sample = diffusion(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
-                                               model_kwargs=None if y is None else {"y": y[i:i + micro]},
-                                               reduction="none")
+                        if objective is None:
+                            per_sample = diffusion(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
+                                                   model_kwargs=kwargs, reduction="none")
+                        else:
+                            per_sample = objective.losses(model, x[i:i + micro], t[i:i + micro],
+                                                          noise[i:i + micro], kwargs)
                     loss = per_sample.mean() * (micro / tc.batch_size)
                     (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(per_sample.detach())

@@ -342,3 +342,20 @@ def test_a_distilled_student_can_be_distilled_further(distilled, tmp_path):
     assert main(["distill", "--checkpoint", str(distilled / "student"), "--rounds", "1", *TINY_DISTILL,
                  "--out", str(out)]) == 0
     assert RunConfig.from_dict(read_metadata(out / "student")["config"]).sampling.steps == 1
+
+
+def test_an_interrupted_round_names_the_distill_resume_command(teacher, tmp_path, capsys, monkeypatch):
+    """A signal stops train() with its own hint (ddpm train --resume ROUND); distill names its own command."""
+    import ddpm.train
+    from ddpm.errors import TrainingInterrupted
+
+    def stopped(config, run_dir, **kwargs):
+        raise TrainingInterrupted(f"SIGTERM received: stopped after step 2 and saved X; continue with: "
+                                  f"ddpm train --resume {run_dir}", 143)
+
+    monkeypatch.setattr(ddpm.train, "train", stopped)
+    out = tmp_path / "run"
+    assert main(["distill", "--checkpoint", str(teacher), "--rounds", "1", "--teacher-steps", "4", *TINY_DISTILL,
+                 "--out", str(out)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ddpm: SIGTERM received: stopped after step 2 and saved X; continue with: ddpm distill --resume {out}"]

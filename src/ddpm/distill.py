@@ -42,7 +42,7 @@ import torch
 from .checkpoint import list_checkpoints, read_metadata, resolve_checkpoint
 from .config import DataConfig, RunConfig, SamplingConfig, TrainConfig, _is_int
 from .diffusion import predict_eps_from_x0, prediction_to_eps_x0, q_sample, to_model_range
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .fileio import write_json
 from .samplers import spaced_timesteps
 from .schedules import NoiseSchedule
@@ -347,6 +347,7 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     check_teacher(teacher, config)
     data = data or teacher.data
     if not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_plan(run_dir, config, train, data)
     device = select_device(train.device)
     images = None
@@ -372,8 +373,12 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
         write_json(round_dir / ROUND_FILE, {"round": r, "rounds": config.rounds, "teacher": init,
                                             "teacher_steps": 2 * steps, "student_steps": steps,
                                             "weighting": config.weighting, "student_objective": STUDENT_OBJECTIVE})
-        results.append(train_run(round_config, round_dir, data=images, resume=state == "partial",
-                                 progress=progress, objective=objective))
+        try:
+            results.append(train_run(round_config, round_dir, data=images, resume=state == "partial",
+                                     progress=progress, objective=objective))
+        except TrainingInterrupted as exc:      # the round's own hint would name ddpm train
+            said = str(exc).split("; continue with:")[0]
+            raise TrainingInterrupted(f"{said}; continue with: ddpm distill --resume {run_dir}", exc.exit_code) from None
         _link_student(run_dir, round_dir)
     last = run_dir / f"round-{config.rounds:02d}"
     return DistillResult(run_dir=run_dir, rounds=results, student=resolve_checkpoint(last),

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--data-root", help="folder of the teacher's dataset files (mnist, fashion-mnist)")
     parser.add_argument("--n", type=int, default=500, help="images per configuration (default 500)")
     parser.add_argument("--teacher-samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--also-steps", default="64", help="more teacher step counts, comma-separated")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--grids", help="write 64-image grids of the teacher and of each student into this folder")
     args = parser.parse_args()
@@ -76,16 +77,17 @@ def main() -> None:
 
     rows: list[dict] = []
 
-    def score(label: str, sampler: str, steps: int, diffusion, grid_name: str | None = None, **options) -> None:
+    def score(label: str, sampler_name: str, steps: int, diffusion, grid_name: str | None = None,
+              options: dict | None = None) -> None:
         start = time.perf_counter()
-        images = generate(diffusion, args.n, batch_size=250, seed=0, progress=False, **options)
-        row = {"model": label, "sampler": sampler, "steps": steps, "sampling_s": time.perf_counter() - start,
+        images = generate(diffusion, args.n, batch_size=250, seed=0, progress=False, **(options or {}))
+        row = {"model": label, "sampler": sampler_name, "steps": steps, "sampling_s": time.perf_counter() - start,
                **fast_metric(images, reference)}
         if classifier is not None:
             row["share_confident"] = recognisability(classifier, images)["share_confident"]
         rows.append(row)
         conf = f" | {row['share_confident']:.2f}" if classifier is not None else ""
-        print(f"| {label} | {sampler} | {steps} | {row['fast_fid']:.2f} | {row['fast_kid']:.4f}{conf} | "
+        print(f"| {label} | {sampler_name} | {steps} | {row['fast_fid']:.2f} | {row['fast_kid']:.4f}{conf} | "
               f"{row['sampling_s']:.1f} |", flush=True)
         if args.grids and grid_name:
             save_png(Path(args.grids) / f"{grid_name}.png", make_grid(images[:64]))
@@ -96,9 +98,10 @@ def main() -> None:
     # 1. The teacher with every sampler.
     teacher, _ = load_diffusion(teacher_path, device=device)
     for sampler in args.teacher_samplers.split(","):
-        for steps in sorted({*student_steps, args.teacher_steps}):
+        extra = [int(k) for k in args.also_steps.split(",") if k]
+        for steps in sorted({*student_steps, args.teacher_steps, *extra}):
             score("teacher", sampler, steps, teacher, f"teacher-{sampler}-{steps}" if steps in (4, 8) else None,
-                  sampler=sampler, steps=steps)
+                  {"sampler": sampler, "steps": steps})
 
     # 2. Distillation (skipped when --out holds a finished run of the same plan).
     last = out / f"round-{args.rounds:02d}"

@@ -274,6 +274,9 @@ def test_sample_uses_the_students_steps_without_flags(distilled, tmp_path):
     with np.load(out / "samples.npz") as f:
         np.testing.assert_array_equal(f["images"], generate(diffusion, 3, seed=0, progress=False, sampler="ddim",
                                                             steps=2, eta=0.0, clip=False))
+    # ... and as the library's default, which ddpm eval and the training grids use
+    with np.load(out / "samples.npz") as f:
+        np.testing.assert_array_equal(f["images"], generate(diffusion, 3, seed=0, progress=False))
     # explicit flags still win
     assert main(["sample", "--checkpoint", str(distilled / "student"), "--n", "2", "--sampler", "ddpm", "--steps",
                  "3", "--out", str(tmp_path / "t"), "--quiet"]) == 0

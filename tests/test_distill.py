@@ -362,3 +362,25 @@ def test_an_interrupted_round_names_the_distill_resume_command(teacher, tmp_path
                  "--out", str(out)]) == 143
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ddpm: SIGTERM received: stopped after step 2 and saved X; continue with: ddpm distill --resume {out}"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(teacher, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(["distill", "--checkpoint", str(teacher), "--rounds", "2", "--lr", "3e-4", "--dry-run",
+                 "--out", str(out)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["distill"]["teacher_steps"] == 32          # T = 50: the largest power of two up to T
+    assert plan["train"]["lr"] == 3e-4 and plan["train"]["steps"] == 1000 and plan["data"]["name"] == "digits"
+    assert not out.exists()
+
+
+def test_a_class_conditional_teacher_distils_into_a_conditional_student(tmp_path):
+    teacher_dir, out = tmp_path / "cond", tmp_path / "d"
+    assert main(["train", *TINY, "--conditional", "--out", str(teacher_dir)]) == 0
+    assert main(["distill", "--checkpoint", str(teacher_dir), "--rounds", "1", "--teacher-steps", "4", *TINY_DISTILL,
+                 "--out", str(out)]) == 0
+    config = RunConfig.from_dict(read_metadata(out / "student")["config"])
+    assert config.model.num_classes == 10 and config.sampling.steps == 2
+    diffusion, _ = load_diffusion(out / "student")
+    images = generate(diffusion, 2, progress=False, labels=[3, 5], guidance_scale=2.0)
+    assert images.shape == (2, 8, 8, 1)

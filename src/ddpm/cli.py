@@ -60,6 +60,15 @@ examples:
 """
 
 
+EXAMPLES_DISTILL = """\
+examples:
+  ddpm distill --checkpoint runs/001 --rounds 6 --steps-per-round 2000 --out runs/distilled   # 256 -> 4 steps
+  ddpm sample --checkpoint runs/distilled/student --n 64        # DDIM over the student's 4 steps, no flags
+  ddpm distill --checkpoint runs/001 --rounds 2 --teacher-steps 16 --lr 2e-4 --out runs/d16
+  ddpm distill --resume runs/distilled                          # continue where it stopped, mid-round
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2)."""
 
@@ -242,11 +251,12 @@ def _add_sampler_options(p) -> None:
                    help="dynamic thresholding of the x0 estimate (Saharia et al. 2022, p = 0.995) instead of clipping")
 
 
-def _sampling_from_args(args):
+def _sampling_from_args(args, base=None):
+    """The sampler flags over ``base``, a checkpoint's own defaults (None: the library's)."""
     from .generate import sampling_options
 
     return sampling_options(args.sampler, args.steps, spacing=args.spacing, eta=args.eta, variance=args.variance,
-                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None)
+                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None, base=base)
 
 
 def _add_interpolate(sub) -> None:
@@ -456,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_viz(sub)
     _add_export(sub)
     _add_import(sub)
+    _add_distill(sub)
     return parser
 
 
@@ -538,6 +549,8 @@ def _resume_config(args):
         raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
     if args.config:
         raise ConfigError("--config cannot be combined with --resume: the run keeps its saved configuration")
+    if (run_dir / "round.json").is_file():
+        raise ConfigError(f"{run_dir} is a distillation round; continue it with ddpm distill --resume {run_dir.parent}")
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
@@ -575,7 +588,7 @@ def _resume_config(args):
         raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
                           "to extend it")
     return RunConfig(preset=saved.preset, model=saved.model, diffusion=saved.diffusion, data=saved.data,
-                     train=train_cfg), run_dir
+                     train=train_cfg, sampling=saved.sampling), run_dir
 
 
 def cmd_train(args) -> int:
@@ -650,6 +663,7 @@ def cmd_sample(args) -> int:
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
         device = distributed.training_device(args.device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights)
+        sampling = _sampling_from_args(args, diffusion.default_sampling)     # e.g. a distilled student's steps
         classes, guidance = _classes_from_args(args, diffusion)
         total = args.n * len(classes) if classes else args.n
         labels = None if classes is None else [c for c in classes for _ in range(args.n)]   # one grid row per class
@@ -760,6 +774,11 @@ def cmd_inspect(args) -> int:
     print(f"checkpoint: {meta['path']}")
     print(f"step:       {meta.get('step')}")
     print(f"format:     version {meta.get('format_version')}")
+    sampling = meta.get("config", {}).get("sampling")
+    if sampling:
+        steps = sampling.get("steps") or "all T"
+        print(f"sampling:   {sampling.get('sampler')}, {steps} steps ({sampling.get('spacing')} spacing), "
+              "used by 'ddpm sample' and 'ddpm eval' when no sampler flag is given")
     groups: dict[str, list] = {}
     for name, t in tensors.items():
         groups.setdefault(name.split(".", 1)[0], []).append(t)
@@ -951,10 +970,116 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _add_distill(sub) -> None:
+    from .distill import DISTILL_WEIGHTINGS
+
+    p = sub.add_parser("distill", help="progressive distillation: the same model in a few sampling steps",
+                       description="Progressive distillation (Salimans & Ho 2022): each round trains a student, "
+                                   "initialised from its teacher, to do two of the teacher's DDIM steps in one, "
+                                   "then makes it the next teacher. Every round is an ordinary run directory "
+                                   "RUN_DIR/round-NN whose checkpoints sample with DDIM over their step count by "
+                                   "default; RUN_DIR/student links to the newest finished round.",
+                       epilog=EXAMPLES_DISTILL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", metavar="TEACHER", help="the teacher: a checkpoint file or a run directory")
+    p.add_argument("--rounds", type=_positive_int, help="rounds; each halves the sampling steps")
+    p.add_argument("--steps-per-round", type=_positive_int, metavar="N", help="optimizer steps per round (default 1000)")
+    p.add_argument("--teacher-steps", type=_positive_int, metavar="K",
+                   help="the teacher's DDIM steps in round 1, divisible by 2^rounds (default: a distilled "
+                        "teacher's own count, else 256, or the largest power of two below T)")
+    p.add_argument("--weighting", choices=DISTILL_WEIGHTINGS,
+                   help="x-space loss weight: 1 + SNR (default; the MSE of v) or max(SNR, 1)")
+    p.add_argument("--data", help="train on this dataset instead of the teacher's")
+    p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
+    g = p.add_argument_group("training (default: the teacher's settings)")
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--lr", type=_positive_float, help="learning rate (default: the teacher's)")
+    g.add_argument("--ema-decay", type=float, help="the students' EMA decay (with the teacher's warm-up setting)")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a distillation run (only --device may be given)")
+    g.add_argument("--log-every", type=_positive_int)
+    g.add_argument("--checkpoint-every", type=_nonneg_int)
+    g.add_argument("--keep-last", type=_nonneg_int, help="checkpoints kept per round (0: all)")
+    g.add_argument("--sample-every", type=_nonneg_int)
+    g.add_argument("--num-samples", type=_positive_int, help="images in each sample grid")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+# distill options that set a TrainConfig field.
+DISTILL_TRAIN_FLAGS = ("batch_size", "lr", "ema_decay", "grad_clip", "precision", "seed", "device", "log_every",
+                       "checkpoint_every", "keep_last", "sample_every", "num_samples")
+
+
+def cmd_distill(args) -> int:
+    import dataclasses
+
+    from .config import DataConfig
+    from .distill import DistillConfig, check_teacher, default_teacher_steps, distill, load_teacher_config, read_plan
+    from .generate import select_device
+    from .train import prepare_run_dir
+
+    plan_flags = ("checkpoint", "rounds", "steps_per_round", "teacher_steps", "weighting", "data", "data_root")
+    if args.resume:
+        given = [_flag(n) for n in (*plan_flags, *DISTILL_TRAIN_FLAGS) if n != "device" and getattr(args, n) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: the run keeps its saved plan "
+                              "(only --device may change)")
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
+        run_dir = Path(args.resume)
+        config, train_cfg, data_cfg = read_plan(run_dir)
+        if args.device:
+            train_cfg = dataclasses.replace(train_cfg, device=args.device)
+    else:
+        if not args.checkpoint or not args.rounds:
+            raise ConfigError("distill needs --checkpoint TEACHER and --rounds R (or --resume RUN_DIR)")
+        teacher_path, teacher = load_teacher_config(args.checkpoint)
+        config = DistillConfig(teacher=str(teacher_path.resolve()), rounds=args.rounds,
+                               teacher_steps=args.teacher_steps or default_teacher_steps(teacher),
+                               weighting=args.weighting or "snr+1")
+        check_teacher(teacher, config)
+        # The teacher's training settings suit its data and hardware; a round restarts the schedule.
+        base = dataclasses.replace(teacher.train, steps=args.steps_per_round or 1000, warmup_steps=0, init=None,
+                                   eval_every=0, milestone_every=0)
+        given = {n: getattr(args, n) for n in DISTILL_TRAIN_FLAGS if getattr(args, n) is not None}
+        try:
+            train_cfg = dataclasses.replace(base, **given)
+        except TypeError as exc:
+            raise ConfigError(f"invalid option: {exc}") from None
+        data_cfg = teacher.data
+        if args.data or args.data_root:
+            data_cfg = DataConfig(name=args.data or teacher.data.name, root=args.data_root, split=teacher.data.split,
+                                  image_size=teacher.data.image_size, channels=teacher.data.channels,
+                                  hflip=teacher.data.hflip, strict=teacher.data.strict)
+    select_device(train_cfg.device)             # an unavailable device is an error before anything runs
+    if args.dry_run:
+        print(json.dumps({"distill": dataclasses.asdict(config), "train": dataclasses.asdict(train_cfg),
+                          "data": dataclasses.asdict(data_cfg)}, indent=2))
+        return 0
+    if not args.resume:
+        run_dir = prepare_run_dir(args.out)
+
+    def on_round(r: int, teacher_steps: int, student_steps: int) -> None:
+        if not args.quiet:
+            print(f"round {r}/{config.rounds}: {teacher_steps} -> {student_steps} DDIM steps, "
+                  f"{train_cfg.steps} optimizer steps -> {run_dir / f'round-{r:02d}'}", file=sys.stderr)
+
+    result = distill(config, train_cfg, run_dir, data=data_cfg, resume=bool(args.resume), progress=not args.quiet,
+                     on_round=on_round)
+    print(f"done in {result.seconds:.0f} s: a {result.student_steps}-step student, checkpoint {result.student} "
+          f"({run_dir / 'student'}); sample it with: ddpm sample --checkpoint {run_dir / 'student'}")
+    return 0
+
+
 # The commands that share their work among the processes torchrun starts.
 DISTRIBUTED_COMMANDS = ("train", "sample", "eval")
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz,
-            "export": cmd_export, "import": cmd_import}
+            "export": cmd_export, "import": cmd_import, "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .models import UnetConfig, preset_config
 from .schedules import SCHEDULES
 
-__all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
+__all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "SamplingConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
            "RECIPES", "per_process_batch", "build_model", "build_diffusion", "load_toml", "merge_layers"]
 
 # The U-Net preset used when --preset is not given, by dataset name.
@@ -184,6 +184,36 @@ def per_process_batch(global_batch: int, world_size: int, grad_accum: int) -> in
 
 
 @dataclass
+class SamplingConfig:
+    """The sampler a checkpoint asks for when the user chooses none (``ddpm sample`` without sampler flags).
+
+    Ordinary runs have none (``RunConfig.sampling`` is None: the library default applies). A
+    distilled student (``ddpm distill``) records the deterministic DDIM over the N steps it was
+    trained for. The fields mean what they mean in :class:`~ddpm.samplers.SamplingOptions`.
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None           # None: all T steps
+    spacing: str = "trailing"
+    eta: float | None = None           # ddim only
+    clip: bool | None = None           # None: the checkpoint's diffusion.clip_denoised
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
+            raise ConfigError(f"sampling steps must be a positive integer; got {self.steps!r}")
+        if self.clip is not None and not isinstance(self.clip, bool):
+            raise ConfigError(f"sampling clip must be true or false; got {self.clip!r}")
+        self.options()                 # validates the sampler, spacing and eta
+
+    def options(self):
+        """These defaults as :class:`~ddpm.samplers.SamplingOptions`."""
+        from .samplers import SamplingOptions
+
+        return SamplingOptions(sampler=self.sampler, steps=self.steps, spacing=self.spacing, eta=self.eta,
+                               clip=self.clip)
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; saved as ``config.json`` and inside each checkpoint."""
 
@@ -192,6 +222,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig | None = None     # sampler defaults for this checkpoint (None: the library's)
 
     @property
     def conditional(self) -> bool:
@@ -201,13 +232,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
                 "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()},
-                "train": asdict(self.train)}
+                "train": asdict(self.train),
+                **({"sampling": asdict(self.sampling)} if self.sampling is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         if not isinstance(d, dict) or "model" not in d:
             raise ConfigError("configuration has no [model] section")
-        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train"})
+        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling"})
         if unknown:
             raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
         try:
@@ -215,7 +247,9 @@ class RunConfig:
                        model=_from_dict(UnetConfig, d["model"], "model"),
                        diffusion=_from_dict(DiffusionConfig, d.get("diffusion", {}), "diffusion"),
                        data=_from_dict(DataConfig, d.get("data", {}), "data"),
-                       train=_from_dict(TrainConfig, d.get("train", {}), "train"))
+                       train=_from_dict(TrainConfig, d.get("train", {}), "train"),
+                       sampling=None if d.get("sampling") is None
+                       else _from_dict(SamplingConfig, d["sampling"], "sampling"))
         except TypeError as exc:  # a value of the wrong type that the validators could not compare
             raise ConfigError(f"invalid configuration: {exc}") from None
 
@@ -236,11 +270,14 @@ def build_diffusion(config: RunConfig, model=None):
     from .diffusion import GaussianDiffusion
 
     d = config.diffusion
-    return GaussianDiffusion(model if model is not None else build_model(config),
-                             image_size=config.model.image_size, channels=config.model.channels,
-                             timesteps=d.timesteps, schedule=d.schedule, objective=d.objective,
-                             loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                             variance=d.variance, clip_denoised=d.clip_denoised)
+    diffusion = GaussianDiffusion(model if model is not None else build_model(config),
+                                  image_size=config.model.image_size, channels=config.model.channels,
+                                  timesteps=d.timesteps, schedule=d.schedule, objective=d.objective,
+                                  loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
+                                  variance=d.variance, clip_denoised=d.clip_denoised)
+    if config.sampling is not None:
+        diffusion.default_sampling = config.sampling.options()
+    return diffusion
 
 
 # ----------------------------------------------------------------------------- recipes and files

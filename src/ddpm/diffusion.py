@@ -285,6 +285,7 @@ class GaussianDiffusion(nn.Module):
             raise ConfigError(f"image_size {self.image_size} differs from the model's {tuple(model_size)}")
         self.objective, self.loss_weighting, self.min_snr_gamma = objective, loss_weighting, min_snr_gamma
         self.variance, self.clip_denoised = variance, clip_denoised
+        self.default_sampling = None   # SamplingOptions a checkpoint asks for (RunConfig.sampling); None: the library's
         self._schedules: dict[torch.device, NoiseSchedule] = {}
 
     @property

@@ -72,16 +72,19 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     return diffusion.to(device).eval(), meta
 
 
-def sampling_options(sampler: str | None = None, steps: int | None = None, **options) -> SamplingOptions:
+def sampling_options(sampler: str | None = None, steps: int | None = None, *, base: SamplingOptions | None = None,
+                     **options) -> SamplingOptions:
     """:class:`SamplingOptions` from keywords (None = unset).
 
-    Without ``sampler`` the unset fields come from :data:`~ddpm.samplers.DEFAULT_SAMPLING`; naming a
-    sampler starts from that sampler's own defaults (all T steps unless ``steps`` is given).
+    Without ``sampler`` the unset fields come from ``base`` (a checkpoint's own defaults,
+    ``GaussianDiffusion.default_sampling``, e.g. a distilled student's DDIM steps), else from
+    :data:`~ddpm.samplers.DEFAULT_SAMPLING`; naming a sampler starts from that sampler's own
+    defaults (all T steps unless ``steps`` is given).
     """
     given = {k: v for k, v in options.items() if v is not None}
     if sampler is None:
         chosen = {"steps": steps, "steps_at_most": False} if steps is not None else {}
-        return dataclasses.replace(DEFAULT_SAMPLING, **given, **chosen)
+        return dataclasses.replace(base or DEFAULT_SAMPLING, **given, **chosen)
     return SamplingOptions(sampler=sampler, steps=steps, **given)
 
 
@@ -182,7 +185,8 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
     A class-conditional model takes ``labels`` (one class per image, length ``n``; None:
     unconditional) and a classifier-free ``guidance_scale`` (see :func:`sample_images`).
 
-    The sampler is :data:`~ddpm.samplers.DEFAULT_SAMPLING` (ancestral over 50 respaced steps) unless
+    The sampler is the checkpoint's own default (``diffusion.default_sampling``, set for distilled
+    students) or else :data:`~ddpm.samplers.DEFAULT_SAMPLING` (ancestral over 50 respaced steps), unless
     ``sampling`` or the keywords (see :func:`sampling_options`) choose another. Image k depends only
     on (``seed``, k) and the options, never on the batch size or the device's thread count.
     ``callback(indices, info)`` sees every step of every batch.
@@ -193,7 +197,8 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
         raise ConfigError(f"the start index must be >= 0; got {start_index}")
     if sampling is None:
         sampling = sampling_options(sampler, steps, spacing=spacing, eta=eta, variance=variance, clip=clip,
-                                    dynamic_thresholding=dynamic_thresholding)
+                                    dynamic_thresholding=dynamic_thresholding,
+                                    base=getattr(diffusion, "default_sampling", None))
     elif any(v is not None for v in (sampler, steps, spacing, eta, variance, clip, dynamic_thresholding)):
         raise ConfigError("pass either sampling= or the separate sampler keywords, not both")
     if labels is not None and len(labels) != n:

@@ -344,8 +344,13 @@ def _draw_loss_curve(run_dir: Path) -> None:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | None = None,
-          resume: bool = False, progress: bool = True) -> TrainResult:
+          resume: bool = False, progress: bool = True, objective=None) -> TrainResult:
     """Train the model ``config`` describes and write everything to ``run_dir``.
+
+    ``objective`` replaces Algorithm 1's loss (e.g. :class:`ddpm.distill.DistillationObjective`):
+    it draws the timesteps, ``objective.draw_timesteps(batch_size, generator)``, in place of
+    t ~ Uniform, and gives the per-sample losses, ``objective.losses(model, images, t, noise,
+    model_kwargs)``; everything else (EMA, checkpoints, resume, logs) is the same. None: L_simple.
 
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
@@ -403,6 +408,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     mine = rank_rows(micro, world, tc.grad_accum, rank).to(device)
     net = diffusion
     if world > 1:
+        if objective is not None:
+            raise ConfigError("a replaced training objective (distillation) runs in one process, not under torchrun")
         from torch.nn.parallel import DistributedDataParallel
 
         # Wraps the loss module around the U-Net, so the gradients of its parameters are averaged
@@ -479,7 +486,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 if config.data.hflip:
                     flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                t = torch.randint(0, T, (shape[0],), generator=g, device=device)[mine]
+                if objective is None:
+                    t = torch.randint(0, T, (shape[0],), generator=g, device=device)[mine]
+                else:
+                    t = objective.draw_timesteps(shape[0], g)[mine]
                 noise = torch.randn(shape, generator=g, device=device)[mine]
                 y = None
                 if labels is not None:          # drawn last, so unconditional runs keep their random stream
@@ -491,11 +501,15 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 losses = []
                 for a, i in enumerate(range(0, x.shape[0], micro)):
                     sync = contextlib.nullcontext() if world == 1 or a == tc.grad_accum - 1 else net.no_sync()
+                    kwargs = None if y is None else {"y": y[i:i + micro]}
                     with sync, distributed.collective("a training step"):
                         with _autocast(device, tc.precision):
-                            per_sample = net(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
-                                             model_kwargs=None if y is None else {"y": y[i:i + micro]},
-                                             reduction="none")
+                            if objective is None:
+                                per_sample = net(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
+                                                 model_kwargs=kwargs, reduction="none")
+                            else:
+                                per_sample = objective.losses(model, x[i:i + micro], t[i:i + micro],
+                                                              noise[i:i + micro], kwargs)
                         loss = per_sample.mean() * (1 / tc.grad_accum)
                         (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(per_sample.detach())

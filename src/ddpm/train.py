@@ -1,7 +1,8 @@
 """The training loop (Ho et al. 2020, Algorithm 1), reading top to bottom in labelled phases.
 
 Randomness is derived from ``(seed, step)``: the data order of each epoch, and the
-timesteps, noise, flips, dropout and (class-conditional models) label dropout of each step, all drawn for the whole batch before it
+timesteps, noise, flips, dropout and (class-conditional models) label dropout of each step, then
+(when enabled) the offset noise and the self-conditioning coins, all drawn for the whole batch before it
 is split into micro-batches. A step's result therefore depends only on the weights, the
 optimizer state and the step number, which is what makes a resumed run continue exactly
 (bit for bit on the CPU). Sample grids use generators of their own and never touch the
@@ -34,12 +35,14 @@ from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoi
                          load_weights, save_checkpoint, unflatten_optimizer_state)
 from .config import RunConfig, build_diffusion
 from .data import ImageData, load_dataset
+from .diffusion import offset_noise
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate, select_device
 from .images import make_grid, save_png, side_by_side
 from .plots import line_chart
 from .seeding import derive_seed
+from .timestep_sampling import ImportanceSampler
 
 __all__ = ["EMA", "EpochOrder", "label_dropout", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
            "check_training_data", "lr_at", "train", "TrainResult"]
@@ -341,10 +344,13 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     counters = Counters()
+    dc = config.diffusion
+    # Importance sampling of t (Nichol & Dhariwal 2021, Sec. 3.3): its loss histories are run state.
+    timestep_sampler = ImportanceSampler(dc.timesteps) if dc.timestep_sampling == "importance" else None
 
     if resume:
         _remove_stale_temporaries(run_dir)
-        counters, ema = _restore(run_dir, config, model, optimizer, scaler)
+        counters, ema = _restore(run_dir, config, model, optimizer, scaler, timestep_sampler)
         _truncate_metrics(run_dir / "metrics.jsonl", counters.step)
         _append_provenance(run_dir, f"resume from step {counters.step}")
     else:
@@ -361,7 +367,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     def save(step: int) -> Path:
         optim_tensors, optim_info = flatten_optimizer_state(optimizer.state_dict())
         tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors}
+                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors,
+                   **(timestep_sampler.state_tensors() if timestep_sampler else {})}
         meta = {"step": step, "config": config.to_dict(), "ema_updates": ema.num_updates, "optimizer": optim_info,
                 "counters": vars(counters), "scaler": scaler.state_dict() if scaler else None,
                 "dataset": data.name, "num_images": data.num_images, "data_position": step * tc.batch_size,
@@ -425,11 +432,21 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 if config.data.hflip:
                     flip = torch.rand(x.shape[0], generator=g, device=device) < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                t = torch.randint(0, T, (x.shape[0],), generator=g, device=device)
+                t_weights = None                # importance sampling: t ~ p_t, losses weighted by 1 / (T p_t)
+                if timestep_sampler is None:
+                    t = torch.randint(0, T, (x.shape[0],), generator=g, device=device)
+                else:
+                    t, t_weights = timestep_sampler.sample(x.shape[0], g, device)
                 noise = torch.randn(x.shape, generator=g, device=device)
                 y = None
-                if labels is not None:          # drawn last, so unconditional runs keep their random stream
+                if labels is not None:          # drawn after the above, so unconditional runs keep their random stream
                     y = label_dropout(labels[index], config.model.num_classes, tc.label_dropout, g)
+                # The training variants draw last, and only when enabled, so other runs keep their stream.
+                if dc.offset_noise > 0:
+                    noise = noise + offset_noise(x.shape, dc.offset_noise, generator=g, device=device)
+                self_cond_mask = None           # self-conditioning: which samples get the first, no-grad pass
+                if dc.self_condition:
+                    self_cond_mask = torch.rand(x.shape[0], generator=g, device=device) < 0.5
 
                 # Forward and backward over micro-batches (gradient accumulation).
                 optimizer.zero_grad(set_to_none=True)
@@ -438,8 +455,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                     with _autocast(device, tc.precision):
                         per_sample = diffusion(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
                                                model_kwargs=None if y is None else {"y": y[i:i + micro]},
-                                               reduction="none")
-                    loss = per_sample.mean() * (micro / tc.batch_size)
+                                               reduction="none",
+                                               self_cond_mask=None if self_cond_mask is None else self_cond_mask[i:i + micro])
+                    weighted = per_sample if t_weights is None else per_sample * t_weights[i:i + micro]
+                    loss = weighted.mean() * (micro / tc.batch_size)
                     (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(per_sample.detach())
                 per_sample = torch.cat(losses)
@@ -460,6 +479,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                         optimizer.step()
                     ema.update(model)
                     counters.bad_in_row = 0
+                    if timestep_sampler is not None:
+                        # The one update of the loss histories: (t, unweighted loss) of the whole batch.
+                        # Under data parallelism, gather every rank's per_sample (with its t) first.
+                        timestep_sampler.update(t, per_sample)
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     if scaler:
@@ -596,8 +619,9 @@ def _init_from(checkpoint: str, model: nn.Module) -> None:
     load_weights(model, tensors, "ema", meta["path"])
 
 
-def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler) -> tuple[Counters, EMA]:
-    """Load weights, EMA, optimizer and counters from the newest checkpoint of ``run_dir``."""
+def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler,
+             timestep_sampler: ImportanceSampler | None = None) -> tuple[Counters, EMA]:
+    """Load weights, EMA, optimizer, counters (and the timestep sampler's state) from the newest checkpoint of ``run_dir``."""
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
@@ -614,5 +638,7 @@ def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scal
         raise CheckpointError(f"{meta['path']}: the optimizer state does not fit ({exc})") from None
     if scaler and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
+    if timestep_sampler is not None:
+        timestep_sampler.load_state_tensors(tensors, meta["path"])
     _set_rng_states(meta.get("rng"))
     return Counters(**meta.get("counters", {"step": meta["step"]})), ema

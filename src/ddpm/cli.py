@@ -251,8 +251,8 @@ def _add_sampler_options(p) -> None:
     g.add_argument("--spacing", choices=tuple(SPACINGS),
                    help="which K of the T timesteps are kept (default trailing; see README)")
     g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
-    g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde or beta "
-                                                         "(default: the checkpoint's)")
+    g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde, beta, or learned-range for "
+                                                         "models trained with it (default: the checkpoint's)")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clip the x0 estimate to [-1, 1] (default: the checkpoint's setting)")
     g.add_argument("--dynamic-threshold", action="store_true",

@@ -1,8 +1,7 @@
 """The training loop (Ho et al. 2020, Algorithm 1), reading top to bottom in labelled phases.
 
 Randomness is derived from ``(seed, step)``: the data order of each epoch, and the
-timesteps, noise, flips, dropout and (class-conditional models) label dropout of each step, then
-(when enabled) the offset noise and the self-conditioning coins, all drawn for the whole batch before it
+timesteps, noise, flips, dropout and (class-conditional models) label dropout of each step, all drawn for the whole batch before it
 is split into micro-batches. A step's result therefore depends only on the weights, the
 optimizer state and the step number, which is what makes a resumed run continue exactly
 (bit for bit on the CPU). Sample grids use generators of their own and never touch the
@@ -439,9 +438,10 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                     t, t_weights = timestep_sampler.sample(x.shape[0], g, device)
                 noise = torch.randn(x.shape, generator=g, device=device)
                 y = None
-                if labels is not None:          # drawn after the above, so unconditional runs keep their random stream
+                if labels is not None:          # drawn last, so unconditional runs keep their random stream
                     y = label_dropout(labels[index], config.model.num_classes, tc.label_dropout, g)
-                # The training variants draw last, and only when enabled, so other runs keep their stream.
+                # The training variants (offset noise, self-conditioning coins) draw after everything else,
+                # and only when enabled, so other runs keep their random stream.
                 if dc.offset_noise > 0:
                     noise = noise + offset_noise(x.shape, dc.offset_noise, generator=g, device=device)
                 self_cond_mask = None           # self-conditioning: which samples get the first, no-grad pass

@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--bpd-n", type=int, default=32, help="test images for bits/dim (seeded random subset)")
     parser.add_argument("--n", type=int, default=200, help="samples per quality measurement")
     parser.add_argument("--sampling-steps", type=int, nargs="+", default=[25, 50, 100])
+    parser.add_argument("--variants", nargs="+", choices=[name.split()[0] for name in VARIANTS],
+                        default=[name.split()[0] for name in VARIANTS],
+                        help="which models (run them as separate processes to use two cores)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -64,6 +67,8 @@ def main() -> None:
     print(f"real training images ({args.n}): fast FID {results['real_floor']['fast_fid']:.2f}", flush=True)
 
     for name, diffusion_options in VARIANTS.items():
+        if name.split()[0] not in args.variants:
+            continue
         config = RunConfig(preset="mnist", model=preset_config("mnist", dim=args.dim),
                            diffusion=DiffusionConfig(timesteps=args.timesteps, **diffusion_options),
                            data=DataConfig(name="mnist", root=args.data_root),

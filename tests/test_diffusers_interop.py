@@ -508,3 +508,17 @@ def test_folders_ddpm_cannot_express_are_refused(exported, tmp_path, capsys, dam
 def test_import_of_a_missing_folder_is_refused(dlib, tmp_path, capsys):
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c.safetensors")]) == 4
     one_line_error(capsys, "no such folder")
+
+
+def test_training_only_variants_export_and_sampling_variants_are_refused(dlib):
+    """Offset noise, importance sampling and the vlb weight shape training only: such a model exports.
+    Self-conditioning changes what the network takes, which DDPMPipeline cannot feed: refused."""
+    from ddpm.errors import ConfigError
+    from ddpm.interop.diffusers import scheduler_to_diffusers_config
+
+    plain = scheduler_to_diffusers_config(DiffusionConfig())
+    assert scheduler_to_diffusers_config(DiffusionConfig(offset_noise=0.1)) == plain
+    with pytest.raises(ConfigError, match="self_condition"):
+        scheduler_to_diffusers_config(DiffusionConfig(self_condition=True))
+    with pytest.raises(ConfigError, match="learned"):
+        scheduler_to_diffusers_config(DiffusionConfig(variance="learned-range", loss="hybrid"))

@@ -384,3 +384,17 @@ def test_a_class_conditional_teacher_distils_into_a_conditional_student(tmp_path
     diffusion, _ = load_diffusion(out / "student")
     images = generate(diffusion, 2, progress=False, labels=[3, 5], guidance_scale=2.0)
     assert images.shape == (2, 8, 8, 1)
+
+
+@pytest.mark.parametrize("variant", [{"variance": "learned-range", "loss": "hybrid"}, {"self_condition": True}])
+def test_a_teacher_with_learned_variances_or_self_conditioning_is_refused(variant):
+    import dataclasses
+
+    from ddpm.config import RunConfig
+    from ddpm.distill import DistillConfig, check_teacher
+    from ddpm.errors import ConfigError
+
+    teacher = RunConfig.for_preset("digits")
+    teacher = dataclasses.replace(teacher, diffusion=dataclasses.replace(teacher.diffusion, **variant))
+    with pytest.raises(ConfigError, match="fixed variances and without self-conditioning"):
+        check_teacher(teacher, DistillConfig(teacher="t.safetensors", rounds=1, teacher_steps=8))

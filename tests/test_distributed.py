@@ -334,3 +334,22 @@ def test_single_process_commands_refuse_torchrun_with_one_line(two_and_one):
     proc = torchrun("inspect", str(two_and_one["root"] / "one"))
     lines = our_lines(proc)
     assert lines == ["ddpm: error: ddpm inspect runs in one process; start it without torchrun"], proc.stderr[-3000:]
+
+
+def test_training_variants_under_two_processes_train_like_one_process(tmp_path):
+    """Importance-sampled timesteps (histories gathered from every rank in global row order),
+    offset noise, self-conditioning and learned variances: 2 x batch 4 = 1 x batch 8.
+
+    T = 10 lets every timestep's loss history fill within the run, so the later steps draw t
+    from the importance distribution and its weights; the checkpoints' sampler states must agree.
+    """
+    common = [*TINY[2:], "--timesteps", "10", "--schedule", "cosine", "--steps", "24", "--checkpoint-every", "0",
+              "--variance", "learned-range", "--loss", "hybrid", "--timestep-sampling", "importance",
+              "--offset-noise", "0.1", "--self-condition"]
+    proc = torchrun("train", *common, "--batch-size", "4", "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", *common, "--batch-size", "8", "--out", str(tmp_path / "one")]) == 0
+    two, one = load_checkpoint(tmp_path / "two")[0], load_checkpoint(tmp_path / "one")[0]
+    assert bool((one["timestep_sampler.counts"] >= 10).all()), "the histories never filled: importance sampling unused"
+    torch.testing.assert_close(two["timestep_sampler.counts"], one["timestep_sampler.counts"], rtol=0, atol=0)
+    assert_close_checkpoints(two, one)

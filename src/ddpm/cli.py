@@ -34,6 +34,9 @@ examples:
   ddpm train --data photos/ --preset cifar10 --image-size 32 --channels 3 --out runs/photos
   ddpm train --data images.npz --preset mnist --dry-run
   ddpm train --conditional --label-dropout 0.1  # class-conditional (classifier-free guidance)
+  ddpm train --variance learned-range --loss hybrid   # Improved DDPM: learned variances
+  ddpm train --variance learned-range --loss vlb --timestep-sampling importance   # for bits/dim
+  ddpm train --offset-noise 0.1 --self-condition
   torchrun --nproc_per_node 8 -m ddpm train --preset cifar10 --data cifar10 --data-root DIR --batch-size 16
                                                # 8 GPUs, global batch 8 x 16 = 128
 """
@@ -96,6 +99,16 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -133,6 +146,20 @@ def _add_train(sub) -> None:
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
     g.add_argument("--loss-weighting", choices=("uniform", "min-snr"), help="default uniform (L_simple)")
     g.add_argument("--dropout", type=float, help="dropout rate in the residual blocks")
+    g.add_argument("--variance", choices=("posterior", "beta", "learned-range"),
+                   help="reverse-process variance: beta-tilde or beta (fixed), or learned-range (Nichol & Dhariwal "
+                        "2021; needs --loss hybrid or vlb) (default posterior)")
+    g.add_argument("--loss", choices=("simple", "hybrid", "vlb"),
+                   help="simple (L_simple, the paper's), hybrid (L_simple + lambda L_vlb) or vlb (the bound alone) "
+                        "(default simple)")
+    g.add_argument("--vlb-weight", type=_positive_float, metavar="LAMBDA", help="lambda of the hybrid loss (default 0.001)")
+    g.add_argument("--timestep-sampling", choices=("uniform", "importance"),
+                   help="importance: t drawn in proportion to its loss RMS, losses reweighted (needs an L_vlb term) "
+                        "(default uniform)")
+    g.add_argument("--offset-noise", type=_nonneg_float, metavar="STRENGTH",
+                   help="add STRENGTH x N(0, 1) per image and channel to the noise (default 0: off)")
+    g.add_argument("--self-condition", action=bool_flag,
+                   help="feed the previous x0 estimate back to the network (half the batch in training)")
     g.add_argument("--conditional", action="store_true",
                    help="class-conditional model: num_classes from the data's labels, for classifier-free guidance")
     g.add_argument("--label-dropout", type=float, metavar="P",
@@ -179,6 +206,8 @@ TRAIN_FLAGS = {
     "strict": ("data", "strict"),
     "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"),
     "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
+    **{name: ("diffusion", name) for name in (
+        "variance", "loss", "vlb_weight", "timestep_sampling", "offset_noise", "self_condition")},
     "dropout": ("model", "dropout"),
     **{name: ("train", name) for name in (
         "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
@@ -243,8 +272,8 @@ def _add_sampler_options(p) -> None:
     g.add_argument("--spacing", choices=tuple(SPACINGS),
                    help="which K of the T timesteps are kept (default trailing; see README)")
     g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
-    g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde or beta "
-                                                         "(default: the checkpoint's)")
+    g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde, beta, or learned-range for "
+                                                         "models trained with it (default: the checkpoint's)")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clip the x0 estimate to [-1, 1] (default: the checkpoint's setting)")
     g.add_argument("--dynamic-threshold", action="store_true",

@@ -12,10 +12,11 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .diffusion import LOSS_WEIGHTINGS, OBJECTIVES, VARIANCES
+from .diffusion import LEARNED_VARIANCE, LOSS_WEIGHTINGS, LOSSES, OBJECTIVES, VARIANCES
 from .errors import ConfigError
 from .models import UnetConfig, preset_config
 from .schedules import SCHEDULES
+from .timestep_sampling import TIMESTEP_SAMPLINGS
 
 __all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "SamplingConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
            "RECIPES", "per_process_batch", "build_model", "build_diffusion", "load_toml", "merge_layers"]
@@ -57,8 +58,14 @@ class DiffusionConfig:
     objective: str = "eps"             # what the network predicts: eps | x0 | v
     loss_weighting: str = "uniform"    # uniform (L_simple) | min-snr
     min_snr_gamma: float = 5.0
-    variance: str = "posterior"        # sigma_t^2 at sampling: posterior (beta-tilde) | beta
+    variance: str = "posterior"        # sigma_t^2: posterior (beta-tilde) | beta | learned-range (Nichol & Dhariwal 2021)
     clip_denoised: bool = True         # clip the x0 estimate to [-1, 1] while sampling
+    # Improved DDPM and other training variants (docs/notation.md); the defaults are the paper's training.
+    loss: str = "simple"               # simple (L_simple) | hybrid (L_simple + vlb_weight L_vlb) | vlb (L_vlb alone)
+    vlb_weight: float = 0.001          # lambda of the hybrid loss (Nichol & Dhariwal 2021, Sec. 3.1)
+    timestep_sampling: str = "uniform"  # uniform | importance (p_t ~ sqrt(E[L_t^2]), Sec. 3.3)
+    offset_noise: float = 0.0          # strength of a per-(sample, channel) constant added to eps (0: off)
+    self_condition: bool = False       # feed the previous x0 estimate back as extra input (Chen et al. 2023)
 
     def __post_init__(self) -> None:
         if not _is_int(self.timesteps) or self.timesteps < 2:
@@ -69,6 +76,40 @@ class DiffusionConfig:
         _choice(self.variance, VARIANCES, "variance")
         if not self.min_snr_gamma > 0:
             raise ConfigError(f"min_snr_gamma must be > 0; got {self.min_snr_gamma}")
+        _choice(self.loss, LOSSES, "loss")
+        _choice(self.timestep_sampling, TIMESTEP_SAMPLINGS, "timestep sampling")
+        if not _is_number(self.vlb_weight) or not self.vlb_weight > 0:
+            raise ConfigError(f"vlb_weight must be a number > 0; got {self.vlb_weight!r}")
+        if not _is_number(self.offset_noise) or not self.offset_noise >= 0:
+            raise ConfigError(f"offset noise strength must be a number >= 0; got {self.offset_noise!r}")
+        if not isinstance(self.self_condition, bool):
+            raise ConfigError(f"self_condition must be true or false; got {self.self_condition!r}")
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        """Refuse combinations that train nothing or estimate nothing (README, "Improved DDPM")."""
+        learned = self.variance == LEARNED_VARIANCE
+        if learned and self.loss == "simple":
+            raise ConfigError("learned variances need an L_vlb term: L_simple does not train them; "
+                              "use --loss hybrid (Nichol & Dhariwal's choice) or --loss vlb")
+        if self.loss == "hybrid" and not learned:
+            raise ConfigError("the hybrid loss's L_vlb term only trains a learned variance (the mean is under a "
+                              "stop-gradient there); add --variance learned-range, or use --loss vlb to train a "
+                              "fixed-variance model on the bound")
+        if self.timestep_sampling == "importance" and self.loss == "simple":
+            raise ConfigError("importance sampling of timesteps reduces the variance of L_vlb; it needs "
+                              "--loss vlb or --loss hybrid")
+        if self.loss == "vlb" and self.loss_weighting != "uniform":
+            raise ConfigError("a loss weighting applies to the mean squared error; the pure L_vlb objective "
+                              "has none (use --loss-weighting uniform or --loss hybrid)")
+        if self.loss == "vlb" and self.offset_noise > 0:
+            raise ConfigError("offset noise changes the forward process, so L_vlb would no longer be the bound; "
+                              "use offset noise with --loss simple or hybrid")
+
+    @property
+    def learned_variance(self) -> bool:
+        """The network has 2C output channels (the second C interpolate the log-variance)."""
+        return self.variance == LEARNED_VARIANCE
 
 
 @dataclass
@@ -259,10 +300,24 @@ class RunConfig:
 
 
 def build_model(config: RunConfig):
-    """The U-Net that ``config`` describes."""
+    """The U-Net that ``config`` describes.
+
+    The diffusion options decide its channel counts, the network never learns why: 2C outputs
+    with a learned variance (prediction, then the variance interpolation), 2C inputs with
+    self-conditioning ([x_t, x0_prev]).
+    """
+    from dataclasses import replace
+
     from .models import Unet
 
-    return Unet(config.model)
+    c, d, m = config.model.channels, config.diffusion, config.model
+    io = {"in_channels": 2 * c if d.self_condition else c, "out_channels": 2 * c if d.learned_variance else c}
+    for key, value in io.items():
+        if getattr(m, key) not in (None, value):
+            raise ConfigError(f"model {key} = {getattr(m, key)} contradicts the diffusion options, which need {value}")
+    if io == {"in_channels": c, "out_channels": c}:
+        return Unet(m)
+    return Unet(replace(m, **io))
 
 
 def build_diffusion(config: RunConfig, model=None):
@@ -274,7 +329,9 @@ def build_diffusion(config: RunConfig, model=None):
                                   image_size=config.model.image_size, channels=config.model.channels,
                                   timesteps=d.timesteps, schedule=d.schedule, objective=d.objective,
                                   loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                                  variance=d.variance, clip_denoised=d.clip_denoised)
+                                  variance=d.variance, clip_denoised=d.clip_denoised, loss=d.loss,
+                                  vlb_weight=d.vlb_weight, self_condition=d.self_condition,
+                                  offset_noise=d.offset_noise)
     if config.sampling is not None:
         diffusion.default_sampling = config.sampling.options()
     return diffusion

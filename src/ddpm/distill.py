@@ -251,6 +251,10 @@ def load_teacher_config(path: str | os.PathLike) -> tuple[Path, RunConfig]:
 def check_teacher(teacher: RunConfig, config: DistillConfig) -> None:
     """Refuse plans the teacher cannot take: too many steps for T, or a distilled teacher at another count."""
     T = teacher.diffusion.timesteps
+    if teacher.diffusion.variance == "learned-range" or teacher.diffusion.self_condition:
+        raise ConfigError("distillation needs a teacher with fixed variances and without self-conditioning; "
+                          "this one has " + ("learned variances" if teacher.diffusion.variance == "learned-range"
+                                             else "self-conditioning"))
     if config.teacher_steps > T:
         raise ConfigError(f"--teacher-steps {config.teacher_steps} is more than the teacher's T = {T}")
     own = teacher.sampling.steps if teacher.sampling is not None and teacher.sampling.sampler == "ddim" else None

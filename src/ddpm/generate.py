@@ -158,7 +158,7 @@ def sample_images(diffusion: GaussianDiffusion, indices: list[int], *, seed: int
                         uncond_kwargs={"y": torch.full_like(y, num_classes(diffusion))})
     denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
                              clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding,
-                             **cond)
+                             self_condition=diffusion.self_condition, **cond)
     timesteps = sampling.timesteps(diffusion.timesteps)
     bar = tqdm(total=len(timesteps), desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
@@ -295,7 +295,8 @@ def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: to
     mix = slerp if method == "slerp" else (lambda a, b, lam: (1.0 - lam) * a + lam * b)
     latents = torch.cat([mix(x_t[:1], x_t[1:], lam) for lam in lams])
     denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
-                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding)
+                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding,
+                             self_condition=diffusion.self_condition)
     with torch.inference_mode():
         out = SAMPLERS[sampling.sampler](denoiser, latents, diffusion.schedule, timesteps, noise=noise,
                                          **sampling.sampler_options(diffusion.variance))

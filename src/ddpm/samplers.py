@@ -5,7 +5,8 @@ Every sampler is one function with the same signature::
     sampler(denoiser, x_T, schedule, timesteps, *, noise=None, callback=None, **options) -> x_0
 
 * ``denoiser(x_t, t)`` returns ``(eps_pred, x0_pred)`` for the 0-based timestep ``t`` (an int shared
-  by the batch). :func:`make_denoiser` builds one from any network, whatever its training objective
+  by the batch), as a :class:`Prediction` that also carries a learned-variance network's
+  interpolation channels (``var_values``, used by the ancestral sampler only). :func:`make_denoiser` builds one from any network, whatever its training objective
   (eps, x0 or v), with optional x0 clipping or dynamic thresholding: samplers never branch on it.
 * ``x_T`` is the starting noise; ``schedule`` a :class:`~ddpm.schedules.NoiseSchedule`;
   ``timesteps`` the kept 0-based timesteps in the order they are visited (descending, e.g. from
@@ -30,13 +31,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .diffusion import (VARIANCES, check_objective, predict_eps_from_x0, predict_x0_from_eps, prediction_to_eps_x0,
-                        randn)
+from .diffusion import (LEARNED_VARIANCE, VARIANCES, check_objective, learned_range_log_variance, model_output,
+                        predict_eps_from_x0, predict_x0_from_eps, prediction_to_eps_x0, randn, split_output)
 from .errors import ConfigError
 from .schedules import NoiseSchedule
 
 __all__ = [
-    "Denoiser", "make_denoiser", "dynamic_threshold", "DYNAMIC_THRESHOLD_PERCENTILE",
+    "Denoiser", "Prediction", "make_denoiser", "dynamic_threshold", "DYNAMIC_THRESHOLD_PERCENTILE",
     "leading_timesteps", "trailing_timesteps", "linspace_timesteps", "SPACINGS", "spaced_timesteps",
     "transitions", "ancestral_step", "ddim_sigma", "ddim_step", "half_log_snr",
     "sample_ancestral", "sample_ddim", "sample_dpm_solver_pp_2m", "SAMPLERS",
@@ -52,6 +53,16 @@ DYNAMIC_THRESHOLD_PERCENTILE = 0.995
 
 # ----------------------------------------------------------------------------- the denoiser adapter
 
+class Prediction(tuple):
+    """A denoiser's result: the pair (eps_pred, x0_pred), which every sampler unpacks, plus
+    ``var_values``, the interpolation channels of a learned-variance network (None otherwise)."""
+
+    def __new__(cls, eps_pred: torch.Tensor, x0_pred: torch.Tensor, var_values: torch.Tensor | None = None):
+        self = super().__new__(cls, (eps_pred, x0_pred))
+        self.var_values = var_values
+        return self
+
+
 def dynamic_threshold(x0: torch.Tensor, percentile: float = DYNAMIC_THRESHOLD_PERCENTILE) -> torch.Tensor:
     """Saharia et al. 2022, Sec. 2.3: s = max(1, p-th percentile of |x0|) per sample; x0 -> clamp(x0, -s, s) / s."""
     s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0)
@@ -61,7 +72,8 @@ def dynamic_threshold(x0: torch.Tensor, percentile: float = DYNAMIC_THRESHOLD_PE
 
 def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = "eps", clip: bool = False,
                   dynamic_thresholding: bool = False, model_kwargs: dict | None = None,
-                  guidance_scale: float | None = None, uncond_kwargs: dict | None = None) -> Denoiser:
+                  guidance_scale: float | None = None, uncond_kwargs: dict | None = None,
+                  self_condition: bool = False) -> Denoiser:
     """Adapt ``model(x_t, t_batch, **model_kwargs)`` trained with ``objective`` into
     ``denoiser(x_t, t) -> (eps_pred, x0_pred)``.
 
@@ -75,6 +87,12 @@ def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = 
     With ``clip`` x0_pred is clipped to [-1, 1], with ``dynamic_thresholding`` it is thresholded
     (:func:`dynamic_threshold`); either way eps_pred is then re-derived from the corrected x0_pred
     (Eq. 4 solved for eps), so every sampler sees a consistent pair.
+
+    A learned-variance network's extra channels come back as ``Prediction.var_values`` (with guidance:
+    the conditional half's, as GLIDE does). A self-conditioned network (``self_condition``) is fed
+    the x0_pred this denoiser returned last (zeros at the first call): the previous step's estimate,
+    in every sampler (Chen et al. 2023, Sec. 3.3). Such a denoiser holds that state, so build one
+    per sampling run.
     """
     check_objective(objective)
     if clip and dynamic_thresholding:
@@ -82,25 +100,38 @@ def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = 
     if guidance_scale is not None and uncond_kwargs is None:
         raise ConfigError("classifier-free guidance needs uncond_kwargs (the model's unconditional inputs)")
     kwargs = model_kwargs or {}
+    state: dict = {"x0_prev": None}          # self-conditioning: the last x0_pred returned
 
-    def predict(x_t: torch.Tensor, t_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(x_t: torch.Tensor, t_batch: torch.Tensor, x0_prev, extra: dict) -> torch.Tensor:
+        return model_output(model, x_t, t_batch, self_cond=x0_prev, self_condition=self_condition, model_kwargs=extra)
+
+    def predict(x_t: torch.Tensor, t_batch: torch.Tensor, x0_prev) -> Prediction:
         if guidance_scale is None:
-            output = model(x_t, t_batch, **kwargs).float()
-            return prediction_to_eps_x0(schedule, x_t, t_batch, output, objective)
+            prediction, var_values = split_output(run(x_t, t_batch, x0_prev, kwargs), x_t.shape[1])
+            return Prediction(*prediction_to_eps_x0(schedule, x_t, t_batch, prediction, objective), var_values)
         both = {k: torch.cat([kwargs[k], uncond_kwargs[k]]) for k in kwargs}          # one batched pass
         x_2, t_2 = torch.cat([x_t, x_t]), torch.cat([t_batch, t_batch])
-        eps_2, _ = prediction_to_eps_x0(schedule, x_2, t_2, model(x_2, t_2, **both).float(), objective)
+        prev_2 = None if x0_prev is None else torch.cat([x0_prev, x0_prev])
+        prediction, var_values = split_output(run(x_2, t_2, prev_2, both), x_t.shape[1])
+        eps_2, _ = prediction_to_eps_x0(schedule, x_2, t_2, prediction, objective)
         eps_cond, eps_uncond = eps_2.chunk(2)
         eps_pred = eps_uncond + guidance_scale * (eps_cond - eps_uncond)              # Ho & Salimans, Eq. 6
-        return eps_pred, predict_x0_from_eps(schedule, x_t, t_batch, eps_pred)
+        return Prediction(eps_pred, predict_x0_from_eps(schedule, x_t, t_batch, eps_pred),
+                          None if var_values is None else var_values.chunk(2)[0])
 
-    def denoiser(x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def denoiser(x_t: torch.Tensor, t: int) -> Prediction:
         t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
-        eps_pred, x0_pred = predict(x_t, t_batch)
+        x0_prev = state["x0_prev"]
+        if x0_prev is not None and x0_prev.shape != x_t.shape:
+            x0_prev = None
+        pred = predict(x_t, t_batch, x0_prev)
+        eps_pred, x0_pred = pred
         if clip or dynamic_thresholding:
             x0_pred = x0_pred.clamp(-1.0, 1.0) if clip else dynamic_threshold(x0_pred)
             eps_pred = predict_eps_from_x0(schedule, x_t, t_batch, x0_pred)
-        return eps_pred, x0_pred
+        if self_condition:
+            state["x0_prev"] = x0_pred
+        return Prediction(eps_pred, x0_pred, pred.var_values)
 
     return denoiser
 
@@ -168,15 +199,28 @@ def _report(callback, i, t, x_t, x0_pred, x) -> None:
 # ----------------------------------------------------------------------------- ancestral (Ho et al. 2020)
 
 def ancestral_step(x_t: torch.Tensor, x0_pred: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float,
-                   noise: torch.Tensor, variance: str = "posterior") -> torch.Tensor:
+                   noise: torch.Tensor, variance: str = "posterior",
+                   var_values: torch.Tensor | None = None) -> torch.Tensor:
     """One step of Algorithm 2 between two kept timesteps, with the respaced beta = 1 - alpha_bar_t / alpha_bar_prev.
 
     (improved-diffusion's respacing: the kept steps form a diffusion of their own.) The mean is the
-    posterior mean at x0_pred (Eq. 7), the variance beta-tilde (``"posterior"``) or beta (``"beta"``).
+    posterior mean at x0_pred (Eq. 7), the variance beta-tilde (``"posterior"``), beta (``"beta"``) or,
+    with ``"learned-range"``, the network's interpolation ``var_values`` between the log of the
+    respaced beta and beta-tilde (Nichol & Dhariwal 2021, Eq. 15). At the last step (alpha_bar_prev
+    = 1) beta-tilde is 0 and a learned variance adds no noise.
     """
     beta = 1.0 - alpha_bar_t / alpha_bar_prev
     coef1 = math.sqrt(alpha_bar_prev) * beta / (1.0 - alpha_bar_t)                  # Eq. 7, coefficient of x0
     coef2 = math.sqrt(1.0 - beta) * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)    # Eq. 7, coefficient of x_t
+    if variance == LEARNED_VARIANCE:
+        if var_values is None:
+            raise ConfigError("variance 'learned-range' needs a network trained with learned variances "
+                              "(2C output channels); this one has C")
+        beta_tilde = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t)
+        if beta_tilde <= 0.0:
+            return coef1 * x0_pred + coef2 * x_t
+        sigma = torch.exp(0.5 * learned_range_log_variance(var_values, math.log(beta), math.log(beta_tilde)))
+        return coef1 * x0_pred + coef2 * x_t + sigma * noise
     sigma2 = beta * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) if variance == "posterior" else beta
     return coef1 * x0_pred + coef2 * x_t + math.sqrt(sigma2) * noise
 
@@ -186,16 +230,18 @@ def sample_ancestral(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSched
                      noise: NoiseSource | None = None, callback=None, variance: str = "posterior") -> torch.Tensor:
     """Ancestral sampling (Algorithm 2) over the kept timesteps; over all T it is the paper's sampler.
 
-    No noise is added at the last step.
+    No noise is added at the last step. ``variance="learned-range"`` uses the denoiser's
+    ``Prediction.var_values`` (a learned-variance network).
     """
     if variance not in VARIANCES:
         raise ConfigError(f"unknown variance {variance!r}; choose from {', '.join(VARIANCES)}")
     x = x_T.float()
     steps = transitions(schedule, timesteps)
     for i, (t, abar_t, abar_prev) in enumerate(steps):
-        _, x0_pred = denoiser(x, t)
+        pred = denoiser(x, t)
+        _, x0_pred = pred
         z = _draw(noise, x) if i + 1 < len(steps) else torch.zeros_like(x)
-        x_prev = ancestral_step(x, x0_pred, abar_t, abar_prev, z, variance)
+        x_prev = ancestral_step(x, x0_pred, abar_t, abar_prev, z, variance, getattr(pred, "var_values", None))
         _report(callback, i, t, x, x0_pred, x_prev)
         x = x_prev
     return x

@@ -43,12 +43,14 @@ from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoi
                          load_weights, save_checkpoint, unflatten_optimizer_state)
 from .config import RunConfig, build_diffusion
 from .data import ImageData, load_dataset
+from .diffusion import offset_noise
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
 from .plots import line_chart
 from .seeding import derive_seed
+from .timestep_sampling import ImportanceSampler
 
 __all__ = ["EMA", "EpochOrder", "label_dropout", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
            "check_training_data", "checkpoint_global_batch", "rank_rows", "lr_at", "train", "TrainResult"]
@@ -385,11 +387,15 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     counters = Counters()
+    dc = config.diffusion
+    # Importance sampling of t (Nichol & Dhariwal 2021, Sec. 3.3): its loss histories are run state.
+    timestep_sampler = ImportanceSampler(dc.timesteps) if dc.timestep_sampling == "importance" else None
 
     ema = None                      # rank 0 alone keeps the moving average
     with distributed.agree("loading the checkpoint"):
         if resume:
-            counters, ema = _restore(run_dir, config, model, optimizer, scaler, global_batch, keep_ema=main)
+            counters, ema = _restore(run_dir, config, model, optimizer, scaler, global_batch, keep_ema=main,
+                                     timestep_sampler=timestep_sampler)
         else:
             if tc.init:
                 _init_from(tc.init, model)
@@ -419,7 +425,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     def save(step: int) -> Path:
         optim_tensors, optim_info = flatten_optimizer_state(optimizer.state_dict())
         tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors}
+                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors,
+                   **(timestep_sampler.state_tensors() if timestep_sampler else {})}
         meta = {"step": step, "config": config.to_dict(), "ema_updates": ema.num_updates, "optimizer": optim_info,
                 "counters": vars(counters), "scaler": scaler.state_dict() if scaler else None,
                 "dataset": data.name, "num_images": data.num_images, "data_position": step * global_batch,
@@ -486,14 +493,26 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 if config.data.hflip:
                     flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
                     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                if objective is None:
+                t_weights = None                # importance sampling: t ~ p_t, losses weighted by 1 / (T p_t)
+                if objective is not None:
+                    t = objective.draw_timesteps(shape[0], g)[mine]
+                elif timestep_sampler is None:
                     t = torch.randint(0, T, (shape[0],), generator=g, device=device)[mine]
                 else:
-                    t = objective.draw_timesteps(shape[0], g)[mine]
-                noise = torch.randn(shape, generator=g, device=device)[mine]
+                    t, t_weights = timestep_sampler.sample(shape[0], g, device)
+                    t, t_weights = t[mine], t_weights[mine]
+                noise = torch.randn(shape, generator=g, device=device)
                 y = None
                 if labels is not None:          # drawn last, so unconditional runs keep their random stream
                     y = label_dropout(labels[index], config.model.num_classes, tc.label_dropout, g)[mine]
+                # The training variants (offset noise, self-conditioning coins) draw after everything else,
+                # and only when enabled, so other runs keep their random stream.
+                if dc.offset_noise > 0:
+                    noise = noise + offset_noise(shape, dc.offset_noise, generator=g, device=device)
+                noise = noise[mine]
+                self_cond_mask = None           # self-conditioning: which samples get the first, no-grad pass
+                if dc.self_condition:
+                    self_cond_mask = (torch.rand(shape[0], generator=g, device=device) < 0.5)[mine]
 
                 # Forward and backward over micro-batches (gradient accumulation); DDP averages
                 # the gradients over the ranks in the last backward pass only.
@@ -506,11 +525,14 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                         with _autocast(device, tc.precision):
                             if objective is None:
                                 per_sample = net(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
-                                                 model_kwargs=kwargs, reduction="none")
+                                                 model_kwargs=kwargs, reduction="none",
+                                                 self_cond_mask=None if self_cond_mask is None
+                                                 else self_cond_mask[i:i + micro])
                             else:
                                 per_sample = objective.losses(model, x[i:i + micro], t[i:i + micro],
                                                               noise[i:i + micro], kwargs)
-                        loss = per_sample.mean() * (1 / tc.grad_accum)
+                        weighted = per_sample if t_weights is None else per_sample * t_weights[i:i + micro]
+                        loss = weighted.mean() * (1 / tc.grad_accum)
                         (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(per_sample.detach())
                 per_sample = torch.cat(losses)
@@ -542,6 +564,17 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                     if ema is not None:
                         ema.update(model)
                     counters.bad_in_row = 0
+                    if timestep_sampler is not None:
+                        # The one update of the loss histories: (t, unweighted loss) of the whole global
+                        # batch, in its row order (every rank keeps the same histories, so draws agree).
+                        t_all, loss_all = t, per_sample
+                        if world > 1:
+                            rows = distributed.all_gather_cat(mine, "gathering the timestep losses")
+                            by_row = torch.argsort(rows)
+                            t_all = distributed.all_gather_cat(t, "gathering the timestep losses")[by_row]
+                            loss_all = distributed.all_gather_cat(per_sample.float(),
+                                                                  "gathering the timestep losses")[by_row]
+                        timestep_sampler.update(t_all, loss_all)
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     if scaler:
@@ -707,8 +740,9 @@ def checkpoint_global_batch(meta: dict) -> int:
 
 
 def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler, global_batch: int,
-             keep_ema: bool = True) -> tuple[Counters, EMA | None]:
-    """Load weights, EMA (when ``keep_ema``), optimizer and counters from the newest checkpoint of ``run_dir``."""
+             keep_ema: bool = True, timestep_sampler: ImportanceSampler | None = None) -> tuple[Counters, EMA | None]:
+    """Load weights, EMA (when ``keep_ema``), optimizer, counters (and the timestep sampler's state)
+    from the newest checkpoint of ``run_dir``."""
     found = list_checkpoints(run_dir)
     if not found:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
@@ -734,5 +768,7 @@ def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scal
         raise CheckpointError(f"{meta['path']}: the optimizer state does not fit ({exc})") from None
     if scaler and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
+    if timestep_sampler is not None:
+        timestep_sampler.load_state_tensors(tensors, meta["path"])
     _set_rng_states(meta.get("rng"))
     return Counters(**meta.get("counters", {"step": meta["step"]})), ema

@@ -26,53 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import p_mean_variance, q_mean_variance, q_posterior_mean_variance, q_sample, randn
+# The bound's maths lives in ddpm.diffusion (training's L_vlb uses it too); re-exported here.
+from ..diffusion import (BIN_HALF_WIDTH, LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl,
+                         p_mean_variance, q_mean_variance, q_sample, randn, vb_terms_from_mean_variance)
 from ..errors import DataError
 from ..schedules import NoiseSchedule
 
 __all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "prior_bpd", "vb_terms_bpd", "bpd_terms",
            "images_to_x0", "BpdResult", "evaluate_bpd"]
-
-LOG2 = math.log(2.0)
-BIN_HALF_WIDTH = 1.0 / 255.0     # the 8-bit grid in [-1, 1] has bins of width 2 / 255
-
-
-def mean_over_dims(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1).mean(dim=1)
-
-
-def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """log P(bin of x0) elementwise (nats) for N(mean, exp(log_scale)^2) discretised to the 8-bit grid.
-
-    The bin of x0 is [x0 - 1/255, x0 + 1/255], with the first bin extended down to -inf and
-    the last up to +inf (Ho et al. 2020, Eq. 13). Uses the exact normal CDF in float64, and
-    log CDFs in the tails so that far-off means give finite, accurate values.
-    """
-    x0, mean, log_scale = x0.double(), mean.double(), log_scale.double()
-    inv_std = torch.exp(-log_scale)
-    upper = inv_std * (x0 - mean + BIN_HALF_WIDTH)
-    lower = inv_std * (x0 - mean - BIN_HALF_WIDTH)
-    log_cdf_upper = torch.special.log_ndtr(upper)              # log P(z < upper): the first bin
-    log_sf_lower = torch.special.log_ndtr(-lower)              # log P(z > lower): the last bin
-    # Interior bin: P(lower < z < upper) computed on whichever side of 0 keeps precision.
-    right = lower > 0
-    mass = torch.where(right, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-                       torch.special.ndtr(upper) - torch.special.ndtr(lower))
-    log_mid = torch.log(mass.clamp(min=1e-300))
-    # In the far tail the difference underflows: fall back to the log-density times the bin width.
-    tail = mass < 1e-12
-    if bool(tail.any()):
-        centre = inv_std * (x0 - mean)
-        log_density = -0.5 * centre ** 2 - 0.5 * math.log(2 * math.pi) - log_scale + math.log(2 * BIN_HALF_WIDTH)
-        log_mid = torch.where(tail, torch.minimum(log_density, torch.zeros_like(log_density)), log_mid)
-    return torch.where(x0 < -1.0 + BIN_HALF_WIDTH, log_cdf_upper,
-                       torch.where(x0 > 1.0 - BIN_HALF_WIDTH, log_sf_lower, log_mid))
 
 
 def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
@@ -84,15 +45,18 @@ def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
 
 def vb_terms_bpd(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
                  objective: str = "eps", variance: str = "posterior", clip_denoised: bool = True,
-                 model_kwargs: dict | None = None) -> torch.Tensor:
-    """One term of the bound per image, in bits/dim, shape [B]: L_{t-1} (a KL) where t >= 1, L_0 where t = 0."""
-    true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, x_t, t)
-    out = p_mean_variance(model, schedule, x_t, t, objective=objective, variance=variance,
-                          clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-    mean, log_var = out["mean"].double(), out["log_variance"].double()
-    kl = mean_over_dims(normal_kl(true_mean.double(), true_log_var.double(), mean, log_var)) / LOG2
-    decoder_nll = -mean_over_dims(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / LOG2
-    return torch.where(t == 0, decoder_nll, kl)
+                 model_kwargs: dict | None = None, self_condition: bool = False) -> torch.Tensor:
+    """One term of the bound per image, in bits/dim, shape [B]: L_{t-1} (a KL) where t >= 1, L_0 where t = 0.
+
+    A learned variance (``variance="learned-range"``) enters the KL and the decoder as it enters
+    sampling. A self-conditioned network is evaluated as a reverse step of its own: a first pass with
+    x0_prev = 0 gives the x0 estimate that the second pass is conditioned on.
+    """
+    kwargs = dict(objective=objective, variance=variance, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                  self_condition=self_condition)
+    self_cond = p_mean_variance(model, schedule, x_t, t, **kwargs)["x0_pred"] if self_condition else None
+    out = p_mean_variance(model, schedule, x_t, t, self_cond=self_cond, **kwargs)
+    return vb_terms_from_mean_variance(schedule, x0, x_t, t, out["mean"].double(), out["log_variance"].double())
 
 
 @torch.inference_mode()
@@ -102,7 +66,7 @@ def bpd_terms(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *, gen
 
     Returns, in bits/dim, ``terms`` [B, T] (column t is L_0 for t = 0, else L_t in the paper's
     numbering), ``prior`` [B] (L_T) and ``total`` [B] = prior + sum of the terms. ``kwargs`` go
-    to :func:`ddpm.diffusion.p_mean_variance` (objective, variance, clip_denoised, model_kwargs).
+    to :func:`vb_terms_bpd` (objective, variance, clip_denoised, model_kwargs, self_condition).
     """
     b, T = x0.shape[0], schedule.timesteps
     terms = torch.zeros(b, T, dtype=torch.float64)
@@ -143,7 +107,7 @@ def evaluate_bpd(diffusion, images: np.ndarray, *, batch_size: int = 100, seed: 
                  progress: bool = True, clip_denoised: bool | None = None) -> BpdResult:
     """The bound for uint8 ``images`` [N, H, W, C] under a :class:`~ddpm.diffusion.GaussianDiffusion`.
 
-    Uses the diffusion's objective, fixed variance and x0 clipping (as sampling does, and as
+    Uses the diffusion's objective, variance (fixed or learned), self-conditioning and x0 clipping (as sampling does, and as
     improved-diffusion's evaluation does); the x_t noise comes from a CPU generator seeded with ``seed``.
     """
     x0_all = images_to_x0(images)
@@ -160,7 +124,8 @@ def evaluate_bpd(diffusion, images: np.ndarray, *, batch_size: int = 100, seed: 
     for start in tqdm(batches, desc="bits/dim batches", disable=not progress or len(batches) == 1, dynamic_ncols=True):
         x0 = x0_all[start:start + batch_size].to(device)
         results.append(bpd_terms(diffusion.model, schedule, x0, generator=generator, progress=progress,
-                                 objective=diffusion.objective, variance=diffusion.variance, clip_denoised=clip))
+                                 objective=diffusion.objective, variance=diffusion.variance, clip_denoised=clip,
+                                 self_condition=getattr(diffusion, "self_condition", False)))
     total = torch.cat([r["total"] for r in results])
     terms = torch.cat([r["terms"] for r in results])
     prior = torch.cat([r["prior"] for r in results])

@@ -48,7 +48,8 @@ class UnetConfig:
     dropout: float = 0.1
     norm_groups: int = 32                         # GroupNorm groups (the paper: 32)
     attention_heads: int = 1                      # the paper uses one head
-    out_channels: int | None = None               # defaults to ``channels``
+    out_channels: int | None = None               # defaults to ``channels`` (2C: with a learned variance)
+    in_channels: int | None = None                # defaults to ``channels`` (2C: [x_t, x0_prev], self-conditioning)
     num_classes: int | None = None                # class-conditional with this many classes; None: unconditional
     norm_eps: float = 1e-5                        # GroupNorm epsilon (the paper's TensorFlow code: 1e-6)
     downsample_padding: str = "symmetric"         # symmetric: one zero row/column on each side of the stride-2
@@ -67,6 +68,10 @@ class UnetConfig:
             raise ConfigError(f"image_size must be a positive int or (H, W), got {self.image_size}")
         if self.channels < 1:
             raise ConfigError(f"channels must be >= 1, got {self.channels}")
+        for name in ("in_channels", "out_channels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
         if self.dim < 1 or not self.dim_mults or min(self.dim_mults) < 1:
             raise ConfigError("dim and every dim_mults entry must be positive")
         if self.num_res_blocks < 1:
@@ -194,7 +199,7 @@ class Unet(nn.Module):
     takes the fields of :class:`UnetConfig` as keywords; ``Unet.from_preset(name)`` builds a
     named preset (see :mod:`ddpm.models.presets`).
 
-    ``forward(x_t, t, y=None)`` takes x_t of shape [B, C, H, W] and 0-based timestep indices ``t``
+    ``forward(x_t, t, y=None)`` takes x_t of shape [B, in_channels (default C), H, W] and 0-based timestep indices ``t``
     (LongTensor [B]) and returns a tensor of shape [B, out_channels, H, W]. A class-conditional
     model (``num_classes`` set) also takes class labels ``y`` (LongTensor [B] in 0..num_classes,
     where ``num_classes`` is the null label); ``y=None`` means unconditional (all null).
@@ -208,6 +213,7 @@ class Unet(nn.Module):
             raise TypeError("pass either a UnetConfig or keyword options, not both")
         self.config = cfg = config
         self.image_size, self.channels = cfg.image_size, cfg.channels
+        self.in_channels = cfg.in_channels or cfg.channels
         ch, emb_dim, groups, eps = cfg.dim, cfg.dim * 4, cfg.norm_groups, cfg.norm_eps
         out_channels = cfg.out_channels or cfg.channels
 
@@ -215,7 +221,7 @@ class Unet(nn.Module):
         self.num_classes = cfg.num_classes
         if cfg.num_classes is not None:      # one extra row: the null label of classifier-free guidance
             self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
-        self.conv_in = nn.Conv2d(cfg.channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(self.in_channels, ch, 3, padding=1)
 
         res = min(cfg.image_size)
         skip_chs = [ch]
@@ -286,8 +292,8 @@ class Unet(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"expected x of shape [B, {self.channels}, H, W], got {list(x.shape)}")
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected x of shape [B, {self.in_channels}, H, W], got {list(x.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.config.dim).to(x.dtype))
         if self.num_classes is not None:
             if y is None:

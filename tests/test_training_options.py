@@ -575,3 +575,31 @@ def test_periodic_fast_metric_is_logged_and_tracks_sample_quality(tmp_path, monk
     blank = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines() if "fast_fid" in line]
     assert blank[0]["fast_fid"] > 5 * real_fid
     assert (out / "loss.png").is_file()              # evaluation rows do not break the loss curve
+
+
+def test_time_limit_ends_the_run_like_its_last_step_and_resume_continues(tmp_path, no_sampling, monkeypatch):
+    """--time-limit: the step that crosses the limit is logged, saved and gets the final grid; the
+    run then resumes to its --steps as usual. The clock is a fake that advances 1 s per reading."""
+    clock = iter(range(10_000))
+    monkeypatch.setattr(ddpm.train.time, "time", lambda: float(next(clock)))
+    run_dir = tmp_path / "run"
+    args = [*TINY[2:], "--steps", "50", "--checkpoint-every", "0", "--out", str(run_dir)]
+    assert main(["train", *args, "--time-limit", str(5 / 60)]) == 0
+    checkpoints = list_checkpoints(run_dir)
+    assert len(checkpoints) == 1
+    stopped = checkpoints[0][0]
+    assert 1 <= stopped < 50
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == stopped
+    assert (run_dir / "samples.png").exists()
+    assert main(["train", "--resume", str(run_dir), "--time-limit", "0", "--quiet"]) == 0
+    assert list_checkpoints(run_dir)[-1][0] == 50
+
+
+def test_a_negative_time_limit_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *TINY, "--time-limit", "-1"])
+    assert exc.value.code == 2
+    assert "--time-limit" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="time limit"):
+        TrainConfig(time_limit=-0.5)

@@ -167,6 +167,9 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--config", metavar="TOML", help="a TOML file with [model], [diffusion], [data], [train] tables")
     g.add_argument("--steps", type=_positive_int, help="optimizer steps (with --resume: may extend the run)")
+    g.add_argument("--time-limit", type=_nonneg_float, metavar="MINUTES",
+                   help="stop after this many minutes of this command, as if --steps were reached (checkpoint "
+                        "and final grid); --resume continues (0: no limit)")
     g.add_argument("--batch-size", type=_positive_int,
                    help="images per forward pass of each process; an optimizer step sees batch size x "
                         "processes (torchrun) x grad-accum images")
@@ -213,10 +216,10 @@ TRAIN_FLAGS = {
         "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
-        "eval_every", "eval_samples", "label_dropout")},
+        "eval_every", "eval_samples", "label_dropout", "time_limit")},
 }
 # What a resumed run may change (batch_size only as the per-process share of the saved global batch).
-RESUME_MAY_CHANGE = {"steps", "device", "grad_accum"}
+RESUME_MAY_CHANGE = {"steps", "device", "grad_accum", "time_limit"}
 
 
 def _flag(name: str) -> str:
@@ -610,9 +613,10 @@ def _resume_config(args):
             same = (list(value) == list(old)) if isinstance(value, tuple) and old is not None else value == old
             if not same and name not in RESUME_MAY_CHANGE:
                 raise ConfigError(f"{_flag(name)} {value} differs from the run's saved value {old}; a resumed run "
-                                  "keeps its configuration (only --steps, --device and --grad-accum may change)")
+                                  "keeps its configuration (only --steps, --device, --grad-accum and --time-limit may change)")
     train_cfg = dc_replace(saved.train, steps=args.steps or saved.train.steps, device=args.device or saved.train.device,
-                           batch_size=batch_size, grad_accum=grad_accum)
+                           batch_size=batch_size, grad_accum=grad_accum,
+                           time_limit=args.time_limit or 0.0)       # a time limit is this command's, not the run's
     if train_cfg.steps <= meta["step"]:
         raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
                           "to extend it")

@@ -175,6 +175,7 @@ class TrainConfig:
     eval_every: int = 0                # steps between fast-metric evaluations of the EMA model (0: never)
     eval_samples: int = 256            # images generated for each evaluation
     label_dropout: float = 0.1         # class-conditional models: P(label replaced by the null label) (Ho & Salimans 2022)
+    time_limit: float = 0.0            # minutes: stop (saving a checkpoint and the final grid) once reached; 0: none
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "num_samples", "log_every", "max_bad_steps", "eval_samples"):
@@ -197,6 +198,8 @@ class TrainConfig:
             raise ConfigError(f"EMA decay must be in [0, 1]; got {self.ema_decay!r}")
         if not _is_number(self.label_dropout) or not 0.0 <= self.label_dropout <= 1.0:
             raise ConfigError(f"label dropout must be in [0, 1]; got {self.label_dropout!r}")
+        if not _is_number(self.time_limit) or not self.time_limit >= 0:
+            raise ConfigError(f"time limit must be >= 0 minutes; got {self.time_limit!r}")
         if not _is_int(self.seed):
             raise ConfigError(f"seed must be an integer; got {self.seed!r}")
         if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)):

@@ -536,16 +536,18 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                         (scaler.scale(loss) if scaler else loss).backward()
                     losses.append(per_sample.detach())
                 per_sample = torch.cat(losses)
+                time_up = bool(tc.time_limit) and time.time() - start_time >= 60 * tc.time_limit
                 if world == 1:
                     loss_value, stop_now = float(per_sample.mean()), None
                 else:
                     # One small all-reduce per step: the global mean loss (so that every rank takes
-                    # the same skip decision) and any stop signal received by any rank.
+                    # the same skip decision), any stop signal received by any rank, and the time limit.
                     received = stop.received
-                    total, count, n_int, n_term = distributed.all_reduce_sum(
+                    total, count, n_int, n_term, n_late = distributed.all_reduce_sum(
                         [float(per_sample.double().sum()), per_sample.numel(), float(received == signal.SIGINT),
-                         float(received is not None and received != signal.SIGINT)], "a training step")
-                    loss_value = total / count
+                         float(received is not None and received != signal.SIGINT), float(time_up)],
+                        "a training step")
+                    loss_value, time_up = total / count, n_late > 0
                     stop_now = None if not (n_int or n_term) else (signal.SIGTERM if n_term else signal.SIGINT)
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -588,6 +590,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                             f"loss {loss_value}, gradient norm {grad_norm}); training stopped. Last good checkpoint: "
                             f"{last[-1][1] if last else 'none'}. Try a lower --lr, --grad-clip 1 or --precision fp32")
                 counters.step = done = step + 1
+                final_step = done == tc.steps or time_up          # --time-limit ends the run like its last step
 
                 # Bookkeeping: metrics, progress, checkpoints, sample grids (rank 0). With several
                 # ranks the loss is the global mean; its quartiles come from rank 0's rows.
@@ -597,7 +600,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                     window.add(per_sample, t, T, grad_norm, loss=None if world == 1 else loss_value, world=world)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                    if done % tc.log_every == 0 or done == tc.steps:
+                    if done % tc.log_every == 0 or final_step:
                         metrics = window.flush(done, lr_at(config, step), global_batch, counters, start_time)
                         metrics_file.write(json.dumps(metrics) + "\n")
                         metrics_file.flush()
@@ -607,7 +610,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                                     board.add_scalar(key, value, done)
                         if progress and not interactive:
                             print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
-                if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == tc.steps or interrupted:
+                if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or final_step or interrupted:
                     with distributed.agree("saving a checkpoint"):        # the others wait for rank 0's save
                         if main:
                             last_ckpt = save(done)
@@ -617,15 +620,19 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                         f"{name} received: stopped after step {done} and saved {last_ckpt}; "
                         f"continue with: ddpm train --resume {run_dir}", 128 + signum)
                 if not main:
+                    if time_up:
+                        break
                     continue
-                if (tc.sample_every and done % tc.sample_every == 0) or done == tc.steps:
+                if (tc.sample_every and done % tc.sample_every == 0) or final_step:
                     grid = sample_grid(done)
-                if reference is not None and (done % tc.eval_every == 0 or done == tc.steps):
+                if reference is not None and (done % tc.eval_every == 0 or final_step):
                     scores = evaluate(done)
                     metrics_file.write(json.dumps(scores) + "\n")
                     metrics_file.flush()
                     if board:
                         board.add_scalar("fast_fid", scores["fast_fid"], done)
+                if time_up:
+                    break
     except distributed.PeerLost as exc:
         raise distributed.PeerLost(f"{exc}; continue from the newest checkpoint with: ddpm train --resume {run_dir}",
                                    ) from None

@@ -56,8 +56,9 @@ def main() -> None:
     parser.add_argument("--also-steps", default="64", help="more teacher step counts, comma-separated")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--grids", help="write 64-image grids of the teacher and of each student into this folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
 
     device = select_device(args.device)
     out = Path(args.out)

@@ -249,7 +249,6 @@ def test_a_killed_rank_makes_the_other_exit_promptly_with_one_clear_line(tmp_pat
 
 # ----------------------------------------------------------------------------- longer runs
 
-@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     proc = torchrun("train", *TINY, "--steps", "50", "--batch-size", "4", "--checkpoint-every", "0",
                     "--out", str(tmp_path / "run"), worker=True,
@@ -262,7 +261,6 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
 
 
-@pytest.mark.slow
 def test_two_processes_with_gradient_accumulation_train_like_one_process(tmp_path):
     """2 processes x batch 2 x grad_accum 2 = 1 process x batch 8, with flips on."""
     common = [*TINY, "--steps", "2", "--hflip", "--checkpoint-every", "0"]
@@ -280,7 +278,6 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.slow
 def test_resume_from_two_processes_on_one_keeps_the_global_batch_and_the_weights(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     proc = torchrun("train", *TINY, "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2",
@@ -293,7 +290,6 @@ def test_resume_from_two_processes_on_one_keeps_the_global_batch_and_the_weights
     assert_close_checkpoints(tensors, load_checkpoint(uninterrupted)[0])
 
 
-@pytest.mark.slow
 def test_resume_from_one_process_on_two_keeps_the_global_batch_and_the_weights(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--batch-size", "8", "--checkpoint-every", "2",
@@ -308,7 +304,6 @@ def test_resume_from_one_process_on_two_keeps_the_global_batch_and_the_weights(t
     assert steps == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
 def test_an_indivisible_global_batch_on_resume_under_torchrun_is_one_clear_error(one_step_run):
     proc = torchrun("train", "--resume", str(one_step_run), "--steps", "2", "--grad-accum", "2", nproc=4)
     lines = our_lines(proc)
@@ -316,7 +311,6 @@ def test_an_indivisible_global_batch_on_resume_under_torchrun_is_one_clear_error
     assert "exitcode  : 2" in proc.stderr
 
 
-@pytest.mark.slow
 def test_distributed_eval_samples_like_one_process(two_and_one, tmp_path):
     checkpoint = two_and_one["root"] / "one"
     options = ["eval", "--metric", "fast", "--checkpoint", str(checkpoint), "--data", "digits", "--num-images", "6",
@@ -329,7 +323,6 @@ def test_distributed_eval_samples_like_one_process(two_and_one, tmp_path):
     assert two["fast_fid"] == pytest.approx(one["fast_fid"], rel=1e-9)
 
 
-@pytest.mark.slow
 def test_single_process_commands_refuse_torchrun_with_one_line(two_and_one):
     proc = torchrun("inspect", str(two_and_one["root"] / "one"))
     lines = our_lines(proc)

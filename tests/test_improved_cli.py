@@ -20,6 +20,7 @@ from ddpm.timestep_sampling import ImportanceSampler
 from ddpm.train import train
 
 from test_cli import TINY, assert_one_line_error, run_cli
+from test_cli_sample import one_line_error
 from test_resume import assert_bit_identical, final_tensors
 
 VARIANTS = {
@@ -52,17 +53,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         cli("train", *TINY, *flags, "--out", str(root / name))
         out[name] = root / name
     return out
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    """Run the CLI, expect exit code 2 and exactly one line on stderr, return it."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:                  # argparse's own usage errors
-        code = exc.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "error:" in err[0] and "Traceback" not in err[0], (code, err)
-    return err[0]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -398,3 +398,11 @@ def test_a_teacher_with_learned_variances_or_self_conditioning_is_refused(varian
     teacher = dataclasses.replace(teacher, diffusion=dataclasses.replace(teacher.diffusion, **variant))
     with pytest.raises(ConfigError, match="fixed variances and without self-conditioning"):
         check_teacher(teacher, DistillConfig(teacher="t.safetensors", rounds=1, teacher_steps=8))
+
+
+def test_a_teachers_time_limit_does_not_carry_over_to_its_students(tmp_path, capsys):
+    teacher_dir = tmp_path / "teacher"
+    assert main(["train", *TINY, "--time-limit", "30", "--out", str(teacher_dir)]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--checkpoint", str(teacher_dir), "--rounds", "1", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["train"]["time_limit"] == 0.0

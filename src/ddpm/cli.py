@@ -1078,7 +1078,7 @@ def cmd_distill(args) -> int:
         check_teacher(teacher, config)
         # The teacher's training settings suit its data and hardware; a round restarts the schedule.
         base = dataclasses.replace(teacher.train, steps=args.steps_per_round or 1000, warmup_steps=0, init=None,
-                                   eval_every=0, milestone_every=0)
+                                   time_limit=0.0, eval_every=0, milestone_every=0)
         given = {n: getattr(args, n) for n in DISTILL_TRAIN_FLAGS if getattr(args, n) is not None}
         try:
             train_cfg = dataclasses.replace(base, **given)

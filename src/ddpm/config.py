@@ -208,11 +208,6 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', ' ')} must be true or false; got {getattr(self, name)!r}")
 
-    @property
-    def micro_batch_size(self) -> int:
-        """Images per forward pass of one process: ``batch_size`` itself."""
-        return self.batch_size
-
     def global_batch_size(self, world_size: int = 1) -> int:
         """Images per optimizer step over all processes: batch_size x world_size x grad_accum."""
         return self.batch_size * world_size * self.grad_accum

@@ -486,6 +486,7 @@ class GaussianDiffusion(nn.Module):
         self.objective, self.loss_weighting, self.min_snr_gamma = objective, loss_weighting, min_snr_gamma
         self.variance, self.clip_denoised = variance, clip_denoised
         self.default_sampling = None   # SamplingOptions a checkpoint asks for (RunConfig.sampling); None: the library's
+        self.precision = "fp32"         # the network's autocast while sampling (ddpm.precision; load_diffusion sets it)
         self.loss, self.vlb_weight = loss, vlb_weight
         self.self_condition, self.offset_noise = self_condition, offset_noise
         self._schedules: dict[torch.device, NoiseSchedule] = {}

@@ -23,6 +23,7 @@ from .data import to_uint8
 from .diffusion import GaussianDiffusion, from_model_range
 from .errors import CheckpointError, ConfigError
 from .images import make_grid, save_npz, save_png
+from .precision import autocast, check_precision
 from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, make_denoiser
 from .seeding import derive_seed
 
@@ -53,14 +54,20 @@ def select_device(name: str = "auto") -> torch.device:
 
 
 def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
-                   weights: str = "ema") -> tuple[GaussianDiffusion, dict]:
-    """Rebuild model and diffusion from a checkpoint (file or run directory).
+                   weights: str = "ema", *, precision: str = "fp32",
+                   channels_last: bool | None = None) -> tuple[GaussianDiffusion, dict]:
+    """Rebuild model and diffusion from a checkpoint (file or run directory), ready to sample.
 
-    ``weights`` is ``"ema"`` (the default, as in the paper) or ``"raw"``. Returns the
-    diffusion (on ``device``, in eval mode) and the checkpoint's metadata.
+    ``weights`` is ``"ema"`` (the default, as in the paper) or ``"raw"``. ``precision`` is the
+    network's autocast while sampling (:mod:`ddpm.precision`; the sampler's maths stays float32).
+    ``channels_last`` (default: on the CPU and CUDA) stores the weights in the channels-last
+    memory format, which the convolutions run faster in (benchmarks/RESULTS.md, "Speed"). Returns
+    the diffusion (on ``device``, in eval mode) and the checkpoint's metadata.
     """
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw'; got {weights!r}")
+    device = torch.device(device)
+    check_precision(device, precision)
     tensors, meta = load_checkpoint(checkpoint)
     try:
         config = RunConfig.from_dict(meta["config"])
@@ -69,6 +76,9 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     diffusion = build_diffusion(config)
     load_weights(diffusion.model, tensors, "ema" if weights == "ema" else "model", meta["path"])
     meta["run_config"] = config
+    diffusion.precision = precision
+    if channels_last if channels_last is not None else device.type in ("cpu", "cuda"):
+        diffusion.model.to(memory_format=torch.channels_last)
     return diffusion.to(device).eval(), meta
 
 
@@ -94,7 +104,8 @@ def resolved_sampling(diffusion: GaussianDiffusion, sampling: SamplingOptions) -
     options = sampling.sampler_options(diffusion.variance)
     return {"sampler": sampling.sampler, "steps": len(timesteps), "timesteps": diffusion.timesteps,
             "spacing": sampling.spacing, "eta": options.get("eta"), "variance": options.get("variance"),
-            "clip": _clip(diffusion, sampling), "dynamic_thresholding": sampling.dynamic_thresholding}
+            "clip": _clip(diffusion, sampling), "dynamic_thresholding": sampling.dynamic_thresholding,
+            "precision": diffusion.precision}
 
 
 def _clip(diffusion: GaussianDiffusion, sampling: SamplingOptions) -> bool:
@@ -167,7 +178,7 @@ def sample_images(diffusion: GaussianDiffusion, indices: list[int], *, seed: int
         if callback is not None:
             callback(info)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, diffusion.precision):
         x0 = SAMPLERS[sampling.sampler](denoiser, x_T, diffusion.schedule, timesteps, noise=noise,
                                         callback=on_step, **sampling.sampler_options(diffusion.variance))
     bar.close()
@@ -297,7 +308,7 @@ def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: to
     denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
                              clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding,
                              self_condition=diffusion.self_condition)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, diffusion.precision):
         out = SAMPLERS[sampling.sampler](denoiser, latents, diffusion.schedule, timesteps, noise=noise,
                                          **sampling.sampler_options(diffusion.variance))
     return to_uint8(from_model_range(out).cpu())

@@ -49,6 +49,7 @@ from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
 from .plots import line_chart
+from .precision import autocast, check_precision
 from .seeding import derive_seed
 from .timestep_sampling import ImportanceSampler
 
@@ -305,21 +306,6 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _autocast(device: torch.device, precision: str):
-    """Autocast for the network only (the diffusion maths casts its inputs to float32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _check_precision(device: torch.device, precision: str) -> None:
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device (it uses a gradient scaler); use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("this GPU does not support bfloat16; use --precision fp16 or fp32")
-
-
 def _tensorboard(run_dir: Path):
     """A TensorBoard writer when the tensorboard package is installed, else None."""
     try:
@@ -371,7 +357,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
     device = distributed.training_device(tc.device)
-    _check_precision(device, tc.precision)
+    check_precision(device, tc.precision)
     torch.manual_seed(tc.seed)
     if data is None:
         data = load_training_data(config)
@@ -384,7 +370,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     model = diffusion.model
     model.gradient_checkpointing = tc.grad_checkpointing
     optim_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # The fused step (one kernel over all parameters) on the CPU and CUDA: benchmarks/RESULTS.md, "Speed".
+    optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                          fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     counters = Counters()
     dc = config.diffusion
@@ -522,7 +510,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                     sync = contextlib.nullcontext() if world == 1 or a == tc.grad_accum - 1 else net.no_sync()
                     kwargs = None if y is None else {"y": y[i:i + micro]}
                     with sync, distributed.collective("a training step"):
-                        with _autocast(device, tc.precision):
+                        with autocast(device, tc.precision):
                             if objective is None:
                                 per_sample = net(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
                                                  model_kwargs=kwargs, reduction="none",

@@ -214,3 +214,28 @@ def test_configs_saved_before_the_new_fields_keep_the_old_network():
     for bad in (dict(norm_eps=0), dict(norm_eps=True), dict(downsample_padding="valid")):
         with pytest.raises(ddpm.ConfigError):
             UnetConfig.from_dict({**old, **bad})
+
+
+def test_dropout_keeps_each_element_with_probability_one_minus_p_and_is_unbiased():
+    from ddpm.models.unet import Dropout
+
+    layer = Dropout(0.1)
+    x = torch.randn(200, 50, 10, 10, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    keep = y != 0
+    n, p = x.numel(), round(0.1 * 65536) / 65536
+    kept = float(keep.float().mean())
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5            # five standard deviations
+    scale = 1 / (1 - p)
+    torch.testing.assert_close(y[keep], x[keep] * scale)                   # E[y] = x: (1 - p) * scale = 1
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, keep.float() * scale)
+    torch.manual_seed(3)
+    assert torch.equal(layer(x), y)                                       # the default generator decides
+    layer.eval()
+    assert layer(x) is x
+    # Masks are independent of the tensor's other elements: neighbouring draws are not correlated.
+    torch.manual_seed(4)
+    m = (Dropout(0.5)(torch.ones(1_000_000)) != 0).float()
+    assert abs(float((m[1:] * m[:-1]).mean()) - 0.25) < 0.005

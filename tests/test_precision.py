@@ -1,4 +1,4 @@
-"""The fast inference paths: channels-last weights and reduced-precision autocast while sampling."""
+"""The fast paths: channels-last weights (sampling and training) and reduced-precision autocast."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 from ddpm.cli import main
 from ddpm.errors import ConfigError
 from ddpm.generate import generate, load_diffusion
-from ddpm.precision import autocast, check_precision
+from ddpm.precision import autocast, channels_last, check_precision
+from ddpm.train import _match_parameter_layout
 
 from test_cli_sample import one_line_error
 
@@ -85,3 +86,40 @@ def test_autocast_and_its_checks():
     for bad in ("fp16", "int8"):
         with pytest.raises(ConfigError):
             check_precision(cpu, bad)
+
+
+def test_where_the_weights_go_channels_last():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert channels_last(cpu, "fp32", training=True) and channels_last(cpu, "fp32", training=False)
+    assert not channels_last(cpu, "bf16", training=True)       # measured slower (benchmarks/RESULTS.md)
+    assert channels_last(cpu, "bf16", training=False)
+    assert channels_last(cuda, "fp16", training=True)
+    assert not channels_last(mps, "fp32", training=False)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_restored_adam_moments_take_their_parameters_layout(fused):
+    """A checkpoint stores contiguous moments; the fused step needs them laid out like the
+    channels-last parameters, or it pairs the wrong elements and the run silently diverges."""
+    torch.manual_seed(0)
+    w0, grads = torch.randn(8, 4, 3, 3), [torch.randn(8, 4, 3, 3) for _ in range(3)]
+
+    def steps(channels_last: bool, restore_after: int | None) -> torch.Tensor:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        p = torch.nn.Parameter(w0.clone().contiguous(memory_format=layout))
+        opt = torch.optim.Adam([p], lr=0.1, fused=fused)
+        for i, g in enumerate(grads):
+            if i == restore_after:      # what resume does: a fresh optimizer, contiguous moments from disk
+                saved = opt.state_dict()
+                saved["state"] = {k: {n: v.contiguous() for n, v in st.items()} for k, st in saved["state"].items()}
+                opt = torch.optim.Adam([p], lr=0.1, fused=fused)
+                opt.load_state_dict(saved)
+                _match_parameter_layout(opt)
+                assert all(v.stride() == p.stride() for v in opt.state[p].values() if v.shape == p.shape)
+            p.grad = g.clone().contiguous(memory_format=layout)
+            opt.step()
+        return p.detach().contiguous()
+
+    reference = steps(False, None)
+    torch.testing.assert_close(steps(True, None), reference)
+    torch.testing.assert_close(steps(True, 2), reference)

@@ -23,7 +23,7 @@ from .data import to_uint8
 from .diffusion import GaussianDiffusion, from_model_range
 from .errors import CheckpointError, ConfigError
 from .images import make_grid, save_npz, save_png
-from .precision import autocast, check_precision
+from .precision import autocast, channels_last as default_channels_last, check_precision
 from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, make_denoiser
 from .seeding import derive_seed
 
@@ -60,8 +60,8 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
 
     ``weights`` is ``"ema"`` (the default, as in the paper) or ``"raw"``. ``precision`` is the
     network's autocast while sampling (:mod:`ddpm.precision`; the sampler's maths stays float32).
-    ``channels_last`` (default: on the CPU and CUDA) stores the weights in the channels-last
-    memory format, which the convolutions run faster in (benchmarks/RESULTS.md, "Speed"). Returns
+    ``channels_last`` (default: :func:`ddpm.precision.channels_last`, on the CPU and CUDA) stores
+    the weights in the channels-last memory format, which the convolutions run faster in. Returns
     the diffusion (on ``device``, in eval mode) and the checkpoint's metadata.
     """
     if weights not in ("ema", "raw"):
@@ -77,7 +77,7 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     load_weights(diffusion.model, tensors, "ema" if weights == "ema" else "model", meta["path"])
     meta["run_config"] = config
     diffusion.precision = precision
-    if channels_last if channels_last is not None else device.type in ("cpu", "cuda"):
+    if channels_last if channels_last is not None else default_channels_last(device, precision, training=False):
         diffusion.model.to(memory_format=torch.channels_last)
     return diffusion.to(device).eval(), meta
 

@@ -49,7 +49,7 @@ from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
 from .plots import line_chart
-from .precision import autocast, check_precision
+from .precision import autocast, channels_last, check_precision
 from .seeding import derive_seed
 from .timestep_sampling import ImportanceSampler
 
@@ -369,6 +369,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     diffusion = build_diffusion(config).to(device)
     model = diffusion.model
     model.gradient_checkpointing = tc.grad_checkpointing
+    if channels_last(device, tc.precision, training=True):
+        model.to(memory_format=torch.channels_last)       # faster convolutions (ddpm.precision); EMA copies it
     optim_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     # The fused step (one kernel over all parameters) on the CPU and CUDA: benchmarks/RESULTS.md, "Speed".
     optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
@@ -734,6 +736,20 @@ def checkpoint_global_batch(meta: dict) -> int:
     return int(meta["config"]["train"]["batch_size"])
 
 
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Lay restored optimizer moments out like their parameters (e.g. channels-last).
+
+    ``load_state_dict`` keeps the checkpoint's contiguous layout, but the fused Adam step reads a
+    parameter and its moments element by element in memory order, so the two must agree.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler, global_batch: int,
              keep_ema: bool = True, timestep_sampler: ImportanceSampler | None = None) -> tuple[Counters, EMA | None]:
     """Load weights, EMA (when ``keep_ema``), optimizer, counters (and the timestep sampler's state)
@@ -761,6 +777,7 @@ def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scal
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{meta['path']}: the optimizer state does not fit ({exc})") from None
+    _match_parameter_layout(optimizer)
     if scaler and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     if timestep_sampler is not None:

@@ -179,6 +179,11 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """SiLU(GroupNorm(x)); in place when no gradient is recorded (sampling), sparing a tensor."""
+    return F.silu(norm(x), inplace=not torch.is_grad_enabled())
+
+
 class ResBlock(nn.Module):
     """Residual block with the timestep embedding added between the two convolutions."""
 
@@ -193,10 +198,11 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.shortcut(x) + h
+        # The adds go in place: a convolution's backward pass needs its input, never its output.
+        h = self.conv1(norm_silu(self.norm1, x))
+        h += self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
+        return h.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -357,4 +363,4 @@ class Unet(nn.Module):
             if isinstance(blocks[0], ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(blocks, h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))

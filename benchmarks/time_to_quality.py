@@ -19,9 +19,12 @@ torch build, so it runs from a virtual environment of its own (``--ldp-python``)
     python3 -m venv .bench/peers && .bench/peers/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
         denoising-diffusion-pytorch==2.3.4
     .venv/bin/python benchmarks/time_to_quality.py --data-root ../shared/data/mnist \\
-        --ldp-python .bench/peers/bin/python --out .bench/ttq          # about 45 minutes
+        --ldp-python .bench/peers/bin/python --out .bench/ttq          # about 55 minutes
 
-``--minutes 0.5 --n 64`` gives a quick smoke run. Results are recorded in benchmarks/RESULTS.md.
+``--minutes 0.5 --n 64`` gives a quick smoke run. Each system's figures are kept in the output folder
+(``ours.json``, ...), and the table scores every system found there, so a later run adds a row:
+``--systems ours --precision bf16`` measures ``ddpm train/sample --precision bf16`` as ``ours-bf16``.
+Results are recorded in benchmarks/RESULTS.md.
 Neither peer is a dependency of the project.
 """
 
@@ -162,27 +165,29 @@ def finish(args, x, steps: int, train_seconds: float, sample_seconds: float, los
 
 
 def run_ours(args) -> dict:
-    """``ddpm train`` and ``ddpm sample`` exactly as a user runs them."""
+    """``ddpm train`` and ``ddpm sample`` exactly as a user runs them (with ``--precision``)."""
     out = Path(args.out)
-    run = out / "ddpm-run"
+    name = "ours" if args.precision == "fp32" else f"ours-{args.precision}"
+    run = out / f"{name}-run"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     ddpm = [sys.executable, "-m", "ddpm"]
     start = time.perf_counter()
     subprocess.run([*ddpm, "train", "--data", "mnist", "--data-root", args.data_root, "--preset", "mnist",
                     "--batch-size", str(args.batch_size), "--steps", "1000000", "--time-limit", str(args.minutes),
-                    "--checkpoint-every", "0", "--seed", str(args.seed), "--num-samples", "16", "--out", str(run)], check=True, env=env)
+                    "--checkpoint-every", "0", "--seed", str(args.seed), "--num-samples", "16",
+                    "--precision", args.precision, "--out", str(run)], check=True, env=env)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     steps = rows[-1]["step"]
     start = time.perf_counter()
     subprocess.run([*ddpm, "sample", "--checkpoint", str(run), "--n", str(args.n), "--seed", str(args.seed + 1),
-                    "--batch-size", str(args.sample_batch), "--out",
-                    str(out / "ddpm-samples")], check=True, env=env)
+                    "--batch-size", str(args.sample_batch), "--precision", args.precision, "--out",
+                    str(out / f"{name}-samples")], check=True, env=env)
     sample_seconds = time.perf_counter() - start
-    images = np.load(out / "ddpm-samples" / "samples.npz")["images"]
-    np.save(out / "ours.npy", images)
-    return {"system": "ours", "optimizer_steps": steps, "train_seconds": wall,
+    images = np.load(out / f"{name}-samples" / "samples.npz")["images"]
+    np.save(out / f"{name}.npy", images)
+    return {"system": name, "optimizer_steps": steps, "train_seconds": wall,
             "images_per_s": steps * args.batch_size / wall, "final_loss": rows[-1]["loss"],
             "sample_seconds": sample_seconds, "n": len(images)}
 
@@ -199,7 +204,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=50, help="the peers' DDIM steps")
     parser.add_argument("--sample-batch", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--systems", nargs="+", default=["ours", "diffusers", "ldp"])
+    parser.add_argument("--systems", nargs="+", choices=("ours", "diffusers", "ldp"),
+                        default=["ours", "diffusers", "ldp"])
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="ours only: ddpm train/sample --precision (a bf16 run is the row ours-bf16)")
     parser.add_argument("--ldp-python", help="python of a virtual environment with denoising-diffusion-pytorch")
     parser.add_argument("--out", default=".bench/ttq")
     parser.add_argument("--worker", choices=("diffusers", "ldp"), help=argparse.SUPPRESS)
@@ -214,11 +222,11 @@ def main(argv=None) -> None:
         print(json.dumps((worker_diffusers if args.worker == "diffusers" else worker_ldp)(args)))
         return
 
-    results = []
     for system in args.systems:
         print(f"--- {system}: training for {args.minutes} minutes", file=sys.stderr, flush=True)
         if system == "ours":
-            results.append(run_ours(args))
+            result = run_ours(args)
+            (Path(args.out) / f"{result['system']}.json").write_text(json.dumps(result))
             continue
         python = args.ldp_python if system == "ldp" else sys.executable
         if python is None:
@@ -230,8 +238,12 @@ def main(argv=None) -> None:
         if proc.returncode:
             print(proc.stderr[-3000:], file=sys.stderr)
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        (Path(args.out) / f"{system}.json").write_text(proc.stdout.strip().splitlines()[-1])
 
+    # Every system measured in this folder so far, this run's and earlier runs' (e.g. a later bf16 row).
+    order = ("ours", "ours-bf16", "diffusers", "ldp")
+    results = [json.loads((Path(args.out) / f"{name}.json").read_text()) for name in order
+               if (Path(args.out) / f"{name}.json").is_file()]
     from ddpm.evaluation import fast_metric, fast_reference
     from ddpm.images import make_grid, save_png, side_by_side
 

@@ -286,8 +286,9 @@ def _add_sampler_options(p) -> None:
 
 def _add_precision(group) -> None:
     group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="autocast for the network while sampling (default fp32; bf16 is about 1.7x faster on "
-                            "CPUs with AVX512-BF16 or AMX, see benchmarks/RESULTS.md; fp16 on CUDA only)")
+                       help="autocast for the network while sampling (default fp32; bf16 pays where the bf16 matrix "
+                            "multiply beats fp32: 1.7x faster on an AMD Zen 4 CPU, 2x slower on an Intel Xeon "
+                            "without AMX; benchmarks/speed.py measures it; fp16 on CUDA only)")
 
 
 def _sampling_from_args(args, base=None):

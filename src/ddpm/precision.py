@@ -3,9 +3,10 @@ memory format.
 
 The network alone runs in reduced precision; the diffusion maths (schedules, posterior,
 samplers) stays in float32, and the network's output is cast back before it meets them.
-``fp32`` is the default everywhere. ``bf16`` is mixed precision with bfloat16 (CPUs with
-AVX512-BF16 or AMX, and most GPUs); ``fp16`` is for CUDA only (training adds a gradient scaler).
-benchmarks/RESULTS.md has the speed each gives.
+``fp32`` is the default everywhere. ``bf16`` is mixed precision with bfloat16 (most GPUs, and
+CPUs whose bf16 matrix multiply beats fp32: AMD Zen 4 or Intel with AMX; an Intel Xeon with only
+AVX512-BF16 runs it at half the fp32 rate); ``fp16`` is for CUDA only (training adds a gradient
+scaler). benchmarks/RESULTS.md has the speed each gives.
 
 The convolutions run faster with the weights and activations in the channels-last (NHWC) memory
 format on the CPU (oneDNN's native layout) and on CUDA; :func:`channels_last` says where the

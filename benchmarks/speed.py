@@ -166,6 +166,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    from ddpm.precision import autocast
     from ddpm.precision import channels_last as ddpm_channels_last
 
     system, precision = ROWS[args.row]
@@ -186,7 +187,6 @@ def worker(args) -> dict:
     x1, t1 = torch.randn(1, c, h, w, device=device), torch.zeros(1, dtype=torch.long, device=device)
     model.train(args.mode == "train")
     flops_per_image = count_flops(forward, model, x1, t1, train=args.mode == "train")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     if args.mode == "train":
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **({"fused": True} if fused else {}))
@@ -194,7 +194,7 @@ def worker(args) -> dict:
         def step():
             x, t = batch()
             noise = torch.randn_like(x)
-            with autocast:
+            with autocast(device, precision):
                 loss = torch.nn.functional.mse_loss(forward(x, t).float(), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -204,7 +204,7 @@ def worker(args) -> dict:
 
         def step():
             x, t = batch()
-            with torch.inference_mode(), autocast:
+            with torch.inference_mode(), autocast(device, precision):
                 forward(x, t)
 
     for _ in range(args.warmup):

@@ -186,7 +186,9 @@ def _add_train(sub) -> None:
     g.add_argument("--max-bad-steps", type=_positive_int, help="non-finite steps in a row before stopping")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument("--init", metavar="CHECKPOINT", help="fine-tune: start from this checkpoint's EMA weights")
+    g.add_argument("--init", metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's EMA weights, with its architecture (and, unless "
+                        "given, its diffusion settings and image size); e.g. a model made by ddpm import")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
@@ -537,6 +539,8 @@ def _train_config(args):
 
     file_layer = load_toml(args.config) if args.config else {}
     flags = _flag_layer(args)
+    if args.init:
+        return _init_train_config(args, file_layer, flags)
     data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
     preset = args.preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
     if preset is None:
@@ -566,6 +570,55 @@ def _train_config(args):
     except TypeError as exc:
         raise ConfigError(f"invalid [model] option: {exc}") from None
     return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
+
+
+# Model options that may differ from an --init checkpoint's: they change no weight's shape.
+INIT_MAY_CHANGE = {"dropout"}
+
+
+def _init_train_config(args, file_layer: dict, flags: dict):
+    """A fine-tuning run's configuration: the architecture (and, unless overridden, the diffusion and
+    the image size) of the --init checkpoint, under the --config file and the options."""
+    from .checkpoint import read_metadata
+    from .config import RECIPES, DataConfig, DiffusionConfig, RunConfig, TrainConfig, merge_layers
+    from .data import load_dataset
+
+    meta = read_metadata(args.init)
+    try:
+        saved = RunConfig.from_dict(meta["config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"--init {meta['path']} has an unusable configuration: {exc}") from None
+    source = f"--init {args.init}"
+    preset = args.preset or file_layer.get("preset")
+    if preset is not None and preset != saved.preset:
+        where = "--preset" if args.preset else f"preset in {args.config}"
+        raise ConfigError(f"{where} {preset} contradicts {source}, whose model is {saved.preset!r}; "
+                          "leave it out: the architecture comes from the checkpoint")
+    model = saved.model.to_dict()
+    for layer, is_file in ((file_layer, True), (flags, False)):
+        for key, value in layer.get("model", {}).items():
+            old = model.get(key)
+            same = list(value) == list(old) if isinstance(value, (list, tuple)) and old is not None else value == old
+            if not same and key not in INIT_MAY_CHANGE:
+                given = f"{key} = {value} in {args.config}" if is_file else f"{_flag(key)} {value}"
+                raise ConfigError(f"{given} contradicts {source}, whose model has {key} = {old}")
+    if args.conditional and not saved.conditional:
+        raise ConfigError(f"--conditional contradicts {source}, whose model is unconditional")
+    base = {"diffusion": saved.to_dict()["diffusion"],
+            "data": {"image_size": saved.model.image_size, "channels": saved.model.channels}}
+    merged = merge_layers(RECIPES.get(saved.preset, {}), base, file_layer, flags)
+    try:
+        data_cfg = DataConfig(**merged.get("data", {}))
+        diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))
+        train_cfg = TrainConfig(**merged.get("train", {}))
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
+                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+    model_cfg = type(saved.model)(**{**model, **{k: v for k, v in merged.get("model", {}).items()
+                                                 if k in INIT_MAY_CHANGE}})
+    return RunConfig(preset=saved.preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg,
+                     train=train_cfg), data
 
 
 def _num_classes(data) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.cli import main
-from ddpm.config import DiffusionConfig, RunConfig
+from ddpm.config import DataConfig, DiffusionConfig, RunConfig
 from ddpm.generate import generate, load_diffusion, sample_images
 from ddpm.models import Unet, UnetConfig, preset_config
 from ddpm.samplers import SamplingOptions, make_denoiser, sample_ancestral, spaced_timesteps
@@ -323,7 +323,7 @@ def test_cli_export_import_then_sample_gives_the_same_images(dlib, tmp_path):
     checkpoint, _ = make_checkpoint(tmp_path / "c.safetensors", config, seed=2)
     proc = run_cli("export", "--checkpoint", str(checkpoint), "--format", "diffusers", "--out", str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model_index.json", "scheduler", "unet"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "model_index.json", "scheduler", "unet"]
     assert json.loads((tmp_path / "hf" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     assert not list(tmp_path.glob(".hf.tmp-*"))
     proc = run_cli("import", "--format", "diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back.safetensors"))
@@ -525,6 +525,66 @@ def test_training_only_variants_export_and_sampling_variants_are_refused(dlib):
     with pytest.raises(ConfigError, match="learned"):
         scheduler_to_diffusers_config(DiffusionConfig(variance="learned-range", loss="hybrid"))
 
+
+# ----------------------------------------------------------------------------- the model card
+
+def fake_run(root: Path, config: RunConfig, argv: list[str]) -> Path:
+    """A run directory as `ddpm train` leaves it: config, provenance, a checkpoint and samples.png."""
+    from ddpm.images import make_grid, save_png
+
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    (run / "provenance.json").write_text(json.dumps([{"event": "start", "argv": argv}]))
+    rng = np.random.default_rng(0)
+    save_png(run / "samples.png", make_grid(rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)))
+    make_checkpoint(run / "checkpoints" / "step-0000007.safetensors", config)
+    return run
+
+
+def test_export_writes_a_hub_model_card_and_the_runs_samples(dlib, tmp_path):
+    from huggingface_hub import ModelCard
+
+    config = RunConfig(preset="custom", model=UnetConfig(**TINY), diffusion=DiffusionConfig(timesteps=40),
+                       data=DataConfig(name="mnist", image_size=(8, 8)))
+    argv = ["/somewhere/bin/ddpm", "train", "--data", "mnist", "--steps", "7", "--out", "runs/tiny"]
+    run = fake_run(tmp_path, config, argv)
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")                       # the Hub's own parser
+    assert card.data.library_name == "diffusers"
+    assert card.data.tags == ["pytorch", "diffusers", "unconditional-image-generation"]
+    assert card.data.datasets == ["mnist"]
+    text = card.text
+    assert "ddpm train --data mnist --steps 7 --out runs/tiny" in text
+    assert f"ddpm export --checkpoint {run} --out {out} --weights ema" in text
+    assert "training steps: 7" in text and "T = 40" in text and "lr 0.001" in text
+    assert "](./samples.png)" in text
+    assert (out / "samples.png").read_bytes() == (run / "samples.png").read_bytes()
+    pipe = dlib.DDPMPipeline.from_pretrained(out)                  # the card and picture do not get in the way
+    assert pipe.unet.config.sample_size == 8
+
+
+def test_a_checkpoint_without_a_run_gets_a_card_without_samples(dlib, tmp_path):
+    checkpoint, _ = make_checkpoint(tmp_path / "c.safetensors", tiny_config())
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    text = (tmp_path / "hf" / "README.md").read_text()
+    assert text.startswith("---\nlibrary_name: diffusers\n") and "datasets:" not in text      # digits: not on the Hub
+    assert "samples.png" not in text and not (tmp_path / "hf" / "samples.png").exists()
+    assert "was not recorded" in text
+
+
+def test_exported_files_have_ordinary_permissions(dlib, tmp_path):
+    checkpoint, _ = make_checkpoint(tmp_path / "c.safetensors", tiny_config())
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path / "hf")): p.stat().st_mode & 0o777
+             for p in (tmp_path / "hf").rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes
 
 # ----------------------------------------------------------------------------- diffusers' own models
 

@@ -408,7 +408,8 @@ def _add_export(sub) -> None:
                        description="Write a checkpoint as a folder that diffusers' DDPMPipeline.from_pretrained "
                                    "loads: unet/ (UNet2DModel config and safetensors weights), scheduler/ "
                                    "(DDPMScheduler config: the same schedule, variance, prediction type and "
-                                   "clipping) and model_index.json. Needs diffusers (pip install 'ddpm[diffusers]'). "
+                                   "clipping), model_index.json, and a model card README.md for the Hugging Face "
+                                   "Hub with a copy of the run's samples.png. Needs diffusers (pip install 'ddpm[diffusers]'). "
                                    "Class-conditional and other models DDPMPipeline cannot run are refused.",
                        epilog=EXAMPLES_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")

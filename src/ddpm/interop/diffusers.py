@@ -2,7 +2,8 @@
 
 A ``DDPMPipeline`` folder holds ``model_index.json``, ``unet/`` (a ``UNet2DModel`` config and
 safetensors weights) and ``scheduler/`` (a ``DDPMScheduler`` config). :func:`export_diffusers`
-writes one from a checkpoint; :func:`import_diffusers` turns one into a checkpoint. diffusers is
+writes one from a checkpoint, with a Hub model card (``README.md``, :mod:`ddpm.interop.model_card`)
+and the run's ``samples.png``; :func:`import_diffusers` turns one into a checkpoint. diffusers is
 the optional extra ``ddpm[diffusers]``, imported only here and only when a conversion runs.
 
 **The U-Net.** ``UNet2DModel`` expresses our U-Net exactly when it is configured as below (each
@@ -59,6 +60,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -468,12 +470,39 @@ def _check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} is not empty; choose a new or empty directory (nothing is overwritten)")
 
 
-def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema") -> Path:
+def _ordinary_permissions(root: Path) -> None:
+    """Files readable as the umask allows (0644 under the usual 022), as any other file the user writes;
+    safetensors' writer leaves 0600, which hides the weights from anyone the folder is shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~umask)
+
+
+def _write_card(folder: Path, meta: dict, config: RunConfig, *, weights: str, parameters: int,
+                command: str) -> None:
+    """``README.md`` (the model card) and, when the run has one, a copy of its ``samples.png``."""
+    from .model_card import SAMPLES_NAME, model_card, run_dir_of
+
+    run_dir = run_dir_of(Path(meta["path"]))
+    samples = run_dir is not None and (run_dir / SAMPLES_NAME).is_file()
+    if samples:
+        shutil.copyfile(run_dir / SAMPLES_NAME, folder / SAMPLES_NAME)
+    card = model_card(meta, config, weights=weights, parameters=parameters, export_command=command,
+                      samples=samples, run_dir=run_dir)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema",
+                     command: str | None = None) -> Path:
     """Write a ``DDPMPipeline`` folder ``out`` from a checkpoint (file or run directory).
 
-    ``weights`` is ``"ema"`` (the default, what ``ddpm sample`` uses) or ``"raw"``. The folder is
-    written beside ``out`` under a temporary name and renamed into place, so a failure leaves
-    nothing behind; an existing non-empty ``out`` is refused. Returns ``out``.
+    ``weights`` is ``"ema"`` (the default, what ``ddpm sample`` uses) or ``"raw"``. Beside the
+    pipeline the folder gets a model card, ``README.md``, naming ``command`` (the export's command
+    line; default: the equivalent ``ddpm export``), and a copy of the run's ``samples.png``. The
+    folder is written beside ``out`` under a temporary name and renamed into place, so a failure
+    leaves nothing behind; an existing non-empty ``out`` is refused. Returns ``out``.
     """
     diffusers = require_diffusers("ddpm export --format diffusers")
     if weights not in ("ema", "raw"):
@@ -503,8 +532,13 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    if command is None:
+        command = shlex.join(["ddpm", "export", "--checkpoint", str(checkpoint), "--out", str(out), "--weights", weights])
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        _write_card(tmp, meta, config, weights=weights, parameters=sum(t.numel() for t in state.values()),
+                    command=command)
+        _ordinary_permissions(tmp)
         _fsync_tree(tmp)
         if out.is_dir():
             out.rmdir()                              # empty (checked above); rename needs it gone

@@ -85,8 +85,10 @@ def test_start_index_regenerates_the_same_images(run_dir, tmp_path, options):
 def test_progressive_grid_has_x_t_and_x0_rows_for_each_image(run_dir, tmp_path):
     out = tmp_path / "p"
     sample(run_dir, out, "--n", "3", "--progressive", "--sampler", "ddim", "--steps", "12")
-    grid = Image.open(out / "progressive.png")
-    assert grid.size == (10 * CELL + 2, 2 * 3 * CELL + 2)                       # 10 frames; x_t and x0 rows
+    from ddpm import viz
+
+    grid = Image.open(out / "progressive.png")                                  # the grid beside its labels
+    assert grid.size == (viz.LABEL_WIDTH + 10 * CELL + 2 + 20, viz.HEADER_HEIGHT + 2 * 3 * CELL + 2 + 10)
 
 
 def test_interpolate_writes_a_row_from_a_to_b(run_dir, tmp_path):

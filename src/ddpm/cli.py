@@ -748,7 +748,8 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     from .fileio import write_json
-    from .generate import (generate, load_diffusion, progressive_frames, progressive_grid, sample_record,
+    from . import viz
+    from .generate import (generate, load_diffusion, progressive_frames, progressive_timesteps, sample_record,
                            write_samples)
     from .images import save_png
 
@@ -783,7 +784,8 @@ def cmd_sample(args) -> int:
         if gathered is None:
             return 0
         images, x_t, x0_pred = gathered[0], gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1)
-        save_png(out / "progressive.png", progressive_grid(x_t, x0_pred))
+        viz.progressive_png(out / "progressive.png", x_t, x0_pred, progressive_timesteps(diffusion, sampling=sampling),
+                            title=viz.progressive_title(diffusion, sampling, args.seed, meta))
     else:
         gathered = distributed.gather_arrays((generate(diffusion, hi - lo, sampling=sampling, **common),))
         if gathered is None:             # not rank 0: its images went to rank 0, which writes them
@@ -1039,10 +1041,10 @@ def cmd_viz(args) -> int:
         from .generate import load_diffusion, resolved_sampling, select_device
 
         sampling = _sampling_from_args(args)
-        diffusion, _ = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
-                                      precision=args.precision)
+        diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
+                                         precision=args.precision)
         resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
-        viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling)
+        viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling, meta=meta)
     else:
         viz.training_figure(out, args.run_dir, grids=args.grids)
         if viz.training_to_tensorboard(args.run_dir, out, grids=args.grids):

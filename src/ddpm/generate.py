@@ -29,7 +29,7 @@ from .seeding import derive_seed
 
 __all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
            "sampling_options", "resolved_sampling", "sample_images",
-           "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record", "write_samples", "file_sha256"]
+           "generate", "progressive_frames", "progressive_timesteps", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record", "write_samples", "file_sha256"]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -226,6 +226,21 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
     return np.concatenate(out)
 
 
+def _progressive_steps(total: int, frames: int) -> list[int]:
+    """``frames`` evenly spaced sampler-step indices of ``total``, the first and the last included."""
+    if frames < 1:
+        raise ConfigError(f"frames must be positive; got {frames}")
+    return sorted({round(j * (total - 1) / max(frames - 1, 1)) for j in range(frames)})
+
+
+def progressive_timesteps(diffusion: GaussianDiffusion, frames: int = 10,
+                          sampling: SamplingOptions = DEFAULT_SAMPLING) -> list[int]:
+    """The 0-based timestep t of each frame of :func:`progressive_frames` (frame f shows x_t and the
+    x0 estimate made from it)."""
+    timesteps = sampling.timesteps(diffusion.timesteps)
+    return [int(timesteps[i]) for i in _progressive_steps(len(timesteps), frames)]
+
+
 def progressive_frames(diffusion: GaussianDiffusion, n: int, *, frames: int = 10,
                        sampling: SamplingOptions = DEFAULT_SAMPLING, **kwargs) -> tuple[np.ndarray, ...]:
     """Progressive generation (Ho et al. 2020, Figure 6): images plus x_t and x0_pred at ``frames`` steps.
@@ -234,10 +249,7 @@ def progressive_frames(diffusion: GaussianDiffusion, n: int, *, frames: int = 10
     the frames are taken at evenly spaced sampler steps, the first and the last included (F is
     less than ``frames`` when the sampler takes fewer steps). ``kwargs`` go to :func:`generate`.
     """
-    if frames < 1:
-        raise ConfigError(f"frames must be positive; got {frames}")
-    total = len(sampling.timesteps(diffusion.timesteps))
-    keep = sorted({round(j * (total - 1) / max(frames - 1, 1)) for j in range(frames)})
+    keep = _progressive_steps(len(sampling.timesteps(diffusion.timesteps)), frames)
     x_t: dict[int, list] = {i: [] for i in keep}
     x0_pred: dict[int, list] = {i: [] for i in keep}
 

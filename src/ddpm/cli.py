@@ -224,6 +224,22 @@ TRAIN_FLAGS = {
 RESUME_MAY_CHANGE = {"steps", "device", "grad_accum", "time_limit"}
 
 
+def _add_progress(group) -> None:
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       help="progress bars on stderr (default: only when stderr is a terminal, so logs stay clean)")
+
+
+def _show_progress(args) -> bool:
+    """Progress bars: never with --quiet, as --progress / --no-progress say, else only on a terminal."""
+    if args.quiet:
+        return False
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -253,6 +269,7 @@ def _add_sample(sub) -> None:
                    help="also write DIR/progressive.png: x_t and the x0 estimate of each image over time (Figure 6)")
     g.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_progress(g)
     from .generate import DEFAULT_GUIDANCE_SCALE
 
     g = p.add_argument_group("class-conditional models (trained with --conditional)")
@@ -383,6 +400,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_precision(g)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_progress(p)
 
 
 EXAMPLES_EXPORT = """\
@@ -720,7 +738,7 @@ def cmd_train(args) -> int:
         verb = "resuming" if args.resume else "training"
         procs = f" with {world} processes (global batch {config.train.global_batch_size(world)})" if world > 1 else ""
         print(f"{verb} preset {config.preset!r} ({build_model(config).num_parameters() / 1e6:.2f}M parameters) "
-              f"on {data.name} ({data.num_images} images, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
+              f"on {data.name} ({_plural(data.num_images, 'image')}, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
               f"to step {config.train.steps}{procs} -> {run_dir}", file=sys.stderr)
     result = train(config, run_dir, data=data, resume=bool(args.resume), progress=not args.quiet)
     if not main_rank:
@@ -775,7 +793,7 @@ def cmd_sample(args) -> int:
     # Each process generates a contiguous range of the image indices; image k depends only on
     # (seed, k), so the gathered images are those one process would make.
     lo, hi = distributed.shard_range(total)
-    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet and distributed.is_main(),
+    common = dict(batch_size=args.batch_size, seed=args.seed, progress=_show_progress(args) and distributed.is_main(),
                   start_index=args.start_index + lo, labels=None if labels is None else labels[lo:hi],
                   guidance_scale=guidance)
     if args.progressive:
@@ -798,7 +816,7 @@ def cmd_sample(args) -> int:
         for k, image in zip(indices, images):
             save_png(out / "images" / f"{k:06d}.png", image)
     write_json(out / "record.json", record)
-    print(f"wrote {total} images ({record['sampler']}, {record['steps']} steps) from {meta['path']} "
+    print(f"wrote {_plural(total, 'image')} ({record['sampler']}, {_plural(record['steps'], 'step')}) from {meta['path']} "
           f"(step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {out / 'record.json'}")
     return 0
 
@@ -926,7 +944,7 @@ def cmd_eval(args) -> int:
     from . import distributed
 
     metrics = list(dict.fromkeys(args.metric))
-    progress = not args.quiet
+    progress = _show_progress(args)
     diffusion = None
     with distributed.agree("checking the options"):
         if "bpd" in metrics and not args.checkpoint:
@@ -1181,6 +1199,18 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpo
             "export": cmd_export, "import": cmd_import, "distill": cmd_distill}
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe cannot fail."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):      # stdout is not a real file (e.g. under a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1193,7 +1223,13 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()          # under torchrun: join the process group (a no-op otherwise)
         if distributed.world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"ddpm {args.command} runs in one process; start it without torchrun")
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # The reader went away (ddpm inspect --json | head): stop quietly, as a process killed by SIGPIPE.
+        _discard_stdout()
+        return 128 + 13
     except TrainingInterrupted as exc:
         if distributed.is_main():
             print(f"ddpm: {exc}", file=sys.stderr)

@@ -694,12 +694,13 @@ def test_init_from_an_imported_model_fine_tunes_its_architecture(diffusers_defau
 @pytest.mark.parametrize("argv, phrase", [
     (["--preset", "digits"], "--preset digits contradicts --init"),
     (["--conditional"], "--conditional contradicts --init"),
+    (["--self-condition"], "self_condition = True contradicts --init"),
 ])
 def test_init_refuses_a_contradicting_architecture(diffusers_default_folder, tmp_path, capsys, argv, phrase):
     _, checkpoint, _ = diffusers_default_folder
     out = tmp_path / "run"
     assert main(["train", "--init", str(checkpoint), *argv, "--steps", "1", "--out", str(out)]) == 2
-    one_line_error(capsys, phrase, "'custom'" if "--preset" in argv else "unconditional")
+    one_line_error(capsys, phrase, {"--preset": "'custom'", "--conditional": "unconditional"}.get(argv[0], "False"))
     assert not out.exists()
 
 

@@ -601,6 +601,7 @@ def _init_train_config(args, file_layer: dict, flags: dict):
     from .checkpoint import read_metadata
     from .config import RECIPES, DataConfig, DiffusionConfig, RunConfig, TrainConfig, merge_layers
     from .data import load_dataset
+    from .models import UnetConfig
 
     meta = read_metadata(args.init)
     try:
@@ -632,10 +633,13 @@ def _init_train_config(args, file_layer: dict, flags: dict):
         train_cfg = TrainConfig(**merged.get("train", {}))
     except TypeError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
+    for what, ours, theirs in (("self_condition", diffusion_cfg.self_condition, saved.diffusion.self_condition),
+                               ("learned variance", diffusion_cfg.learned_variance, saved.diffusion.learned_variance)):
+        if ours != theirs:             # the network's input or output channels would change
+            raise ConfigError(f"{what} = {ours} contradicts {source}, whose model has {what} = {theirs}")
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
                         image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
-    model_cfg = type(saved.model)(**{**model, **{k: v for k, v in merged.get("model", {}).items()
-                                                 if k in INIT_MAY_CHANGE}})
+    model_cfg = UnetConfig(**{**model, **{k: v for k, v in merged.get("model", {}).items() if k in INIT_MAY_CHANGE}})
     return RunConfig(preset=saved.preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg,
                      train=train_cfg), data
 

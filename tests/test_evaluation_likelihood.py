@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import log_ndtr
 from scipy.stats import norm
 
 from ddpm.evaluation.likelihood import (bpd_terms, discretized_gaussian_log_likelihood, evaluate_bpd,
@@ -120,8 +121,14 @@ def test_discretized_likelihood_is_the_bin_mass_and_sums_to_one():
     upper = np.where(k.numpy() == 255, np.inf, (x0.numpy() + 1 / 255 - 0.97) / 0.05)
     lower = np.where(k.numpy() == 0, -np.inf, (x0.numpy() - 1 / 255 - 0.97) / 0.05)
     np.testing.assert_allclose(logp.exp().numpy(), norm.cdf(upper) - norm.cdf(lower), atol=1e-12)
-    far = discretized_gaussian_log_likelihood(torch.tensor([-0.5]), torch.tensor([0.9]), torch.tensor([math.log(0.01)]))
-    assert torch.isfinite(far).all() and far.item() < -9000            # about -(140^2)/2 nats, not -inf
+    far = discretized_gaussian_log_likelihood(*(torch.tensor([v], dtype=torch.float64) for v in (-0.5, 0.9, math.log(0.01))))
+    # 140 standard deviations out: the exact log mass of the bin [lower, upper] (scipy's log_ndtr), not -inf
+    # and not the log-density times the bin width (which is 50 nats off there).
+    upper, lower = (-0.5 + 1 / 255 - 0.9) / 0.01, (-0.5 - 1 / 255 - 0.9) / 0.01
+    exact = log_ndtr(upper) + math.log1p(-math.exp(log_ndtr(lower) - log_ndtr(upper)))
+    assert far.item() == pytest.approx(exact, rel=1e-9)
+    mirrored = discretized_gaussian_log_likelihood(*(torch.tensor([v], dtype=torch.float64) for v in (0.5, -0.9, math.log(0.01))))
+    assert mirrored.item() == pytest.approx(exact, rel=1e-9)                # the right tail, by symmetry
 
 
 def test_normal_kl_and_prior_term():

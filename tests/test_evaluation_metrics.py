@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from ddpm.evaluation import (ReferenceStats, fid_from_features, frechet_distance, kid, nearest_neighbour_grid,
-                             nearest_neighbours, precision_recall, reference_stats)
+from ddpm.evaluation import (ReferenceStats, feature_statistics, fid_from_features, frechet_distance, kid,
+                             nearest_neighbour_grid, nearest_neighbours, precision_recall, reference_stats)
 
 
 def rng(seed: int) -> np.random.Generator:
@@ -37,6 +37,14 @@ def test_kid_is_about_zero_for_one_distribution_and_positive_otherwise():
     other, _ = kid(x, z, num_subsets=20, subset_size=500)
     assert abs(same) < 3 * same_std + 1e-3
     assert other > 10 * max(abs(same), same_std)
+
+
+def test_feature_statistics_are_the_mean_and_the_unbiased_covariance():
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]])
+    mean, cov = feature_statistics(x)
+    np.testing.assert_allclose(mean, [2.0, 2.0])
+    # sum of (x - mean)(x - mean)^T over the 3 points, divided by N - 1 = 2
+    np.testing.assert_allclose(cov, np.array([[8.0, 6.0], [6.0, 6.0]]) / 2)
 
 
 def test_fid_from_features_is_small_for_one_distribution():

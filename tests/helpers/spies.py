@@ -17,6 +17,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -54,7 +55,7 @@ def spy_network():
             calls.append(call)
         return out
 
-    with pytest_monkeypatch() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Unet, "forward", forward)
         yield calls
 
@@ -105,14 +106,7 @@ def no_sample_grids():
     """Training without drawing its sample grids (the loop's one patched internal, kept here)."""
     import ddpm.train
 
-    with pytest_monkeypatch() as mp:
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ddpm.train, "generate", blank_samples)
         yield
 
-
-@contextlib.contextmanager
-def pytest_monkeypatch():
-    import pytest
-
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp

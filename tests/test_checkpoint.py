@@ -8,11 +8,12 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ddpm import CheckpointError
 from ddpm.checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
-                             read_metadata, resolve_checkpoint, save_checkpoint, split_prefix,
+                             load_weights, read_metadata, resolve_checkpoint, save_checkpoint, split_prefix,
                              unflatten_optimizer_state)
 from ddpm.fileio import atomic_write
 
@@ -82,6 +83,31 @@ def test_tampered_tensor_fails_the_checksum(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="checksum"):
         load_checkpoint(path)
+
+
+def test_renamed_tensor_fails_the_checksum(tmp_path):
+    """Swapping the EMA and raw weights' names keeps every byte: the checksum covers the names too."""
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, _tensors(), {"step": 1})
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["ema.w"], tensors["model.w"] = tensors["model.w"], tensors["ema.w"]
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_load_weights_refuses_missing_or_unexpected_tensors(change):
+    model = torch.nn.Linear(3, 2)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if change == "missing":
+        del tensors["model.bias"]
+    else:
+        tensors["model.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_weights(model, tensors, "model", "c.safetensors")
+    load_weights(model, {f"model.{k}": v for k, v in model.state_dict().items()}, "model", "c.safetensors")
 
 
 def test_future_format_version_is_refused(tmp_path):

@@ -162,6 +162,17 @@ def test_optimizer_state_round_trip():
             assert torch.equal(fresh.state_dict()["state"][idx][key], value)
 
 
+def test_optimizer_state_keeps_number_valued_entries():
+    """torch's Adam keeps its step as a tensor, but an optimizer may keep plain numbers: they go to the JSON."""
+    momentum = torch.arange(3.0)
+    state = {"state": {0: {"momentum_buffer": momentum, "step": 7}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    tensors, info = flatten_optimizer_state(state)
+    assert set(tensors) == {"optim.0.momentum_buffer"}
+    restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(info)))
+    assert restored["state"][0]["step"] == 7 and torch.equal(restored["state"][0]["momentum_buffer"], momentum)
+    assert restored["param_groups"] == state["param_groups"]
+
+
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     old = os.umask(0o022)
     try:

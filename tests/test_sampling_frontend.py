@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import ddpm
 from ddpm.checkpoint import save_checkpoint

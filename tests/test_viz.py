@@ -15,6 +15,7 @@ from PIL import Image
 from ddpm import viz
 from ddpm.cli import main
 from ddpm.data import load_dataset
+from ddpm.generate import load_diffusion, progressive_frames, progressive_grid, sampling_options
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -186,6 +187,10 @@ def test_reverse_png_is_the_labelled_progressive_grid(run_dir, tmp_path):
     image = png(out)
     assert image.shape[0] == viz.HEADER_HEIGHT + grid_h + 10 and image.shape[1] >= viz.LABEL_WIDTH + grid_w
     assert (image[viz.HEADER_HEIGHT:, :viz.LABEL_WIDTH].min(axis=2) < 128).sum() > 200      # row labels
+    diffusion, _ = load_diffusion(run_dir)
+    _, x_t, x0 = progressive_frames(diffusion, 2, frames=3, sampling=sampling_options("ddim", 4), progress=False)
+    grid = image[viz.HEADER_HEIGHT:viz.HEADER_HEIGHT + grid_h, viz.LABEL_WIDTH:viz.LABEL_WIDTH + grid_w, 0]
+    np.testing.assert_array_equal(grid, progressive_grid(x_t, x0)[..., 0])                  # grey: R = G = B
 
 
 @needs_mpl

@@ -775,7 +775,8 @@ def cmd_interpolate(args) -> int:
     import numpy as np
 
     from .fileio import write_json
-    from .generate import interpolate, load_diffusion, load_image, sample_record, select_device
+    from .device import select_device
+    from .generate import interpolate, load_diffusion, load_image, sample_record
     from .images import make_grid, save_npz, save_png
 
     sampling = _sampling_from_args(args)
@@ -982,7 +983,8 @@ def cmd_viz(args) -> int:
         viz.forward_figure(out, data.images[:args.n], args.steps, schedules=args.schedules,
                            timesteps=args.timesteps, seed=args.seed)
     elif args.viz_command == "reverse":
-        from .generate import load_diffusion, resolved_sampling, select_device
+        from .device import select_device
+        from .generate import load_diffusion, resolved_sampling
 
         sampling = _sampling_from_args(args)
         diffusion, _ = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
@@ -1063,7 +1065,7 @@ def cmd_distill(args) -> int:
 
     from .config import DataConfig
     from .distill import DistillConfig, check_teacher, default_teacher_steps, distill, load_teacher_config, read_plan
-    from .generate import select_device
+    from .device import select_device
     from .train import prepare_run_dir
 
     plan_flags = ("checkpoint", "rounds", "steps_per_round", "teacher_steps", "weighting", "data", "data_root")

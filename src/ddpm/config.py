@@ -318,21 +318,15 @@ def build_model(config: RunConfig):
     return Unet(replace(m, **io))
 
 
-def build_diffusion(config: RunConfig, model=None):
-    """A :class:`~ddpm.diffusion.GaussianDiffusion` for ``config`` around ``model`` (built if None)."""
+def build_diffusion(config: RunConfig, model=None, *, precision: str = "fp32"):
+    """A :class:`~ddpm.diffusion.GaussianDiffusion` for ``config`` around ``model`` (built if None), with
+    the checkpoint's sampler defaults (``config.sampling``) and the network's autocast ``precision``."""
     from .diffusion import GaussianDiffusion
 
-    d = config.diffusion
-    diffusion = GaussianDiffusion(model if model is not None else build_model(config),
-                                  image_size=config.model.image_size, channels=config.model.channels,
-                                  timesteps=d.timesteps, schedule=d.schedule, objective=d.objective,
-                                  loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                                  variance=d.variance, clip_denoised=d.clip_denoised, loss=d.loss,
-                                  vlb_weight=d.vlb_weight, self_condition=d.self_condition,
-                                  offset_noise=d.offset_noise)
-    if config.sampling is not None:
-        diffusion.default_sampling = config.sampling.options()
-    return diffusion
+    return GaussianDiffusion(model if model is not None else build_model(config), config=config.diffusion,
+                             image_size=config.model.image_size, channels=config.model.channels,
+                             sampling=None if config.sampling is None else config.sampling.options(),
+                             precision=precision)
 
 
 # ----------------------------------------------------------------------------- recipes and files

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_checkpoint, load_weights
 from .config import RunConfig, build_diffusion
 from .data import to_uint8
+from .device import select_device          # re-exported: its earlier home
 from .diffusion import GaussianDiffusion, from_model_range
 from .errors import CheckpointError, ConfigError
 from .images import make_grid, save_npz, save_png
@@ -30,27 +31,6 @@ from .seeding import derive_seed
 __all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
            "sampling_options", "resolved_sampling", "sample_images",
            "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record", "write_samples", "file_sha256"]
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; an unavailable explicit choice is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' requested but Apple MPS is not available")
-    return device
 
 
 def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
@@ -73,10 +53,9 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
         config = RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
-    diffusion = build_diffusion(config)
+    diffusion = build_diffusion(config, precision=precision)
     load_weights(diffusion.model, tensors, "ema" if weights == "ema" else "model", meta["path"])
     meta["run_config"] = config
-    diffusion.precision = precision
     if channels_last if channels_last is not None else default_channels_last(device, precision, training=False):
         diffusion.model.to(memory_format=torch.channels_last)
     return diffusion.to(device).eval(), meta

@@ -46,12 +46,14 @@ from .diffusion import offset_noise, q_sample
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .fileio import write_json
 from .losses import Loss
+from . import train as training
 from .samplers import ddim_step, spaced_timesteps
 from .schedules import NoiseSchedule
 
 __all__ = ["DISTILL_WEIGHTINGS", "STUDENT_OBJECTIVE", "two_step_target", "teacher_two_steps",
            "distillation_weight", "StudentGrid", "student_grid", "DistillationLoss", "DistillationObjective", "DistillConfig",
-           "default_teacher_steps", "student_run_config", "distill", "DistillResult", "PLAN_FILE", "ROUND_FILE"]
+           "default_teacher_steps", "student_run_config", "new_plan", "resumed_plan", "distill", "DistillResult",
+           "PLAN_FILE", "ROUND_FILE"]
 
 DISTILL_WEIGHTINGS = ("snr+1", "truncated-snr")
 STUDENT_OBJECTIVE = "v"
@@ -307,6 +309,44 @@ def _link_student(run_dir: Path, round_dir: Path) -> None:
     os.replace(tmp, link)
 
 
+def new_plan(checkpoint: str | None, rounds: int | None, *, steps_per_round: int | None = None,
+             teacher_steps: int | None = None, weighting: str | None = None, data: str | None = None,
+             data_root: str | None = None, train_options: dict | None = None) -> tuple[DistillConfig, TrainConfig, DataConfig]:
+    """A new plan from the teacher's configuration: its training settings (a round restarts the schedule:
+    no warm-up, no init, no time limit, evaluation or milestones) overridden by ``train_options``, its data
+    unless ``data`` / ``data_root`` name other data."""
+    if not checkpoint or not rounds:
+        raise ConfigError("distill needs --checkpoint TEACHER and --rounds R (or --resume RUN_DIR)")
+    teacher_path, teacher = load_teacher_config(checkpoint)
+    config = DistillConfig(teacher=str(teacher_path.resolve()), rounds=rounds,
+                           teacher_steps=teacher_steps or default_teacher_steps(teacher), weighting=weighting or "snr+1")
+    check_teacher(teacher, config)
+    base = dataclasses.replace(teacher.train, steps=steps_per_round or 1000, warmup_steps=0, init=None,
+                               time_limit=0.0, eval_every=0, milestone_every=0)
+    try:
+        train = dataclasses.replace(base, **(train_options or {}))
+    except TypeError as exc:
+        raise ConfigError(f"invalid option: {exc}") from None
+    data_cfg = teacher.data
+    if data or data_root:
+        data_cfg = DataConfig(name=data or teacher.data.name, root=data_root, split=teacher.data.split,
+                              image_size=teacher.data.image_size, channels=teacher.data.channels,
+                              hflip=teacher.data.hflip, strict=teacher.data.strict)
+    return config, train, data_cfg
+
+
+def resumed_plan(run_dir: str | os.PathLike, *, given: list[str] = (), out=None,
+                 device: str | None = None) -> tuple[DistillConfig, TrainConfig, DataConfig]:
+    """The saved plan of ``run_dir``; only the device may change (``given`` names any other option set)."""
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: the run keeps its saved plan "
+                          "(only --device may change)")
+    if out and Path(out).resolve() != Path(run_dir).resolve():
+        raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
+    config, train, data = read_plan(Path(run_dir))
+    return config, dataclasses.replace(train, device=device) if device else train, data
+
+
 @dataclass
 class DistillResult:
     run_dir: Path
@@ -340,53 +380,66 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     ``run_dir/round-rr`` (its teacher: the original teacher for r = 1, else round r - 1's final
     checkpoint); ``run_dir/student`` links to the newest finished round. ``data`` (default: the
     teacher's) is what the students are trained on. ``on_round(r, teacher_steps, student_steps)`` is
-    called before each round that runs.
+    called before each round that runs. Under torchrun every process runs this function and each
+    round trains data-parallel like ``ddpm train``; rank 0 alone writes the plan and the round files.
     """
     import time
 
-    from .device import select_device
-    from .train import load_training_data
-    from .train import train as train_run
+    from . import distributed
 
     start = time.time()
     run_dir = Path(run_dir)
     teacher_path, teacher = load_teacher_config(config.teacher)
     check_teacher(teacher, config)
     data = data or teacher.data
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_plan(run_dir, config, train, data)
-    device = select_device(train.device)
-    images = None
-    results = []
+    with distributed.agree("writing the distillation plan"):
+        if not resume and distributed.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_plan(run_dir, config, train, data)
+    device = distributed.training_device(train.device)
+    images, results = None, []
     for r in range(1, config.rounds + 1):
         round_dir = run_dir / f"round-{r:02d}"
         init = str(teacher_path) if r == 1 else str(resolve_checkpoint(run_dir / f"round-{r - 1:02d}"))
         steps = config.student_steps(r)
         round_config = student_run_config(teacher, train, data, steps, init)
-        state = _round_state(round_dir, train.steps)
+        state = _prepare_round(run_dir, round_dir, train.steps, r, config, init)
         if state == "done":
-            _link_student(run_dir, round_dir)
             continue
-        if state == "new" and round_dir.exists():
-            shutil.rmtree(round_dir)           # a round killed before its first checkpoint: nothing to keep
-        round_dir.mkdir(parents=True, exist_ok=True)
-        if images is None:
-            images = load_training_data(round_config)
+        images = images if images is not None else training.load_training_data(round_config)
         if on_round is not None:
             on_round(r, 2 * steps, steps)
-        grid = student_grid(teacher.diffusion.timesteps, steps)
-        loss = _teacher_loss(init, device, grid, config.weighting)
-        write_json(round_dir / ROUND_FILE, {"round": r, "rounds": config.rounds, "teacher": init,
-                                            "teacher_steps": 2 * steps, "student_steps": steps,
-                                            "weighting": config.weighting, "student_objective": STUDENT_OBJECTIVE})
+        loss = _teacher_loss(init, device, student_grid(teacher.diffusion.timesteps, steps), config.weighting)
         try:
-            results.append(train_run(round_config, round_dir, data=images, resume=state == "partial",
+            results.append(training.train(round_config, round_dir, data=images, resume=state == "partial",
                                      progress=progress, loss=loss))
         except TrainingInterrupted as exc:      # the round's own hint would name ddpm train
             said = str(exc).split("; continue with:")[0]
             raise TrainingInterrupted(f"{said}; continue with: ddpm distill --resume {run_dir}", exc.exit_code) from None
-        _link_student(run_dir, round_dir)
+        if distributed.is_main():
+            _link_student(run_dir, round_dir)
     last = run_dir / f"round-{config.rounds:02d}"
     return DistillResult(run_dir=run_dir, rounds=results, student=resolve_checkpoint(last),
                          student_steps=config.student_steps(config.rounds), seconds=time.time() - start)
+
+
+def _prepare_round(run_dir: Path, round_dir: Path, steps: int, r: int, config: DistillConfig, init: str) -> str:
+    """Round r's state ('done', 'partial' or 'new', as rank 0 sees it) and, on rank 0, its directory:
+    a finished round is linked as the student, a round killed before its first checkpoint is cleared."""
+    from . import distributed
+
+    state = distributed.broadcast_object(_round_state(round_dir, steps) if distributed.is_main() else None)
+    with distributed.agree("preparing a distillation round"):
+        if not distributed.is_main():
+            return state
+        if state == "done":
+            _link_student(run_dir, round_dir)
+            return state
+        if state == "new" and round_dir.exists():
+            shutil.rmtree(round_dir)           # nothing to keep
+        round_dir.mkdir(parents=True, exist_ok=True)
+        student_steps = config.student_steps(r)
+        write_json(round_dir / ROUND_FILE, {"round": r, "rounds": config.rounds, "teacher": init,
+                                            "teacher_steps": 2 * student_steps, "student_steps": student_steps,
+                                            "weighting": config.weighting, "student_objective": STUDENT_OBJECTIVE})
+    return state

@@ -41,14 +41,16 @@ from . import __version__
 from . import distributed
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
                          load_weights, save_checkpoint, unflatten_optimizer_state)
-from .config import RunConfig, build_diffusion
+from .config import RunConfig, checkpoint_global_batch  # re-exported: its earlier home
 from .data import ImageData, load_dataset
-from .diffusion import GaussianDiffusion, to_model_range
+from .diffusion import to_model_range
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
+from .gaussian_diffusion import GaussianDiffusion, build_diffusion
 from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
+from .pixels import uint8_to_unit as to_tensor_on_device   # its earlier name here
 from .plots import line_chart
 from .precision import autocast, channels_last, check_precision
 from .seeding import derive_seed
@@ -211,11 +213,6 @@ def rank_rows(batch_size: int, world_size: int, grad_accum: int, rank: int) -> t
     chunk = batch_size * world_size
     return torch.cat([torch.arange(a * chunk + rank * batch_size, a * chunk + (rank + 1) * batch_size)
                       for a in range(grad_accum)])
-
-
-def to_tensor_on_device(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1], on the batch's device."""
-    return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
 # ----------------------------------------------------------------------------- checkpoints of a run
@@ -826,17 +823,6 @@ def _init_from(checkpoint: str, model: nn.Module) -> None:
     """Fine-tuning: start from another run's EMA weights (the architecture must match)."""
     tensors, meta = load_checkpoint(checkpoint)
     load_weights(model, tensors, "ema", meta["path"])
-
-
-def checkpoint_global_batch(meta: dict) -> int:
-    """The global batch (images per optimizer step) a checkpoint was trained with.
-
-    Checkpoints written before data parallelism do not store it: there ``batch_size`` meant the
-    images per optimizer step (split into grad_accum micro-batches), so it is the global batch.
-    """
-    if "global_batch" in meta:
-        return int(meta["global_batch"])
-    return int(meta["config"]["train"]["batch_size"])
 
 
 def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:

@@ -180,3 +180,17 @@ def test_the_loop_draws_through_the_loss_and_hands_it_the_unet(tmp_path):
     assert [t.tolist() for t in loss.observed] == [t.tolist() for t in loss.draws]   # after each update
     saved = load_checkpoint(tmp_path / "run")[0]
     assert int(saved["timestep_sampler.counts"].sum()) == 0      # observe() was the spy's: nothing recorded
+
+
+def test_facade_loss_draws_as_the_loop_does_and_repeats_under_manual_seed():
+    diffusion = ddpm.GaussianDiffusion(tiny_unet(), timesteps=25)
+    images = torch.rand(4, 1, 8, 8, generator=gen(9))
+    torch.manual_seed(3)
+    a = diffusion(images)
+    torch.manual_seed(3)
+    assert torch.equal(diffusion(images), a)
+    g = gen(5)                                                   # the loss interface's order: t, then eps
+    t = torch.randint(0, 25, (4,), generator=g)
+    noise = torch.randn(4, 1, 8, 8, generator=g)
+    want = L.SimpleLoss(diffusion.schedule).losses(diffusion.model, images * 2 - 1, t, noise).mean()
+    assert torch.equal(diffusion(images, generator=gen(5)), want)

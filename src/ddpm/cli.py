@@ -4,9 +4,10 @@ Exit codes: 0 success, 2 usage or configuration error, 3 data error, 4 checkpoin
 stopped (non-finite steps), 6 another process of a torchrun group was lost, 128 + N stopped by signal N.
 User mistakes print one line, ``ddpm: error: ...``, never a traceback.
 
-Under torchrun (``torchrun --nproc_per_node N -m ddpm train|sample|eval ...``) every process runs
-the same command: ``train`` trains data-parallel, ``sample`` and ``eval --checkpoint`` split the
-image indices among the processes, and rank 0 writes the files and the messages.
+Under torchrun (``torchrun --nproc_per_node N -m ddpm train|distill|sample|eval ...``) every process
+runs the same command: ``train`` and ``distill`` train data-parallel, ``sample`` and ``eval
+--checkpoint`` split the image indices among the processes, and rank 0 writes the files and the
+messages.
 """
 
 from __future__ import annotations

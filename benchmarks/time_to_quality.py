@@ -242,6 +242,8 @@ def main(argv=None) -> None:
 
     # Every system measured in this folder so far, this run's and earlier runs' (e.g. a later bf16 row).
     order = ("ours", "ours-bf16", "diffusers", "ldp")
+    labels = {"ours": "ddpm", "ours-bf16": "ddpm (bf16)", "diffusers": "diffusers",   # as the figure names them
+              "ldp": "denoising-diffusion-pytorch"}
     results = [json.loads((Path(args.out) / f"{name}.json").read_text()) for name in order
                if (Path(args.out) / f"{name}.json").is_file()]
     from ddpm.evaluation import fast_metric, fast_reference
@@ -253,7 +255,7 @@ def main(argv=None) -> None:
         images = np.load(Path(args.out) / f"{r['system']}.npy")
         r.update(fast_metric(images, reference))
         grids.append(make_grid(images[:64], nrow=8))
-        names.append(r["system"])
+        names.append(labels[r["system"]])
     save_png(Path(args.out) / "grids.png", side_by_side(grids, names))
     print(f"{'system':<10} {'steps':>7} {'img/s':>7} {'train s':>8} {'sample s':>9} {'fast FID':>9} {'fast KID':>9}")
     for r in results:

@@ -88,10 +88,14 @@ def test_start_index_regenerates_the_same_images(run_dir, tmp_path, options):
 def test_progressive_grid_has_x_t_and_x0_rows_for_each_image(run_dir, tmp_path):
     out = tmp_path / "p"
     sample(run_dir, out, "--n", "3", "--progressive", "--sampler", "ddim", "--steps", "12")
-    grid = np.asarray(Image.open(out / "progressive.png"))
-    assert grid.shape[:2] == (2 * 3 * CELL + 2, 10 * CELL + 2)                  # 10 frames; x_t and x0 rows
+    from ddpm import viz
+
+    image = np.asarray(Image.open(out / "progressive.png").convert("RGB"))      # the grid beside its labels
+    grid_h, grid_w = 2 * 3 * CELL + 2, 10 * CELL + 2                             # 10 frames; x_t and x0 rows
+    assert image.shape[:2] == (viz.HEADER_HEIGHT + grid_h + 10, viz.LABEL_WIDTH + grid_w + 20)
     diffusion, _ = load_diffusion(run_dir)
     _, x_t, x0 = progressive_frames(diffusion, 3, sampling=sampling_options("ddim", 12), progress=False)
+    grid = image[viz.HEADER_HEIGHT:viz.HEADER_HEIGHT + grid_h, viz.LABEL_WIDTH:viz.LABEL_WIDTH + grid_w, 0]
     np.testing.assert_array_equal(grid, progressive_grid(x_t, x0)[..., 0])      # the library's frames, in its layout
     assert not np.array_equal(x_t[-1], x0[-1]) or not np.array_equal(x_t[0], x0[0])
 

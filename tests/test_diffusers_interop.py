@@ -24,7 +24,7 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.cli import main
-from ddpm.config import DiffusionConfig, RunConfig
+from ddpm.config import DataConfig, DiffusionConfig, RunConfig
 from ddpm.generate import generate, load_diffusion, sample_images
 from ddpm.models import Unet, UnetConfig, preset_config
 from ddpm.samplers import SamplingOptions, make_denoiser, sample_ancestral, spaced_timesteps
@@ -323,7 +323,7 @@ def test_cli_export_import_then_sample_gives_the_same_images(dlib, tmp_path):
     checkpoint, _ = make_checkpoint(tmp_path / "c.safetensors", config, seed=2)
     proc = run_cli("export", "--checkpoint", str(checkpoint), "--format", "diffusers", "--out", str(tmp_path / "hf"))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["model_index.json", "scheduler", "unet"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["README.md", "model_index.json", "scheduler", "unet"]
     assert json.loads((tmp_path / "hf" / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
     assert not list(tmp_path.glob(".hf.tmp-*"))
     proc = run_cli("import", "--format", "diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back.safetensors"))
@@ -477,7 +477,10 @@ DAMAGES = {
     "cross-attention": (lambda f: _edit_json(f / "unet" / "config.json",
                                              down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"]),
                         "down_block_types"),
-    "flipped-embedding": (lambda f: _edit_json(f / "unet" / "config.json", flip_sin_to_cos=True), "flip_sin_to_cos"),
+    "fourier-embedding": (lambda f: _edit_json(f / "unet" / "config.json", time_embedding_type="fourier"),
+                          "time_embedding_type"),
+    "head-width": (lambda f: _edit_json(f / "unet" / "config.json", attention_head_dim=5), "attention_head_dim=5"),
+    "freq-shift": (lambda f: _edit_json(f / "unet" / "config.json", freq_shift=8), "freq_shift"),
     "conditional": (lambda f: _edit_json(f / "unet" / "config.json", num_class_embeds=10), "class-conditional"),
     "learned-variance": (lambda f: _edit_json(f / "scheduler" / "scheduler_config.json",
                                               variance_type="learned_range"), "learned variances"),
@@ -521,3 +524,202 @@ def test_training_only_variants_export_and_sampling_variants_are_refused(dlib):
         scheduler_to_diffusers_config(DiffusionConfig(self_condition=True))
     with pytest.raises(ConfigError, match="learned"):
         scheduler_to_diffusers_config(DiffusionConfig(variance="learned-range", loss="hybrid"))
+
+
+# ----------------------------------------------------------------------------- the model card
+
+def fake_run(root: Path, config: RunConfig, argv: list[str]) -> Path:
+    """A run directory as `ddpm train` leaves it: config, provenance, a checkpoint and samples.png."""
+    from ddpm.images import make_grid, save_png
+
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    (run / "provenance.json").write_text(json.dumps([{"event": "start", "argv": argv}]))
+    rng = np.random.default_rng(0)
+    save_png(run / "samples.png", make_grid(rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)))
+    make_checkpoint(run / "checkpoints" / "step-0000007.safetensors", config)
+    return run
+
+
+def test_export_writes_a_hub_model_card_and_the_runs_samples(dlib, tmp_path):
+    from huggingface_hub import ModelCard
+
+    config = RunConfig(preset="custom", model=UnetConfig(**TINY), diffusion=DiffusionConfig(timesteps=40),
+                       data=DataConfig(name="mnist", image_size=(8, 8)))
+    argv = ["/somewhere/bin/ddpm", "train", "--data", "mnist", "--steps", "7", "--out", "runs/tiny"]
+    run = fake_run(tmp_path, config, argv)
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")                       # the Hub's own parser
+    assert card.data.library_name == "diffusers"
+    assert card.data.tags == ["pytorch", "diffusers", "unconditional-image-generation"]
+    assert card.data.datasets == ["mnist"]
+    text = card.text
+    assert "ddpm train --data mnist --steps 7 --out runs/tiny" in text
+    assert f"ddpm export --checkpoint {run} --out {out} --weights ema" in text
+    assert "training steps: 7" in text and "T = 40" in text and "lr 0.001" in text
+    assert "](./samples.png)" in text
+    assert (out / "samples.png").read_bytes() == (run / "samples.png").read_bytes()
+    pipe = dlib.DDPMPipeline.from_pretrained(out)                  # the card and picture do not get in the way
+    assert pipe.unet.config.sample_size == 8
+
+
+def test_a_checkpoint_without_a_run_gets_a_card_without_samples(dlib, tmp_path):
+    checkpoint, _ = make_checkpoint(tmp_path / "c.safetensors", tiny_config())
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    text = (tmp_path / "hf" / "README.md").read_text()
+    assert text.startswith("---\nlibrary_name: diffusers\n") and "datasets:" not in text      # digits: not on the Hub
+    assert "samples.png" not in text and not (tmp_path / "hf" / "samples.png").exists()
+    assert "was not recorded" in text
+
+
+def test_exported_files_have_ordinary_permissions(dlib, tmp_path):
+    checkpoint, _ = make_checkpoint(tmp_path / "c.safetensors", tiny_config())
+    old = os.umask(0o022)
+    try:
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path / "hf")): p.stat().st_mode & 0o777
+             for p in (tmp_path / "hf").rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes
+
+# ----------------------------------------------------------------------------- diffusers' own models
+
+# UNet2DModel with its defaults -- flip_sin_to_cos=True, freq_shift=0, DownBlock2D then AttnDownBlock2D
+# blocks, attention_head_dim=8 (so 4 heads at 32 channels, 8 at 64), positional time embedding -- and
+# only the size made small: 16x16 grey, narrower blocks.
+DIFFUSERS_DEFAULTS_SMALL = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 32, 64, 64))
+# DDPMScheduler's defaults (linear betas, fixed_small, epsilon, clip) at T = 40, its betas scaled by
+# 1000 / T as ddpm's linear schedule is, so the schedule is one ddpm knows.
+SCHEDULER_T40 = dict(num_train_timesteps=40, beta_start=1e-4 * 25, beta_end=0.02 * 25)
+
+
+@pytest.fixture(scope="module")
+def diffusers_default_folder(dlib, tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
+    """A DDPMPipeline folder saved by diffusers from a seeded, randomly initialised default UNet2DModel,
+    and the checkpoint `ddpm import` makes of it."""
+    root = tmp_path_factory.mktemp("diffusers-defaults")
+    torch.manual_seed(0)
+    unet = dlib.UNet2DModel(**DIFFUSERS_DEFAULTS_SMALL).eval()
+    dlib.DDPMPipeline(unet=unet, scheduler=dlib.DDPMScheduler(**SCHEDULER_T40)).save_pretrained(root / "hf")
+    assert main(["import", str(root / "hf"), "--out", str(root / "imported.safetensors")]) == 0
+    return root / "hf", root / "imported.safetensors", unet
+
+
+def test_diffusers_default_unet_imports_with_its_embedding_and_heads(diffusers_default_folder):
+    _, checkpoint, unet = diffusers_default_folder
+    diffusion, meta = load_diffusion(checkpoint)
+    m = diffusion.model.config
+    assert (m.flip_sin_to_cos, m.freq_shift, m.attention_head_dim) == (True, 0, 8)
+    assert m.dim_mults == (1, 1, 2, 2) and m.attention_resolutions == (8, 4, 2)      # AttnDownBlock2D x 3
+    heads = [b.heads for b in diffusion.model.modules() if type(b).__name__ == "AttentionBlock"]
+    assert sorted(set(heads)) == [4, 8]                                           # 32 / 8 and 64 / 8
+    assert diffusion.model.num_parameters() == sum(p.numel() for p in unet.parameters())
+    assert meta["run_config"].preset == "custom"
+    assert_forward_equal(diffusion.model, unet, m)
+
+
+@pytest.mark.parametrize("flip, shift", [(False, 0), (True, 1), (False, 1)])
+def test_each_embedding_choice_is_what_diffusers_computes(dlib, flip, shift):
+    """The forward check can fail: each (flip_sin_to_cos, freq_shift) is a different network, and ours
+    follows diffusers for each."""
+    from ddpm.interop.diffusers import state_dict_from_diffusers, unet_from_diffusers_config
+
+    torch.manual_seed(1)
+    unet = dlib.UNet2DModel(**DIFFUSERS_DEFAULTS_SMALL, flip_sin_to_cos=flip, freq_shift=shift).eval()
+    m = unet_from_diffusers_config(dict(unet.config))
+    assert (m.flip_sin_to_cos, m.freq_shift) == (flip, shift)
+    ours = Unet(m).eval()
+    ours.load_state_dict(state_dict_from_diffusers(unet.state_dict(), m, "unet"))
+    assert_forward_equal(ours, unet, m)
+    default = Unet(UnetConfig(**{**m.to_dict(), "flip_sin_to_cos": True, "freq_shift": 0})).eval()
+    default.load_state_dict(ours.state_dict())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert (default(x, t) - ours(x, t)).abs().max() > 1e-3
+
+
+def test_imported_default_model_samples_what_ddpm_pipeline_samples(dlib, diffusers_default_folder):
+    folder, checkpoint, _ = diffusers_default_folder
+    pipe = dlib.DDPMPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=40,
+                  output_type="pt").images
+    diffusion, _ = load_diffusion(checkpoint)
+    g = torch.Generator().manual_seed(5)
+    x_T = torch.randn(2, 1, 16, 16, generator=g)
+    denoiser = make_denoiser(diffusion.model, diffusion.schedule, objective="eps", clip=True)
+    x0 = sample_ancestral(denoiser, x_T, diffusion.schedule, spaced_timesteps(40),
+                          noise=lambda: torch.randn(2, 1, 16, 16, generator=g), variance="posterior")
+    ours = ((x0 + 1) / 2).clamp(0, 1)
+    assert ours.std() > 0.05
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-4)
+
+
+def test_export_of_the_imported_default_model_keeps_its_embedding(dlib, diffusers_default_folder, tmp_path):
+    _, checkpoint, unet = diffusers_default_folder
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "again")]) == 0
+    config = json.loads((tmp_path / "again" / "unet" / "config.json").read_text())
+    assert (config["flip_sin_to_cos"], config["freq_shift"], config["attention_head_dim"]) == (True, 0, 8)
+    assert config["down_block_types"] == list(unet.config.down_block_types)
+    again = dlib.UNet2DModel.from_pretrained(tmp_path / "again" / "unet").eval()
+    diffusion, _ = load_diffusion(checkpoint)
+    assert_forward_equal(diffusion.model, again, diffusion.model.config)
+
+
+def test_init_from_an_imported_model_fine_tunes_its_architecture(diffusers_default_folder, tmp_path):
+    """`ddpm train --init` takes the architecture, the schedule and the image size from the checkpoint
+    and starts from its weights: digits (8x8) are resized to the model's 16x16."""
+    _, checkpoint, _ = diffusers_default_folder
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(checkpoint), "--data", "digits", "--steps", "2", "--batch-size", "4",
+                 "--lr", "1e-12", "--num-samples", "1", "--sample-every", "0", "--log-every", "1",
+                 "--checkpoint-every", "0", "--quiet", "--out", str(out)]) == 0
+    imported, meta = load_checkpoint(checkpoint)
+    trained, trained_meta = load_checkpoint(out)
+    saved = RunConfig.from_dict(trained_meta["config"])
+    assert saved.model == RunConfig.from_dict(meta["config"]).model
+    assert saved.diffusion.timesteps == 40 and saved.data.image_size == (16, 16)
+    # lr 1e-12: the weights barely move, so the run started from the imported ones (not a fresh init).
+    for name, value in imported.items():
+        if name.startswith("ema."):
+            torch.testing.assert_close(trained[name], value, rtol=0, atol=1e-6)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--preset", "digits"], "--preset digits contradicts --init"),
+    (["--conditional"], "--conditional contradicts --init"),
+    (["--self-condition"], "self_condition = True contradicts --init"),
+])
+def test_init_refuses_a_contradicting_architecture(diffusers_default_folder, tmp_path, capsys, argv, phrase):
+    _, checkpoint, _ = diffusers_default_folder
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(checkpoint), *argv, "--steps", "1", "--out", str(out)]) == 2
+    one_line_error(capsys, phrase, {"--preset": "'custom'", "--conditional": "unconditional"}.get(argv[0], "False"))
+    assert not out.exists()
+
+
+def test_init_refuses_a_contradicting_model_table(diffusers_default_folder, tmp_path, capsys):
+    _, checkpoint, _ = diffusers_default_folder
+    (tmp_path / "c.toml").write_text("[model]\ndim = 64\n")
+    assert main(["train", "--init", str(checkpoint), "--config", str(tmp_path / "c.toml"), "--steps", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    one_line_error(capsys, "dim = 64", "contradicts --init", "dim = 32")
+
+
+@pytest.mark.slow
+def test_the_full_default_unet2dmodel_imports_exactly(dlib):
+    """UNet2DModel() as diffusers builds it with no arguments at all (274M parameters; 32x32 RGB)."""
+    from ddpm.interop.diffusers import state_dict_from_diffusers, unet_from_diffusers_config
+
+    torch.manual_seed(0)
+    unet = dlib.UNet2DModel(sample_size=32).eval()
+    m = unet_from_diffusers_config(dict(unet.config))
+    ours = Unet(m).eval()
+    ours.load_state_dict(state_dict_from_diffusers(unet.state_dict(), m, "unet"))
+    assert_forward_equal(ours, unet, m, batch=1)

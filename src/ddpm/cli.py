@@ -167,7 +167,9 @@ def _add_train(sub) -> None:
     g.add_argument("--max-bad-steps", type=_positive_int, help="non-finite steps in a row before stopping")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument("--init", metavar="CHECKPOINT", help="fine-tune: start from this checkpoint's EMA weights")
+    g.add_argument("--init", metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's EMA weights, with its architecture (and, unless "
+                        "given, its diffusion settings and image size); e.g. a model made by ddpm import")
     _add_train_output(p.add_argument_group("output"))
 
 
@@ -204,6 +206,22 @@ TRAIN_FLAGS = {
 }
 
 
+def _add_progress(group) -> None:
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       help="progress bars on stderr (default: only when stderr is a terminal, so logs stay clean)")
+
+
+def _show_progress(args) -> bool:
+    """Progress bars: never with --quiet, as --progress / --no-progress say, else only on a terminal."""
+    if args.quiet:
+        return False
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -233,6 +251,7 @@ def _add_sample(sub) -> None:
                    help="also write DIR/progressive.png: x_t and the x0 estimate of each image over time (Figure 6)")
     g.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_progress(g)
     from .generate import DEFAULT_GUIDANCE_SCALE
 
     g = p.add_argument_group("class-conditional models (trained with --conditional)")
@@ -363,6 +382,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_precision(g)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_progress(p)
 
 
 EXAMPLES_EXPORT = """\
@@ -388,7 +408,8 @@ def _add_export(sub) -> None:
                        description="Write a checkpoint as a folder that diffusers' DDPMPipeline.from_pretrained "
                                    "loads: unet/ (UNet2DModel config and safetensors weights), scheduler/ "
                                    "(DDPMScheduler config: the same schedule, variance, prediction type and "
-                                   "clipping) and model_index.json. Needs diffusers (pip install 'ddpm[diffusers]'). "
+                                   "clipping), model_index.json, and a model card README.md for the Hugging Face "
+                                   "Hub with a copy of the run's samples.png. Needs diffusers (pip install 'ddpm[diffusers]'). "
                                    "Class-conditional and other models DDPMPipeline cannot run are refused.",
                        epilog=EXAMPLES_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
@@ -562,7 +583,7 @@ def cmd_train(args) -> int:
         verb = "resuming" if args.resume else "training"
         procs = f" with {world} processes (global batch {config.train.global_batch_size(world)})" if world > 1 else ""
         print(f"{verb} preset {config.preset!r} ({build_model(config).num_parameters() / 1e6:.2f}M parameters) "
-              f"on {data.name} ({data.num_images} images, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
+              f"on {data.name} ({_plural(data.num_images, 'image')}, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
               f"to step {config.train.steps}{procs} -> {run_dir}", file=sys.stderr)
     result = train(config, run_dir, data=data, resume=bool(args.resume), progress=not args.quiet)
     if not main_rank:
@@ -600,9 +621,10 @@ def cmd_sample(args) -> int:
                             guidance_scale=args.guidance_scale, seed=args.seed, start_index=args.start_index,
                             weights=args.weights, device=str(device), world=distributed.world_size())
     paths = run_samples(diffusion, plan, out, sampling, seed=args.seed, batch_size=args.batch_size, png=args.png,
-                        progressive=args.progressive, progress=not args.quiet)
+                        progressive=args.progressive, progress=_show_progress(args), meta=meta)
     if paths is not None:
-        print(f"wrote {plan.total} images ({plan.record['sampler']}, {plan.record['steps']} steps) from "
+        print(f"wrote {_plural(plan.total, 'image')} ({plan.record['sampler']}, "
+              f"{_plural(plan.record['steps'], 'step')}) from "
               f"{meta['path']} (step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {paths['record']}")
     return 0
 
@@ -686,7 +708,7 @@ def cmd_eval(args) -> int:
     from . import distributed
 
     metrics = list(dict.fromkeys(args.metric))
-    progress = not args.quiet
+    progress = _show_progress(args)
     diffusion = None
     with distributed.agree("checking the options"):
         if "bpd" in metrics and not args.checkpoint:
@@ -802,10 +824,10 @@ def cmd_viz(args) -> int:
         from .generate import load_diffusion, resolved_sampling
 
         sampling = _sampling_from_args(args)
-        diffusion, _ = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
-                                      precision=args.precision)
+        diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
+                                         precision=args.precision)
         resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
-        viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling)
+        viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling, meta=meta)
     else:
         viz.training_figure(out, args.run_dir, grids=args.grids)
         if viz.training_to_tensorboard(args.run_dir, out, grids=args.grids):
@@ -924,6 +946,18 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpo
             "export": cmd_export, "import": cmd_import, "distill": cmd_distill}
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe cannot fail."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):      # stdout is not a real file (e.g. under a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -936,7 +970,13 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()          # under torchrun: join the process group (a no-op otherwise)
         if distributed.world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"ddpm {args.command} runs in one process; start it without torchrun")
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        # The reader went away (ddpm inspect --json | head): stop quietly, as a process killed by SIGPIPE.
+        _discard_stdout()
+        return 128 + 13
     except TrainingInterrupted as exc:
         if distributed.is_main():
             print(f"ddpm: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ from .schedules import SCHEDULES
 from .timestep_sampling import TIMESTEP_SAMPLINGS
 
 __all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "SamplingConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
-           "RECIPES", "per_process_batch", "build_model", "load_toml", "merge_layers",
+           "RECIPES", "INIT_MAY_CHANGE", "resolve_init_config", "per_process_batch", "build_model", "load_toml", "merge_layers",
            "dataset_num_classes", "resolve_train_config", "checkpoint_global_batch", "RESUME_MAY_CHANGE",
            "resume_config"]
 
@@ -401,6 +401,10 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     from .models import PRESETS
 
     file_layer = load_toml(config_file) if config_file else {}
+    init = flags.get("train", {}).get("init") or file_layer.get("train", {}).get("init")
+    if init:
+        return resolve_init_config(init, flags, file_layer, preset=preset, config_file=config_file,
+                                   conditional=conditional)
     data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
     preset = preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
     if preset is None:
@@ -430,6 +434,67 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     except TypeError as exc:
         raise ConfigError(f"invalid [model] option: {exc}") from None
     return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
+
+
+# Model options that may differ from an --init checkpoint's: they change no weight's shape.
+INIT_MAY_CHANGE = {"dropout"}
+
+
+def _check_init_model(saved: RunConfig, source: str, flags: dict, file_layer: dict, *, preset, config_file,
+                      conditional: bool) -> None:
+    """Refuse a preset, [model] value or option that contradicts the checkpoint's architecture."""
+    file_preset = preset or file_layer.get("preset")
+    if file_preset is not None and file_preset != saved.preset:
+        where = "--preset" if preset else f"preset in {config_file}"
+        raise ConfigError(f"{where} {file_preset} contradicts {source}, whose model is {saved.preset!r}; "
+                          "leave it out: the architecture comes from the checkpoint")
+    model = saved.model.to_dict()
+    for layer, is_file in ((file_layer, True), (flags, False)):
+        for key, value in layer.get("model", {}).items():
+            old = model.get(key)
+            same = list(value) == list(old) if isinstance(value, (list, tuple)) and old is not None else value == old
+            if not same and key not in INIT_MAY_CHANGE:
+                given = f"{key} = {value} in {config_file}" if is_file else f"--{key.replace('_', '-')} {value}"
+                raise ConfigError(f"{given} contradicts {source}, whose model has {key} = {old}")
+    if conditional and not saved.conditional:
+        raise ConfigError(f"--conditional contradicts {source}, whose model is unconditional")
+
+
+def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str | None = None,
+                        config_file: str | None = None, conditional: bool = False):
+    """A fine-tuning run's configuration: the architecture of the ``init`` checkpoint and, unless the
+    file or the options say otherwise, its diffusion settings and image size; the preset's recipe
+    below them. Returns (config, data)."""
+    from .checkpoint import read_metadata
+    from .data import load_dataset
+    from .errors import CheckpointError
+
+    meta = read_metadata(init)
+    try:
+        saved = RunConfig.from_dict(meta["config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"--init {meta['path']} has an unusable configuration: {exc}") from None
+    source = f"--init {init}"
+    _check_init_model(saved, source, flags, file_layer, preset=preset, config_file=config_file,
+                      conditional=conditional)
+    base = {"diffusion": saved.to_dict()["diffusion"],
+            "data": {"image_size": saved.model.image_size, "channels": saved.model.channels}}
+    merged = merge_layers(RECIPES.get(saved.preset, {}), base, file_layer, flags)
+    try:
+        data_cfg = DataConfig(**merged.get("data", {}))
+        diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))
+        train_cfg = TrainConfig(**merged.get("train", {}))
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    for what, ours, theirs in (("self_condition", diffusion_cfg.self_condition, saved.diffusion.self_condition),
+                               ("learned variance", diffusion_cfg.learned_variance, saved.diffusion.learned_variance)):
+        if ours != theirs:             # the network's input or output channels would change
+            raise ConfigError(f"{what} = {ours} contradicts {source}, whose model has {what} = {theirs}")
+    data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
+                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+    model = {**saved.model.to_dict(), **{k: v for k, v in merged.get("model", {}).items() if k in INIT_MAY_CHANGE}}
+    return RunConfig(preset=saved.preset, model=UnetConfig(**model), diffusion=diffusion_cfg, data=data_cfg,
+                     train=train_cfg), data
 
 
 def checkpoint_global_batch(meta: dict) -> int:

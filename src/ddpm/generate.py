@@ -31,9 +31,9 @@ from .seeding import derive_seed
 
 __all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
            "sampling_options", "resolved_sampling", "sample_images",
-           "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record",
-           "write_samples", "file_sha256", "resolve_classes", "SamplePlan", "plan_samples", "run_samples",
-           "interpolation_folder"]
+           "generate", "progressive_frames", "progressive_timesteps", "progressive_grid", "interpolate", "slerp",
+           "load_image", "sample_record", "write_samples", "file_sha256", "resolve_classes", "SamplePlan",
+           "plan_samples", "run_samples", "interpolation_folder"]
 
 
 def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
@@ -208,6 +208,21 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
     return np.concatenate(out)
 
 
+def _progressive_steps(total: int, frames: int) -> list[int]:
+    """``frames`` evenly spaced sampler-step indices of ``total``, the first and the last included."""
+    if frames < 1:
+        raise ConfigError(f"frames must be positive; got {frames}")
+    return sorted({round(j * (total - 1) / max(frames - 1, 1)) for j in range(frames)})
+
+
+def progressive_timesteps(diffusion: GaussianDiffusion, frames: int = 10,
+                          sampling: SamplingOptions = DEFAULT_SAMPLING) -> list[int]:
+    """The 0-based timestep t of each frame of :func:`progressive_frames` (frame f shows x_t and the
+    x0 estimate made from it)."""
+    timesteps = sampling.timesteps(diffusion.timesteps)
+    return [int(timesteps[i]) for i in _progressive_steps(len(timesteps), frames)]
+
+
 def progressive_frames(diffusion: GaussianDiffusion, n: int, *, frames: int = 10,
                        sampling: SamplingOptions = DEFAULT_SAMPLING, **kwargs) -> tuple[np.ndarray, ...]:
     """Progressive generation (Ho et al. 2020, Figure 6): images plus x_t and x0_pred at ``frames`` steps.
@@ -216,10 +231,7 @@ def progressive_frames(diffusion: GaussianDiffusion, n: int, *, frames: int = 10
     the frames are taken at evenly spaced sampler steps, the first and the last included (F is
     less than ``frames`` when the sampler takes fewer steps). ``kwargs`` go to :func:`generate`.
     """
-    if frames < 1:
-        raise ConfigError(f"frames must be positive; got {frames}")
-    total = len(sampling.timesteps(diffusion.timesteps))
-    keep = sorted({round(j * (total - 1) / max(frames - 1, 1)) for j in range(frames)})
+    keep = _progressive_steps(len(sampling.timesteps(diffusion.timesteps)), frames)
     x_t: dict[int, list] = {i: [] for i in keep}
     x0_pred: dict[int, list] = {i: [] for i in keep}
 
@@ -416,10 +428,11 @@ def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOpt
 
 def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.PathLike, sampling: SamplingOptions, *,
                 seed: int = 0, batch_size: int = 64, png: bool = False, progressive: bool = False,
-                progress: bool = True) -> dict[str, Path] | None:
+                progress: bool = True, meta: dict | None = None) -> dict[str, Path] | None:
     """Generate ``plan``'s images and write grid.png, samples.npz (with indices and labels), record.json,
-    optionally images/NNNNNN.png and progressive.png. Under torchrun each process generates a contiguous
-    range of the indices (image k depends only on (seed, k)) and rank 0 writes; the others return None."""
+    optionally images/NNNNNN.png and progressive.png (labelled, titled after the checkpoint ``meta``).
+    Under torchrun each process generates a contiguous range of the indices (image k depends only on
+    (seed, k)) and rank 0 writes; the others return None."""
     from . import distributed
     from .fileio import write_json
 
@@ -433,8 +446,12 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
         gathered = distributed.gather_arrays((images, x_t.swapaxes(0, 1), x0_pred.swapaxes(0, 1)))
         if gathered is None:
             return None
+        from . import viz
+
         images = gathered[0]
-        save_png(out / "progressive.png", progressive_grid(gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1)))
+        viz.progressive_png(out / "progressive.png", gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1),
+                            progressive_timesteps(diffusion, sampling=sampling),
+                            title=viz.progressive_title(diffusion, sampling, seed, meta))
     else:
         gathered = distributed.gather_arrays((generate(diffusion, hi - lo, sampling=sampling, **common),))
         if gathered is None:             # not rank 0: its images went to rank 0, which writes them

@@ -11,7 +11,12 @@ from PIL import Image
 
 from .fileio import atomic_write
 
-__all__ = ["make_grid", "side_by_side", "save_png", "save_npz"]
+__all__ = ["grid_scale", "make_grid", "side_by_side", "save_png", "save_npz"]
+
+
+def grid_scale(h: int, w: int) -> int:
+    """The default magnification of :func:`make_grid`: small images brought up to at least 64 pixels."""
+    return max(1, math.ceil(64 / max(h, w)))
 
 
 def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, scale: int | None = None,
@@ -26,7 +31,7 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, sca
     n, h, w, c = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     if scale is None:
-        scale = max(1, math.ceil(64 / max(h, w)))
+        scale = grid_scale(h, w)
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
         h, w = h * scale, w * scale

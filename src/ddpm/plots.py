@@ -1,82 +1,90 @@
-"""Line charts drawn with Pillow (no plotting dependency): loss curves in run directories."""
+"""Line charts with matplotlib (the ``viz`` extra): the loss curve of a run directory, and the axes
+that ``ddpm viz`` shares with it.
+
+Ticks are matplotlib's own: its locators choose the values and its formatters write them (steps
+as plain integers with thousands separators, a log axis in powers of ten). matplotlib is imported
+only when a chart is drawn; without it :func:`line_chart` draws nothing and says so once.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageDraw, ImageFont
-
 from .fileio import atomic_write
 
-__all__ = ["line_chart"]
+__all__ = ["line_chart", "draw_series", "have_matplotlib", "note_missing_matplotlib", "DPI"]
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+DPI = 100
+Series = dict[str, tuple[Sequence[float], Sequence[float]]]
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike, *,
-               title: str = "", xlabel: str = "", ylabel: str = "", log_y: bool = False,
-               size: tuple[int, int] = (800, 450)) -> Path:
-    """Draw each (x, y) series as a line in one chart and save it as PNG, atomically.
+@functools.cache
+def note_missing_matplotlib(what: str) -> None:
+    """One line on stderr, once per process and ``what``, instead of a chart."""
+    print(f"ddpm: note: matplotlib is not installed, so {what} is skipped (pip install 'ddpm[viz]')",
+          file=sys.stderr)
 
-    Non-finite points are dropped; with ``log_y`` the y axis is logarithmic (non-positive
-    points dropped too).
+
+def _finite(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> tuple[list[float], list[float]]:
+    """The points with a finite y (and, on a log axis, a positive one)."""
+    kept = [(float(x), float(y)) for x, y in zip(xs, ys)
+            if y is not None and math.isfinite(float(y)) and (float(y) > 0 or not log_y)]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def draw_series(ax, series: Series, *, xlabel: str = "", ylabel: str = "", log_y: bool = False,
+                title: str = "") -> None:
+    """Each (x, y) series as a line on ``ax``, non-finite points dropped; integer x ticks (steps).
+
+    With ``log_y`` non-positive points are dropped too, and the y axis is logarithmic when the
+    values span a factor of 10 or more.
     """
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 45
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-    def keep(y: float) -> bool:
-        return math.isfinite(y) and (y > 0 or not log_y)
+    values = []
+    for name, (xs, ys) in series.items():
+        x, y = _finite(xs, ys, log_y)
+        ax.plot(x, y, label=name, marker="o" if len(x) == 1 else None)
+        values += y
+    # A log axis only where it helps: over less than a factor of 10 its ticks are few and awkward.
+    if log_y and values and max(values) >= 10 * min(values):
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", useOffset=False)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both" if log_y else "major")
+    if len(series) > 1 and ax.has_data():
+        ax.legend(fontsize="small")
 
-    clean = {name: [(float(x), math.log10(y) if log_y else float(y)) for x, y in zip(xs, ys) if keep(float(y))]
-             for name, (xs, ys) in series.items()}
-    points = [p for pts in clean.values() for p in pts]
-    draw.text((left, 8), title, fill="black", font=font)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    if points:
-        x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-        y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
-        if x_hi == x_lo:
-            x_hi = x_lo + 1
-        if y_hi == y_lo:
-            y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
 
-        def to_px(x: float, y: float) -> tuple[float, float]:
-            px = left + (x - x_lo) / (x_hi - x_lo) * (width - left - right)
-            py = height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-            return px, py
+def line_chart(series: Series, path: str | os.PathLike, *, title: str = "", xlabel: str = "", ylabel: str = "",
+               log_y: bool = False, size: tuple[int, int] = (800, 450)) -> Path | None:
+    """Draw the series in one chart of ``size`` pixels and save it as PNG, atomically.
 
-        for v in _ticks(x_lo, x_hi):
-            px, _ = to_px(v, y_lo)
-            draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-            draw.text((px - 12, height - bottom + 6), _fmt(v), fill="black", font=font)
-        for v in _ticks(y_lo, y_hi):
-            _, py = to_px(x_lo, v)
-            draw.line([left - 4, py, left, py], fill="black")
-            draw.text((4, py - 6), _fmt(10 ** v if log_y else v), fill="black", font=font)
-        for k, (name, pts) in enumerate(clean.items()):
-            colour = COLOURS[k % len(COLOURS)]
-            if len(pts) > 1:
-                draw.line([to_px(x, y) for x, y in pts], fill=colour, width=2)
-            elif pts:
-                px, py = to_px(*pts[0])
-                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-            draw.text((width - right - 150, top + 6 + 14 * k), f"-- {name}", fill=colour, font=font)
-    draw.text(((width - len(xlabel) * 6) // 2, height - 16), xlabel, fill="black", font=font)
-    draw.text((4, 8 if not title else 18), ylabel + (" (log)" if log_y else ""), fill="black", font=font)
-    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    Returns the path, or None (after a one-line note) when matplotlib is not installed.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        note_missing_matplotlib(Path(path).name)
+        return None
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    draw_series(fig.subplots(), series, xlabel=xlabel, ylabel=ylabel, log_y=log_y, title=title)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))

@@ -322,11 +322,11 @@ def _draw_loss_curve(run_dir: Path) -> None:
     def column(key: str) -> list[float]:
         return [float("nan") if r.get(key) is None else r[key] for r in rows]
 
-    series = {"loss": (steps, column("loss"))}
+    series = {"all timesteps": (steps, column("loss"))}
     for q in range(4):
-        series[f"t quartile {q}"] = (steps, column(f"loss_q{q}"))
-    line_chart(series, run_dir / "loss.png", title="training loss (mean over each logging window)",
-               xlabel="step", ylabel="loss", log_y=True)
+        series[f"t in quartile {q} of [0, T)"] = (steps, column(f"loss_q{q}"))
+    line_chart(series, run_dir / "loss.png", title=f"run {run_dir.resolve().name}: training loss, mean over each "
+               "logging window", xlabel="optimizer step", ylabel="loss", log_y=True)
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | None = None,

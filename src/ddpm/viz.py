@@ -1,7 +1,8 @@
 """Pictures of every stage of a diffusion model: schedule, forward process, reverse process, training.
 
-Charts are drawn with matplotlib (the optional extra ``ddpm[viz]``); image strips with numpy and
-Pillow (:mod:`ddpm.images`). Every function writes one PNG of a fixed size, atomically, and
+Charts and labelled image grids are drawn with matplotlib (the optional extra ``ddpm[viz]``),
+image strips with numpy and Pillow (:mod:`ddpm.images`). Image grids are shown pixel for pixel
+(or magnified by whole pixels), never shrunk. Every function writes one PNG, atomically, and
 returns its path. Timesteps are 0-based (paper t = index + 1), as everywhere in the code.
 """
 
@@ -20,12 +21,12 @@ from .errors import ConfigError, DataError
 from .fileio import atomic_write
 from .images import make_grid, save_png
 
-__all__ = ["require_matplotlib", "schedule_figure", "forward_strips", "forward_figure", "reverse_figure",
-           "training_figure", "SCHEDULE_FIGSIZE", "TRAINING_FIGSIZE", "DPI"]
+__all__ = ["require_matplotlib", "schedule_figure", "forward_strips", "forward_figure", "progressive_figure",
+           "progressive_png", "reverse_figure", "training_figure", "grid_display_scale", "SCHEDULE_FIGSIZE", "TRAINING_FIGSIZE", "DPI"]
 
 DPI = 100
 SCHEDULE_FIGSIZE = (12.0, 3.6)      # inches: 1200 x 360 pixels at DPI
-TRAINING_FIGSIZE = (12.0, 8.0)      # 1200 x 800 pixels
+TRAINING_FIGSIZE = (12.0, 8.0)      # at least 1200 pixels wide; as tall (and wider) as the sample grids need
 
 
 def require_matplotlib(what: str):
@@ -120,15 +121,93 @@ def forward_figure(path: str | os.PathLike, images: np.ndarray, steps: Sequence[
 
 # ----------------------------------------------------------------------------- the reverse process
 
+LABEL_WIDTH = 150      # pixels left of an image grid for its row labels
+HEADER_HEIGHT = 70     # pixels above it for the title, its explanation and the column labels
+
+
+def _grid_axes(fig, image: np.ndarray, left: int, top: int, scale: int = 1):
+    """Axes showing ``image`` at exactly ``scale`` figure pixels per image pixel, its top-left corner
+    ``left`` and ``top`` pixels from the figure's; returns them."""
+    width, height = fig.bbox.width, fig.bbox.height
+    h, w = image.shape[0] * scale, image.shape[1] * scale
+    ax = fig.add_axes((left / width, 1 - (top + h) / height, w / width, h / height))
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]    # RGB: no colour map
+    ax.imshow(rgb, interpolation="nearest", aspect="auto")
+    return ax
+
+
+def progressive_figure(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.ndarray, timesteps: Sequence[int],
+                       *, title: str) -> Path:
+    """Progressive generation (Ho et al. 2020, Figure 6) with its labels: per image a row of x_t and a
+    row of the x0 estimate made from it, one column per 0-based timestep t (labelled on top).
+
+    ``x_t`` and ``x0_pred`` are uint8 [F, N, H, W, C] (:func:`~ddpm.generate.progressive_frames`).
+    """
+    from .generate import progressive_grid
+
+    Figure = require_matplotlib("a labelled progressive figure")
+    frames, n = x_t.shape[:2]
+    if len(timesteps) != frames:
+        raise ValueError(f"{len(timesteps)} timesteps for {frames} frames")
+    grid = progressive_grid(x_t, x0_pred)                      # [2N rows of F cells]
+    width = max(LABEL_WIDTH + grid.shape[1] + 20, 560)
+    height = HEADER_HEIGHT + grid.shape[0] + 10
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    ax = _grid_axes(fig, grid, LABEL_WIDTH, HEADER_HEIGHT)
+    cell_w, cell_h = (grid.shape[1] - 2) / frames, (grid.shape[0] - 2) / (2 * n)     # make_grid pads 2 px
+    ax.set_xticks([1 + cell_w * (f + 0.5) for f in range(frames)], [f"t = {t}" for t in timesteps])
+    ax.xaxis.tick_top()
+    ax.tick_params(axis="x", labelsize="small", length=0)
+    ax.set_yticks([1 + cell_h * (r + 0.5) for r in range(2 * n)],
+                  [f"image {r // 2 + 1}: x_t" if r % 2 == 0 else "x0 estimate" for r in range(2 * n)])
+    ax.tick_params(axis="y", length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.text(0.5, 1 - 6 / height, title, ha="center", va="top", fontsize="medium")
+    fig.text(0.5, 1 - 26 / height, "left to right: x_t at timestep t (0-based), and below it the x0 estimate "
+             "made from it", ha="center", va="top", fontsize="small", color="0.3")
+    return _save_figure(fig, path)
+
+
+def checkpoint_label(meta: dict | None) -> str:
+    """'run NAME, step S' (or the checkpoint file's name) for a figure's title."""
+    if not meta or "path" not in meta:
+        return "checkpoint"
+    path = Path(meta["path"])
+    name = f"run {path.parent.parent.name}" if path.parent.name == "checkpoints" else path.name
+    return f"{name}, step {meta['step']:,}" if isinstance(meta.get("step"), int) else name
+
+
+def progressive_title(diffusion, sampling, seed: int, meta: dict | None = None) -> str:
+    steps = len(sampling.timesteps(diffusion.timesteps))
+    return f"{checkpoint_label(meta)}: reverse process, {sampling.sampler} sampler over {steps} steps, seed {seed}"
+
+
+def progressive_png(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.ndarray, timesteps: Sequence[int],
+                    *, title: str) -> Path:
+    """:func:`progressive_figure`, or without matplotlib the unlabelled grid (after a one-line note)."""
+    from .generate import progressive_grid
+    from .plots import have_matplotlib, note_missing_matplotlib
+
+    if have_matplotlib():
+        return progressive_figure(path, x_t, x0_pred, timesteps, title=title)
+    note_missing_matplotlib(f"labelling {Path(path).name}")
+    return save_png(path, progressive_grid(x_t, x0_pred))
+
+
 def reverse_figure(path: str | os.PathLike, diffusion, *, n: int = 4, frames: int = 10, seed: int = 0,
-                   sampling=None, batch_size: int = 64) -> Path:
-    """Progressive generation (Ho et al. 2020, Figure 6): per image, x_t over time above the x0 estimate."""
-    from .generate import progressive_frames, progressive_grid
+                   sampling=None, batch_size: int = 64, meta: dict | None = None) -> Path:
+    """Progressive generation (Ho et al. 2020, Figure 6): per image, x_t over time above the x0 estimate,
+    rows and timesteps labelled (:func:`progressive_figure`); ``meta`` (the checkpoint's) names it."""
+    from .generate import progressive_frames, progressive_timesteps
     from .samplers import DEFAULT_SAMPLING
 
-    _, x_t, x0_pred = progressive_frames(diffusion, n, frames=frames, sampling=sampling or DEFAULT_SAMPLING,
-                                         seed=seed, batch_size=batch_size, progress=False)
-    return save_png(path, progressive_grid(x_t, x0_pred))
+    sampling = sampling or DEFAULT_SAMPLING
+    require_matplotlib("ddpm viz reverse")                     # before sampling, not after
+    _, x_t, x0_pred = progressive_frames(diffusion, n, frames=frames, sampling=sampling, seed=seed,
+                                         batch_size=batch_size, progress=False)
+    return progressive_figure(path, x_t, x0_pred, progressive_timesteps(diffusion, frames, sampling),
+                              title=progressive_title(diffusion, sampling, seed, meta))
 
 
 # ----------------------------------------------------------------------------- training
@@ -165,41 +244,89 @@ def sample_grids(run_dir: str | os.PathLike, most: int = 4) -> list[tuple[int, P
     return [found[j] for j in keep]
 
 
-def training_figure(path: str | os.PathLike, run_dir: str | os.PathLike, *, grids: int = 4) -> Path:
-    """Loss curve, loss per timestep quartile, and the run's sample grids over time, as one PNG."""
-    from PIL import Image
+MIN_SAMPLE_SCALE = 3        # a sample in viz training is drawn at least this many times its native size
+CHART_HEIGHT = 380          # pixels of the loss charts' band
+GRID_TITLE = 26             # pixels above each sample grid for its title
 
-    rows = read_metrics(run_dir)
-    shown = sample_grids(run_dir, grids)
-    Figure = require_matplotlib("ddpm viz training")
-    fig = Figure(figsize=TRAINING_FIGSIZE, layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=(1.0, 1.1))
-    ax_loss, ax_q = top.subplots(1, 2)
+
+def _native_size(run_dir: Path) -> tuple[int, int] | None:
+    """(H, W) of the run's images, from its config.json; None when unreadable."""
+    try:
+        size = json.loads((run_dir / "config.json").read_text())["model"]["image_size"]
+        return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def grid_display_scale(native: tuple[int, int] | None) -> int:
+    """Figure pixels per pixel of a sample-grid PNG, so each sample shows at >= MIN_SAMPLE_SCALE x native.
+
+    The grids are stored magnified by :func:`~ddpm.images.grid_scale` already (8x for 8x8 digits,
+    3x for 28x28 MNIST), so most are drawn pixel for pixel.
+    """
+    from .images import grid_scale
+
+    if native is None:
+        return 1
+    return max(1, -(-MIN_SAMPLE_SCALE // grid_scale(*native)))
+
+
+def _loss_charts(fig, rows: list[dict], width: int, height: int) -> None:
+    """The loss curve and the loss per timestep quartile, side by side in the band below the title."""
+    from .plots import draw_series
+
     steps = [r["step"] for r in rows]
 
     def column(key: str) -> list[float]:
         return [float("nan") if r.get(key) is None else float(r[key]) for r in rows]
 
-    ax_loss.plot(steps, column("loss"))
-    ax_loss.set_title("loss (L_simple, mean over each logging window)")
-    for q in range(4):
-        ax_q.plot(steps, column(f"loss_q{q}"), label=f"t in quartile {q}")
-    ax_q.set_title("loss per timestep quartile of [0, T)")
-    ax_q.legend(fontsize="small")
-    for ax in (ax_loss, ax_q):
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    if shown:
-        axes = np.atleast_1d(bottom.subplots(1, len(shown)))
-        for ax, (step, grid_path) in zip(axes, shown):
-            with Image.open(grid_path) as im:
-                ax.imshow(np.asarray(im.convert("RGB")), interpolation="nearest")
-            ax.set_title(f"samples at step {step} (EMA | raw)", fontsize="small")
-            ax.axis("off")
-    else:
-        bottom.text(0.5, 0.5, "no sample grids in samples/ yet", ha="center", va="center")
-    fig.suptitle(f"run {Path(run_dir).resolve().name}: training")
+    left, gap, right = 80, 110, 20                   # pixels, room for the tick labels
+    top, bottom = 40 + 35, 40 + CHART_HEIGHT - 55    # below the figure's title; above the grids
+    w = (width - left - gap - right) / 2
+    specs = [({"all timesteps": (steps, column("loss"))}, "loss (mean over each logging window)"),
+             ({f"t in quartile {q}": (steps, column(f"loss_q{q}")) for q in range(4)},
+              "loss per timestep quartile of [0, T)")]
+    for k, (series, title) in enumerate(specs):
+        ax = fig.add_axes(((left + k * (w + gap)) / width, 1 - bottom / height, w / width, (bottom - top) / height))
+        draw_series(ax, series, xlabel="optimizer step", ylabel="loss", log_y=True, title=title)
+
+
+def training_figure(path: str | os.PathLike, run_dir: str | os.PathLike, *, grids: int = 4) -> Path:
+    """Loss curve, loss per timestep quartile, and the run's sample grids over time, as one PNG.
+
+    The grids are drawn large enough to read -- each sample at least 3x its native size
+    (:func:`grid_display_scale`), two grids a row -- and the figure grows to hold them.
+    """
+    from PIL import Image
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    shown = sample_grids(run_dir, grids)
+    Figure = require_matplotlib("ddpm viz training")
+    pictures = []
+    for step, grid_path in shown:
+        with Image.open(grid_path) as im:
+            pictures.append((step, np.asarray(im.convert("RGB"))))
+    scale, gap = grid_display_scale(_native_size(run_dir)), 20
+    cols = min(2, max(1, len(pictures)))
+    cell_w = max((p.shape[1] for _, p in pictures), default=0) * scale
+    cell_h = max((p.shape[0] for _, p in pictures), default=0) * scale + GRID_TITLE
+    width = max(int(TRAINING_FIGSIZE[0] * DPI), cols * cell_w + (cols + 1) * gap)
+    grid_rows = -(-len(pictures) // cols)
+    height = 40 + CHART_HEIGHT + max(grid_rows * (cell_h + gap), 60)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    _loss_charts(fig, rows, width, height)
+    x0 = (width - cols * cell_w - (cols - 1) * gap) // 2
+    for k, (step, picture) in enumerate(pictures):
+        r, c = divmod(k, cols)
+        left, top = x0 + c * (cell_w + gap), 40 + CHART_HEIGHT + r * (cell_h + gap) + GRID_TITLE
+        ax = _grid_axes(fig, picture, left, top, scale)
+        ax.set_title(f"samples at step {step:,} (EMA weights left, raw right)", fontsize="small")
+        ax.axis("off")
+    if not pictures:
+        fig.text(0.5, 1 - (40 + CHART_HEIGHT + 30) / height, "no sample grids in samples/ yet", ha="center")
+    fig.text(0.5, 1 - 10 / height, f"run {run_dir.resolve().name}: training to step {rows[-1]['step']:,}",
+             ha="center", va="top", fontsize="large")
     return _save_figure(fig, path)
 
 

@@ -2,7 +2,8 @@
 
 A ``DDPMPipeline`` folder holds ``model_index.json``, ``unet/`` (a ``UNet2DModel`` config and
 safetensors weights) and ``scheduler/`` (a ``DDPMScheduler`` config). :func:`export_diffusers`
-writes one from a checkpoint; :func:`import_diffusers` turns one into a checkpoint. diffusers is
+writes one from a checkpoint, with a Hub model card (``README.md``, :mod:`ddpm.interop.model_card`)
+and the run's ``samples.png``; :func:`import_diffusers` turns one into a checkpoint. diffusers is
 the optional extra ``ddpm[diffusers]``, imported only here and only when a conversion runs.
 
 **The U-Net.** ``UNet2DModel`` expresses our U-Net exactly when it is configured as below (each
@@ -14,9 +15,12 @@ on the left, diffusers' on the right:
 * attention at a level's resolution: ``AttnDownBlock2D`` / ``AttnUpBlock2D`` at that level;
 * the middle (residual block, attention, residual block): ``UNetMidBlock2D``, ``add_attention=True``;
 * ``attention_heads``: ``attention_head_dim`` = channels per head (None: one head per layer);
+  ``attention_head_dim`` (a fixed head width, so wider levels get more heads, diffusers' default of
+  8): ``attention_head_dim``;
 * ``norm_groups``, ``norm_eps``: ``norm_num_groups``, ``norm_eps``;
-* the sinusoidal embedding, sines then cosines at frequencies exp(-ln(10000) i / (dim/2 - 1)):
-  ``flip_sin_to_cos=False``, ``freq_shift=1``;
+* the sinusoidal embedding at frequencies exp(-ln(10000) i / (dim/2 - ``freq_shift``)), sines then
+  cosines or (``flip_sin_to_cos``) cosines then sines: ``freq_shift``, ``flip_sin_to_cos`` (the
+  paper's code: False and 1; diffusers' defaults, which its own training script uses: True and 0);
 * ``downsample_padding`` ``symmetric`` / ``same``: ``downsample_padding`` 1 / 0 (0 pads one zero
   row and column after, TensorFlow's SAME);
 * the time embedding added between the two convolutions: ``resnet_time_scale_shift="default"``;
@@ -56,6 +60,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 
@@ -83,7 +88,8 @@ TYPE_TO_VARIANCE = {"fixed_small": "posterior", "fixed_small_log": "posterior", 
 
 # Fields whose values matter to sampling and are mapped below; the others must keep their defaults.
 _UNET_MAPPED = {"image_size", "channels", "dim", "dim_mults", "num_res_blocks", "attention_resolutions", "dropout",
-                "norm_groups", "attention_heads", "out_channels", "num_classes", "norm_eps", "downsample_padding"}
+                "norm_groups", "attention_heads", "out_channels", "num_classes", "norm_eps", "downsample_padding",
+                "flip_sin_to_cos", "freq_shift", "attention_head_dim"}
 _DIFFUSION_MAPPED = {"timesteps", "schedule", "objective", "variance", "clip_denoised"}
 _DIFFUSION_TRAINING_ONLY = {"loss_weighting", "min_snr_gamma",            # shape the loss, not the sampler
                             "loss", "vlb_weight", "timestep_sampling", "offset_noise"}
@@ -141,7 +147,7 @@ def unet_to_diffusers_config(m: UnetConfig) -> dict:
         raise ConfigError(f"{cannot}: the export does not know the model option(s) {', '.join(unknown)}")
     attn = [r in m.attention_resolutions for r in _level_resolutions(m)]
     channels = [m.dim * k for k in m.dim_mults]
-    head_dim = None                                  # diffusers: one head as wide as the block
+    head_dim = m.attention_head_dim                  # None, diffusers: one head as wide as the block
     if m.attention_heads != 1:
         widths = {c // m.attention_heads for c, a in zip(channels, attn) if a} | {channels[-1] // m.attention_heads}
         if len(widths) != 1:
@@ -153,7 +159,7 @@ def unet_to_diffusers_config(m: UnetConfig) -> dict:
         "sample_size": h if h == w else [h, w],
         "in_channels": m.channels, "out_channels": m.channels, "center_input_sample": False,
         "time_embedding_type": "positional", "time_embedding_dim": None,
-        "flip_sin_to_cos": False, "freq_shift": 1,          # sin then cos, frequencies exp(-ln(1e4) i / (half - 1))
+        "flip_sin_to_cos": m.flip_sin_to_cos, "freq_shift": m.freq_shift,   # frequencies exp(-ln(1e4) i / (half - shift))
         "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         "mid_block_type": "UNetMidBlock2D", "add_attention": True,
         "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
@@ -195,9 +201,9 @@ def unet_from_diffusers_config(config: dict) -> UnetConfig:
 
     need(c["time_embedding_type"] == "positional", f"time_embedding_type={c['time_embedding_type']!r} "
                                                    "(only 'positional')")
-    need(c["flip_sin_to_cos"] is False and c["freq_shift"] == 1,
-         f"flip_sin_to_cos={c['flip_sin_to_cos']}, freq_shift={c['freq_shift']} (only False and 1, the paper's "
-         "sin-then-cos embedding)")
+    need(isinstance(c["flip_sin_to_cos"], bool), f"flip_sin_to_cos={c['flip_sin_to_cos']!r} (only true or false)")
+    need(not isinstance(c["freq_shift"], bool) and isinstance(c["freq_shift"], (int, float)),
+         f"freq_shift={c['freq_shift']!r} (only a number)")
     need(c["resnet_time_scale_shift"] == "default",
          f"resnet_time_scale_shift={c['resnet_time_scale_shift']!r} (only 'default': the time embedding added)")
     need(c["class_embed_type"] is None and c["num_class_embeds"] is None, "it is class-conditional")
@@ -231,22 +237,26 @@ def unet_from_diffusers_config(config: dict) -> UnetConfig:
     size = c["sample_size"]
     need(size is not None, "it has no sample_size")
     image_size = (size, size) if isinstance(size, int) else tuple(size)
-    heads = 1
+    heads, head_dim = 1, None
     if c["attention_head_dim"] is not None:
         d = c["attention_head_dim"]
-        counts = {ch // d if ch % d == 0 else None for ch, a in zip(chans, attn) if a} | {
-            chans[-1] // d if chans[-1] % d == 0 else None}
-        need(len(counts) == 1 and None not in counts,
-             f"attention_head_dim={d} gives different head counts at different levels")
-        heads = counts.pop()
+        widths = [ch for ch, a in zip(chans, attn) if a] + [chans[-1]]          # the attention layers' widths
+        need(isinstance(d, int) and d >= 1 and all(ch % d == 0 for ch in widths),
+             f"attention_head_dim={d!r} does not divide the attention layers' channels {sorted(set(widths))}")
+        counts = {ch // d for ch in widths}
+        if len(counts) == 1:
+            heads = counts.pop()                    # one head count everywhere: attention_heads
+        else:
+            head_dim = d                            # diffusers' default: a fixed width, more heads where wider
     levels = [min(image_size) // 2 ** i for i in range(len(chans))]
     try:
         return UnetConfig(image_size=image_size, channels=c["in_channels"], dim=dim,
                           dim_mults=tuple(ch // dim for ch in chans), num_res_blocks=c["layers_per_block"],
                           attention_resolutions=tuple(r for r, a in zip(levels, attn) if a),
                           dropout=float(c["dropout"]), norm_groups=groups, attention_heads=heads,
-                          norm_eps=float(c["norm_eps"]),
-                          downsample_padding="same" if c["downsample_padding"] == 0 else "symmetric")
+                          attention_head_dim=head_dim, norm_eps=float(c["norm_eps"]),
+                          downsample_padding="same" if c["downsample_padding"] == 0 else "symmetric",
+                          flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"])
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{cannot}: {exc}") from None
 
@@ -460,12 +470,39 @@ def _check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} is not empty; choose a new or empty directory (nothing is overwritten)")
 
 
-def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema") -> Path:
+def _ordinary_permissions(root: Path) -> None:
+    """Files readable as the umask allows (0644 under the usual 022), as any other file the user writes;
+    safetensors' writer leaves 0600, which hides the weights from anyone the folder is shared with."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~umask)
+
+
+def _write_card(folder: Path, meta: dict, config: RunConfig, *, weights: str, parameters: int,
+                command: str) -> None:
+    """``README.md`` (the model card) and, when the run has one, a copy of its ``samples.png``."""
+    from .model_card import SAMPLES_NAME, model_card, run_dir_of
+
+    run_dir = run_dir_of(Path(meta["path"]))
+    samples = run_dir is not None and (run_dir / SAMPLES_NAME).is_file()
+    if samples:
+        shutil.copyfile(run_dir / SAMPLES_NAME, folder / SAMPLES_NAME)
+    card = model_card(meta, config, weights=weights, parameters=parameters, export_command=command,
+                      samples=samples, run_dir=run_dir)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema",
+                     command: str | None = None) -> Path:
     """Write a ``DDPMPipeline`` folder ``out`` from a checkpoint (file or run directory).
 
-    ``weights`` is ``"ema"`` (the default, what ``ddpm sample`` uses) or ``"raw"``. The folder is
-    written beside ``out`` under a temporary name and renamed into place, so a failure leaves
-    nothing behind; an existing non-empty ``out`` is refused. Returns ``out``.
+    ``weights`` is ``"ema"`` (the default, what ``ddpm sample`` uses) or ``"raw"``. Beside the
+    pipeline the folder gets a model card, ``README.md``, naming ``command`` (the export's command
+    line; default: the equivalent ``ddpm export``), and a copy of the run's ``samples.png``. The
+    folder is written beside ``out`` under a temporary name and renamed into place, so a failure
+    leaves nothing behind; an existing non-empty ``out`` is refused. Returns ``out``.
     """
     diffusers = require_diffusers("ddpm export --format diffusers")
     if weights not in ("ema", "raw"):
@@ -495,8 +532,13 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    if command is None:
+        command = shlex.join(["ddpm", "export", "--checkpoint", str(checkpoint), "--out", str(out), "--weights", weights])
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        _write_card(tmp, meta, config, weights=weights, parameters=sum(t.numel() for t in state.values()),
+                    command=command)
+        _ordinary_permissions(tmp)
         _fsync_tree(tmp)
         if out.is_dir():
             out.rmdir()                              # empty (checked above); rename needs it gone

@@ -55,6 +55,12 @@ class UnetConfig:
     downsample_padding: str = "symmetric"         # symmetric: one zero row/column on each side of the stride-2
                                                   # conv; same: TensorFlow's SAME, one after and none before
                                                   # (the paper's code, and diffusers' downsample_padding=0)
+    # The timestep embedding (see timestep_embedding); the defaults are the paper's code, diffusers'
+    # UNet2DModel defaults are flip_sin_to_cos=True, freq_shift=0.
+    flip_sin_to_cos: bool = False                 # cosines first, then sines
+    freq_shift: float = 1.0                       # frequencies exp(-ln(10000) i / (dim/2 - freq_shift))
+    attention_head_dim: int | None = None         # channels per head, so wider levels get more heads;
+                                                  # None: every attention layer has attention_heads heads
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -88,11 +94,24 @@ class UnetConfig:
                               f"got {self.downsample_padding!r}")
         if self.dim % 2:
             raise ConfigError(f"dim must be even (sinusoidal embedding), got {self.dim}")
+        if not isinstance(self.flip_sin_to_cos, bool):
+            raise ConfigError(f"flip_sin_to_cos must be true or false, got {self.flip_sin_to_cos!r}")
+        if (isinstance(self.freq_shift, bool) or not isinstance(self.freq_shift, (int, float))
+                or not self.freq_shift < self.dim // 2):
+            raise ConfigError(f"freq_shift must be a number below dim / 2 = {self.dim // 2}, got {self.freq_shift!r}")
+        d = self.attention_head_dim
+        if d is not None:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                raise ConfigError(f"attention_head_dim must be a positive integer or None, got {d!r}")
+            if self.attention_heads != 1:
+                raise ConfigError("set attention_heads or attention_head_dim, not both")
         for c in {self.dim * m for m in self.dim_mults}:
             if c % self.norm_groups:
                 raise ConfigError(f"channel count {c} is not divisible by norm_groups={self.norm_groups}")
             if c % self.attention_heads:
                 raise ConfigError(f"channel count {c} is not divisible by attention_heads={self.attention_heads}")
+            if d is not None and c % d:
+                raise ConfigError(f"channel count {c} is not divisible by attention_head_dim={d}")
         factor = 2 ** (len(self.dim_mults) - 1)
         h, w = self.image_size
         if h % factor or w % factor:
@@ -102,6 +121,10 @@ class UnetConfig:
         unknown = [r for r in self.attention_resolutions if r not in levels]
         if unknown:
             raise ConfigError(f"attention_resolutions {unknown} match no level; the levels are {sorted(levels)}")
+
+    def heads(self, ch: int) -> int:
+        """Attention heads of a layer with ``ch`` channels."""
+        return self.attention_heads if self.attention_head_dim is None else ch // self.attention_head_dim
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -116,15 +139,19 @@ class UnetConfig:
         return cls(**d)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0) -> torch.Tensor:
     """Sinusoidal embedding of timestep indices (Vaswani et al. 2017, as in the paper's code).
 
-    Frequencies exp(-log(10000) i / (dim/2 - 1)), i = 0..dim/2-1; sines then cosines.
+    Frequencies exp(-log(10000) i / (dim/2 - freq_shift)), i = 0..dim/2-1; sines then cosines, or
+    cosines then sines with ``flip_sin_to_cos``. The defaults are the paper's code; diffusers'
+    ``UNet2DModel`` defaults to ``flip_sin_to_cos=True, freq_shift=0``.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None, :]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    waves = (torch.cos(args), torch.sin(args)) if flip_sin_to_cos else (torch.sin(args), torch.cos(args))
+    return torch.cat(waves, dim=1)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -284,7 +311,7 @@ class Unet(nn.Module):
                 blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, groups, eps)]
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
-                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads, eps))
+                    blocks.append(AttentionBlock(cur, groups, cfg.heads(cur), eps))
                 self.down.append(nn.ModuleList(blocks))
                 skip_chs.append(cur)
             if level != len(cfg.dim_mults) - 1:
@@ -293,7 +320,7 @@ class Unet(nn.Module):
                 res //= 2
 
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps),
-                                  AttentionBlock(cur, groups, cfg.attention_heads, eps),
+                                  AttentionBlock(cur, groups, cfg.heads(cur), eps),
                                   ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps)])
 
         self.up = nn.ModuleList()
@@ -302,7 +329,7 @@ class Unet(nn.Module):
                 blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, emb_dim, cfg.dropout, groups, eps)]
                 cur = ch * mult
                 if res in cfg.attention_resolutions:
-                    blocks.append(AttentionBlock(cur, groups, cfg.attention_heads, eps))
+                    blocks.append(AttentionBlock(cur, groups, cfg.heads(cur), eps))
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
@@ -346,7 +373,8 @@ class Unet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape [B, {self.in_channels}, H, W], got {list(x.shape)}")
-        emb = self.time_mlp(timestep_embedding(t, self.config.dim).to(x.dtype))
+        emb = self.time_mlp(timestep_embedding(t, self.config.dim, flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                               freq_shift=self.config.freq_shift).to(x.dtype))
         if self.num_classes is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)

@@ -121,13 +121,16 @@ def forward_figure(path: str | os.PathLike, images: np.ndarray, steps: Sequence[
 # ----------------------------------------------------------------------------- the reverse process
 
 def reverse_figure(path: str | os.PathLike, diffusion, *, n: int = 4, frames: int = 10, seed: int = 0,
-                   sampling=None, batch_size: int = 64) -> Path:
-    """Progressive generation (Ho et al. 2020, Figure 6): per image, x_t over time above the x0 estimate."""
+                   sampling=None, batch_size: int = 64, labels=None, guidance_scale: float | None = None) -> Path:
+    """Progressive generation (Ho et al. 2020, Figure 6): per image, x_t over time above the x0 estimate.
+
+    A class-conditional model samples image k at class ``labels[k]`` (with ``guidance_scale``)."""
     from .generate import progressive_frames, progressive_grid
     from .samplers import DEFAULT_SAMPLING
 
     _, x_t, x0_pred = progressive_frames(diffusion, n, frames=frames, sampling=sampling or DEFAULT_SAMPLING,
-                                         seed=seed, batch_size=batch_size, progress=False)
+                                         seed=seed, batch_size=batch_size, progress=False, labels=labels,
+                                         guidance_scale=guidance_scale)
     return save_png(path, progressive_grid(x_t, x0_pred))
 
 

@@ -226,3 +226,35 @@ def test_png_masks_are_fitted_with_nearest_and_checked(tmp_path):
     Image.fromarray(np.stack([big] * 3, -1)).save(tmp_path / "rgb.png")
     with pytest.raises(DataError, match="greyscale"):
         E.load_mask(str(tmp_path / "rgb.png"), (8, 8))
+
+
+# ----------------------------------------------------------------------------- on a model: any channels and sizes
+
+def tiny_rgb_diffusion():
+    """An untrained 3-channel 8x12 U-Net with T = 30: shapes and the per-image seeds, not quality."""
+    import ddpm
+    from ddpm.models import Unet
+
+    torch.manual_seed(0)
+    model = Unet(image_size=(8, 12), channels=3, dim=8, dim_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                 dropout=0.0, norm_groups=4)
+    return ddpm.GaussianDiffusion(model.eval(), timesteps=30)
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_inpaint_and_edit_any_channels_and_size_with_per_image_seeds(sampler):
+    from ddpm.generate import sampling_options
+
+    diffusion = tiny_rgb_diffusion()
+    images = torch.rand(3, 3, 8, 12, generator=gen(10))
+    keep = E.named_mask("center", (8, 12))
+    sampling = sampling_options(sampler, 4)
+    options = {"jump_length": 2, "resample": 2} if sampler == "ddpm" else {}
+    whole = E.inpaint(diffusion, images, keep, sampling=sampling, seed=1, **options)
+    assert whole.shape == (3, 8, 12, 3)
+    inputs = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(whole[:, keep.numpy()], inputs[:, keep.numpy()])
+    tail = E.inpaint(diffusion, images[1:], keep, sampling=sampling, seed=1, start_index=1, batch_size=1, **options)
+    np.testing.assert_array_equal(tail, whole[1:])                      # image k: derive_seed(seed, k)
+    edited = E.edit(diffusion, images, 0.5, sampling=sampling, seed=1)
+    assert edited.shape == (3, 8, 12, 3) and not np.array_equal(edited, inputs)

@@ -14,7 +14,7 @@ from PIL import Image
 from ddpm.cli import main
 from ddpm.data import load_dataset
 from ddpm.errors import ConfigError
-from ddpm.generate import resolve_classes
+from ddpm.generate import class_indices
 
 TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2", "--quiet"]
 FAST = ["--sampler", "ddpm", "--steps", "6"]                 # a short ancestral run, for speed
@@ -238,12 +238,12 @@ def test_class_errors(run_dir, conditional_run, tmp_path, capsys):
 
 
 def test_class_names_and_indices():
-    assert resolve_classes(["3", "cat"], 4, ["ant", "bee", "cat", "dog"]) == [3, 2]
-    assert resolve_classes(["all"], 3) == [0, 1, 2]
+    assert class_indices(["3", "cat"], 4, ["ant", "bee", "cat", "dog"]) == [3, 2]
+    assert class_indices(["all"], 3) == [0, 1, 2]
     with pytest.raises(ConfigError, match="its classes are ant, bee"):
-        resolve_classes(["cow"], 2, ["ant", "bee"])
+        class_indices(["cow"], 2, ["ant", "bee"])
     with pytest.raises(ConfigError, match="unconditional"):
-        resolve_classes(["1"], None)
+        class_indices(["1"], None)
 
 
 def test_editing_api_matches_the_cli(run_dir, tmp_path):

@@ -791,13 +791,13 @@ def _latents_from_args(args, diffusion):
 
 def _classes_from_args(args, diffusion, meta=None) -> tuple[list[int] | None, float | None]:
     """``--class K ... | all`` and ``--guidance-scale W`` checked against the checkpoint's model."""
-    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes, resolve_classes
+    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes, class_indices
 
     if args.classes is None:
         if args.guidance_scale is not None:
             raise ConfigError("--guidance-scale needs --class")
         return None, None
-    classes = resolve_classes(args.classes, num_classes(diffusion), (meta or {}).get("class_names"))
+    classes = class_indices(args.classes, num_classes(diffusion), (meta or {}).get("class_names"))
     guidance = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
     check_labels(diffusion, classes, guidance)
     return classes, guidance
@@ -1262,13 +1262,13 @@ def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
 
 def _labels_per_image(args, diffusion, meta, count: int):
     """``--class``: one class for every image or one per image, by index or (when the checkpoint has them) name."""
-    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes, resolve_classes
+    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes, class_indices
 
     if args.classes is None:
         if args.guidance_scale is not None:
             raise ConfigError("--guidance-scale needs --class")
         return None, None
-    classes = resolve_classes(args.classes, num_classes(diffusion), meta.get("class_names"))
+    classes = class_indices(args.classes, num_classes(diffusion), meta.get("class_names"))
     if len(classes) not in (1, count):
         raise ConfigError(f"--class takes one class, or one per --image ({count}); got {len(classes)}")
     guidance = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale

@@ -28,7 +28,7 @@ from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, 
 from .seeding import derive_seed
 
 __all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
-           "sampling_options", "resolved_sampling", "sampling_denoiser", "resolve_classes", "sample_images",
+           "sampling_options", "resolved_sampling", "sampling_denoiser", "class_indices", "sample_images",
            "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record", "write_samples", "file_sha256"]
 
 
@@ -167,7 +167,7 @@ def sampling_denoiser(diffusion: GaussianDiffusion, sampling: SamplingOptions = 
                          self_condition=diffusion.self_condition, **cond)
 
 
-def resolve_classes(specs, count: int | None, class_names=None) -> list[int]:
+def class_indices(specs, count: int | None, class_names=None) -> list[int]:
     """Class labels from command-line words: indices, names (when the checkpoint holds ``class_names``), or 'all'."""
     if count is None:
         raise ConfigError("--class needs a class-conditional checkpoint (trained with --conditional); "

@@ -818,6 +818,8 @@ def cmd_interpolate(args) -> int:
     a, b = (load_image(spec, diffusion.image_size, diffusion.channels, data_root=args.data_root)
             for spec in (args.image_a, args.image_b))
     classes, guidance = _classes_from_args(args, diffusion, meta)
+    if classes is not None and len(classes) != 1:
+        raise ConfigError(f"--class takes one class for the interpolants; got {len(classes)}")
     images = interpolate(diffusion, a, b, t=t, n_interp=args.n_interp, method=args.method, seed=args.seed,
                          sampling=sampling, invert=args.invert, label=None if classes is None else classes[0],
                          guidance_scale=guidance)

@@ -125,7 +125,7 @@ def test_edit_at_strength_zero_returns_the_input_and_at_one_is_sampling(run_dir,
     np.testing.assert_array_equal(results(tmp_path / "s0")["images"], digits(3, 4))
     assert json.loads((tmp_path / "s0" / "record.json").read_text())["t0"] is None
     # S = 1 starts from sqrt(abar) x0 + sqrt(1 - abar) eps at t0 = T - 1 where sampling starts from eps,
-    # with the same later noise: the two differ only through sqrt(abar_{T-1}) = 0.0064 x0.
+    # with the same later noise: the two differ only through sqrt(abar_{T-1}) x0 = 0.0028 x0 (T = 50).
     for sampler in (["--sampler", "ddpm", "--steps", "10"], ["--sampler", "ddim", "--steps", "10"]):
         assert main(["edit", "--checkpoint", str(run_dir), "--image", "digits:3", "digits:4", "--strength", "1",
                      "--seed", "5", "--out", str(tmp_path / "s1"), "--overwrite", *sampler]) == 0

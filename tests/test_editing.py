@@ -119,6 +119,20 @@ def test_repaint_schedule_is_algorithm_1_and_the_jumps_of_section_4_2():
         E.repaint_schedule(10, jump_length=0)
 
 
+def test_repaint_evaluates_the_network_once_per_reverse_move(linear, oracle):
+    seen = []
+
+    def spy(x_t, t):
+        seen.append(int(t))
+        return oracle(x_t, t)
+
+    timesteps = spaced_timesteps(1000, 6)
+    E.repaint(spy, torch.zeros(2, 1, 2, 2), KEEP, linear, timesteps, noise=noise_source((2, 1, 2, 2), 1),
+              jump_length=2, resample=3)
+    levels = E.repaint_schedule(6, jump_length=2, resample=3)
+    assert seen == [timesteps[a] for a, b in zip(levels, levels[1:]) if b > a] and len(seen) == 1 + 3 * 5
+
+
 def test_repaint_without_known_pixels_samples_the_data_and_with_all_returns_the_input(linear, oracle):
     mu, sigma = gaussian_data()
     x0 = data_samples(4000, 3)

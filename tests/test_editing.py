@@ -134,13 +134,16 @@ def test_repaint_evaluates_the_network_once_per_reverse_move(linear, oracle):
 
 
 def test_repaint_without_known_pixels_samples_the_data_and_with_all_returns_the_input(linear, oracle):
+    """With nothing known the jumps keep the data distribution: measured mean error 0.007 and
+    covariance error 0.014 over 250 steps (the respaced ancestral sampler's own error, larger with
+    fewer steps: 0.05 at 50); 4000 samples, so the mean's standard error is at most 0.008."""
     mu, sigma = gaussian_data()
     x0 = data_samples(4000, 3)
-    free = E.repaint(oracle, x0, torch.zeros(2, 2, dtype=torch.bool), linear, spaced_timesteps(1000, 50),
-                     noise=noise_source(x0.shape, 4), jump_length=5, resample=3)
+    free = E.repaint(oracle, x0, torch.zeros(2, 2, dtype=torch.bool), linear, spaced_timesteps(1000, 250),
+                     noise=noise_source(x0.shape, 4), jump_length=10, resample=3)
     flat = free.reshape(-1, 4).double()
-    assert (flat.mean(0) - mu).abs().max() < 0.05                         # 4000 samples: mean's s.e. <= 0.008
-    assert (torch.cov(flat.T) - sigma).abs().max() < 0.05
+    assert (flat.mean(0) - mu).abs().max() < 0.03
+    assert (torch.cov(flat.T) - sigma).abs().max() < 0.03
     full = E.repaint(oracle, x0, torch.ones(2, 2, dtype=torch.bool), linear, spaced_timesteps(1000, 20),
                      noise=noise_source(x0.shape, 5), resample=2)
     assert torch.equal(full, x0)

@@ -1,6 +1,6 @@
 """Editing images with a trained model: inpainting, SDEdit and DDIM inversion. Nothing is trained.
 
-All three run on the shared denoiser (``denoiser(x_t, t) -> Prediction``, :mod:`ddpm.samplers`)
+All three run on the shared denoiser (``denoiser(x_t, t) -> Prediction``, :mod:`ddpm.denoiser`)
 and take their randomness from a ``noise()`` source, like the samplers:
 
 * **Inpainting.** ``keep`` is a bool mask [H, W], True where the input's pixel is known. RePaint
@@ -34,8 +34,9 @@ from .data import to_uint8
 from .diffusion import from_model_range, to_model_range
 from .errors import ConfigError, DataError
 from .precision import autocast
-from .samplers import (DEFAULT_SAMPLING, SAMPLERS, Denoiser, SamplingOptions, ancestral_step, batch_noise,
-                       ddim_invert, sample_ddim, transitions)
+from .denoiser import Denoiser
+from .samplers import (DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, ancestral_step, batch_noise, ddim_invert,
+                       sample_ddim, transitions)
 from .schedules import NoiseSchedule
 from .seeding import derive_seed
 

@@ -234,9 +234,9 @@ def _add_sample(sub) -> None:
                                    "and record.json, from which any single image can be regenerated.",
                        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
-    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=64,
-                   help="number of images, of each class with --class (default 64; under torchrun write --num-images, "
-                        "since torchrun takes --n for its own --nnodes)")
+    p.add_argument("--n", "--num-images", dest="n", type=_positive_int,
+                   help="number of images, of each class with --class (default 64, or one per --latents; under "
+                        "torchrun write --num-images, since torchrun takes --n for its own --nnodes)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
     p.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k)")
@@ -252,11 +252,16 @@ def _add_sample(sub) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_progress(g)
+    g = p.add_argument_group("starting noise")
+    g.add_argument("--latents", metavar="NPZ",
+                   help="start image k from latents[k] of this .npz (e.g. from ddpm invert) instead of drawn noise; "
+                        "without --sampler, the DDIM steps the file names")
     from .generate import DEFAULT_GUIDANCE_SCALE
 
     g = p.add_argument_group("class-conditional models (trained with --conditional)")
     g.add_argument("--class", dest="classes", nargs="+", metavar="K",
-                   help="class labels (0-based), or 'all': --n images of each, one grid row per class")
+                   help="class labels (0-based indices, or names the checkpoint holds), or 'all': --n images of "
+                        "each, one grid row per class")
     g.add_argument("--guidance-scale", type=float, metavar="W",
                    help=f"classifier-free guidance: eps = eps_uncond + W (eps_cond - eps_uncond); 1 is the "
                         f"conditional model alone, 0 the unconditional (default {DEFAULT_GUIDANCE_SCALE:g})")
@@ -320,8 +325,21 @@ def _add_interpolate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--invert", action="store_true",
+                   help="start from the images' DDIM inversions to t (deterministic) instead of q(x_t | x_0)")
+    _add_class_option(p, "the class of every interpolant (index or name)", nargs=1)
     _add_sampler_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
+
+
+def _add_class_option(p, text: str, nargs="+") -> None:
+    """``--class`` and ``--guidance-scale`` for a class-conditional checkpoint."""
+    from .generate import DEFAULT_GUIDANCE_SCALE
+
+    g = p.add_argument_group("class-conditional models (trained with --conditional)")
+    g.add_argument("--class", dest="classes", nargs=nargs, metavar="K", help=text)
+    g.add_argument("--guidance-scale", type=float, metavar="W",
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE_SCALE:g} with --class)")
 
 
 def _add_inspect(sub) -> None:
@@ -486,6 +504,7 @@ def _add_viz(sub) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    _add_class_option(r, "class labels (indices or names) or 'all': --n images of each")
     _add_sampler_options(r)
     r.add_argument("--out", required=True, metavar="PNG")
 
@@ -511,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_import(sub)
     _add_distill(sub)
+    _add_inpaint(sub)
+    _add_edit(sub)
+    _add_invert(sub)
     return parser
 
 
@@ -616,10 +638,12 @@ def cmd_sample(args) -> int:
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
         device = distributed.training_device(args.device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
-        sampling = _sampling_from_args(args, diffusion.default_sampling)     # e.g. a distilled student's steps
+        latents, latent_sampling = _latents_from_args(args, diffusion)
+        sampling = _sampling_from_args(args, latent_sampling or diffusion.default_sampling)   # e.g. a student's steps
         plan = plan_samples(diffusion, meta, sampling, n=args.n, classes=args.classes,
                             guidance_scale=args.guidance_scale, seed=args.seed, start_index=args.start_index,
-                            weights=args.weights, device=str(device), world=distributed.world_size())
+                            weights=args.weights, device=str(device), world=distributed.world_size(),
+                            latents=latents, latents_path=args.latents)
     paths = run_samples(diffusion, plan, out, sampling, seed=args.seed, batch_size=args.batch_size, png=args.png,
                         progressive=args.progressive, progress=_show_progress(args), meta=meta)
     if paths is not None:
@@ -627,6 +651,26 @@ def cmd_sample(args) -> int:
               f"{_plural(plan.record['steps'], 'step')}) from "
               f"{meta['path']} (step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {paths['record']}")
     return 0
+
+
+def _latents_from_args(args, diffusion):
+    """``--latents NPZ``: the latents and the DDIM options the file names (None, None without it)."""
+    if getattr(args, "latents", None) is None:
+        return None, None
+    from .editing import load_latents
+
+    latents, sampling = load_latents(args.latents, diffusion)
+    if args.start_index >= len(latents) or (args.n is not None and args.start_index + args.n > len(latents)):
+        raise ConfigError(f"{args.latents} holds {len(latents)} latents; --start-index {args.start_index} "
+                          f"--n {args.n or 1} asks for more")
+    return latents, sampling
+
+
+def _classes_from_args(args, diffusion, meta=None) -> tuple[list[int] | None, float | None]:
+    """``--class K ... | all`` (indices, or names the checkpoint holds) and ``--guidance-scale W``."""
+    from .generate import resolve_classes
+
+    return resolve_classes(diffusion, args.classes, args.guidance_scale, (meta or {}).get("class_names"))
 
 
 def cmd_interpolate(args) -> int:
@@ -639,7 +683,8 @@ def cmd_interpolate(args) -> int:
     diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
     png, t = interpolation_folder(diffusion, meta, out, args.image_a, args.image_b, t=args.t, n_interp=args.n_interp,
                                   method=args.method, seed=args.seed, sampling=sampling, data_root=args.data_root,
-                                  weights=args.weights, device=str(device))
+                                  weights=args.weights, device=str(device), invert=args.invert, classes=args.classes,
+                                  guidance_scale=args.guidance_scale)
     print(f"wrote {args.n_interp} interpolants at t = {t} to {png}")
     return 0
 
@@ -827,7 +872,10 @@ def cmd_viz(args) -> int:
         diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
                                          precision=args.precision)
         resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
-        viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling, meta=meta)
+        classes, guidance = _classes_from_args(args, diffusion, meta)
+        labels = None if classes is None else [c for c in classes for _ in range(args.n)]
+        viz.reverse_figure(out, diffusion, n=args.n * len(classes or [0]), frames=args.frames, seed=args.seed,
+                           sampling=sampling, meta=meta, labels=labels, guidance_scale=guidance)
     else:
         viz.training_figure(out, args.run_dir, grids=args.grids)
         if viz.training_to_tensorboard(args.run_dir, out, grids=args.grids):
@@ -940,10 +988,226 @@ def cmd_distill(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- editing: inpaint, edit, invert
+
+EXAMPLES_INPAINT = """\
+examples:
+  ddpm inpaint --checkpoint runs/002 --image mnist:7 --data-root ../shared/data/mnist --mask lower-half --out inpaint/7
+  ddpm inpaint --checkpoint runs/001 --image digits:0 digits:1 --mask center --n 4 --out inpaint/c   # 4 fills each
+  ddpm inpaint --checkpoint runs/003 --image photo.png --mask mask.png --jump-length 5 --resample 20 --out inpaint/p
+  ddpm inpaint --checkpoint runs/001 --image digits:3 --mask random:0.5 --sampler ddim --steps 50 --out inpaint/d
+"""
+
+EXAMPLES_EDIT = """\
+examples:
+  ddpm edit --checkpoint runs/002 --image sketch.png --strength 0.5 --out edit/sketch      # SDEdit
+  ddpm edit --checkpoint runs/001 --image digits:0 --strength 0.3 --n 8 --sampler ddim --steps 20 --out edit/0
+"""
+
+EXAMPLES_INVERT = """\
+examples:
+  ddpm invert --checkpoint runs/001 --image digits:0 digits:1 --steps 50 --out inverted/01
+  ddpm sample --checkpoint runs/001 --latents inverted/01/latents.npz --out samples/back   # DDIM back to the images
+  ddpm interpolate --checkpoint runs/001 --image-a digits:0 --image-b digits:1 --invert --sampler ddim --steps 50
+"""
+
+
+def _add_editing_inputs(p, *, results: bool = True) -> None:
+    """The options ``inpaint``, ``edit`` and ``invert`` share: checkpoint, images, output, classes."""
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
+    p.add_argument("--image", required=True, nargs="+", metavar="SPEC",
+                   help="image files, or DATASET:INDEX (digits:0, mnist:12, images.npz:3; train split), fitted to "
+                        "the model's size and channels")
+    p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
+    if results:
+        p.add_argument("--n", type=_positive_int, default=1, help="results per image (default 1)")
+        p.add_argument("--seed", type=int, default=0, help="result k uses a seed derived from (seed, k)")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
+    _add_class_option(p, "class index or name: one for every image, or one per --image")
+
+
+def _add_inpaint(sub) -> None:
+    p = sub.add_parser("inpaint", help="fill a masked region of images (RePaint)",
+                       description="Fill the masked pixels of images with a trained model, keeping the others "
+                                   "exactly. The ancestral sampler (ddpm, the default) runs RePaint (Lugmayr et al. "
+                                   "2022) with its resampling; ddim and dpm-solver++ inpaint by replacement. Writes "
+                                   "DIR/grid.png (rows: inputs, masked inputs, results), results.npz and record.json.",
+                       epilog=EXAMPLES_INPAINT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_editing_inputs(p)
+    p.add_argument("--mask", required=True, metavar="MASK",
+                   help="a greyscale PNG (>= 128 keeps the pixel, below fills it; the image's aspect ratio, any size) "
+                        "or the region to fill: left-half, lower-half, center, random:P (a fraction P, from --seed)")
+    p.add_argument("--jump-length", type=_positive_int, metavar="J", help="RePaint: steps per jump back (default 10)")
+    p.add_argument("--resample", type=_positive_int, metavar="R",
+                   help="RePaint: times each block of steps is walked (default 10; 1 = plain replacement)")
+    _add_sampler_options(p)
+
+
+def _add_edit(sub) -> None:
+    p = sub.add_parser("edit", help="image-to-image: noise images partly and denoise them (SDEdit)",
+                       description="SDEdit (Meng et al. 2022): diffuse each image to t0 = round(S (T - 1)) and "
+                                   "denoise from t0 with the chosen sampler, its --steps spread over [t0, 0]. "
+                                   "S = 0 returns the input, S = 1 is a new sample. Writes DIR/grid.png (rows: "
+                                   "inputs, results), results.npz and record.json.",
+                       epilog=EXAMPLES_EDIT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_editing_inputs(p)
+    p.add_argument("--strength", required=True, type=float, metavar="S", help="0..1: how far to diffuse")
+    _add_sampler_options(p)
+
+
+def _add_invert(sub) -> None:
+    from .samplers import SPACINGS
+
+    p = sub.add_parser("invert", help="DDIM-invert images to their latent noise and reconstruct them",
+                       description="Run the deterministic DDIM step forwards (Song et al. 2021, Sec. 4.3) from each "
+                                   "image to its latent x_T, then DDIM back. Writes DIR/latents.npz (for ddpm sample "
+                                   "--latents), grid.png (rows: inputs, reconstructions), results.npz and "
+                                   "record.json with the reconstruction error.",
+                       epilog=EXAMPLES_INVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_editing_inputs(p, results=False)
+    p.add_argument("--steps", type=_positive_int, default=50, metavar="K", help="DDIM steps, 1..T (default 50)")
+    p.add_argument("--spacing", choices=tuple(SPACINGS), default="trailing", help="kept timesteps (default trailing)")
+    _add_precision(p)
+
+
+def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
+    """Output folder, model, images and class labels of an editing command, all checked before any work."""
+    from .editing import load_images
+    from .generate import load_diffusion, select_device
+
+    out = _output_dir(args, outputs)
+    diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
+                                     precision=args.precision)
+    if sampling is not None:
+        from .generate import resolved_sampling
+
+        resolved_sampling(diffusion, sampling)                  # validates --steps against the checkpoint's T
+    images, sizes = load_images(args.image, diffusion, data_root=args.data_root)
+    labels, guidance = _labels_per_image(args, diffusion, meta, len(images))
+    return out, diffusion, meta, images, sizes, labels, guidance
+
+
+def _labels_per_image(args, diffusion, meta, count: int):
+    """``--class``: one class for every image or one per image, by index or (when the checkpoint has them) name."""
+    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes, class_indices
+
+    if args.classes is None:
+        if args.guidance_scale is not None:
+            raise ConfigError("--guidance-scale needs --class")
+        return None, None
+    classes = class_indices(args.classes, num_classes(diffusion), meta.get("class_names"))
+    if len(classes) not in (1, count):
+        raise ConfigError(f"--class takes one class, or one per --image ({count}); got {len(classes)}")
+    guidance = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
+    labels = classes * count if len(classes) == 1 else classes
+    check_labels(diffusion, labels, guidance)
+    return labels, guidance
+
+
+def _write_results(out: Path, rows: list, record: dict, **arrays) -> None:
+    from .editing import result_grid
+    from .fileio import write_json
+    from .images import save_npz, save_png
+
+    save_png(out / "grid.png", result_grid(rows))
+    save_npz(out / "results.npz", **arrays)
+    write_json(out / "record.json", record)
+
+
+def cmd_inpaint(args) -> int:
+    import numpy as np
+
+    from .editing import RESAMPLING_DEFAULTS, inpaint, load_mask, masked_preview
+    from .generate import sample_record
+
+    sampling = _sampling_from_args(args)
+    out, diffusion, meta, images, sizes, labels, guidance = _editing_setup(
+        args, ("grid.png", "results.npz", "record.json"), sampling)
+    keep = load_mask(args.mask, diffusion.image_size, source_sizes=sizes, seed=args.seed)
+    repeat = [k for k in range(len(images)) for _ in range(args.n)]          # result k fills image k // n
+    results = inpaint(diffusion, images[repeat], keep, sampling=sampling, seed=args.seed,
+                      jump_length=args.jump_length, resample=args.resample, batch_size=args.batch_size,
+                      labels=None if labels is None else [labels[k] for k in repeat], guidance_scale=guidance)
+    inputs = _to_uint8_batch(images)
+    method = "repaint" if sampling.sampler == "ddpm" else "replacement"
+    resampling = {} if method != "repaint" else {k: getattr(args, k) or v for k, v in RESAMPLING_DEFAULTS.items()}
+    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, images=args.image,
+                           n=args.n, mask=args.mask, method=method, **resampling, classes=labels,
+                           guidance_scale=guidance, unknown_pixels=int((~keep).sum()))
+    per_result = results.reshape(len(images), args.n, *results.shape[1:]).swapaxes(0, 1)
+    _write_results(out, [inputs, masked_preview(inputs, keep), *per_result], record, images=results,
+                   inputs=inputs, mask=keep.numpy(), image_index=np.asarray(repeat))
+    print(f"inpainted {int((~keep).sum())} pixels of {len(images)} image(s), {args.n} result(s) each "
+          f"({method}, {record['steps']} steps) -> {out / 'grid.png'}, {out / 'results.npz'}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    import numpy as np
+
+    from .editing import edit, sdedit_start
+    from .generate import sample_record
+
+    sampling = _sampling_from_args(args)
+    out, diffusion, meta, images, _, labels, guidance = _editing_setup(
+        args, ("grid.png", "results.npz", "record.json"), sampling)
+    t0 = sdedit_start(args.strength, diffusion.timesteps)
+    repeat = [k for k in range(len(images)) for _ in range(args.n)]
+    results = edit(diffusion, images[repeat], args.strength, sampling=sampling, seed=args.seed,
+                   batch_size=args.batch_size, labels=None if labels is None else [labels[k] for k in repeat],
+                   guidance_scale=guidance)
+    inputs = _to_uint8_batch(images)
+    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, images=args.image,
+                           n=args.n, strength=args.strength, t0=t0, classes=labels, guidance_scale=guidance)
+    record["steps"] = 0 if t0 is None else len(sampling.timesteps(t0 + 1))          # the steps from t0 down to 0
+    per_result = results.reshape(len(images), args.n, *results.shape[1:]).swapaxes(0, 1)
+    _write_results(out, [inputs, *per_result], record, images=results, inputs=inputs, image_index=np.asarray(repeat))
+    print(f"edited {len(images)} image(s) at strength {args.strength:g} (t0 = {t0}), {args.n} result(s) each "
+          f"-> {out / 'grid.png'}, {out / 'results.npz'}")
+    return 0
+
+
+def cmd_invert(args) -> int:
+    import numpy as np
+
+    from .editing import invert, save_latents
+    from .generate import sample_record
+    from .samplers import SamplingOptions
+
+    sampling = SamplingOptions(sampler="ddim", steps=args.steps, spacing=args.spacing, clip=False)
+    out, diffusion, meta, images, _, labels, guidance = _editing_setup(
+        args, ("latents.npz", "grid.png", "results.npz", "record.json"), sampling)
+    latents, recon = invert(diffusion, images, steps=args.steps, spacing=args.spacing, labels=labels,
+                            guidance_scale=guidance, batch_size=args.batch_size)
+    inputs = _to_uint8_batch(images)
+    error = np.abs(recon.astype(np.int16) - inputs.astype(np.int16)) / 255.0
+    record = sample_record(diffusion, meta, sampling, seed=0, weights=args.weights, images=args.image,
+                           classes=labels, guidance_scale=guidance, mean_abs_error=float(error.mean()),
+                           max_abs_error=float(error.max()), error_range="[0, 1] images")
+    save_latents(out / "latents.npz", latents, timesteps=sampling.timesteps(diffusion.timesteps),
+                 num_timesteps=diffusion.timesteps, steps=record["steps"], spacing=args.spacing)
+    _write_results(out, [inputs, recon], record, images=recon, inputs=inputs)
+    print(f"inverted {len(images)} image(s) over {record['steps']} DDIM steps -> {out / 'latents.npz'}; "
+          f"reconstruction error {error.mean():.4f} mean, {error.max():.4f} max (images in [0, 1])")
+    return 0
+
+
+def _to_uint8_batch(images):
+    """[N, C, H, W] float in [0, 1] -> uint8 [N, H, W, C]."""
+    from .data import to_uint8
+
+    return to_uint8(images.cpu())
+
+
 # The commands that share their work among the processes torchrun starts.
 DISTRIBUTED_COMMANDS = ("train", "sample", "eval", "distill")
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz,
-            "export": cmd_export, "import": cmd_import, "distill": cmd_distill}
+            "export": cmd_export, "import": cmd_import, "distill": cmd_distill, "inpaint": cmd_inpaint,
+            "edit": cmd_edit, "invert": cmd_invert}
 
 
 def _discard_stdout() -> None:

@@ -26,11 +26,11 @@ from .errors import CheckpointError, ConfigError
 from .images import make_grid, save_npz, save_png
 from .pixels import to_uint8
 from .precision import autocast, channels_last as default_channels_last, check_precision
-from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, make_denoiser
+from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, ddim_invert, make_denoiser
 from .seeding import derive_seed
 
 __all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
-           "sampling_options", "resolved_sampling", "sample_images",
+           "sampling_options", "resolved_sampling", "sampling_denoiser", "class_indices", "sample_images",
            "generate", "progressive_frames", "progressive_timesteps", "progressive_grid", "interpolate", "slerp",
            "load_image", "sample_record", "write_samples", "file_sha256", "resolve_classes", "SamplePlan",
            "plan_samples", "run_samples", "interpolation_folder"]
@@ -126,22 +126,16 @@ def check_labels(diffusion: GaussianDiffusion, labels, guidance_scale: float | N
         raise ConfigError(f"the guidance scale must be >= 0; got {guidance_scale}")
 
 
-def sample_images(diffusion: GaussianDiffusion, indices: list[int], *, seed: int = 0,
-                  sampling: SamplingOptions = DEFAULT_SAMPLING, callback: Callable | None = None,
-                  progress: bool = False, labels=None, guidance_scale: float | None = None) -> torch.Tensor:
-    """One batch: the images with run indices ``indices``, in [0, 1], shape [B, C, H, W].
+def sampling_denoiser(diffusion: GaussianDiffusion, sampling: SamplingOptions = DEFAULT_SAMPLING, *,
+                      labels=None, guidance_scale: float | None = None, clip: bool | None = None):
+    """The shared denoiser (:func:`~ddpm.samplers.make_denoiser`) of a loaded model for ``sampling``.
 
-    Image k's noise comes from a CPU generator seeded with ``derive_seed(seed, k)``: first x_T,
-    then each step's noise. ``callback`` receives the sampler's per-step dict (model range).
-    A class-conditional model takes one class label per image (``labels``; None: unconditional)
-    and classifier-free guidance with ``guidance_scale`` w (None or 1: the conditional model alone).
+    ``labels`` (one class per image) condition a class-conditional model, with classifier-free
+    guidance at ``guidance_scale`` w (None or 1: the conditional model alone). ``clip`` overrides
+    the x0 clipping that ``sampling`` and the checkpoint choose (DDIM inversion runs without it).
     """
-    device = diffusion.device
-    shape = (diffusion.channels, *diffusion.image_size)
-    generators = [torch.Generator().manual_seed(derive_seed(seed, k)) for k in indices]
-    noise = batch_noise(generators, shape, device)
-    x_T = noise()
     check_labels(diffusion, labels, guidance_scale)
+    device = diffusion.device
     cond: dict = {}
     if labels is not None:
         y = torch.as_tensor(list(labels), dtype=torch.long, device=device)
@@ -149,9 +143,58 @@ def sample_images(diffusion: GaussianDiffusion, indices: list[int], *, seed: int
         if guidance_scale is not None and guidance_scale != 1:
             cond.update(guidance_scale=float(guidance_scale),
                         uncond_kwargs={"y": torch.full_like(y, num_classes(diffusion))})
-    denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
-                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding,
-                             self_condition=diffusion.self_condition, **cond)
+    return make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
+                         clip=_clip(diffusion, sampling) if clip is None else clip,
+                         dynamic_thresholding=sampling.dynamic_thresholding and clip is None,
+                         self_condition=diffusion.self_condition, **cond)
+
+
+def class_indices(specs, count: int | None, class_names=None) -> list[int]:
+    """Class labels from command-line words: indices, names (when the checkpoint holds ``class_names``), or 'all'."""
+    if count is None:
+        raise ConfigError("--class needs a class-conditional checkpoint (trained with --conditional); "
+                          "this one is unconditional")
+    specs = [str(s) for s in specs]
+    if specs == ["all"]:
+        return list(range(count))
+    names = list(class_names or [])
+    labels = []
+    for spec in specs:
+        if spec.lstrip("-").isdigit():
+            labels.append(int(spec))
+        elif spec in names:
+            labels.append(names.index(spec))
+        else:
+            known = f"its classes are {', '.join(names)}" if names else "it holds no class names; give indices"
+            raise ConfigError(f"--class {spec}: not a class index or name of this checkpoint ({known})")
+    bad = [c for c in labels if not 0 <= c < count]
+    if bad:
+        raise ConfigError(f"class {bad[0]} is out of range: this model has classes 0..{count - 1}")
+    return labels
+
+
+def sample_images(diffusion: GaussianDiffusion, indices: list[int], *, seed: int = 0,
+                  sampling: SamplingOptions = DEFAULT_SAMPLING, callback: Callable | None = None,
+                  progress: bool = False, labels=None, guidance_scale: float | None = None,
+                  given_x_T: torch.Tensor | None = None) -> torch.Tensor:
+    """One batch: the images with run indices ``indices``, in [0, 1], shape [B, C, H, W].
+
+    Image k's noise comes from a CPU generator seeded with ``derive_seed(seed, k)``: first x_T,
+    then each step's noise. ``callback`` receives the sampler's per-step dict (model range).
+    A class-conditional model takes one class label per image (``labels``; None: unconditional)
+    and classifier-free guidance with ``guidance_scale`` w (None or 1: the conditional model alone).
+    ``given_x_T`` [B, C, H, W] replaces the drawn starting noise (e.g. DDIM-inverted latents).
+    """
+    device = diffusion.device
+    shape = (diffusion.channels, *diffusion.image_size)
+    generators = [torch.Generator().manual_seed(derive_seed(seed, k)) for k in indices]
+    noise = batch_noise(generators, shape, device)
+    x_T = noise()                     # drawn even when x_T is given, so each step's noise stays the same
+    if given_x_T is not None:
+        if tuple(given_x_T.shape) != tuple(x_T.shape):
+            raise ConfigError(f"starting noise of shape {tuple(given_x_T.shape)[1:]} for a model of shape {shape}")
+        x_T = given_x_T.to(device=device, dtype=x_T.dtype)
+    denoiser = sampling_denoiser(diffusion, sampling, labels=labels, guidance_scale=guidance_scale)
     timesteps = sampling.timesteps(diffusion.timesteps)
     bar = tqdm(total=len(timesteps), desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
@@ -172,11 +215,14 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
              spacing: str | None = None, eta: float | None = None, variance: str | None = None,
              clip: bool | None = None, dynamic_thresholding: bool | None = None,
              sampling: SamplingOptions | None = None, start_index: int = 0,
-             callback: Callable | None = None, labels=None, guidance_scale: float | None = None) -> np.ndarray:
+             callback: Callable | None = None, labels=None, guidance_scale: float | None = None,
+             latents: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """Images ``start_index`` .. ``start_index + n - 1`` of a run, as uint8 [N, H, W, C], in batches.
 
     A class-conditional model takes ``labels`` (one class per image, length ``n``; None:
     unconditional) and a classifier-free ``guidance_scale`` (see :func:`sample_images`).
+    ``latents`` [K, C, H, W] gives image k its starting noise x_T = ``latents[k]`` (k counted over
+    the run, like the seeds; e.g. from :func:`ddpm.editing.invert`) instead of drawing it.
 
     The sampler is the checkpoint's own default (``diffusion.default_sampling``, set for distilled
     students) or else :data:`~ddpm.samplers.DEFAULT_SAMPLING` (ancestral over 50 respaced steps), unless
@@ -197,13 +243,19 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
     if labels is not None and len(labels) != n:
         raise ConfigError(f"{len(labels)} class labels for {n} images; give one per image")
     check_labels(diffusion, labels, guidance_scale)
+    if latents is not None:
+        latents = torch.as_tensor(latents, dtype=torch.float32)
+        if len(latents) < start_index + n:
+            raise ConfigError(f"{len(latents)} latents for images {start_index}..{start_index + n - 1}; "
+                              "give at most as many images as latents")
     out = []
     for first in range(start_index, start_index + n, batch_size):
         indices = list(range(first, min(first + batch_size, start_index + n)))
         on_step = None if callback is None else (lambda info, idx=indices: callback(idx, info))
         batch_labels = None if labels is None else [labels[k - start_index] for k in indices]
         images = sample_images(diffusion, indices, seed=seed, sampling=sampling, callback=on_step,
-                               progress=progress, labels=batch_labels, guidance_scale=guidance_scale)
+                               progress=progress, labels=batch_labels, guidance_scale=guidance_scale,
+                               given_x_T=None if latents is None else latents[indices[0]:indices[-1] + 1])
         out.append(to_uint8(images.cpu()))
     return np.concatenate(out)
 
@@ -267,7 +319,8 @@ def slerp(x_a: torch.Tensor, x_b: torch.Tensor, lam: float) -> torch.Tensor:
 
 def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: torch.Tensor, *, t: int,
                 n_interp: int = 8, method: str = "linear", seed: int = 0,
-                sampling: SamplingOptions = DEFAULT_SAMPLING) -> np.ndarray:
+                sampling: SamplingOptions = DEFAULT_SAMPLING, invert: bool = False, label: int | None = None,
+                guidance_scale: float | None = None) -> np.ndarray:
     """Interpolation between two images through the latent at step ``t`` (Ho et al. 2020, Sec. 4.3, Figure 8).
 
     Both images ([C, H, W] in [0, 1]) are diffused to x_t with the same noise (Eq. 4), mixed as
@@ -275,6 +328,9 @@ def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: to
     ``n_interp`` values of lambda from 0 to 1, and denoised from ``t`` with the chosen sampler over
     the kept steps of t + 1 (all of them unless ``sampling.steps``; spacing ``trailing`` or
     ``linspace``, which start at t). Every interpolant uses the same noise, so only lambda varies.
+    With ``invert`` the two x_t are instead the images' DDIM inversions (Song et al. 2021, Sec. 4.3)
+    over the same kept steps: deterministic, and DDIM (eta = 0) then returns the two images at the
+    ends. A class-conditional model is sampled at class ``label`` (with ``guidance_scale``).
     Returns uint8 [n_interp, H, W, C].
     """
     from .diffusion import q_sample, to_model_range
@@ -295,13 +351,18 @@ def interpolate(diffusion: GaussianDiffusion, image_a: torch.Tensor, image_b: to
     generators = [torch.Generator().manual_seed(derive_seed(seed, 0)) for _ in range(n_interp)]
     noise = batch_noise(generators, x0.shape[1:], device)
     eps = noise()[:1].expand_as(x0)
-    x_t = q_sample(diffusion.schedule_on(device), x0, torch.full((2,), t, device=device), eps)
+    labels = None if label is None else [int(label)] * n_interp
+    if invert:
+        inverter = sampling_denoiser(diffusion, sampling, labels=None if label is None else labels[:2],
+                                     guidance_scale=guidance_scale, clip=False)
+        with torch.inference_mode(), autocast(device, diffusion.precision):
+            x_t = ddim_invert(inverter, x0, diffusion.schedule, timesteps)
+    else:
+        x_t = q_sample(diffusion.schedule_on(device), x0, torch.full((2,), t, device=device), eps)
     lams = torch.linspace(0.0, 1.0, n_interp).tolist()
     mix = slerp if method == "slerp" else (lambda a, b, lam: (1.0 - lam) * a + lam * b)
     latents = torch.cat([mix(x_t[:1], x_t[1:], lam) for lam in lams])
-    denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
-                             clip=_clip(diffusion, sampling), dynamic_thresholding=sampling.dynamic_thresholding,
-                             self_condition=diffusion.self_condition)
+    denoiser = sampling_denoiser(diffusion, sampling, labels=labels, guidance_scale=guidance_scale)
     with torch.inference_mode(), autocast(device, diffusion.precision):
         out = SAMPLERS[sampling.sampler](denoiser, latents, diffusion.schedule, timesteps, noise=noise,
                                          **sampling.sampler_options(diffusion.variance))
@@ -373,24 +434,15 @@ def write_samples(out_dir: str | os.PathLike, images: np.ndarray, nrow: int | No
 
 # ----------------------------------------------------------------------------- a sampling run, as ddpm sample makes it
 
-def resolve_classes(diffusion: GaussianDiffusion, classes: list[str] | None,
-                    guidance_scale: float | None) -> tuple[list[int] | None, float | None]:
-    """Class numbers (or ``["all"]``) and a guidance scale checked against the model; the default scale with classes."""
+def resolve_classes(diffusion: GaussianDiffusion, classes: list[str] | None, guidance_scale: float | None,
+                    class_names=None) -> tuple[list[int] | None, float | None]:
+    """Class numbers, names (``class_names``, a checkpoint's) or ``["all"]``, and a guidance scale, checked
+    against the model; the default scale with classes."""
     if classes is None:
         if guidance_scale is not None:
             raise ConfigError("--guidance-scale needs --class")
         return None, None
-    count = num_classes(diffusion)
-    if count is None:
-        raise ConfigError("--class needs a class-conditional checkpoint (trained with --conditional); "
-                          "this one is unconditional")
-    if list(classes) == ["all"]:
-        chosen = list(range(count))
-    else:
-        try:
-            chosen = [int(c) for c in classes]
-        except ValueError:
-            raise ConfigError(f"--class takes class numbers or 'all'; got {' '.join(classes)}") from None
+    chosen = class_indices(classes, num_classes(diffusion), class_names)
     guidance = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     check_labels(diffusion, chosen, guidance)
     return chosen, guidance
@@ -406,16 +458,26 @@ class SamplePlan:
     guidance_scale: float | None
     nrow: int | None
     record: dict
+    latents: torch.Tensor | None = None          # image k's starting noise, latents[k]; None: drawn
 
 
 def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOptions, *, n: int, classes=None,
                  guidance_scale: float | None = None, seed: int = 0, start_index: int = 0, weights: str = "ema",
-                 device: str = "cpu", world: int = 1) -> SamplePlan:
-    """``n`` images (of each class of ``classes``, one grid row per class), validated before anything runs."""
-    classes, guidance = resolve_classes(diffusion, classes, guidance_scale)
+                 device: str = "cpu", world: int = 1, latents=None, latents_path=None) -> SamplePlan:
+    """``n`` images (of each class of ``classes``, one grid row per class), validated before anything runs.
+
+    With ``latents`` (e.g. :func:`ddpm.editing.load_latents`) image k starts from ``latents[k]``;
+    ``n`` None means one image per latent from ``start_index`` (64 without latents)."""
+    classes, guidance = resolve_classes(diffusion, classes, guidance_scale, meta.get("class_names"))
+    n = n or (64 if latents is None else len(latents) - start_index)
     total = n * len(classes) if classes else n
     labels = None if classes is None else [c for c in classes for _ in range(n)]
     extra = {} if classes is None else {"classes": classes, "guidance_scale": guidance, "n_per_class": n}
+    if latents is not None:
+        if n < 1 or start_index + total > len(latents):
+            raise ConfigError(f"{total} images from {len(latents)} latents (from index {start_index}); "
+                              "give at most as many images as latents")
+        extra["latents"] = str(Path(latents_path).resolve()) if latents_path else "given"
     if world > 1:
         extra["processes"] = world
         if total < world:
@@ -423,7 +485,7 @@ def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOpt
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, n=total,
                            start_index=start_index, device=device, **extra)      # validates the steps against T
     return SamplePlan(total=total, start_index=start_index, labels=labels, guidance_scale=guidance,
-                      nrow=n if classes else None, record=record)
+                      nrow=n if classes else None, record=record, latents=latents)
 
 
 def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.PathLike, sampling: SamplingOptions, *,
@@ -440,7 +502,7 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
     lo, hi = distributed.shard_range(plan.total)
     common = dict(batch_size=batch_size, seed=seed, progress=progress and distributed.is_main(),
                   start_index=plan.start_index + lo, labels=None if plan.labels is None else plan.labels[lo:hi],
-                  guidance_scale=plan.guidance_scale)
+                  guidance_scale=plan.guidance_scale, latents=plan.latents)
     if progressive:
         images, x_t, x0_pred = progressive_frames(diffusion, hi - lo, sampling=sampling, **common)
         gathered = distributed.gather_arrays((images, x_t.swapaxes(0, 1), x0_pred.swapaxes(0, 1)))
@@ -470,21 +532,28 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
 def interpolation_folder(diffusion: GaussianDiffusion, meta: dict, out: str | os.PathLike, image_a: str, image_b: str,
                          *, t: int | None = None, n_interp: int = 8, method: str = "linear", seed: int = 0,
                          sampling: SamplingOptions = DEFAULT_SAMPLING, data_root=None, weights: str = "ema",
-                         device: str = "cpu") -> tuple[Path, int]:
+                         device: str = "cpu", invert: bool = False, classes=None,
+                         guidance_scale: float | None = None) -> tuple[Path, int]:
     """:func:`interpolate` between two input images (files or DATASET:INDEX), written to ``out`` as
-    interpolation.png (the inputs at both ends), interpolation.npz and record.json. Returns (png, t)."""
+    interpolation.png (the inputs at both ends), interpolation.npz and record.json. Returns (png, t).
+    ``invert`` starts from DDIM inversions; ``classes`` (one class, index or name) conditions every interpolant."""
     from .fileio import write_json
 
     out = Path(out)
     t = diffusion.timesteps // 2 if t is None else t
     a, b = (load_image(spec, diffusion.image_size, diffusion.channels, data_root=data_root)
             for spec in (image_a, image_b))
-    images = interpolate(diffusion, a, b, t=t, n_interp=n_interp, method=method, seed=seed, sampling=sampling)
+    classes, guidance = resolve_classes(diffusion, classes, guidance_scale, meta.get("class_names"))
+    if classes is not None and len(classes) != 1:
+        raise ConfigError(f"--class takes one class for the interpolants; got {len(classes)}")
+    images = interpolate(diffusion, a, b, t=t, n_interp=n_interp, method=method, seed=seed, sampling=sampling,
+                         invert=invert, label=None if classes is None else classes[0], guidance_scale=guidance)
     row = np.concatenate([to_uint8(a[None].cpu()), images, to_uint8(b[None].cpu())])
     png = save_png(out / "interpolation.png", make_grid(row, nrow=len(row)))
     save_npz(out / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, n_interp))
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, image_a=image_a, image_b=image_b,
-                           t=t, n_interp=n_interp, method=method, device=str(device))
+                           t=t, n_interp=n_interp, method=method, device=str(device), invert=invert,
+                           classes=classes, guidance_scale=guidance)
     record["steps"] = len(sampling.timesteps(t + 1))       # the steps from t down to 0
     write_json(out / "record.json", record)
     return png, t

@@ -196,16 +196,20 @@ def progressive_png(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.ndarra
 
 
 def reverse_figure(path: str | os.PathLike, diffusion, *, n: int = 4, frames: int = 10, seed: int = 0,
-                   sampling=None, batch_size: int = 64, meta: dict | None = None) -> Path:
+                   sampling=None, batch_size: int = 64, meta: dict | None = None, labels=None,
+                   guidance_scale: float | None = None) -> Path:
     """Progressive generation (Ho et al. 2020, Figure 6): per image, x_t over time above the x0 estimate,
-    rows and timesteps labelled (:func:`progressive_figure`); ``meta`` (the checkpoint's) names it."""
+    rows and timesteps labelled (:func:`progressive_figure`); ``meta`` (the checkpoint's) names it.
+
+    A class-conditional model samples image k at class ``labels[k]`` (with ``guidance_scale``)."""
     from .generate import progressive_frames, progressive_timesteps
     from .samplers import DEFAULT_SAMPLING
 
     sampling = sampling or DEFAULT_SAMPLING
     require_matplotlib("ddpm viz reverse")                     # before sampling, not after
     _, x_t, x0_pred = progressive_frames(diffusion, n, frames=frames, sampling=sampling, seed=seed,
-                                         batch_size=batch_size, progress=False)
+                                         batch_size=batch_size, progress=False, labels=labels,
+                                         guidance_scale=guidance_scale)
     return progressive_figure(path, x_t, x0_pred, progressive_timesteps(diffusion, frames, sampling),
                               title=progressive_title(diffusion, sampling, seed, meta))
 

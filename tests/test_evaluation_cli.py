@@ -49,15 +49,30 @@ def digits_samples(tmp_path_factory) -> str:
 # ----------------------------------------------------------------------------- Inception metrics
 
 @needs_torchscript
-def test_fid_of_a_set_against_itself_is_zero_and_is_comes_from_the_full_network(tmp_path, photos):
+def test_fid_of_a_set_against_itself_is_zero(tmp_path, photos):
+    few = tmp_path / "four.npz"
+    np.savez(few, images=np.load(photos)["images"][:4])
+    out = tmp_path / "r.json"
+    assert main(["eval", "--metric", "fid", "--samples", str(few), "--data", str(few), "--cache-dir", str(tmp_path),
+                 "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["fid"] < 1e-3 and results["features"] == "inception" and results["n_samples"] == 4
+    assert results["inception_resize"] == "tensorflow"
+
+
+def test_is_comes_from_the_full_network_over_ten_splits(tmp_path, photos, monkeypatch):
+    from ddpm.evaluation import inception
+
     weights = tmp_path / INCEPTION_WEIGHTS_FILE
     torch.save(random_layout(seed=1), weights)          # random weights of the published layout: no download
+    seen = []
+    original = inception.InceptionV3.forward
+    monkeypatch.setattr(inception.InceptionV3, "forward", lambda self, x: seen.append(len(x)) or original(self, x))
     out = tmp_path / "r.json"
-    assert main(["eval", "--metric", "fid", "--metric", "is", "--samples", photos, "--data", photos,
-                 "--inception-weights", str(weights), "--cache-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert main(["eval", "--metric", "is", "--samples", photos, "--data", photos, "--inception-weights", str(weights),
+                 "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert results["fid"] < 1e-3 and results["features"] == "inception"
-    assert results["inception_resize"] == "tensorflow" and results["n_samples"] == 10
+    assert sum(seen) == 10 and results["n_samples"] == 10          # every sample went through the full network
     assert results["is_splits"] == 10 and 1.0 <= results["is"] <= 1008 and results["is_std"] >= 0
 
 

@@ -180,8 +180,15 @@ def _add_train_output(g) -> None:
     g.add_argument("--milestone-every", type=_nonneg_int, help="checkpoints at multiples of this are kept")
     g.add_argument("--sample-every", type=_nonneg_int)
     g.add_argument("--num-samples", type=_positive_int, help="images in each sample grid")
-    g.add_argument("--eval-every", type=_nonneg_int, help="steps between fast-metric evaluations (0: never)")
+    g.add_argument("--eval-every", type=_nonneg_int, help="steps between evaluations of the EMA model (0: never)")
     g.add_argument("--eval-samples", type=_positive_int, help="images per evaluation (default 256)")
+    g.add_argument("--eval-metric", choices=("auto", "fast", "fid", "kid", "is"),
+                   help="what --eval-every computes (default auto: fast for grey images of 28x28 or smaller, else fid)")
+    g.add_argument("--keep-best", choices=("fast", "fid", "kid", "is"), metavar="METRIC",
+                   help="keep checkpoints/best.safetensors, the best so far by this metric (lowest fast/fid/kid, "
+                        "highest is); never pruned by --keep-last")
+    g.add_argument("--inception-weights", metavar="PTH",
+                   help="the full 2015 Inception-v3 (pt_inception-2015-12-05-6726825d.pth) for --eval-metric is")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -200,7 +207,8 @@ TRAIN_FLAGS = {
         "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
-        "eval_every", "eval_samples", "label_dropout", "time_limit")},
+        "eval_every", "eval_samples", "eval_metric", "keep_best", "inception_weights", "label_dropout",
+        "time_limit")},
 }
 
 

@@ -224,7 +224,7 @@ def _bpd(config: EvalConfig, diffusion) -> dict:
 
 
 def _extractor(config: EvalConfig, name: str):
-    from ..generate import select_device
+    from ..device import select_device
     from .features import InceptionFeatures, LenetFeatures
 
     if name == "lenet":
@@ -291,7 +291,7 @@ def _feature_metrics(metrics, extractor, ref, samples: np.ndarray, config: EvalC
 
 def _inception_score(config: EvalConfig, samples: np.ndarray) -> dict:
     """IS over 10 splits of the samples, from the full 2015 network's class probabilities."""
-    from ..generate import select_device
+    from ..device import select_device
     from .inception import InceptionClassifier
     from .metrics import inception_score
 

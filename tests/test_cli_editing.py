@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ddpm import viz
 from ddpm.cli import main
 from ddpm.data import load_dataset
 from ddpm.errors import ConfigError
@@ -221,7 +222,8 @@ def test_class_reaches_the_model_in_inpaint_edit_interpolate_and_viz(conditional
                  "--n-interp", "3", "--out", str(tmp_path / "interp"), *FAST]) == 0
     assert main(["viz", "reverse", *cond, "--class", "0", "9", "--n", "1", "--frames", "3",
                  "--out", str(tmp_path / "rev.png"), *FAST]) == 0
-    assert Image.open(tmp_path / "rev.png").size[1] == 2 + 2 * 2 * 66            # 2 classes x (x_t, x0) rows
+    grid_height = 2 + 2 * 2 * 66                                                  # 2 classes x (x_t, x0) rows
+    assert Image.open(tmp_path / "rev.png").size[1] == viz.HEADER_HEIGHT + grid_height + 10   # the labelled figure
 
 
 def test_class_errors(run_dir, conditional_run, tmp_path, capsys):

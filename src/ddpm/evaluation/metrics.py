@@ -9,6 +9,9 @@ and computes in float64.
   k(x, y) = (x.y / D + 1)^3, averaged over random subsets; can be slightly negative.
 * Precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls around
   its points, of radius the distance to the k-th nearest neighbour (k = 3) within the set.
+* Inception Score (Salimans et al. 2016): exp(E_x KL(p(y | x) || p(y))) from class probabilities,
+  computed as their reference code does: the images in 10 consecutive splits, p(y) the mean of
+  p(y | x) over a split, and the mean and standard deviation of the 10 scores.
 * Nearest neighbours in pixel space, for a memorisation check (:func:`nearest_neighbour_grid`).
 """
 
@@ -19,7 +22,7 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "kid", "precision_recall",
+__all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "kid", "precision_recall", "inception_score",
            "nearest_neighbours", "nearest_neighbour_grid"]
 
 
@@ -86,6 +89,31 @@ def kid(features1, features2, *, num_subsets: int = 100, subset_size: int = 1000
     values = [_polynomial_mmd2_unbiased(x[rng.choice(len(x), size, replace=False)],
                                         y[rng.choice(len(y), size, replace=False)]) for _ in range(num_subsets)]
     return float(np.mean(values)), float(np.std(values))
+
+
+def _xlogy(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x log y with 0 log 0 = 0 (a one-hot distribution has zeros)."""
+    return np.where(x > 0, x * np.log(np.where(x > 0, y, 1.0)), 0.0)
+
+
+def inception_score(probs, *, splits: int = 10) -> tuple[float, float]:
+    """Inception Score of class probabilities p(y | x) [N, K]: mean and standard deviation over ``splits``.
+
+    Split i holds images i N / splits .. (i + 1) N / splits - 1 (consecutive, as the reference
+    code takes them); its score is exp(mean_x KL(p(y | x) || p(y))) with p(y) the split's mean.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) < splits or splits < 1:
+        raise ConfigError(f"the Inception Score needs probabilities [N, K] with N >= {splits} splits, got shape {p.shape}")
+    if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
+        raise ConfigError("the Inception Score needs probabilities: non-negative rows that sum to 1")
+    scores = []
+    for i in range(splits):
+        part = p[i * len(p) // splits:(i + 1) * len(p) // splits]
+        p_y = part.mean(axis=0, keepdims=True)
+        kl = (_xlogy(part, part) - _xlogy(part, np.broadcast_to(p_y, part.shape))).sum(axis=1)   # KL(p(y|x) || p(y))
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 def _pairwise_distances(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

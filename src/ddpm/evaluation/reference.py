@@ -5,6 +5,12 @@ and covariance. :func:`reference_stats` computes them once and caches them as an
 the cache folder (``--cache-dir``, else ``$DDPM_CACHE``, else ``~/.cache/ddpm``), in a file named
 after everything that determines them: dataset, split, number of images, image size, channels
 and feature extractor (with a digest of its weights file). Files are written atomically.
+
+The format is the one the ecosystem shares: an ``.npz`` whose arrays ``mu`` [D] and ``sigma`` [D, D]
+are the features' mean and covariance, as pytorch-fid and TTUR publish them (e.g. the CIFAR-10
+training-set statistics). :meth:`ReferenceStats.load` reads such files (FID only) as well as the
+cache's, which add the ``features`` themselves (for KID and precision/recall), a ``key`` and a
+``format`` number; :meth:`ReferenceStats.save_statistics` writes ``mu`` and ``sigma`` alone.
 """
 
 from __future__ import annotations
@@ -37,9 +43,12 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class ReferenceStats:
-    """Features of a reference set and their Gaussian statistics (float64 mean [D], covariance [D, D])."""
+    """Features of a reference set and their Gaussian statistics (float64 mean [D], covariance [D, D]).
 
-    features: np.ndarray
+    ``features`` is None for statistics read from a file that holds only ``mu`` and ``sigma``.
+    """
+
+    features: np.ndarray | None
     mu: np.ndarray
     sigma: np.ndarray
     key: str
@@ -50,25 +59,58 @@ class ReferenceStats:
         return cls(np.asarray(features, dtype=np.float32), mu, sigma, key)
 
     @property
-    def n(self) -> int:
-        return len(self.features)
+    def n(self) -> int | None:
+        return None if self.features is None else len(self.features)
+
+    @property
+    def dim(self) -> int:
+        return len(self.mu)
 
     def save(self, path: str | os.PathLike) -> Path:
+        """The cache's file: ``mu``, ``sigma`` and the ``features``, ``key`` and ``format``."""
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, features=self.features, mu=self.mu, sigma=self.sigma, key=np.array(self.key),
                          format=np.array(CACHE_FORMAT))
         return atomic_write(path, write)
 
+    def save_statistics(self, path: str | os.PathLike) -> Path:
+        """``mu`` and ``sigma`` alone, the file pytorch-fid writes and reads (``--save-stats``)."""
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, mu=self.mu, sigma=self.sigma)
+        return atomic_write(path, write)
+
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ReferenceStats":
+    def load(cls, path: str | os.PathLike, *, dim: int | None = None) -> "ReferenceStats":
+        """Statistics from an ``.npz`` with ``mu`` [D] and ``sigma`` [D, D] (and ``features`` [N, D] if cached).
+
+        ``dim`` checks D against a feature extractor's; a mismatch or a malformed file is a :class:`DataError`.
+        """
         try:
             with np.load(path, allow_pickle=False) as archive:
-                if int(archive["format"]) != CACHE_FORMAT:
+                if "format" in archive.files and int(archive["format"]) != CACHE_FORMAT:
                     raise DataError(f"{path} is a reference-statistics file of another format")
-                return cls(archive["features"], archive["mu"], archive["sigma"], str(archive["key"]))
+                if "mu" not in archive.files or "sigma" not in archive.files:
+                    raise DataError(f"{path} holds no reference statistics: it needs arrays 'mu' and 'sigma' "
+                                    f"(it has {', '.join(archive.files) or 'none'})")
+                features = archive["features"] if "features" in archive.files else None
+                key = str(archive["key"]) if "key" in archive.files else ""
+                stats = cls(features, archive["mu"].astype(np.float64), archive["sigma"].astype(np.float64), key)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"cannot read reference statistics {path}: {exc}") from None
+            raise DataError(f"cannot read reference statistics {path}: {str(exc).splitlines()[0]}") from None
+        stats._check_shapes(path, dim)
+        return stats
+
+    def _check_shapes(self, path, dim: int | None) -> None:
+        d = self.mu.shape[0] if self.mu.ndim == 1 else None
+        if d is None or self.sigma.shape != (d, d) or (self.features is not None and self.features.shape[1:] != (d,)):
+            raise DataError(f"{path}: mu {self.mu.shape} and sigma {self.sigma.shape} are not statistics of "
+                            f"D-dimensional features (mu [D], sigma [D, D])")
+        if dim is not None and d != dim:
+            raise DataError(f"{path} holds statistics of {d}-d features; these features are {dim}-d")
+        if not (np.isfinite(self.mu).all() and np.isfinite(self.sigma).all()):
+            raise DataError(f"{path}: mu or sigma holds non-finite values")
 
 
 def _file_digest(path: Path) -> str:
@@ -80,9 +122,10 @@ def _file_digest(path: Path) -> str:
 
 
 def extractor_key(extractor) -> str:
-    """``lenet-<digest>`` or ``inception-<digest>``: the extractor's name and a digest of its weights file."""
+    """``lenet-<digest>`` or ``inception-<resize mode>-<digest>``: the extractor, its variant, its weights' digest."""
     path = getattr(extractor, "path", None) or (LENET_WEIGHTS if extractor.name == "lenet" else None)
-    return f"{extractor.name}-{_file_digest(Path(path))}" if path is not None else extractor.name
+    name = "-".join(part for part in (extractor.name, getattr(extractor, "variant", None)) if part)
+    return f"{name}-{_file_digest(Path(path))}" if path is not None else name
 
 
 def _dataset_key(data: str | os.PathLike) -> str:
@@ -104,7 +147,8 @@ def subset_indices(num_images: int, n: int, seed: int = 0) -> np.ndarray:
 
 def reference_stats(data: str | os.PathLike, extractor, *, split: str = "test", n: int | None = None,
                     data_root: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
-                    channels: int | None = None, cache_dir: str | os.PathLike | None = None) -> ReferenceStats:
+                    channels: int | None = None, cache_dir: str | os.PathLike | None = None,
+                    expect_channels: int | None = None) -> ReferenceStats:
     """Features of ``n`` images (all when None) of a dataset split, cached on disk.
 
     A subset is drawn at random with a fixed seed (:func:`subset_indices`), never the first
@@ -112,9 +156,13 @@ def reference_stats(data: str | os.PathLike, extractor, *, split: str = "test", 
     the other), and a prefix would be a biased reference.
 
     ``image_size`` / ``channels`` convert the images as :func:`ddpm.data.load_dataset` does
-    (to compare with a model's samples, pass the model's size and channels).
+    (to compare with a model's samples, pass the model's size and channels). ``expect_channels``
+    instead refuses a dataset whose own channel count differs (samples of the wrong kind).
     """
     dataset = load_dataset(data, data_root=data_root, split=split, image_size=image_size, channels=channels)
+    if expect_channels is not None and dataset.channels != expect_channels:
+        raise DataError(f"the samples have {expect_channels} channel(s) but the reference data {data} has "
+                        f"{dataset.channels}: compare images of the same kind")
     count = dataset.num_images if n is None else min(n, dataset.num_images)
     h, w = dataset.image_size
     subset = "" if count == dataset.num_images else "r"          # r: a seeded random subset

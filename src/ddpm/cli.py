@@ -19,6 +19,9 @@ from pathlib import Path
 from . import __version__
 from .errors import CheckpointError, ConfigError, DdpmError, TrainingInterrupted
 
+# ddpm.precision.CHOICES, repeated so that building the parser does not import torch.
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
 EXAMPLES_MAIN = """\
 examples:
   ddpm train                                   # 8x8 digits, about 5 minutes on a laptop CPU
@@ -181,7 +184,9 @@ def _add_train(sub) -> None:
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
     g.add_argument("--ema-decay", type=float)
     g.add_argument("--ema-warmup", action=bool_flag, help="EMA decay min(decay, (1+n)/(10+n)) (default on)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast for the network (default fp32)")
+    g.add_argument("--precision", choices=PRECISION_CHOICES,
+                   help="autocast for the network (default auto: bf16 where it is faster on this device, else fp32; "
+                        "fp32 is bit-for-bit reproducible; see docs/speed.md)")
     g.add_argument("--grad-checkpointing", action=bool_flag, help="trade compute for memory")
     g.add_argument("--max-bad-steps", type=_positive_int, help="non-finite steps in a row before stopping")
     g.add_argument("--seed", type=int)
@@ -219,7 +224,7 @@ TRAIN_FLAGS = {
         "eval_every", "eval_samples", "label_dropout", "time_limit")},
 }
 # What a resumed run may change (batch_size only as the per-process share of the saved global batch).
-RESUME_MAY_CHANGE = {"steps", "device", "grad_accum", "time_limit"}
+RESUME_MAY_CHANGE = {"steps", "device", "grad_accum", "time_limit", "precision"}
 
 
 def _flag(name: str) -> str:
@@ -285,10 +290,25 @@ def _add_sampler_options(p) -> None:
 
 
 def _add_precision(group) -> None:
-    group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="autocast for the network while sampling (default fp32; bf16 pays where the bf16 matrix "
-                            "multiply beats fp32: 1.7x faster on an AMD Zen 4 CPU, 2x slower on an Intel Xeon "
-                            "without AMX; benchmarks/speed.py measures it; fp16 on CUDA only)")
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                       help="autocast for the network while sampling (default auto: bf16 where it is faster on "
+                            "this device, else fp32; fp32 for bit-for-bit reproducible images; fp16 on CUDA only; "
+                            "see docs/speed.md)")
+
+
+def _precision(args, device):
+    """``--precision`` resolved on ``device`` (auto: :func:`ddpm.precision.resolve_precision`)."""
+    from .precision import resolve_precision
+
+    return resolve_precision(args.precision, device)
+
+
+def _say_precision(args, choice) -> None:
+    """The automatic choice in one line on stderr, once the options have passed every check."""
+    from . import distributed
+
+    if args.precision == "auto" and not getattr(args, "quiet", False) and distributed.is_main():
+        print(choice.line(), file=sys.stderr)
 
 
 def _sampling_from_args(args, base=None):
@@ -622,8 +642,10 @@ def _resume_config(args):
             same = (list(value) == list(old)) if isinstance(value, tuple) and old is not None else value == old
             if not same and name not in RESUME_MAY_CHANGE:
                 raise ConfigError(f"{_flag(name)} {value} differs from the run's saved value {old}; a resumed run "
-                                  "keeps its configuration (only --steps, --device, --grad-accum and --time-limit may change)")
+                                  "keeps its configuration (only --steps, --device, --grad-accum, --time-limit and --precision "
+                                  "may change)")
     train_cfg = dc_replace(saved.train, steps=args.steps or saved.train.steps, device=args.device or saved.train.device,
+                           precision=args.precision or saved.train.precision,   # the recorded one unless told
                            batch_size=batch_size, grad_accum=grad_accum,
                            time_limit=args.time_limit or 0.0)       # a time limit is this command's, not the run's
     if train_cfg.steps <= meta["step"]:
@@ -704,7 +726,9 @@ def cmd_sample(args) -> int:
         sampling = _sampling_from_args(args)
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
         device = distributed.training_device(args.device)
-        diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
+        choice = _precision(args, device)
+        diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
+                                         precision=choice.precision)
         sampling = _sampling_from_args(args, diffusion.default_sampling)     # e.g. a distilled student's steps
         classes, guidance = _classes_from_args(args, diffusion)
         total = args.n * len(classes) if classes else args.n
@@ -717,6 +741,7 @@ def cmd_sample(args) -> int:
                 raise ConfigError(f"{total} image(s) for {world} processes; each process needs at least one")
         record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, n=total,
                                start_index=args.start_index, device=str(device), **extra)  # validates --steps against T
+    _say_precision(args, choice)
     # Each process generates a contiguous range of the image indices; image k depends only on
     # (seed, k), so the gathered images are those one process would make.
     lo, hi = distributed.shard_range(total)
@@ -781,12 +806,14 @@ def cmd_interpolate(args) -> int:
     sampling = _sampling_from_args(args)
     out = _output_dir(args, ("interpolation.png", "interpolation.npz", "record.json"))
     device = select_device(args.device)
-    diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
+    choice = _precision(args, device)
+    diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=choice.precision)
     t = diffusion.timesteps // 2 if args.t is None else args.t
     a, b = (load_image(spec, diffusion.image_size, diffusion.channels, data_root=args.data_root)
             for spec in (args.image_a, args.image_b))
     images = interpolate(diffusion, a, b, t=t, n_interp=args.n_interp, method=args.method, seed=args.seed,
-                         sampling=sampling)
+                         sampling=sampling)                 # checks t and the steps against the checkpoint
+    _say_precision(args, choice)
     ends = [_to_uint8_image(x) for x in (a, b)]
     row = np.concatenate([ends[0][None], images, ends[1][None]])
     save_png(out / "interpolation.png", make_grid(row, nrow=len(row)))
@@ -876,8 +903,9 @@ def cmd_eval(args) -> int:
         if "bpd" in metrics and not args.checkpoint:
             raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
         if args.checkpoint:
-            diffusion, meta = load_diffusion(args.checkpoint, device=distributed.training_device(args.device),
-                                             weights=args.weights, precision=args.precision)
+            device = distributed.training_device(args.device)
+            diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
+                                             precision=_precision(args, device).precision)
     samples = None
     wants_samples = any(m in metrics for m in ("fid", "kid", "pr", "fast")) or args.nn_grid
     if wants_samples and distributed.world_size() > 1:
@@ -890,6 +918,8 @@ def cmd_eval(args) -> int:
     elif not distributed.is_main():
         return 0
     results: dict = {"data": args.data, "split": args.split}
+    if diffusion is not None:
+        results["network_precision"] = diffusion.precision     # as resolved ("precision" is the metric's)
     shape = dict(image_size=diffusion.image_size, channels=diffusion.channels) if diffusion is not None else {}
     if "bpd" in metrics:
         from .evaluation import evaluate_bpd
@@ -985,10 +1015,12 @@ def cmd_viz(args) -> int:
         from .generate import load_diffusion, resolved_sampling, select_device
 
         sampling = _sampling_from_args(args)
-        diffusion, _ = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
-                                      precision=args.precision)
+        device = select_device(args.device)
+        choice = _precision(args, device)
+        diffusion, _ = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=choice.precision)
         resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
         viz.reverse_figure(out, diffusion, n=args.n, frames=args.frames, seed=args.seed, sampling=sampling)
+        _say_precision(args, choice)
     else:
         viz.training_figure(out, args.run_dir, grids=args.grids)
         if viz.training_to_tensorboard(args.run_dir, out, grids=args.grids):
@@ -1038,7 +1070,7 @@ def _add_distill(sub) -> None:
     g.add_argument("--lr", type=_positive_float, help="learning rate (default: the teacher's)")
     g.add_argument("--ema-decay", type=float, help="the students' EMA decay (with the teacher's warm-up setting)")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    g.add_argument("--precision", choices=PRECISION_CHOICES, help="(default auto, as ddpm train)")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g = p.add_argument_group("output")
@@ -1088,7 +1120,7 @@ def cmd_distill(args) -> int:
         check_teacher(teacher, config)
         # The teacher's training settings suit its data and hardware; a round restarts the schedule.
         base = dataclasses.replace(teacher.train, steps=args.steps_per_round or 1000, warmup_steps=0, init=None,
-                                   time_limit=0.0, eval_every=0, milestone_every=0)
+                                   time_limit=0.0, eval_every=0, milestone_every=0, precision="auto")
         given = {n: getattr(args, n) for n in DISTILL_TRAIN_FLAGS if getattr(args, n) is not None}
         try:
             train_cfg = dataclasses.replace(base, **given)

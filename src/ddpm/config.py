@@ -160,7 +160,8 @@ class TrainConfig:
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999          # decay of the exponential moving average of the weights
     ema_warmup: bool = True            # decay_n = min(ema_decay, (1 + n) / (10 + n)), so short runs are usable
-    precision: str = "fp32"            # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler, CUDA)
+    precision: str = "auto"            # auto (ddpm.precision.resolve_precision; the run records what it chose) |
+                                       # fp32 (bit-reproducible) | bf16 (autocast) | fp16 (autocast + gradient scaler, CUDA)
     grad_checkpointing: bool = False   # recompute activations in the backward pass (less memory)
     max_bad_steps: int = 10            # consecutive non-finite steps tolerated before training stops
     seed: int = 0
@@ -187,7 +188,7 @@ class TrainConfig:
             if not _is_int(value) or value < 0:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
         _choice(self.optimizer, ("adam", "adamw"), "optimizer")
-        _choice(self.precision, ("fp32", "bf16", "fp16"), "precision")
+        _choice(self.precision, ("auto", "fp32", "bf16", "fp16"), "precision")
         if not _is_number(self.lr) or not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0; got {self.lr!r}")
         if not _is_number(self.weight_decay) or not self.weight_decay >= 0:

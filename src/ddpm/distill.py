@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -342,6 +343,7 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     import time
 
     from .generate import select_device
+    from .precision import resolve_precision
     from .train import load_training_data
     from .train import train as train_run
 
@@ -350,10 +352,14 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     teacher_path, teacher = load_teacher_config(config.teacher)
     check_teacher(teacher, config)
     data = data or teacher.data
+    device = select_device(train.device)
+    chosen = None
+    if train.precision == "auto":             # resolved once, so the plan and every round record it
+        chosen = resolve_precision(train.precision, device)
+        train = dataclasses.replace(train, precision=chosen.precision)
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_plan(run_dir, config, train, data)
-    device = select_device(train.device)
     images = None
     results = []
     for r in range(1, config.rounds + 1):
@@ -370,6 +376,8 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
         round_dir.mkdir(parents=True, exist_ok=True)
         if images is None:
             images = load_training_data(round_config)
+            if chosen is not None and progress:
+                print(chosen.line(), file=sys.stderr)     # once, when the first round's checks have passed
         if on_round is not None:
             on_round(r, 2 * steps, steps)
         grid = student_grid(teacher.diffusion.timesteps, steps)

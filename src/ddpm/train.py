@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -49,7 +50,7 @@ from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
 from .plots import line_chart
-from .precision import autocast, channels_last, check_precision
+from .precision import autocast, channels_last, check_precision, resolve_precision
 from .seeding import derive_seed
 from .timestep_sampling import ImportanceSampler
 
@@ -343,7 +344,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
     (EMA and raw weights side by side); the final grid is also copied to ``samples.png``.
-    With ``resume`` it continues from the newest checkpoint in ``run_dir``.
+    With ``resume`` it continues from the newest checkpoint in ``run_dir``. A precision of
+    ``"auto"`` becomes the one :func:`ddpm.precision.resolve_precision` picks on this device,
+    printed once (with ``progress``) and recorded in ``config.json`` and every checkpoint.
 
     Under torchrun (after :func:`ddpm.distributed.init`) every process runs this function: the
     model is wrapped in DistributedDataParallel, each rank trains on its rows of the global batch,
@@ -357,6 +360,11 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
     device = distributed.training_device(tc.device)
+    chosen = None
+    if tc.precision == "auto":                # what runs here; config.json and the checkpoints record it
+        chosen = resolve_precision(tc.precision, device)
+        tc = dataclasses.replace(tc, precision=chosen.precision)
+        config = dataclasses.replace(config, train=tc)
     check_precision(device, tc.precision)
     torch.manual_seed(tc.seed)
     if data is None:
@@ -392,6 +400,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
             if main:
                 ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     if main:
+        if chosen is not None and progress:
+            print(chosen.line(), file=sys.stderr)         # once the set-up has passed its checks
         if resume:
             _remove_stale_temporaries(run_dir)
             _truncate_metrics(run_dir / "metrics.jsonl", counters.step)

@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,7 @@ def check_precision(device: torch.device, precision: str) -> None:
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not _cuda_bf16(device):
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("this GPU does not support bfloat16; use --precision fp16 or fp32")
 
 
@@ -100,12 +99,11 @@ class Resolved:
         return f"precision: {self.precision} ({self.why})"
 
 
-def resolve_precision(requested: str, device: torch.device, *,
-                      verdict: Callable[[], dict] | None = None) -> Resolved:
+def resolve_precision(requested: str, device: torch.device) -> Resolved:
     """``requested`` (one of :data:`CHOICES`) as a precision ``device`` runs; see the module docstring.
 
-    ``verdict`` replaces :func:`cpu_verdict` (tests inject the probe's result this way). The
-    result has passed :func:`check_precision`. Under torchrun every rank takes rank 0's CPU verdict.
+    The result has passed :func:`check_precision`. Under torchrun every rank takes rank 0's CPU
+    verdict, so that all ranks run alike.
     """
     device = torch.device(device)
     if requested not in CHOICES:
@@ -129,13 +127,13 @@ def resolve_precision(requested: str, device: torch.device, *,
         return Resolved("fp32", f"auto: the default on {device.type}")
     from . import distributed
 
-    found = distributed.broadcast_object((verdict or cpu_verdict)() if distributed.is_main() else None,
+    found = distributed.broadcast_object(cpu_verdict() if distributed.is_main() else None,
                                          "sharing the precision verdict")
     return Resolved(found["precision"], f"auto: {found['why']}")
 
 
 def _cuda_bf16(device: torch.device) -> bool:
-    """Native bfloat16 on this GPU (compute capability 8.0 or newer), not emulation."""
+    """Native bfloat16 on this GPU (compute capability 8.0 or newer), not emulation: what auto asks."""
     return torch.cuda.get_device_capability(device) >= (8, 0) and torch.cuda.is_bf16_supported()
 
 
@@ -143,7 +141,8 @@ def cpu_verdict(*, cache_dir: str | os.PathLike | None = None, probe: Callable[[
     """This CPU's choice, ``{"precision", "why", ...}``: read from the cache, else probed and cached.
 
     ``probe`` replaces :func:`probe_cpu` (its ``{"fp32_s", "bf16_s"}``); an unreadable cache is
-    probed again, and one that cannot be written leaves the verdict unsaved.
+    probed again, and one that cannot be written leaves the verdict unsaved. Tests never time
+    anything: they replace the probe's result.
     """
     path = cache_path(cache_dir)
     key = machine_key()
@@ -197,20 +196,26 @@ _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile
 
 def machine_key() -> str:
     """What the verdict depends on: the processor model, its relevant flags and the torch version."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = _cpu_model_and_flags()
+    present = [flag for flag in _FLAGS if flag in flags]
+    return f"{model} | {' '.join(present) or 'no listed flags'} | torch {torch.__version__}"
+
+
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The first processor's model name and flags in /proc/cpuinfo (Linux), else the platform's name."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
+                if not line.strip() and fields:
+                    break
                 name, _, value = line.partition(":")
-                name = name.strip()
-                if name in ("model name", "Hardware", "CPU part") and model == (platform.processor() or platform.machine()):
-                    model = value.strip()
-                elif name in ("flags", "Features") and not flags:
-                    flags = set(value.split())
+                fields.setdefault(name.strip(), value.strip())
     except OSError:
         pass
-    present = [flag for flag in _FLAGS if flag in flags]
-    return f"{model} | {' '.join(present) or 'no listed flags'} | torch {torch.__version__}"
+    model = (fields.get("model name") or fields.get("Hardware") or fields.get("CPU part")
+             or platform.processor() or platform.machine())
+    return model, set((fields.get("flags") or fields.get("Features") or "").split())
 
 
 def probe_cpu(seconds: float = 0.5) -> dict:

@@ -284,3 +284,22 @@ def test_sample_auto_records_the_resolved_precision_and_says_it_once(run_dir, pr
     line = one_line_error(capsys, ["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "x"),
                                    "--class", "3"])
     assert "class-conditional" in line
+
+
+def test_distill_defaults_to_auto_resolved_once_into_its_plan(run_dir, probed, monkeypatch, tmp_path):
+    """The teacher trained in fp32; its students take auto (here bf16), recorded in the plan."""
+    from ddpm.distill import PLAN_FILE
+    from ddpm.errors import TrainingInterrupted
+
+    seen = []
+
+    def stopped(config, round_dir, **kwargs):
+        seen.append(config.train.precision)
+        raise TrainingInterrupted("stopped", 143)
+
+    monkeypatch.setattr(ddpm.train, "train", stopped)
+    out = tmp_path / "distilled"
+    assert main(["distill", "--checkpoint", str(run_dir), "--rounds", "1", "--steps-per-round", "2",
+                 "--batch-size", "8", "--quiet", "--out", str(out)]) == 143
+    assert json.loads((run_dir / "config.json").read_text())["train"]["precision"] == "fp32"
+    assert json.loads((out / PLAN_FILE).read_text())["train"]["precision"] == "bf16" and seen == ["bf16"]

@@ -18,7 +18,9 @@
 # Everything goes to OUT_DIR: log.txt (all output), train.json, sample.json, run/ (the resumed
 # run), ddp/ and summary.json. The data are random images (the throughput does not depend on
 # them), so nothing is downloaded. --tiny uses the digits preset at batch 8, CPU rows only (no
-# fp16), and two gloo processes for the torchrun step.
+# fp16), torch.compile with the aot_eager backend (the same graph capture, forward and backward,
+# without inductor's C++ build, which takes many minutes on 2 busy cores), and two gloo processes
+# for the torchrun step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -31,13 +33,13 @@ mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 
 if [ "$TINY" = 1 ]; then
-    DEVICE=cpu PRESET=digits TRAIN_BATCH=8 SAMPLE_BATCH=8 STEPS=3 WARMUP=2 MATMUL_S=0.05
+    DEVICE=cpu PRESET=digits TRAIN_BATCH=8 SAMPLE_BATCH=8 STEPS=3 WARMUP=2 MATMUL_S=0.05 BACKEND=aot_eager
     SHAPE="8,8,1" NPROC=2 RUN_STEPS=4 RESUME_STEPS=6 THREADS=1
     export OMP_NUM_THREADS=1
     TRAIN_ROWS="ours-fp32 ours-bf16 ours-bf16-nchw diffusers-fp32 diffusers-bf16-cl ours-bf16-compile diffusers-bf16-cl-compile"
     SAMPLE_ROWS="ours-fp32 ours-bf16 diffusers-fp32 diffusers-bf16-cl"
 else
-    DEVICE=cuda PRESET=cifar10 TRAIN_BATCH=128 SAMPLE_BATCH=256 STEPS=10 WARMUP=3 MATMUL_S=0.2
+    DEVICE=cuda PRESET=cifar10 TRAIN_BATCH=128 SAMPLE_BATCH=256 STEPS=10 WARMUP=3 MATMUL_S=0.2 BACKEND=inductor
     SHAPE="32,32,3" RUN_STEPS=100 RESUME_STEPS=150 THREADS=4
     NPROC=$("$PY" -c "import torch; print(torch.cuda.device_count())")
     if [ "$NPROC" -lt 1 ]; then echo "no CUDA device visible; run benchmarks/gpu.sh --tiny for the CPU check"; exit 2; fi
@@ -55,7 +57,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L || true
 "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing: ddpm rows only"
 
 speed=("$PY" benchmarks/speed.py --device "$DEVICE" --presets "$PRESET" --threads "$THREADS"
-       --steps "$STEPS" --warmup "$WARMUP" --matmul-seconds "$MATMUL_S")
+       --steps "$STEPS" --warmup "$WARMUP" --matmul-seconds "$MATMUL_S" --compile-backend "$BACKEND")
 section "1. training images/s, batch $TRAIN_BATCH"
 # shellcheck disable=SC2086
 "${speed[@]}" --mode train --batch-size "$TRAIN_BATCH" --rows $TRAIN_ROWS --json "$OUT/train.json"

@@ -25,7 +25,8 @@ Rows: ``SYSTEM[-PRECISION][-cl|-nchw][-compile]``.
   on a CPU, bf16 on a GPU that has it). fp32 on CUDA runs with PyTorch's defaults (TF32
   convolutions, full fp32 matrix multiplies) for both systems.
 * ``-cl`` / ``-nchw`` force the channels-last or the default memory format; ``-compile`` wraps the
-  network in ``torch.compile`` (its compile time is reported apart, not in images/s).
+  network in ``torch.compile`` (its compile time is reported apart, not in images/s; ``--compile-backend``
+  chooses the backend, inductor by default).
 
 The baseline of every ratio is ``diffusers`` (fp32, as a user gets it). The default rows are the
 comparisons that matter on a CPU: ``diffusers``, ``ours-auto`` (the default), and like for like
@@ -199,7 +200,7 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # kilobytes on Linux
 
 
-def prepare(row: Row, preset: str, mode: str, device, batch_size: int) -> dict:
+def prepare(row: Row, preset: str, mode: str, device, batch_size: int, compile_backend: str = "inductor") -> dict:
     """Everything one row needs: its ``step()`` (one training step or one forward pass) and what
     the table reports besides the timing."""
     import torch
@@ -220,7 +221,7 @@ def prepare(row: Row, preset: str, mode: str, device, batch_size: int) -> dict:
     x1, t1 = torch.randn(1, c, h, w, device=device), torch.zeros(1, dtype=torch.long, device=device)
     flops_per_image = count_flops(forward, model, x1, t1, train=training)
     if row.compile:
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, backend=compile_backend)
         forward = compiled if ours else (lambda x, t: compiled(x, t).sample)
 
     def batch():
@@ -287,7 +288,7 @@ def worker(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     row = parse_row(args.row)
-    prep = prepare(row, args.preset, args.mode, device, args.batch_size)
+    prep = prepare(row, args.preset, args.mode, device, args.batch_size, args.compile_backend)
     first = timed(prep, device)                   # includes torch.compile's compilation for -compile rows
     for _ in range(args.warmup - 1):
         timed(prep, device)
@@ -304,7 +305,7 @@ def interleaved(args, rows: list[Row]) -> list[dict]:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    preps = [prepare(row, args.preset, args.mode, device, args.batch_size) for row in rows]
+    preps = [prepare(row, args.preset, args.mode, device, args.batch_size, args.compile_backend) for row in rows]
     compile_s = [timed(prep, device) for prep in preps]
     for _ in range(args.warmup - 1):
         for prep in preps:
@@ -328,7 +329,8 @@ def interleaved(args, rows: list[Row]) -> list[dict]:
 def run_worker(args, row: str, preset: str, mode: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", "--row", row, "--preset", preset, "--mode", mode,
            "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul-seconds", str(args.matmul_seconds)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--matmul-seconds", str(args.matmul_seconds),
+           "--compile-backend", args.compile_backend]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -373,6 +375,8 @@ def main(argv=None) -> None:
                                                                "keep each row's best median")
     parser.add_argument("--interleave", action="store_true", help="all rows in one process, a step of each in turn")
     parser.add_argument("--matmul-seconds", type=float, default=1.0, help="time per shape of the matmul yardstick")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for -compile rows (aot_eager: a quick check of the path)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)

@@ -111,7 +111,7 @@ for run in ("run", "ddp"):
     rates = [r["images_per_s"] for r in map(json.loads, (out / run / "metrics.jsonl").read_text().splitlines())
              if "images_per_s" in r][1:]                      # the first window includes the start-up
     summary[f"ddpm train ({run})"] = {"precision": config["train"]["precision"],
-                                      "images_per_s": rates and round(statistics.median(rates), 1)}
+                                      "images_per_s": round(statistics.median(rates), 1) if rates else None}
 print(json.dumps(summary, indent=1))
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
 EOF

@@ -6,7 +6,9 @@ default fast sampler, in a subprocess of its own. All samples are scored the sam
 project's fast metric (Frechet distance of LeNet features against the 10,000 test digits, lower
 is better), and shown side by side in one grid.
 
-* ddpm: the ``mnist`` preset and its recipe, ``ddpm train --time-limit``, then the default sampler.
+* ddpm: the ``mnist`` preset and its recipe, ``ddpm train --time-limit``, then the default sampler,
+  with ddpm's defaults throughout, ``--precision auto`` included (what it resolved to is recorded
+  in the row, from the run's ``config.json``).
 * diffusers: ``UNet2DModel(block_out_channels=(32, 64, 128), layers_per_block=2)`` with attention in
   the middle level and 8 normalisation groups, ``DDPMScheduler`` defaults, Adam 2e-4, ``EMAModel``
   with warm-up; DDIM with 50 steps.
@@ -23,7 +25,9 @@ torch build, so it runs from a virtual environment of its own (``--ldp-python``)
 
 ``--minutes 0.5 --n 64`` gives a quick smoke run. Each system's figures are kept in the output folder
 (``ours.json``, ...), and the table scores every system found there, so a later run adds a row:
-``--systems ours --precision bf16`` measures ``ddpm train/sample --precision bf16`` as ``ours-bf16``.
+``--systems ours --precision fp32`` measures ``ddpm train/sample --precision fp32`` as ``ours-fp32``,
+and ``--systems ours --ours-steps 10000`` trains ddpm for 10,000 steps instead of the time budget
+(the long-run reference, row ``ours-10000-steps``).
 Results are recorded in benchmarks/RESULTS.md.
 Neither peer is a dependency of the project.
 """
@@ -167,14 +171,17 @@ def finish(args, x, steps: int, train_seconds: float, sample_seconds: float, los
 def run_ours(args) -> dict:
     """``ddpm train`` and ``ddpm sample`` exactly as a user runs them (with ``--precision``)."""
     out = Path(args.out)
-    name = "ours" if args.precision == "fp32" else f"ours-{args.precision}"
+    name = "ours" if args.precision == "auto" else f"ours-{args.precision}"
+    if args.ours_steps:
+        name += f"-{args.ours_steps}-steps"
+    budget = (["--steps", str(args.ours_steps)] if args.ours_steps
+              else ["--steps", "1000000", "--time-limit", str(args.minutes)])
     run = out / f"{name}-run"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     ddpm = [sys.executable, "-m", "ddpm"]
     start = time.perf_counter()
     subprocess.run([*ddpm, "train", "--data", "mnist", "--data-root", args.data_root, "--preset", "mnist",
-                    "--batch-size", str(args.batch_size), "--steps", "1000000", "--time-limit", str(args.minutes),
-                    "--checkpoint-every", "0", "--seed", str(args.seed), "--num-samples", "16",
+                    "--batch-size", str(args.batch_size), *budget, "--checkpoint-every", "0", "--seed", str(args.seed), "--num-samples", "16",
                     "--precision", args.precision, "--out", str(run)], check=True, env=env)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -187,7 +194,8 @@ def run_ours(args) -> dict:
     sample_seconds = time.perf_counter() - start
     images = np.load(out / f"{name}-samples" / "samples.npz")["images"]
     np.save(out / f"{name}.npy", images)
-    return {"system": name, "optimizer_steps": steps, "train_seconds": wall,
+    precision = json.loads((run / "config.json").read_text())["train"]["precision"]
+    return {"system": name, "precision": precision, "optimizer_steps": steps, "train_seconds": wall,
             "images_per_s": steps * args.batch_size / wall, "final_loss": rows[-1]["loss"],
             "sample_seconds": sample_seconds, "n": len(images)}
 
@@ -206,8 +214,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--systems", nargs="+", choices=("ours", "diffusers", "ldp"),
                         default=["ours", "diffusers", "ldp"])
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="ours only: ddpm train/sample --precision (a bf16 run is the row ours-bf16)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="ours only: ddpm train/sample --precision (default auto, ddpm's default; a forced "
+                             "one is the row ours-fp32 or ours-bf16)")
+    parser.add_argument("--ours-steps", type=int, help="ours only: train this many steps instead of --minutes "
+                                                       "(the 10,000-step reference)")
     parser.add_argument("--ldp-python", help="python of a virtual environment with denoising-diffusion-pytorch")
     parser.add_argument("--out", default=".bench/ttq")
     parser.add_argument("--worker", choices=("diffusers", "ldp"), help=argparse.SUPPRESS)
@@ -241,10 +252,10 @@ def main(argv=None) -> None:
         (Path(args.out) / f"{system}.json").write_text(proc.stdout.strip().splitlines()[-1])
 
     # Every system measured in this folder so far, this run's and earlier runs' (e.g. a later bf16 row).
-    order = ("ours", "ours-bf16", "diffusers", "ldp")
     labels = {"ours": "ddpm", "ours-bf16": "ddpm (bf16)", "diffusers": "diffusers",   # as the figure names them
               "ldp": "denoising-diffusion-pytorch"}
-    results = [json.loads((Path(args.out) / f"{name}.json").read_text()) for name in order
+    ours = sorted(p.stem for p in Path(args.out).glob("ours*.json"))
+    results = [json.loads((Path(args.out) / f"{name}.json").read_text()) for name in (*ours, "diffusers", "ldp")
                if (Path(args.out) / f"{name}.json").is_file()]
     from ddpm.evaluation import fast_metric, fast_reference
     from ddpm.images import make_grid, save_png, side_by_side
@@ -255,11 +266,11 @@ def main(argv=None) -> None:
         images = np.load(Path(args.out) / f"{r['system']}.npy")
         r.update(fast_metric(images, reference))
         grids.append(make_grid(images[:64], nrow=8))
-        names.append(labels[r["system"]])
+        names.append(labels.get(r["system"], r["system"].replace("ours", "ddpm", 1)))
     save_png(Path(args.out) / "grids.png", side_by_side(grids, names))
-    print(f"{'system':<10} {'steps':>7} {'img/s':>7} {'train s':>8} {'sample s':>9} {'fast FID':>9} {'fast KID':>9}")
+    print(f"{'system':<22} {'steps':>7} {'img/s':>7} {'train s':>8} {'sample s':>9} {'fast FID':>9} {'fast KID':>9}")
     for r in results:
-        print(f"{r['system']:<10} {r['optimizer_steps']:>7} {r['images_per_s']:7.1f} {r['train_seconds']:8.0f} "
+        print(f"{r['system'] + (' ' + r['precision'] if 'precision' in r else ''):<22} {r['optimizer_steps']:>7} {r['images_per_s']:7.1f} {r['train_seconds']:8.0f} "
               f"{r['sample_seconds']:9.0f} {r['fast_fid']:9.2f} {r['fast_kid']:9.4f}")
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
 

@@ -21,6 +21,9 @@ from pathlib import Path
 from . import __version__
 from .errors import ConfigError, DdpmError, TrainingInterrupted
 
+# ddpm.precision.CHOICES, repeated so that building the parser does not import torch.
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
 EXAMPLES_MAIN = """\
 examples:
   ddpm train                                   # 8x8 digits, about 5 minutes on a laptop CPU
@@ -162,7 +165,9 @@ def _add_train(sub) -> None:
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
     g.add_argument("--ema-decay", type=float)
     g.add_argument("--ema-warmup", action=bool_flag, help="EMA decay min(decay, (1+n)/(10+n)) (default on)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast for the network (default fp32)")
+    g.add_argument("--precision", choices=PRECISION_CHOICES,
+                   help="autocast for the network (default auto: bf16 where it is faster on this device, else fp32; "
+                        "fp32 is bit-for-bit reproducible; see docs/speed.md)")
     g.add_argument("--grad-checkpointing", action=bool_flag, help="trade compute for memory")
     g.add_argument("--max-bad-steps", type=_positive_int, help="non-finite steps in a row before stopping")
     g.add_argument("--seed", type=int)
@@ -299,10 +304,25 @@ def _add_sampler_options(p) -> None:
 
 
 def _add_precision(group) -> None:
-    group.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                       help="autocast for the network while sampling (default fp32; bf16 pays where the bf16 matrix "
-                            "multiply beats fp32: 1.7x faster on an AMD Zen 4 CPU, 2x slower on an Intel Xeon "
-                            "without AMX; benchmarks/speed.py measures it; fp16 on CUDA only)")
+    group.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                       help="autocast for the network while sampling (default auto: bf16 where it is faster on "
+                            "this device, else fp32; fp32 for bit-for-bit reproducible images; fp16 on CUDA only; "
+                            "see docs/speed.md)")
+
+
+def _precision(args, device):
+    """``--precision`` resolved on ``device`` (auto: :func:`ddpm.precision.resolve_precision`)."""
+    from .precision import resolve_precision
+
+    return resolve_precision(args.precision, device)
+
+
+def _say_precision(args, choice) -> None:
+    """The automatic choice in one line on stderr, once the options have passed every check."""
+    from . import distributed
+
+    if args.precision == "auto" and not getattr(args, "quiet", False) and distributed.is_main():
+        print(choice.line(), file=sys.stderr)
 
 
 def _sampling_from_args(args, base=None):
@@ -665,13 +685,16 @@ def cmd_sample(args) -> int:
         _sampling_from_args(args)
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
         device = distributed.training_device(args.device)
-        diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
+        choice = _precision(args, device)
+        diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
+                                         precision=choice.precision)
         latents, latent_sampling = _latents_from_args(args, diffusion)
         sampling = _sampling_from_args(args, latent_sampling or diffusion.default_sampling)   # e.g. a student's steps
         plan = plan_samples(diffusion, meta, sampling, n=args.n, classes=args.classes,
                             guidance_scale=args.guidance_scale, seed=args.seed, start_index=args.start_index,
                             weights=args.weights, device=str(device), world=distributed.world_size(),
                             latents=latents, latents_path=args.latents)
+    _say_precision(args, choice)
     paths = run_samples(diffusion, plan, out, sampling, seed=args.seed, batch_size=args.batch_size, png=args.png,
                         progressive=args.progressive, progress=_show_progress(args), meta=meta)
     if paths is not None:
@@ -708,11 +731,13 @@ def cmd_interpolate(args) -> int:
     sampling = _sampling_from_args(args)
     out = _output_dir(args, ("interpolation.png", "interpolation.npz", "record.json"))
     device = select_device(args.device)
-    diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
+    choice = _precision(args, device)
+    diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=choice.precision)
     png, t = interpolation_folder(diffusion, meta, out, args.image_a, args.image_b, t=args.t, n_interp=args.n_interp,
                                   method=args.method, seed=args.seed, sampling=sampling, data_root=args.data_root,
                                   weights=args.weights, device=str(device), invert=args.invert, classes=args.classes,
                                   guidance_scale=args.guidance_scale)
+    _say_precision(args, choice)
     print(f"wrote {args.n_interp} interpolants at t = {t} to {png}")
     return 0
 
@@ -790,13 +815,16 @@ def cmd_viz(args) -> int:
         from .generate import load_diffusion, resolved_sampling
 
         sampling = _sampling_from_args(args)
-        diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
-                                         precision=args.precision)
+        device = select_device(args.device)
+        choice = _precision(args, device)
+        diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
+                                         precision=choice.precision)
         resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
         classes, guidance = _classes_from_args(args, diffusion, meta)
         labels = None if classes is None else [c for c in classes for _ in range(args.n)]
         viz.reverse_figure(out, diffusion, n=args.n * len(classes or [0]), frames=args.frames, seed=args.seed,
                            sampling=sampling, meta=meta, labels=labels, guidance_scale=guidance)
+        _say_precision(args, choice)
     else:
         viz.training_figure(out, args.run_dir, grids=args.grids)
         if viz.training_to_tensorboard(args.run_dir, out, grids=args.grids):
@@ -846,7 +874,7 @@ def _add_distill(sub) -> None:
     g.add_argument("--lr", type=_positive_float, help="learning rate (default: the teacher's)")
     g.add_argument("--ema-decay", type=float, help="the students' EMA decay (with the teacher's warm-up setting)")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    g.add_argument("--precision", choices=PRECISION_CHOICES, help="(default auto, as ddpm train)")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g = p.add_argument_group("output")

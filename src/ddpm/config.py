@@ -163,7 +163,8 @@ class TrainConfig:
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999          # decay of the exponential moving average of the weights
     ema_warmup: bool = True            # decay_n = min(ema_decay, (1 + n) / (10 + n)), so short runs are usable
-    precision: str = "fp32"            # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler, CUDA)
+    precision: str = "auto"            # auto (ddpm.precision.resolve_precision; the run records what it chose) |
+                                       # fp32 (bit-reproducible) | bf16 (autocast) | fp16 (autocast + gradient scaler, CUDA)
     grad_checkpointing: bool = False   # recompute activations in the backward pass (less memory)
     max_bad_steps: int = 10            # consecutive non-finite steps tolerated before training stops
     seed: int = 0
@@ -194,7 +195,7 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
         _choice(self.optimizer, ("adam", "adamw"), "optimizer")
         self._check_evaluation()
-        _choice(self.precision, ("fp32", "bf16", "fp16"), "precision")
+        _choice(self.precision, ("auto", "fp32", "bf16", "fp16"), "precision")
         if not _is_number(self.lr) or not self.lr > 0:
             raise ConfigError(f"learning rate must be > 0; got {self.lr!r}")
         if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
@@ -536,7 +537,8 @@ def checkpoint_global_batch(meta: dict) -> int:
 
 
 # What a resumed run may change (batch_size only as the per-process share of the saved global batch).
-RESUME_MAY_CHANGE = {("train", "steps"), ("train", "device"), ("train", "grad_accum"), ("train", "time_limit")}
+RESUME_MAY_CHANGE = {("train", "steps"), ("train", "device"), ("train", "grad_accum"), ("train", "time_limit"),
+                     ("train", "precision")}
 
 
 def _check_resume_flags(saved: RunConfig, meta: dict, flags: dict, flag_names: dict, *, preset, conditional,
@@ -562,8 +564,8 @@ def _check_resume_flags(saved: RunConfig, meta: dict, flags: dict, flag_names: d
             if not same and (section, key) not in RESUME_MAY_CHANGE:
                 name = flag_names.get((section, key), f"[{section}] {key}")
                 raise ConfigError(f"{name} {value} differs from the run's saved value {old}; a resumed run "
-                                  "keeps its configuration (only --steps, --device, --grad-accum and --time-limit "
-                                  "may change)")
+                                  "keeps its configuration (only --steps, --device, --grad-accum, --time-limit "
+                                  "and --precision may change)")
     return per_process
 
 
@@ -597,8 +599,10 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
     grad_accum = grad_accum or saved.train.grad_accum
     per_process = _check_resume_flags(saved, meta, flags, flag_names or {}, preset=preset, conditional=conditional,
                                       world_size=world_size, grad_accum=grad_accum, batch_size=batch_size)
+    # The recorded precision, unless the options name one (auto resolves afresh in train()).
+    precision = flags.get("train", {}).get("precision") or saved.train.precision
     train_cfg = replace(saved.train, steps=steps or saved.train.steps, device=device or saved.train.device,
-                        batch_size=per_process, grad_accum=grad_accum,
+                        precision=precision, batch_size=per_process, grad_accum=grad_accum,
                         time_limit=time_limit or 0.0)       # a time limit is this command's, not the run's
     if train_cfg.steps <= meta["step"]:
         raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "

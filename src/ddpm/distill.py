@@ -33,6 +33,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -313,8 +314,9 @@ def new_plan(checkpoint: str | None, rounds: int | None, *, steps_per_round: int
              teacher_steps: int | None = None, weighting: str | None = None, data: str | None = None,
              data_root: str | None = None, train_options: dict | None = None) -> tuple[DistillConfig, TrainConfig, DataConfig]:
     """A new plan from the teacher's configuration: its training settings (a round restarts the schedule:
-    no warm-up, no init, no time limit, evaluation or milestones) overridden by ``train_options``, its data
-    unless ``data`` / ``data_root`` name other data."""
+    no warm-up, no init, no time limit, evaluation or milestones; the precision is ``auto``, resolved on
+    this machine, not the teacher's) overridden by ``train_options``, its data unless ``data`` /
+    ``data_root`` name other data."""
     if not checkpoint or not rounds:
         raise ConfigError("distill needs --checkpoint TEACHER and --rounds R (or --resume RUN_DIR)")
     teacher_path, teacher = load_teacher_config(checkpoint)
@@ -322,7 +324,7 @@ def new_plan(checkpoint: str | None, rounds: int | None, *, steps_per_round: int
                            teacher_steps=teacher_steps or default_teacher_steps(teacher), weighting=weighting or "snr+1")
     check_teacher(teacher, config)
     base = dataclasses.replace(teacher.train, steps=steps_per_round or 1000, warmup_steps=0, init=None,
-                               time_limit=0.0, eval_every=0, milestone_every=0)
+                               time_limit=0.0, eval_every=0, milestone_every=0, precision="auto")
     try:
         train = dataclasses.replace(base, **(train_options or {}))
     except TypeError as exc:
@@ -386,17 +388,22 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     import time
 
     from . import distributed
+    from .precision import resolve_precision
 
     start = time.time()
     run_dir = Path(run_dir)
     teacher_path, teacher = load_teacher_config(config.teacher)
     check_teacher(teacher, config)
     data = data or teacher.data
+    device = distributed.training_device(train.device)
+    chosen = None
+    if train.precision == "auto":             # resolved once (rank 0's verdict on every rank): the plan records it
+        chosen = resolve_precision(train.precision, device)
+        train = dataclasses.replace(train, precision=chosen.precision)
     with distributed.agree("writing the distillation plan"):
         if not resume and distributed.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
             write_plan(run_dir, config, train, data)
-    device = distributed.training_device(train.device)
     images, results = None, []
     for r in range(1, config.rounds + 1):
         round_dir = run_dir / f"round-{r:02d}"
@@ -406,7 +413,10 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
         state = _prepare_round(run_dir, round_dir, train.steps, r, config, init)
         if state == "done":
             continue
-        images = images if images is not None else training.load_training_data(round_config)
+        if images is None:
+            images = training.load_training_data(round_config)
+            if chosen is not None and progress and distributed.is_main():
+                print(chosen.line(), file=sys.stderr)     # once, when the first round's checks have passed
         if on_round is not None:
             on_round(r, 2 * steps, steps)
         loss = _teacher_loss(init, device, student_grid(teacher.diffusion.timesteps, steps), config.weighting)

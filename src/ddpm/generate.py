@@ -25,7 +25,7 @@ from .gaussian_diffusion import GaussianDiffusion, build_diffusion
 from .errors import CheckpointError, ConfigError
 from .images import make_grid, save_npz, save_png
 from .pixels import to_uint8
-from .precision import autocast, channels_last as default_channels_last, check_precision
+from .precision import autocast, channels_last as default_channels_last, check_precision, resolve_precision
 from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, ddim_invert, make_denoiser
 from .seeding import derive_seed
 
@@ -42,7 +42,8 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     """Rebuild model and diffusion from a checkpoint (file or run directory), ready to sample.
 
     ``weights`` is ``"ema"`` (the default, as in the paper) or ``"raw"``. ``precision`` is the
-    network's autocast while sampling (:mod:`ddpm.precision`; the sampler's maths stays float32).
+    network's autocast while sampling (:mod:`ddpm.precision`; the sampler's maths stays float32;
+    ``"auto"`` picks this device's faster one).
     ``channels_last`` (default: :func:`ddpm.precision.channels_last`, on the CPU and CUDA) stores
     the weights in the channels-last memory format, which the convolutions run faster in. Returns
     the diffusion (on ``device``, in eval mode) and the checkpoint's metadata.
@@ -50,7 +51,7 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     if weights not in ("ema", "raw"):
         raise ConfigError(f"weights must be 'ema' or 'raw'; got {weights!r}")
     device = torch.device(device)
-    check_precision(device, precision)
+    precision = resolve_precision(precision, device).precision      # "auto" becomes this device's choice
     tensors, meta = load_checkpoint(checkpoint)
     try:
         config = RunConfig.from_dict(meta["config"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from .images import make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
 from .pixels import uint8_to_unit as to_tensor_on_device   # its earlier name here
 from .plots import line_chart
-from .precision import autocast, channels_last, check_precision
+from .precision import autocast, channels_last, check_precision, resolve_precision
 from .seeding import derive_seed
 from .timestep_sampling import ImportanceSampler
 
@@ -341,13 +342,15 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
     (EMA and raw weights side by side); the final grid is also copied to ``samples.png``.
-    With ``resume`` it continues from the newest checkpoint in ``run_dir``.
+    With ``resume`` it continues from the newest checkpoint in ``run_dir``. A precision of
+    ``"auto"`` becomes the one :func:`ddpm.precision.resolve_precision` picks on this device,
+    printed once (with ``progress``) and recorded in ``config.json`` and every checkpoint.
 
     Under torchrun (after :func:`ddpm.distributed.init`) every process runs this function: the
     U-Net is wrapped in DistributedDataParallel, each rank trains on its rows of the global batch,
     and only rank 0 writes files, keeps the EMA and draws sample grids (see the module docstring).
     """
-    run = _set_up(config, Path(run_dir), data, resume, loss if loss is not None else objective)
+    run = _set_up(config, Path(run_dir), data, resume, loss if loss is not None else objective, progress)
     log = _Log(run, progress)
     try:
         with _StopSignals() as stop:
@@ -403,11 +406,17 @@ class _Run:
         return self.rank == 0
 
 
-def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bool, loss: Loss | None) -> _Run:
-    """Device, data, model, optimizer, loss, EMA (restored when resuming), the run directory's files."""
+def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bool, loss: Loss | None,
+            progress: bool = False) -> _Run:
+    """Device, precision, data, model, optimizer, loss, EMA (restored when resuming), the run directory's files."""
     tc, start_time = config.train, time.time()
     world, rank = distributed.world_size(), distributed.rank()
     device = distributed.training_device(tc.device)
+    chosen = None
+    if tc.precision == "auto":                # what runs here; config.json and the checkpoints record it
+        chosen = resolve_precision(tc.precision, device)
+        tc = dataclasses.replace(tc, precision=chosen.precision)
+        config = dataclasses.replace(config, train=tc)
     check_precision(device, tc.precision)
     torch.manual_seed(tc.seed)
     if data is None:
@@ -436,6 +445,8 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
                order=EpochOrder(data.num_images, global_batch, tc.seed),
                mine=rank_rows(tc.batch_size, world, tc.grad_accum, rank).to(device), start_time=start_time)
     if run.main:
+        if chosen is not None and progress:
+            print(chosen.line(), file=sys.stderr)         # once the set-up has passed its checks
         if resume:
             _remove_stale_temporaries(run_dir)
             _truncate_metrics(run_dir / "metrics.jsonl", counters.step)

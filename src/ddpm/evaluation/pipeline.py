@@ -60,7 +60,7 @@ class EvalConfig:
     seed: int = 0
     device: str = "auto"
     weights: str = "ema"
-    precision: str = "fp32"
+    precision: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -181,6 +181,8 @@ def evaluate(config: EvalConfig) -> dict | None:
         _check_networks(config)
         diffusion, meta, labels, guidance = _load_model(config)
     results: dict = {"data": config.data, "split": config.split}
+    if diffusion is not None:
+        results["network_precision"] = diffusion.precision     # as resolved ("precision" is the metric's)
     if labels is not None:
         results.update(class_label=labels[0], guidance_scale=guidance)
     metrics = config.metrics

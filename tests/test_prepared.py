@@ -196,3 +196,31 @@ def test_training_on_a_prepared_dataset_gives_the_weights_of_training_in_memory(
     mapped, _ = load_checkpoint(runs / "mapped")
     assert memory.keys() == mapped.keys()
     assert [k for k in memory if not torch.equal(memory[k], mapped[k])] == []
+
+
+def test_read_rows_returns_the_rows_asked_for_in_their_order():
+    images = np.arange(10 * 2 * 2 * 1, dtype=np.uint8).reshape(10, 2, 2, 1)
+    rows = np.array([7, 2, 9, 2, 0])
+    np.testing.assert_array_equal(prepared.read_rows(images, rows), images[rows])
+
+
+def test_the_prefetcher_reads_the_next_step_on_a_background_thread(tmp_path):
+    import threading
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 3, 1), dtype=np.uint8)
+    labels = np.arange(40, dtype=np.int64)
+    asked: list[tuple[int, str]] = []
+
+    def rows_for_step(step: int) -> np.ndarray:
+        asked.append((step, threading.current_thread().name))
+        return np.random.default_rng(step).permutation(40)[:8]
+
+    with prepared.BatchPrefetcher(images, labels, rows_for_step) as reader:
+        for step in (0, 1, 2, 5):                 # 5: not the prefetched step, read at once
+            x, y = reader.get(step)
+            rows = np.random.default_rng(step).permutation(40)[:8]
+            np.testing.assert_array_equal(x.numpy(), images[rows])
+            np.testing.assert_array_equal(y.numpy(), labels[rows])
+    background = [step for step, thread in asked if thread.startswith("batch-prefetch")]
+    assert background[:2] == [1, 2] and 6 in background
+    assert [step for step, thread in asked if not thread.startswith("batch-prefetch")] == [0, 5]

@@ -29,6 +29,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from numpy.lib.format import open_memmap
@@ -38,8 +39,8 @@ from .data import ImageData
 from .errors import ConfigError, DataError
 from .fileio import fsync_dir, write_json
 
-__all__ = ["DATASET_FILE", "PrepareResult", "prepare_dataset", "is_prepared", "open_prepared",
-           "estimate_folder_bytes", "available_memory", "check_folder_fits_in_memory"]
+__all__ = ["DATASET_FILE", "PrepareResult", "prepare_dataset", "is_prepared", "open_prepared", "read_rows",
+           "BatchPrefetcher", "estimate_folder_bytes", "available_memory", "check_folder_fits_in_memory"]
 
 FORMAT = "ddpm-prepared-dataset"
 FORMAT_VERSION = 1
@@ -396,6 +397,67 @@ def _check_prepared_size(path: Path, shape: list[int], image_size, channels) -> 
         raise DataError(f"{path} was prepared at {shape[3]}-channel {shape[1]}x{shape[2]}, not the "
                         f"{channels or shape[3]}-channel {asked} asked for; a prepared dataset is not resized "
                         f"on the fly: run 'ddpm prepare' again with that --image-size / --channels")
+
+
+def read_rows(images: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``images[rows]`` in the order of ``rows``, read in ascending row order (forward on disk)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    ascending = np.argsort(rows, kind="stable")
+    batch = np.empty((len(rows), *images.shape[1:]), dtype=images.dtype)
+    batch[ascending] = images[rows[ascending]]
+    return batch
+
+
+class BatchPrefetcher:
+    """Each step's rows of a (memory-mapped) dataset, read on a background thread one step ahead.
+
+    ``rows_for_step(step)`` gives the rows this process trains on at ``step``, in batch order;
+    it must depend on ``step`` alone (it runs on the background thread). ``get(step)`` returns
+    uint8 [B, H, W, C] and int64 [B] (or None) CPU tensors, pinned when ``pin_memory`` (for a
+    non-blocking copy to CUDA), and starts reading ``step + 1``. The rows are exactly those
+    ``images[rows]`` holds, so training on them equals training on the array in memory.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None,
+                 rows_for_step: Callable[[int], np.ndarray], *, pin_memory: bool = False):
+        self.images, self.labels, self.rows_for_step, self.pin_memory = images, labels, rows_for_step, pin_memory
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        self._pending: tuple[int, object] | None = None
+
+    def _read(self, step: int):
+        import torch
+
+        rows = np.asarray(self.rows_for_step(step), dtype=np.int64)
+        x = torch.from_numpy(read_rows(self.images, rows))
+        y = None if self.labels is None else torch.from_numpy(np.asarray(self.labels[rows], dtype=np.int64))
+        if self.pin_memory:
+            x, y = x.pin_memory(), (None if y is None else y.pin_memory())
+        return x, y
+
+    def get(self, step: int):
+        """The batch of ``step`` (read now unless it was prefetched); then prefetch ``step + 1``."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == step:
+            batch = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].cancel()
+            batch = self._read(step)
+        self._pending = (step + 1, self._pool.submit(self._read, step + 1))
+        return batch
+
+    def close(self) -> None:
+        """Stop the background thread (waiting for a read in progress)."""
+        if self._pending is not None:
+            self._pending[1].cancel()
+        self._pending = None
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- memory check for folders

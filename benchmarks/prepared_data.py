@@ -11,6 +11,9 @@ Three measurements, each printed as a table:
   indexing (sorted, so the disk is read forward) and turned into float32 NCHW by ``to_tensor``.
   The dataset is written just before, so its pages are in the page cache: this is the rate of
   the reading code, not of a cold disk.
+* ``rss``: peak anonymous memory (RssAnon, which leaves out memory-mapped file pages) of
+  ``ddpm train`` on a synthetic prepared dataset of each ``--rss-megabytes``, polled from
+  ``/proc/PID/status``: it should not grow with the dataset.
 * ``train``: images/s of one training step (forward, MSE, backward, Adam) of the ``mnist``
   preset's U-Net at the same size with 3 channels, on this CPU, as the figure reading must beat
   by far (the ratio column: read / train).
@@ -109,16 +112,76 @@ def bench_train(size: int, batch_size: int, steps: int) -> float:
         loss.backward()
         optimizer.step()
 
-    step()                                                    # warm-up
+    if steps > 1:
+        step()                                                # warm-up, unless one step is all there is time for
     start = time.perf_counter()
     for _ in range(steps):
         step()
     return steps * batch_size / (time.perf_counter() - start)
 
 
+def write_synthetic_prepared(folder: Path, num_images: int, size: int) -> None:
+    """A prepared dataset of ``num_images`` grey ``size`` x ``size`` images of cheap pseudo-random pixels."""
+    from numpy.lib.format import open_memmap
+
+    from ddpm import prepared
+
+    folder.mkdir(parents=True)
+    images = open_memmap(folder / prepared.IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(num_images, size, size, 1))
+    tile = np.random.default_rng(0).integers(0, 256, (4096, size, size, 1), dtype=np.uint8)
+    for start in range(0, num_images, len(tile)):
+        chunk = images[start:start + len(tile)]
+        chunk[:] = tile[:len(chunk)] ^ np.uint8(start // len(tile) % 256)     # no two chunks alike
+    images.flush()
+    del images
+    prepared._write_description(folder, None, {"data": "synthetic", "root": None, "split": None}, None, 0)
+
+
+def peak_rss_anon(command: list[str]) -> tuple[int, float]:
+    """Peak RssAnon (bytes) of a subprocess, polled from /proc every 20 ms, and its wall time."""
+    import subprocess
+
+    start = time.perf_counter()
+    proc = subprocess.Popen(command)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.02)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode}")
+    return peak, time.perf_counter() - start
+
+
+def bench_rss(work: Path, sizes_mb: list[int], steps: int, batch_size: int) -> list[tuple]:
+    """Peak RssAnon of ``ddpm train`` (the mnist preset's shape at 64x64) on prepared datasets of each size."""
+    import sys
+
+    config = work / "rss.toml"
+    config.write_text("[model]\nattention_resolutions = [16]\n")   # the mnist preset attends at a quarter of the side
+    rows = []
+    for megabytes in sizes_mb:
+        num_images = megabytes * 1_000_000 // (64 * 64)
+        folder = work / f"rss-{megabytes}"
+        write_synthetic_prepared(folder, num_images, 64)
+        command = [sys.executable, "-m", "ddpm", "train", "--data", str(folder), "--preset", "mnist",
+                   "--config", str(config), "--steps", str(steps), "--batch-size", str(batch_size),
+                   "--timesteps", "20", "--num-samples", "1", "--sample-every", "0", "--checkpoint-every", "0",
+                   "--quiet", "--out", str(work / f"run-{megabytes}")]
+        peak, seconds = peak_rss_anon(command)
+        rows.append((megabytes, num_images, peak, seconds))
+        for file in folder.iterdir():
+            file.unlink()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("prepare", "read"), help="one part (read includes train)")
+    parser.add_argument("--only", choices=("prepare", "read", "rss"), help="one part (read includes train)")
     parser.add_argument("--jpegs", type=int, default=400, help="JPEGs to prepare")
     parser.add_argument("--prepare-sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--workers", type=int, default=2)
@@ -127,7 +190,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--read-seconds", type=float, default=5.0)
     parser.add_argument("--train-steps", type=int, default=2)
-    parser.add_argument("--train-batch-size", type=int, default=8)
+    parser.add_argument("--train-batch-size", type=int, default=8, help="at 32x32; smaller at larger sizes")
+    parser.add_argument("--rss-megabytes", type=int, nargs="+", default=[100, 2000],
+                        help="sizes of the prepared datasets trained on for peak RssAnon")
+    parser.add_argument("--rss-steps", type=int, default=10)
+    parser.add_argument("--rss-batch-size", type=int, default=4)
     args = parser.parse_args()
     import torch
 
@@ -144,8 +211,17 @@ def main() -> None:
             print("| size | read images/s | train images/s | read / train |\n|---|---|---|---|")
             for size in args.read_sizes:
                 read = bench_read(work, size, args.read_megabytes, args.batch_size, args.read_seconds)
-                train = bench_train(size, args.train_batch_size, args.train_steps)
+                # The batch shrinks with the image (same pixels per step), so 256x256 ends in minutes.
+                batch = max(1, args.train_batch_size * 32 * 32 // (size * size))
+                train = bench_train(size, batch, args.train_steps if batch > 1 else 1)
                 print(f"| {size}x{size} | {read:.0f} | {train:.1f} | {read / train:.0f}x |", flush=True)
+        if args.only in (None, "rss"):
+            print(f"\npeak RssAnon of ddpm train, mnist preset's shape at 64x64x1, {args.rss_steps} steps of "
+                  f"{args.rss_batch_size}")
+            print("| dataset | images | peak RssAnon | wall |\n|---|---|---|---|")
+            for megabytes, num_images, peak, seconds in bench_rss(work, args.rss_megabytes, args.rss_steps,
+                                                                  args.rss_batch_size):
+                print(f"| {megabytes} MB | {num_images} | {peak / 2**20:.0f} MiB | {seconds:.0f} s |", flush=True)
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def bench_rss(work: Path, sizes_mb: list[int], steps: int, batch_size: int) -> l
         write_synthetic_prepared(folder, num_images, 64)
         command = [sys.executable, "-m", "ddpm", "train", "--data", str(folder), "--preset", "mnist",
                    "--config", str(config), "--steps", str(steps), "--batch-size", str(batch_size),
-                   "--timesteps", "20", "--num-samples", "1", "--sample-every", "0", "--checkpoint-every", "0",
+                   "--timesteps", "50", "--num-samples", "1", "--sample-every", "0", "--checkpoint-every", "0",
                    "--quiet", "--out", str(work / f"run-{megabytes}")]
         peak, seconds = peak_rss_anon(command)
         rows.append((megabytes, num_images, peak, seconds))
@@ -214,7 +214,7 @@ def main() -> None:
                 # The batch shrinks with the image (same pixels per step), so 256x256 ends in minutes.
                 batch = max(1, args.train_batch_size * 32 * 32 // (size * size))
                 train = bench_train(size, batch, args.train_steps if batch > 1 else 1)
-                print(f"| {size}x{size} | {read:.0f} | {train:.1f} | {read / train:.0f}x |", flush=True)
+                print(f"| {size}x{size} | {read:.0f} | {train:.3g} | {read / train:.0f}x |", flush=True)
         if args.only in (None, "rss"):
             print(f"\npeak RssAnon of ddpm train, mnist preset's shape at 64x64x1, {args.rss_steps} steps of "
                   f"{args.rss_batch_size}")

@@ -187,11 +187,15 @@ def test_the_size_estimate_reads_headers_only(folder):
     assert estimate == 13 * int(np.mean(per_image * 2)) * 3     # the broken file's header is not counted
 
 
-def test_training_on_a_prepared_dataset_gives_the_weights_of_training_in_memory(prepared_digits):
+def test_training_on_a_prepared_dataset_gives_the_weights_of_training_in_memory(prepared_digits, monkeypatch):
     runs = prepared_digits.parent
     common = ["--preset", "digits", *TINY, "--hflip", "--seed", "3"]
     assert main(["train", "--data", "digits", "--out", str(runs / "memory"), *common]) == 0
+    steps_read, real_get = [], prepared.BatchPrefetcher.get
+    monkeypatch.setattr(prepared.BatchPrefetcher, "get", lambda self, step: (steps_read.append(step),
+                                                                             real_get(self, step))[1])
     assert main(["train", "--data", str(prepared_digits), "--out", str(runs / "mapped"), *common]) == 0
+    assert steps_read == [0, 1]                     # the batches came from the memory map, step by step
     memory, _ = load_checkpoint(runs / "memory")
     mapped, _ = load_checkpoint(runs / "mapped")
     assert memory.keys() == mapped.keys()
@@ -224,3 +228,28 @@ def test_the_prefetcher_reads_the_next_step_on_a_background_thread(tmp_path):
     background = [step for step, thread in asked if thread.startswith("batch-prefetch")]
     assert background[:2] == [1, 2] and 6 in background
     assert [step for step, thread in asked if not thread.startswith("batch-prefetch")] == [0, 5]
+
+
+def test_two_ranks_read_disjoint_rows_whose_union_is_the_global_batch(tmp_path):
+    from numpy.lib.format import open_memmap
+
+    from ddpm.train import EpochOrder, lazy_reader, rank_rows
+
+    images = open_memmap(tmp_path / "rows.npy", mode="w+", dtype=np.uint8, shape=(200, 1, 1, 1))
+    images[:, 0, 0, 0] = np.arange(200)              # each row holds its own index
+    images.flush()
+    images = np.load(tmp_path / "rows.npy", mmap_mode="r")
+    batch_size, world, grad_accum, seed = 3, 2, 2, 7
+    global_batch = batch_size * world * grad_accum
+    readers = [lazy_reader(images, 200, global_batch, seed, rank_rows(batch_size, world, grad_accum, rank),
+                           torch.device("cpu")) for rank in range(world)]
+    order = EpochOrder(200, global_batch, seed)
+    try:
+        for step in (0, 1, 17, 16):                  # 16 and 17 are in the second epoch
+            read = [reader.get(step)[0].flatten().tolist() for reader in readers]
+            assert len(read[0]) == len(read[1]) == batch_size * grad_accum
+            assert set(read[0]).isdisjoint(read[1])
+            assert sorted(read[0] + read[1]) == sorted(order.batch(step).tolist())
+    finally:
+        for reader in readers:
+            reader.close()

@@ -220,13 +220,13 @@ def test_the_prefetcher_reads_the_next_step_on_a_background_thread(tmp_path):
         return np.random.default_rng(step).permutation(40)[:8]
 
     with prepared.BatchPrefetcher(images, labels, rows_for_step) as reader:
-        for step in (0, 1, 2, 5):                 # 5: not the prefetched step, read at once
+        for step in (0, 1, 2, 5, 6):              # 5: not the prefetched step (3), read at once
             x, y = reader.get(step)
             rows = np.random.default_rng(step).permutation(40)[:8]
             np.testing.assert_array_equal(x.numpy(), images[rows])
             np.testing.assert_array_equal(y.numpy(), labels[rows])
     background = [step for step, thread in asked if thread.startswith("batch-prefetch")]
-    assert background[:2] == [1, 2] and 6 in background
+    assert set(background) - {3, 7} == {1, 2, 6}     # 3 and 7 were started ahead, maybe read, never used
     assert [step for step, thread in asked if not thread.startswith("batch-prefetch")] == [0, 5]
 
 

@@ -499,6 +499,37 @@ def _add_import(sub) -> None:
                    help="the checkpoint file to write (.safetensors; an existing file is refused)")
 
 
+EXAMPLES_PREPARE = """\
+examples:
+  ddpm prepare --data photos/ --out data/photos64 --image-size 64 --channels 3   # decode once
+  ddpm train --data data/photos64 --preset cifar10                             # read lazily from the map
+  ddpm prepare --data mnist --data-root ../shared/data/mnist --out data/mnist
+  ddpm prepare --data photos/ --out data/photos64 --image-size 64 --channels 3   # again: resumes if interrupted
+"""
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="decode a dataset once into a memory-mappable folder",
+                       description="Decode a dataset once (resized and center-cropped) into DATASET_DIR: "
+                                   "images.npy (uint8 N x H x W x C), labels.npy when there are labels, and "
+                                   "dataset.json (shape, class names, source, fingerprint, resize settings). "
+                                   "Training with --data DATASET_DIR then reads only each batch's rows from a "
+                                   "memory map, so the data need not fit in memory. An interrupted run resumes; "
+                                   "DATASET_DIR appears only when complete.",
+                       epilog=EXAMPLES_PREPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10, a folder of images "
+                                                 "or an .npz file")
+    p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
+    p.add_argument("--split", choices=("train", "test"), default="train")
+    p.add_argument("--out", required=True, metavar="DATASET_DIR", help="a new folder (nothing is overwritten)")
+    p.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N",
+                   help="resize and center-crop to N x N (or give H W)")
+    p.add_argument("--channels", type=int, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
+    p.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: skipped, counted)")
+    p.add_argument("--workers", type=_positive_int, help="decoding threads (default: the CPU count)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 EXAMPLES_VIZ = """\
 examples:
   ddpm viz schedule --out schedule.png                        # linear, cosine and sigmoid at T = 1000
@@ -581,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inpaint(sub)
     _add_edit(sub)
     _add_invert(sub)
+    _add_prepare(sub)
     return parser
 
 
@@ -1152,11 +1184,28 @@ def _to_uint8_batch(images):
     return to_uint8(images.cpu())
 
 
+def cmd_prepare(args) -> int:
+    from .prepared import prepare_dataset
+
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
+        raise ConfigError("--image-size takes N or H W")
+    size = None if args.image_size is None else tuple(args.image_size * 2 if len(args.image_size) == 1
+                                                      else args.image_size)
+    result = prepare_dataset(args.data, args.out, data_root=args.data_root, split=args.split, image_size=size,
+                             channels=args.channels, strict=args.strict, workers=args.workers,
+                             progress=not args.quiet)
+    n, height, width, channels = result.shape
+    resumed = f", {result.resumed_rows} of them by an interrupted run" if result.resumed_rows else ""
+    skipped = f"; {len(result.skipped)} unreadable file(s) skipped (first: {result.skipped[0]})" if result.skipped else ""
+    print(f"prepared {n} images of {height}x{width}x{channels} in {result.path}{resumed}{skipped}")
+    return 0
+
+
 # The commands that share their work among the processes torchrun starts.
 DISTRIBUTED_COMMANDS = ("train", "sample", "eval", "distill")
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz,
             "export": cmd_export, "import": cmd_import, "distill": cmd_distill, "inpaint": cmd_inpaint,
-            "edit": cmd_edit, "invert": cmd_invert}
+            "edit": cmd_edit, "invert": cmd_invert, "prepare": cmd_prepare}
 
 
 def _discard_stdout() -> None:

@@ -151,6 +151,10 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
     if not path.exists():
         raise DataError(f"no such file or directory: {path} (dataset names are {', '.join(DATASET_NAMES)})")
     if path.is_dir():
+        from .prepared import is_prepared, open_prepared   # a folder holding dataset.json is prepared
+
+        if is_prepared(path):
+            return open_prepared(path, image_size=size, channels=channels)
         return _load_image_folder(path, size, channels, strict)
     if path.suffix.lower() == ".npz":
         return _resize_and_convert(_load_npz(path), size, channels)
@@ -353,7 +357,10 @@ def _load_image_folder(root: Path, size: tuple[int, int] | None, channels: int |
     Files are decoded by a pool of threads (Pillow releases the GIL while decoding). An
     unreadable file is an error with ``strict``, else left out and listed in ``skipped``.
     """
+    from .prepared import check_folder_fits_in_memory
+
     paths = _find_image_files(root)
+    check_folder_fits_in_memory(root, paths, size, channels)    # refused before any decoding
     labels, class_names = _class_labels(root, paths)
 
     def load(path: Path) -> np.ndarray | DataError:

@@ -54,6 +54,7 @@ from .losses import Loss, make_loss
 from .pixels import uint8_to_unit as to_tensor_on_device   # its earlier name here
 from .plots import line_chart
 from .precision import autocast, channels_last, check_precision, resolve_precision
+from .prepared import BatchPrefetcher
 from .seeding import derive_seed
 from .timestep_sampling import ImportanceSampler
 
@@ -216,6 +217,19 @@ def rank_rows(batch_size: int, world_size: int, grad_accum: int, rank: int) -> t
                       for a in range(grad_accum)])
 
 
+
+def lazy_reader(images: np.ndarray, num_images: int, global_batch: int, seed: int, mine: torch.Tensor,
+                device: torch.device) -> BatchPrefetcher:
+    """Reads this rank's rows (``mine`` of each global batch) of a memory-mapped dataset, a step ahead.
+
+    The rows are those of :class:`EpochOrder` with the run's seed, so a lazy run trains on exactly
+    the pixels an in-memory run does; the reader keeps an order of its own, since it runs on another
+    thread. Pinned memory on CUDA lets the copy to the device overlap the step.
+    """
+    order, mine = EpochOrder(num_images, global_batch, seed), mine.cpu()
+    return BatchPrefetcher(images, None, lambda step: order.batch(step)[mine].numpy(),
+                           pin_memory=device.type == "cuda")
+
 # ----------------------------------------------------------------------------- checkpoints of a run
 
 def _prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> None:
@@ -366,6 +380,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                                    f"{run.run_dir}") from None
     finally:
         log.close()
+        if run.reader is not None:
+            run.reader.close()
     return _finish(run, log)
 
 
@@ -381,7 +397,7 @@ class _Run:
     rank: int
     device: torch.device
     data: ImageData
-    images: torch.Tensor                 # uint8 [N, H, W, C] on the device, kept compact
+    images: torch.Tensor | None          # uint8 [N, H, W, C] on the device, kept compact (None: read lazily)
     labels: torch.Tensor | None
     diffusion: GaussianDiffusion         # around the raw weights (sample grids)
     model: nn.Module                     # the U-Net being trained
@@ -396,6 +412,7 @@ class _Run:
     mine: torch.Tensor                   # this rank's rows of the global batch
     start_time: float
     ema_diffusion: GaussianDiffusion | None = None
+    reader: BatchPrefetcher | None = None   # a memory-mapped dataset: this rank's rows, one step ahead
 
     @property
     def tc(self):
@@ -423,7 +440,8 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
         data = load_training_data(config)
     else:
         check_training_data(config, data, world)
-    images = torch.from_numpy(data.images).to(device)
+    lazy = isinstance(data.images, np.memmap)              # a prepared dataset stays on disk
+    images = None if lazy else torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device) if config.conditional else None
     diffusion = build_diffusion(config).to(device)
     model = diffusion.model
@@ -444,6 +462,8 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
                optimizer=optimizer, scaler=scaler, loss=loss, counters=counters, ema=ema, global_batch=global_batch,
                order=EpochOrder(data.num_images, global_batch, tc.seed),
                mine=rank_rows(tc.batch_size, world, tc.grad_accum, rank).to(device), start_time=start_time)
+    if lazy:
+        run.reader = lazy_reader(data.images, data.num_images, global_batch, tc.seed, run.mine, device)
     if run.main:
         if chosen is not None and progress:
             print(chosen.line(), file=sys.stderr)         # once the set-up has passed its checks
@@ -509,7 +529,10 @@ def _draw_batch(run: _Run, step: int) -> _Batch:
     g = torch.Generator(device=device).manual_seed(step_seed)    # flips, t, eps
     index = run.order.batch(step).to(device)
     shape = (index.shape[0], run.config.model.channels, *run.config.model.image_size)
-    x = to_tensor_on_device(run.images[index[mine]])
+    if run.reader is None:
+        x = to_tensor_on_device(run.images[index[mine]])
+    else:                               # the same rows, read from the memory map (ahead, on another thread)
+        x = to_tensor_on_device(run.reader.get(step)[0].to(device, non_blocking=True))
     if run.config.data.hflip:
         flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)

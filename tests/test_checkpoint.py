@@ -38,7 +38,7 @@ def test_round_trip_preserves_tensors_and_metadata(tmp_path):
 
 def test_run_directory_resolves_to_newest_checkpoint(tmp_path):
     for step in (5, 100, 20):
-        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step})
+        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step, "config": {}})
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 20, 100]
     assert resolve_checkpoint(tmp_path) == checkpoint_path(tmp_path, 100)
     assert read_metadata(tmp_path)["step"] == 100
@@ -67,7 +67,7 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
 
 def test_truncated_file_is_refused(tmp_path):
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 7])
     with pytest.raises(CheckpointError):
@@ -76,7 +76,7 @@ def test_truncated_file_is_refused(tmp_path):
 
 def test_tampered_tensor_fails_the_checksum(tmp_path):
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF                                 # flip bits inside the last tensor's bytes
     path.write_bytes(bytes(data))
@@ -94,7 +94,7 @@ def test_future_format_version_is_refused(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, code):
     path = checkpoint_path(tmp_path, 7)
-    save_checkpoint(path, _tensors(0), {"step": 7})
+    save_checkpoint(path, _tensors(0), {"step": 7, "config": {}})
     before = path.read_bytes()
 
     def failing_replace(src, dst):
@@ -102,7 +102,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, code):
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(CheckpointError, match=os.strerror(code)):
-        save_checkpoint(path, _tensors(1), {"step": 7})
+        save_checkpoint(path, _tensors(1), {"step": 7, "config": {}})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]      # no temporary file left behind
 
@@ -139,7 +139,7 @@ def test_optimizer_state_round_trip():
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1})
+        path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": {}})
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644          # readable by collaborators, as other files are

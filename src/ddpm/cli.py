@@ -12,12 +12,13 @@ image indices among the processes, and rank 0 writes the files and the messages.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, DdpmError, TrainingInterrupted
+from .errors import CheckpointError, ConfigError, DdpmError, OutputError, TrainingInterrupted
 
 EXAMPLES_MAIN = """\
 examples:
@@ -99,6 +100,32 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _timesteps(text: str) -> int:
+    """T, from 2 to MAX_TIMESTEPS (a schedule of 10^9 steps would exhaust the memory before any message)."""
+    from .config import MAX_TIMESTEPS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer T, got {text!r}") from None
+    if not 2 <= value <= MAX_TIMESTEPS:
+        raise argparse.ArgumentTypeError(f"T must be from 2 to {MAX_TIMESTEPS:,}, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed in [0, 2^63): what every generator here accepts, in every command."""
+    from .config import SEED_LIMIT
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be from 0 to 2^63 - 1, got {text}")
+    return value
+
+
 def _nonneg_float(text: str) -> float:
     try:
         value = float(text)
@@ -141,7 +168,7 @@ def _add_train(sub) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
                         "fashion-mnist, cifar10 for cifar10)")
-    g.add_argument("--timesteps", type=_positive_int, help="T (default 1000)")
+    g.add_argument("--timesteps", type=_timesteps, help="T (default 1000)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
     g.add_argument("--loss-weighting", choices=("uniform", "min-snr"), help="default uniform (L_simple)")
@@ -184,7 +211,7 @@ def _add_train(sub) -> None:
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast for the network (default fp32)")
     g.add_argument("--grad-checkpointing", action=bool_flag, help="trade compute for memory")
     g.add_argument("--max-bad-steps", type=_positive_int, help="non-finite steps in a row before stopping")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_seed)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--init", metavar="CHECKPOINT", help="fine-tune: start from this checkpoint's EMA weights")
     g = p.add_argument_group("output")
@@ -239,7 +266,7 @@ def _add_sample(sub) -> None:
                         "since torchrun takes --n for its own --nnodes)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
-    p.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k)")
+    p.add_argument("--seed", type=_seed, default=0, help="image k uses a seed derived from (seed, k)")
     p.add_argument("--start-index", type=_nonneg_int, default=0, metavar="K",
                    help="first image index: --start-index K --n M regenerates images K..K+M-1 of a run")
     p.add_argument("--device", default="auto")
@@ -316,7 +343,7 @@ def _add_interpolate(sub) -> None:
     p.add_argument("--method", choices=("linear", "slerp"), default="linear",
                    help="linear (the paper's) or spherical interpolation of the two x_t")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     _add_sampler_options(p)
@@ -376,7 +403,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 without --sampler, else all T)")
     g.add_argument("--eta", type=float, help="DDIM eta")
     g.add_argument("--batch-size", type=_positive_int, default=64)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_precision(g)
@@ -456,7 +483,7 @@ def _add_viz(sub) -> None:
 
     s = what.add_parser("schedule", help="alpha-bar, beta and log SNR against t, for each schedule",
                         description="Plot alpha-bar_t, beta_t and log SNR(t) of the schedules side by side.")
-    s.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
+    s.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     s.add_argument("--schedules", **schedules)
     s.add_argument("--out", required=True, metavar="PNG")
 
@@ -467,11 +494,11 @@ def _add_viz(sub) -> None:
     f.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
     f.add_argument("--steps", type=_nonneg_int, nargs="+", default=[0, 100, 250, 500, 750, 999], metavar="T",
                    help="0-based steps to show (default 0 100 250 500 750 999)")
-    f.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
+    f.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     f.add_argument("--schedules", **schedules)
     f.add_argument("--n", type=_positive_int, default=4, help="images, the first n of the train split (default 4)")
     f.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N", help="resize and center-crop")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=_seed, default=0)
     f.add_argument("--out", required=True, metavar="PNG")
 
     r = what.add_parser("reverse", help="x_t and the x0 estimate over the reverse process (Figure 6)",
@@ -480,7 +507,7 @@ def _add_viz(sub) -> None:
     r.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
     r.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
     r.add_argument("--frames", type=_positive_int, default=10, help="columns: sampler steps shown (default 10)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_sampler_options(r)
@@ -635,7 +662,7 @@ def _resume_config(args):
 
 def cmd_train(args) -> int:
     from . import distributed
-    from .config import build_model
+    from .config import build_model, check_training_memory
     from .train import check_training_data, load_training_data, prepare_run_dir, train
 
     main_rank = distributed.is_main()
@@ -646,7 +673,8 @@ def cmd_train(args) -> int:
         else:
             config, data = _train_config(args)
             check_training_data(config, data)
-        distributed.training_device(config.train.device)     # an unavailable device is an error before anything runs
+        device = distributed.training_device(config.train.device)   # an unavailable device is an error before anything runs
+        check_training_memory(config, device)                # so is a model that cannot fit it
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))
@@ -1039,7 +1067,7 @@ def _add_distill(sub) -> None:
     g.add_argument("--ema-decay", type=float, help="the students' EMA decay (with the teacher's warm-up setting)")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_seed)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
@@ -1125,6 +1153,17 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpo
             "export": cmd_export, "import": cmd_import, "distill": cmd_distill}
 
 
+# OSError numbers that mean the environment (disk, permissions, limits), never a bug: one line, no traceback.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG,
+                                errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE,
+                                errno.ENFILE, errno.ENOMEM})
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line, whatever a library put in it."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1146,8 +1185,16 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun, rank 0 speaks for errors every rank shares (decided together, or gathered
         # by distributed.agree); a lost peer is news only the rank that saw it can give.
         if distributed.is_main() or isinstance(exc, distributed.PeerLost):
-            print(f"ddpm: error: {exc}", file=sys.stderr)
+            print(f"ddpm: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise                   # not the disk, permissions or limits: a bug, which keeps its traceback
+        print(f"ddpm: error: cannot write {exc.filename or 'a file'}: {exc.strerror or exc}", file=sys.stderr)
+        return OutputError.exit_code
+    except MemoryError:
+        print("ddpm: error: out of memory; choose a smaller model, image size or batch size", file=sys.stderr)
+        return ConfigError.exit_code
     except KeyboardInterrupt:
         print("ddpm: interrupted", file=sys.stderr)
         return 130

@@ -340,7 +340,7 @@ def load_image(spec: str, image_size: tuple[int, int], channels: int, *,
     try:
         with Image.open(path) as image:
             image = image.convert({1: "L", 3: "RGB", 4: "RGBA"}[channels])
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {spec}: {exc}") from None
     height, width = image_size
     image = ImageOps.fit(image, (width, height), method=Image.BICUBIC)

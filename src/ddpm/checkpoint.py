@@ -104,15 +104,24 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
         save_file(tensors, str(tmp), metadata=header)
         os.chmod(tmp, 0o666 & ~_umask())          # safetensors creates files 0600; honour the umask instead
 
-    previous = Path(path).exists()
+    kept = _kept_on_failure(Path(path))
     try:
         return atomic_write(path, write)
     except (OSError, SafetensorError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if isinstance(exc, OutputError):                  # its message already names the path
             reason = str(exc).removeprefix(f"cannot write {path}: ")
-        kept = "the previous file at that path is intact" if previous else "nothing was written"
         raise CheckpointError(f"could not save checkpoint {path}: {reason}; {kept}") from None
+
+
+def _kept_on_failure(path: Path) -> str:
+    """What a failed save leaves intact, said truthfully (there may be no previous checkpoint)."""
+    if path.exists():
+        return f"the file already at {path} is intact"
+    earlier = []
+    if path.parent.name == "checkpoints":
+        earlier = [p for _, p in list_checkpoints(path.parent.parent) if p != path]
+    return f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no checkpoint was written"
 
 
 def _header(path: Path) -> dict:

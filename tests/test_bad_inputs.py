@@ -224,9 +224,18 @@ def _read_only(sub: str):
                 return False
             return real_access(path, mode, *args, **kwargs)
 
+        real_statvfs = os.statvfs
+
+        class ReadOnly:
+            f_flag = os.ST_RDONLY
+
+        def statvfs(path):
+            return ReadOnly() if str(path).startswith(root) else real_statvfs(path)
+
         (base / sub).mkdir(exist_ok=True)
         monkeypatch.setattr(Path, "mkdir", mkdir)
         monkeypatch.setattr(os, "access", access)
+        monkeypatch.setattr(os, "statvfs", statvfs)
     return install
 
 
@@ -365,12 +374,14 @@ CASES = [
     Case("sample-disk-full-on-grid", f"{SAMPLE} --checkpoint {{run}} --out {{base}}/s", 2, "grid.png",
          fault=_enospc_on("grid.png")),
     Case("sample-disk-full-mid-png", f"{SAMPLE} --n 6 --png --checkpoint {{run}} --out {{base}}/s", 2,
-         "No space left", fault=_enospc_after(4),
-         xfail="the CLI does not yet stage sample --png outputs in a temporary folder"),
+         "No space left", fault=_enospc_after(4)),
     Case("sample-disk-full-on-record", f"{SAMPLE} --checkpoint {{run}} --out {{base}}/s", 2, "record.json",
-         fault=_enospc_on("record.json"),
-         xfail="the CLI does not yet stage sample outputs: grid.png and samples.npz stay behind"),
+         fault=_enospc_on("record.json")),
+    Case("sample-disk-full-on-progressive", f"{SAMPLE} --progressive --checkpoint {{run}} --out {{base}}/s", 2,
+         "No space left", fault=_enospc_on("samples.npz")),
     # --- interpolate ------------------------------------------------------------------------------
+    Case("interp-disk-full-on-record", "interpolate --checkpoint {run} --image-a digits:0 --image-b digits:1 "
+         "--steps 2 --out {base}/i", 2, "record.json", fault=_enospc_on("record.json")),
     Case("interp-missing-image", "interpolate --checkpoint {run} --image-a {f}/nope.png --image-b digits:1 "
          "--steps 2 --out {base}/i", 3, "no such image"),
     Case("interp-decompression-bomb", "interpolate --checkpoint {run} --image-a {f}/bomb.png --image-b digits:1 "

@@ -99,7 +99,8 @@ def test_staged_outputs_replace_their_namesakes_and_keep_the_rest(tmp_path):
         (stage / "images").mkdir()
         (stage / "images" / "000000.png").write_text("0")
     assert (out / "grid.png").read_text() == "new grid" and (out / "notes.txt").read_text() == "mine"
-    assert _listing(out) == ["grid.png", "images", "images/000000.png", "notes.txt"]   # a folder is replaced whole
+    assert _listing(out) == ["grid.png", "images", "images/000000.png", "images/000007.png", "notes.txt"]
+    assert not list(tmp_path.glob(".samples.tmp-*"))
 
 
 def test_a_failure_while_staging_leaves_nothing(tmp_path):

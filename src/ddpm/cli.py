@@ -707,11 +707,12 @@ def cmd_train(args) -> int:
 
 
 def _output_dir(args, names: tuple[str, ...]) -> Path:
+    """``--out DIR`` checked before any work: writable, not below a file, none of ``names`` there
+    unless ``--overwrite``. (The outputs are then staged and moved into DIR together.)"""
+    from .fileio import check_output_path
     from .train import new_run_dir
 
-    out = Path(args.out) if args.out else new_run_dir("samples")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+    out = check_output_path(Path(args.out) if args.out else new_run_dir("samples"), directory=True)
     existing = [name for name in names if (out / name).exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite")
@@ -721,7 +722,7 @@ def _output_dir(args, names: tuple[str, ...]) -> Path:
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from .fileio import write_json
+    from .fileio import staged_dir, write_json
     from .generate import (generate, load_diffusion, progressive_frames, progressive_grid, sample_record,
                            write_samples)
     from .images import save_png
@@ -751,13 +752,14 @@ def cmd_sample(args) -> int:
     common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet and distributed.is_main(),
                   start_index=args.start_index + lo, labels=None if labels is None else labels[lo:hi],
                   guidance_scale=guidance)
+    progressive = None
     if args.progressive:
         images, x_t, x0_pred = progressive_frames(diffusion, hi - lo, sampling=sampling, **common)
         gathered = distributed.gather_arrays((images, x_t.swapaxes(0, 1), x0_pred.swapaxes(0, 1)))
         if gathered is None:
             return 0
         images, x_t, x0_pred = gathered[0], gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1)
-        save_png(out / "progressive.png", progressive_grid(x_t, x0_pred))
+        progressive = progressive_grid(x_t, x0_pred)
     else:
         gathered = distributed.gather_arrays((generate(diffusion, hi - lo, sampling=sampling, **common),))
         if gathered is None:             # not rank 0: its images went to rank 0, which writes them
@@ -765,11 +767,16 @@ def cmd_sample(args) -> int:
         images = gathered[0]
     indices = np.arange(args.start_index, args.start_index + total)
     arrays = {"indices": indices} if labels is None else {"indices": indices, "labels": np.asarray(labels)}
-    paths = write_samples(out, images, nrow=args.n if classes else None, **arrays)
-    if args.png:
-        for k, image in zip(indices, images):
-            save_png(out / "images" / f"{k:06d}.png", image)
-    write_json(out / "record.json", record)
+    with staged_dir(out) as stage:          # a failure (a full disk) leaves none of the new files in DIR
+        if progressive is not None:
+            save_png(stage / "progressive.png", progressive)
+        names = {key: Path(p).name for key, p in write_samples(stage, images, nrow=args.n if classes else None,
+                                                               **arrays).items()}
+        if args.png:
+            for k, image in zip(indices, images):
+                save_png(stage / "images" / f"{k:06d}.png", image)
+        write_json(stage / "record.json", record)
+    paths = {key: out / name for key, name in names.items()}
     print(f"wrote {total} images ({record['sampler']}, {record['steps']} steps) from {meta['path']} "
           f"(step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {out / 'record.json'}")
     return 0
@@ -802,7 +809,7 @@ def _classes_from_args(args, diffusion) -> tuple[list[int] | None, float | None]
 def cmd_interpolate(args) -> int:
     import numpy as np
 
-    from .fileio import write_json
+    from .fileio import staged_dir, write_json
     from .generate import interpolate, load_diffusion, load_image, sample_record, select_device
     from .images import make_grid, save_npz, save_png
 
@@ -817,12 +824,13 @@ def cmd_interpolate(args) -> int:
                          sampling=sampling)
     ends = [_to_uint8_image(x) for x in (a, b)]
     row = np.concatenate([ends[0][None], images, ends[1][None]])
-    save_png(out / "interpolation.png", make_grid(row, nrow=len(row)))
-    save_npz(out / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, args.n_interp))
     record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, image_a=args.image_a,
                            image_b=args.image_b, t=t, n_interp=args.n_interp, method=args.method, device=str(device))
     record["steps"] = len(sampling.timesteps(t + 1))       # the steps from t down to 0
-    write_json(out / "record.json", record)
+    with staged_dir(out) as stage:          # all three files, or none of them
+        save_png(stage / "interpolation.png", make_grid(row, nrow=len(row)))
+        save_npz(stage / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, args.n_interp))
+        write_json(stage / "record.json", record)
     print(f"wrote {args.n_interp} interpolants at t = {t} to {out / 'interpolation.png'}")
     return 0
 

@@ -145,9 +145,9 @@ def _why_not_writable(folder: Path) -> str:
 def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; when the block succeeds, move its entries into ``out``.
 
-    A failure inside the block (or while moving) removes the temporary folder, so ``out`` never
-    holds part of the new files: it gets all of them or none. Entries of ``out`` with the same
-    names are replaced (the caller has checked ``--overwrite``); other entries are kept.
+    A failure inside the block removes the temporary folder, so ``out`` never holds part of the
+    new files: it gets all of them or none (moving them is renames only). Files of ``out`` with
+    the same names are replaced (the caller has checked ``--overwrite``); other entries are kept.
     """
     out = Path(out)
     _make_parent(out)
@@ -165,8 +165,8 @@ def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
 
 
 def _move_entries(src: Path, out: Path) -> None:
-    """Rename ``src`` to ``out``, or, where ``out`` exists, every entry of ``src`` into it (a whole
-    folder replaces its namesake)."""
+    """Rename ``src`` to ``out``, or, where ``out`` exists, every entry of ``src`` into it: files
+    replace their namesakes, folders are merged (``images/`` keeps the images of other indices)."""
     try:
         if not out.exists():
             os.replace(src, out)
@@ -174,13 +174,12 @@ def _move_entries(src: Path, out: Path) -> None:
             return
         for entry in sorted(src.iterdir()):
             dest = out / entry.name
-            if dest.is_dir() and not dest.is_symlink():
-                old = out / f".{entry.name}.old-{os.getpid()}"
-                os.replace(dest, old)
-                os.replace(entry, dest)
-                shutil.rmtree(old, ignore_errors=True)
+            if entry.is_dir() and dest.is_dir() and not dest.is_symlink():
+                _move_entries(entry, dest)
             else:
                 os.replace(entry, dest)
+    except OutputError:
+        raise
     except OSError as exc:
         raise OutputError(f"cannot move the new files into {out}: {_reason(exc)}", exc.errno) from None
     fsync_dir(out)

@@ -88,7 +88,7 @@ def test_tampered_tensor_fails_the_checksum(tmp_path):
 def test_renamed_tensor_fails_the_checksum(tmp_path):
     """A tensor renamed (here without changing the name order) keeps every byte: the checksum covers the names."""
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["model.c"] = tensors.pop("model.b")

@@ -413,17 +413,18 @@ CASES = [
     Case("eval-out-is-a-directory", "eval --metric bpd --checkpoint {run} --data digits --n 2 --quiet "
          "--out {f}/dir.png", 2, "dir.png"),
     Case("eval-out-existing-file", "eval --metric bpd --checkpoint {run} --data digits --n 2 --quiet "
-         "--out {f}/existing.json", 2, "--overwrite", xfail="eval --out does not yet refuse an existing file"),
+         "--out {f}/existing.json", 2, "--overwrite"),
     Case("eval-bpd-other-image-size", "eval --metric bpd --checkpoint {run} --data {f}/big-images.npz --n 2 "
-         "--quiet", 3, "size", xfail="eval --metric bpd does not yet compare the images' size with the model's"),
+         "--quiet", 3, "16x16 images, the model 8x8"),
     Case("eval-disk-full-on-out", "eval --metric bpd --checkpoint {run} --data digits --n 2 --quiet "
          "--out {base}/e.json", 2, "e.json", fault=_enospc_on("e.json")),
     # --- viz --------------------------------------------------------------------------------------
     Case("viz-out-not-png", "viz schedule --out {base}/s.txt", 2, ".png"),
     Case("viz-out-is-a-directory", "viz schedule --out {f}/dir.png", 2, "directory"),
+    Case("eval-nn-grid-existing", "eval --metric fast --samples {f}/big-images.npz --data digits --quiet "
+         "--nn-grid {f}/existing.png", 2, "--nn-grid"),
     Case("viz-out-below-a-file", "viz schedule --timesteps 30 --out {f}/a-file/s.png", 2, "a-file"),
-    Case("viz-out-existing", "viz schedule --timesteps 30 --out {f}/existing.png", 2, "--overwrite",
-         xfail="viz --out does not yet refuse an existing file"),
+    Case("viz-out-existing", "viz schedule --timesteps 30 --out {f}/existing.png", 2, "--overwrite"),
     Case("viz-timesteps-huge", "viz schedule --timesteps 1000000000 --out {base}/s.png", 2, "100,000"),
     Case("viz-forward-step-over-T", "viz forward --data digits --steps 5000 --timesteps 100 --out {base}/f.png", 2),
     Case("viz-forward-seed-negative", "viz forward --data digits --seed -1 --out {base}/f.png", 2, "seed"),

@@ -398,6 +398,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
     p.add_argument("--out", metavar="JSON", help="write the results here (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --nn-grid file")
     g = p.add_argument_group("sampling (with --checkpoint)")
     g.add_argument("--sampler", help="sampler name (default: ancestral over 50 respaced steps, as ddpm sample)")
     g.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 without --sampler, else all T)")
@@ -486,6 +487,7 @@ def _add_viz(sub) -> None:
     s.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     s.add_argument("--schedules", **schedules)
     s.add_argument("--out", required=True, metavar="PNG")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     f = what.add_parser("forward", help="real images diffused to chosen steps, one block per schedule",
                         description="Diffuse real images with q(x_t | x_0) (Eq. 4) to the chosen 0-based steps, "
@@ -500,6 +502,7 @@ def _add_viz(sub) -> None:
     f.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N", help="resize and center-crop")
     f.add_argument("--seed", type=_seed, default=0)
     f.add_argument("--out", required=True, metavar="PNG")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     r = what.add_parser("reverse", help="x_t and the x0 estimate over the reverse process (Figure 6)",
                         description="Progressive generation from a checkpoint with any sampler: for each image, "
@@ -512,6 +515,7 @@ def _add_viz(sub) -> None:
     r.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_sampler_options(r)
     r.add_argument("--out", required=True, metavar="PNG")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     t = what.add_parser("training", help="loss curves and sample grids of a run, as one PNG",
                         description="Loss curve, loss per timestep quartile and the sample grids over a run "
@@ -519,6 +523,7 @@ def _add_viz(sub) -> None:
     t.add_argument("run_dir", metavar="RUN_DIR")
     t.add_argument("--grids", type=_positive_int, default=4, help="sample grids shown, evenly spread (default 4)")
     t.add_argument("--out", required=True, metavar="PNG")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -900,7 +905,8 @@ def cmd_eval(args) -> int:
     import numpy as np
 
     from .data import load_dataset
-    from .fileio import write_json
+    from .errors import DataError
+    from .fileio import check_output_path, write_json
     from .generate import load_diffusion
 
     from . import distributed
@@ -911,6 +917,9 @@ def cmd_eval(args) -> int:
     with distributed.agree("checking the options"):
         if "bpd" in metrics and not args.checkpoint:
             raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
+        for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
+            if path:                    # before any work: an existing file needs --overwrite
+                check_output_path(path, overwrite=args.overwrite, option=option)
         if args.checkpoint:
             diffusion, meta = load_diffusion(args.checkpoint, device=distributed.training_device(args.device),
                                              weights=args.weights, precision=args.precision)
@@ -932,7 +941,11 @@ def cmd_eval(args) -> int:
         from .evaluation.reference import subset_indices
 
         start = time.perf_counter()
-        test = load_dataset(args.data, data_root=args.data_root, split=args.split, **shape)
+        test = load_dataset(args.data, data_root=args.data_root, split=args.split, channels=diffusion.channels)
+        if tuple(test.image_size) != tuple(diffusion.image_size):
+            raise DataError(f"{args.data} holds {test.image_size[0]}x{test.image_size[1]} images, the model "
+                            f"{diffusion.image_size[0]}x{diffusion.image_size[1]} ones; bits/dim is the model's "
+                            "bound on its own image size (resized images would give another number)")
         images = test.images[subset_indices(test.num_images, args.n)]     # a spread subset, not a prefix
         bound = evaluate_bpd(diffusion, images, batch_size=args.batch_size, seed=args.seed,
                              progress=progress)
@@ -999,11 +1012,12 @@ def _eval_sample_quality(args, metrics: list[str], samples, shape: dict, results
 def cmd_viz(args) -> int:
     from . import viz
 
+    from .fileio import check_output_path
+
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out} must end in .png")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory")
+    check_output_path(out, overwrite=args.overwrite)       # a directory, below a file, an existing file
     if args.viz_command == "schedule":
         viz.schedule_figure(out, timesteps=args.timesteps, schedules=args.schedules)
     elif args.viz_command == "forward":

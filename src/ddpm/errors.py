@@ -45,7 +45,7 @@ class TrainingInterrupted(DdpmError):
         self.exit_code = exit_code
 
 
-class OutputError(DdpmError, OSError):
+class OutputError(ConfigError, OSError):
     """An output path cannot be used or written: below a file, read-only, an existing file without
     ``--overwrite``, a full disk (exit code 2). Still an :class:`OSError` for code that catches those."""
 

@@ -540,9 +540,19 @@ def _resume_config(args):
 
 
 def cmd_train(args) -> int:
+    from .train import StopSignals
+
+    with StopSignals() as stop:            # SIGINT / SIGTERM handled before the run directory exists
+        return _train(args, stop)
+
+
+def _train(args, stop) -> int:
+    """Check everything, claim the run directory (rank 0 locks it), train in it."""
     from . import distributed
-    from .config import build_model, check_training_memory
-    from .train import check_training_data, load_training_data, prepare_run_dir, train
+    from .checkpoint import list_checkpoints
+    from .config import check_training_memory
+    from .fileio import RunLock
+    from .train import check_training_data, claim_run_dir, load_training_data
 
     main_rank = distributed.is_main()
     with distributed.agree("checking the configuration"):     # one rank's mistake stops all, one message
@@ -561,13 +571,29 @@ def cmd_train(args) -> int:
     if data.skipped and main_rank:
         print(f"ddpm: warning: skipped {len(data.skipped)} unreadable image(s) (--strict makes this an error): "
               + "; ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
+    lock = None
+    with distributed.agree("claiming the run directory"):     # rank 0 holds the lock while the run writes
+        if main_rank and args.resume:
+            lock = RunLock(run_dir).acquire()
+        elif main_rank:
+            run_dir, lock = claim_run_dir(args.out)
     if not args.resume:
-        run_dir = None
-        with distributed.agree("creating the run directory"):
-            if main_rank:
-                run_dir = prepare_run_dir(args.out)
         # With no --out only rank 0 picks the next free runs/NNN; the others take its choice.
-        run_dir = Path(distributed.broadcast_object(None if run_dir is None else str(run_dir)))
+        run_dir = Path(distributed.broadcast_object(None if not main_rank else str(run_dir)))
+    try:
+        return _train_in(args, config, data, run_dir, stop, resume=bool(list_checkpoints(run_dir)))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
+    """Train in the claimed ``run_dir``: from its newest verified checkpoint (``resume``) or from step 0."""
+    from . import distributed
+    from .config import build_model
+    from .train import train
+
+    main_rank = distributed.is_main()
     world = distributed.world_size()
     if not args.quiet and main_rank:
         verb = "resuming" if args.resume else "training"
@@ -575,7 +601,7 @@ def cmd_train(args) -> int:
         print(f"{verb} preset {config.preset!r} ({build_model(config).num_parameters() / 1e6:.2f}M parameters) "
               f"on {data.name} ({data.num_images} images, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
               f"to step {config.train.steps}{procs} -> {run_dir}", file=sys.stderr)
-    result = train(config, run_dir, data=data, resume=bool(args.resume), progress=not args.quiet)
+    result = train(config, run_dir, data=data, resume=resume, progress=not args.quiet, stop=stop)
     if not main_rank:
         return 0
     print(f"done in {result.seconds:.0f} s: checkpoint {result.checkpoint}, samples {result.grid}")

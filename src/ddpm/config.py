@@ -631,6 +631,22 @@ def _check_resume_flags(saved: RunConfig, meta: dict, flags: dict, flag_names: d
     return per_process
 
 
+def _saved_config(run_dir: Path) -> RunConfig:
+    """The config.json of a run that has no checkpoint yet."""
+    import json
+
+    from .errors import CheckpointError
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from (and no config.json to restart from)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); start the run again with its ddpm train command") from None
+    return RunConfig.from_dict(d)
+
+
 def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict | None = None, out=None,
                   config=None, preset: str | None = None, conditional: bool = False, steps: int | None = None,
                   device: str | None = None, grad_accum: int | None = None, batch_size: int | None = None,
@@ -643,8 +659,7 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
     """
     from dataclasses import replace
 
-    from .checkpoint import list_checkpoints, read_metadata
-    from .errors import CheckpointError
+    from .checkpoint import load_newest_verified
 
     run_dir = Path(run_dir)
     if out and Path(out).resolve() != run_dir.resolve():
@@ -653,18 +668,22 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
         raise ConfigError("--config cannot be combined with --resume: the run keeps its saved configuration")
     if (run_dir / "round.json").is_file():
         raise ConfigError(f"{run_dir} is a distillation round; continue it with ddpm distill --resume {run_dir.parent}")
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
-    meta = read_metadata(found[-1][1])
-    saved = RunConfig.from_dict(meta["config"])
+    loaded = load_newest_verified(run_dir)          # a newer checkpoint that fails is skipped, with a warning
+    if loaded is not None:
+        meta = loaded[1]
+        saved = RunConfig.from_dict(meta["config"])
+    else:                                           # stopped before its first checkpoint: restart from step 0
+        saved = _saved_config(run_dir)
+        meta = {"step": 0, "global_batch": saved.train.global_batch_size(world_size)}
     grad_accum = grad_accum or saved.train.grad_accum
     per_process = _check_resume_flags(saved, meta, flags, flag_names or {}, preset=preset, conditional=conditional,
                                       world_size=world_size, grad_accum=grad_accum, batch_size=batch_size)
     train_cfg = replace(saved.train, steps=steps or saved.train.steps, device=device or saved.train.device,
                         batch_size=per_process, grad_accum=grad_accum,
                         time_limit=time_limit or 0.0)       # a time limit is this command's, not the run's
-    if train_cfg.steps <= meta["step"]:
+    # A final checkpoint without samples.png (killed while drawing it) is completed by resuming.
+    finished = train_cfg.steps < meta["step"] or (train_cfg.steps == meta["step"] and (run_dir / "samples.png").is_file())
+    if finished:
         raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
                           "to extend it")
     return replace(saved, train=train_cfg), run_dir

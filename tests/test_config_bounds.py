@@ -63,7 +63,8 @@ def test_model_bytes_counts_the_parameters_exactly():
 def test_training_memory_lower_bound_and_its_check(monkeypatch):
     config = RunConfig.for_preset("digits")
     m, tc = config.model, config.train
-    activations = 4 * tc.batch_size * m.dim * m.dim_mults[0] * m.image_size[0] * m.image_size[1] * (2 * m.num_res_blocks + 1)
+    h, w = m.image_size
+    activations = 4 * tc.batch_size * m.dim * m.dim_mults[0] * h * w * (2 * m.num_res_blocks + 1)
     assert training_bytes_at_least(config) == 5 * model_bytes(config) + activations
     check_training_memory(config, "cpu")                            # a digits run fits any machine
     monkeypatch.setattr(config_module, "_device_bytes", lambda device: training_bytes_at_least(config) - 1)
@@ -101,3 +102,16 @@ def test_toml_files_are_refused_in_one_line(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_toml(path)
     assert "\n" not in str(info.value)
+
+
+def test_the_option_parsers_bound_t_and_seeds_like_the_configuration():
+    import argparse
+
+    from ddpm.cli import _seed, _timesteps
+
+    assert _timesteps("2") == 2 and _timesteps(str(MAX_TIMESTEPS)) == MAX_TIMESTEPS
+    assert _seed("0") == 0 and _seed(str(SEED_LIMIT - 1)) == SEED_LIMIT - 1
+    for parse, text in ((_timesteps, "1"), (_timesteps, str(MAX_TIMESTEPS + 1)), (_seed, "-1"),
+                        (_seed, str(SEED_LIMIT)), (_seed, "1e3")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)

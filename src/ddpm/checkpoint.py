@@ -36,7 +36,8 @@ from .errors import OutputError
 from .fileio import atomic_write
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_metadata", "resolve_checkpoint",
-           "load_newest_verified", "metadata_checksum", "checkpoint_path", "list_checkpoints", "tensor_checksum", "split_prefix", "load_weights", "flatten_optimizer_state",
+           "load_newest_verified", "metadata_checksum", "checkpoint_path", "list_checkpoints", "tensor_checksum",
+           "split_prefix", "load_weights", "flatten_optimizer_state",
            "unflatten_optimizer_state"]
 
 FORMAT_VERSION = 1

@@ -562,8 +562,8 @@ def _train(args, stop) -> int:
         else:
             config, data = _train_config(args)
             check_training_data(config, data)
-        device = distributed.training_device(config.train.device)   # an unavailable device is an error before anything runs
-        check_training_memory(config, device)                # so is a model that cannot fit it
+        device = distributed.training_device(config.train.device)   # an unavailable device: an error before
+        check_training_memory(config, device)                # anything runs, and so is a model too big for it
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))

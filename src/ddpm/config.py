@@ -682,7 +682,8 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
                         batch_size=per_process, grad_accum=grad_accum,
                         time_limit=time_limit or 0.0)       # a time limit is this command's, not the run's
     # A final checkpoint without samples.png (killed while drawing it) is completed by resuming.
-    finished = train_cfg.steps < meta["step"] or (train_cfg.steps == meta["step"] and (run_dir / "samples.png").is_file())
+    done = meta["step"]
+    finished = train_cfg.steps < done or (train_cfg.steps == done and (run_dir / "samples.png").is_file())
     if finished:
         raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
                           "to extend it")

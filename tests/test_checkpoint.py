@@ -39,7 +39,7 @@ def test_round_trip_preserves_tensors_and_metadata(tmp_path):
 
 def test_run_directory_resolves_to_newest_checkpoint(tmp_path):
     for step in (5, 100, 20):
-        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step})
+        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step, "config": {}})
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 20, 100]
     assert resolve_checkpoint(tmp_path) == checkpoint_path(tmp_path, 100)
     assert read_metadata(tmp_path)["step"] == 100
@@ -68,7 +68,7 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
 
 def test_truncated_file_is_refused(tmp_path):
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 7])
     with pytest.raises(CheckpointError):
@@ -77,7 +77,7 @@ def test_truncated_file_is_refused(tmp_path):
 
 def test_tampered_tensor_fails_the_checksum(tmp_path):
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF                                 # flip bits inside the last tensor's bytes
     path.write_bytes(bytes(data))
@@ -88,7 +88,7 @@ def test_tampered_tensor_fails_the_checksum(tmp_path):
 def test_renamed_tensor_fails_the_checksum(tmp_path):
     """A tensor renamed (here without changing the name order) keeps every byte: the checksum covers the names."""
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["model.c"] = tensors.pop("model.b")
@@ -120,15 +120,15 @@ def test_future_format_version_is_refused(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, code):
     path = checkpoint_path(tmp_path, 7)
-    save_checkpoint(path, _tensors(0), {"step": 7})
+    save_checkpoint(path, _tensors(0), {"step": 7, "config": {}})
     before = path.read_bytes()
 
     def failing_replace(src, dst):
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(CheckpointError, match=os.strerror(code)):
-        save_checkpoint(path, _tensors(1), {"step": 7})
+    with pytest.raises(CheckpointError, match=f"{os.strerror(code)}; the file already at .* is intact"):
+        save_checkpoint(path, _tensors(1), {"step": 7, "config": {}})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]      # no temporary file left behind
 
@@ -176,7 +176,99 @@ def test_optimizer_state_keeps_number_valued_entries():
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1})
+        path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": {}})
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644          # readable by collaborators, as other files are
+
+
+# ----------------------------------------------------------------------------- metadata checksum, finiteness, fallback
+
+def test_an_edited_header_fails_the_metadata_checksum(tmp_path):
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, _tensors(), {"step": 1, "config": {"diffusion": {"schedule": "linear"}}})
+    data = path.read_bytes()
+    old, new = b'\\"schedule\\": \\"linear\\"', b'\\"schedule\\": \\"cosine\\"'
+    assert old in data
+    path.write_bytes(data.replace(old, new))          # same length: the tensors and their checksum are intact
+    for read in (read_metadata, load_checkpoint):
+        with pytest.raises(CheckpointError, match="failed its metadata checksum"):
+            read(path)
+
+
+def test_checkpoints_without_a_metadata_checksum_still_load(tmp_path):
+    """Files written before the metadata checksum existed: the tensor checksum alone, as before."""
+    from ddpm.checkpoint import tensor_checksum
+
+    path = tmp_path / "old.safetensors"
+    tensors = _tensors()
+    meta = json.dumps({"format_version": 1, "step": 3, "config": {"a": 1}})
+    save_file(tensors, str(path), metadata={"ddpm": meta, "checksum": tensor_checksum(tensors)})
+    loaded, meta = load_checkpoint(path)
+    assert meta["step"] == 3 and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("name", ["model.w", "ema.w"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_with_their_name(tmp_path, name, value):
+    tensors = _tensors()
+    tensors[name] = tensors[name].clone()
+    tensors[name][1, 2] = value
+    path = save_checkpoint(checkpoint_path(tmp_path, 1), tensors, {"step": 1, "config": {}})
+    with pytest.raises(CheckpointError, match=f"non-finite weights \\(NaN or inf in {name}\\)"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"step": 1}, "'config' entry is missing"),
+    ({"step": 1, "config": [1]}, "'config' is a list, not an object"),
+    ({"step": -1, "config": {}}, "no valid step"),
+    ({"step": "3", "config": {}}, "no valid step"),
+    ({"config": {}}, "no valid step"),
+])
+def test_metadata_without_step_or_config_object_is_refused(tmp_path, meta, message):
+    path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), meta)
+    with pytest.raises(CheckpointError, match=message):
+        read_metadata(path)
+
+
+def test_newest_verified_checkpoint_skips_broken_ones_with_a_warning_each(tmp_path):
+    from ddpm.checkpoint import load_newest_verified
+
+    for step in (2, 4, 6):
+        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step, "config": {}})
+    newest = checkpoint_path(tmp_path, 6)
+    newest.write_bytes(newest.read_bytes()[:-9])                       # truncated by a crash
+    nan = _tensors(4)
+    nan["ema.w"] = torch.full_like(nan["ema.w"], float("nan"))
+    save_checkpoint(checkpoint_path(tmp_path, 4), nan, {"step": 4, "config": {}})
+    warnings: list[str] = []
+    tensors, meta = load_newest_verified(tmp_path, warn=warnings.append)
+    assert meta["step"] == 2 and torch.equal(tensors["model.w"], _tensors(2)["model.w"])
+    assert len(warnings) == 2 and all("\n" not in w for w in warnings)
+    assert str(newest) in warnings[0] and str(checkpoint_path(tmp_path, 4)) in warnings[1]
+    assert "non-finite" in warnings[1]
+
+
+def test_newest_verified_checkpoint_of_a_run_without_any_good_one(tmp_path):
+    from ddpm.checkpoint import load_newest_verified
+
+    assert load_newest_verified(tmp_path, warn=pytest.fail) is None          # no checkpoint at all: None
+    path = save_checkpoint(checkpoint_path(tmp_path, 2), _tensors(), {"step": 2, "config": {}})
+    path.write_bytes(path.read_bytes()[:-9])
+    with pytest.raises(CheckpointError, match="none of the 1 checkpoint\\(s\\) of .* verifies; the newest: "):
+        load_newest_verified(tmp_path, warn=lambda message: None)
+
+
+def test_a_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path, monkeypatch):
+    def failing_replace(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match="No space left on device; no checkpoint was written"):
+        save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": {}})
+    monkeypatch.undo()
+    first = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": {}})
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(CheckpointError, match=f"No space left on device; the previous checkpoint {first} is intact"):
+        save_checkpoint(checkpoint_path(tmp_path, 2), _tensors(), {"step": 2, "config": {}})

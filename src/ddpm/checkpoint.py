@@ -7,7 +7,14 @@ tensors ``model.*`` (raw weights), ``ema.*`` (the moving average) and ``optim.*`
 * ``ddpm``: JSON with ``format_version``, ``step``, ``config`` (the full :class:`RunConfig`)
   and any further run state;
 * ``checksum``: SHA-256 over every tensor's name, dtype, shape and bytes, verified on load,
-  so a truncated or tampered file is refused.
+  so a truncated or tampered file is refused;
+* ``meta_checksum``: SHA-256 of the ``ddpm`` JSON text, so an edited header (say ``schedule``
+  changed from linear to cosine) is refused like edited weights. Checkpoints written before it
+  existed have none and load as before.
+
+Loading also refuses non-finite weights (NaN or inf in ``model.*`` or ``ema.*``) and metadata
+without a ``step`` or a ``config`` object; the configuration's bounds are checked by
+:meth:`ddpm.config.RunConfig.from_dict` before any model is built.
 """
 
 from __future__ import annotations
@@ -16,17 +23,21 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .errors import OutputError
 from .fileio import atomic_write
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_metadata", "resolve_checkpoint",
-           "checkpoint_path", "list_checkpoints", "tensor_checksum", "split_prefix", "load_weights", "flatten_optimizer_state",
+           "load_newest_verified", "metadata_checksum", "checkpoint_path", "list_checkpoints", "tensor_checksum",
+           "split_prefix", "load_weights", "flatten_optimizer_state",
            "unflatten_optimizer_state"]
 
 FORMAT_VERSION = 1
@@ -75,6 +86,11 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def metadata_checksum(text: str) -> str:
+    """SHA-256 of the ``ddpm`` metadata exactly as stored (a JSON string)."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write tensors and JSON-serialisable ``meta`` to ``path`` atomically.
 
@@ -82,18 +98,31 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     ``path`` is left intact and no temporary file remains.
     """
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {"ddpm": json.dumps({"format_version": FORMAT_VERSION, **meta}),
-              "checksum": tensor_checksum(tensors)}
+    text = json.dumps({"format_version": FORMAT_VERSION, **meta})
+    header = {"ddpm": text, "checksum": tensor_checksum(tensors), "meta_checksum": metadata_checksum(text)}
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata=header)
         os.chmod(tmp, 0o666 & ~_umask())          # safetensors creates files 0600; honour the umask instead
 
+    kept = _kept_on_failure(Path(path))
     try:
         return atomic_write(path, write)
     except (OSError, SafetensorError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise CheckpointError(f"could not save checkpoint {path}: {reason}; "
-                              "the previous checkpoint is intact") from None
+        if isinstance(exc, OutputError):                  # its message already names the path
+            reason = str(exc).removeprefix(f"cannot write {path}: ")
+        raise CheckpointError(f"could not save checkpoint {path}: {reason}; {kept}") from None
+
+
+def _kept_on_failure(path: Path) -> str:
+    """What a failed save leaves intact, said truthfully (there may be no previous checkpoint)."""
+    if path.exists():
+        return f"the file already at {path} is intact"
+    earlier = []
+    if path.parent.name == "checkpoints":
+        earlier = [p for _, p in list_checkpoints(path.parent.parent) if p != path]
+    return f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no checkpoint was written"
 
 
 def _header(path: Path) -> dict:
@@ -110,15 +139,34 @@ def _header(path: Path) -> dict:
 def read_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of a checkpoint (file or run directory), without reading tensors."""
     path = resolve_checkpoint(path)
+    header = _header(path)
+    text = header["ddpm"]
     try:
-        meta = json.loads(_header(path)["ddpm"])
-    except json.JSONDecodeError:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path} has corrupt ddpm metadata") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has corrupt ddpm metadata (not a JSON object)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {version!r}; "
                               f"this ddpm reads version {FORMAT_VERSION}")
+    if "meta_checksum" in header and header["meta_checksum"] != metadata_checksum(text):
+        raise CheckpointError(f"{path} failed its metadata checksum: the header was modified or is corrupt")
+    _check_metadata(path, meta)
     return meta
+
+
+def _check_metadata(path: Path, meta: dict) -> None:
+    """The run state every reader relies on: a step count and a configuration object."""
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path} has no valid step in its metadata (got {step!r})")
+    if "config" not in meta:
+        raise CheckpointError(f"{path} has no configuration in its metadata (the 'config' entry is missing)")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path} has an unusable configuration: 'config' is a {type(meta['config']).__name__}, "
+                              "not an object")
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -138,8 +186,42 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from None
     if verify and tensor_checksum(tensors) != header.get("checksum"):
         raise CheckpointError(f"{path} failed its checksum: the file is corrupt or was modified")
+    _check_finite(path, tensors)
     meta["path"] = str(path)
     return {k: v.to(device) for k, v in tensors.items()}, meta
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or inf weights: they would only give NaN images (or a NaN run) much later."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if name.startswith(("model.", "ema.")) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path} holds non-finite weights (NaN or inf in {name}); it cannot be used")
+
+
+def _warn(message: str) -> None:
+    print(f"ddpm: warning: {message}", file=sys.stderr)
+
+
+def load_newest_verified(run_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                         warn: Callable[[str], None] = _warn) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint of ``run_dir`` that loads and verifies: (tensors, metadata).
+
+    Each newer checkpoint that fails (truncated, tampered, non-finite) is skipped with one
+    ``warn`` line naming it. None when the run has no checkpoint at all; a run whose
+    checkpoints all fail raises :class:`CheckpointError` naming the newest one and why.
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    first_error = None
+    for _, path in reversed(found):
+        try:
+            return load_checkpoint(path, device=device)
+        except CheckpointError as exc:
+            first_error = first_error or exc
+            warn(f"skipped a checkpoint that does not verify: {exc}")
+    raise CheckpointError(f"none of the {len(found)} checkpoint(s) of {run_dir} verifies; the newest: {first_error}")
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, DdpmError, TrainingInterrupted
+from .errors import ConfigError, DdpmError, OutputError, TrainingInterrupted
 
 # ddpm.precision.CHOICES, repeated so that building the parser does not import torch.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -101,6 +102,10 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+# T and seeds are bounded as they are parsed: a schedule of 10^9 steps would exhaust the memory before
+# any message. The bounds are those of ddpm.config (MAX_TIMESTEPS, SEED_LIMIT).
+_timesteps = _number(int, lambda v: 2 <= v <= 100_000, "an integer T from 2 to 100,000")
+_seed = _number(int, lambda v: 0 <= v < 2 ** 63, "an integer seed from 0 to 2^63 - 1")
 
 
 def _add_train(sub) -> None:
@@ -125,7 +130,7 @@ def _add_train(sub) -> None:
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
                         "fashion-mnist, cifar10 for cifar10)")
-    g.add_argument("--timesteps", type=_positive_int, help="T (default 1000)")
+    g.add_argument("--timesteps", type=_timesteps, help="T (default 1000)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
     g.add_argument("--loss-weighting", choices=("uniform", "min-snr"), help="default uniform (L_simple)")
@@ -170,7 +175,7 @@ def _add_train(sub) -> None:
                         "fp32 is bit-for-bit reproducible; see docs/speed.md)")
     g.add_argument("--grad-checkpointing", action=bool_flag, help="trade compute for memory")
     g.add_argument("--max-bad-steps", type=_positive_int, help="non-finite steps in a row before stopping")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_seed)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--init", metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's EMA weights, with its architecture (and, unless "
@@ -252,7 +257,7 @@ def _add_sample(sub) -> None:
                         "torchrun write --num-images, since torchrun takes --n for its own --nnodes)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
-    p.add_argument("--seed", type=int, default=0, help="image k uses a seed derived from (seed, k)")
+    p.add_argument("--seed", type=_seed, default=0, help="image k uses a seed derived from (seed, k)")
     p.add_argument("--start-index", type=_nonneg_int, default=0, metavar="K",
                    help="first image index: --start-index K --n M regenerates images K..K+M-1 of a run")
     p.add_argument("--device", default="auto")
@@ -350,7 +355,7 @@ def _add_interpolate(sub) -> None:
     p.add_argument("--method", choices=("linear", "slerp"), default="linear",
                    help="linear (the paper's) or spherical interpolation of the two x_t")
     p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     p.add_argument("--invert", action="store_true",
@@ -435,6 +440,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
     p.add_argument("--out", metavar="JSON", help="write the results here (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --nn-grid file")
     g = p.add_argument_group("sampling (with --checkpoint)")
     g.add_argument("--sampler", help="sampler name (default: ancestral over 50 respaced steps, as ddpm sample)")
     g.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 without --sampler, else all T)")
@@ -443,7 +449,7 @@ def _add_eval(sub) -> None:
                    help="sample a class-conditional model at this class (an index, or a name the checkpoint lists)")
     g.add_argument("--guidance-scale", type=_nonneg_float, help="classifier-free guidance with --class (default 2)")
     g.add_argument("--batch-size", type=_positive_int, default=64)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto")
     g.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_precision(g)
@@ -556,9 +562,10 @@ def _add_viz(sub) -> None:
 
     s = what.add_parser("schedule", help="alpha-bar, beta and log SNR against t, for each schedule",
                         description="Plot alpha-bar_t, beta_t and log SNR(t) of the schedules side by side.")
-    s.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
+    s.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     s.add_argument("--schedules", **schedules)
     s.add_argument("--out", required=True, metavar="PNG")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     f = what.add_parser("forward", help="real images diffused to chosen steps, one block per schedule",
                         description="Diffuse real images with q(x_t | x_0) (Eq. 4) to the chosen 0-based steps, "
@@ -567,12 +574,13 @@ def _add_viz(sub) -> None:
     f.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
     f.add_argument("--steps", type=_nonneg_int, nargs="+", default=[0, 100, 250, 500, 750, 999], metavar="T",
                    help="0-based steps to show (default 0 100 250 500 750 999)")
-    f.add_argument("--timesteps", type=_positive_int, default=1000, help="T (default 1000)")
+    f.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     f.add_argument("--schedules", **schedules)
     f.add_argument("--n", type=_positive_int, default=4, help="images, the first n of the train split (default 4)")
     f.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N", help="resize and center-crop")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=_seed, default=0)
     f.add_argument("--out", required=True, metavar="PNG")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     r = what.add_parser("reverse", help="x_t and the x0 estimate over the reverse process (Figure 6)",
                         description="Progressive generation from a checkpoint with any sampler: for each image, "
@@ -580,12 +588,13 @@ def _add_viz(sub) -> None:
     r.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
     r.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
     r.add_argument("--frames", type=_positive_int, default=10, help="columns: sampler steps shown (default 10)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_class_option(r, "class labels (indices or names) or 'all': --n images of each")
     _add_sampler_options(r)
     r.add_argument("--out", required=True, metavar="PNG")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     t = what.add_parser("training", help="loss curves and sample grids of a run, as one PNG",
                         description="Loss curve, loss per timestep quartile and the sample grids over a run "
@@ -593,6 +602,7 @@ def _add_viz(sub) -> None:
     t.add_argument("run_dir", metavar="RUN_DIR")
     t.add_argument("--grids", type=_positive_int, default=4, help="sample grids shown, evenly spread (default 4)")
     t.add_argument("--out", required=True, metavar="PNG")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -653,9 +663,19 @@ def _resume_config(args):
 
 
 def cmd_train(args) -> int:
+    from .train import StopSignals
+
+    with StopSignals() as stop:            # SIGINT / SIGTERM handled before the run directory exists
+        return _train(args, stop)
+
+
+def _train(args, stop) -> int:
+    """Check everything, claim the run directory (rank 0 locks it), train in it."""
     from . import distributed
-    from .config import build_model
-    from .train import check_training_data, load_training_data, prepare_run_dir, train
+    from .checkpoint import list_checkpoints
+    from .config import check_training_memory
+    from .fileio import RunLock
+    from .train import check_training_data, claim_run_dir, load_training_data
 
     main_rank = distributed.is_main()
     with distributed.agree("checking the configuration"):     # one rank's mistake stops all, one message
@@ -665,7 +685,8 @@ def cmd_train(args) -> int:
         else:
             config, data = _train_config(args)
             check_training_data(config, data)
-        distributed.training_device(config.train.device)     # an unavailable device is an error before anything runs
+        device = distributed.training_device(config.train.device)   # an unavailable device: an error before
+        check_training_memory(config, device)                # anything runs, and so is a model too big for it
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))
@@ -673,13 +694,29 @@ def cmd_train(args) -> int:
     if data.skipped and main_rank:
         print(f"ddpm: warning: skipped {len(data.skipped)} unreadable image(s) (--strict makes this an error): "
               + "; ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
+    lock = None
+    with distributed.agree("claiming the run directory"):     # rank 0 holds the lock while the run writes
+        if main_rank and args.resume:
+            lock = RunLock(run_dir).acquire()
+        elif main_rank:
+            run_dir, lock = claim_run_dir(args.out)
     if not args.resume:
-        run_dir = None
-        with distributed.agree("creating the run directory"):
-            if main_rank:
-                run_dir = prepare_run_dir(args.out)
         # With no --out only rank 0 picks the next free runs/NNN; the others take its choice.
-        run_dir = Path(distributed.broadcast_object(None if run_dir is None else str(run_dir)))
+        run_dir = Path(distributed.broadcast_object(None if not main_rank else str(run_dir)))
+    try:
+        return _train_in(args, config, data, run_dir, stop, resume=bool(list_checkpoints(run_dir)))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
+    """Train in the claimed ``run_dir``: from its newest verified checkpoint (``resume``) or from step 0."""
+    from . import distributed
+    from .config import build_model
+    from .train import train
+
+    main_rank = distributed.is_main()
     world = distributed.world_size()
     if not args.quiet and main_rank:
         verb = "resuming" if args.resume else "training"
@@ -687,7 +724,7 @@ def cmd_train(args) -> int:
         print(f"{verb} preset {config.preset!r} ({build_model(config).num_parameters() / 1e6:.2f}M parameters) "
               f"on {data.name} ({_plural(data.num_images, 'image')}, {data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
               f"to step {config.train.steps}{procs} -> {run_dir}", file=sys.stderr)
-    result = train(config, run_dir, data=data, resume=bool(args.resume), progress=not args.quiet)
+    result = train(config, run_dir, data=data, resume=resume, progress=not args.quiet, stop=stop)
     if not main_rank:
         return 0
     print(f"done in {result.seconds:.0f} s: checkpoint {result.checkpoint}, samples {result.grid}")
@@ -698,11 +735,12 @@ def cmd_train(args) -> int:
 
 
 def _output_dir(args, names: tuple[str, ...]) -> Path:
+    """``--out DIR`` checked before any work: writable, not below a file, none of ``names`` there
+    unless ``--overwrite``. (The outputs are then staged and moved into DIR together.)"""
+    from .fileio import check_output_path
     from .train import new_run_dir
 
-    out = Path(args.out) if args.out else new_run_dir("samples")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
+    out = check_output_path(Path(args.out) if args.out else new_run_dir("samples"), directory=True)
     existing = [name for name in names if (out / name).exists()]
     if existing and not args.overwrite:
         raise ConfigError(f"{out} already holds {', '.join(existing)}; choose another --out or pass --overwrite")
@@ -803,8 +841,11 @@ def cmd_inspect(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation.pipeline import EvalConfig, evaluate
-    from .fileio import write_json
+    from .fileio import check_output_path, write_json
 
+    for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
+        if path:                        # before any work: an existing file needs --overwrite
+            check_output_path(path, overwrite=args.overwrite, option=option)
     names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
              "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
              "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
@@ -824,11 +865,12 @@ def cmd_eval(args) -> int:
 def cmd_viz(args) -> int:
     from . import viz
 
+    from .fileio import check_output_path
+
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ConfigError(f"--out {out} must end in .png")
-    if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory")
+    check_output_path(out, overwrite=args.overwrite)       # a directory, below a file, an existing file
     if args.viz_command == "schedule":
         viz.schedule_figure(out, timesteps=args.timesteps, schedules=args.schedules)
     elif args.viz_command == "forward":
@@ -907,7 +949,7 @@ def _add_distill(sub) -> None:
     g.add_argument("--ema-decay", type=float, help="the students' EMA decay (with the teacher's warm-up setting)")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
     g.add_argument("--precision", choices=PRECISION_CHOICES, help="(default auto, as ddpm train)")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=_seed)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g = p.add_argument_group("output")
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
@@ -1220,6 +1262,17 @@ def _discard_stdout() -> None:
         pass
 
 
+# OSError numbers that mean the environment (disk, permissions, limits), never a bug: one line, no traceback.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG,
+                                errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE,
+                                errno.ENFILE, errno.ENOMEM})
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line, whatever a library put in it."""
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1247,8 +1300,16 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun, rank 0 speaks for errors every rank shares (decided together, or gathered
         # by distributed.agree); a lost peer is news only the rank that saw it can give.
         if distributed.is_main() or isinstance(exc, distributed.PeerLost):
-            print(f"ddpm: error: {exc}", file=sys.stderr)
+            print(f"ddpm: error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise                   # not the disk, permissions or limits: a bug, which keeps its traceback
+        print(f"ddpm: error: cannot write {exc.filename or 'a file'}: {exc.strerror or exc}", file=sys.stderr)
+        return OutputError.exit_code
+    except MemoryError:
+        print("ddpm: error: out of memory; choose a smaller model, image size or batch size", file=sys.stderr)
+        return ConfigError.exit_code
     except KeyboardInterrupt:
         print("ddpm: interrupted", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ run directory and inside every checkpoint, so sampling needs no training option 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -22,19 +23,43 @@ from .timestep_sampling import TIMESTEP_SAMPLINGS
 __all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "SamplingConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
            "RECIPES", "INIT_MAY_CHANGE", "resolve_init_config", "per_process_batch", "build_model", "load_toml", "merge_layers",
            "dataset_num_classes", "resolve_train_config", "checkpoint_global_batch", "RESUME_MAY_CHANGE",
-           "resume_config"]
+           "resume_config", "check_model_options", "model_bytes", "training_bytes_at_least",
+           "check_training_memory", "MAX_TIMESTEPS", "MAX_IMAGE_SIDE", "MAX_DIM", "SEED_LIMIT"]
 
 # The U-Net preset used when --preset is not given, by dataset name.
 DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "cifar10"}
 
 
+# Bounds on the numbers a configuration may hold: wide enough for any real run, narrow enough that
+# a typo (or a hostile checkpoint header) is refused before anything is allocated.
+MAX_TIMESTEPS = 100_000          # T
+MAX_IMAGE_SIDE = 4_096           # pixels per side
+MAX_DIM = 4_096                  # the U-Net's base channel count
+SEED_LIMIT = 2 ** 63             # seeds are in [0, 2^63)
+MAX_COUNT = 10 ** 9              # steps, intervals
+MAX_BATCH = 65_536               # images per forward pass, micro-batches, images per grid
+
+
+def _allowed(cls, exclude: tuple[str, ...] = ()) -> list[str]:
+    return [f.name for f in fields(cls) if f.name not in exclude]
+
+
+def _check_keys(d: dict, cls, section: str, where: str = "", exclude: tuple[str, ...] = ()) -> None:
+    """Unknown keys named with their section and the keys allowed there."""
+    unknown = sorted(set(d) - set(_allowed(cls, exclude)))
+    if unknown:
+        raise ConfigError(f"{where}unknown option(s) {', '.join(map(repr, unknown))} in [{section}]; "
+                          f"allowed: {', '.join(_allowed(cls, exclude))}")
+
+
 def _from_dict(cls, d: dict, section: str):
+    from .models import UnetConfig
+
     if not isinstance(d, dict):
         raise ConfigError(f"[{section}] must be a table of options")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"unknown option(s) in [{section}]: {', '.join(unknown)}")
+    _check_keys(d, cls, section)
+    if cls is UnetConfig:
+        check_model_options(d)
     return cls(**d)
 
 
@@ -45,6 +70,25 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(value: Any, what: str, lo: int, hi: int) -> None:
+    """An integer in [lo, hi], or one line stating the range."""
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ConfigError(f"{what} must be an integer from {lo:,} to {hi:,}; got {value!r}")
+
+
+def _check_float(value: Any, what: str, lo: float = 0.0, hi: float = math.inf, *, lo_open: bool = False,
+                 hi_open: bool = False) -> None:
+    """A finite number in the range (NaN and inf refused), or one line stating the range."""
+    ok = (_is_number(value) and math.isfinite(value) and (value > lo if lo_open else value >= lo)
+          and (value < hi if hi_open else value <= hi))
+    if not ok:
+        if hi == math.inf:
+            bound = f"{'>' if lo_open else '>='} {lo:g}"
+        else:
+            bound = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ConfigError(f"{what} must be a finite number {bound}; got {value!r}")
 
 
 def _choice(value: Any, choices, what: str) -> None:
@@ -71,20 +115,16 @@ class DiffusionConfig:
     self_condition: bool = False       # feed the previous x0 estimate back as extra input (Chen et al. 2023)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.timesteps) or self.timesteps < 2:
-            raise ConfigError(f"timesteps must be an integer >= 2; got {self.timesteps!r}")
+        _check_int(self.timesteps, "timesteps", 2, MAX_TIMESTEPS)
         _choice(self.schedule, tuple(SCHEDULES), "schedule")
         _choice(self.objective, OBJECTIVES, "objective")
         _choice(self.loss_weighting, LOSS_WEIGHTINGS, "loss weighting")
         _choice(self.variance, VARIANCES, "variance")
-        if not self.min_snr_gamma > 0:
-            raise ConfigError(f"min_snr_gamma must be > 0; got {self.min_snr_gamma}")
+        _check_float(self.min_snr_gamma, "min_snr_gamma", 0.0, lo_open=True)
         _choice(self.loss, LOSSES, "loss")
         _choice(self.timestep_sampling, TIMESTEP_SAMPLINGS, "timestep sampling")
-        if not _is_number(self.vlb_weight) or not self.vlb_weight > 0:
-            raise ConfigError(f"vlb_weight must be a number > 0; got {self.vlb_weight!r}")
-        if not _is_number(self.offset_noise) or not self.offset_noise >= 0:
-            raise ConfigError(f"offset noise strength must be a number >= 0; got {self.offset_noise!r}")
+        _check_float(self.vlb_weight, "vlb_weight", 0.0, lo_open=True)
+        _check_float(self.offset_noise, "offset noise strength", 0.0)
         if not isinstance(self.self_condition, bool):
             raise ConfigError(f"self_condition must be true or false; got {self.self_condition!r}")
         self._check_combination()
@@ -138,8 +178,9 @@ class DataConfig:
             self.image_size = (self.image_size, self.image_size)
         if self.image_size is not None:
             size = tuple(self.image_size)
-            if len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size):
-                raise ConfigError(f"image size must be a positive integer or H W; got {self.image_size!r}")
+            if len(size) != 2 or not all(_is_int(s) and 1 <= s <= MAX_IMAGE_SIDE for s in size):
+                raise ConfigError(f"image size must be an integer or H W, each from 1 to {MAX_IMAGE_SIDE:,}; "
+                                  f"got {self.image_size!r}")
             self.image_size = size
         _choice(self.split, ("train", "test"), "split")
         if self.channels is not None:
@@ -185,31 +226,24 @@ class TrainConfig:
     time_limit: float = 0.0            # minutes: stop (saving a checkpoint and the final grid) once reached; 0: none
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "num_samples", "log_every", "max_bad_steps", "eval_samples"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer; got {value!r}")
+        for name in ("steps", "log_every", "max_bad_steps"):
+            _check_int(getattr(self, name), name.replace("_", " "), 1, MAX_COUNT)
+        for name in ("batch_size", "grad_accum", "num_samples", "eval_samples"):
+            _check_int(getattr(self, name), name.replace("_", " "), 1, MAX_BATCH)
         for name in ("sample_every", "checkpoint_every", "warmup_steps", "keep_last", "milestone_every", "eval_every"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 0:
-                raise ConfigError(f"{name.replace('_', ' ')} must be a non-negative integer; got {value!r}")
+            _check_int(getattr(self, name), name.replace("_", " "), 0, MAX_COUNT)
         _choice(self.optimizer, ("adam", "adamw"), "optimizer")
         self._check_evaluation()
         _choice(self.precision, ("auto", "fp32", "bf16", "fp16"), "precision")
-        if not _is_number(self.lr) or not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0; got {self.lr!r}")
-        if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
-            raise ConfigError(f"weight decay must be >= 0; got {self.weight_decay!r}")
-        if not _is_number(self.grad_clip) or not self.grad_clip >= 0:
-            raise ConfigError(f"gradient clipping norm must be >= 0; got {self.grad_clip!r}")
-        if not _is_number(self.ema_decay) or not 0.0 <= self.ema_decay <= 1.0:
-            raise ConfigError(f"EMA decay must be in [0, 1]; got {self.ema_decay!r}")
-        if not _is_number(self.label_dropout) or not 0.0 <= self.label_dropout <= 1.0:
-            raise ConfigError(f"label dropout must be in [0, 1]; got {self.label_dropout!r}")
-        if not _is_number(self.time_limit) or not self.time_limit >= 0:
-            raise ConfigError(f"time limit must be >= 0 minutes; got {self.time_limit!r}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed must be an integer; got {self.seed!r}")
+        _check_float(self.lr, "learning rate", 0.0, lo_open=True)
+        _check_float(self.weight_decay, "weight decay", 0.0)
+        _check_float(self.grad_clip, "gradient clipping norm", 0.0)
+        _check_float(self.ema_decay, "EMA decay", 0.0, 1.0)
+        _check_float(self.label_dropout, "label dropout", 0.0, 1.0)
+        _check_float(self.time_limit, "time limit (minutes)", 0.0)
+        _check_int(self.seed, "seed", 0, SEED_LIMIT - 1)
+        if self.init is not None and not isinstance(self.init, (str, os.PathLike)):
+            raise ConfigError(f"init must be a checkpoint path; got {self.init!r}")
         if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
         for name in ("ema_warmup", "grad_checkpointing"):
@@ -269,8 +303,10 @@ class SamplingConfig:
     clip: bool | None = None           # None: the checkpoint's diffusion.clip_denoised
 
     def __post_init__(self) -> None:
-        if self.steps is not None and (not _is_int(self.steps) or self.steps < 1):
-            raise ConfigError(f"sampling steps must be a positive integer; got {self.steps!r}")
+        if self.steps is not None:
+            _check_int(self.steps, "sampling steps", 1, MAX_TIMESTEPS)
+        if self.eta is not None:
+            _check_float(self.eta, "sampling eta", 0.0, 1.0)
         if self.clip is not None and not isinstance(self.clip, bool):
             raise ConfigError(f"sampling clip must be true or false; got {self.clip!r}")
         self.options()                 # validates the sampler, spacing and eta
@@ -309,6 +345,8 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         if not isinstance(d, dict) or "model" not in d:
             raise ConfigError("configuration has no [model] section")
+        if not isinstance(d.get("preset", "custom"), str):
+            raise ConfigError(f"preset must be a string; got {d['preset']!r}")
         unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling"})
         if unknown:
             raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
@@ -328,13 +366,91 @@ class RunConfig:
         return cls(preset=preset, model=preset_config(preset, **model_overrides))
 
 
-def build_model(config: RunConfig):
-    """The U-Net that ``config`` describes.
+# Bounds on the [model] options (UnetConfig fields), checked before a UnetConfig is built: in a
+# TOML file and in a checkpoint's header. (name: (low, high)); tuples are checked entry by entry.
+_MODEL_INTS = {"channels": (1, 64), "dim": (1, MAX_DIM), "num_res_blocks": (1, 64), "norm_groups": (1, MAX_DIM),
+               "attention_heads": (1, MAX_DIM), "in_channels": (1, 128), "out_channels": (1, 128),
+               "num_classes": (1, 1_000_000)}
+_MODEL_TUPLES = {"dim_mults": (1, 64, 8), "attention_resolutions": (1, MAX_IMAGE_SIDE, 16)}   # (low, high, entries)
 
-    The diffusion options decide its channel counts, the network never learns why: 2C outputs
-    with a learned variance (prediction, then the variance interpolation), 2C inputs with
-    self-conditioning ([x_t, x0_prev]).
-    """
+
+def check_model_options(d: dict, where: str = "") -> None:
+    """Refuse [model] values out of bounds (dim 1..4,096, image sides 1..4,096, ...) or of the wrong type."""
+    for name, (lo, hi) in _MODEL_INTS.items():
+        if d.get(name) is not None:
+            _check_int(d[name], f"{where}model {name}", lo, hi)
+    for name, (lo, hi, most) in _MODEL_TUPLES.items():
+        value = d.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) > most:
+            raise ConfigError(f"{where}model {name} must be a list of at most {most} integers; got {value!r}")
+        for v in value:
+            _check_int(v, f"{where}each model {name} entry", lo, hi)
+    if "image_size" in d:
+        size = d["image_size"]
+        sides = [size] if not isinstance(size, (list, tuple)) else list(size)
+        if len(sides) not in (1, 2) or not all(_is_int(v) and 1 <= v <= MAX_IMAGE_SIDE for v in sides):
+            raise ConfigError(f"{where}model image_size must be an integer or [H, W], each from 1 to "
+                              f"{MAX_IMAGE_SIDE:,}; got {size!r}")
+    for name, lo, hi in (("dropout", 0.0, 1.0), ("norm_eps", 0.0, 1.0)):
+        if name in d:
+            _check_float(d[name], f"{where}model {name}", lo, hi, lo_open=name == "norm_eps",
+                         hi_open=name == "dropout")
+
+
+def model_bytes(config: RunConfig) -> int:
+    """Bytes of the model's float32 parameters, counted on the meta device (nothing is allocated)."""
+    import torch
+
+    with torch.device("meta"):
+        model = _unet(config)
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def training_bytes_at_least(config: RunConfig) -> int:
+    """A lower bound on training memory: weights, gradients, Adam's two moments and the EMA (5 copies
+    of the parameters), plus the activations of the top level's residual blocks kept for the backward pass."""
+    m, tc = config.model, config.train
+    h, w = m.image_size
+    blocks = 1 if tc.grad_checkpointing else 2 * m.num_res_blocks + 1
+    activations = 4 * tc.batch_size * m.dim * m.dim_mults[0] * h * w * blocks
+    return 5 * model_bytes(config) + activations
+
+
+def _device_bytes(device) -> int | None:
+    """Total memory of ``device`` (physical memory for the CPU); None where unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+def _check_fits(need: int, device, what: str) -> None:
+    have = _device_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(f"{what} at least {_gib(need)}, more than the {_gib(have)} of the {device} device; "
+                          "choose a smaller model (dim, dim_mults, num_res_blocks), image size or batch size")
+
+
+def check_training_memory(config: RunConfig, device) -> None:
+    """Refuse, before anything is built, a run whose lower-bound memory exceeds the device's."""
+    _check_fits(training_bytes_at_least(config), device, "training this model takes")
+
+
+def _unet(config: RunConfig):
+    """The U-Net of ``config``, built on the current default device."""
     from dataclasses import replace
 
     from .models import Unet
@@ -347,6 +463,18 @@ def build_model(config: RunConfig):
     if io == {"in_channels": c, "out_channels": c}:
         return Unet(m)
     return Unet(replace(m, **io))
+
+
+def build_model(config: RunConfig):
+    """The U-Net that ``config`` describes.
+
+    The diffusion options decide its channel counts, the network never learns why: 2C outputs
+    with a learned variance (prediction, then the variance interpolation), 2C inputs with
+    self-conditioning ([x_t, x0_prev]). It is built on the CPU, so its weights must fit the
+    machine's memory: that is checked first, on the meta device.
+    """
+    _check_fits(model_bytes(config), "cpu", "this model's weights take")
+    return _unet(config)
 
 
 # ----------------------------------------------------------------------------- recipes and files
@@ -372,28 +500,56 @@ RECIPES: dict[str, dict[str, dict]] = {
 
 
 def load_toml(path: str | os.PathLike) -> dict:
-    """Read a TOML configuration file: optional ``preset`` and tables [model], [diffusion], [data], [train]."""
+    """Read a TOML configuration file: optional ``preset`` and tables [model], [diffusion], [data], [train].
+
+    A file that is binary or not UTF-8, an unknown table or an unknown key in a table (named with
+    its section and the keys allowed there) is one :class:`ConfigError`.
+    """
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
-    try:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"no such configuration file: {path}") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
+    from .models import UnetConfig
+
+    d = _parse_toml(path, tomllib)
     unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train"})
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; "
                           "expected preset and the tables [model], [diffusion], [data], [train]")
     if "preset" in d and not isinstance(d["preset"], str):
         raise ConfigError(f"{path}: preset must be a string; got {d['preset']!r}")
-    for section in ("model", "diffusion", "data", "train"):
-        if section in d and not isinstance(d[section], dict):
+    tables = {"model": UnetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+    for section, cls in tables.items():
+        if section not in d:
+            continue
+        if not isinstance(d[section], dict):
             raise ConfigError(f"{path}: {section} must be a table [{section}]; got {d[section]!r}")
+        _check_keys(d[section], cls, section, where=f"{path}: ")
+    check_model_options(d.get("model", {}), where=f"{path}: ")
     return d
+
+
+def _parse_toml(path: str | os.PathLike, tomllib) -> dict:
+    """The TOML document in ``path``; unreadable, binary, non-UTF-8 or malformed files are one line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1_000_001)
+    except FileNotFoundError:
+        raise ConfigError(f"no such configuration file: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror or exc}") from None
+    if len(raw) > 1_000_000:
+        raise ConfigError(f"configuration file {path} is over 1 MB; a TOML configuration is a few lines")
+    if b"\0" in raw:
+        raise ConfigError(f"configuration file {path} is a binary file, not TOML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {str(exc).splitlines()[0]}") from None
 
 
 def merge_layers(*layers: dict) -> dict:
@@ -569,6 +725,22 @@ def _check_resume_flags(saved: RunConfig, meta: dict, flags: dict, flag_names: d
     return per_process
 
 
+def _saved_config(run_dir: Path) -> RunConfig:
+    """The config.json of a run that has no checkpoint yet."""
+    import json
+
+    from .errors import CheckpointError
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from (and no config.json to restart from)")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); start the run again with its ddpm train command") from None
+    return RunConfig.from_dict(d)
+
+
 def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict | None = None, out=None,
                   config=None, preset: str | None = None, conditional: bool = False, steps: int | None = None,
                   device: str | None = None, grad_accum: int | None = None, batch_size: int | None = None,
@@ -581,8 +753,7 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
     """
     from dataclasses import replace
 
-    from .checkpoint import list_checkpoints, read_metadata
-    from .errors import CheckpointError
+    from .checkpoint import load_newest_verified
 
     run_dir = Path(run_dir)
     if out and Path(out).resolve() != run_dir.resolve():
@@ -591,11 +762,13 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
         raise ConfigError("--config cannot be combined with --resume: the run keeps its saved configuration")
     if (run_dir / "round.json").is_file():
         raise ConfigError(f"{run_dir} is a distillation round; continue it with ddpm distill --resume {run_dir.parent}")
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
-    meta = read_metadata(found[-1][1])
-    saved = RunConfig.from_dict(meta["config"])
+    loaded = load_newest_verified(run_dir)          # a newer checkpoint that fails is skipped, with a warning
+    if loaded is not None:
+        meta = loaded[1]
+        saved = RunConfig.from_dict(meta["config"])
+    else:                                           # stopped before its first checkpoint: restart from step 0
+        saved = _saved_config(run_dir)
+        meta = {"step": 0, "global_batch": saved.train.global_batch_size(world_size)}
     grad_accum = grad_accum or saved.train.grad_accum
     per_process = _check_resume_flags(saved, meta, flags, flag_names or {}, preset=preset, conditional=conditional,
                                       world_size=world_size, grad_accum=grad_accum, batch_size=batch_size)
@@ -604,7 +777,10 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
     train_cfg = replace(saved.train, steps=steps or saved.train.steps, device=device or saved.train.device,
                         precision=precision, batch_size=per_process, grad_accum=grad_accum,
                         time_limit=time_limit or 0.0)       # a time limit is this command's, not the run's
-    if train_cfg.steps <= meta["step"]:
+    # A final checkpoint without samples.png (killed while drawing it) is completed by resuming.
+    done = meta["step"]
+    finished = train_cfg.steps < done or (train_cfg.steps == done and (run_dir / "samples.png").is_file())
+    if finished:
         raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
                           "to extend it")
     return replace(saved, train=train_cfg), run_dir

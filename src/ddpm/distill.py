@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import list_checkpoints, read_metadata, resolve_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from .config import DataConfig, RunConfig, SamplingConfig, TrainConfig, _is_int
 from .denoiser import denoise
 from .diffusion import offset_noise, q_sample
@@ -245,8 +245,9 @@ def default_teacher_steps(teacher: RunConfig) -> int:
 
 
 def load_teacher_config(path: str | os.PathLike) -> tuple[Path, RunConfig]:
-    """The teacher's checkpoint file and configuration; a missing, corrupt or foreign file is refused."""
-    meta = read_metadata(path)
+    """The teacher's checkpoint file and configuration; a missing, corrupt, foreign or non-finite file is
+    refused here, before the run directory exists (the whole file is read and verified)."""
+    _, meta = load_checkpoint(path)
     try:
         return resolve_checkpoint(path), RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as exc:

@@ -43,3 +43,18 @@ class TrainingInterrupted(DdpmError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class OutputError(ConfigError, OSError):
+    """An output path cannot be used or written: below a file, read-only, an existing file without
+    ``--overwrite``, a full disk (exit code 2). Still an :class:`OSError` for code that catches those."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class RunLocked(OutputError):
+    """Another process holds the run directory's lock (exit code 2)."""

@@ -396,7 +396,7 @@ def load_image(spec: str, image_size: tuple[int, int], channels: int, *,
     try:
         with Image.open(path) as image:
             image = image.convert({1: "L", 3: "RGB", 4: "RGBA"}[channels])
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {spec}: {exc}") from None
     height, width = image_size
     image = ImageOps.fit(image, (width, height), method=Image.BICUBIC)
@@ -493,11 +493,12 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
                 seed: int = 0, batch_size: int = 64, png: bool = False, progressive: bool = False,
                 progress: bool = True, meta: dict | None = None) -> dict[str, Path] | None:
     """Generate ``plan``'s images and write grid.png, samples.npz (with indices and labels), record.json,
-    optionally images/NNNNNN.png and progressive.png (labelled, titled after the checkpoint ``meta``).
-    Under torchrun each process generates a contiguous range of the indices (image k depends only on
-    (seed, k)) and rank 0 writes; the others return None."""
+    optionally images/NNNNNN.png and progressive.png (labelled, titled after the checkpoint ``meta``), all
+    staged and moved into ``out`` together (a failure, e.g. a full disk, leaves none of them). Under torchrun
+    each process generates a contiguous range of the indices (image k depends only on (seed, k)) and rank 0
+    writes; the others return None."""
     from . import distributed
-    from .fileio import write_json
+    from .fileio import staged_dir, write_json
 
     out = Path(out)
     lo, hi = distributed.shard_range(plan.total)
@@ -512,9 +513,7 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
         from . import viz
 
         images = gathered[0]
-        viz.progressive_png(out / "progressive.png", gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1),
-                            progressive_timesteps(diffusion, sampling=sampling),
-                            title=viz.progressive_title(diffusion, sampling, seed, meta))
+        frames = (gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1))      # x_t, x0_pred [F, N, ...]
     else:
         gathered = distributed.gather_arrays((generate(diffusion, hi - lo, sampling=sampling, **common),))
         if gathered is None:             # not rank 0: its images went to rank 0, which writes them
@@ -522,12 +521,16 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
         images = gathered[0]
     indices = np.arange(plan.start_index, plan.start_index + plan.total)
     arrays = {"indices": indices} if plan.labels is None else {"indices": indices, "labels": np.asarray(plan.labels)}
-    paths = write_samples(out, images, nrow=plan.nrow, **arrays)
-    if png:
-        for k, image in zip(indices, images):
-            save_png(out / "images" / f"{k:06d}.png", image)
-    paths["record"] = write_json(out / "record.json", plan.record)
-    return paths
+    with staged_dir(out) as stage:
+        if progressive:
+            viz.progressive_png(stage / "progressive.png", *frames, progressive_timesteps(diffusion, sampling=sampling),
+                                title=viz.progressive_title(diffusion, sampling, seed, meta))
+        names = {key: Path(p).name for key, p in write_samples(stage, images, nrow=plan.nrow, **arrays).items()}
+        if png:
+            for k, image in zip(indices, images):
+                save_png(stage / "images" / f"{k:06d}.png", image)
+        write_json(stage / "record.json", plan.record)
+    return {**{key: out / name for key, name in names.items()}, "record": out / "record.json"}
 
 
 def interpolation_folder(diffusion: GaussianDiffusion, meta: dict, out: str | os.PathLike, image_a: str, image_b: str,
@@ -536,9 +539,10 @@ def interpolation_folder(diffusion: GaussianDiffusion, meta: dict, out: str | os
                          device: str = "cpu", invert: bool = False, classes=None,
                          guidance_scale: float | None = None) -> tuple[Path, int]:
     """:func:`interpolate` between two input images (files or DATASET:INDEX), written to ``out`` as
-    interpolation.png (the inputs at both ends), interpolation.npz and record.json. Returns (png, t).
-    ``invert`` starts from DDIM inversions; ``classes`` (one class, index or name) conditions every interpolant."""
-    from .fileio import write_json
+    interpolation.png (the inputs at both ends), interpolation.npz and record.json, staged and moved
+    into ``out`` together. Returns (png, t). ``invert`` starts from DDIM inversions; ``classes`` (one
+    class, index or name) conditions every interpolant."""
+    from .fileio import staged_dir, write_json
 
     out = Path(out)
     t = diffusion.timesteps // 2 if t is None else t
@@ -550,11 +554,12 @@ def interpolation_folder(diffusion: GaussianDiffusion, meta: dict, out: str | os
     images = interpolate(diffusion, a, b, t=t, n_interp=n_interp, method=method, seed=seed, sampling=sampling,
                          invert=invert, label=None if classes is None else classes[0], guidance_scale=guidance)
     row = np.concatenate([to_uint8(a[None].cpu()), images, to_uint8(b[None].cpu())])
-    png = save_png(out / "interpolation.png", make_grid(row, nrow=len(row)))
-    save_npz(out / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, n_interp))
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, image_a=image_a, image_b=image_b,
                            t=t, n_interp=n_interp, method=method, device=str(device), invert=invert,
                            classes=classes, guidance_scale=guidance)
     record["steps"] = len(sampling.timesteps(t + 1))       # the steps from t down to 0
-    write_json(out / "record.json", record)
-    return png, t
+    with staged_dir(out) as stage:
+        save_png(stage / "interpolation.png", make_grid(row, nrow=len(row)))
+        save_npz(stage / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, n_interp))
+        write_json(stage / "record.json", record)
+    return out / "interpolation.png", t

@@ -41,13 +41,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from . import distributed
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
-                         load_weights, save_checkpoint, unflatten_optimizer_state)
+                         load_newest_verified, load_weights, save_checkpoint, unflatten_optimizer_state)
 from .config import RunConfig, checkpoint_global_batch  # re-exported: its earlier home
 from .data import ImageData, load_dataset
 from .diffusion import to_model_range
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .gaussian_diffusion import GaussianDiffusion, build_diffusion
-from .fileio import atomic_write, write_json
+from .errors import OutputError
+from .fileio import LOCK_FILE, RunLock, atomic_write, check_output_path, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
@@ -59,7 +60,8 @@ from .seeding import derive_seed
 from .timestep_sampling import ImportanceSampler
 
 __all__ = ["EMA", "EpochOrder", "label_dropout", "derive_seed", "new_run_dir", "prepare_run_dir", "load_training_data",
-           "check_training_data", "checkpoint_global_batch", "rank_rows", "lr_at", "train", "TrainResult"]
+           "check_training_data", "checkpoint_global_batch", "rank_rows", "lr_at", "train", "TrainResult",
+           "BEFORE_FIRST_CHECKPOINT", "check_restartable", "claim_run_dir", "StopSignals"]
 
 
 class EMA:
@@ -116,16 +118,49 @@ def new_run_dir(root: str | os.PathLike = "runs") -> Path:
     return root / f"{max(taken, default=0) + 1:03d}"
 
 
+# What a run writes before its first checkpoint. A directory that holds no more than these (and no
+# checkpoint) is a run stopped before it saved anything to resume from: the same command may start
+# it again from step 0, and --resume starts it from its config.json (docs/robustness.md).
+BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "provenance.json", "metrics.jsonl", "loss.png", "samples",
+                                     "checkpoints", "tensorboard", LOCK_FILE})
+
+
 def prepare_run_dir(out: str | os.PathLike | None) -> Path:
-    """Create the run directory; an existing non-empty one is an error (it would mix two runs)."""
-    run_dir = Path(out) if out is not None else new_run_dir()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ConfigError(f"run directory {run_dir} already exists and is not empty; "
-                          "choose another --out, or continue it with --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create the run directory: new, empty, or holding only what a run writes before its first checkpoint.
+
+    Anything else (a checkpoint, files of another program) is an error: it would mix two runs.
+    """
+    run_dir = check_output_path(Path(out) if out is not None else new_run_dir(), directory=True)
+    check_restartable(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}", exc.errno) from None
     return run_dir
+
+
+def check_restartable(run_dir: Path) -> None:
+    """Refuse a run directory that holds more than a run writes before its first checkpoint."""
+    if not run_dir.is_dir():
+        return
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in BEFORE_FIRST_CHECKPOINT
+                    and not p.name.startswith("."))
+    if others or list_checkpoints(run_dir):
+        held = ", ".join(others[:3]) if others else "checkpoints"
+        raise ConfigError(f"run directory {run_dir} already exists and is not empty ({held}); choose another "
+                          "--out, or continue it with --resume")
+
+
+def claim_run_dir(out: str | os.PathLike | None) -> tuple[Path, RunLock]:
+    """:func:`prepare_run_dir`, then its lock, then the check again (another run may have saved meanwhile)."""
+    run_dir = prepare_run_dir(out)
+    lock = RunLock(run_dir).acquire()
+    try:
+        check_restartable(run_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def _provenance() -> dict:
@@ -286,7 +321,7 @@ class TrainResult:
     counters: Counters
 
 
-class _StopSignals:
+class StopSignals:
     """Turn SIGINT / SIGTERM into a flag the loop checks after each step (main thread only)."""
 
     def __init__(self):
@@ -345,7 +380,8 @@ def _draw_loss_curve(run_dir: Path) -> None:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | None = None,
-          resume: bool = False, progress: bool = True, loss: Loss | None = None, objective: Loss | None = None) -> TrainResult:
+          resume: bool = False, progress: bool = True, loss: Loss | None = None, objective: Loss | None = None,
+          stop: "StopSignals | None" = None) -> TrainResult:
     """Train the model ``config`` describes and write everything to ``run_dir``.
 
     ``loss`` (a :class:`ddpm.losses.Loss`, e.g. :class:`ddpm.distill.DistillationLoss`; ``objective``
@@ -356,9 +392,11 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
     (EMA and raw weights side by side); the final grid is also copied to ``samples.png``.
-    With ``resume`` it continues from the newest checkpoint in ``run_dir``. A precision of
-    ``"auto"`` becomes the one :func:`ddpm.precision.resolve_precision` picks on this device,
-    printed once (with ``progress``) and recorded in ``config.json`` and every checkpoint.
+    With ``resume`` it continues from the newest checkpoint in ``run_dir`` that verifies. A precision
+    of ``"auto"`` becomes the one :func:`ddpm.precision.resolve_precision` picks on this device,
+    printed once (with ``progress``) and recorded in ``config.json`` and every checkpoint. ``stop``:
+    SIGINT / SIGTERM handlers the caller installed earlier (before the run directory existed);
+    None installs them here.
 
     Under torchrun (after :func:`ddpm.distributed.init`) every process runs this function: the
     U-Net is wrapped in DistributedDataParallel, each rank trains on its rows of the global batch,
@@ -367,7 +405,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     run = _set_up(config, Path(run_dir), data, resume, loss if loss is not None else objective, progress)
     log = _Log(run, progress)
     try:
-        with _StopSignals() as stop:
+        with contextlib.nullcontext(stop) if stop is not None else StopSignals() as stop:
             for step in range(run.counters.step, run.tc.steps):
                 batch = _draw_batch(run, step)                       # Algorithm 1, lines 2-4
                 per_sample = _forward_backward(run, batch)           # line 5: the gradient of the loss
@@ -467,11 +505,11 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
     if run.main:
         if chosen is not None and progress:
             print(chosen.line(), file=sys.stderr)         # once the set-up has passed its checks
-        if resume:
-            _remove_stale_temporaries(run_dir)
-            _truncate_metrics(run_dir / "metrics.jsonl", counters.step)
-        _append_provenance(run_dir, f"resume from step {counters.step}" if resume else "start")
+        # config.json first: from the moment the directory holds anything, --resume can restart it.
         write_json(run_dir / "config.json", config.to_dict())
+        _remove_stale_temporaries(run_dir)
+        _truncate_metrics(run_dir / "metrics.jsonl", counters.step)    # a fresh start (step 0) keeps none
+        _append_provenance(run_dir, f"resume from step {counters.step}" if resume else "start")
         run.ema_diffusion = build_diffusion(config, ema.model)
     return run
 
@@ -576,7 +614,7 @@ class _Outcome:
     signum: int | None                   # a stop signal received (by any rank)
 
 
-def _agree(run: _Run, per_sample: torch.Tensor, stop: "_StopSignals") -> _Outcome:
+def _agree(run: _Run, per_sample: torch.Tensor, stop: "StopSignals") -> _Outcome:
     """The global mean loss (so that every rank takes the same skip decision), any stop signal received
     by any rank, and the time limit: one small all-reduce per step with several ranks."""
     time_up = bool(run.tc.time_limit) and time.time() - run.start_time >= 60 * run.tc.time_limit
@@ -923,10 +961,10 @@ def _restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scal
              keep_ema: bool = True, timestep_sampler: ImportanceSampler | None = None) -> tuple[Counters, EMA | None]:
     """Load weights, EMA (when ``keep_ema``), optimizer, counters (and the timestep sampler's state)
     from the newest checkpoint of ``run_dir``."""
-    found = list_checkpoints(run_dir)
-    if not found:
+    loaded = load_newest_verified(run_dir, warn=lambda message: None)   # the CLI has warned already
+    if loaded is None:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
-    tensors, meta = load_checkpoint(found[-1][1])
+    tensors, meta = loaded
     saved_batch = checkpoint_global_batch(meta)
     if saved_batch != global_batch:
         tc = config.train

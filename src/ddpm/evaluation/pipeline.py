@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .features import INCEPTION_RESIZE_MODES
 
 __all__ = ["EVAL_METRICS", "EvalConfig", "evaluate", "default_metrics", "resolve_class"]
@@ -218,8 +218,11 @@ def _bpd(config: EvalConfig, diffusion) -> dict:
     from .reference import subset_indices
 
     start = time.perf_counter()
-    test = load_dataset(config.data, data_root=config.data_root, split=config.split,
-                        image_size=diffusion.image_size, channels=diffusion.channels)
+    test = load_dataset(config.data, data_root=config.data_root, split=config.split, channels=diffusion.channels)
+    if tuple(test.image_size) != tuple(diffusion.image_size):
+        raise DataError(f"{config.data} holds {test.image_size[0]}x{test.image_size[1]} images, the model "
+                        f"{diffusion.image_size[0]}x{diffusion.image_size[1]} ones; bits/dim is the model's "
+                        "bound on its own image size (resized images would give another number)")
     images = test.images[subset_indices(test.num_images, config.n)]     # a spread subset, not a prefix
     bound = evaluate_bpd(diffusion, images, batch_size=config.batch_size, seed=config.seed, progress=config.progress)
     return {**bound.to_dict(), "bpd_seconds": round(time.perf_counter() - start, 2)}

@@ -1,0 +1,252 @@
+"""Your own images at any size: presets as network shapes, old checkpoints, fingerprints, class names.
+
+The photo folder is made of crops of the two photos scikit-learn ships (``load_sample_images``:
+``china.jpg`` and ``flower.jpg``), saved as JPEG files in one class subfolder per photo.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm import ConfigError, DataError
+from ddpm.checkpoint import save_checkpoint
+from ddpm.cli import main
+from ddpm.config import RunConfig, build_diffusion
+from ddpm.data import dataset_fingerprint, fingerprint_difference, load_dataset
+from ddpm.generate import load_diffusion, sample_images
+from ddpm.models import PRESETS, Unet, UnetConfig, preset_config
+from ddpm.samplers import SamplingOptions
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from make_preset_fixture import FIXTURE, TINY, fixed_input, picked, seeded_unet  # noqa: E402
+
+LEGACY = json.loads(FIXTURE.read_text())
+CROPS_PER_PHOTO = 24
+QUICK = ["--steps", "2", "--batch-size", "4", "--timesteps", "25", "--num-samples", "2", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """48 RGB crops (96 x 128 pixels) of scikit-learn's two photos, as JPEGs in photos/china/ and photos/flower/."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    sample = load_sample_images()
+    root = tmp_path_factory.mktemp("own") / "photos"
+    rng = np.random.default_rng(0)
+    for path, image in zip(sample.filenames, sample.images):
+        folder = root / Path(path).stem
+        folder.mkdir(parents=True)
+        for k in range(CROPS_PER_PHOTO):
+            top, left = rng.integers(0, image.shape[0] - 96), rng.integers(0, image.shape[1] - 128)
+            Image.fromarray(image[top:top + 96, left:left + 128]).save(folder / f"{k:02d}.jpg", quality=90)
+    return root
+
+
+# ----------------------------------------------------------------------------- presets at any size
+
+def _sizes(name: str) -> list[tuple[tuple[int, int], int]]:
+    """Two sizes the preset can downsample (square, then 3:5) and a channel count for each."""
+    f = preset_config(name, **TINY).downsample_factor
+    return [((2 * f, 2 * f), 1), ((3 * f, 5 * f), 3), ((4 * f, 2 * f), 4)]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_keeps_its_shape_at_any_size_it_can_downsample(name):
+    """The same weights (names and shapes) as at the preset's own size, and an output of the input's shape."""
+    own = Unet(preset_config(name, **TINY)).state_dict()
+    for size, channels in _sizes(name):
+        model = Unet(preset_config(name, **TINY, image_size=size, channels=channels)).eval()
+        weights = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(("conv_in", "conv_out"))}
+        assert weights == {k: v.shape for k, v in own.items() if not k.startswith(("conv_in", "conv_out"))}
+        x = torch.randn(1, channels, *size)
+        with torch.no_grad():
+            assert model(x, torch.tensor([5])).shape == x.shape
+
+
+def test_attention_stays_at_its_level_and_the_config_holds_the_resolved_sizes():
+    config = preset_config("cifar10", image_size=(24, 40))
+    assert config.attention_levels == (1,)
+    assert config.feature_map_sizes() == [(24, 40), (12, 20), (6, 10), (3, 5)]
+    assert config.attention_resolutions == (12,)                    # the shorter side, as configs always named it
+    assert config.to_dict()["attention_levels"] == [1] and config.to_dict()["attention_resolutions"] == [12]
+    assert UnetConfig.from_dict(config.to_dict()) == config
+    assert preset_config("mnist", image_size=16).attention_resolutions == (4,)
+    assert preset_config("celebahq256").attention_resolutions == (16,)
+
+
+def test_attention_given_by_size_or_by_level_is_the_same_model():
+    by_size = UnetConfig(image_size=32, attention_resolutions=(16, 8))
+    assert by_size == UnetConfig(image_size=32, attention_levels=(2, 1)) and by_size.attention_levels == (1, 2)
+    assert UnetConfig(image_size=32).attention_levels == (1,)       # the paper's place when neither is given
+    assert UnetConfig(image_size=32, dim_mults=(1,)).attention_levels == ()
+    # Either key replaces the preset's placement.
+    assert preset_config("cifar10", attention_resolutions=(8,)).attention_levels == (2,)
+    assert preset_config("cifar10", attention_levels=(0, 3)).attention_resolutions == (32, 4)
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(attention_levels=(4,)), "do not exist"),
+    (dict(attention_levels=(1, 1)), "twice"),
+    (dict(attention_levels=1), "list of integers"),
+    (dict(attention_resolutions=(7,)), "match no level"),
+    (dict(attention_levels=(2,), attention_resolutions=(16,)), "disagree"),
+    (dict(image_size=(20, 32)), "divisible by 8"),
+    (dict(image_size=None, attention_resolutions=(16,)), "need an image_size"),
+])
+def test_attention_and_sizes_that_do_not_fit_are_refused(options, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        UnetConfig(**options)
+
+
+def test_cifar10_keeps_the_papers_parameter_count_at_any_size():
+    for size in (32, (24, 40), 64):
+        with torch.device("meta"):
+            model = Unet(preset_config("cifar10", image_size=size))
+        assert model.num_parameters() == 35_746_307                  # Ho et al. 2020, Appendix B
+
+
+def test_a_model_of_open_size_runs_at_every_multiple_of_its_downsample_factor():
+    torch.manual_seed(0)
+    model = Unet(image_size=None, channels=3, dim=16, dim_mults=(1, 2, 2), attention_levels=(2,), norm_groups=8)
+    assert model.image_size is None and model.config.attention_resolutions is None
+    assert model.downsample_factor == 4
+    for h, w in ((8, 8), (12, 20), (32, 16)):
+        assert model(torch.randn(1, 3, h, w), torch.tensor([1])).shape == (1, 3, h, w)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(torch.randn(1, 3, 10, 8), torch.tensor([1]))
+    assert model.config.feature_map_sizes((12, 20)) == [(12, 20), (6, 10), (3, 5)]
+
+
+# ----------------------------------------------------------------------------- checkpoints written before
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_configs_written_before_build_the_same_network(name):
+    """The fixture holds what the code before per-level attention wrote and computed, at tiny width."""
+    legacy = LEGACY[name]
+    assert "attention_levels" not in legacy["config"]
+    config = UnetConfig.from_dict(legacy["config"])
+    assert config == preset_config(name, **TINY)
+    assert config.attention_resolutions == tuple(legacy["config"]["attention_resolutions"])
+    model = seeded_unet(legacy["config"])
+    assert [f"{k} {list(v.shape)}" for k, v in model.state_dict().items()] == legacy["weights"]
+    x, t = fixed_input(legacy["config"])
+    with torch.no_grad():
+        out = model(x, t)
+    np.testing.assert_allclose(picked(out), legacy["output_picked"], rtol=1e-4, atol=1e-5)
+    assert out.double().sum().item() == pytest.approx(legacy["output_sum"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist", "cifar10"])
+def test_checkpoints_written_before_load_and_sample_identically(tmp_path, name):
+    old = LEGACY[name]["config"]
+    model = seeded_unet(old)
+    run = RunConfig(preset=name, model=UnetConfig.from_dict(old)).to_dict()
+    run["model"] = old                                              # exactly as the old config.json has it
+    weights = {f"{prefix}.{k}": v.clone() for prefix in ("model", "ema") for k, v in model.state_dict().items()}
+    path = save_checkpoint(tmp_path / "checkpoints" / "step-0000010.safetensors", weights,
+                           {"step": 10, "config": run})
+    loaded, _ = load_diffusion(path, channels_last=False)            # the same kernels as the rebuilt model
+    rebuilt = build_diffusion(RunConfig.for_preset(name, **TINY)).eval()
+    rebuilt.model.load_state_dict(model.state_dict())
+    sampling = SamplingOptions(sampler="ddpm", steps=3)
+    torch.testing.assert_close(sample_images(loaded, [0, 1], seed=4, sampling=sampling),
+                               sample_images(rebuilt, [0, 1], seed=4, sampling=sampling), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the photo folder with a preset
+
+def test_photos_train_with_the_mnist_preset_in_colour(photos, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(photos), "--preset", "mnist", "--image-size", "16", "--channels", "3",
+                 *QUICK, "--out", str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["image_size"] == [16, 16] and saved["model"]["channels"] == 3
+    assert saved["model"]["attention_levels"] == [2] and saved["model"]["attention_resolutions"] == [4]
+
+
+def test_photos_train_with_the_digits_preset_at_32(photos, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(photos), "--preset", "digits", "--image-size", "32", *QUICK,
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["model"]["attention_resolutions"] == [16]
+
+
+def test_a_dry_run_shows_where_attention_lands_at_a_non_square_size(photos, capsys):
+    assert main(["train", "--data", str(photos), "--preset", "mnist", "--image-size", "24", "40",
+                 "--batch-size", "8", "--dry-run"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["image_size"] == [24, 40] and model["channels"] == 3
+    assert model["attention_levels"] == [2] and model["attention_resolutions"] == [6]
+
+
+# ----------------------------------------------------------------------------- fingerprints and class names
+
+def test_the_photo_folder_carries_its_class_names_and_absolute_path(photos, monkeypatch):
+    monkeypatch.chdir(photos.parent)
+    data = load_dataset("photos", image_size=16)
+    assert data.class_names == ["china", "flower"]
+    assert data.labels.tolist() == [0] * CROPS_PER_PHOTO + [1] * CROPS_PER_PHOTO
+    assert data.path == str(photos) and Path(data.path).is_absolute()
+    assert load_dataset("digits").path is None
+
+
+def test_fingerprint_recognises_a_moved_copy_and_names_what_differs(photos, tmp_path):
+    import shutil
+
+    data = load_dataset(photos, image_size=16)
+    copy = shutil.copytree(photos, tmp_path / "elsewhere" / "copy")
+    assert load_dataset(copy, image_size=16).fingerprint() == data.fingerprint()
+    fp = data.fingerprint()
+    assert fp["num_images"] == 48 and fp["image_shape"] == [16, 16, 3]
+    assert fingerprint_difference(fp, fp) is None
+    (copy / "flower" / "00.jpg").unlink()
+    assert "image count" in fingerprint_difference(fp, load_dataset(copy, image_size=16).fingerprint())
+    assert "image shape" in fingerprint_difference(fp, load_dataset(photos, image_size=24).fingerprint())
+    edited = data.images.copy()
+    edited[:, 0, 0, 0] ^= 1                                         # one bit in every image
+    assert "content" in fingerprint_difference(fp, dataset_fingerprint(edited, data.labels))
+    relabelled = data.labels.copy()
+    relabelled[:] = 0
+    assert "content" in fingerprint_difference(fp, dataset_fingerprint(data.images, relabelled))
+
+
+def test_fingerprint_reads_only_its_sample_of_a_large_memory_mapped_array(tmp_path):
+    images = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(200_000, 8, 8, 1))
+    images[123_456] = 7
+    reads = []
+
+    class Spy:
+        shape, dtype = images.shape, images.dtype
+
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            reads.append(i)
+            return images[i]
+
+    fp = dataset_fingerprint(Spy())
+    assert len(reads) == 64 and len(set(reads)) == 64
+    assert fp == dataset_fingerprint(images) and fp["num_images"] == 200_000
+    assert dataset_fingerprint(images[:64])["sample_sha256"] != fp["sample_sha256"]
+
+
+def test_npz_class_names_name_the_labels(tmp_path):
+    path = tmp_path / "set.npz"
+    images = np.zeros((3, 4, 4), np.uint8)
+    np.savez(path, images=images, labels=np.array([0, 2, 1]), class_names=np.array(["cat", "dog", "owl"]))
+    assert load_dataset(path).class_names == ["cat", "dog", "owl"]
+    for bad, phrase in [(dict(labels=np.array([0, 2, 1]), class_names=np.array(["cat", "dog"])), "only 2"),
+                        (dict(class_names=np.array(["cat"])), "no 'labels'"),
+                        (dict(labels=np.array([0, 1, 1]), class_names=np.array(["cat", "cat"])), "distinct"),
+                        (dict(labels=np.array([0, 1, 1]), class_names=np.array([1, 2])), "strings")]:
+        np.savez(path, images=images, **bad)
+        with pytest.raises(DataError, match=phrase):
+            load_dataset(path)

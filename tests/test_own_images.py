@@ -250,3 +250,32 @@ def test_npz_class_names_name_the_labels(tmp_path):
         np.savez(path, images=images, **bad)
         with pytest.raises(DataError, match=phrase):
             load_dataset(path)
+
+
+# ----------------------------------------------------------------------------- the automatic choice
+
+@pytest.mark.parametrize("size, channels, count, preset, steps, batch", [
+    ((16, 16), 3, 48, "digits", 2_000, 48),                         # the photo folder at 16x16
+    ((24, 40), 3, 48, "mnist", 5_000, 48),
+    ((32, 32), 3, 50_000, "cifar10", 30_000, 128),                  # CIFAR-10's own case: the paper's model
+    ((28, 28), 1, 60_000, "mnist", 30_000, 64),                     # 28 does not halve three times: not cifar10
+    ((128, 128), 3, 48, "cifar10", 20_000, 48),
+    ((256, 256), 3, 30_000, "celebahq256", 200_000, 64),
+    ((100, 100), 4, 10, "mnist", 20_000, 10),
+])
+def test_the_automatic_choice_is_a_fixed_function_of_size_channels_and_count(size, channels, count, preset,
+                                                                              steps, batch):
+    from ddpm.auto import choose
+
+    choice = choose(size, channels, count)
+    assert (choice.preset, choice.train["steps"], choice.train["batch_size"]) == (preset, steps, batch)
+    assert choice.train["batch_size"] <= count and choice.train["warmup_steps"] <= steps // 10
+    assert choice == choose(size, channels, count)
+    preset_config(choice.preset, image_size=size, channels=channels)   # and it builds at that size
+
+
+def test_an_odd_image_side_fits_no_preset_and_the_error_says_how_to_resize():
+    from ddpm.auto import choose
+
+    with pytest.raises(DataError, match="--image-size"):
+        choose((27, 28), 3, 10)

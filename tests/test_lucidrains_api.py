@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.compat.lucidrains import ArgumentError, Unet
+from ddpm.compat.lucidrains import ArgumentError, GaussianDiffusion, Unet
+from ddpm.generate import sample_images
+from ddpm.samplers import SamplingOptions
 
 
 def _seeded(make, seed: int = 0):
@@ -20,15 +22,26 @@ def _seeded(make, seed: int = 0):
     return model.eval()
 
 
-def test_the_readme_unet_needs_no_image_size_and_trains_at_32():
-    """lucidrains' README network as written; the image size comes from GaussianDiffusion."""
+def _readme_demo(image_size: int) -> None:
+    """lucidrains' README example as written there, with few sampling steps to keep it cheap."""
     model = Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=True)
-    assert model.image_size is None and model.downsample_factor == 8
-    assert model.config.attention_levels == (3,)                   # full attention at the innermost level
-    diffusion = ddpm.GaussianDiffusion(model, image_size=32, timesteps=1000)
-    loss = diffusion(torch.rand(2, 3, 32, 32))
+    diffusion = GaussianDiffusion(model, image_size=image_size, timesteps=1000, sampling_timesteps=2)
+    training_images = torch.rand(8, 3, image_size, image_size)
+    loss = diffusion(training_images)
     loss.backward()
+    sampled_images = diffusion.sample(batch_size=4)
+    assert sampled_images.shape == (4, 3, image_size, image_size)
     assert torch.isfinite(loss) and model.conv_out.weight.grad.abs().sum() > 0
+    assert model.image_size is None and model.config.attention_levels == (3,)   # full attention innermost
+
+
+def test_the_readme_demo_runs_as_written_at_32():
+    _readme_demo(32)
+
+
+@pytest.mark.slow
+def test_the_readme_demo_runs_as_written_at_128():
+    _readme_demo(128)
 
 
 @pytest.mark.parametrize("size, channels", [((16, 16), 3), ((8, 24), 1), ((32, 16), 4)])
@@ -93,3 +106,83 @@ def test_arguments_without_an_equivalent_are_errors_naming_the_nearest(options, 
     with pytest.raises(ArgumentError, match=phrase) as caught:
         Unet(dim=16, dim_mults=(1, 2), **options)
     assert isinstance(caught.value, TypeError) and isinstance(caught.value, ddpm.ConfigError)
+
+
+# ----------------------------------------------------------------------------- GaussianDiffusion
+
+def _small(**options):
+    return _seeded(lambda: Unet(dim=16, dim_mults=(1, 2), channels=1, **options)).train()
+
+
+def _loss(diffusion, images) -> float:
+    return diffusion(images, generator=torch.Generator().manual_seed(5)).item()
+
+
+IMAGES = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+
+
+@pytest.mark.parametrize("theirs, ours", [
+    (dict(objective="pred_noise", beta_schedule="linear"), dict(objective="eps", schedule="linear")),
+    (dict(objective="pred_x0", beta_schedule="cosine"), dict(objective="x0", schedule="cosine")),
+    (dict(objective="pred_v", beta_schedule="sigmoid"), dict(objective="v", schedule="sigmoid")),
+    (dict(), dict(objective="v", schedule="sigmoid")),                        # their defaults
+    (dict(offset_noise_strength=0.3), dict(objective="v", schedule="sigmoid", offset_noise=0.3)),
+    (dict(min_snr_loss_weight=True, min_snr_gamma=2), dict(objective="v", schedule="sigmoid",
+                                                          loss_weighting="min-snr", min_snr_gamma=2)),
+])
+def test_each_alias_gives_the_loss_of_the_projects_own_name(theirs, ours):
+    model = _small()
+    compat = _loss(GaussianDiffusion(model, image_size=8, timesteps=100, **theirs), IMAGES)
+    assert compat == _loss(ddpm.GaussianDiffusion(model, image_size=8, timesteps=100, **ours), IMAGES)
+
+
+def test_the_aliases_change_the_loss():
+    """The comparison above can fail: each alias moves the loss away from the defaults'."""
+    model = _small()
+    base = _loss(GaussianDiffusion(model, image_size=8, timesteps=100), IMAGES)
+    for options in (dict(objective="pred_noise"), dict(beta_schedule="linear"), dict(offset_noise_strength=0.3),
+                    dict(min_snr_loss_weight=True)):
+        assert _loss(GaussianDiffusion(model, image_size=8, timesteps=100, **options), IMAGES) != base
+
+
+def test_auto_normalize_false_takes_images_in_minus_one_to_one():
+    model = _small()
+    compat = GaussianDiffusion(model, image_size=8, timesteps=100, auto_normalize=False)
+    ours = ddpm.GaussianDiffusion(model, image_size=8, timesteps=100, objective="v", schedule="sigmoid")
+    assert _loss(compat, IMAGES * 2 - 1) == pytest.approx(_loss(ours, IMAGES), rel=1e-6)
+
+
+def test_self_condition_and_learned_variance_are_read_from_the_model():
+    model = _small(self_condition=True, learned_variance=True)
+    compat = GaussianDiffusion(model, image_size=8, timesteps=100, objective="pred_noise", beta_schedule="linear")
+    assert compat.self_condition and compat.variance == "learned-range" and compat.loss == "hybrid"
+    ours = ddpm.GaussianDiffusion(model, image_size=8, timesteps=100, self_condition=True,
+                                  variance="learned-range", loss="hybrid")
+    assert _loss(compat, IMAGES) == _loss(ours, IMAGES)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_sampling_timesteps_below_t_is_ddim_with_their_eta(eta):
+    model = _small().eval()
+    compat = GaussianDiffusion(model, image_size=8, timesteps=100, sampling_timesteps=4, ddim_sampling_eta=eta)
+    assert compat.is_ddim_sampling and compat.num_timesteps == 100
+    torch.manual_seed(7)
+    seed = int(torch.randint(2 ** 62, (1,)))                     # the draw compat.sample makes
+    torch.manual_seed(7)
+    got = compat.sample(batch_size=2, progress=False)
+    ddim = SamplingOptions(sampler="ddim", steps=4, eta=eta)
+    torch.testing.assert_close(got, sample_images(compat, [0, 1], seed=seed, sampling=ddim), rtol=0, atol=0)
+    full = GaussianDiffusion(model, image_size=8, timesteps=100)
+    assert not full.is_ddim_sampling and full.sampling_options().sampler == "ddpm"
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(objective="eps"), "pred_noise, pred_x0, pred_v"),
+    (dict(beta_schedul="linear"), "did you mean 'beta_schedule'"),
+    (dict(immiscible=True), "no equivalent"),
+    (dict(schedule_fn_kwargs=dict(tau=2)), "nearest: beta_schedule"),
+    (dict(sampling_timesteps=101), "between 1 and timesteps"),
+])
+def test_diffusion_arguments_without_an_equivalent_are_errors(options, phrase):
+    with pytest.raises(ddpm.ConfigError, match=phrase):
+        GaussianDiffusion(_small(), image_size=8, timesteps=100, **options)

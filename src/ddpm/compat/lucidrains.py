@@ -1,10 +1,13 @@
-"""lucidrains' denoising-diffusion-pytorch API, on this project's U-Net.
+"""lucidrains' denoising-diffusion-pytorch API, on this project's U-Net and diffusion maths.
 
 Code written against that library runs with its import changed::
 
-    from ddpm.compat.lucidrains import Unet
+    from ddpm.compat.lucidrains import GaussianDiffusion, Unet
 
     model = Unet(dim=64, dim_mults=(1, 2, 4, 8), flash_attn=True)   # no image size: any multiple of 8
+    diffusion = GaussianDiffusion(model, image_size=128, timesteps=1000, sampling_timesteps=250)
+    loss = diffusion(images)                  # images in [0, 1]
+    samples = diffusion.sample(batch_size=4)  # DDIM over 250 steps, as there
 
 Its argument names are accepted where they mean the same thing here, and this project's own
 :class:`~ddpm.models.UnetConfig` names are accepted too. An argument with no equivalent is an
@@ -18,11 +21,14 @@ import difflib
 import math
 from dataclasses import fields
 
+import torch
+
+from ..diffusion import GaussianDiffusion as _GaussianDiffusion
 from ..errors import ConfigError
 from ..models import Unet as _Unet
 from ..models import UnetConfig
 
-__all__ = ["ArgumentError", "Unet"]
+__all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "OBJECTIVES"]
 
 
 class ArgumentError(ConfigError, TypeError):
@@ -58,22 +64,25 @@ def nearest_name(name: str, known) -> str:
 
 def check_arguments(owner: str, options: dict, allowed) -> None:
     """Refuse, one at a time, the ``options`` that ``owner`` does not take, naming the nearest allowed one."""
-    for name, value in options.items():
-        if name in _NO_EQUIVALENT:
-            raise ArgumentError(f"{owner}({name}=...) has no equivalent in ddpm: {_NO_EQUIVALENT[name]}")
-        if name in _AT_DEFAULT_ONLY:
-            default, why = _AT_DEFAULT_ONLY[name]
-            if value != default:
-                raise ArgumentError(f"{owner}({name}={value!r}) has no equivalent in ddpm: {why}")
-            continue
-        if name == "attention_resolutions":
-            raise ArgumentError(f"{owner}({name}=...) names feature-map sizes, which need an image size; "
-                                f"nearest: full_attn, or attention_levels (0 = the full image size)")
-        if name in _DERIVED:
-            raise ArgumentError(f"{owner}({name}=...) is set from the other arguments here (image_size by "
-                                f"GaussianDiffusion, in/out channels by self_condition and learned_variance)")
+    for name in options:
         if name not in allowed:
             raise ArgumentError(f"{owner}() got an unexpected argument {name!r}{nearest_name(name, allowed)}")
+
+
+def _check_unet_arguments(options: dict) -> None:
+    """:func:`check_arguments` for ``Unet``, with the reasons of the names that have no equivalent."""
+    for name, value in options.items():
+        if name in _NO_EQUIVALENT:
+            raise ArgumentError(f"Unet({name}=...) has no equivalent in ddpm: {_NO_EQUIVALENT[name]}")
+        if name in _AT_DEFAULT_ONLY and value != _AT_DEFAULT_ONLY[name][0]:
+            raise ArgumentError(f"Unet({name}={value!r}) has no equivalent in ddpm: {_AT_DEFAULT_ONLY[name][1]}")
+        if name == "attention_resolutions":
+            raise ArgumentError(f"Unet({name}=...) names feature-map sizes, which need an image size; "
+                                f"nearest: full_attn, or attention_levels (0 = the full image size)")
+        if name in _DERIVED:
+            raise ArgumentError(f"Unet({name}=...) is set from the other arguments here (image_size by "
+                                f"GaussianDiffusion, in/out channels by self_condition and learned_variance)")
+    check_arguments("Unet", options, (*_LUCIDRAINS_NAMES, *_PROJECT_NAMES))
 
 
 class Unet(_Unet):
@@ -99,7 +108,7 @@ class Unet(_Unet):
     def __init__(self, dim: int, dim_mults=(1, 2, 4, 8), *, channels: int = 3, init_dim: int | None = None,
                  out_dim: int | None = None, self_condition: bool = False, learned_variance: bool = False,
                  dropout: float = 0.0, attn_heads=4, full_attn=None, flash_attn: bool = False, **options):
-        check_arguments("Unet", options, (*_LUCIDRAINS_NAMES, *_PROJECT_NAMES))
+        _check_unet_arguments(options)
         options = {k: v for k, v in options.items() if k in _PROJECT_NAMES}
         if init_dim not in (None, dim):
             raise ArgumentError(f"Unet(init_dim={init_dim}): the first convolution here has dim={dim} channels; "
@@ -143,3 +152,93 @@ def _heads(attn_heads) -> int:
         raise ArgumentError(f"Unet(attn_heads={attn_heads!r}): every attention layer here has the same number "
                             f"of heads; give one count")
     return counts.pop()
+
+
+# ----------------------------------------------------------------------------- GaussianDiffusion
+
+OBJECTIVES = {"pred_noise": "eps", "pred_x0": "x0", "pred_v": "v"}     # theirs -> DiffusionConfig.objective
+_DIFFUSION_NO_EQUIVALENT = {
+    "immiscible": "noise is drawn independently of the images here (no immiscible assignment)",
+}
+_DIFFUSION_NAMES = ("image_size", "timesteps", "sampling_timesteps", "objective", "beta_schedule",
+                    "schedule_fn_kwargs", "ddim_sampling_eta", "auto_normalize", "offset_noise_strength",
+                    "min_snr_loss_weight", "min_snr_gamma", *_DIFFUSION_NO_EQUIVALENT)
+# DiffusionConfig fields without a lucidrains name, which may be given by this project's name.
+_DIFFUSION_PROJECT_NAMES = ("loss", "vlb_weight", "variance", "clip_denoised", "timestep_sampling")
+
+
+class GaussianDiffusion(_GaussianDiffusion):
+    """This project's :class:`~ddpm.diffusion.GaussianDiffusion` under the names of lucidrains' one.
+
+    Their defaults are kept, so their code trains what it trained there: ``objective='pred_v'``
+    (``'pred_noise'`` is the paper's eps, ``'pred_x0'`` x0) and ``beta_schedule='sigmoid'``
+    (``'linear'``, ``'cosine'``: the same tables as there). ``sampling_timesteps`` below
+    ``timesteps`` makes :meth:`sample` run DDIM over that many trailing steps with
+    ``ddim_sampling_eta`` (as there); otherwise it is the paper's ancestral sampler over all T.
+    ``offset_noise_strength`` is ``offset_noise``; ``min_snr_loss_weight=True`` with
+    ``min_snr_gamma`` is ``loss_weighting="min-snr"``. ``auto_normalize=False`` takes and returns
+    images in [-1, 1] instead of [0, 1]. The model's ``self_condition`` and ``learned_variance``
+    become diffusion settings (a learned variance trains with the hybrid loss of Nichol &
+    Dhariwal 2021).
+    """
+
+    def __init__(self, model, *, image_size, timesteps: int = 1000, sampling_timesteps: int | None = None,
+                 objective: str = "pred_v", beta_schedule: str = "sigmoid", schedule_fn_kwargs: dict | None = None,
+                 ddim_sampling_eta: float = 0.0, auto_normalize: bool = True, offset_noise_strength: float = 0.0,
+                 min_snr_loss_weight: bool = False, min_snr_gamma: float = 5, **options):
+        for name, why in _DIFFUSION_NO_EQUIVALENT.items():
+            if options.pop(name, False):
+                raise ArgumentError(f"GaussianDiffusion({name}=True) has no equivalent in ddpm: {why}")
+        check_arguments("GaussianDiffusion", options, (*_DIFFUSION_NAMES, *_DIFFUSION_PROJECT_NAMES))
+        if objective not in OBJECTIVES:
+            raise ArgumentError(f"GaussianDiffusion(objective={objective!r}) must be one of "
+                                f"{', '.join(OBJECTIVES)}{nearest_name(str(objective), OBJECTIVES)}")
+        if schedule_fn_kwargs:
+            raise ArgumentError("GaussianDiffusion(schedule_fn_kwargs=...) has no equivalent in ddpm: each schedule "
+                                "has the fixed parameters of its paper; nearest: beta_schedule")
+        learned = bool(getattr(model, "learned_variance", False))
+        settings = {"timesteps": timesteps, "schedule": beta_schedule, "objective": OBJECTIVES[objective],
+                    "offset_noise": float(offset_noise_strength), "min_snr_gamma": min_snr_gamma,
+                    "loss_weighting": "min-snr" if min_snr_loss_weight else "uniform",
+                    "self_condition": bool(getattr(model, "self_condition", False)),
+                    **({"variance": "learned-range", "loss": "hybrid"} if learned else {}), **options}
+        super().__init__(model, image_size=image_size, **settings)
+        if sampling_timesteps is not None and not 1 <= sampling_timesteps <= timesteps:
+            raise ConfigError(f"sampling_timesteps must be between 1 and timesteps={timesteps}; "
+                              f"got {sampling_timesteps}")
+        self.sampling_timesteps = timesteps if sampling_timesteps is None else sampling_timesteps
+        self.is_ddim_sampling = self.sampling_timesteps < timesteps
+        self.ddim_sampling_eta, self.auto_normalize = ddim_sampling_eta, auto_normalize
+        self.sampling_options()                          # validates eta now rather than at the first sample
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.timesteps
+
+    def sampling_options(self):
+        """The :class:`~ddpm.samplers.SamplingOptions` :meth:`sample` runs: DDIM over
+        ``sampling_timesteps`` when it is below T, else ancestral sampling over all T."""
+        from ..samplers import SamplingOptions
+
+        if self.is_ddim_sampling:
+            return SamplingOptions(sampler="ddim", steps=self.sampling_timesteps, eta=float(self.ddim_sampling_eta))
+        return SamplingOptions(sampler="ddpm")
+
+    def forward(self, img: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The training loss of images in [0, 1] ([-1, 1] with ``auto_normalize=False``)."""
+        if not self.auto_normalize:
+            img = (img + 1) / 2
+        return super().forward(img, *args, **kwargs)
+
+    def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, progress: bool = True):
+        """``batch_size`` images in [0, 1] ([-1, 1] with ``auto_normalize=False``); the noise comes
+        from torch's global generator, so ``torch.manual_seed`` reproduces them."""
+        from ..generate import sample_images
+
+        if return_all_timesteps:
+            raise ArgumentError("GaussianDiffusion.sample(return_all_timesteps=True) has no equivalent here; "
+                                "nearest: ddpm.GaussianDiffusion.sample(return_intermediates=True)")
+        seed = int(torch.randint(2 ** 62, (1,)))
+        images = sample_images(self, list(range(batch_size)), seed=seed, sampling=self.sampling_options(),
+                               progress=progress)
+        return images if self.auto_normalize else images * 2 - 1

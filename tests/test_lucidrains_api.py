@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import ddpm
-from ddpm.compat.lucidrains import ArgumentError, GaussianDiffusion, Unet
+from ddpm.checkpoint import load_checkpoint
+from ddpm.cli import main
+from ddpm.compat.lucidrains import ArgumentError, GaussianDiffusion, Trainer, Unet
 from ddpm.generate import sample_images
 from ddpm.samplers import SamplingOptions
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from photos import make_photo_folder  # noqa: E402
 
 
 def _seeded(make, seed: int = 0):
@@ -186,3 +195,74 @@ def test_sampling_timesteps_below_t_is_ddim_with_their_eta(eta):
 def test_diffusion_arguments_without_an_equivalent_are_errors(options, phrase):
     with pytest.raises(ddpm.ConfigError, match=phrase):
         GaussianDiffusion(_small(), image_size=8, timesteps=100, **options)
+
+
+# ----------------------------------------------------------------------------- Trainer
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_photo_folder(tmp_path_factory.mktemp("trainer") / "photos", crops_per_photo=6)
+
+
+def _trainer(folder: Path, results: Path, steps: int, **options) -> Trainer:
+    model = Unet(dim=16, dim_mults=(1, 2))
+    diffusion = GaussianDiffusion(model, image_size=16, timesteps=100, sampling_timesteps=3)
+    return Trainer(diffusion, str(folder), train_batch_size=4, train_num_steps=steps, save_and_sample_every=2,
+                   num_samples=4, results_folder=results, **options)
+
+
+def test_the_trainer_runs_the_projects_loop_and_its_run_samples_from_the_cli(folder, tmp_path, capsys):
+    trainer = _trainer(folder, tmp_path / "results", 4, train_lr=3e-4, ema_decay=0.99, ema_update_every=5,
+                       gradient_accumulate_every=2, max_grad_norm=0.5, augment_horizontal_flip=False)
+    trainer.train()
+    assert "calculate_fid" in capsys.readouterr().err                # no Inception here: one warning
+    saved = json.loads((tmp_path / "results" / "config.json").read_text())
+    assert saved["data"]["name"] == str(folder) and saved["data"]["hflip"] is False
+    train = saved["train"]
+    assert (train["steps"], train["batch_size"], train["grad_accum"], train["lr"], train["grad_clip"]) == \
+        (4, 4, 2, 3e-4, 0.5)
+    assert train["ema_decay"] == pytest.approx(0.99 ** (1 / 5))      # every step, the same horizon
+    assert (train["checkpoint_every"], train["sample_every"], train["milestone_every"]) == (2, 2, 2)
+    assert saved["sampling"] == {"sampler": "ddim", "steps": 3, "spacing": "trailing", "eta": 0.0, "clip": None}
+    assert saved["diffusion"]["objective"] == "v" and saved["diffusion"]["schedule"] == "sigmoid"
+    tensors, meta = load_checkpoint(tmp_path / "results")
+    assert meta["step"] == 4 and trainer.step == 4
+    # The trained weights are in the diffusion (raw) and in trainer.ema.ema_model (EMA), as there.
+    torch.testing.assert_close(trainer.model.model.conv_out.weight, tensors["model.conv_out.weight"])
+    torch.testing.assert_close(trainer.ema.ema_model.model.conv_out.weight, tensors["ema.conv_out.weight"])
+    assert trainer.ema.ema_model.sample(batch_size=2, progress=False).shape == (2, 3, 16, 16)
+    trainer.load(1)                                                  # milestone 1 = step 1 x save_and_sample_every
+    assert trainer.step == 2
+    assert main(["sample", "--checkpoint", str(tmp_path / "results"), "--n", "2", "--out", str(tmp_path / "s"),
+                 "--quiet"]) == 0
+    assert json.loads((tmp_path / "s" / "record.json").read_text())["sampler"] == "ddim"
+
+
+def test_the_trainer_resumes_bit_exactly(folder, tmp_path):
+    straight = _trainer(folder, tmp_path / "straight", 4, calculate_fid=False)
+    straight.train()
+    _trainer(folder, tmp_path / "halves", 2, calculate_fid=False).train()
+    second = _trainer(folder, tmp_path / "halves", 4, calculate_fid=False)
+    second.train()                                                   # continues the step-2 checkpoint
+    a, _ = load_checkpoint(tmp_path / "straight")
+    b, _ = load_checkpoint(tmp_path / "halves")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("options, phrase", [
+    (dict(train_batch_sze=4), "did you mean 'train_batch_size'"),
+    (dict(save_best_and_latest_only=True), "no equivalent"),
+    (dict(convert_image_to="L"), "3 channel"),
+    (dict(mixed_precision_type="fp8", amp=True), "fp16, bf16, no"),
+    (dict(inception_block_idx=768), "2048"),
+])
+def test_trainer_arguments_without_an_equivalent_are_errors(folder, tmp_path, options, phrase):
+    with pytest.raises(ddpm.ConfigError, match=phrase):
+        _trainer(folder, tmp_path / "r", 2, **options)
+
+
+def test_amp_is_the_devices_mixed_precision(folder, tmp_path):
+    expected = "fp16" if torch.cuda.is_available() else "bf16"
+    assert _trainer(folder, tmp_path / "r", 2, amp=True).config.train.precision == expected
+    assert _trainer(folder, tmp_path / "r", 2, amp=True, mixed_precision_type="no").config.train.precision == "fp32"
+    assert _trainer(folder, tmp_path / "r", 2).config.train.precision == "fp32"

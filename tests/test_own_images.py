@@ -25,6 +25,7 @@ from ddpm.samplers import SamplingOptions
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from make_preset_fixture import FIXTURE, TINY, fixed_input, picked, seeded_unet  # noqa: E402
+from photos import make_photo_folder  # noqa: E402
 
 LEGACY = json.loads(FIXTURE.read_text())
 CROPS_PER_PHOTO = 24
@@ -34,19 +35,7 @@ QUICK = ["--steps", "2", "--batch-size", "4", "--timesteps", "25", "--num-sample
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """48 RGB crops (96 x 128 pixels) of scikit-learn's two photos, as JPEGs in photos/china/ and photos/flower/."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    sample = load_sample_images()
-    root = tmp_path_factory.mktemp("own") / "photos"
-    rng = np.random.default_rng(0)
-    for path, image in zip(sample.filenames, sample.images):
-        folder = root / Path(path).stem
-        folder.mkdir(parents=True)
-        for k in range(CROPS_PER_PHOTO):
-            top, left = rng.integers(0, image.shape[0] - 96), rng.integers(0, image.shape[1] - 128)
-            Image.fromarray(image[top:top + 96, left:left + 128]).save(folder / f"{k:02d}.jpg", quality=90)
-    return root
+    return make_photo_folder(tmp_path_factory.mktemp("own") / "photos", CROPS_PER_PHOTO)
 
 
 # ----------------------------------------------------------------------------- presets at any size

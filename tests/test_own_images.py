@@ -268,3 +268,15 @@ def test_an_odd_image_side_fits_no_preset_and_the_error_says_how_to_resize():
 
     with pytest.raises(DataError, match="--image-size"):
         choose((27, 28), 3, 10)
+
+
+def test_a_class_is_found_by_name_or_index():
+    from ddpm.data import class_index
+
+    assert class_index("flower", ["china", "flower"], 2) == 1
+    assert class_index("0", ["china", "flower"], 2) == 0 and class_index(1, None, 2) == 1
+    assert class_index("7", ["10", "7"], 2) == 1                     # a name wins over an index
+    for spec, names, phrase in [("flwer", ["china", "flower"], "did you mean 'flower'"), ("2", None, "out of range"),
+                                ("cat", None, "no names")]:
+        with pytest.raises(ConfigError, match=phrase):
+            class_index(spec, names, 2)

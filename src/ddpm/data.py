@@ -44,7 +44,7 @@ from PIL import Image, ImageOps
 from .errors import ConfigError, DataError
 
 __all__ = ["ImageData", "DATASET_NAMES", "SPLITS", "IMAGE_EXTENSIONS", "load_dataset", "data_source",
-           "dataset_fingerprint", "fingerprint_difference", "to_tensor", "to_uint8"]
+           "dataset_fingerprint", "fingerprint_difference", "class_index", "to_tensor", "to_uint8"]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -233,6 +233,32 @@ def fingerprint_difference(recorded: dict, found: dict) -> str | None:
 
 def _format_shape(shape) -> str:
     return "x".join(str(side) for side in shape)
+
+
+# ----------------------------------------------------------------------------- class names
+
+def class_index(spec: str | int, class_names: list[str] | None, num_classes: int) -> int:
+    """The label of class ``spec``: one of ``class_names``, else an index in 0..num_classes-1.
+
+    A name wins over an index, so a folder class called ``"7"`` is found by its name.
+    """
+    import difflib
+
+    text = str(spec)
+    if class_names and text in class_names:
+        return class_names.index(text)
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < num_classes:
+            raise ConfigError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
+        return index
+    if not class_names:
+        raise ConfigError(f"unknown class {text!r}: this model's classes have no names; give an index "
+                          f"0..{num_classes - 1}")
+    close = difflib.get_close_matches(text, class_names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+    raise ConfigError(f"unknown class {text!r}{hint}; the classes are {shown}, or an index 0..{num_classes - 1}")
 
 
 # ----------------------------------------------------------------------------- option checks

@@ -280,3 +280,27 @@ def test_a_class_is_found_by_name_or_index():
                                 ("cat", None, "no names")]:
         with pytest.raises(ConfigError, match=phrase):
             class_index(spec, names, 2)
+
+
+@pytest.mark.parametrize("classes, samples, rows, per_row", [
+    (2, 64, 8, 8), (10, 64, 10, 6), (100, 64, 16, 4), (1, 64, 8, 8), (2, 4, 2, 2), (3, 2, 2, 1),
+])
+def test_a_class_grid_gives_each_class_whole_rows_for_any_number_of_classes(classes, samples, rows, per_row):
+    from ddpm.images import class_grid_layout
+
+    labels, nrow = class_grid_layout(classes, samples)
+    assert nrow == per_row and len(labels) == rows * per_row <= samples
+    grid_rows = [labels[r * nrow:(r + 1) * nrow] for r in range(rows)]
+    assert all(len(set(row)) == 1 for row in grid_rows)             # one class per row
+    assert labels == sorted(labels)                                  # classes in order, top to bottom
+
+
+def test_row_labels_are_written_left_of_the_grid():
+    from ddpm.images import label_rows, make_grid
+
+    grid = make_grid(np.zeros((4, 16, 16, 3), np.uint8), nrow=2, scale=1)
+    labelled = label_rows(grid, ["flower", ""], cell=16)
+    assert labelled.shape[0] == grid.shape[0] and labelled.shape[1] > grid.shape[1]
+    margin = labelled[:, :labelled.shape[1] - grid.shape[1]]
+    assert (margin[:18] < 128).any() and not (margin[18:] < 128).any()   # text beside row 0 only
+    np.testing.assert_array_equal(labelled[:, margin.shape[1]:], grid)

@@ -304,3 +304,17 @@ def test_row_labels_are_written_left_of_the_grid():
     margin = labelled[:, :labelled.shape[1] - grid.shape[1]]
     assert (margin[:18] < 128).any() and not (margin[18:] < 128).any()   # text beside row 0 only
     np.testing.assert_array_equal(labelled[:, margin.shape[1]:], grid)
+
+
+def test_the_choice_line_says_what_why_how_long_and_how_to_override():
+    from ddpm.auto import choice_line, choose, estimate_seconds_per_step
+
+    choice = choose((16, 16), 3, 48)
+    config = RunConfig(preset=choice.preset, model=preset_config(choice.preset, image_size=16, channels=3))
+    config.train.batch_size = choice.train["batch_size"]
+    seconds = estimate_seconds_per_step(config, torch.device("cpu"), repeats=1)
+    assert seconds > 0
+    line = choice_line(choice, seconds, "cpu")
+    assert "\n" not in line and "'digits'" in line and "2,000 steps" in line and "batch 48" in line
+    assert " on cpu" in line and "--preset" in line and ("min" in line or " s " in line or " h " in line)
+    assert "about 1.7 h on cpu" in choice_line(choice, 3.0, "cpu")          # 2,000 steps x 3 s

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import DataError
 
-__all__ = ["AutoChoice", "STEPS", "choose", "estimate_seconds_per_step", "format_duration"]
+__all__ = ["AutoChoice", "STEPS", "choose", "choice_line", "estimate_seconds_per_step", "format_duration"]
 
 # Optimizer steps by the shorter image side (rows: up to this many pixels) and the number of
 # images (columns: fewer than 1,000 / 10,000 / 100,000, then more).
@@ -122,3 +122,11 @@ def format_duration(seconds: float) -> str:
     if seconds < 48 * 3600:
         return f"about {seconds / 3600:.1f} h"
     return f"about {seconds / 86400:.0f} days"
+
+
+def choice_line(choice: AutoChoice, seconds_per_step: float | None, device: str) -> str:
+    """The one line that says what was chosen, why, about how long it takes, and how to override it."""
+    estimate = (f"; {format_duration(seconds_per_step * choice.train['steps'])} on {device}"
+                if seconds_per_step is not None else "")
+    return (f"ddpm: no --preset given: chose for {choice.reason}{estimate} "
+            f"(override with --preset, --steps, --batch-size or a model flag such as --dim)")

@@ -318,3 +318,17 @@ def test_the_choice_line_says_what_why_how_long_and_how_to_override():
     assert "\n" not in line and "'digits'" in line and "2,000 steps" in line and "batch 48" in line
     assert " on cpu" in line and "--preset" in line and ("min" in line or " s " in line or " h " in line)
     assert "about 1.7 h on cpu" in choice_line(choice, 3.0, "cpu")          # 2,000 steps x 3 s
+
+
+def test_a_conditional_models_config_names_its_classes():
+    config = preset_config("digits", num_classes=2, class_names=["china", "flower"])
+    assert config.class_names == ("china", "flower")
+    assert config.to_dict()["class_names"] == ["china", "flower"]
+    assert UnetConfig.from_dict(config.to_dict()) == config
+    assert preset_config("digits").class_names is None
+    for bad, phrase in [(dict(num_classes=3, class_names=["a", "b"]), "num_classes is 3"),
+                        (dict(class_names=["a"]), "num_classes is None"),
+                        (dict(num_classes=2, class_names=["a", "a"]), "distinct"),
+                        (dict(num_classes=1, class_names="a"), "distinct")]:
+        with pytest.raises(ConfigError, match=phrase):
+            preset_config("digits", **bad)

@@ -87,6 +87,7 @@ class UnetConfig:
     out_channels: int | None = None               # defaults to ``channels`` (2C: with a learned variance)
     in_channels: int | None = None                # defaults to ``channels`` (2C: [x_t, x0_prev], self-conditioning)
     num_classes: int | None = None                # class-conditional with this many classes; None: unconditional
+    class_names: tuple[str, ...] | None = None    # the name of each class (label k: class_names[k]); None: unnamed
     norm_eps: float = 1e-5                        # GroupNorm epsilon (the paper's TensorFlow code: 1e-6)
     downsample_padding: str = "symmetric"         # symmetric: one zero row/column on each side of the stride-2
                                                   # conv; same: TensorFlow's SAME, one after and none before
@@ -97,6 +98,8 @@ class UnetConfig:
         if size is not None:
             self.image_size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
         self.dim_mults = tuple(int(m) for m in self.dim_mults)
+        if self.class_names is not None and not isinstance(self.class_names, (str, bytes)):
+            self.class_names = tuple(self.class_names)
         self.validate()
         self.attention_levels, self.attention_resolutions = self._resolve_attention()
 
@@ -118,6 +121,13 @@ class UnetConfig:
         k = self.num_classes
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ConfigError(f"num_classes must be a positive integer or None, got {self.num_classes!r}")
+        names = self.class_names
+        if names is not None:
+            if not (isinstance(names, tuple) and all(isinstance(n, str) and n.strip() for n in names)
+                    and len(set(names)) == len(names)):
+                raise ConfigError(f"class_names must be distinct non-empty strings, got {names!r}")
+            if len(names) != k:
+                raise ConfigError(f"class_names name {len(names)} classes, but num_classes is {k}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
         if self.downsample_padding not in DOWNSAMPLE_PADDINGS:

@@ -332,3 +332,10 @@ def test_a_conditional_models_config_names_its_classes():
                         (dict(num_classes=1, class_names="a"), "distinct")]:
         with pytest.raises(ConfigError, match=phrase):
             preset_config("digits", **bad)
+
+
+def test_other_dim_mults_keep_the_presets_attention_where_it_still_exists():
+    assert preset_config("mnist", dim_mults=(1, 2)).attention_levels == (1,)          # level 2 is gone: innermost
+    assert preset_config("cifar10", dim_mults=(1, 2)).attention_levels == (1,)        # level 1 is kept
+    assert preset_config("mnist", dim_mults=(1, 2, 2, 4)).attention_levels == (2,)
+    assert preset_config("mnist", dim_mults=(1, 2), attention_levels=(0,)).attention_levels == (0,)

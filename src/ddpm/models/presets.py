@@ -39,7 +39,8 @@ def preset_config(name: str, **overrides) -> UnetConfig:
     """The :class:`UnetConfig` of preset ``name``, with fields replaced by ``overrides``.
 
     Attention given either way (``attention_levels`` or ``attention_resolutions``) replaces
-    the preset's placement.
+    the preset's placement. Other ``dim_mults`` without attention keep the preset's attention
+    levels that still exist, or, when none does, put attention at the innermost level.
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
@@ -47,4 +48,8 @@ def preset_config(name: str, **overrides) -> UnetConfig:
     if any(overrides.get(key) is not None for key in _ATTENTION_KEYS):
         for key in _ATTENTION_KEYS:
             base.pop(key, None)
+    elif overrides.get("dim_mults") is not None:
+        count = len(tuple(overrides["dim_mults"]))
+        kept = tuple(level for level in base["attention_levels"] if level < count)
+        base["attention_levels"] = kept or (count - 1,)
     return UnetConfig(**{**base, **overrides})

@@ -337,5 +337,5 @@ def test_a_conditional_models_config_names_its_classes():
 def test_other_dim_mults_keep_the_presets_attention_where_it_still_exists():
     assert preset_config("mnist", dim_mults=(1, 2)).attention_levels == (1,)          # level 2 is gone: innermost
     assert preset_config("cifar10", dim_mults=(1, 2)).attention_levels == (1,)        # level 1 is kept
-    assert preset_config("mnist", dim_mults=(1, 2, 2, 4)).attention_levels == (2,)
+    assert preset_config("mnist", dim_mults=(1, 2, 2, 4), image_size=32).attention_levels == (2,)
     assert preset_config("mnist", dim_mults=(1, 2), attention_levels=(0,)).attention_levels == (0,)

@@ -314,10 +314,10 @@ def test_the_choice_line_says_what_why_how_long_and_how_to_override():
     config.train.batch_size = choice.train["batch_size"]
     seconds = estimate_seconds_per_step(config, torch.device("cpu"), repeats=1)
     assert seconds > 0
-    line = choice_line(choice, seconds, "cpu")
+    line = choice_line(choice.reason, choice.train["steps"], seconds, "cpu")
     assert "\n" not in line and "'digits'" in line and "2,000 steps" in line and "batch 48" in line
     assert " on cpu" in line and "--preset" in line and ("min" in line or " s " in line or " h " in line)
-    assert "about 1.7 h on cpu" in choice_line(choice, 3.0, "cpu")          # 2,000 steps x 3 s
+    assert "about 1.7 h on cpu" in choice_line(choice.reason, 2_000, 3.0, "cpu")      # 2,000 steps x 3 s
 
 
 def test_a_conditional_models_config_names_its_classes():

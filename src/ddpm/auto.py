@@ -124,9 +124,9 @@ def format_duration(seconds: float) -> str:
     return f"about {seconds / 86400:.0f} days"
 
 
-def choice_line(choice: AutoChoice, seconds_per_step: float | None, device: str) -> str:
-    """The one line that says what was chosen, why, about how long it takes, and how to override it."""
-    estimate = (f"; {format_duration(seconds_per_step * choice.train['steps'])} on {device}"
-                if seconds_per_step is not None else "")
-    return (f"ddpm: no --preset given: chose for {choice.reason}{estimate} "
+def choice_line(reason: str, steps: int, seconds_per_step: float | None, device: str) -> str:
+    """The one line that says what was chosen (``reason``, :attr:`AutoChoice.reason`), about how long
+    ``steps`` steps take, and how to override it."""
+    estimate = f"; {format_duration(seconds_per_step * steps)} on {device}" if seconds_per_step is not None else ""
+    return (f"ddpm: no --preset given: chose for {reason}{estimate} "
             f"(override with --preset, --steps, --batch-size or a model flag such as --dim)")

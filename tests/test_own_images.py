@@ -18,7 +18,7 @@ from ddpm import ConfigError, DataError
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
 from ddpm.config import RunConfig, build_diffusion
-from ddpm.data import dataset_fingerprint, fingerprint_difference, load_dataset
+from ddpm.data import check_same_dataset, dataset_fingerprint, fingerprint_difference, load_dataset
 from ddpm.generate import load_diffusion, sample_images
 from ddpm.models import PRESETS, Unet, UnetConfig, preset_config
 from ddpm.samplers import SamplingOptions
@@ -204,6 +204,10 @@ def test_fingerprint_recognises_a_moved_copy_and_names_what_differs(photos, tmp_
     relabelled = data.labels.copy()
     relabelled[:] = 0
     assert "content" in fingerprint_difference(fp, dataset_fingerprint(data.images, relabelled))
+    check_same_dataset(fp, data)
+    check_same_dataset(None, data)
+    with pytest.raises(DataError, match="not the dataset this run trained on: the image count"):
+        check_same_dataset(fp, load_dataset(copy, image_size=16))
 
 
 def test_fingerprint_reads_only_its_sample_of_a_large_memory_mapped_array(tmp_path):

@@ -44,7 +44,7 @@ from PIL import Image, ImageOps
 from .errors import ConfigError, DataError
 
 __all__ = ["ImageData", "DATASET_NAMES", "SPLITS", "IMAGE_EXTENSIONS", "load_dataset", "data_source",
-           "dataset_fingerprint", "fingerprint_difference", "class_index", "to_tensor", "to_uint8"]
+           "dataset_fingerprint", "fingerprint_difference", "check_same_dataset", "class_index", "to_tensor", "to_uint8"]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -229,6 +229,15 @@ def fingerprint_difference(recorded: dict, found: dict) -> str | None:
         return (f"the content differs (the hash of up to {FINGERPRINT_SAMPLE} sampled images and their labels: "
                 f"{recorded['sample_sha256'][:12]} recorded, {found['sample_sha256'][:12]} found)")
     return None
+
+
+def check_same_dataset(recorded: dict | None, data: ImageData) -> None:
+    """Refuse ``data`` (one line naming what differs) unless it has the ``recorded`` fingerprint."""
+    if recorded is None:
+        return
+    difference = fingerprint_difference(recorded, data.fingerprint())
+    if difference:
+        raise DataError(f"{data.path or data.name} is not the dataset this run trained on: {difference}")
 
 
 def _format_shape(shape) -> str:

@@ -8,11 +8,12 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ddpm import CheckpointError
 from ddpm.checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
-                             read_metadata, resolve_checkpoint, save_checkpoint, split_prefix,
+                             load_weights, read_metadata, resolve_checkpoint, save_checkpoint, split_prefix,
                              unflatten_optimizer_state)
 from ddpm.fileio import atomic_write
 
@@ -84,6 +85,31 @@ def test_tampered_tensor_fails_the_checksum(tmp_path):
         load_checkpoint(path)
 
 
+def test_renamed_tensor_fails_the_checksum(tmp_path):
+    """A tensor renamed (here without changing the name order) keeps every byte: the checksum covers the names."""
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, _tensors(), {"step": 1})
+    with safe_open(str(path), framework="pt") as f:
+        header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.c"] = tensors.pop("model.b")
+    save_file(tensors, str(path), metadata=header)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_load_weights_refuses_missing_or_unexpected_tensors(change):
+    model = torch.nn.Linear(3, 2)
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if change == "missing":
+        del tensors["model.bias"]
+    else:
+        tensors["model.extra"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_weights(model, tensors, "model", "c.safetensors")
+    load_weights(model, {f"model.{k}": v for k, v in model.state_dict().items()}, "model", "c.safetensors")
+
+
 def test_future_format_version_is_refused(tmp_path):
     path = tmp_path / "future.safetensors"
     save_file({"model.w": torch.zeros(1)}, str(path), metadata={"ddpm": json.dumps({"format_version": 99})})
@@ -134,6 +160,17 @@ def test_optimizer_state_round_trip():
     for idx, st in opt.state_dict()["state"].items():
         for key, value in st.items():
             assert torch.equal(fresh.state_dict()["state"][idx][key], value)
+
+
+def test_optimizer_state_keeps_number_valued_entries():
+    """torch's Adam keeps its step as a tensor, but an optimizer may keep plain numbers: they go to the JSON."""
+    momentum = torch.arange(3.0)
+    state = {"state": {0: {"momentum_buffer": momentum, "step": 7}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    tensors, info = flatten_optimizer_state(state)
+    assert set(tensors) == {"optim.0.momentum_buffer"}
+    restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(info)))
+    assert restored["state"][0]["step"] == 7 and torch.equal(restored["state"][0]["momentum_buffer"], momentum)
+    assert restored["param_groups"] == state["param_groups"]
 
 
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):

@@ -12,6 +12,9 @@ from PIL import Image
 
 import ddpm
 from ddpm.cli import main
+from ddpm.data import load_dataset
+from ddpm.generate import (interpolate, load_diffusion, load_image, progressive_frames, progressive_grid,
+                           sampling_options)
 from ddpm.samplers import DEFAULT_SAMPLING
 
 CELL = 8 * 8 + 2                      # an 8x8 digit is shown 8x larger, with 2 pixels of padding (make_grid)
@@ -85,17 +88,32 @@ def test_start_index_regenerates_the_same_images(run_dir, tmp_path, options):
 def test_progressive_grid_has_x_t_and_x0_rows_for_each_image(run_dir, tmp_path):
     out = tmp_path / "p"
     sample(run_dir, out, "--n", "3", "--progressive", "--sampler", "ddim", "--steps", "12")
-    grid = Image.open(out / "progressive.png")
-    assert grid.size == (10 * CELL + 2, 2 * 3 * CELL + 2)                       # 10 frames; x_t and x0 rows
+    grid = np.asarray(Image.open(out / "progressive.png"))
+    assert grid.shape[:2] == (2 * 3 * CELL + 2, 10 * CELL + 2)                  # 10 frames; x_t and x0 rows
+    diffusion, _ = load_diffusion(run_dir)
+    _, x_t, x0 = progressive_frames(diffusion, 3, sampling=sampling_options("ddim", 12), progress=False)
+    np.testing.assert_array_equal(grid, progressive_grid(x_t, x0)[..., 0])      # the library's frames, in its layout
+    assert not np.array_equal(x_t[-1], x0[-1]) or not np.array_equal(x_t[0], x0[0])
 
 
 def test_interpolate_writes_a_row_from_a_to_b(run_dir, tmp_path):
     out = tmp_path / "i"
     assert main(["interpolate", "--checkpoint", str(run_dir), "--image-a", "digits:0", "--image-b", "digits:1",
                  "--n-interp", "5", "--t", "20", "--out", str(out)]) == 0
-    assert Image.open(out / "interpolation.png").size == (7 * CELL + 2, CELL + 2)
+    row = np.asarray(Image.open(out / "interpolation.png"))
+    assert row.shape == (CELL + 2, 7 * CELL + 2)
+    digits = load_dataset("digits")
+    a, b = (load_image(spec, (8, 8), 1) for spec in ("digits:0", "digits:1"))
+    diffusion, _ = load_diffusion(run_dir)
+    expected = interpolate(diffusion, a, b, t=20, n_interp=5)
     with np.load(out / "interpolation.npz") as f:
-        assert f["images"].shape == (5, 8, 8, 1)
+        np.testing.assert_array_equal(f["images"], expected)
+    # The row is A, the five interpolants from A to B, then B (each 8x8 image shown 8x larger).
+    tiles = [row[2:CELL, 2 + k * CELL:k * CELL + CELL][::8, ::8] for k in range(7)]
+    np.testing.assert_array_equal(tiles[0], digits.images[0][..., 0])
+    np.testing.assert_array_equal(tiles[-1], digits.images[1][..., 0])
+    for k in range(5):
+        np.testing.assert_array_equal(tiles[1 + k], expected[k][..., 0])
     record = json.loads((out / "record.json").read_text())
     assert record["t"] == 20 and record["image_a"] == "digits:0" and record["steps"] == 21
 

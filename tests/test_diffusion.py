@@ -343,7 +343,9 @@ def test_eps_mean_is_eq11(linear):
     mu = (x_t - col(beta / (1 - abar).sqrt(), x_t) * eps) / col((1 - beta).sqrt(), x_t)
     torch.testing.assert_close(out["mean"].double(), mu, rtol=1e-4, atol=1e-5)
     clipped = D.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=True)["x0_pred"]
-    assert clipped.abs().max().item() <= 1.0
+    unclipped = D.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=False)["x0_pred"]
+    assert unclipped.abs().max().item() > 1.0
+    torch.testing.assert_close(clipped, unclipped.clamp(-1.0, 1.0))
 
 
 # ----------------------------------------------------------------------------- the whole reverse process, exactly
@@ -508,11 +510,14 @@ def test_gaussian_diffusion_sample_is_reproducible_and_in_unit_range():
     c = diffusion.sample(3, generator=gen(26), progress=False)
     assert a.shape == (3, 1, 8, 8)
     assert torch.equal(a, b) and not torch.allclose(a, c)
-    assert a.min().item() >= 0.0 and a.max().item() <= 1.0
+    # from_model_range clamps to [0, 1], so a range check cannot fail: most pixels must lie inside it instead
+    # (a sampler that diverges saturates them at 0 or 1).
+    assert float(((a > 0) & (a < 1)).float().mean()) > 0.5
 
     traj = diffusion.sample(3, generator=gen(25), progress=False, return_intermediates=True, record_every=1)
     assert torch.equal(traj.x0, a)
     assert traj.timesteps == list(range(T - 1, -1, -1))
     assert len(traj.x_t) == T and len(traj.x0_pred) == T
     for x in traj.x_t + traj.x0_pred:
-        assert x.shape == (3, 1, 8, 8) and x.min().item() >= 0.0 and x.max().item() <= 1.0
+        assert x.shape == (3, 1, 8, 8)
+    assert (traj.x_t[0] - traj.x0).abs().mean() > 2 * (traj.x_t[-1] - traj.x0).abs().mean()   # from noise to the sample

@@ -230,13 +230,13 @@ def test_distributed_sampling_is_byte_identical_to_one_process(two_and_one, tmp_
 
 
 def test_a_killed_rank_makes_the_other_exit_promptly_with_one_clear_line(tmp_path):
-    start = time.monotonic()
+    # The collective timeout is set far beyond the subprocess timeout: a survivor that waited for
+    # it instead of noticing the lost peer would raise TimeoutExpired here. No wall-clock bound.
     proc = torchrun("train", *TINY, "--steps", "50", "--batch-size", "4", "--checkpoint-every", "2",
                     "--out", str(tmp_path / "run"), worker=True,
-                    env={"DDPM_TEST_KILL_RANK": "1", "DDPM_TEST_KILL_AT_STEP": "3"})
-    seconds = time.monotonic() - start
+                    env={"DDPM_TEST_KILL_RANK": "1", "DDPM_TEST_KILL_AT_STEP": "3",
+                         "DDPM_DIST_TIMEOUT": str(10 * TIMEOUT)})
     assert proc.returncode != 0
-    assert seconds < 45, seconds                                   # DDPM_DIST_TIMEOUT is 60 s: no hang
     lines = our_lines(proc)
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith("ddpm: error: rank 0 of 2: lost contact with the other processes"), lines[0]

@@ -87,7 +87,9 @@ def test_eval_fast_and_pr_on_samples_writes_json(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert {"fast_fid", "fast_kid", "precision", "recall"} <= set(results)
     assert results["n_samples"] == 60 and results["n_reference"] == 297
-    assert 0.0 <= results["precision"] <= 1.0 and (tmp_path / "nn.png").exists()
+    # Training images against the test split: mostly inside each other's manifold (blank images score 0, 0).
+    assert results["precision"] > 0.5 and results["recall"] > 0.5, results
+    assert (tmp_path / "nn.png").exists()
     assert "fast_fid" in capsys.readouterr().out
 
 

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy.special import log_ndtr
 from scipy.stats import norm
 
 from ddpm.evaluation.likelihood import (bpd_terms, discretized_gaussian_log_likelihood, evaluate_bpd,
@@ -111,6 +112,10 @@ def test_gap_shrinks_with_more_steps_and_a_wrong_model_is_worse():
     assert gaps[1000, 0.8] > gaps[1000, 1.0] + 0.25           # 0.39 bits/dim worse, measured
 
 
+def f64(*values: float) -> list[torch.Tensor]:
+    return [torch.tensor([v], dtype=torch.float64) for v in values]
+
+
 def test_discretized_likelihood_is_the_bin_mass_and_sums_to_one():
     k = torch.arange(256, dtype=torch.float64)
     x0 = 2 * k / 255 - 1
@@ -120,8 +125,22 @@ def test_discretized_likelihood_is_the_bin_mass_and_sums_to_one():
     upper = np.where(k.numpy() == 255, np.inf, (x0.numpy() + 1 / 255 - 0.97) / 0.05)
     lower = np.where(k.numpy() == 0, -np.inf, (x0.numpy() - 1 / 255 - 0.97) / 0.05)
     np.testing.assert_allclose(logp.exp().numpy(), norm.cdf(upper) - norm.cdf(lower), atol=1e-12)
-    far = discretized_gaussian_log_likelihood(torch.tensor([-0.5]), torch.tensor([0.9]), torch.tensor([math.log(0.01)]))
-    assert torch.isfinite(far).all() and far.item() < -9000            # about -(140^2)/2 nats, not -inf
+    far = discretized_gaussian_log_likelihood(*f64(-0.5, 0.9, math.log(0.01)))
+    # 140 standard deviations out: the exact log mass of the bin [lower, upper] (scipy's log_ndtr), not -inf
+    # and not the log-density times the bin width (which is 50 nats off there).
+    upper, lower = (-0.5 + 1 / 255 - 0.9) / 0.01, (-0.5 - 1 / 255 - 0.9) / 0.01
+    exact = log_ndtr(upper) + math.log1p(-math.exp(log_ndtr(lower) - log_ndtr(upper)))
+    assert far.item() == pytest.approx(exact, rel=1e-9)
+    mirrored = discretized_gaussian_log_likelihood(*f64(0.5, -0.9, math.log(0.01)))
+    assert mirrored.item() == pytest.approx(exact, rel=1e-9)                # the right tail, by symmetry
+    # 8 standard deviations out with bins 0.26 sigma wide: the mass still underflows the difference of CDFs,
+    # and the bin's own far edge matters (its log mass is 0.1 nats below that of the whole tail beyond it).
+    x0, mean, scale = 0.65, 0.9, 0.03
+    upper, lower = (x0 + 1 / 255 - mean) / scale, (x0 - 1 / 255 - mean) / scale
+    near = discretized_gaussian_log_likelihood(*f64(x0, mean, math.log(scale)))
+    assert near.item() == pytest.approx(log_ndtr(upper) + math.log1p(-math.exp(log_ndtr(lower) - log_ndtr(upper))),
+                                        rel=1e-9)
+    assert near.item() < log_ndtr(upper) - 0.05
 
 
 def test_normal_kl_and_prior_term():

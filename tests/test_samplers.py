@@ -386,11 +386,14 @@ def test_progressive_frames_show_x_t_and_x0_over_time():
     assert not np.array_equal(x_t[0], x_t[-1])
 
 
-def test_seeding_module_matches_the_training_seeds():
+def test_derived_seeds_are_pinned():
+    """Image k of a run is drawn from derive_seed(seed, k), and training steps from derive_seed(seed, step, 0):
+    the values are pinned, so a changed mixing function (which would change every saved run's images and
+    break resuming old runs bit for bit) fails here."""
     from ddpm.seeding import derive_seed
-    from ddpm.train import derive_seed as train_derive_seed
 
-    assert all(derive_seed(a, b) == train_derive_seed(a, b) for a in range(3) for b in range(3))
+    assert [derive_seed(0, 0), derive_seed(0, 1), derive_seed(3, 2, 1)] == [7896617691693857887, 2918264622725855778,
+                                                                    4404663168949438663]
 
 
 def test_default_is_ancestral_over_at_most_50_steps_and_explicit_steps_stay_strict():

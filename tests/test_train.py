@@ -420,7 +420,7 @@ def test_python_api_loss_gradient_and_sample(image_size):
 
     samples = diffusion.sample(batch_size=4, progress=False)
     assert samples.shape == (4, 1, h, w)
-    assert samples.min() >= 0 and samples.max() <= 1
+    assert float(((samples > 0) & (samples < 1)).float().mean()) > 0.5     # the output is clamped: not saturated
 
 
 def test_python_api_refuses_images_of_the_wrong_shape():

@@ -15,6 +15,7 @@ from PIL import Image
 from ddpm import viz
 from ddpm.cli import main
 from ddpm.data import load_dataset
+from ddpm.generate import load_diffusion, progressive_frames, progressive_grid, sampling_options
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -131,6 +132,9 @@ def test_reverse_png_is_the_progressive_grid(run_dir, tmp_path):
                  "--frames", "3", "--device", "cpu", "--out", str(out)]) == 0
     cell = 8 * 8 + 2
     assert png(out).shape[:2] == (2 * 2 * cell + 2, 3 * cell + 2)   # per image a row of x_t and one of x0_pred
+    diffusion, _ = load_diffusion(run_dir)
+    _, x_t, x0 = progressive_frames(diffusion, 2, frames=3, sampling=sampling_options("ddim", 4), progress=False)
+    np.testing.assert_array_equal(png(out)[..., 0], progressive_grid(x_t, x0)[..., 0])    # grey: R = G = B
 
 
 def test_reverse_bad_input_exit_codes(run_dir, tmp_path, capsys):

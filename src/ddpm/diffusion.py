@@ -230,12 +230,13 @@ def discretized_gaussian_log_likelihood(x0: torch.Tensor, mean: torch.Tensor, lo
     mass = torch.where(right, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
                        torch.special.ndtr(upper) - torch.special.ndtr(lower))
     log_mid = torch.log(mass.clamp(min=1e-300))
-    # In the far tail the difference underflows: fall back to the log-density times the bin width.
+    # In the far tail the difference underflows: with the bin mirrored into the left tail, [lo, hi] with
+    # hi <= 0, log(Phi(hi) - Phi(lo)) = log Phi(hi) + log1p(-exp(log Phi(lo) - log Phi(hi))), exactly.
     tail = mass < 1e-12
     if bool(tail.any()):
-        centre = inv_std * (x0 - mean)
-        log_density = -0.5 * centre ** 2 - 0.5 * math.log(2 * math.pi) - log_scale + math.log(2 * BIN_HALF_WIDTH)
-        log_mid = torch.where(tail, torch.minimum(log_density, torch.zeros_like(log_density)), log_mid)
+        log_hi = torch.special.log_ndtr(torch.where(right, -lower, upper))
+        log_lo = torch.special.log_ndtr(torch.where(right, -upper, lower))
+        log_mid = torch.where(tail, log_hi + torch.log1p(-torch.exp(log_lo - log_hi)), log_mid)
     return torch.where(x0 < -1.0 + BIN_HALF_WIDTH, log_cdf_upper,
                        torch.where(x0 > 1.0 - BIN_HALF_WIDTH, log_sf_lower, log_mid))
 

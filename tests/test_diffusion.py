@@ -12,7 +12,10 @@ import pytest
 import torch
 
 import ddpm
+from ddpm import denoiser as Dn
 from ddpm import diffusion as D
+from ddpm import losses as L
+from ddpm import samplers as S
 from ddpm.models import Unet
 from ddpm.schedules import NoiseSchedule
 
@@ -164,7 +167,7 @@ def test_unknown_objective_raises(linear, triple):
     with pytest.raises(ddpm.ConfigError):
         D.prediction_to_eps_x0(linear, x_t, t, eps, "score")
     with pytest.raises(ddpm.ConfigError):
-        D.training_losses(lambda x, t: x, linear, x0, t, eps, objective="score")
+        L.training_losses(lambda x, t: x, linear, x0, t, eps, objective="score")
 
 
 # ----------------------------------------------------------------------------- training loss
@@ -189,7 +192,7 @@ def test_perfect_model_has_zero_loss(linear, batch, objective):
         seen["x_t"], seen["t"] = x_t, t_in
         return {"eps": noise, "x0": x0, "v": a * noise - s * x0}[objective]
 
-    loss = D.training_losses(perfect, linear, x0, t, noise, objective=objective)
+    loss = L.training_losses(perfect, linear, x0, t, noise, objective=objective)
     assert loss.shape == (8,)
     assert loss.abs().max().item() < 1e-10
     torch.testing.assert_close(seen["x_t"], a * x0 + s * noise)       # the model saw x_t of Eq. 4
@@ -199,7 +202,7 @@ def test_perfect_model_has_zero_loss(linear, batch, objective):
 @pytest.mark.parametrize("objective", D.OBJECTIVES)
 def test_zero_model_loss_is_mean_square_of_target(linear, batch, objective):
     x0, noise, t = batch
-    loss = D.training_losses(lambda x_t, t_in: torch.zeros_like(x_t), linear, x0, t, noise, objective=objective)
+    loss = L.training_losses(lambda x_t, t_in: torch.zeros_like(x_t), linear, x0, t, noise, objective=objective)
     target = {"eps": noise, "x0": x0, "v": D.v_target(linear, x0, t, noise)}[objective]
     torch.testing.assert_close(loss, target.pow(2).mean(dim=(1, 2, 3)))
     if objective == "eps":
@@ -226,7 +229,7 @@ def test_min_snr_loss_is_min_snr_times_x0_error(linear, batch, objective):
     x0, noise, t = batch
     x0, noise = x0.double(), noise.double()
     output = torch.randn(x0.shape, generator=gen(7), dtype=F64)
-    loss = D.training_losses(lambda x_t, t_in: output, linear, x0, t, noise, objective=objective,
+    loss = L.training_losses(lambda x_t, t_in: output, linear, x0, t, noise, objective=objective,
                              weighting="min-snr", min_snr_gamma=5.0)
     x_t = D.q_sample(linear, x0, t, noise)
     _, x0_pred = D.prediction_to_eps_x0(linear, x_t, t, output, objective)
@@ -238,7 +241,7 @@ def test_min_snr_loss_is_min_snr_times_x0_error(linear, batch, objective):
 def test_unknown_weighting_raises(linear, batch):
     x0, noise, t = batch
     with pytest.raises(ddpm.ConfigError):
-        D.training_losses(lambda x, t: x, linear, x0, t, noise, weighting="snr+1")
+        L.training_losses(lambda x, t: x, linear, x0, t, noise, weighting="snr+1")
 
 
 # ----------------------------------------------------------------------------- the facade
@@ -279,7 +282,7 @@ def test_forward_maps_images_to_model_range_once():
     images = torch.rand(3, 1, 8, 8, generator=gen(8))
     t, noise = torch.tensor([0, 4, 24]), torch.randn(3, 1, 8, 8, generator=gen(9))
     x0 = images * 2 - 1
-    expected = D.training_losses(diffusion.model, diffusion.schedule, x0, t, noise)
+    expected = L.training_losses(diffusion.model, diffusion.schedule, x0, t, noise)
     torch.testing.assert_close(diffusion(images, t=t, noise=noise, reduction="none"), expected)
     torch.testing.assert_close(diffusion(images, t=t, noise=noise), expected.mean())
     torch.testing.assert_close(D.from_model_range(D.to_model_range(images)), images)
@@ -292,30 +295,61 @@ def linear_model(x_t, t):
     return 0.3 * x_t + 0.01 * t.to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
 
 
-def test_p_sample_adds_no_noise_at_t0(linear):
-    x_t = torch.randn(4, 1, 2, 2, generator=gen(10))
-    t = torch.zeros(4, dtype=torch.long)
-    a, _ = D.p_sample(linear_model, linear, x_t, t, torch.randn(x_t.shape, generator=gen(11)))
-    b, _ = D.p_sample(linear_model, linear, x_t, t, torch.randn(x_t.shape, generator=gen(12)) * 100)
-    assert torch.equal(a, b)
-    mean = D.p_mean_variance(linear_model, linear, x_t, t)["mean"]
-    assert torch.equal(a, mean)
+def paper_sampler(model, schedule: NoiseSchedule, shape, *, generator, noise=None, clip_denoised: bool = True,
+                  variance: str = "posterior", self_condition: bool = False, return_intermediates: bool = False,
+                  record_every: int = 1):
+    """Algorithm 2 over all T steps as the library runs it: the registry's ancestral sampler with the
+    denoiser adapter; x_T is ``noise`` (or drawn from ``generator``), then fresh noise from it each step."""
+    x_T = D.randn(shape, generator=generator) if noise is None else noise
+    traj = D.SampleTrajectory(x0=x_T, timesteps=[], x_t=[], x0_pred=[])
+
+    def record(info):
+        if info["t"] % record_every == 0 or info["t"] == 0:
+            traj.timesteps.append(info["t"])
+            traj.x_t.append(info["x"])
+            traj.x0_pred.append(info["x0_pred"])
+
+    denoiser = S.make_denoiser(model, schedule, clip=clip_denoised, self_condition=self_condition)
+    traj.x0 = S.SAMPLERS["ddpm"](denoiser, x_T, schedule, S.spaced_timesteps(schedule.timesteps),
+                                 noise=lambda: D.randn(shape, generator=generator), callback=record, variance=variance)
+    return traj if return_intermediates else traj.x0
+
+
+def ancestral_step_at(schedule: NoiseSchedule, x_t, t: int, noise, variance: str, model=linear_model):
+    """One step of the ancestral sampler from timestep t of the full step set; returns (x_{t-1}, x0_pred)."""
+    denoiser = S.make_denoiser(model, schedule, clip=True)
+    abar = schedule.alphas_cumprod.tolist()
+    _, x0_pred = denoiser(x_t, t)
+    z = noise if t > 0 else torch.zeros_like(noise)                # the sampler adds no noise at its last step
+    return S.ancestral_step(x_t, x0_pred, abar[t], abar[t - 1] if t > 0 else 1.0, z, variance), x0_pred
 
 
 @pytest.mark.parametrize("variance", D.FIXED_VARIANCES)
-def test_p_sample_noise_has_std_exp_half_log_variance(linear, variance):
-    t = torch.tensor([0, 1, 2, 300, 999])
-    x_t = torch.randn(5, 1, 2, 2, generator=gen(13))
-    noise = torch.randn(5, 1, 2, 2, generator=gen(14))
-    out = D.p_mean_variance(linear_model, linear, x_t, t, variance=variance)
-    x_prev, x0_pred = D.p_sample(linear_model, linear, x_t, t, noise, variance=variance)
-    torch.testing.assert_close(x0_pred, out["x0_pred"])
+def test_the_ancestral_sampler_adds_no_noise_at_t0(linear, variance):
+    x_t = torch.randn(4, 1, 2, 2, generator=gen(10))
+    denoiser = S.make_denoiser(linear_model, linear, clip=True)
+    run = lambda seed: S.sample_ancestral(denoiser, x_t, linear, [0], variance=variance,
+                                          noise=lambda: 100 * torch.randn(x_t.shape, generator=gen(seed)))
+    a, b = run(11), run(12)
+    assert torch.equal(a, b)
+    mean = Dn.p_mean_variance(linear_model, linear, x_t, torch.zeros(4, dtype=torch.long))["mean"]
+    torch.testing.assert_close(a, mean, rtol=1e-6, atol=1e-6)
 
-    var_table = linear.posterior_variance if variance == "posterior" else linear.betas
-    sigma = var_table[t].sqrt()
-    sigma[0] = 0.0                                                   # no noise at t = 0
-    expected = out["mean"] + col(sigma, noise) * noise
-    torch.testing.assert_close(x_prev, expected, rtol=1e-5, atol=1e-6)
+
+@pytest.mark.parametrize("variance", D.FIXED_VARIANCES)
+def test_the_ancestral_step_noise_has_std_exp_half_log_variance(linear, variance):
+    """Algorithm 2, line 4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with sigma_t^2 = beta-tilde_t or beta_t."""
+    for t in [0, 1, 2, 300, 999]:
+        x_t = torch.randn(2, 1, 2, 2, generator=gen(13 + t))
+        noise = torch.randn(2, 1, 2, 2, generator=gen(14 + t))
+        out = Dn.p_mean_variance(linear_model, linear, x_t, torch.full((2,), t), variance=variance)
+        x_prev, x0_pred = ancestral_step_at(linear, x_t, t, noise, variance)
+        torch.testing.assert_close(x0_pred, out["x0_pred"])
+        var_table = linear.posterior_variance if variance == "posterior" else linear.betas
+        sigma = 0.0 if t == 0 else var_table[t].sqrt().item()           # no noise at t = 0
+        torch.testing.assert_close(x_prev, out["mean"] + sigma * noise, rtol=1e-5, atol=1e-6)
+    t = torch.tensor([0, 1, 2, 300, 999])
+    out = Dn.p_mean_variance(linear_model, linear, torch.randn(5, 1, 2, 2, generator=gen(13)), t, variance=variance)
     torch.testing.assert_close(out["log_variance"][1:], out["variance"][1:].log())
     assert out["log_variance"][0].item() == pytest.approx(math.log(linear.posterior_variance[1].item()), rel=1e-6)
 
@@ -323,13 +357,13 @@ def test_p_sample_noise_has_std_exp_half_log_variance(linear, variance):
 def test_variance_beta_uses_beta_for_t_at_least_1(linear):
     t = torch.arange(1, 1000, 37)
     x_t = torch.zeros(len(t), 1, 2, 2)
-    out = D.p_mean_variance(linear_model, linear, x_t, t, variance="beta")
+    out = Dn.p_mean_variance(linear_model, linear, x_t, t, variance="beta")
     torch.testing.assert_close(out["variance"].flatten(), linear.betas[t].float())
-    post = D.p_mean_variance(linear_model, linear, x_t, t, variance="posterior")
+    post = Dn.p_mean_variance(linear_model, linear, x_t, t, variance="posterior")
     torch.testing.assert_close(post["variance"].flatten(), linear.posterior_variance[t].float())
     assert bool((out["variance"] > post["variance"]).all())          # beta_t > beta_tilde_t for t >= 1
     with pytest.raises(ddpm.ConfigError):
-        D.p_mean_variance(linear_model, linear, x_t, t, variance="learned")
+        Dn.p_mean_variance(linear_model, linear, x_t, t, variance="learned")
 
 
 def test_eps_mean_is_eq11(linear):
@@ -337,13 +371,13 @@ def test_eps_mean_is_eq11(linear):
     t = torch.tensor([1, 10, 500, 999])
     x_t = torch.randn(4, 1, 2, 2, generator=gen(15), dtype=F64)
     eps = torch.randn(4, 1, 2, 2, generator=gen(16), dtype=F64)
-    out = D.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=False)
+    out = Dn.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=False)
     beta = linear.betas[t]
     abar = alpha_bar_from_betas(linear)[t]
     mu = (x_t - col(beta / (1 - abar).sqrt(), x_t) * eps) / col((1 - beta).sqrt(), x_t)
     torch.testing.assert_close(out["mean"].double(), mu, rtol=1e-4, atol=1e-5)
-    clipped = D.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=True)["x0_pred"]
-    unclipped = D.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=False)["x0_pred"]
+    clipped = Dn.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=True)["x0_pred"]
+    unclipped = Dn.p_mean_variance(lambda x, t_in: eps, linear, x_t, t, clip_denoised=False)["x0_pred"]
     assert unclipped.abs().max().item() > 1.0
     torch.testing.assert_close(clipped, unclipped.clamp(-1.0, 1.0))
 
@@ -411,8 +445,8 @@ def sample_gaussian_oracle(kind: str, scale: float = 1.0, seed: int = 18):
     schedule = NoiseSchedule(kind, 1000)
     mu, sigma = gaussian_data()
     model = GaussianOracle(schedule, mu, sigma, scale)
-    samples = D.p_sample_loop(model, schedule, (N_SAMPLES, 1, 2, 2), generator=gen(seed), progress=False,
-                              clip_denoised=False, objective="eps", variance="posterior")
+    samples = paper_sampler(model, schedule, (N_SAMPLES, 1, 2, 2), generator=gen(seed), clip_denoised=False,
+                            variance="posterior")
     return samples, mu, sigma
 
 
@@ -442,56 +476,54 @@ def test_gaussian_oracle_handles_per_sample_timesteps():
 
 # ----------------------------------------------------------------------------- sampling loops: reproducibility, trajectories
 
-def test_p_sample_loop_is_reproducible_from_its_generator():
+def test_the_paper_sampler_is_reproducible_from_its_generator():
     schedule = NoiseSchedule("linear", 50)
     model = GaussianOracle(schedule, *gaussian_data())
-    run = lambda seed: D.p_sample_loop(model, schedule, (6, 1, 2, 2), generator=gen(seed), progress=False,
-                                       clip_denoised=False)
+    run = lambda seed: paper_sampler(model, schedule, (6, 1, 2, 2), generator=gen(seed), clip_denoised=False)
     assert torch.equal(run(20), run(20))
     assert not torch.allclose(run(20), run(21))
 
 
-def test_p_sample_loop_from_given_noise_is_deterministic_only_through_its_generator():
+def test_the_paper_sampler_from_given_noise_is_deterministic_only_through_its_generator():
     schedule = NoiseSchedule("linear", 50)
     model = GaussianOracle(schedule, *gaussian_data())
     x_T = torch.randn(6, 1, 2, 2, generator=gen(22))
-    a = D.p_sample_loop(model, schedule, x_T.shape, noise=x_T, generator=gen(23), progress=False)
-    b = D.p_sample_loop(model, schedule, x_T.shape, noise=x_T, generator=gen(23), progress=False)
-    c = D.p_sample_loop(model, schedule, x_T.shape, noise=x_T * 0.5, generator=gen(23), progress=False)
+    a = paper_sampler(model, schedule, x_T.shape, noise=x_T, generator=gen(23))
+    b = paper_sampler(model, schedule, x_T.shape, noise=x_T, generator=gen(23))
+    c = paper_sampler(model, schedule, x_T.shape, noise=x_T * 0.5, generator=gen(23))
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
-def test_p_sample_loop_intermediates():
+def test_the_paper_sampler_intermediates():
     T = 30
     schedule = NoiseSchedule("cosine", T)
     model = GaussianOracle(schedule, *gaussian_data())
-    traj = D.p_sample_loop(model, schedule, (4, 1, 2, 2), generator=gen(24), progress=False,
-                           return_intermediates=True, record_every=1)
+    traj = paper_sampler(model, schedule, (4, 1, 2, 2), generator=gen(24), return_intermediates=True, record_every=1)
     assert traj.timesteps == list(range(T - 1, -1, -1))
     assert len(traj.x_t) == T and len(traj.x0_pred) == T
     assert torch.equal(traj.x0, traj.x_t[-1])
-    final = D.p_sample_loop(model, schedule, (4, 1, 2, 2), generator=gen(24), progress=False)
+    final = paper_sampler(model, schedule, (4, 1, 2, 2), generator=gen(24))
     assert torch.equal(traj.x0, final)                                # recording does not change the draw
-    sparse = D.p_sample_loop(model, schedule, (4, 1, 2, 2), generator=gen(24), progress=False,
-                             return_intermediates=True, record_every=7)
+    sparse = paper_sampler(model, schedule, (4, 1, 2, 2), generator=gen(24), return_intermediates=True,
+                           record_every=7)
     assert sparse.timesteps == [28, 21, 14, 7, 0]
     assert len(sparse.x0_pred) == len(sparse.x_t) == 5
 
 
-def test_p_sample_loop_adds_fresh_noise_of_the_right_size_at_every_step_but_the_last():
+def test_the_paper_sampler_adds_fresh_noise_of_the_right_size_at_every_step_but_the_last():
     """Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z with z ~ N(0, I) new at each step, z = 0 at t = 0."""
     T, n = 30, 2000
     schedule = NoiseSchedule("cosine", T)
     model = GaussianOracle(schedule, *gaussian_data())
     x_T = torch.randn(n, 1, 2, 2, generator=gen(27))
-    traj = D.p_sample_loop(model, schedule, x_T.shape, noise=x_T, generator=gen(28), progress=False,
-                           clip_denoised=False, return_intermediates=True)
+    traj = paper_sampler(model, schedule, x_T.shape, noise=x_T, generator=gen(28), clip_denoised=False,
+                         return_intermediates=True)
     inputs = [x_T] + traj.x_t[:-1]
     previous_z = None
     for i, x_in, x_out in zip(traj.timesteps, inputs, traj.x_t):
-        mean = D.p_mean_variance(model, schedule, x_in, torch.full((n,), i), clip_denoised=False)["mean"]
+        mean = Dn.p_mean_variance(model, schedule, x_in, torch.full((n,), i), clip_denoised=False)["mean"]
         if i == 0:
-            assert torch.equal(x_out, mean)
+            torch.testing.assert_close(x_out, mean, rtol=1e-5, atol=1e-6)
             continue
         z = ((x_out - mean) / schedule.posterior_variance[i].sqrt().item()).double().flatten()
         m = z.numel()                                               # 5 standard errors below

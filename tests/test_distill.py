@@ -160,10 +160,10 @@ def test_the_ideal_model_of_point_data_has_zero_loss_and_of_spread_data_does_not
     t = torch.tensor([999, 749, 499, 249, 999, 249])
     noise, images = z_at(5) / 1.3, torch.full(SHAPE, 0.8)             # images in [0, 1]: x0 = 0.6
     point = objective_for(schedule, 4, mu=0.6, s=0.0)
-    losses = point.losses(IsotropicGaussianOracle(schedule, 0.6, 0.0, "v"), images, t, noise)
+    losses = point.losses(IsotropicGaussianOracle(schedule, 0.6, 0.0, "v"), 2 * images - 1, t, noise)
     assert losses.shape == (6,) and float(losses.abs().max()) < 1e-8
     spread = objective_for(schedule, 4, mu=0.6, s=0.5)
-    assert float(spread.losses(IsotropicGaussianOracle(schedule, 0.6, 0.5, "v"), images, t, noise).min()) > 1e-6
+    assert float(spread.losses(IsotropicGaussianOracle(schedule, 0.6, 0.5, "v"), 2 * images - 1, t, noise).min()) > 1e-6
 
 
 def test_snr_plus_one_weighting_is_the_v_mse_and_truncated_snr_is_max_snr_1(schedule):
@@ -185,7 +185,7 @@ def test_snr_plus_one_weighting_is_the_v_mse_and_truncated_snr_is_max_snr_1(sche
         else:
             snr = (abar_t / (1 - abar_t)).flatten()
             want = snr.clamp(min=1) * (x_pred - x_tilde.double()).pow(2).mean(dim=(1, 2, 3))
-        torch.testing.assert_close(obj.losses(student, images, t, noise).double(), want, rtol=2e-4, atol=1e-7)
+        torch.testing.assert_close(obj.losses(student, 2 * images - 1, t, noise).double(), want, rtol=2e-4, atol=1e-7)
     with pytest.raises(ConfigError, match="weighting"):
         distillation_weight(torch.ones(1), "snr")
 

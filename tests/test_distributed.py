@@ -346,3 +346,20 @@ def test_training_variants_under_two_processes_train_like_one_process(tmp_path):
     assert bool((one["timestep_sampler.counts"] >= 10).all()), "the histories never filled: importance sampling unused"
     torch.testing.assert_close(two["timestep_sampler.counts"], one["timestep_sampler.counts"], rtol=0, atol=0)
     assert_close_checkpoints(two, one)
+
+
+def test_distillation_under_two_processes_trains_like_one_process(two_and_one, tmp_path):
+    """A distillation round is an ordinary data-parallel run (DDP wraps the student's U-Net, the loss
+    takes it as an argument): 2 processes x batch 4 train the student like 1 process x batch 8."""
+    teacher = two_and_one["root"] / "one"
+    common = ["--checkpoint", str(teacher), "--rounds", "1", "--teacher-steps", "4", "--steps-per-round", "3",
+              "--num-samples", "2", "--log-every", "1", "--checkpoint-every", "0", "--device", "cpu", "--quiet"]
+    proc = torchrun("distill", *common, "--batch-size", "4", "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done in") == 1                        # rank 0 alone speaks
+    assert main(["distill", *common, "--batch-size", "8", "--out", str(tmp_path / "one")]) == 0
+    two, meta = load_checkpoint(tmp_path / "two" / "round-01")
+    one, _ = load_checkpoint(tmp_path / "one" / "round-01")
+    assert meta["world_size"] == 2 and meta["global_batch"] == 8 and meta["step"] == 3
+    assert_close_checkpoints(two, one)
+    assert (tmp_path / "two" / "student").resolve() == (tmp_path / "two" / "round-01").resolve()

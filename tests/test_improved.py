@@ -13,9 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from ddpm import denoiser as Dn
 from ddpm import diffusion as D
+from ddpm import losses as L
 from ddpm import samplers as S
-from ddpm.config import DiffusionConfig, RunConfig, build_diffusion, build_model
+from ddpm.config import DiffusionConfig, RunConfig, build_model
+from ddpm.gaussian_diffusion import build_diffusion
 from ddpm.errors import ConfigError
 from ddpm.models import preset_config
 from ddpm.schedules import NoiseSchedule
@@ -57,7 +60,7 @@ def test_learned_range_variance_stays_within_beta_tilde_and_beta_for_any_output(
     v = torch.tensor(EXTREMES * 1000)
     x_t = torch.randn(len(t), 1, 1, 1, generator=gen(0))
     output = torch.cat([torch.zeros_like(x_t), v.reshape(-1, 1, 1, 1)], dim=1)       # eps = 0, then v
-    out = D.p_mean_variance_from_output(schedule, x_t, t, output, variance="learned-range")
+    out = Dn.p_mean_variance(lambda x, t_in: output, schedule, x_t, t, variance="learned-range", clip_denoised=False)
     var = out["variance"].flatten().double()
     # The lower end is beta-tilde_t; at t = 0, where beta-tilde is 0, the clipped value beta-tilde_1.
     low = torch.where(t == 0, ref["beta_tilde"][1], ref["beta_tilde"][t])
@@ -101,7 +104,7 @@ def test_learned_range_needs_a_learned_variance_network():
     schedule = NoiseSchedule("linear", 100)
     x_t = torch.zeros(2, 1, 2, 2)
     with pytest.raises(ConfigError, match="learned variances"):
-        D.p_mean_variance(lambda x, t: torch.zeros_like(x), schedule, x_t, torch.tensor([3, 4]),
+        Dn.p_mean_variance(lambda x, t: torch.zeros_like(x), schedule, x_t, torch.tensor([3, 4]),
                           variance="learned-range")
     denoiser = S.make_denoiser(lambda x, t: torch.zeros_like(x), schedule)
     with pytest.raises(ConfigError, match="learned variances"):
@@ -117,13 +120,16 @@ class TwoHeads(nn.Module):
         return torch.cat([0.3 * torch.tanh(x) + 0.01 * tt, torch.cos(x + tt / 7.0)], dim=1)
 
 
-def test_full_ancestral_sampler_with_learned_variance_is_p_sample_loop():
-    """The two implementations of Algorithm 2 agree with a learned variance too."""
+def test_full_ancestral_sampler_with_learned_variance_is_algorithm_2_with_eq_15():
+    """Over all T steps the ancestral sampler is mu_theta + sigma_t z with the learned sigma_t (Eq. 15)."""
     schedule = NoiseSchedule("linear", 30)
     model = TwoHeads()
     x_T = torch.randn(4, 1, 2, 2, generator=gen(3))
-    expected = D.p_sample_loop(model, schedule, x_T.shape, noise=x_T, generator=gen(4), progress=False,
-                               variance="learned-range")
+    g, expected = gen(4), x_T
+    for i in range(29, -1, -1):
+        out = Dn.p_mean_variance(model, schedule, expected, torch.full((4,), i), variance="learned-range")
+        z = D.randn(x_T.shape, generator=g) if i > 0 else torch.zeros_like(x_T)
+        expected = out["mean"] + torch.exp(0.5 * out["log_variance"]) * z
     g = gen(4)
     got = S.sample_ancestral(S.make_denoiser(model, schedule, clip=True), x_T, schedule, range(29, -1, -1),
                              noise=lambda: D.randn(x_T.shape, generator=g), variance="learned-range")
@@ -152,10 +158,10 @@ def test_hybrid_vlb_term_is_the_closed_form_kl_per_timestep(objective):
     x0 = (torch.randint(0, 256, (len(t), 1, 3, 3), generator=g).double() * 2 / 255 - 1).float()
     noise = torch.randn(x0.shape, generator=g)
     lam = 0.25
-    simple = D.training_losses(model, schedule, x0, t, noise, objective=objective, variance="learned-range")
-    hybrid = D.training_losses(model, schedule, x0, t, noise, objective=objective, variance="learned-range",
+    simple = L.training_losses(model, schedule, x0, t, noise, objective=objective, variance="learned-range")
+    hybrid = L.training_losses(model, schedule, x0, t, noise, objective=objective, variance="learned-range",
                                loss="hybrid", vlb_weight=lam)
-    vlb = D.training_losses(model, schedule, x0, t, noise, objective=objective, variance="learned-range", loss="vlb")
+    vlb = L.training_losses(model, schedule, x0, t, noise, objective=objective, variance="learned-range", loss="vlb")
 
     # Independently: x_t (Eq. 4), the true posterior (Eqs. 6-7), the model's mean and learned variance.
     beta, abar, abar_prev, beta_tilde = (col(ref[k][t], x0).double() for k in ("beta", "abar", "abar_prev", "beta_tilde"))
@@ -186,7 +192,7 @@ def test_vlb_term_at_t0_is_the_discretised_decoder_nll():
     x0 = (k.double() * 2 / 255 - 1).float()
     noise = torch.randn(x0.shape, generator=g)
     t = torch.zeros(3, dtype=torch.long)
-    vlb = D.training_losses(model, schedule, x0, t, noise, variance="learned-range", loss="vlb")
+    vlb = L.training_losses(model, schedule, x0, t, noise, variance="learned-range", loss="vlb")
     beta0, abar0 = ref["beta"][0].item(), ref["abar"][0].item()
     x0d = x0.double()
     x_t = math.sqrt(abar0) * x0d + math.sqrt(1 - abar0) * noise.double()
@@ -221,7 +227,7 @@ def test_hybrid_vlb_term_trains_only_the_variance_and_vlb_trains_both():
     grads = {}
     for loss in ("simple", "hybrid", "vlb"):
         model = Linear2C()
-        D.training_losses(model, schedule, x0, t, noise, variance="learned-range", loss=loss).sum().backward()
+        L.training_losses(model, schedule, x0, t, noise, variance="learned-range", loss=loss).sum().backward()
         grads[loss] = (float(model.a.grad), 0.0 if model.b.grad is None else float(model.b.grad))
     assert grads["simple"][1] == 0.0                                 # L_simple does not see the variance
     assert grads["hybrid"][0] == pytest.approx(grads["simple"][0], rel=1e-6)   # stop-gradient on the mean
@@ -319,7 +325,7 @@ def test_self_conditioned_training_feeds_the_first_pass_x0_estimate_to_half_the_
     mask = torch.tensor([True, False, True, False, False, True])
     y = torch.arange(6)
     net = Recorder()
-    D.training_losses(net, schedule, x0, t, noise, self_condition=True, self_cond_mask=mask, model_kwargs={"y": y})
+    L.training_losses(net, schedule, x0, t, noise, self_condition=True, self_cond_mask=mask, model_kwargs={"y": y})
     assert len(net.calls) == 2
     abar = tables(schedule)["abar"][t]
     x_t = (col(abar.sqrt(), x0) * x0 + col((1 - abar).sqrt(), x0) * noise).float()
@@ -343,7 +349,7 @@ def test_without_self_conditioning_the_network_sees_x_t_alone():
     schedule = NoiseSchedule("linear", 100)
     net = Recorder()
     x0 = torch.zeros(2, 1, 2, 2)
-    D.training_losses(net, schedule, x0, torch.tensor([1, 2]), torch.ones_like(x0))
+    L.training_losses(net, schedule, x0, torch.tensor([1, 2]), torch.ones_like(x0))
     assert len(net.calls) == 1 and net.calls[0][0].shape[1] == 1
 
 
@@ -381,15 +387,17 @@ def test_self_conditioning_with_guidance_feeds_both_halves():
     assert torch.equal(fed, torch.cat([x0_pred, x0_pred]))
 
 
-def test_p_sample_loop_feeds_back_the_previous_x0_estimate():
+def test_the_paper_sampler_feeds_back_the_previous_x0_estimate():
     schedule = NoiseSchedule("cosine", 5)
     net = Recorder()
     x_T = torch.randn(2, 1, 2, 2, generator=gen(10))
-    traj = D.p_sample_loop(net, schedule, x_T.shape, noise=x_T, generator=gen(11), progress=False,
-                           return_intermediates=True, self_condition=True)
+    x0_preds = []
+    g = gen(11)
+    S.sample_ancestral(S.make_denoiser(net, schedule, clip=True, self_condition=True), x_T, schedule, range(4, -1, -1),
+                       noise=lambda: D.randn(x_T.shape, generator=g), callback=lambda info: x0_preds.append(info["x0_pred"]))
     assert torch.equal(net.calls[0][0][:, 1:], torch.zeros_like(x_T))
     for k in range(1, 5):
-        assert torch.equal(net.calls[k][0][:, 1:], traj.x0_pred[k - 1])
+        assert torch.equal(net.calls[k][0][:, 1:], x0_preds[k - 1])
 
 
 # ----------------------------------------------------------------------------- offset noise

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ddpm
+from ddpm import denoiser as Dn
 from ddpm import diffusion as D
 from ddpm import samplers as S
 from ddpm.generate import generate, progressive_frames, sampling_options
@@ -198,7 +199,10 @@ def test_ancestral_step_is_p_sample_of_the_respaced_schedule(linear, kept, varia
         x_t = torch.randn(3, 1, 2, 2, generator=gen(i), dtype=F64)
         z = torch.randn(3, 1, 2, 2, generator=gen(100 + i), dtype=F64)
         ti = torch.full((3,), i)
-        expected, x0_pred = D.p_sample(model, small, x_t, ti, z, clip_denoised=False, variance=variance)
+        # Algorithm 2, line 4, from the respaced schedule's own tables (Eq. 7 and sigma_t of Sec. 3.2).
+        out = Dn.p_mean_variance(model, small, x_t, ti, clip_denoised=False, variance=variance)
+        sigma = 0.0 if i == 0 else (small.posterior_variance if variance == "posterior" else small.betas)[i].sqrt()
+        expected, x0_pred = out["mean"] + sigma * z, out["x0_pred"].double()
         got = S.ancestral_step(x_t, x0_pred, abar_t, abar_prev, z if i > 0 else torch.zeros_like(z), variance)
         torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-9)
 
@@ -227,12 +231,17 @@ def test_ddim_eta1_has_ddpm_variance_on_the_full_step_set(linear):
         assert S.ddim_sigma(abar_t, abar_prev, 0.0) == 0.0
 
 
-def test_full_ancestral_sampler_is_the_papers_p_sample_loop():
+def test_full_ancestral_sampler_is_the_papers_algorithm_2():
+    """Over all T steps the respaced betas are the schedule's own: each step is mu_theta + sigma_t z (Eq. 7)."""
     schedule = NoiseSchedule("cosine", 40)
     mu, sigma = gaussian_data()
     model = GaussianOracle(schedule, mu, sigma)
     x_T = torch.randn(6, 1, 2, 2, generator=gen(3))
-    expected = D.p_sample_loop(model, schedule, x_T.shape, noise=x_T, generator=gen(4), progress=False)
+    g, expected = gen(4), x_T
+    for i in range(39, -1, -1):
+        out = Dn.p_mean_variance(model, schedule, expected, torch.full((6,), i))
+        z = D.randn(x_T.shape, generator=g) if i > 0 else torch.zeros_like(x_T)
+        expected = out["mean"] + out["variance"].sqrt() * z
     g = gen(4)
     got = S.sample_ancestral(S.make_denoiser(model, schedule, clip=True), x_T, schedule, range(39, -1, -1),
                              noise=lambda: D.randn(x_T.shape, generator=g))

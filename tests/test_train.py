@@ -15,7 +15,7 @@ import ddpm
 from ddpm.checkpoint import load_checkpoint, split_prefix
 from ddpm.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, build_model
 from ddpm.data import ImageData, to_tensor
-from ddpm.diffusion import GaussianDiffusion
+from ddpm.losses import SimpleLoss
 from ddpm.errors import ConfigError, DataError
 from ddpm.generate import select_device
 from ddpm.models import preset_config
@@ -219,18 +219,18 @@ def test_checkpoint_holds_weights_ema_optimizer_and_the_full_config(base_run):
     assert (run_dir / "samples.png").is_file()
 
 
-_ORIGINAL_FORWARD = GaussianDiffusion.forward
+_ORIGINAL_LOSSES = SimpleLoss.losses
 
 
 def _record_training_images(monkeypatch, config: RunConfig, data: ImageData, run_dir: Path) -> torch.Tensor:
-    """Train and return every batch of images the diffusion loss received."""
+    """Train and return every batch of images the diffusion loss received (mapped back to [0, 1])."""
     seen = []
 
-    def spy(self, images, **kwargs):
-        seen.append(images.detach().clone())
-        return _ORIGINAL_FORWARD(self, images, **kwargs)
+    def spy(self, net, x0, *args, **kwargs):
+        seen.append((x0.detach().clone() + 1) / 2)
+        return _ORIGINAL_LOSSES(self, net, x0, *args, **kwargs)
 
-    monkeypatch.setattr(GaussianDiffusion, "forward", spy)
+    monkeypatch.setattr(SimpleLoss, "losses", spy)
     train(config, run_dir, data=data, progress=False)
     return torch.cat(seen)
 

@@ -1,6 +1,6 @@
 """ddpm: Denoising Diffusion Probabilistic Models (Ho et al. 2020) and their successors."""
 
-from .diffusion import GaussianDiffusion
+from .gaussian_diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DataError, DdpmError
 from .models import PRESETS, Unet, UnetConfig
 from .schedules import NoiseSchedule

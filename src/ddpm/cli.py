@@ -4,20 +4,22 @@ Exit codes: 0 success, 2 usage or configuration error, 3 data error, 4 checkpoin
 stopped (non-finite steps), 6 another process of a torchrun group was lost, 128 + N stopped by signal N.
 User mistakes print one line, ``ddpm: error: ...``, never a traceback.
 
-Under torchrun (``torchrun --nproc_per_node N -m ddpm train|sample|eval ...``) every process runs
-the same command: ``train`` trains data-parallel, ``sample`` and ``eval --checkpoint`` split the
-image indices among the processes, and rank 0 writes the files and the messages.
+Under torchrun (``torchrun --nproc_per_node N -m ddpm train|distill|sample|eval ...``) every process
+runs the same command: ``train`` and ``distill`` train data-parallel, ``sample`` and ``eval
+--checkpoint`` split the image indices among the processes, and rank 0 writes the files and the
+messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import CheckpointError, ConfigError, DdpmError, TrainingInterrupted
+from .errors import ConfigError, DdpmError, TrainingInterrupted
 
 EXAMPLES_MAIN = """\
 examples:
@@ -79,44 +81,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number(kind: type, ok, expected: str):
+    """An argparse type: ``kind(text)`` for which ``ok(value)`` holds, else a one-line usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
+_positive_float = _number(float, lambda v: v > 0, "a positive number")
 
 
 def _add_train(sub) -> None:
@@ -187,7 +168,10 @@ def _add_train(sub) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--init", metavar="CHECKPOINT", help="fine-tune: start from this checkpoint's EMA weights")
-    g = p.add_argument_group("output")
+    _add_train_output(p.add_argument_group("output"))
+
+
+def _add_train_output(g) -> None:
     g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     g.add_argument("--log-every", type=_positive_int)
@@ -218,8 +202,6 @@ TRAIN_FLAGS = {
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
         "eval_every", "eval_samples", "label_dropout", "time_limit")},
 }
-# What a resumed run may change (batch_size only as the per-process share of the saved global batch).
-RESUME_MAY_CHANGE = {"steps", "device", "grad_accum", "time_limit"}
 
 
 def _flag(name: str) -> str:
@@ -529,108 +511,22 @@ def _flag_layer(args) -> dict:
 
 
 def _train_config(args):
-    """Resolve a new run's configuration: preset recipe < --config file < options. Returns (config, data)."""
-    from .config import (DEFAULT_PRESET_FOR_DATA, RECIPES, DataConfig, DiffusionConfig, RunConfig, TrainConfig,
-                         load_toml, merge_layers)
-    from .data import load_dataset
-    from .models import PRESETS, preset_config
+    """A new run's configuration from the options: preset recipe < --config file < options."""
+    from .config import resolve_train_config
 
-    file_layer = load_toml(args.config) if args.config else {}
-    flags = _flag_layer(args)
-    data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
-    preset = args.preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
-    if preset is None:
-        raise ConfigError("--preset is required for your own data (e.g. --preset mnist for 28x28 grey, "
-                          "--preset cifar10 for 32x32 colour)")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r} in {args.config}; choose from {', '.join(PRESETS)}")
-    for key in ("image_size", "channels"):
-        if key in file_layer.get("model", {}):
-            raise ConfigError(f"{args.config}: set {key} under [data]; the model takes it from the data")
-    merged = merge_layers(RECIPES.get(preset, {}), file_layer, flags)
-    try:
-        data_cfg = DataConfig(**merged.get("data", {}))
-        diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))
-        train_cfg = TrainConfig(**merged.get("train", {}))
-    except TypeError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
-    data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
-                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
-    model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
-    if args.conditional:
-        model_layer["num_classes"] = _num_classes(data)
-    elif args.label_dropout is not None and model_layer.get("num_classes") is None:
-        raise ConfigError("--label-dropout applies to class-conditional models; add --conditional")
-    try:
-        model_cfg = preset_config(preset, **model_layer)
-    except TypeError as exc:
-        raise ConfigError(f"invalid [model] option: {exc}") from None
-    return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
-
-
-def _num_classes(data) -> int:
-    """The class count of a labelled dataset: its class names, else the largest label + 1."""
-    from .errors import DataError
-
-    if data.labels is None:
-        raise DataError(f"--conditional needs class labels, and dataset {data.name!r} has none (use class "
-                        "subfolders, an .npz with a 'labels' array, or digits / mnist / fashion-mnist / cifar10)")
-    return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
+    return resolve_train_config(_flag_layer(args), preset=args.preset, config_file=args.config,
+                                conditional=args.conditional, label_dropout_given=args.label_dropout is not None)
 
 
 def _resume_config(args):
-    """The saved configuration of the run to resume; options must repeat it, except --steps and --device."""
-    from dataclasses import replace as dc_replace
-
-    from .checkpoint import list_checkpoints, read_metadata
-    from .config import RunConfig
-
-    run_dir = Path(args.resume)
-    if args.out and Path(args.out).resolve() != run_dir.resolve():
-        raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
-    if args.config:
-        raise ConfigError("--config cannot be combined with --resume: the run keeps its saved configuration")
-    if (run_dir / "round.json").is_file():
-        raise ConfigError(f"{run_dir} is a distillation round; continue it with ddpm distill --resume {run_dir.parent}")
-    found = list_checkpoints(run_dir)
-    if not found:
-        raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
-    meta = read_metadata(found[-1][1])
-    saved = RunConfig.from_dict(meta["config"])
-    if args.preset and args.preset != saved.preset:
-        raise ConfigError(f"--preset {args.preset} differs from the run's saved preset {saved.preset}")
-    if args.conditional and not saved.conditional:
-        raise ConfigError("--conditional differs from the run's saved model, which is unconditional")
-    saved_dict = saved.to_dict()
-    # The global batch is kept; the per-process batch follows from the processes and grad_accum.
+    """The saved configuration of the run to resume, and the options checked against it."""
     from . import distributed
-    from .config import per_process_batch
-    from .train import checkpoint_global_batch
+    from .config import resume_config
 
-    grad_accum = args.grad_accum or saved.train.grad_accum
-    batch_size = per_process_batch(checkpoint_global_batch(meta), distributed.env_world_size(), grad_accum)
-    if args.batch_size is not None and args.batch_size != batch_size:
-        raise ConfigError(f"--batch-size {args.batch_size} does not keep the run's global batch of "
-                          f"{checkpoint_global_batch(meta)} images with {distributed.env_world_size()} process(es) "
-                          f"and grad_accum {grad_accum} (that takes --batch-size {batch_size}, or leave it out)")
-    for section, values in _flag_layer(args).items():
-        for key, value in values.items():
-            if key == "batch_size":
-                continue
-            name = next(n for n, target in TRAIN_FLAGS.items() if target == (section, key))
-            old = saved_dict[section][key]
-            same = (list(value) == list(old)) if isinstance(value, tuple) and old is not None else value == old
-            if not same and name not in RESUME_MAY_CHANGE:
-                raise ConfigError(f"{_flag(name)} {value} differs from the run's saved value {old}; a resumed run "
-                                  "keeps its configuration (only --steps, --device, --grad-accum and --time-limit may change)")
-    train_cfg = dc_replace(saved.train, steps=args.steps or saved.train.steps, device=args.device or saved.train.device,
-                           batch_size=batch_size, grad_accum=grad_accum,
-                           time_limit=args.time_limit or 0.0)       # a time limit is this command's, not the run's
-    if train_cfg.steps <= meta["step"]:
-        raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
-                          "to extend it")
-    return RunConfig(preset=saved.preset, model=saved.model, diffusion=saved.diffusion, data=saved.data,
-                     train=train_cfg, sampling=saved.sampling), run_dir
+    given = {key: getattr(args, key) for key in ("out", "config", "preset", "conditional", "steps", "device",
+                                                  "grad_accum", "batch_size", "time_limit")}
+    return resume_config(args.resume, _flag_layer(args), world_size=distributed.env_world_size(),
+                         flag_names={target: _flag(name) for name, target in TRAIN_FLAGS.items()}, **given)
 
 
 def cmd_train(args) -> int:
@@ -691,119 +587,39 @@ def _output_dir(args, names: tuple[str, ...]) -> Path:
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
-
-    from .fileio import write_json
-    from .generate import (generate, load_diffusion, progressive_frames, progressive_grid, sample_record,
-                           write_samples)
-    from .images import save_png
-
     from . import distributed
+    from .generate import load_diffusion, plan_samples, run_samples
 
     with distributed.agree("checking the options"):
-        sampling = _sampling_from_args(args)
+        _sampling_from_args(args)
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
         device = distributed.training_device(args.device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
         sampling = _sampling_from_args(args, diffusion.default_sampling)     # e.g. a distilled student's steps
-        classes, guidance = _classes_from_args(args, diffusion)
-        total = args.n * len(classes) if classes else args.n
-        labels = None if classes is None else [c for c in classes for _ in range(args.n)]   # one grid row per class
-        extra = {} if classes is None else {"classes": classes, "guidance_scale": guidance, "n_per_class": args.n}
-        world = distributed.world_size()
-        if world > 1:
-            extra["processes"] = world
-            if total < world:
-                raise ConfigError(f"{total} image(s) for {world} processes; each process needs at least one")
-        record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, n=total,
-                               start_index=args.start_index, device=str(device), **extra)  # validates --steps against T
-    # Each process generates a contiguous range of the image indices; image k depends only on
-    # (seed, k), so the gathered images are those one process would make.
-    lo, hi = distributed.shard_range(total)
-    common = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet and distributed.is_main(),
-                  start_index=args.start_index + lo, labels=None if labels is None else labels[lo:hi],
-                  guidance_scale=guidance)
-    if args.progressive:
-        images, x_t, x0_pred = progressive_frames(diffusion, hi - lo, sampling=sampling, **common)
-        gathered = distributed.gather_arrays((images, x_t.swapaxes(0, 1), x0_pred.swapaxes(0, 1)))
-        if gathered is None:
-            return 0
-        images, x_t, x0_pred = gathered[0], gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1)
-        save_png(out / "progressive.png", progressive_grid(x_t, x0_pred))
-    else:
-        gathered = distributed.gather_arrays((generate(diffusion, hi - lo, sampling=sampling, **common),))
-        if gathered is None:             # not rank 0: its images went to rank 0, which writes them
-            return 0
-        images = gathered[0]
-    indices = np.arange(args.start_index, args.start_index + total)
-    arrays = {"indices": indices} if labels is None else {"indices": indices, "labels": np.asarray(labels)}
-    paths = write_samples(out, images, nrow=args.n if classes else None, **arrays)
-    if args.png:
-        for k, image in zip(indices, images):
-            save_png(out / "images" / f"{k:06d}.png", image)
-    write_json(out / "record.json", record)
-    print(f"wrote {total} images ({record['sampler']}, {record['steps']} steps) from {meta['path']} "
-          f"(step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {out / 'record.json'}")
+        plan = plan_samples(diffusion, meta, sampling, n=args.n, classes=args.classes,
+                            guidance_scale=args.guidance_scale, seed=args.seed, start_index=args.start_index,
+                            weights=args.weights, device=str(device), world=distributed.world_size())
+    paths = run_samples(diffusion, plan, out, sampling, seed=args.seed, batch_size=args.batch_size, png=args.png,
+                        progressive=args.progressive, progress=not args.quiet)
+    if paths is not None:
+        print(f"wrote {plan.total} images ({plan.record['sampler']}, {plan.record['steps']} steps) from "
+              f"{meta['path']} (step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {paths['record']}")
     return 0
 
 
-def _classes_from_args(args, diffusion) -> tuple[list[int] | None, float | None]:
-    """``--class K ... | all`` and ``--guidance-scale W`` checked against the checkpoint's model."""
-    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes
-
-    if args.classes is None:
-        if args.guidance_scale is not None:
-            raise ConfigError("--guidance-scale needs --class")
-        return None, None
-    count = num_classes(diffusion)
-    if count is None:
-        raise ConfigError("--class needs a class-conditional checkpoint (trained with --conditional); "
-                          "this one is unconditional")
-    if args.classes == ["all"]:
-        classes = list(range(count))
-    else:
-        try:
-            classes = [int(c) for c in args.classes]
-        except ValueError:
-            raise ConfigError(f"--class takes class numbers or 'all'; got {' '.join(args.classes)}") from None
-    guidance = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale
-    check_labels(diffusion, classes, guidance)
-    return classes, guidance
-
-
 def cmd_interpolate(args) -> int:
-    import numpy as np
-
-    from .fileio import write_json
-    from .generate import interpolate, load_diffusion, load_image, sample_record, select_device
-    from .images import make_grid, save_npz, save_png
+    from .device import select_device
+    from .generate import interpolation_folder, load_diffusion
 
     sampling = _sampling_from_args(args)
     out = _output_dir(args, ("interpolation.png", "interpolation.npz", "record.json"))
     device = select_device(args.device)
     diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=args.precision)
-    t = diffusion.timesteps // 2 if args.t is None else args.t
-    a, b = (load_image(spec, diffusion.image_size, diffusion.channels, data_root=args.data_root)
-            for spec in (args.image_a, args.image_b))
-    images = interpolate(diffusion, a, b, t=t, n_interp=args.n_interp, method=args.method, seed=args.seed,
-                         sampling=sampling)
-    ends = [_to_uint8_image(x) for x in (a, b)]
-    row = np.concatenate([ends[0][None], images, ends[1][None]])
-    save_png(out / "interpolation.png", make_grid(row, nrow=len(row)))
-    save_npz(out / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, args.n_interp))
-    record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, image_a=args.image_a,
-                           image_b=args.image_b, t=t, n_interp=args.n_interp, method=args.method, device=str(device))
-    record["steps"] = len(sampling.timesteps(t + 1))       # the steps from t down to 0
-    write_json(out / "record.json", record)
-    print(f"wrote {args.n_interp} interpolants at t = {t} to {out / 'interpolation.png'}")
+    png, t = interpolation_folder(diffusion, meta, out, args.image_a, args.image_b, t=args.t, n_interp=args.n_interp,
+                                  method=args.method, seed=args.seed, sampling=sampling, data_root=args.data_root,
+                                  weights=args.weights, device=str(device))
+    print(f"wrote {args.n_interp} interpolants at t = {t} to {png}")
     return 0
-
-
-def _to_uint8_image(image):
-    """[C, H, W] float in [0, 1] -> uint8 [H, W, C]."""
-    from .data import to_uint8
-
-    return to_uint8(image[None].cpu())[0]
 
 
 def cmd_inspect(args) -> int:
@@ -982,7 +798,8 @@ def cmd_viz(args) -> int:
         viz.forward_figure(out, data.images[:args.n], args.steps, schedules=args.schedules,
                            timesteps=args.timesteps, seed=args.seed)
     elif args.viz_command == "reverse":
-        from .generate import load_diffusion, resolved_sampling, select_device
+        from .device import select_device
+        from .generate import load_diffusion, resolved_sampling
 
         sampling = _sampling_from_args(args)
         diffusion, _ = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
@@ -1053,74 +870,56 @@ def _add_distill(sub) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-# distill options that set a TrainConfig field.
+# distill options that set the plan, and those that set a TrainConfig field.
+DISTILL_PLAN_FLAGS = ("checkpoint", "rounds", "steps_per_round", "teacher_steps", "weighting", "data", "data_root")
 DISTILL_TRAIN_FLAGS = ("batch_size", "lr", "ema_decay", "grad_clip", "precision", "seed", "device", "log_every",
                        "checkpoint_every", "keep_last", "sample_every", "num_samples")
 
 
 def cmd_distill(args) -> int:
-    import dataclasses
-
-    from .config import DataConfig
-    from .distill import DistillConfig, check_teacher, default_teacher_steps, distill, load_teacher_config, read_plan
-    from .generate import select_device
+    from . import distributed
+    from .distill import distill, new_plan, resumed_plan
     from .train import prepare_run_dir
 
-    plan_flags = ("checkpoint", "rounds", "steps_per_round", "teacher_steps", "weighting", "data", "data_root")
-    if args.resume:
-        given = [_flag(n) for n in (*plan_flags, *DISTILL_TRAIN_FLAGS) if n != "device" and getattr(args, n) is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: the run keeps its saved plan "
-                              "(only --device may change)")
-        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
-        run_dir = Path(args.resume)
-        config, train_cfg, data_cfg = read_plan(run_dir)
-        if args.device:
-            train_cfg = dataclasses.replace(train_cfg, device=args.device)
-    else:
-        if not args.checkpoint or not args.rounds:
-            raise ConfigError("distill needs --checkpoint TEACHER and --rounds R (or --resume RUN_DIR)")
-        teacher_path, teacher = load_teacher_config(args.checkpoint)
-        config = DistillConfig(teacher=str(teacher_path.resolve()), rounds=args.rounds,
-                               teacher_steps=args.teacher_steps or default_teacher_steps(teacher),
-                               weighting=args.weighting or "snr+1")
-        check_teacher(teacher, config)
-        # The teacher's training settings suit its data and hardware; a round restarts the schedule.
-        base = dataclasses.replace(teacher.train, steps=args.steps_per_round or 1000, warmup_steps=0, init=None,
-                                   time_limit=0.0, eval_every=0, milestone_every=0)
-        given = {n: getattr(args, n) for n in DISTILL_TRAIN_FLAGS if getattr(args, n) is not None}
-        try:
-            train_cfg = dataclasses.replace(base, **given)
-        except TypeError as exc:
-            raise ConfigError(f"invalid option: {exc}") from None
-        data_cfg = teacher.data
-        if args.data or args.data_root:
-            data_cfg = DataConfig(name=args.data or teacher.data.name, root=args.data_root, split=teacher.data.split,
-                                  image_size=teacher.data.image_size, channels=teacher.data.channels,
-                                  hflip=teacher.data.hflip, strict=teacher.data.strict)
-    select_device(train_cfg.device)             # an unavailable device is an error before anything runs
+    main_rank = distributed.is_main()
+    with distributed.agree("checking the configuration"):     # one rank's mistake stops all, one message
+        if args.resume:
+            given = [_flag(n) for n in (*DISTILL_PLAN_FLAGS, *DISTILL_TRAIN_FLAGS)
+                     if n != "device" and getattr(args, n) is not None]
+            config, train_cfg, data_cfg = resumed_plan(args.resume, given=given, out=args.out, device=args.device)
+        else:
+            config, train_cfg, data_cfg = new_plan(
+                args.checkpoint, args.rounds, steps_per_round=args.steps_per_round, teacher_steps=args.teacher_steps,
+                weighting=args.weighting, data=args.data, data_root=args.data_root,
+                train_options={n: getattr(args, n) for n in DISTILL_TRAIN_FLAGS if getattr(args, n) is not None})
+        distributed.training_device(train_cfg.device)     # an unavailable device is an error before anything runs
     if args.dry_run:
-        print(json.dumps({"distill": dataclasses.asdict(config), "train": dataclasses.asdict(train_cfg),
-                          "data": dataclasses.asdict(data_cfg)}, indent=2))
+        if main_rank:
+            print(json.dumps({"distill": dataclasses.asdict(config), "train": dataclasses.asdict(train_cfg),
+                              "data": dataclasses.asdict(data_cfg)}, indent=2))
         return 0
+    run_dir = Path(args.resume) if args.resume else None
     if not args.resume:
-        run_dir = prepare_run_dir(args.out)
+        with distributed.agree("creating the run directory"):
+            if main_rank:
+                run_dir = prepare_run_dir(args.out)
+        run_dir = Path(distributed.broadcast_object(None if run_dir is None else str(run_dir)))
 
     def on_round(r: int, teacher_steps: int, student_steps: int) -> None:
-        if not args.quiet:
+        if not args.quiet and main_rank:
             print(f"round {r}/{config.rounds}: {teacher_steps} -> {student_steps} DDIM steps, "
                   f"{train_cfg.steps} optimizer steps -> {run_dir / f'round-{r:02d}'}", file=sys.stderr)
 
     result = distill(config, train_cfg, run_dir, data=data_cfg, resume=bool(args.resume), progress=not args.quiet,
                      on_round=on_round)
-    print(f"done in {result.seconds:.0f} s: a {result.student_steps}-step student, checkpoint {result.student} "
-          f"({run_dir / 'student'}); sample it with: ddpm sample --checkpoint {run_dir / 'student'}")
+    if main_rank:
+        print(f"done in {result.seconds:.0f} s: a {result.student_steps}-step student, checkpoint {result.student} "
+              f"({run_dir / 'student'}); sample it with: ddpm sample --checkpoint {run_dir / 'student'}")
     return 0
 
 
 # The commands that share their work among the processes torchrun starts.
-DISTRIBUTED_COMMANDS = ("train", "sample", "eval")
+DISTRIBUTED_COMMANDS = ("train", "sample", "eval", "distill")
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz,
             "export": cmd_export, "import": cmd_import, "distill": cmd_distill}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .diffusion import LEARNED_VARIANCE, LOSS_WEIGHTINGS, LOSSES, OBJECTIVES, VARIANCES
@@ -19,7 +20,9 @@ from .schedules import SCHEDULES
 from .timestep_sampling import TIMESTEP_SAMPLINGS
 
 __all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "SamplingConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
-           "RECIPES", "per_process_batch", "build_model", "build_diffusion", "load_toml", "merge_layers"]
+           "RECIPES", "per_process_batch", "build_model", "load_toml", "merge_layers",
+           "dataset_num_classes", "resolve_train_config", "checkpoint_global_batch", "RESUME_MAY_CHANGE",
+           "resume_config"]
 
 # The U-Net preset used when --preset is not given, by dataset name.
 DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "cifar10"}
@@ -318,23 +321,6 @@ def build_model(config: RunConfig):
     return Unet(replace(m, **io))
 
 
-def build_diffusion(config: RunConfig, model=None):
-    """A :class:`~ddpm.diffusion.GaussianDiffusion` for ``config`` around ``model`` (built if None)."""
-    from .diffusion import GaussianDiffusion
-
-    d = config.diffusion
-    diffusion = GaussianDiffusion(model if model is not None else build_model(config),
-                                  image_size=config.model.image_size, channels=config.model.channels,
-                                  timesteps=d.timesteps, schedule=d.schedule, objective=d.objective,
-                                  loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma,
-                                  variance=d.variance, clip_denoised=d.clip_denoised, loss=d.loss,
-                                  vlb_weight=d.vlb_weight, self_condition=d.self_condition,
-                                  offset_noise=d.offset_noise)
-    if config.sampling is not None:
-        diffusion.default_sampling = config.sampling.options()
-    return diffusion
-
-
 # ----------------------------------------------------------------------------- recipes and files
 
 # The training recipe that goes with each preset: data and train defaults, which a TOML
@@ -392,3 +378,137 @@ def merge_layers(*layers: dict) -> dict:
             elif value is not None:
                 out[key] = value
     return out
+
+
+# ----------------------------------------------------------------------------- resolving a run's configuration
+
+def dataset_num_classes(data) -> int:
+    """The class count of a labelled dataset: its class names, else the largest label + 1."""
+    from .errors import DataError
+
+    if data.labels is None:
+        raise DataError(f"--conditional needs class labels, and dataset {data.name!r} has none (use class "
+                        "subfolders, an .npz with a 'labels' array, or digits / mnist / fashion-mnist / cifar10)")
+    return len(data.class_names) if data.class_names else int(data.labels.max()) + 1
+
+
+def resolve_train_config(flags: dict, *, preset: str | None = None, config_file: str | None = None,
+                         conditional: bool = False, label_dropout_given: bool = False):
+    """A new run's configuration: the preset's recipe < the ``config_file`` (TOML) < ``flags`` (sections
+    of options, as :func:`merge_layers` takes them). The model's image size and channels come from the
+    data, which is loaded here. Returns (config, data)."""
+    from .data import load_dataset
+    from .models import PRESETS
+
+    file_layer = load_toml(config_file) if config_file else {}
+    data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
+    preset = preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
+    if preset is None:
+        raise ConfigError("--preset is required for your own data (e.g. --preset mnist for 28x28 grey, "
+                          "--preset cifar10 for 32x32 colour)")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} in {config_file}; choose from {', '.join(PRESETS)}")
+    for key in ("image_size", "channels"):
+        if key in file_layer.get("model", {}):
+            raise ConfigError(f"{config_file}: set {key} under [data]; the model takes it from the data")
+    merged = merge_layers(RECIPES.get(preset, {}), file_layer, flags)
+    try:
+        data_cfg = DataConfig(**merged.get("data", {}))
+        diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))
+        train_cfg = TrainConfig(**merged.get("train", {}))
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
+                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+    model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
+    if conditional:
+        model_layer["num_classes"] = dataset_num_classes(data)
+    elif label_dropout_given and model_layer.get("num_classes") is None:
+        raise ConfigError("--label-dropout applies to class-conditional models; add --conditional")
+    try:
+        model_cfg = preset_config(preset, **model_layer)
+    except TypeError as exc:
+        raise ConfigError(f"invalid [model] option: {exc}") from None
+    return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
+
+
+def checkpoint_global_batch(meta: dict) -> int:
+    """The global batch (images per optimizer step) a checkpoint was trained with.
+
+    Checkpoints written before data parallelism do not store it: there ``batch_size`` meant the
+    images per optimizer step (split into grad_accum micro-batches), so it is the global batch.
+    """
+    if "global_batch" in meta:
+        return int(meta["global_batch"])
+    return int(meta["config"]["train"]["batch_size"])
+
+
+# What a resumed run may change (batch_size only as the per-process share of the saved global batch).
+RESUME_MAY_CHANGE = {("train", "steps"), ("train", "device"), ("train", "grad_accum"), ("train", "time_limit")}
+
+
+def _check_resume_flags(saved: RunConfig, meta: dict, flags: dict, flag_names: dict, *, preset, conditional,
+                        world_size: int, grad_accum: int, batch_size: int | None) -> int:
+    """Refuse options that contradict the saved run; returns the per-process batch that keeps its global batch."""
+    if preset and preset != saved.preset:
+        raise ConfigError(f"--preset {preset} differs from the run's saved preset {saved.preset}")
+    if conditional and not saved.conditional:
+        raise ConfigError("--conditional differs from the run's saved model, which is unconditional")
+    global_batch = checkpoint_global_batch(meta)
+    per_process = per_process_batch(global_batch, world_size, grad_accum)
+    if batch_size is not None and batch_size != per_process:
+        raise ConfigError(f"--batch-size {batch_size} does not keep the run's global batch of {global_batch} "
+                          f"images with {world_size} process(es) and grad_accum {grad_accum} (that takes "
+                          f"--batch-size {per_process}, or leave it out)")
+    saved_dict = saved.to_dict()
+    for section, values in flags.items():
+        for key, value in values.items():
+            if key == "batch_size":
+                continue
+            old = saved_dict[section][key]
+            same = (list(value) == list(old)) if isinstance(value, tuple) and old is not None else value == old
+            if not same and (section, key) not in RESUME_MAY_CHANGE:
+                name = flag_names.get((section, key), f"[{section}] {key}")
+                raise ConfigError(f"{name} {value} differs from the run's saved value {old}; a resumed run "
+                                  "keeps its configuration (only --steps, --device, --grad-accum and --time-limit "
+                                  "may change)")
+    return per_process
+
+
+def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict | None = None, out=None,
+                  config=None, preset: str | None = None, conditional: bool = False, steps: int | None = None,
+                  device: str | None = None, grad_accum: int | None = None, batch_size: int | None = None,
+                  time_limit: float | None = None):
+    """The resume policy: the saved configuration of ``run_dir``'s newest checkpoint, which the options
+    (``flags``, as sections) must repeat except the steps, the device, grad_accum and a time limit.
+
+    The global batch is kept: the per-process batch follows from ``world_size`` and grad_accum.
+    ``flag_names`` names each (section, key) in messages. Returns (config, run_dir).
+    """
+    from dataclasses import replace
+
+    from .checkpoint import list_checkpoints, read_metadata
+    from .errors import CheckpointError
+
+    run_dir = Path(run_dir)
+    if out and Path(out).resolve() != run_dir.resolve():
+        raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
+    if config:
+        raise ConfigError("--config cannot be combined with --resume: the run keeps its saved configuration")
+    if (run_dir / "round.json").is_file():
+        raise ConfigError(f"{run_dir} is a distillation round; continue it with ddpm distill --resume {run_dir.parent}")
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
+    meta = read_metadata(found[-1][1])
+    saved = RunConfig.from_dict(meta["config"])
+    grad_accum = grad_accum or saved.train.grad_accum
+    per_process = _check_resume_flags(saved, meta, flags, flag_names or {}, preset=preset, conditional=conditional,
+                                      world_size=world_size, grad_accum=grad_accum, batch_size=batch_size)
+    train_cfg = replace(saved.train, steps=steps or saved.train.steps, device=device or saved.train.device,
+                        batch_size=per_process, grad_accum=grad_accum,
+                        time_limit=time_limit or 0.0)       # a time limit is this command's, not the run's
+    if train_cfg.steps <= meta["step"]:
+        raise ConfigError(f"{run_dir} is already at step {meta['step']}; pass --steps N with N > {meta['step']} "
+                          "to extend it")
+    return replace(saved, train=train_cfg), run_dir

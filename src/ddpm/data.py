@@ -38,10 +38,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from .errors import ConfigError, DataError
+from .pixels import to_tensor, to_uint8        # re-exported: the pixel mappings live in ddpm.pixels
 
 __all__ = ["ImageData", "DATASET_NAMES", "SPLITS", "IMAGE_EXTENSIONS", "load_dataset", "data_source",
            "dataset_fingerprint", "fingerprint_difference", "check_same_dataset", "class_index", "to_tensor", "to_uint8"]
@@ -627,25 +627,3 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
         weighted = block[..., 0] * 19595 + block[..., 1] * 38470 + block[..., 2] * 7471 + 0x8000
         grey[start:start + _LUMA_CHUNK, ..., 0] = weighted >> 16
     return grey
-
-
-# ----------------------------------------------------------------------------- tensors
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [0, 1]. Meant for one batch at a time."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"to_tensor expects a uint8 numpy array [N, H, W, C], got "
-                         f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
-    # copy: the result must not share memory with (possibly read-only) dataset storage.
-    return torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(torch.float32).div_(255)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [N, C, H, W] in [0, 1] -> uint8 [N, H, W, C], rounded and clamped to 0..255."""
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim != 4:
-        raise ValueError(f"to_uint8 expects a float tensor [N, C, H, W], got "
-                         f"{getattr(images, 'dtype', type(images))} {tuple(getattr(images, 'shape', ()))}")
-    if torch.isnan(images).any():
-        raise ValueError("to_uint8 got images containing NaN")
-    pixels = (images.detach().to(torch.float32) * 255).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()

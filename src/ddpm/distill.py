@@ -41,15 +41,19 @@ import torch
 
 from .checkpoint import list_checkpoints, read_metadata, resolve_checkpoint
 from .config import DataConfig, RunConfig, SamplingConfig, TrainConfig, _is_int
-from .diffusion import predict_eps_from_x0, prediction_to_eps_x0, q_sample, to_model_range
+from .denoiser import denoise
+from .diffusion import offset_noise, q_sample
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .fileio import write_json
-from .samplers import spaced_timesteps
+from .losses import Loss
+from . import train as training
+from .samplers import ddim_step, spaced_timesteps
 from .schedules import NoiseSchedule
 
-__all__ = ["DISTILL_WEIGHTINGS", "STUDENT_OBJECTIVE", "ddim_to", "two_step_target", "teacher_two_steps",
-           "distillation_weight", "StudentGrid", "student_grid", "DistillationObjective", "DistillConfig",
-           "default_teacher_steps", "student_run_config", "distill", "DistillResult", "PLAN_FILE", "ROUND_FILE"]
+__all__ = ["DISTILL_WEIGHTINGS", "STUDENT_OBJECTIVE", "two_step_target", "teacher_two_steps",
+           "distillation_weight", "StudentGrid", "student_grid", "DistillationLoss", "DistillationObjective", "DistillConfig",
+           "default_teacher_steps", "student_run_config", "new_plan", "resumed_plan", "distill", "DistillResult",
+           "PLAN_FILE", "ROUND_FILE"]
 
 DISTILL_WEIGHTINGS = ("snr+1", "truncated-snr")
 STUDENT_OBJECTIVE = "v"
@@ -61,13 +65,6 @@ ROUND_FILE = "round.json"           # RUN_DIR/round-NN/round.json: what this rou
 
 def _alpha_sigma(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return alpha_bar.sqrt(), (1.0 - alpha_bar).clamp(min=0.0).sqrt()
-
-
-def ddim_to(x0_pred: torch.Tensor, eps_pred: torch.Tensor, alpha_bar_next: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM step to a level alpha-bar_s, per sample (Song et al. 2021, Eq. 12, eta = 0):
-    z_s = sqrt(alpha-bar_s) x0_pred + sqrt(1 - alpha-bar_s) eps_pred; alpha-bar_s = 1 gives x0_pred."""
-    alpha, sigma = _alpha_sigma(alpha_bar_next.reshape(-1, *((1,) * (x0_pred.ndim - 1))))
-    return alpha * x0_pred + sigma * eps_pred
 
 
 def two_step_target(z_t: torch.Tensor, z_next: torch.Tensor, alpha_bar_t: torch.Tensor,
@@ -88,12 +85,13 @@ Predictor = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Te
 
 
 def teacher_two_steps(predict: Predictor, z_t: torch.Tensor, t: torch.Tensor, t_mid: torch.Tensor,
-                      alpha_bar_mid: torch.Tensor, alpha_bar_next: torch.Tensor) -> torch.Tensor:
-    """z_t'': the teacher's two DDIM steps t -> t' -> t'' (eta = 0); ``predict(z, t) -> (eps_pred, x0_pred)``."""
+                      alpha_bar_t: torch.Tensor, alpha_bar_mid: torch.Tensor, alpha_bar_next: torch.Tensor) -> torch.Tensor:
+    """z_t'': the teacher's two DDIM steps t -> t' -> t'' (Song et al. 2021, Eq. 12, eta = 0, per sample);
+    ``predict(z, t) -> (eps_pred, x0_pred)``. Level alpha-bar = 1 is the data: the step lands on x0_pred."""
     eps_pred, x0_pred = predict(z_t, t)
-    z_mid = ddim_to(x0_pred, eps_pred, alpha_bar_mid)
+    z_mid = ddim_step(z_t, eps_pred, x0_pred, alpha_bar_t, alpha_bar_mid)
     eps_pred, x0_pred = predict(z_mid, t_mid)
-    return ddim_to(x0_pred, eps_pred, alpha_bar_next)
+    return ddim_step(z_mid, eps_pred, x0_pred, alpha_bar_mid, alpha_bar_next)
 
 
 def distillation_weight(alpha_bar_t: torch.Tensor, weighting: str = "snr+1") -> torch.Tensor:
@@ -135,23 +133,25 @@ def student_grid(timesteps: int, student_steps: int) -> StudentGrid:
 
 # ----------------------------------------------------------------------------- the training objective
 
-class DistillationObjective:
-    """The loss of one distillation round, for :func:`ddpm.train.train` (``objective=``).
+class DistillationLoss(Loss):
+    """The loss of one distillation round, behind the training loop's loss interface (``ddpm.losses``).
 
     ``teacher(x_t, t_batch, **model_kwargs)`` is the frozen teacher network trained with
-    ``teacher_objective``; ``teacher_clip`` clips its x0 estimate as its own sampler would.
-    ``draw_timesteps`` draws student timesteps uniformly from the grid (Algorithm 2: t = i / N).
+    ``teacher_objective``; ``teacher_clip`` clips its x0 estimate as its own sampler would. Both
+    networks are read through :func:`ddpm.denoiser.denoise`. :meth:`draw_timesteps` draws student
+    timesteps uniformly from the grid (Algorithm 2: t = i / N); ``offset_noise`` is the run's.
     """
 
     def __init__(self, teacher: Callable, schedule: NoiseSchedule, grid: StudentGrid, *,
                  teacher_objective: str, teacher_clip: bool = False, weighting: str = "snr+1",
-                 student_objective: str = STUDENT_OBJECTIVE, device: torch.device | str = "cpu"):
+                 student_objective: str = STUDENT_OBJECTIVE, device: torch.device | str = "cpu",
+                 offset_noise: float = 0.0):
         distillation_weight(torch.zeros(1), weighting)          # validates the name
         if isinstance(teacher, torch.nn.Module):
             teacher.eval().requires_grad_(False)
-        self.teacher, self.grid, self.weighting = teacher, grid, weighting
+        super().__init__(schedule.to(device))
+        self.teacher, self.grid, self.weighting, self.offset_noise = teacher, grid, weighting, offset_noise
         self.teacher_objective, self.teacher_clip, self.student_objective = teacher_objective, teacher_clip, student_objective
-        self.schedule = schedule.to(device)
         T = schedule.timesteps
         # alpha-bar with one more entry, index T, for "the data" (alpha-bar = 1).
         self.alpha_bar = torch.cat([schedule.alphas_cumprod.double(), torch.ones(1, dtype=torch.float64)]).to(device)
@@ -161,18 +161,20 @@ class DistillationObjective:
         self.index = torch.full((T,), -1, dtype=torch.long, device=device)
         self.index[self.t] = torch.arange(len(grid.t), device=device)
 
-    def draw_timesteps(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    def draw_timesteps(self, batch_size: int, generator: torch.Generator,
+                       device: torch.device | str | None = None) -> tuple[torch.Tensor, None]:
         i = torch.randint(0, len(self.grid.t), (batch_size,), generator=generator, device=generator.device)
-        return self.t[i.to(self.t.device)]
+        return self.t[i.to(self.t.device)], None
+
+    def draw_extras(self, noise: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        if self.offset_noise > 0:
+            noise = noise + offset_noise(noise.shape, self.offset_noise, generator=generator, device=noise.device)
+        return noise, {}
 
     def teacher_predict(self, z: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None):
         """(eps_pred, x0_pred) of the teacher at per-sample timesteps, clipped as its sampler would."""
-        output = self.teacher(z, t, **(model_kwargs or {})).float()
-        eps_pred, x0_pred = prediction_to_eps_x0(self.schedule, z, t, output, self.teacher_objective)
-        if self.teacher_clip:
-            x0_pred = x0_pred.clamp(-1.0, 1.0)
-            eps_pred = predict_eps_from_x0(self.schedule, z, t, x0_pred)
-        return eps_pred, x0_pred
+        return denoise(self.teacher, self.schedule, z, t, objective=self.teacher_objective, model_kwargs=model_kwargs,
+                       clip=self.teacher_clip)
 
     @torch.no_grad()
     def targets(self, z_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor:
@@ -181,20 +183,22 @@ class DistillationObjective:
         if bool((i < 0).any()):
             raise ConfigError("timesteps off the student's grid")
         mid, nxt = self.t_mid[i], self.t_next[i]
-        z_next = teacher_two_steps(lambda z, s: self.teacher_predict(z, s, model_kwargs), z_t, t, mid,
-                                   self.alpha_bar[mid].float(), self.alpha_bar[nxt].float())
-        return two_step_target(z_t, z_next, self.alpha_bar[t].float(), self.alpha_bar[nxt].float())
+        abar_t, abar_next = self.alpha_bar[t].float(), self.alpha_bar[nxt].float()
+        z_next = teacher_two_steps(lambda z, s: self.teacher_predict(z, s, model_kwargs), z_t, t, mid, abar_t,
+                                   self.alpha_bar[mid].float(), abar_next)
+        return two_step_target(z_t, z_next, abar_t, abar_next)
 
-    def losses(self, model: Callable, images: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+    def losses(self, net: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *,
                model_kwargs: dict | None = None) -> torch.Tensor:
-        """Per-sample loss w(t) ||x^(z_t) - x~||^2 (mean over pixels) for images in [0, 1]."""
-        x0 = to_model_range(images.float())
+        """Per-sample loss w(t) ||x^(z_t) - x~||^2 (mean over pixels) for data x0 in [-1, 1]."""
         z_t = q_sample(self.schedule, x0, t, noise)                       # Eq. 4
         x_tilde = self.targets(z_t, t, model_kwargs)
-        output = model(z_t, t, **(model_kwargs or {})).float()
-        _, x0_pred = prediction_to_eps_x0(self.schedule, z_t, t, output, self.student_objective)
+        _, x0_pred = denoise(net, self.schedule, z_t, t, objective=self.student_objective, model_kwargs=model_kwargs)
         mse = (x0_pred - x_tilde).pow(2).mean(dim=tuple(range(1, x0.ndim)))
         return mse * distillation_weight(self.alpha_bar[t].float(), self.weighting)
+
+
+DistillationObjective = DistillationLoss          # its earlier name
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -278,14 +282,15 @@ def student_run_config(teacher: RunConfig, train: TrainConfig, data: DataConfig,
                                              clip=False))
 
 
-def _teacher_objective(path: str, device: torch.device, grid: StudentGrid, weighting: str) -> DistillationObjective:
+def _teacher_loss(path: str, device: torch.device, grid: StudentGrid, weighting: str) -> DistillationLoss:
     from .generate import load_diffusion
 
     diffusion, _ = load_diffusion(path, device=device, weights="ema")
     sampling = diffusion.default_sampling
     clip = diffusion.clip_denoised if sampling is None or sampling.clip is None else bool(sampling.clip)
-    return DistillationObjective(diffusion.model, diffusion.schedule, grid, teacher_objective=diffusion.objective,
-                                 teacher_clip=clip, weighting=weighting, device=device)
+    return DistillationLoss(diffusion.model, diffusion.schedule, grid, teacher_objective=diffusion.objective,
+                            teacher_clip=clip, weighting=weighting, device=device,
+                            offset_noise=diffusion.config.offset_noise)
 
 
 def _round_state(round_dir: Path, steps: int) -> str:
@@ -302,6 +307,44 @@ def _link_student(run_dir: Path, round_dir: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(round_dir.name, tmp)
     os.replace(tmp, link)
+
+
+def new_plan(checkpoint: str | None, rounds: int | None, *, steps_per_round: int | None = None,
+             teacher_steps: int | None = None, weighting: str | None = None, data: str | None = None,
+             data_root: str | None = None, train_options: dict | None = None) -> tuple[DistillConfig, TrainConfig, DataConfig]:
+    """A new plan from the teacher's configuration: its training settings (a round restarts the schedule:
+    no warm-up, no init, no time limit, evaluation or milestones) overridden by ``train_options``, its data
+    unless ``data`` / ``data_root`` name other data."""
+    if not checkpoint or not rounds:
+        raise ConfigError("distill needs --checkpoint TEACHER and --rounds R (or --resume RUN_DIR)")
+    teacher_path, teacher = load_teacher_config(checkpoint)
+    config = DistillConfig(teacher=str(teacher_path.resolve()), rounds=rounds,
+                           teacher_steps=teacher_steps or default_teacher_steps(teacher), weighting=weighting or "snr+1")
+    check_teacher(teacher, config)
+    base = dataclasses.replace(teacher.train, steps=steps_per_round or 1000, warmup_steps=0, init=None,
+                               time_limit=0.0, eval_every=0, milestone_every=0)
+    try:
+        train = dataclasses.replace(base, **(train_options or {}))
+    except TypeError as exc:
+        raise ConfigError(f"invalid option: {exc}") from None
+    data_cfg = teacher.data
+    if data or data_root:
+        data_cfg = DataConfig(name=data or teacher.data.name, root=data_root, split=teacher.data.split,
+                              image_size=teacher.data.image_size, channels=teacher.data.channels,
+                              hflip=teacher.data.hflip, strict=teacher.data.strict)
+    return config, train, data_cfg
+
+
+def resumed_plan(run_dir: str | os.PathLike, *, given: list[str] = (), out=None,
+                 device: str | None = None) -> tuple[DistillConfig, TrainConfig, DataConfig]:
+    """The saved plan of ``run_dir``; only the device may change (``given`` names any other option set)."""
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be combined with --resume: the run keeps its saved plan "
+                          "(only --device may change)")
+    if out and Path(out).resolve() != Path(run_dir).resolve():
+        raise ConfigError("--out and --resume name different directories; a resumed run stays in its own")
+    config, train, data = read_plan(Path(run_dir))
+    return config, dataclasses.replace(train, device=device) if device else train, data
 
 
 @dataclass
@@ -337,53 +380,66 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     ``run_dir/round-rr`` (its teacher: the original teacher for r = 1, else round r - 1's final
     checkpoint); ``run_dir/student`` links to the newest finished round. ``data`` (default: the
     teacher's) is what the students are trained on. ``on_round(r, teacher_steps, student_steps)`` is
-    called before each round that runs.
+    called before each round that runs. Under torchrun every process runs this function and each
+    round trains data-parallel like ``ddpm train``; rank 0 alone writes the plan and the round files.
     """
     import time
 
-    from .generate import select_device
-    from .train import load_training_data
-    from .train import train as train_run
+    from . import distributed
 
     start = time.time()
     run_dir = Path(run_dir)
     teacher_path, teacher = load_teacher_config(config.teacher)
     check_teacher(teacher, config)
     data = data or teacher.data
-    if not resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_plan(run_dir, config, train, data)
-    device = select_device(train.device)
-    images = None
-    results = []
+    with distributed.agree("writing the distillation plan"):
+        if not resume and distributed.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_plan(run_dir, config, train, data)
+    device = distributed.training_device(train.device)
+    images, results = None, []
     for r in range(1, config.rounds + 1):
         round_dir = run_dir / f"round-{r:02d}"
         init = str(teacher_path) if r == 1 else str(resolve_checkpoint(run_dir / f"round-{r - 1:02d}"))
         steps = config.student_steps(r)
         round_config = student_run_config(teacher, train, data, steps, init)
-        state = _round_state(round_dir, train.steps)
+        state = _prepare_round(run_dir, round_dir, train.steps, r, config, init)
         if state == "done":
-            _link_student(run_dir, round_dir)
             continue
-        if state == "new" and round_dir.exists():
-            shutil.rmtree(round_dir)           # a round killed before its first checkpoint: nothing to keep
-        round_dir.mkdir(parents=True, exist_ok=True)
-        if images is None:
-            images = load_training_data(round_config)
+        images = images if images is not None else training.load_training_data(round_config)
         if on_round is not None:
             on_round(r, 2 * steps, steps)
-        grid = student_grid(teacher.diffusion.timesteps, steps)
-        objective = _teacher_objective(init, device, grid, config.weighting)
-        write_json(round_dir / ROUND_FILE, {"round": r, "rounds": config.rounds, "teacher": init,
-                                            "teacher_steps": 2 * steps, "student_steps": steps,
-                                            "weighting": config.weighting, "student_objective": STUDENT_OBJECTIVE})
+        loss = _teacher_loss(init, device, student_grid(teacher.diffusion.timesteps, steps), config.weighting)
         try:
-            results.append(train_run(round_config, round_dir, data=images, resume=state == "partial",
-                                     progress=progress, objective=objective))
+            results.append(training.train(round_config, round_dir, data=images, resume=state == "partial",
+                                     progress=progress, loss=loss))
         except TrainingInterrupted as exc:      # the round's own hint would name ddpm train
             said = str(exc).split("; continue with:")[0]
             raise TrainingInterrupted(f"{said}; continue with: ddpm distill --resume {run_dir}", exc.exit_code) from None
-        _link_student(run_dir, round_dir)
+        if distributed.is_main():
+            _link_student(run_dir, round_dir)
     last = run_dir / f"round-{config.rounds:02d}"
     return DistillResult(run_dir=run_dir, rounds=results, student=resolve_checkpoint(last),
                          student_steps=config.student_steps(config.rounds), seconds=time.time() - start)
+
+
+def _prepare_round(run_dir: Path, round_dir: Path, steps: int, r: int, config: DistillConfig, init: str) -> str:
+    """Round r's state ('done', 'partial' or 'new', as rank 0 sees it) and, on rank 0, its directory:
+    a finished round is linked as the student, a round killed before its first checkpoint is cleared."""
+    from . import distributed
+
+    state = distributed.broadcast_object(_round_state(round_dir, steps) if distributed.is_main() else None)
+    with distributed.agree("preparing a distillation round"):
+        if not distributed.is_main():
+            return state
+        if state == "done":
+            _link_student(run_dir, round_dir)
+            return state
+        if state == "new" and round_dir.exists():
+            shutil.rmtree(round_dir)           # nothing to keep
+        round_dir.mkdir(parents=True, exist_ok=True)
+        student_steps = config.student_steps(r)
+        write_json(round_dir / ROUND_FILE, {"round": r, "rounds": config.rounds, "teacher": init,
+                                            "teacher_steps": 2 * student_steps, "student_steps": student_steps,
+                                            "weighting": config.weighting, "student_objective": STUDENT_OBJECTIVE})
+    return state

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .device import select_device
 from .errors import ConfigError, DdpmError
 
 __all__ = ["PeerLost", "Reported", "launched", "env_world_size", "init", "shutdown", "is_initialized", "rank",
@@ -265,8 +266,6 @@ def shard_range(n: int, rank_: int | None = None, world: int | None = None) -> t
 
 def training_device(name: str) -> torch.device:
     """The device this rank trains or samples on: ``cuda:LOCAL_RANK`` under torchrun with CUDA."""
-    from .generate import select_device
-
     device = select_device(name)
     if world_size() == 1:
         return device

@@ -18,39 +18,22 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, load_weights
-from .config import RunConfig, build_diffusion
-from .data import to_uint8
-from .diffusion import GaussianDiffusion, from_model_range
+from .config import RunConfig
+from .device import select_device          # re-exported: its earlier home
+from .diffusion import from_model_range
+from .gaussian_diffusion import GaussianDiffusion, build_diffusion
 from .errors import CheckpointError, ConfigError
 from .images import make_grid, save_npz, save_png
+from .pixels import to_uint8
 from .precision import autocast, channels_last as default_channels_last, check_precision
 from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, make_denoiser
 from .seeding import derive_seed
 
 __all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
            "sampling_options", "resolved_sampling", "sample_images",
-           "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record", "write_samples", "file_sha256"]
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; an unavailable explicit choice is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' requested but Apple MPS is not available")
-    return device
+           "generate", "progressive_frames", "progressive_grid", "interpolate", "slerp", "load_image", "sample_record",
+           "write_samples", "file_sha256", "resolve_classes", "SamplePlan", "plan_samples", "run_samples",
+           "interpolation_folder"]
 
 
 def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "cpu",
@@ -73,10 +56,9 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
         config = RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
-    diffusion = build_diffusion(config)
+    diffusion = build_diffusion(config, precision=precision)
     load_weights(diffusion.model, tensors, "ema" if weights == "ema" else "model", meta["path"])
     meta["run_config"] = config
-    diffusion.precision = precision
     if channels_last if channels_last is not None else default_channels_last(device, precision, training=False):
         diffusion.model.to(memory_format=torch.channels_last)
     return diffusion.to(device).eval(), meta
@@ -375,3 +357,117 @@ def write_samples(out_dir: str | os.PathLike, images: np.ndarray, nrow: int | No
     out_dir = Path(out_dir)
     return {"grid": save_png(out_dir / "grid.png", make_grid(images, nrow=nrow)),
             "samples": save_npz(out_dir / "samples.npz", images=images, **extra)}
+
+
+# ----------------------------------------------------------------------------- a sampling run, as ddpm sample makes it
+
+def resolve_classes(diffusion: GaussianDiffusion, classes: list[str] | None,
+                    guidance_scale: float | None) -> tuple[list[int] | None, float | None]:
+    """Class numbers (or ``["all"]``) and a guidance scale checked against the model; the default scale with classes."""
+    if classes is None:
+        if guidance_scale is not None:
+            raise ConfigError("--guidance-scale needs --class")
+        return None, None
+    count = num_classes(diffusion)
+    if count is None:
+        raise ConfigError("--class needs a class-conditional checkpoint (trained with --conditional); "
+                          "this one is unconditional")
+    if list(classes) == ["all"]:
+        chosen = list(range(count))
+    else:
+        try:
+            chosen = [int(c) for c in classes]
+        except ValueError:
+            raise ConfigError(f"--class takes class numbers or 'all'; got {' '.join(classes)}") from None
+    guidance = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    check_labels(diffusion, chosen, guidance)
+    return chosen, guidance
+
+
+@dataclasses.dataclass
+class SamplePlan:
+    """What a sampling run makes: ``total`` images from ``start_index``, their labels, and its record."""
+
+    total: int
+    start_index: int
+    labels: list[int] | None
+    guidance_scale: float | None
+    nrow: int | None
+    record: dict
+
+
+def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOptions, *, n: int, classes=None,
+                 guidance_scale: float | None = None, seed: int = 0, start_index: int = 0, weights: str = "ema",
+                 device: str = "cpu", world: int = 1) -> SamplePlan:
+    """``n`` images (of each class of ``classes``, one grid row per class), validated before anything runs."""
+    classes, guidance = resolve_classes(diffusion, classes, guidance_scale)
+    total = n * len(classes) if classes else n
+    labels = None if classes is None else [c for c in classes for _ in range(n)]
+    extra = {} if classes is None else {"classes": classes, "guidance_scale": guidance, "n_per_class": n}
+    if world > 1:
+        extra["processes"] = world
+        if total < world:
+            raise ConfigError(f"{total} image(s) for {world} processes; each process needs at least one")
+    record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, n=total,
+                           start_index=start_index, device=device, **extra)      # validates the steps against T
+    return SamplePlan(total=total, start_index=start_index, labels=labels, guidance_scale=guidance,
+                      nrow=n if classes else None, record=record)
+
+
+def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.PathLike, sampling: SamplingOptions, *,
+                seed: int = 0, batch_size: int = 64, png: bool = False, progressive: bool = False,
+                progress: bool = True) -> dict[str, Path] | None:
+    """Generate ``plan``'s images and write grid.png, samples.npz (with indices and labels), record.json,
+    optionally images/NNNNNN.png and progressive.png. Under torchrun each process generates a contiguous
+    range of the indices (image k depends only on (seed, k)) and rank 0 writes; the others return None."""
+    from . import distributed
+    from .fileio import write_json
+
+    out = Path(out)
+    lo, hi = distributed.shard_range(plan.total)
+    common = dict(batch_size=batch_size, seed=seed, progress=progress and distributed.is_main(),
+                  start_index=plan.start_index + lo, labels=None if plan.labels is None else plan.labels[lo:hi],
+                  guidance_scale=plan.guidance_scale)
+    if progressive:
+        images, x_t, x0_pred = progressive_frames(diffusion, hi - lo, sampling=sampling, **common)
+        gathered = distributed.gather_arrays((images, x_t.swapaxes(0, 1), x0_pred.swapaxes(0, 1)))
+        if gathered is None:
+            return None
+        images = gathered[0]
+        save_png(out / "progressive.png", progressive_grid(gathered[1].swapaxes(0, 1), gathered[2].swapaxes(0, 1)))
+    else:
+        gathered = distributed.gather_arrays((generate(diffusion, hi - lo, sampling=sampling, **common),))
+        if gathered is None:             # not rank 0: its images went to rank 0, which writes them
+            return None
+        images = gathered[0]
+    indices = np.arange(plan.start_index, plan.start_index + plan.total)
+    arrays = {"indices": indices} if plan.labels is None else {"indices": indices, "labels": np.asarray(plan.labels)}
+    paths = write_samples(out, images, nrow=plan.nrow, **arrays)
+    if png:
+        for k, image in zip(indices, images):
+            save_png(out / "images" / f"{k:06d}.png", image)
+    paths["record"] = write_json(out / "record.json", plan.record)
+    return paths
+
+
+def interpolation_folder(diffusion: GaussianDiffusion, meta: dict, out: str | os.PathLike, image_a: str, image_b: str,
+                         *, t: int | None = None, n_interp: int = 8, method: str = "linear", seed: int = 0,
+                         sampling: SamplingOptions = DEFAULT_SAMPLING, data_root=None, weights: str = "ema",
+                         device: str = "cpu") -> tuple[Path, int]:
+    """:func:`interpolate` between two input images (files or DATASET:INDEX), written to ``out`` as
+    interpolation.png (the inputs at both ends), interpolation.npz and record.json. Returns (png, t)."""
+    from .fileio import write_json
+
+    out = Path(out)
+    t = diffusion.timesteps // 2 if t is None else t
+    a, b = (load_image(spec, diffusion.image_size, diffusion.channels, data_root=data_root)
+            for spec in (image_a, image_b))
+    images = interpolate(diffusion, a, b, t=t, n_interp=n_interp, method=method, seed=seed, sampling=sampling)
+    row = np.concatenate([to_uint8(a[None].cpu()), images, to_uint8(b[None].cpu())])
+    png = save_png(out / "interpolation.png", make_grid(row, nrow=len(row)))
+    save_npz(out / "interpolation.npz", images=images, lambdas=np.linspace(0.0, 1.0, n_interp))
+    record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, image_a=image_a, image_b=image_b,
+                           t=t, n_interp=n_interp, method=method, device=str(device))
+    record["steps"] = len(sampling.timesteps(t + 1))       # the steps from t down to 0
+    write_json(out / "record.json", record)
+    return png, t

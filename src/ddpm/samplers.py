@@ -5,9 +5,11 @@ Every sampler is one function with the same signature::
     sampler(denoiser, x_T, schedule, timesteps, *, noise=None, callback=None, **options) -> x_0
 
 * ``denoiser(x_t, t)`` returns ``(eps_pred, x0_pred)`` for the 0-based timestep ``t`` (an int shared
-  by the batch), as a :class:`Prediction` that also carries a learned-variance network's
-  interpolation channels (``var_values``, used by the ancestral sampler only). :func:`make_denoiser` builds one from any network, whatever its training objective
-  (eps, x0 or v), with optional x0 clipping or dynamic thresholding: samplers never branch on it.
+  by the batch), as a :class:`~ddpm.denoiser.Prediction` that also carries a learned-variance
+  network's interpolation channels (``var_values``, used by the ancestral sampler only).
+  :func:`~ddpm.denoiser.make_denoiser` (re-exported here) builds one from any network, whatever its
+  training objective (eps, x0 or v), with optional guidance, x0 clipping or dynamic thresholding:
+  samplers never branch on it.
 * ``x_T`` is the starting noise; ``schedule`` a :class:`~ddpm.schedules.NoiseSchedule`;
   ``timesteps`` the kept 0-based timesteps in the order they are visited (descending, e.g. from
   :func:`spaced_timesteps`). Each step goes from ``timesteps[i]`` to ``timesteps[i + 1]``, and the
@@ -31,13 +33,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .diffusion import (LEARNED_VARIANCE, VARIANCES, check_objective, learned_range_log_variance, model_output,
-                        predict_eps_from_x0, predict_x0_from_eps, prediction_to_eps_x0, randn, split_output)
+from .denoiser import DYNAMIC_THRESHOLD_PERCENTILE, Denoiser, Prediction, dynamic_threshold, make_denoiser
+from .diffusion import LEARNED_VARIANCE, VARIANCES, learned_range_log_variance, randn
 from .errors import ConfigError
 from .schedules import NoiseSchedule
 
 __all__ = [
-    "Denoiser", "Prediction", "make_denoiser", "dynamic_threshold", "DYNAMIC_THRESHOLD_PERCENTILE",
+    "Denoiser", "Prediction", "make_denoiser", "dynamic_threshold", "DYNAMIC_THRESHOLD_PERCENTILE",   # ddpm.denoiser
     "leading_timesteps", "trailing_timesteps", "linspace_timesteps", "SPACINGS", "spaced_timesteps",
     "transitions", "ancestral_step", "ddim_sigma", "ddim_step", "half_log_snr",
     "sample_ancestral", "sample_ddim", "sample_dpm_solver_pp_2m", "SAMPLERS",
@@ -45,95 +47,7 @@ __all__ = [
     "SamplingOptions", "DEFAULT_SAMPLING",
 ]
 
-Denoiser = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 NoiseSource = Callable[[], torch.Tensor]
-
-DYNAMIC_THRESHOLD_PERCENTILE = 0.995
-
-
-# ----------------------------------------------------------------------------- the denoiser adapter
-
-class Prediction(tuple):
-    """A denoiser's result: the pair (eps_pred, x0_pred), which every sampler unpacks, plus
-    ``var_values``, the interpolation channels of a learned-variance network (None otherwise)."""
-
-    def __new__(cls, eps_pred: torch.Tensor, x0_pred: torch.Tensor, var_values: torch.Tensor | None = None):
-        self = super().__new__(cls, (eps_pred, x0_pred))
-        self.var_values = var_values
-        return self
-
-
-def dynamic_threshold(x0: torch.Tensor, percentile: float = DYNAMIC_THRESHOLD_PERCENTILE) -> torch.Tensor:
-    """Saharia et al. 2022, Sec. 2.3: s = max(1, p-th percentile of |x0|) per sample; x0 -> clamp(x0, -s, s) / s."""
-    s = torch.quantile(x0.abs().flatten(1).float(), percentile, dim=1).clamp(min=1.0)
-    s = s.to(x0.dtype).reshape(-1, *((1,) * (x0.ndim - 1)))
-    return x0.clamp(-s, s) / s
-
-
-def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = "eps", clip: bool = False,
-                  dynamic_thresholding: bool = False, model_kwargs: dict | None = None,
-                  guidance_scale: float | None = None, uncond_kwargs: dict | None = None,
-                  self_condition: bool = False) -> Denoiser:
-    """Adapt ``model(x_t, t_batch, **model_kwargs)`` trained with ``objective`` into
-    ``denoiser(x_t, t) -> (eps_pred, x0_pred)``.
-
-    With ``guidance_scale`` w, classifier-free guidance (Ho & Salimans 2022, Eq. 6, written with
-    w = 1 + their w): eps_pred = eps_uncond + w (eps_cond - eps_uncond), where eps_cond uses
-    ``model_kwargs`` (e.g. ``{"y": labels}``) and eps_uncond ``uncond_kwargs`` (e.g. the null
-    label). Both come from ONE forward pass over the batch concatenated with itself. Outputs of x0-
-    or v-trained models are converted to eps first and combined there; x0_pred is then recomputed
-    from the guided eps (Eq. 4). w = 1 is the conditional model, w = 0 the unconditional one.
-
-    With ``clip`` x0_pred is clipped to [-1, 1], with ``dynamic_thresholding`` it is thresholded
-    (:func:`dynamic_threshold`); either way eps_pred is then re-derived from the corrected x0_pred
-    (Eq. 4 solved for eps), so every sampler sees a consistent pair.
-
-    A learned-variance network's extra channels come back as ``Prediction.var_values`` (with guidance:
-    the conditional half's, as GLIDE does). A self-conditioned network (``self_condition``) is fed
-    the x0_pred this denoiser returned last (zeros at the first call): the previous step's estimate,
-    in every sampler (Chen et al. 2023, Sec. 3.3). Such a denoiser holds that state, so build one
-    per sampling run.
-    """
-    check_objective(objective)
-    if clip and dynamic_thresholding:
-        raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
-    if guidance_scale is not None and uncond_kwargs is None:
-        raise ConfigError("classifier-free guidance needs uncond_kwargs (the model's unconditional inputs)")
-    kwargs = model_kwargs or {}
-    state: dict = {"x0_prev": None}          # self-conditioning: the last x0_pred returned
-
-    def run(x_t: torch.Tensor, t_batch: torch.Tensor, x0_prev, extra: dict) -> torch.Tensor:
-        return model_output(model, x_t, t_batch, self_cond=x0_prev, self_condition=self_condition, model_kwargs=extra)
-
-    def predict(x_t: torch.Tensor, t_batch: torch.Tensor, x0_prev) -> Prediction:
-        if guidance_scale is None:
-            prediction, var_values = split_output(run(x_t, t_batch, x0_prev, kwargs), x_t.shape[1])
-            return Prediction(*prediction_to_eps_x0(schedule, x_t, t_batch, prediction, objective), var_values)
-        both = {k: torch.cat([kwargs[k], uncond_kwargs[k]]) for k in kwargs}          # one batched pass
-        x_2, t_2 = torch.cat([x_t, x_t]), torch.cat([t_batch, t_batch])
-        prev_2 = None if x0_prev is None else torch.cat([x0_prev, x0_prev])
-        prediction, var_values = split_output(run(x_2, t_2, prev_2, both), x_t.shape[1])
-        eps_2, _ = prediction_to_eps_x0(schedule, x_2, t_2, prediction, objective)
-        eps_cond, eps_uncond = eps_2.chunk(2)
-        eps_pred = eps_uncond + guidance_scale * (eps_cond - eps_uncond)              # Ho & Salimans, Eq. 6
-        return Prediction(eps_pred, predict_x0_from_eps(schedule, x_t, t_batch, eps_pred),
-                          None if var_values is None else var_values.chunk(2)[0])
-
-    def denoiser(x_t: torch.Tensor, t: int) -> Prediction:
-        t_batch = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
-        x0_prev = state["x0_prev"]
-        if x0_prev is not None and x0_prev.shape != x_t.shape:
-            x0_prev = None
-        pred = predict(x_t, t_batch, x0_prev)
-        eps_pred, x0_pred = pred
-        if clip or dynamic_thresholding:
-            x0_pred = x0_pred.clamp(-1.0, 1.0) if clip else dynamic_threshold(x0_pred)
-            eps_pred = predict_eps_from_x0(schedule, x_t, t_batch, x0_pred)
-        if self_condition:
-            state["x0_prev"] = x0_pred
-        return Prediction(eps_pred, x0_pred, pred.var_values)
-
-    return denoiser
 
 
 # ----------------------------------------------------------------------------- timestep spacing
@@ -249,18 +163,37 @@ def sample_ancestral(denoiser: Denoiser, x_T: torch.Tensor, schedule: NoiseSched
 
 # ----------------------------------------------------------------------------- DDIM (Song et al. 2021)
 
-def ddim_sigma(alpha_bar_t: float, alpha_bar_prev: float, eta: float) -> float:
+def _per_sample(value, like: torch.Tensor):
+    """A level shared by the batch (a float) as it is; per-sample levels [B] shaped to broadcast against ``like``."""
+    return value.reshape(-1, *((1,) * (like.ndim - 1))) if torch.is_tensor(value) else value
+
+
+def _sqrt(value):
+    """sqrt(max(value, 0)) of a float (in float64) or of a tensor."""
+    return value.clamp(min=0.0).sqrt() if torch.is_tensor(value) else math.sqrt(max(value, 0.0))
+
+
+def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta: float):
     """sigma_t(eta) = eta sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_prev)  (Eq. 16)."""
-    return eta * math.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev))
+    if eta == 0.0:
+        return 0.0
+    return eta * _sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * (1.0 - alpha_bar_t / alpha_bar_prev))
 
 
-def ddim_step(x_t: torch.Tensor, eps_pred: torch.Tensor, x0_pred: torch.Tensor, alpha_bar_t: float,
-              alpha_bar_prev: float, eta: float, noise: torch.Tensor | None) -> torch.Tensor:
-    """x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma^2) eps_pred + sigma z  (Eq. 12)."""
+def ddim_step(x_t: torch.Tensor, eps_pred: torch.Tensor, x0_pred: torch.Tensor, alpha_bar_t, alpha_bar_prev,
+              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """x_prev = sqrt(alpha_bar_prev) x0_pred + sqrt(1 - alpha_bar_prev - sigma^2) eps_pred + sigma z  (Eq. 12).
+
+    The one DDIM update: of the sampler, of the inversion (run forwards, to a larger alpha-bar
+    level) and of the distillation teacher. The alpha-bars are floats shared by the batch
+    (computed in float64) or per-sample tensors [B]; alpha_bar_prev = 1 lands on x0_pred.
+    """
+    alpha_bar_t, alpha_bar_prev = _per_sample(alpha_bar_t, x_t), _per_sample(alpha_bar_prev, x_t)
     sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
-    direction = math.sqrt(max(1.0 - alpha_bar_prev - sigma ** 2, 0.0)) * eps_pred     # "direction pointing to x_t"
-    x_prev = math.sqrt(alpha_bar_prev) * x0_pred + direction
-    return x_prev if sigma == 0.0 else x_prev + sigma * noise
+    direction = _sqrt(1.0 - alpha_bar_prev - sigma ** 2) * eps_pred                  # "direction pointing to x_t"
+    x_prev = _sqrt(alpha_bar_prev) * x0_pred + direction
+    no_noise = not torch.is_tensor(sigma) and sigma == 0.0
+    return x_prev if no_noise else x_prev + sigma * noise
 
 
 @torch.no_grad()
@@ -350,7 +283,7 @@ def ddim_invert(denoiser: Denoiser, x0: torch.Tensor, schedule: NoiseSchedule, t
         s = ascending[max(i - 1, 0)]
         eps_pred, _ = denoiser(x, s)
         x0_pred = (x - math.sqrt(1.0 - abar_s) * eps_pred) / math.sqrt(abar_s)   # consistent with eps_pred at x_s
-        x_next = math.sqrt(abar[t]) * x0_pred + math.sqrt(1.0 - abar[t]) * eps_pred
+        x_next = ddim_step(x, eps_pred, x0_pred, abar_s, abar[t])                # Eq. 12 with eta = 0, upwards
         _report(callback, i, t, x, x0_pred, x_next)
         x, abar_s = x_next, abar[t]
     return x

@@ -41,13 +41,16 @@ from . import __version__
 from . import distributed
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
                          load_weights, save_checkpoint, unflatten_optimizer_state)
-from .config import RunConfig, build_diffusion
+from .config import RunConfig, checkpoint_global_batch  # re-exported: its earlier home
 from .data import ImageData, load_dataset
-from .diffusion import offset_noise
+from .diffusion import to_model_range
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
+from .gaussian_diffusion import GaussianDiffusion, build_diffusion
 from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import make_grid, save_png, side_by_side
+from .losses import Loss, make_loss
+from .pixels import uint8_to_unit as to_tensor_on_device   # its earlier name here
 from .plots import line_chart
 from .precision import autocast, channels_last, check_precision
 from .seeding import derive_seed
@@ -212,11 +215,6 @@ def rank_rows(batch_size: int, world_size: int, grad_accum: int, rank: int) -> t
                       for a in range(grad_accum)])
 
 
-def to_tensor_on_device(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1], on the batch's device."""
-    return batch.permute(0, 3, 1, 2).float().div_(255.0)
-
-
 # ----------------------------------------------------------------------------- checkpoints of a run
 
 def _prune_checkpoints(run_dir: Path, keep_last: int, milestone_every: int) -> None:
@@ -332,13 +330,13 @@ def _draw_loss_curve(run_dir: Path) -> None:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | None = None,
-          resume: bool = False, progress: bool = True, objective=None) -> TrainResult:
+          resume: bool = False, progress: bool = True, loss: Loss | None = None, objective: Loss | None = None) -> TrainResult:
     """Train the model ``config`` describes and write everything to ``run_dir``.
 
-    ``objective`` replaces Algorithm 1's loss (e.g. :class:`ddpm.distill.DistillationObjective`):
-    it draws the timesteps, ``objective.draw_timesteps(batch_size, generator)``, in place of
-    t ~ Uniform, and gives the per-sample losses, ``objective.losses(model, images, t, noise,
-    model_kwargs)``; everything else (EMA, checkpoints, resume, logs) is the same. None: L_simple.
+    ``loss`` (a :class:`ddpm.losses.Loss`, e.g. :class:`ddpm.distill.DistillationLoss`; ``objective``
+    is its earlier name) replaces the loss that ``config.diffusion`` names: it draws the timesteps
+    and extras and gives the per-sample losses of the network; everything else (EMA, checkpoints,
+    resume, logs) is the same.
 
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
@@ -346,16 +344,69 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     With ``resume`` it continues from the newest checkpoint in ``run_dir``.
 
     Under torchrun (after :func:`ddpm.distributed.init`) every process runs this function: the
-    model is wrapped in DistributedDataParallel, each rank trains on its rows of the global batch,
+    U-Net is wrapped in DistributedDataParallel, each rank trains on its rows of the global batch,
     and only rank 0 writes files, keeps the EMA and draws sample grids (see the module docstring).
     """
-    tc = config.train
-    run_dir = Path(run_dir)
-    start_time = time.time()
+    run = _set_up(config, Path(run_dir), data, resume, loss if loss is not None else objective)
+    log = _Log(run, progress)
+    try:
+        with _StopSignals() as stop:
+            for step in range(run.counters.step, run.tc.steps):
+                batch = _draw_batch(run, step)                       # Algorithm 1, lines 2-4
+                per_sample = _forward_backward(run, batch)           # line 5: the gradient of the loss
+                outcome = _agree(run, per_sample, stop)
+                grad_norm = _optimizer_step(run, batch, per_sample, outcome)
+                if _bookkeeping(run, log, batch, per_sample, outcome, grad_norm):
+                    break
+    except distributed.PeerLost as exc:
+        raise distributed.PeerLost(f"{exc}; continue from the newest checkpoint with: ddpm train --resume "
+                                   f"{run.run_dir}") from None
+    finally:
+        log.close()
+    return _finish(run, log)
 
-    # --- Phase 1: set-up (device, data, model, optimizer, EMA) ----------------------------
+
+# ----------------------------------------------------------------------------- phase 1: set-up
+
+@dataclass
+class _Run:
+    """Everything a run holds while its loop runs (set up once by :func:`_set_up`)."""
+
+    config: RunConfig
+    run_dir: Path
+    world: int
+    rank: int
+    device: torch.device
+    data: ImageData
+    images: torch.Tensor                 # uint8 [N, H, W, C] on the device, kept compact
+    labels: torch.Tensor | None
+    diffusion: GaussianDiffusion         # around the raw weights (sample grids)
+    model: nn.Module                     # the U-Net being trained
+    net: nn.Module                       # what the loss calls: the U-Net, or DDP around it
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loss: Loss
+    counters: Counters
+    ema: EMA | None                      # rank 0 alone keeps the moving average
+    global_batch: int
+    order: EpochOrder
+    mine: torch.Tensor                   # this rank's rows of the global batch
+    start_time: float
+    ema_diffusion: GaussianDiffusion | None = None
+
+    @property
+    def tc(self):
+        return self.config.train
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bool, loss: Loss | None) -> _Run:
+    """Device, data, model, optimizer, loss, EMA (restored when resuming), the run directory's files."""
+    tc, start_time = config.train, time.time()
     world, rank = distributed.world_size(), distributed.rank()
-    main = rank == 0
     device = distributed.training_device(tc.device)
     check_precision(device, tc.precision)
     torch.manual_seed(tc.seed)
@@ -363,8 +414,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
         data = load_training_data(config)
     else:
         check_training_data(config, data, world)
-    global_batch = tc.global_batch_size(world)
-    images = torch.from_numpy(data.images).to(device)               # uint8 [N, H, W, C], kept compact
+    images = torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device) if config.conditional else None
     diffusion = build_diffusion(config).to(device)
     model = diffusion.model
@@ -376,274 +426,324 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                           fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
-    counters = Counters()
-    dc = config.diffusion
-    # Importance sampling of t (Nichol & Dhariwal 2021, Sec. 3.3): its loss histories are run state.
-    timestep_sampler = ImportanceSampler(dc.timesteps) if dc.timestep_sampling == "importance" else None
-
-    ema = None                      # rank 0 alone keeps the moving average
-    with distributed.agree("loading the checkpoint"):
-        if resume:
-            counters, ema = _restore(run_dir, config, model, optimizer, scaler, global_batch, keep_ema=main,
-                                     timestep_sampler=timestep_sampler)
-        else:
-            if tc.init:
-                _init_from(tc.init, model)
-            if main:
-                ema = EMA(model, tc.ema_decay, tc.ema_warmup)
-    if main:
+    loss = loss if loss is not None else make_loss(config.diffusion, diffusion.schedule_on(device))
+    global_batch = tc.global_batch_size(world)
+    counters, ema = _restore_or_start(run_dir, config, model, optimizer, scaler, global_batch, resume, rank == 0,
+                                      loss)
+    run = _Run(config=config, run_dir=run_dir, world=world, rank=rank, device=device, data=data, images=images,
+               labels=labels, diffusion=diffusion, model=model, net=_data_parallel(model, world, device),
+               optimizer=optimizer, scaler=scaler, loss=loss, counters=counters, ema=ema, global_batch=global_batch,
+               order=EpochOrder(data.num_images, global_batch, tc.seed),
+               mine=rank_rows(tc.batch_size, world, tc.grad_accum, rank).to(device), start_time=start_time)
+    if run.main:
         if resume:
             _remove_stale_temporaries(run_dir)
             _truncate_metrics(run_dir / "metrics.jsonl", counters.step)
         _append_provenance(run_dir, f"resume from step {counters.step}" if resume else "start")
         write_json(run_dir / "config.json", config.to_dict())
-    ema_diffusion = build_diffusion(config, ema.model) if main else None
-    order = EpochOrder(data.num_images, global_batch, tc.seed)
-    micro = tc.batch_size
-    T = config.diffusion.timesteps
-    mine = rank_rows(micro, world, tc.grad_accum, rank).to(device)
-    net = diffusion
-    if world > 1:
-        if objective is not None:
-            raise ConfigError("a replaced training objective (distillation) runs in one process, not under torchrun")
-        from torch.nn.parallel import DistributedDataParallel
+        run.ema_diffusion = build_diffusion(config, ema.model)
+    return run
 
-        # Wraps the loss module around the U-Net, so the gradients of its parameters are averaged
-        # over the ranks in the backward pass (the replicas start from rank 0's weights).
-        net = DistributedDataParallel(diffusion, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def save(step: int) -> Path:
-        optim_tensors, optim_info = flatten_optimizer_state(optimizer.state_dict())
-        tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors,
-                   **(timestep_sampler.state_tensors() if timestep_sampler else {})}
-        meta = {"step": step, "config": config.to_dict(), "ema_updates": ema.num_updates, "optimizer": optim_info,
-                "counters": vars(counters), "scaler": scaler.state_dict() if scaler else None,
-                "dataset": data.name, "num_images": data.num_images, "data_position": step * global_batch,
-                "global_batch": global_batch, "world_size": world, "rng": _rng_states()}
-        path = save_checkpoint(checkpoint_path(run_dir, step), tensors, meta)
-        _prune_checkpoints(run_dir, tc.keep_last, tc.milestone_every)
-        _draw_loss_curve(run_dir)
-        return path
+def _restore_or_start(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler, global_batch: int,
+                      resume: bool, main: bool, loss: Loss) -> tuple[Counters, EMA | None]:
+    """The run state: restored from the newest checkpoint, or fresh (from ``init`` weights when given)."""
+    tc = config.train
+    with distributed.agree("loading the checkpoint"):
+        if resume:
+            return _restore(run_dir, config, model, optimizer, scaler, global_batch, keep_ema=main,
+                            timestep_sampler=loss.timestep_sampler)
+        if tc.init:
+            _init_from(tc.init, model)
+        return Counters(), EMA(model, tc.ema_decay, tc.ema_warmup) if main else None
 
-    def sample_grid(step: int) -> Path:
-        """EMA and raw weights side by side, from one fixed seed (a generator of its own).
-        A class-conditional model draws the classes in turn, one per grid column, with guidance."""
-        seed = derive_seed(tc.seed, 2)
-        cond, nrow = {}, None
-        if config.conditional:
-            classes = config.model.num_classes
-            cond = {"labels": [k % classes for k in range(tc.num_samples)], "guidance_scale": DEFAULT_GUIDANCE_SCALE}
-            nrow = min(classes, tc.num_samples)
-        grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False, **cond),
-                           nrow=nrow)
-                 for d in (ema_diffusion, diffusion.eval())]
-        return save_png(run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
 
-    # Optional monitoring: the fast metric (LeNet features, ddpm.evaluation) of EMA samples
-    # drawn with DPM-Solver++ in 25 steps, against the dataset's test split (statistics cached).
-    reference = None
-    if tc.eval_every and main:
-        from .evaluation import fast_metric, fast_reference
+def _data_parallel(model: nn.Module, world: int, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around the U-Net under torchrun (the replicas start from rank 0's
+    weights, and the backward pass averages their gradients); the U-Net itself in one process."""
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
 
-        d = config.data
-        reference = fast_reference(d.name, data_root=d.root, image_size=d.image_size, channels=d.channels)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def evaluate(step: int) -> dict:
-        images = generate(ema_diffusion, tc.eval_samples, batch_size=min(tc.eval_samples, 256),
-                          seed=derive_seed(tc.seed, 3), progress=False, sampler="dpm-solver++", steps=25)
-        return {"step": step, **fast_metric(images, reference)}
 
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
-    board = _tensorboard(run_dir) if main else None
-    progress = progress and main
-    interactive = progress and sys.stderr.isatty()
-    bar = tqdm(total=tc.steps, initial=counters.step, desc="training", unit="step", disable=not interactive,
-               dynamic_ncols=True)
-    window = _Window()
-    last_ckpt = grid = None
-    loss_value = float("nan")
+# ----------------------------------------------------------------------------- phase 2: one step
 
-    # --- Phase 2: the loop (Algorithm 1) ---------------------------------------------------------
-    try:
-        with _StopSignals() as stop:
-            for step in range(counters.step, tc.steps):
-                model.train()
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(config, step)
+@dataclass
+class _Batch:
+    """One optimizer step's rows of this rank: data x0 in [-1, 1] and everything drawn for them."""
 
-                # All randomness of this step comes from (seed, step), drawn for the whole global
-                # batch; this rank then keeps its rows (``mine``).
-                step_seed = derive_seed(tc.seed, step, 0)
-                torch.manual_seed(step_seed if rank == 0 else derive_seed(tc.seed, step, 0, rank))   # dropout
-                g = torch.Generator(device=device).manual_seed(step_seed)    # flips, t, eps
-                index = order.batch(step).to(device)
-                shape = (index.shape[0], config.model.channels, *config.model.image_size)
-                x = to_tensor_on_device(images[index[mine]])
-                if config.data.hflip:
-                    flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
-                    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-                t_weights = None                # importance sampling: t ~ p_t, losses weighted by 1 / (T p_t)
-                if objective is not None:
-                    t = objective.draw_timesteps(shape[0], g)[mine]
-                elif timestep_sampler is None:
-                    t = torch.randint(0, T, (shape[0],), generator=g, device=device)[mine]
-                else:
-                    t, t_weights = timestep_sampler.sample(shape[0], g, device)
-                    t, t_weights = t[mine], t_weights[mine]
-                noise = torch.randn(shape, generator=g, device=device)
-                y = None
-                if labels is not None:          # drawn last, so unconditional runs keep their random stream
-                    y = label_dropout(labels[index], config.model.num_classes, tc.label_dropout, g)[mine]
-                # The training variants (offset noise, self-conditioning coins) draw after everything else,
-                # and only when enabled, so other runs keep their random stream.
-                if dc.offset_noise > 0:
-                    noise = noise + offset_noise(shape, dc.offset_noise, generator=g, device=device)
-                noise = noise[mine]
-                self_cond_mask = None           # self-conditioning: which samples get the first, no-grad pass
-                if dc.self_condition:
-                    self_cond_mask = (torch.rand(shape[0], generator=g, device=device) < 0.5)[mine]
+    step: int
+    x0: torch.Tensor
+    t: torch.Tensor
+    t_weights: torch.Tensor | None       # importance sampling: losses weighted by 1 / (T p_t)
+    noise: torch.Tensor
+    y: torch.Tensor | None
+    extras: dict
 
-                # Forward and backward over micro-batches (gradient accumulation); DDP averages
-                # the gradients over the ranks in the last backward pass only.
-                optimizer.zero_grad(set_to_none=True)
-                losses = []
-                for a, i in enumerate(range(0, x.shape[0], micro)):
-                    sync = contextlib.nullcontext() if world == 1 or a == tc.grad_accum - 1 else net.no_sync()
-                    kwargs = None if y is None else {"y": y[i:i + micro]}
-                    with sync, distributed.collective("a training step"):
-                        with autocast(device, tc.precision):
-                            if objective is None:
-                                per_sample = net(x[i:i + micro], t=t[i:i + micro], noise=noise[i:i + micro],
-                                                 model_kwargs=kwargs, reduction="none",
-                                                 self_cond_mask=None if self_cond_mask is None
-                                                 else self_cond_mask[i:i + micro])
-                            else:
-                                per_sample = objective.losses(model, x[i:i + micro], t[i:i + micro],
-                                                              noise[i:i + micro], kwargs)
-                        weighted = per_sample if t_weights is None else per_sample * t_weights[i:i + micro]
-                        loss = weighted.mean() * (1 / tc.grad_accum)
-                        (scaler.scale(loss) if scaler else loss).backward()
-                    losses.append(per_sample.detach())
-                per_sample = torch.cat(losses)
-                time_up = bool(tc.time_limit) and time.time() - start_time >= 60 * tc.time_limit
-                if world == 1:
-                    loss_value, stop_now = float(per_sample.mean()), None
-                else:
-                    # One small all-reduce per step: the global mean loss (so that every rank takes
-                    # the same skip decision), any stop signal received by any rank, and the time limit.
-                    received = stop.received
-                    total, count, n_int, n_term, n_late = distributed.all_reduce_sum(
-                        [float(per_sample.double().sum()), per_sample.numel(), float(received == signal.SIGINT),
-                         float(received is not None and received != signal.SIGINT), float(time_up)],
-                        "a training step")
-                    loss_value, time_up = total / count, n_late > 0
-                    stop_now = None if not (n_int or n_term) else (signal.SIGTERM if n_term else signal.SIGINT)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf))
 
-                # Update, or skip a step whose loss or gradient is not finite.
-                if math.isfinite(loss_value) and (math.isfinite(grad_norm) or scaler):
-                    if scaler:
-                        scale = scaler.get_scale()
-                        scaler.step(optimizer)
-                        scaler.update()
-                        counters.scaler_skips += int(scaler.get_scale() < scale)
-                    else:
-                        optimizer.step()
-                    if ema is not None:
-                        ema.update(model)
-                    counters.bad_in_row = 0
-                    if timestep_sampler is not None:
-                        # The one update of the loss histories: (t, unweighted loss) of the whole global
-                        # batch, in its row order (every rank keeps the same histories, so draws agree).
-                        t_all, loss_all = t, per_sample
-                        if world > 1:
-                            rows = distributed.all_gather_cat(mine, "gathering the timestep losses")
-                            by_row = torch.argsort(rows)
-                            t_all = distributed.all_gather_cat(t, "gathering the timestep losses")[by_row]
-                            loss_all = distributed.all_gather_cat(per_sample.float(),
-                                                                  "gathering the timestep losses")[by_row]
-                        timestep_sampler.update(t_all, loss_all)
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler:
-                        scaler.update()
-                    counters.bad_steps += 1
-                    counters.bad_in_row += 1
-                    if counters.bad_in_row >= tc.max_bad_steps:
-                        last = list_checkpoints(run_dir)
-                        raise TrainingError(
-                            f"{counters.bad_in_row} steps in a row had a non-finite loss or gradient (step {step + 1}: "
-                            f"loss {loss_value}, gradient norm {grad_norm}); training stopped. Last good checkpoint: "
-                            f"{last[-1][1] if last else 'none'}. Try a lower --lr, --grad-clip 1 or --precision fp32")
-                counters.step = done = step + 1
-                final_step = done == tc.steps or time_up          # --time-limit ends the run like its last step
+def _draw_batch(run: _Run, step: int) -> _Batch:
+    """The step's images, flips, timesteps, noise, label dropout and the loss's extras, in that order.
 
-                # Bookkeeping: metrics, progress, checkpoints, sample grids (rank 0). With several
-                # ranks the loss is the global mean; its quartiles come from rank 0's rows.
-                signum = stop.received if world == 1 else stop_now
-                interrupted = signum is not None
-                if main:
-                    window.add(per_sample, t, T, grad_norm, loss=None if world == 1 else loss_value, world=world)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                    if done % tc.log_every == 0 or final_step:
-                        metrics = window.flush(done, lr_at(config, step), global_batch, counters, start_time)
-                        metrics_file.write(json.dumps(metrics) + "\n")
-                        metrics_file.flush()
-                        if board:
-                            for key, value in metrics.items():
-                                if key != "step" and value is not None:
-                                    board.add_scalar(key, value, done)
-                        if progress and not interactive:
-                            print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
-                if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or final_step or interrupted:
-                    with distributed.agree("saving a checkpoint"):        # the others wait for rank 0's save
-                        if main:
-                            last_ckpt = save(done)
-                if interrupted:
-                    name = signal.Signals(signum).name
-                    raise TrainingInterrupted(
-                        f"{name} received: stopped after step {done} and saved {last_ckpt}; "
-                        f"continue with: ddpm train --resume {run_dir}", 128 + signum)
-                if not main:
-                    if time_up:
-                        break
-                    continue
-                if (tc.sample_every and done % tc.sample_every == 0) or final_step:
-                    grid = sample_grid(done)
-                if reference is not None and (done % tc.eval_every == 0 or final_step):
-                    scores = evaluate(done)
-                    metrics_file.write(json.dumps(scores) + "\n")
-                    metrics_file.flush()
-                    if board:
-                        board.add_scalar("fast_fid", scores["fast_fid"], done)
-                if time_up:
-                    break
-    except distributed.PeerLost as exc:
-        raise distributed.PeerLost(f"{exc}; continue from the newest checkpoint with: ddpm train --resume {run_dir}",
-                                   ) from None
-    finally:
-        bar.close()
-        if metrics_file:
-            metrics_file.close()
-        if board:
-            board.close()
+    All randomness comes from (seed, step), drawn for the whole global batch; this rank then keeps
+    its rows (``run.mine``). The options that are off draw nothing.
+    """
+    tc, mine, device = run.tc, run.mine, run.device
+    run.model.train()
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(run.config, step)
+    step_seed = derive_seed(tc.seed, step, 0)
+    torch.manual_seed(step_seed if run.rank == 0 else derive_seed(tc.seed, step, 0, run.rank))   # dropout
+    g = torch.Generator(device=device).manual_seed(step_seed)    # flips, t, eps
+    index = run.order.batch(step).to(device)
+    shape = (index.shape[0], run.config.model.channels, *run.config.model.image_size)
+    x = to_tensor_on_device(run.images[index[mine]])
+    if run.config.data.hflip:
+        flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    t, t_weights = run.loss.draw_timesteps(shape[0], g, device)
+    noise = torch.randn(shape, generator=g, device=device)
+    y = None
+    if run.labels is not None:          # drawn after the noise, so unconditional runs keep their random stream
+        y = label_dropout(run.labels[index], run.config.model.num_classes, tc.label_dropout, g)[mine]
+    noise, extras = run.loss.draw_extras(noise, g)
+    return _Batch(step=step, x0=to_model_range(x), t=t[mine], t_weights=None if t_weights is None else t_weights[mine],
+                  noise=noise[mine], y=y, extras={k: v[mine] for k, v in extras.items()})
 
-    # --- Phase 3: finish ------------------------------------------------------------------------------
-    if not main:
-        return TrainResult(run_dir=run_dir, checkpoint=None, grid=None, final_loss=loss_value,
-                           seconds=time.time() - start_time, counters=counters)
+
+def _forward_backward(run: _Run, batch: _Batch) -> torch.Tensor:
+    """Per-sample losses of this rank's rows, micro-batch by micro-batch (gradient accumulation), with
+    their gradient; DDP averages the gradients over the ranks in the last backward pass only."""
+    tc, micro, scaler = run.tc, run.tc.batch_size, run.scaler
+    run.optimizer.zero_grad(set_to_none=True)
+    losses = []
+    for a, i in enumerate(range(0, batch.x0.shape[0], micro)):
+        rows = slice(i, i + micro)
+        sync = contextlib.nullcontext() if run.world == 1 or a == tc.grad_accum - 1 else run.net.no_sync()
+        kwargs = None if batch.y is None else {"y": batch.y[rows]}
+        with sync, distributed.collective("a training step"):
+            with autocast(run.device, tc.precision):
+                per_sample = run.loss.losses(run.net, batch.x0[rows], batch.t[rows], batch.noise[rows],
+                                             model_kwargs=kwargs, **{k: v[rows] for k, v in batch.extras.items()})
+            weighted = per_sample if batch.t_weights is None else per_sample * batch.t_weights[rows]
+            loss = weighted.mean() * (1 / tc.grad_accum)
+            (scaler.scale(loss) if scaler else loss).backward()
+        losses.append(per_sample.detach())
+    return torch.cat(losses)
+
+
+@dataclass
+class _Outcome:
+    """What every rank agrees on after a step's backward pass."""
+
+    loss: float                          # the global mean loss
+    time_up: bool                        # --time-limit reached
+    signum: int | None                   # a stop signal received (by any rank)
+
+
+def _agree(run: _Run, per_sample: torch.Tensor, stop: "_StopSignals") -> _Outcome:
+    """The global mean loss (so that every rank takes the same skip decision), any stop signal received
+    by any rank, and the time limit: one small all-reduce per step with several ranks."""
+    time_up = bool(run.tc.time_limit) and time.time() - run.start_time >= 60 * run.tc.time_limit
+    if run.world == 1:
+        return _Outcome(float(per_sample.mean()), time_up, stop.received)
+    received = stop.received
+    total, count, n_int, n_term, n_late = distributed.all_reduce_sum(
+        [float(per_sample.double().sum()), per_sample.numel(), float(received == signal.SIGINT),
+         float(received is not None and received != signal.SIGINT), float(time_up)], "a training step")
+    signum = None if not (n_int or n_term) else (signal.SIGTERM if n_term else signal.SIGINT)
+    return _Outcome(total / count, n_late > 0, signum)
+
+
+def _optimizer_step(run: _Run, batch: _Batch, per_sample: torch.Tensor, outcome: _Outcome) -> float:
+    """Clip the gradient and update (EMA, the loss's timestep histories), or skip a step whose loss or
+    gradient is not finite; returns the gradient norm."""
+    tc, scaler, counters = run.tc, run.scaler, run.counters
+    if scaler:
+        scaler.unscale_(run.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                                     tc.grad_clip if tc.grad_clip > 0 else math.inf))
+    if math.isfinite(outcome.loss) and (math.isfinite(grad_norm) or scaler):
+        if scaler:
+            scale = scaler.get_scale()
+            scaler.step(run.optimizer)
+            scaler.update()
+            counters.scaler_skips += int(scaler.get_scale() < scale)
+        else:
+            run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update(run.model)
+        counters.bad_in_row = 0
+        _observe(run, batch, per_sample)
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+        counters.bad_steps += 1
+        counters.bad_in_row += 1
+        if counters.bad_in_row >= tc.max_bad_steps:
+            last = list_checkpoints(run.run_dir)
+            raise TrainingError(
+                f"{counters.bad_in_row} steps in a row had a non-finite loss or gradient (step {batch.step + 1}: "
+                f"loss {outcome.loss}, gradient norm {grad_norm}); training stopped. Last good checkpoint: "
+                f"{last[-1][1] if last else 'none'}. Try a lower --lr, --grad-clip 1 or --precision fp32")
+    counters.step = batch.step + 1
+    return grad_norm
+
+
+def _observe(run: _Run, batch: _Batch, per_sample: torch.Tensor) -> None:
+    """The loss's one look at the step: (t, unweighted loss) of the whole global batch, in its row order
+    (gathered from every rank, so every rank keeps the same importance-sampling histories)."""
+    if run.loss.timestep_sampler is None:
+        return
+    t_all, loss_all = batch.t, per_sample
+    if run.world > 1:
+        by_row = torch.argsort(distributed.all_gather_cat(run.mine, "gathering the timestep losses"))
+        t_all = distributed.all_gather_cat(batch.t, "gathering the timestep losses")[by_row]
+        loss_all = distributed.all_gather_cat(per_sample.float(), "gathering the timestep losses")[by_row]
+    run.loss.observe(t_all, loss_all)
+
+
+# ----------------------------------------------------------------------------- phase 3: bookkeeping
+
+class _Log:
+    """Where a run reports: metrics.jsonl, TensorBoard, the progress bar or log lines (rank 0)."""
+
+    def __init__(self, run: _Run, progress: bool):
+        main = run.main
+        self.metrics_file = open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+        self.board = _tensorboard(run.run_dir) if main else None
+        self.progress = progress and main
+        self.interactive = self.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=run.tc.steps, initial=run.counters.step, desc="training", unit="step",
+                        disable=not self.interactive, dynamic_ncols=True)
+        self.window = _Window()
+        self.reference = _fast_reference(run) if main else None
+        self.last_ckpt = self.grid = None
+        self.loss = float("nan")
+
+    def write(self, row: dict, step: int) -> None:
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.board:
+            for key, value in row.items():
+                if key != "step" and value is not None:
+                    self.board.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics_file:
+            self.metrics_file.close()
+        if self.board:
+            self.board.close()
+
+
+def _bookkeeping(run: _Run, log: _Log, batch: _Batch, per_sample: torch.Tensor, outcome: _Outcome,
+                 grad_norm: float) -> bool:
+    """Metrics, progress, checkpoints, sample grids and evaluation after a step (files on rank 0 only);
+    raises :class:`TrainingInterrupted` after a stop signal, returns True when the run is over early.
+    With several ranks the loss is the global mean; its quartiles come from rank 0's rows."""
+    tc, done = run.tc, run.counters.step
+    final_step = done == tc.steps or outcome.time_up          # --time-limit ends the run like its last step
+    log.loss = outcome.loss
+    if run.main:
+        log.window.add(per_sample, batch.t, run.config.diffusion.timesteps, grad_norm,
+                       loss=None if run.world == 1 else outcome.loss, world=run.world)
+        log.bar.update(1)
+        log.bar.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
+        if done % tc.log_every == 0 or final_step:
+            metrics = log.window.flush(done, lr_at(run.config, batch.step), run.global_batch, run.counters,
+                                       run.start_time)
+            log.write(metrics, done)
+            if log.progress and not log.interactive:
+                print(_log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
+    if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or final_step or outcome.signum is not None:
+        with distributed.agree("saving a checkpoint"):        # the others wait for rank 0's save
+            if run.main:
+                log.last_ckpt = _save(run, done)
+    if outcome.signum is not None:
+        name = signal.Signals(outcome.signum).name
+        raise TrainingInterrupted(f"{name} received: stopped after step {done} and saved {log.last_ckpt}; "
+                                  f"continue with: ddpm train --resume {run.run_dir}", 128 + outcome.signum)
+    if run.main and ((tc.sample_every and done % tc.sample_every == 0) or final_step):
+        log.grid = _sample_grid(run, done)
+    if run.main and log.reference is not None and (done % tc.eval_every == 0 or final_step):
+        scores = _evaluate(run, done, log.reference)
+        log.metrics_file.write(json.dumps(scores) + "\n")
+        log.metrics_file.flush()
+        if log.board:
+            log.board.add_scalar("fast_fid", scores["fast_fid"], done)
+    return outcome.time_up
+
+
+def _save(run: _Run, step: int) -> Path:
+    """A checkpoint of the whole run state at ``step``; older ones pruned, the loss curve redrawn."""
+    tc, counters, scaler, data = run.tc, run.counters, run.scaler, run.data
+    optim_tensors, optim_info = flatten_optimizer_state(run.optimizer.state_dict())
+    sampler = run.loss.timestep_sampler
+    tensors = {**{f"model.{k}": v for k, v in run.model.state_dict().items()},
+               **{f"ema.{k}": v for k, v in run.ema.model.state_dict().items()}, **optim_tensors,
+               **(sampler.state_tensors() if sampler else {})}
+    meta = {"step": step, "config": run.config.to_dict(), "ema_updates": run.ema.num_updates, "optimizer": optim_info,
+            "counters": vars(counters), "scaler": scaler.state_dict() if scaler else None,
+            "dataset": data.name, "num_images": data.num_images, "data_position": step * run.global_batch,
+            "global_batch": run.global_batch, "world_size": run.world, "rng": _rng_states()}
+    path = save_checkpoint(checkpoint_path(run.run_dir, step), tensors, meta)
+    _prune_checkpoints(run.run_dir, tc.keep_last, tc.milestone_every)
+    _draw_loss_curve(run.run_dir)
+    return path
+
+
+def _sample_grid(run: _Run, step: int) -> Path:
+    """EMA and raw weights side by side, from one fixed seed (a generator of its own).
+    A class-conditional model draws the classes in turn, one per grid column, with guidance."""
+    tc, config = run.tc, run.config
+    seed = derive_seed(tc.seed, 2)
+    cond, nrow = {}, None
+    if config.conditional:
+        classes = config.model.num_classes
+        cond = {"labels": [k % classes for k in range(tc.num_samples)], "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+        nrow = min(classes, tc.num_samples)
+    grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False, **cond),
+                       nrow=nrow)
+             for d in (run.ema_diffusion, run.diffusion.eval())]
+    return save_png(run.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
+
+
+def _fast_reference(run: _Run):
+    """Optional monitoring: the fast metric's statistics of the dataset's test split (cached), or None."""
+    if not run.tc.eval_every:
+        return None
+    from .evaluation import fast_reference
+
+    d = run.config.data
+    return fast_reference(d.name, data_root=d.root, image_size=d.image_size, channels=d.channels)
+
+
+def _evaluate(run: _Run, step: int, reference) -> dict:
+    """The fast metric (LeNet features, ddpm.evaluation) of EMA samples drawn with DPM-Solver++ in 25 steps."""
+    from .evaluation import fast_metric
+
+    tc = run.tc
+    images = generate(run.ema_diffusion, tc.eval_samples, batch_size=min(tc.eval_samples, 256),
+                      seed=derive_seed(tc.seed, 3), progress=False, sampler="dpm-solver++", steps=25)
+    return {"step": step, **fast_metric(images, reference)}
+
+
+def _finish(run: _Run, log: _Log) -> TrainResult:
+    """The final checkpoint and grid (drawn when the last step did not draw one), copied to samples.png."""
+    seconds = time.time() - run.start_time
+    if not run.main:
+        return TrainResult(run_dir=run.run_dir, checkpoint=None, grid=None, final_loss=log.loss, seconds=seconds,
+                           counters=run.counters)
+    last_ckpt = log.last_ckpt
     if last_ckpt is None:           # resumed a run that was already complete
-        last_ckpt = list_checkpoints(run_dir)[-1][1]
-    if grid is None:
-        grid = sample_grid(counters.step)
-    final_grid = atomic_write(run_dir / "samples.png", lambda tmp: shutil.copyfile(grid, tmp))
-    return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, grid=final_grid, final_loss=loss_value,
-                       seconds=time.time() - start_time, counters=counters)
+        last_ckpt = list_checkpoints(run.run_dir)[-1][1]
+    grid = log.grid if log.grid is not None else _sample_grid(run, run.counters.step)
+    final_grid = atomic_write(run.run_dir / "samples.png", lambda tmp: shutil.copyfile(grid, tmp))
+    return TrainResult(run_dir=run.run_dir, checkpoint=last_ckpt, grid=final_grid, final_loss=log.loss,
+                       seconds=time.time() - run.start_time, counters=run.counters)
 
 
 class _Window:
@@ -723,17 +823,6 @@ def _init_from(checkpoint: str, model: nn.Module) -> None:
     """Fine-tuning: start from another run's EMA weights (the architecture must match)."""
     tensors, meta = load_checkpoint(checkpoint)
     load_weights(model, tensors, "ema", meta["path"])
-
-
-def checkpoint_global_batch(meta: dict) -> int:
-    """The global batch (images per optimizer step) a checkpoint was trained with.
-
-    Checkpoints written before data parallelism do not store it: there ``batch_size`` meant the
-    images per optimizer step (split into grad_accum micro-batches), so it is the global batch.
-    """
-    if "global_batch" in meta:
-        return int(meta["global_batch"])
-    return int(meta["config"]["train"]["batch_size"])
 
 
 def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:

@@ -46,7 +46,7 @@ if "DDPM_TEST_KILL_RANK" in os.environ and os.environ["RANK"] == os.environ["DDP
 
 code = main(sys.argv[1:])
 if os.environ.get("DDPM_TEST_DIGEST_DIR") and wrapped:
-    model = wrapped[-1].model            # the GaussianDiffusion's U-Net
+    model = wrapped[-1]                  # the U-Net that DDP wraps
     digest = tensor_checksum({f"model.{k}": v for k, v in model.state_dict().items()})
     path = Path(os.environ["DDPM_TEST_DIGEST_DIR"]) / f"rank{os.environ['RANK']}.json"
     path.write_text(json.dumps({"rank": int(os.environ["RANK"]), "model_checksum": digest}))

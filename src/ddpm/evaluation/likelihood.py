@@ -27,8 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 # The bound's maths lives in ddpm.diffusion (training's L_vlb uses it too); re-exported here.
+from ..denoiser import p_mean_variance
 from ..diffusion import (BIN_HALF_WIDTH, LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl,
-                         p_mean_variance, q_mean_variance, q_sample, randn, vb_terms_from_mean_variance)
+                         q_mean_variance, q_sample, randn, vb_terms_from_mean_variance)
 from ..errors import DataError
 from ..schedules import NoiseSchedule
 

@@ -1,0 +1,175 @@
+"""The facade: a model and a noise schedule, with the paper's training loss and sampler.
+
+:class:`GaussianDiffusion` holds the network, its :class:`~ddpm.config.DiffusionConfig` and the
+schedule, and does no maths of its own: ``diffusion(images)`` is the configured loss of
+``ddpm.losses`` and ``diffusion.sample(...)`` a sampler of ``ddpm.samplers.SAMPLERS``, both reading the
+network through ``ddpm.denoiser``. :func:`build_diffusion` builds one from a run's configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import DiffusionConfig, RunConfig, build_model
+from .diffusion import SampleTrajectory, from_model_range, randn, to_model_range
+from .errors import ConfigError
+from .losses import make_loss
+from .precision import autocast
+from .samplers import SAMPLERS, make_denoiser, spaced_timesteps
+from .schedules import NoiseSchedule
+
+__all__ = ["GaussianDiffusion", "build_diffusion"]
+
+
+class GaussianDiffusion(nn.Module):
+    """A model and a noise schedule, with the paper's training loss and sampler.
+
+    A thin facade in the spirit of the paper's reference code; the work is done by the losses
+    (``ddpm.losses``) and the samplers (``ddpm.samplers``), which it calls::
+
+        model = ddpm.Unet.from_preset("digits")
+        diffusion = ddpm.GaussianDiffusion(model, image_size=8, channels=1, timesteps=1000)
+        loss = diffusion(images)              # images in [0, 1], shape [B, C, H, W]
+        images = diffusion.sample(batch_size=16)   # in [0, 1]
+
+    The diffusion options (``timesteps``, ``schedule``, ``objective``, ``variance``, ``loss``, ...) are
+    the fields of :class:`~ddpm.config.DiffusionConfig`, given as keywords or as ``config=``, and are
+    validated as the command line validates them. ``sampling`` (the sampler a checkpoint asks for,
+    :class:`~ddpm.samplers.SamplingOptions`; None: the library's) and ``precision`` (the network's
+    autocast while sampling, :mod:`ddpm.precision`) are fixed when it is built; nothing is set
+    from outside afterwards.
+    """
+
+    def __init__(self, model: nn.Module, *, config=None, image_size: int | Sequence[int] | None = None,
+                 channels: int | None = None, sampling=None, precision: str = "fp32", **options):
+        super().__init__()
+        if config is not None and options:
+            raise ConfigError("pass config= or the diffusion options as keywords, not both")
+        try:
+            config = config if config is not None else DiffusionConfig(**options)
+        except TypeError as exc:
+            raise ConfigError(f"unknown diffusion option: {exc}") from None
+        self.model, self.config = model, config
+        self.schedule = NoiseSchedule(config.schedule, config.timesteps)
+        size = image_size if image_size is not None else getattr(model, "image_size", None)
+        if size is None:
+            raise ConfigError("image_size is required when the model does not define one")
+        self.image_size = (size, size) if isinstance(size, int) else tuple(size)
+        channels = channels if channels is not None else getattr(model, "channels", None)
+        if channels is None:
+            raise ConfigError("channels is required when the model does not define it")
+        self.channels = channels
+        model_size = getattr(model, "image_size", None)
+        if model_size is not None and tuple(model_size) != self.image_size:
+            raise ConfigError(f"image_size {self.image_size} differs from the model's {tuple(model_size)}")
+        self._sampling, self._precision = sampling, precision
+        self._schedules: dict[torch.device, NoiseSchedule] = {}
+
+    # What the samplers, the bound and the sample record read; all from the configuration.
+    timesteps = property(lambda self: self.config.timesteps)
+    objective = property(lambda self: self.config.objective)
+    variance = property(lambda self: self.config.variance)
+    clip_denoised = property(lambda self: self.config.clip_denoised)
+    self_condition = property(lambda self: self.config.self_condition)
+    default_sampling = property(lambda self: self._sampling, doc="the checkpoint's sampler (None: the library's)")
+    precision = property(lambda self: self._precision, doc="the network's autocast while sampling")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def schedule_on(self, device: torch.device) -> NoiseSchedule:
+        """The schedule with its tables on ``device`` (cached)."""
+        if device not in self._schedules:
+            self._schedules[device] = self.schedule.to(device)
+        return self._schedules[device]
+
+    def forward(self, images: torch.Tensor, *, generator: torch.Generator | None = None,
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                model_kwargs: dict | None = None, reduction: str = "mean",
+                self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss for a batch of images in [0, 1] (Algorithm 1), from the configuration's loss.
+
+        t and eps ~ N(0, I) are drawn from ``generator`` (default: one seeded from the global RNG)
+        unless given, as the training loop draws
+        them (``ddpm.losses``: the loss's timestep draw, then the noise, then its extras: offset
+        noise, the self-conditioning coins); a given ``noise`` is used as it is (no offset added).
+        """
+        if images.ndim != 4 or images.shape[1] != self.channels or tuple(images.shape[2:]) != self.image_size:
+            raise ConfigError(f"expected images of shape [B, {self.channels}, {self.image_size[0]}, "
+                              f"{self.image_size[1]}], got {list(images.shape)}")
+        x0 = to_model_range(images.float())
+        loss = make_loss(self.config, self.schedule_on(x0.device))
+        if generator is None:           # the global RNG seeds one, so torch.manual_seed reproduces the draws
+            generator = torch.Generator(x0.device).manual_seed(int(torch.randint(2 ** 62, (1,))))
+        weights = None
+        if t is None:
+            t, weights = loss.draw_timesteps(x0.shape[0], generator, x0.device)
+        if noise is None:
+            noise, extras = loss.draw_extras(randn(x0.shape, generator=generator, device=x0.device), generator)
+        else:
+            _, extras = loss.draw_extras(noise, generator)          # the given noise as it is; the coins drawn
+        if self_cond_mask is not None:
+            extras["self_cond_mask"] = self_cond_mask
+        losses = loss.losses(self.model, x0, t, noise, model_kwargs=model_kwargs, **extras)
+        losses = losses if weights is None else losses * weights
+        return losses.mean() if reduction == "mean" else losses
+
+    @torch.inference_mode()
+    def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None,
+               spacing: str = "trailing", generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+               progress: bool = True, return_intermediates: bool = False, record_every: int = 1,
+               clip_denoised: bool | None = None, model_kwargs: dict | None = None, **options):
+        """Images in [0, 1], shape [B, C, H, W], from the sampler registry (``ddpm.samplers.SAMPLERS``).
+
+        The default is the paper's ancestral sampler over all T steps (Algorithm 2); ``sampler`` and
+        ``steps`` (with ``spacing``) choose another, ``options`` are the sampler's own (``eta``,
+        ``variance``) and the denoiser's (``dynamic_thresholding``, ``guidance_scale``,
+        ``uncond_kwargs``). x_T is ``noise`` or drawn from ``generator``, as is every later noise.
+        With ``return_intermediates`` a :class:`SampleTrajectory` is returned, its tensors (x_t after
+        every ``record_every``-th step, and the last) mapped to [0, 1] too.
+        """
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        device = self.device
+        schedule = self.schedule_on(device)
+        timesteps = spaced_timesteps(self.timesteps, steps, spacing)
+        denoiser_options = {k: options.pop(k) for k in ("dynamic_thresholding", "guidance_scale", "uncond_kwargs")
+                            if k in options}
+        if sampler == "ddpm":
+            options.setdefault("variance", self.variance)
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
+        denoiser = make_denoiser(self.model, schedule, objective=self.objective,
+                                 clip=clip and not denoiser_options.get("dynamic_thresholding"),
+                                 model_kwargs=model_kwargs, self_condition=self.self_condition, **denoiser_options)
+        shape = (batch_size, self.channels, *self.image_size)
+        x_T = randn(shape, generator=generator, device=device) if noise is None else noise.to(device, torch.float32)
+        traj = SampleTrajectory(x0=x_T, timesteps=[], x_t=[], x0_pred=[])
+        bar = tqdm(total=len(timesteps), desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
+
+        def on_step(info: dict) -> None:
+            bar.update(1)
+            if return_intermediates and (info["t"] % record_every == 0 or info["i"] + 1 == len(timesteps)):
+                traj.timesteps.append(info["t"])
+                traj.x_t.append(from_model_range(info["x"]).cpu())
+                traj.x0_pred.append(from_model_range(info["x0_pred"]).cpu())
+
+        with autocast(device, self.precision):
+            x0 = SAMPLERS[sampler](denoiser, x_T, schedule, timesteps, callback=on_step,
+                                   noise=lambda: randn(shape, generator=generator, device=device), **options)
+        bar.close()
+        traj.x0 = from_model_range(x0)
+        return traj if return_intermediates else traj.x0
+
+
+def build_diffusion(config: RunConfig, model: nn.Module | None = None, *, precision: str = "fp32"):
+    """A :class:`~ddpm.diffusion.GaussianDiffusion` for ``config`` around ``model`` (built if None), with
+    the checkpoint's sampler defaults (``config.sampling``) and the network's autocast ``precision``."""
+    return GaussianDiffusion(model if model is not None else build_model(config), config=config.diffusion,
+                             image_size=config.model.image_size, channels=config.model.channels,
+                             sampling=None if config.sampling is None else config.sampling.options(),
+                             precision=precision)

@@ -164,7 +164,7 @@ def test_auto_normalize_false_takes_images_in_minus_one_to_one():
 def test_self_condition_and_learned_variance_are_read_from_the_model():
     model = _small(self_condition=True, learned_variance=True)
     compat = GaussianDiffusion(model, image_size=8, timesteps=100, objective="pred_noise", beta_schedule="linear")
-    assert compat.self_condition and compat.variance == "learned-range" and compat.loss == "hybrid"
+    assert compat.self_condition and compat.variance == "learned-range" and compat.config.loss == "hybrid"
     ours = ddpm.GaussianDiffusion(model, image_size=8, timesteps=100, self_condition=True,
                                   variance="learned-range", loss="hybrid")
     assert _loss(compat, IMAGES) == _loss(ours, IMAGES)

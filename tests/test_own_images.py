@@ -17,7 +17,8 @@ import torch
 from ddpm import ConfigError, DataError
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
-from ddpm.config import RunConfig, build_diffusion
+from ddpm.config import RunConfig
+from ddpm.gaussian_diffusion import build_diffusion
 from ddpm.data import check_same_dataset, dataset_fingerprint, fingerprint_difference, load_dataset
 from ddpm.generate import load_diffusion, sample_images
 from ddpm.models import PRESETS, Unet, UnetConfig, preset_config

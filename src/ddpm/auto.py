@@ -95,7 +95,7 @@ def estimate_seconds_per_step(config, device, *, images: int = 2, repeats: int =
     scaled to the run's global batch (a rough figure: time grows about linearly with the batch)."""
     import torch
 
-    from .config import build_diffusion
+    from .gaussian_diffusion import build_diffusion
 
     diffusion = build_diffusion(config).to(device).train()
     x = torch.rand(images, config.model.channels, *config.model.image_size, device=device)

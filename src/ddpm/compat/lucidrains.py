@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..diffusion import GaussianDiffusion as _GaussianDiffusion
+from ..gaussian_diffusion import GaussianDiffusion as _GaussianDiffusion
 from ..errors import ConfigError
 from ..models import Unet as _Unet
 from ..models import UnetConfig
@@ -334,7 +334,7 @@ class Trainer:
         model = replace(diffusion.model.config, image_size=tuple(diffusion.image_size))
         data = DataConfig(name=data_source(folder), image_size=tuple(diffusion.image_size), channels=channels,
                           hflip=bool(hflip))
-        return RunConfig(preset="custom", model=model, diffusion=_diffusion_config(diffusion), data=data,
+        return RunConfig(preset="custom", model=model, diffusion=diffusion.config, data=data,
                          train=train, sampling=_sampling_config(diffusion))
 
     def train(self) -> None:
@@ -420,15 +420,6 @@ def _adam_betas(adam_betas) -> dict:
     return {}
 
 
-def _diffusion_config(diffusion):
-    """The :class:`~ddpm.config.DiffusionConfig` of a :class:`~ddpm.diffusion.GaussianDiffusion`."""
-    from ..config import DiffusionConfig
-
-    return DiffusionConfig(timesteps=diffusion.timesteps, schedule=diffusion.schedule.kind,
-                           objective=diffusion.objective, loss_weighting=diffusion.loss_weighting,
-                           min_snr_gamma=diffusion.min_snr_gamma, variance=diffusion.variance,
-                           clip_denoised=diffusion.clip_denoised, loss=diffusion.loss, vlb_weight=diffusion.vlb_weight,
-                           offset_noise=diffusion.offset_noise, self_condition=diffusion.self_condition)
 
 
 def _sampling_config(diffusion):

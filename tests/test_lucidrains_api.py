@@ -238,6 +238,20 @@ def test_the_trainer_runs_the_projects_loop_and_its_run_samples_from_the_cli(fol
     assert json.loads((tmp_path / "s" / "record.json").read_text())["sampler"] == "ddim"
 
 
+def test_adam_betas_reach_the_optimizer(folder, tmp_path, monkeypatch):
+    seen = []
+    real = torch.optim.Adam
+
+    def spy(params, **options):
+        seen.append(options["betas"])
+        return real(params, **options)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    _trainer(folder, tmp_path / "r", 1, calculate_fid=False, adam_betas=(0.8, 0.95)).train()
+    assert seen == [(0.8, 0.95)]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["adam_betas"] == [0.8, 0.95]
+
+
 def test_the_trainer_resumes_bit_exactly(folder, tmp_path):
     straight = _trainer(folder, tmp_path / "straight", 4, calculate_fid=False)
     straight.train()

@@ -159,6 +159,7 @@ class TrainConfig:
     optimizer: str = "adam"            # adam | adamw
     lr: float = 1e-3                   # peak learning rate (the paper: 2e-4 for CIFAR-10)
     weight_decay: float = 0.0          # AdamW's decoupled weight decay (0 with adam)
+    adam_betas: tuple[float, float] = (0.9, 0.999)   # Adam's (beta1, beta2), PyTorch's defaults
     warmup_steps: int = 0              # linear learning-rate warm-up (the paper's code: 5000)
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999          # decay of the exponential moving average of the weights
@@ -195,6 +196,11 @@ class TrainConfig:
             raise ConfigError(f"learning rate must be > 0; got {self.lr!r}")
         if not _is_number(self.weight_decay) or not self.weight_decay >= 0:
             raise ConfigError(f"weight decay must be >= 0; got {self.weight_decay!r}")
+        betas = self.adam_betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+                _is_number(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"adam betas must be two numbers in [0, 1); got {betas!r}")
+        self.adam_betas = tuple(float(b) for b in betas)
         if not _is_number(self.grad_clip) or not self.grad_clip >= 0:
             raise ConfigError(f"gradient clipping norm must be >= 0; got {self.grad_clip!r}")
         if not _is_number(self.ema_decay) or not 0.0 <= self.ema_decay <= 1.0:

@@ -423,7 +423,7 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
         model.to(memory_format=torch.channels_last)       # faster convolutions (ddpm.precision); EMA copies it
     optim_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     # The fused step (one kernel over all parameters) on the CPU and CUDA: benchmarks/RESULTS.md, "Speed".
-    optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+    optimizer = optim_cls(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay,
                           fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     loss = loss if loss is not None else make_loss(config.diffusion, diffusion.schedule_on(device))

@@ -273,8 +273,8 @@ class Trainer:
     safetensors checkpoints, sample grids, ``metrics.jsonl``), so ``ddpm sample --checkpoint
     results`` and ``ddpm train --resume results`` work on it. The arguments map as follows:
     ``train_batch_size``, ``gradient_accumulate_every``, ``train_lr``, ``train_num_steps``,
-    ``ema_decay``, ``num_samples`` and ``max_grad_norm`` (the gradient clipping norm) mean the
-    same; ``augment_horizontal_flip`` is random horizontal flips; ``ema_update_every`` k with
+    ``ema_decay``, ``adam_betas``, ``num_samples`` and ``max_grad_norm`` (the gradient clipping
+    norm) mean the same; ``augment_horizontal_flip`` is random horizontal flips; ``ema_update_every`` k with
     ``ema_decay`` d becomes an update every step with decay d^(1/k), the same horizon;
     ``save_and_sample_every`` is the checkpoint and sample-grid interval, every checkpoint
     being a milestone (kept), and ``load(milestone)`` reads the one at step
@@ -330,7 +330,7 @@ class Trainer:
                             ema_decay=float(ema_decay) ** (1.0 / ema_update_every), grad_clip=float(max_grad_norm),
                             precision=_precision(amp, mixed_precision_type), checkpoint_every=every,
                             sample_every=every, milestone_every=every, num_samples=num_samples,
-                            **_adam_betas(adam_betas))
+                            adam_betas=adam_betas)
         model = replace(diffusion.model.config, image_size=tuple(diffusion.image_size))
         data = DataConfig(name=data_source(folder), image_size=tuple(diffusion.image_size), channels=channels,
                           hflip=bool(hflip))
@@ -413,11 +413,6 @@ def _precision(amp: bool, mixed_precision_type: str | None) -> str:
         raise ArgumentError(f"Trainer(mixed_precision_type={mixed_precision_type!r}) must be one of "
                             f"{', '.join(names)}")
     return names[mixed_precision_type]
-
-
-def _adam_betas(adam_betas) -> dict:
-    """The TrainConfig option for Adam's (beta1, beta2)."""
-    return {}
 
 
 

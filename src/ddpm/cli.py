@@ -121,7 +121,17 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("model and diffusion")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
-                        "fashion-mnist, cifar10 for cifar10)")
+                        "fashion-mnist, cifar10 for cifar10; for a folder or .npz, chosen from the image size "
+                        "and count, and printed)")
+    g.add_argument("--dim", type=_positive_int, help="the U-Net's base channel count (the preset's by default)")
+    g.add_argument("--dim-mults", type=_positive_int, nargs="+", metavar="M",
+                   help="channel multiplier of each resolution level, e.g. 1 2 2 (one level each)")
+    g.add_argument("--num-res-blocks", type=_positive_int, help="residual blocks per level")
+    g.add_argument("--attention-levels", type=int, nargs="*", metavar="L",
+                   help="levels with self-attention, counted from the top (0 = the full image size); "
+                        "none given: no attention but the middle's")
+    g.add_argument("--attention-resolutions", type=_positive_int, nargs="*", metavar="R",
+                   help="the same places by feature-map size (shorter side), as older configurations name them")
     g.add_argument("--timesteps", type=_positive_int, help="T (default 1000)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
@@ -195,7 +205,8 @@ TRAIN_FLAGS = {
     "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
     **{name: ("diffusion", name) for name in (
         "variance", "loss", "vlb_weight", "timestep_sampling", "offset_noise", "self_condition")},
-    "dropout": ("model", "dropout"),
+    **{name: ("model", name) for name in (
+        "dropout", "dim", "dim_mults", "num_res_blocks", "attention_levels", "attention_resolutions")},
     **{name: ("train", name) for name in (
         "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
@@ -506,6 +517,8 @@ def _flag_layer(args) -> dict:
             if len(value) not in (1, 2):
                 raise ConfigError("--image-size takes N or H W")
             value = tuple(value * 2 if len(value) == 1 else value)
+        elif isinstance(value, list):
+            value = tuple(value)
         layer.setdefault(section, {})[key] = value
     return layer
 

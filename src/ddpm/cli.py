@@ -555,7 +555,12 @@ def cmd_train(args) -> int:
         else:
             config, data = _train_config(args)
             check_training_data(config, data)
-        distributed.training_device(config.train.device)     # an unavailable device is an error before anything runs
+        device = distributed.training_device(config.train.device)   # an unavailable device is an error first
+    if config.choice and main_rank and not args.resume:
+        from .auto import choice_line, estimate_seconds_per_step
+
+        print(choice_line(config.choice, config.train.steps, estimate_seconds_per_step(config, device), device.type),
+              file=sys.stderr)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +126,14 @@ class DataConfig:
     channels: int | None = None                   # 1 grey, 3 RGB, 4 RGBA; None keeps the native channels
     hflip: bool = False                           # random horizontal flips
     strict: bool = False                          # an unreadable image is an error instead of skipped
+    fingerprint: dict | None = None               # a folder's or .npz's count, shape and content hash, recorded
+                                                  # when the run starts (ddpm.data.dataset_fingerprint)
 
     def __post_init__(self) -> None:
+        if self.fingerprint is not None and not (isinstance(self.fingerprint, dict) and set(self.fingerprint) == {
+                "num_images", "image_shape", "sample_sha256"}):
+            raise ConfigError(f"data fingerprint must hold num_images, image_shape and sample_sha256; "
+                              f"got {self.fingerprint!r}")
         for name in ("name", "root"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -271,6 +277,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig | None = None     # sampler defaults for this checkpoint (None: the library's)
+    choice: str | None = None                  # why the preset and recipe were chosen, when no preset was given
 
     @property
     def conditional(self) -> bool:
@@ -281,13 +288,14 @@ class RunConfig:
         return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
                 "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()},
                 "train": asdict(self.train),
-                **({"sampling": asdict(self.sampling)} if self.sampling is not None else {})}
+                **({"sampling": asdict(self.sampling)} if self.sampling is not None else {}),
+                **({"choice": self.choice} if self.choice is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         if not isinstance(d, dict) or "model" not in d:
             raise ConfigError("configuration has no [model] section")
-        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling"})
+        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling", "choice"})
         if unknown:
             raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
         try:
@@ -297,7 +305,7 @@ class RunConfig:
                        data=_from_dict(DataConfig, d.get("data", {}), "data"),
                        train=_from_dict(TrainConfig, d.get("train", {}), "train"),
                        sampling=None if d.get("sampling") is None
-                       else _from_dict(SamplingConfig, d["sampling"], "sampling"))
+                       else _from_dict(SamplingConfig, d["sampling"], "sampling"), choice=d.get("choice"))
         except TypeError as exc:  # a value of the wrong type that the validators could not compare
             raise ConfigError(f"invalid configuration: {exc}") from None
 
@@ -402,40 +410,54 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
                          conditional: bool = False, label_dropout_given: bool = False):
     """A new run's configuration: the preset's recipe < the ``config_file`` (TOML) < ``flags`` (sections
     of options, as :func:`merge_layers` takes them). The model's image size and channels come from the
-    data, which is loaded here. Returns (config, data)."""
+    data, which is loaded here. A folder or .npz given without a preset gets the preset and recipe that
+    :func:`ddpm.auto.choose` picks from its size and count (``RunConfig.choice`` says why); its path is
+    recorded absolute, with its fingerprint. Returns (config, data)."""
     from .data import load_dataset
     from .models import PRESETS
 
     file_layer = load_toml(config_file) if config_file else {}
     data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
     preset = preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
-    if preset is None:
-        raise ConfigError("--preset is required for your own data (e.g. --preset mnist for 28x28 grey, "
-                          "--preset cifar10 for 32x32 colour)")
-    if preset not in PRESETS:
+    if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} in {config_file}; choose from {', '.join(PRESETS)}")
     for key in ("image_size", "channels"):
         if key in file_layer.get("model", {}):
             raise ConfigError(f"{config_file}: set {key} under [data]; the model takes it from the data")
     merged = merge_layers(RECIPES.get(preset, {}), file_layer, flags)
-    try:
-        data_cfg = DataConfig(**merged.get("data", {}))
-        diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))
-        train_cfg = TrainConfig(**merged.get("train", {}))
-    except TypeError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
+    data_cfg, diffusion_cfg, train_cfg = _sections(merged)
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
                         image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+    choice = None
+    if preset is None:                       # a folder or .npz without a preset: chosen from the data
+        from .auto import choose
+
+        choice = choose(data.image_size, data.channels, data.num_images)
+        preset = choice.preset
+        _, _, train_cfg = _sections(merge_layers({"train": choice.train}, file_layer, flags))
+    if data.path is not None:                # the run finds its data from any directory, and knows it again
+        data_cfg = replace(data_cfg, name=data.path, fingerprint=data.fingerprint())
     model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
     if conditional:
         model_layer["num_classes"] = dataset_num_classes(data)
+        if data.class_names and len(data.class_names) == model_layer["num_classes"]:
+            model_layer["class_names"] = tuple(data.class_names)
     elif label_dropout_given and model_layer.get("num_classes") is None:
         raise ConfigError("--label-dropout applies to class-conditional models; add --conditional")
     try:
         model_cfg = preset_config(preset, **model_layer)
     except TypeError as exc:
         raise ConfigError(f"invalid [model] option: {exc}") from None
-    return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
+    return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg,
+                     choice=None if choice is None else choice.reason), data
+
+
+def _sections(merged: dict) -> tuple[DataConfig, DiffusionConfig, TrainConfig]:
+    try:
+        return (DataConfig(**merged.get("data", {})), DiffusionConfig(**merged.get("diffusion", {})),
+                TrainConfig(**merged.get("train", {})))
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def checkpoint_global_batch(meta: dict) -> int:

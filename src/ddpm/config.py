@@ -503,6 +503,20 @@ def _check_resume_flags(saved: RunConfig, meta: dict, flags: dict, flag_names: d
     return per_process
 
 
+def _moved_data(saved: DataConfig, name: str) -> DataConfig:
+    """The run's data config pointed at ``name``: its own place, or a copy that the fingerprint recorded at
+    the start of the run will recognise (checked when it is loaded, :func:`ddpm.train.load_training_data`)."""
+    from .data import data_source
+
+    new = data_source(name)
+    if new in (saved.name, data_source(saved.name)):
+        return saved
+    if saved.fingerprint is None:
+        raise ConfigError(f"--data {name} differs from the run's saved value {saved.name}, and the run recorded no "
+                          "fingerprint to recognise a moved copy by")
+    return replace(saved, name=new)
+
+
 def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict | None = None, out=None,
                   config=None, preset: str | None = None, conditional: bool = False, steps: int | None = None,
                   device: str | None = None, grad_accum: int | None = None, batch_size: int | None = None,
@@ -530,6 +544,9 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
     meta = read_metadata(found[-1][1])
     saved = RunConfig.from_dict(meta["config"])
+    if flags.get("data", {}).get("name") is not None:          # --data: the same dataset, maybe moved
+        saved = replace(saved, data=_moved_data(saved.data, flags["data"]["name"]))
+        flags = {**flags, "data": {k: v for k, v in flags["data"].items() if k != "name"}}
     grad_accum = grad_accum or saved.train.grad_accum
     per_process = _check_resume_flags(saved, meta, flags, flag_names or {}, preset=preset, conditional=conditional,
                                       world_size=world_size, grad_accum=grad_accum, batch_size=batch_size)

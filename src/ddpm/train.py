@@ -42,7 +42,7 @@ from . import distributed
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
                          load_weights, save_checkpoint, unflatten_optimizer_state)
 from .config import RunConfig, checkpoint_global_batch  # re-exported: its earlier home
-from .data import ImageData, load_dataset
+from .data import ImageData, check_same_dataset, load_dataset
 from .diffusion import to_model_range
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .gaussian_diffusion import GaussianDiffusion, build_diffusion
@@ -153,10 +153,15 @@ def _append_provenance(run_dir: Path, event: str) -> None:
 # ----------------------------------------------------------------------------- data
 
 def load_training_data(config: RunConfig) -> ImageData:
-    """Load the dataset that ``config.data`` names and check that it fits the model."""
+    """Load the dataset that ``config.data`` names and check that it fits the model, and that it is the
+    dataset whose fingerprint the run recorded (if it did)."""
     d = config.data
+    if d.fingerprint is not None and not Path(d.name).exists():
+        raise DataError(f"the run's data {d.name} is gone; if it moved, pass --data NEW_PATH (a copy is "
+                        "recognised by its fingerprint)")
     data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
                         strict=d.strict)
+    check_same_dataset(d.fingerprint, data)
     check_training_data(config, data)
     return data
 

@@ -304,7 +304,7 @@ def test_row_labels_are_written_left_of_the_grid():
     from ddpm.images import label_rows, make_grid
 
     grid = make_grid(np.zeros((4, 16, 16, 3), np.uint8), nrow=2, scale=1)
-    labelled = label_rows(grid, ["flower", ""], cell=16)
+    labelled = label_rows(grid, ["flower", ""])
     assert labelled.shape[0] == grid.shape[0] and labelled.shape[1] > grid.shape[1]
     margin = labelled[:, :labelled.shape[1] - grid.shape[1]]
     assert (margin[:18] < 128).any() and not (margin[18:] < 128).any()   # text beside row 0 only
@@ -344,3 +344,89 @@ def test_other_dim_mults_keep_the_presets_attention_where_it_still_exists():
     assert preset_config("cifar10", dim_mults=(1, 2)).attention_levels == (1,)        # level 1 is kept
     assert preset_config("mnist", dim_mults=(1, 2, 2, 4), image_size=32).attention_levels == (2,)
     assert preset_config("mnist", dim_mults=(1, 2), attention_levels=(0,)).attention_levels == (0,)
+
+
+# ----------------------------------------------------------------------------- the photo folder without a preset
+
+def _stderr_line(capsys, phrase: str) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if phrase in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def auto_run(photos, tmp_path_factory):
+    """A conditional run on the photo folder at 16x16 with no preset, started from the folder's parent
+    with relative paths, as a user types them."""
+    import os
+
+    work = photos.parent
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main(["train", "--data", "photos", "--image-size", "16", "--conditional", *QUICK,
+                     "--out", "auto-run"]) == 0
+    finally:
+        os.chdir(old)
+    return work / "auto-run"
+
+
+def test_photos_train_at_16_with_no_preset_and_the_choice_is_recorded(auto_run, photos):
+    saved = json.loads((auto_run / "config.json").read_text())
+    assert saved["preset"] == "digits" and saved["model"]["image_size"] == [16, 16]
+    assert saved["data"]["name"] == str(photos)                     # absolute, though typed relative
+    assert "digits" in saved["choice"] and "48 image" in saved["choice"]
+    assert saved["model"]["class_names"] == ["china", "flower"] and saved["data"]["fingerprint"]["num_images"] == 48
+
+
+def test_a_dry_run_shows_the_automatic_choice_and_prints_one_line(photos, capsys):
+    assert main(["train", "--data", str(photos), "--image-size", "24", "40", "--dry-run"]) == 0
+    out = capsys.readouterr()
+    saved = json.loads(out.out)
+    assert saved["preset"] == "mnist" and saved["train"]["batch_size"] == 48 and saved["train"]["steps"] == 5_000
+    lines = [line for line in out.err.splitlines() if "no --preset" in line]
+    assert len(lines) == 1 and "'mnist'" in lines[0] and " on cpu" in lines[0]
+
+
+def test_photos_train_at_24x40_with_no_preset(photos, tmp_path):
+    assert main(["train", "--data", str(photos), "--image-size", "24", "40", *QUICK, "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["preset"] == "mnist"
+
+
+def test_model_size_flags_shape_the_network(photos, tmp_path, capsys):
+    assert main(["train", "--data", str(photos), "--image-size", "16", "--dim", "16", "--dim-mults", "1", "2",
+                 "--num-res-blocks", "1", "--attention-levels", "0", "1", "--dry-run"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert (model["dim"], model["dim_mults"], model["num_res_blocks"]) == (16, [1, 2], 1)
+    assert model["attention_levels"] == [0, 1] and model["attention_resolutions"] == [16, 8]
+    assert main(["train", "--data", str(photos), "--image-size", "16", "--dim", "16", "--dim-mults", "1", "2",
+                 *QUICK, "--out", str(tmp_path / "r")]) == 0
+
+
+def test_a_run_resumes_from_another_directory(auto_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(auto_run), "--steps", "3", "--quiet"]) == 0
+
+
+def test_a_moved_copy_resumes_and_a_different_folder_is_refused(auto_run, photos, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(auto_run, tmp_path / "run")
+    copy = shutil.copytree(photos, tmp_path / "moved")
+    assert main(["train", "--resume", str(run), "--data", str(copy), "--steps", "4", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["data"]["name"] == str(copy)
+    other = shutil.copytree(photos, tmp_path / "other")
+    (other / "china" / "00.jpg").unlink()
+    assert main(["train", "--resume", str(run), "--data", str(other), "--steps", "5", "--quiet"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "image count" in err[0]
+
+
+def test_a_conditional_run_samples_a_class_by_name(auto_run, tmp_path):
+    out = tmp_path / "flowers"
+    assert main(["sample", "--checkpoint", str(auto_run), "--class", "flower", "--n", "2", "--out", str(out),
+                 "--sampler", "ddim", "--steps", "2", "--quiet"]) == 0
+    record = json.loads((out / "record.json").read_text())
+    assert record["classes"] == [1] and record["class_names"] == ["flower"]
+    assert main(["sample", "--checkpoint", str(auto_run), "--class", "flwer", "--n", "1", "--out",
+                 str(tmp_path / "x"), "--quiet"]) == 2

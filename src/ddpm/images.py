@@ -60,10 +60,12 @@ def class_grid_layout(num_classes: int, num_samples: int) -> tuple[list[int], in
     return [c for c in range(shown) for _ in range(per_class)], nrow
 
 
-def label_rows(grid: np.ndarray, labels: list[str], cell: int, padding: int = 2, pad_value: int = 255) -> np.ndarray:
-    """``grid`` (from :func:`make_grid`, rows ``cell`` pixels high) with ``labels[r]`` written left of row r."""
+def label_rows(grid: np.ndarray, labels: list[str], padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """``grid`` (from :func:`make_grid` with the same ``padding``) with ``labels[r]`` written left of row r;
+    ``labels`` has one entry per grid row (``""``: none)."""
     from PIL import ImageDraw
 
+    cell = (grid.shape[0] - padding) // max(1, len(labels)) - padding
     width = 6 * max((len(label) for label in labels), default=0) + 2 * padding
     channels = grid.shape[2]
     canvas = np.full((grid.shape[0], width + grid.shape[1], channels), pad_value, np.uint8)

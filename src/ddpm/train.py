@@ -48,7 +48,7 @@ from .errors import CheckpointError, ConfigError, DataError, TrainingError, Trai
 from .gaussian_diffusion import GaussianDiffusion, build_diffusion
 from .fileio import atomic_write, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
-from .images import make_grid, save_png, side_by_side
+from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
 from .pixels import uint8_to_unit as to_tensor_on_device   # its earlier name here
 from .plots import line_chart
@@ -702,17 +702,20 @@ def _save(run: _Run, step: int) -> Path:
 
 def _sample_grid(run: _Run, step: int) -> Path:
     """EMA and raw weights side by side, from one fixed seed (a generator of its own).
-    A class-conditional model draws the classes in turn, one per grid column, with guidance."""
+    A class-conditional model gives each class whole rows (:func:`ddpm.images.class_grid_layout`),
+    labelled with its name, with guidance."""
     tc, config = run.tc, run.config
     seed = derive_seed(tc.seed, 2)
-    cond, nrow = {}, None
+    n, cond, nrow, rows = tc.num_samples, {}, None, None
     if config.conditional:
-        classes = config.model.num_classes
-        cond = {"labels": [k % classes for k in range(tc.num_samples)], "guidance_scale": DEFAULT_GUIDANCE_SCALE}
-        nrow = min(classes, tc.num_samples)
-    grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False, **cond),
-                       nrow=nrow)
+        labels, nrow = class_grid_layout(config.model.num_classes, tc.num_samples)
+        n, cond = len(labels), {"labels": labels, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+        names = config.model.class_names
+        rows = [names[c] if names else str(c) for c in labels[::nrow]]
+    grids = [make_grid(generate(d, n, batch_size=n, seed=seed, progress=False, **cond), nrow=nrow)
              for d in (run.ema_diffusion, run.diffusion.eval())]
+    if rows:
+        grids = [label_rows(grid, rows) for grid in grids]
     return save_png(run.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
 
 

@@ -140,10 +140,12 @@ def test_mnist_without_data_root_is_a_data_error():
     assert_one_line_error(run_cli("train", "--data", "mnist"), 3, "--data-root")
 
 
-def test_own_data_without_preset_is_a_config_error(tmp_path):
+def test_own_data_without_preset_gets_a_chosen_preset(tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=np.zeros((4, 8, 8), np.uint8))
-    assert_one_line_error(run_cli("train", "--data", str(npz)), 2, "--preset")
+    proc = run_cli("train", "--data", str(npz), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "no --preset given" in proc.stderr and json.loads(proc.stdout)["preset"] == "digits"
 
 
 def test_model_that_does_not_fit_the_data_is_a_config_error():

@@ -298,7 +298,8 @@ def test_cli_class_all_puts_one_class_per_grid_row(conditional_run, tmp_path):
     np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 3))                 # class c fills row c
     for k in range(30):
         r, c = divmod(k, 3)
-        np.testing.assert_array_equal(grid[2 + r * cell:r * cell + cell, 2 + c * cell:c * cell + cell][::8, ::8],
+        x = margin + c * cell
+        np.testing.assert_array_equal(grid[2 + r * cell:r * cell + cell, 2 + x:x + cell][::8, ::8],
                                       images[k][..., 0])
 
 

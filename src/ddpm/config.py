@@ -287,7 +287,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
                 "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()},
-                "train": asdict(self.train),
+                "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.train).items()},
                 **({"sampling": asdict(self.sampling)} if self.sampling is not None else {}),
                 **({"choice": self.choice} if self.choice is not None else {})}
 

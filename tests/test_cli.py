@@ -140,15 +140,17 @@ def test_mnist_without_data_root_is_a_data_error():
     assert_one_line_error(run_cli("train", "--data", "mnist"), 3, "--data-root")
 
 
-def test_own_data_without_preset_is_a_config_error(tmp_path):
+def test_own_data_without_preset_gets_a_chosen_preset(tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=np.zeros((4, 8, 8), np.uint8))
-    assert_one_line_error(run_cli("train", "--data", str(npz)), 2, "--preset")
+    proc = run_cli("train", "--data", str(npz), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "no --preset given" in proc.stderr and json.loads(proc.stdout)["preset"] == "digits"
 
 
 def test_model_that_does_not_fit_the_data_is_a_config_error():
-    # 8x8 digits resized to 12x12: the digits preset's attention at 4x4 matches no level (12, 6).
-    assert_one_line_error(run_cli("train", "--image-size", "12", "--dry-run"), 2, "attention")
+    # 8x8 digits resized to 9x9: the digits preset's two levels need sides that halve evenly.
+    assert_one_line_error(run_cli("train", "--image-size", "9", "--dry-run"), 2, "divisible by 2")
 
 
 def test_file_that_is_not_a_checkpoint_is_a_checkpoint_error(tmp_path):

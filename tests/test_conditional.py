@@ -291,13 +291,15 @@ def test_cli_class_all_puts_one_class_per_grid_row(conditional_run, tmp_path):
     assert record["classes"] == list(range(10)) and record["guidance_scale"] == DEFAULT_GUIDANCE_SCALE == 2.0     # the documented default
     cell = 8 * 8 + 2
     grid = np.asarray(Image.open(out / "grid.png"))
-    assert grid.shape[:2] == (10 * cell + 2, 3 * cell + 2)                              # 3 columns, 10 rows
+    margin = 6 * 1 + 2 * 2                                                  # the row labels "0" .. "9", left
+    assert grid.shape[:2] == (10 * cell + 2, margin + 3 * cell + 2)                     # 3 columns, 10 rows
     with np.load(out / "samples.npz") as f:
         images, labels = f["images"], f["labels"]
     np.testing.assert_array_equal(labels, np.repeat(np.arange(10), 3))                 # class c fills row c
     for k in range(30):
         r, c = divmod(k, 3)
-        np.testing.assert_array_equal(grid[2 + r * cell:r * cell + cell, 2 + c * cell:c * cell + cell][::8, ::8],
+        x = margin + c * cell
+        np.testing.assert_array_equal(grid[2 + r * cell:r * cell + cell, 2 + x:x + cell][::8, ::8],
                                       images[k][..., 0])
 
 

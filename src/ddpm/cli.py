@@ -129,7 +129,17 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("model and diffusion")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
-                        "fashion-mnist, cifar10 for cifar10)")
+                        "fashion-mnist, cifar10 for cifar10; for a folder or .npz, chosen from the image size "
+                        "and count, and printed)")
+    g.add_argument("--dim", type=_positive_int, help="the U-Net's base channel count (the preset's by default)")
+    g.add_argument("--dim-mults", type=_positive_int, nargs="+", metavar="M",
+                   help="channel multiplier of each resolution level, e.g. 1 2 2 (one level each)")
+    g.add_argument("--num-res-blocks", type=_positive_int, help="residual blocks per level")
+    g.add_argument("--attention-levels", type=int, nargs="*", metavar="L",
+                   help="levels with self-attention, counted from the top (0 = the full image size); "
+                        "none given: no attention but the middle's")
+    g.add_argument("--attention-resolutions", type=_positive_int, nargs="*", metavar="R",
+                   help="the same places by feature-map size (shorter side), as older configurations name them")
     g.add_argument("--timesteps", type=_timesteps, help="T (default 1000)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
@@ -214,7 +224,8 @@ TRAIN_FLAGS = {
     "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
     **{name: ("diffusion", name) for name in (
         "variance", "loss", "vlb_weight", "timestep_sampling", "offset_noise", "self_condition")},
-    "dropout": ("model", "dropout"),
+    **{name: ("model", name) for name in (
+        "dropout", "dim", "dim_mults", "num_res_blocks", "attention_levels", "attention_resolutions")},
     **{name: ("train", name) for name in (
         "steps", "batch_size", "grad_accum", "optimizer", "lr", "weight_decay", "warmup_steps", "grad_clip",
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
@@ -639,6 +650,8 @@ def _flag_layer(args) -> dict:
             if len(value) not in (1, 2):
                 raise ConfigError("--image-size takes N or H W")
             value = tuple(value * 2 if len(value) == 1 else value)
+        elif isinstance(value, list):
+            value = tuple(value)
         layer.setdefault(section, {})[key] = value
     return layer
 
@@ -687,6 +700,11 @@ def _train(args, stop) -> int:
             check_training_data(config, data)
         device = distributed.training_device(config.train.device)   # an unavailable device: an error before
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
+    if config.choice and main_rank and not args.resume:
+        from .auto import choice_line, estimate_seconds_per_step
+
+        print(choice_line(config.choice, config.train.steps, estimate_seconds_per_step(config, device), device.type),
+              file=sys.stderr)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))
@@ -1116,13 +1134,13 @@ def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
 
 def _labels_per_image(args, diffusion, meta, count: int):
     """``--class``: one class for every image or one per image, by index or (when the checkpoint has them) name."""
-    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, num_classes, class_indices
+    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, class_indices, class_names, num_classes
 
     if args.classes is None:
         if args.guidance_scale is not None:
             raise ConfigError("--guidance-scale needs --class")
         return None, None
-    classes = class_indices(args.classes, num_classes(diffusion), meta.get("class_names"))
+    classes = class_indices(args.classes, num_classes(diffusion), meta.get("class_names") or class_names(diffusion))
     if len(classes) not in (1, count):
         raise ConfigError(f"--class takes one class, or one per --image ({count}); got {len(classes)}")
     guidance = DEFAULT_GUIDANCE_SCALE if args.guidance_scale is None else args.guidance_scale

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +166,14 @@ class DataConfig:
     channels: int | None = None                   # 1 grey, 3 RGB, 4 RGBA; None keeps the native channels
     hflip: bool = False                           # random horizontal flips
     strict: bool = False                          # an unreadable image is an error instead of skipped
+    fingerprint: dict | None = None               # a folder's or .npz's count, shape and content hash, recorded
+                                                  # when the run starts (ddpm.data.dataset_fingerprint)
 
     def __post_init__(self) -> None:
+        if self.fingerprint is not None and not (isinstance(self.fingerprint, dict) and set(self.fingerprint) == {
+                "num_images", "image_shape", "sample_sha256"}):
+            raise ConfigError(f"data fingerprint must hold num_images, image_shape and sample_sha256; "
+                              f"got {self.fingerprint!r}")
         for name in ("name", "root"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -200,6 +206,7 @@ class TrainConfig:
     optimizer: str = "adam"            # adam | adamw
     lr: float = 1e-3                   # peak learning rate (the paper: 2e-4 for CIFAR-10)
     weight_decay: float = 0.0          # AdamW's decoupled weight decay (0 with adam)
+    adam_betas: tuple[float, float] = (0.9, 0.999)   # Adam's (beta1, beta2), PyTorch's defaults
     warmup_steps: int = 0              # linear learning-rate warm-up (the paper's code: 5000)
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999          # decay of the exponential moving average of the weights
@@ -244,6 +251,11 @@ class TrainConfig:
         _check_int(self.seed, "seed", 0, SEED_LIMIT - 1)
         if self.init is not None and not isinstance(self.init, (str, os.PathLike)):
             raise ConfigError(f"init must be a checkpoint path; got {self.init!r}")
+        betas = self.adam_betas
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+                _is_number(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"adam betas must be two numbers in [0, 1); got {betas!r}")
+        self.adam_betas = tuple(float(b) for b in betas)
         if not (isinstance(self.device, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
         for name in ("ema_warmup", "grad_checkpointing"):
@@ -329,6 +341,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig | None = None     # sampler defaults for this checkpoint (None: the library's)
+    choice: str | None = None                  # why the preset and recipe were chosen, when no preset was given
 
     @property
     def conditional(self) -> bool:
@@ -338,8 +351,9 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
                 "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()},
-                "train": asdict(self.train),
-                **({"sampling": asdict(self.sampling)} if self.sampling is not None else {})}
+                "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.train).items()},
+                **({"sampling": asdict(self.sampling)} if self.sampling is not None else {}),
+                **({"choice": self.choice} if self.choice is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -347,7 +361,7 @@ class RunConfig:
             raise ConfigError("configuration has no [model] section")
         if not isinstance(d.get("preset", "custom"), str):
             raise ConfigError(f"preset must be a string; got {d['preset']!r}")
-        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling"})
+        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling", "choice"})
         if unknown:
             raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
         try:
@@ -357,7 +371,7 @@ class RunConfig:
                        data=_from_dict(DataConfig, d.get("data", {}), "data"),
                        train=_from_dict(TrainConfig, d.get("train", {}), "train"),
                        sampling=None if d.get("sampling") is None
-                       else _from_dict(SamplingConfig, d["sampling"], "sampling"))
+                       else _from_dict(SamplingConfig, d["sampling"], "sampling"), choice=d.get("choice"))
         except TypeError as exc:  # a value of the wrong type that the validators could not compare
             raise ConfigError(f"invalid configuration: {exc}") from None
 
@@ -580,7 +594,9 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
                          conditional: bool = False, label_dropout_given: bool = False):
     """A new run's configuration: the preset's recipe < the ``config_file`` (TOML) < ``flags`` (sections
     of options, as :func:`merge_layers` takes them). The model's image size and channels come from the
-    data, which is loaded here. Returns (config, data)."""
+    data, which is loaded here. A folder or .npz given without a preset gets the preset and recipe that
+    :func:`ddpm.auto.choose` picks from its size and count (``RunConfig.choice`` says why); its path is
+    recorded absolute, with its fingerprint. Returns (config, data)."""
     from .data import load_dataset
     from .models import PRESETS
 
@@ -591,33 +607,45 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
                                    conditional=conditional)
     data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
     preset = preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
-    if preset is None:
-        raise ConfigError("--preset is required for your own data (e.g. --preset mnist for 28x28 grey, "
-                          "--preset cifar10 for 32x32 colour)")
-    if preset not in PRESETS:
+    if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r} in {config_file}; choose from {', '.join(PRESETS)}")
     for key in ("image_size", "channels"):
         if key in file_layer.get("model", {}):
             raise ConfigError(f"{config_file}: set {key} under [data]; the model takes it from the data")
     merged = merge_layers(RECIPES.get(preset, {}), file_layer, flags)
-    try:
-        data_cfg = DataConfig(**merged.get("data", {}))
-        diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))
-        train_cfg = TrainConfig(**merged.get("train", {}))
-    except TypeError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
+    data_cfg, diffusion_cfg, train_cfg = _sections(merged)
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
                         image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+    choice = None
+    if preset is None:                       # a folder or .npz without a preset: chosen from the data
+        from .auto import choose
+
+        choice = choose(data.image_size, data.channels, data.num_images)
+        preset = choice.preset
+        _, _, train_cfg = _sections(merge_layers({"train": choice.train}, file_layer, flags))
+    if data.path is not None:                # the run finds its data from any directory, and knows it again
+        data_cfg = replace(data_cfg, name=data.path, fingerprint=data.fingerprint())
     model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
     if conditional:
         model_layer["num_classes"] = dataset_num_classes(data)
+        if data.class_names and len(data.class_names) == model_layer["num_classes"]:
+            model_layer["class_names"] = tuple(data.class_names)
     elif label_dropout_given and model_layer.get("num_classes") is None:
         raise ConfigError("--label-dropout applies to class-conditional models; add --conditional")
     try:
         model_cfg = preset_config(preset, **model_layer)
     except TypeError as exc:
         raise ConfigError(f"invalid [model] option: {exc}") from None
-    return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg), data
+    return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg,
+                     choice=None if choice is None else choice.reason), data
+
+
+def _sections(merged: dict) -> tuple[DataConfig, DiffusionConfig, TrainConfig]:
+    try:
+        return (DataConfig(**merged.get("data", {})), DiffusionConfig(**merged.get("diffusion", {})),
+                TrainConfig(**merged.get("train", {})))
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 # Model options that may differ from an --init checkpoint's: they change no weight's shape.
@@ -741,6 +769,20 @@ def _saved_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+def _moved_data(saved: DataConfig, name: str) -> DataConfig:
+    """The run's data config pointed at ``name``: its own place, or a copy that the fingerprint recorded at
+    the start of the run will recognise (checked when it is loaded, :func:`ddpm.train.load_training_data`)."""
+    from .data import data_source
+
+    new = data_source(name)
+    if new in (saved.name, data_source(saved.name)):
+        return saved
+    if saved.fingerprint is None:
+        raise ConfigError(f"--data {name} differs from the run's saved value {saved.name}, and the run recorded no "
+                          "fingerprint to recognise a moved copy by")
+    return replace(saved, name=new)
+
+
 def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict | None = None, out=None,
                   config=None, preset: str | None = None, conditional: bool = False, steps: int | None = None,
                   device: str | None = None, grad_accum: int | None = None, batch_size: int | None = None,
@@ -769,6 +811,9 @@ def resume_config(run_dir, flags: dict, *, world_size: int = 1, flag_names: dict
     else:                                           # stopped before its first checkpoint: restart from step 0
         saved = _saved_config(run_dir)
         meta = {"step": 0, "global_batch": saved.train.global_batch_size(world_size)}
+    if flags.get("data", {}).get("name") is not None:          # --data: the same dataset, maybe moved
+        saved = replace(saved, data=_moved_data(saved.data, flags["data"]["name"]))
+        flags = {**flags, "data": {k: v for k, v in flags["data"].items() if k != "name"}}
     grad_accum = grad_accum or saved.train.grad_accum
     per_process = _check_resume_flags(saved, meta, flags, flag_names or {}, preset=preset, conditional=conditional,
                                       world_size=world_size, grad_accum=grad_accum, batch_size=batch_size)

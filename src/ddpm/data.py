@@ -10,7 +10,8 @@ Where the data comes from (``load_dataset(data, ...)``):
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain or ``.gz``)
   read from ``data_root``; 60000 train / 10000 test images of 28x28.
 * any other string is a path: a ``.npz`` archive holding ``images`` (and optionally
-  ``labels``), or a folder of image files. A path is always loaded whole, so
+  ``labels``, and ``class_names`` for them), or a folder of image files, whose class
+  subfolders give labels and class names. A path is always loaded whole, so
   ``split`` does not apply to it: ``train`` and ``test`` give the same images.
 
 Dataset names take precedence over paths: write ``./mnist`` to load a folder
@@ -18,11 +19,16 @@ called ``mnist``.
 
 Pixels stay uint8 in memory; :func:`to_tensor` turns one batch into float32 NCHW in
 [0, 1] and :func:`to_uint8` turns model output back into uint8 NHWC.
+
+:func:`dataset_fingerprint` identifies a dataset cheaply at any size (image count, image
+shape, a hash of a fixed sample of images), so that a run can recognise its data after
+the files were moved or copied, and refuse other data.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 import zipfile
@@ -37,7 +43,8 @@ from PIL import Image, ImageOps
 from .errors import ConfigError, DataError
 from .pixels import to_tensor, to_uint8        # re-exported: the pixel mappings live in ddpm.pixels
 
-__all__ = ["ImageData", "DATASET_NAMES", "SPLITS", "IMAGE_EXTENSIONS", "load_dataset", "to_tensor", "to_uint8"]
+__all__ = ["ImageData", "DATASET_NAMES", "SPLITS", "IMAGE_EXTENSIONS", "load_dataset", "data_source",
+           "dataset_fingerprint", "fingerprint_difference", "check_same_dataset", "class_index", "to_tensor", "to_uint8"]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")
@@ -69,19 +76,28 @@ GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 # Grey modes with more than 8 bits per pixel, which Pillow's "L" conversion would clip.
 HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
+FINGERPRINT_SAMPLE = 64   # images hashed by dataset_fingerprint
+FINGERPRINT_SEED = 0      # seed of the generator that picks them
+
 _BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # Image.Resampling exists from Pillow 9.1
 _LUMA_CHUNK = 4096  # images per chunk when converting RGB to grey, to bound the uint32 scratch
 
 
 @dataclass
 class ImageData:
-    """A dataset in memory: ``images`` uint8 [N, H, W, C], ``labels`` int64 [N] or None."""
+    """A dataset in memory: ``images`` uint8 [N, H, W, C], ``labels`` int64 [N] or None.
+
+    ``class_names[k]`` names label k (subfolder names, an .npz's ``class_names``, or the
+    built-in datasets' classes); ``path`` is the absolute path a folder or .npz was read
+    from (None for a dataset loaded by name).
+    """
 
     images: np.ndarray
     labels: np.ndarray | None
     name: str
     class_names: list[str] | None = None
     skipped: list[str] = field(default_factory=list)   # "path: reason" of each unreadable file left out
+    path: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
@@ -102,6 +118,10 @@ class ImageData:
     @property
     def channels(self) -> int:
         return self.images.shape[3]
+
+    def fingerprint(self) -> dict:
+        """:func:`dataset_fingerprint` of these images and labels."""
+        return dataset_fingerprint(self.images, self.labels)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -154,11 +174,105 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
         from .prepared import is_prepared, open_prepared   # a folder holding dataset.json is prepared
 
         if is_prepared(path):
-            return open_prepared(path, image_size=size, channels=channels)
-        return _load_image_folder(path, size, channels, strict)
-    if path.suffix.lower() == ".npz":
-        return _resize_and_convert(_load_npz(path), size, channels)
-    raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
+            dataset = open_prepared(path, image_size=size, channels=channels)
+        else:
+            dataset = _load_image_folder(path, size, channels, strict)
+    elif path.suffix.lower() == ".npz":
+        dataset = _resize_and_convert(_load_npz(path), size, channels)
+    else:
+        raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
+    return replace(dataset, path=data_source(data))
+
+
+def data_source(data: str | os.PathLike) -> str:
+    """``data`` as a run should record it: a dataset name unchanged, a path made absolute.
+
+    An absolute path keeps meaning the same files from any working directory.
+    """
+    if isinstance(data, str) and data in DATASET_NAMES:
+        return data
+    return os.path.abspath(os.path.expanduser(os.fspath(data)))
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def dataset_fingerprint(images: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Image count, image shape and a content hash that identify a dataset, cheaply at any size.
+
+    ``images`` is any array indexable by row (in memory or memory-mapped) of shape [N, ...].
+    The hash is SHA-256 over the count, shape and dtype, then the bytes of
+    :data:`FINGERPRINT_SAMPLE` rows (all rows when there are fewer) picked by a generator
+    seeded with :data:`FINGERPRINT_SEED`, with their labels when ``labels`` is given. Only
+    those rows are read, so the cost does not grow with N. Returns a JSON-able dict:
+    ``{"num_images": N, "image_shape": [H, W, C], "sample_sha256": hex}``.
+    """
+    n = len(images)
+    digest = hashlib.sha256(f"{n}|{list(images.shape[1:])}|{images.dtype}|{labels is not None}|".encode())
+    for i in _fingerprint_rows(n):
+        digest.update(np.ascontiguousarray(images[i]).tobytes())
+        if labels is not None:
+            digest.update(int(labels[i]).to_bytes(8, "little", signed=True))
+    return {"num_images": n, "image_shape": [int(side) for side in images.shape[1:]],
+            "sample_sha256": digest.hexdigest()}
+
+
+def _fingerprint_rows(n: int) -> list[int]:
+    if n <= FINGERPRINT_SAMPLE:
+        return list(range(n))
+    rows = np.random.default_rng(FINGERPRINT_SEED).choice(n, FINGERPRINT_SAMPLE, replace=False)
+    return sorted(int(i) for i in rows)
+
+
+def fingerprint_difference(recorded: dict, found: dict) -> str | None:
+    """What differs between two fingerprints, in words (None when they match)."""
+    if recorded["num_images"] != found["num_images"]:
+        return f"the image count differs ({recorded['num_images']} recorded, {found['num_images']} found)"
+    if list(recorded["image_shape"]) != list(found["image_shape"]):
+        return (f"the image shape (H x W x C) differs ({_format_shape(recorded['image_shape'])} recorded, "
+                f"{_format_shape(found['image_shape'])} found)")
+    if recorded["sample_sha256"] != found["sample_sha256"]:
+        return (f"the content differs (the hash of up to {FINGERPRINT_SAMPLE} sampled images and their labels: "
+                f"{recorded['sample_sha256'][:12]} recorded, {found['sample_sha256'][:12]} found)")
+    return None
+
+
+def check_same_dataset(recorded: dict | None, data: ImageData) -> None:
+    """Refuse ``data`` (one line naming what differs) unless it has the ``recorded`` fingerprint."""
+    if recorded is None:
+        return
+    difference = fingerprint_difference(recorded, data.fingerprint())
+    if difference:
+        raise DataError(f"{data.path or data.name} is not the dataset this run trained on: {difference}")
+
+
+def _format_shape(shape) -> str:
+    return "x".join(str(side) for side in shape)
+
+
+# ----------------------------------------------------------------------------- class names
+
+def class_index(spec: str | int, class_names: list[str] | None, num_classes: int) -> int:
+    """The label of class ``spec``: one of ``class_names``, else an index in 0..num_classes-1.
+
+    A name wins over an index, so a folder class called ``"7"`` is found by its name.
+    """
+    import difflib
+
+    text = str(spec)
+    if class_names and text in class_names:
+        return class_names.index(text)
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < num_classes:
+            raise ConfigError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
+        return index
+    if not class_names:
+        raise ConfigError(f"unknown class {text!r}: this model's classes have no names; give an index "
+                          f"0..{num_classes - 1}")
+    close = difflib.get_close_matches(text, class_names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+    raise ConfigError(f"unknown class {text!r}{hint}; the classes are {shown}, or an index 0..{num_classes - 1}")
 
 
 # ----------------------------------------------------------------------------- option checks
@@ -299,7 +413,8 @@ def _read_maybe_gzipped(path: Path) -> bytes:
 # ----------------------------------------------------------------------------- .npz archives
 
 def _load_npz(path: Path) -> ImageData:
-    """``images`` uint8 [N, H, W] or [N, H, W, C] (C in 1, 3, 4), optional integer ``labels`` [N]."""
+    """``images`` uint8 [N, H, W] or [N, H, W, C] (C in 1, 3, 4), optional integer ``labels`` [N]
+    and, with labels, optional ``class_names`` (strings, one per class)."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
@@ -311,10 +426,12 @@ def _load_npz(path: Path) -> ImageData:
             raise DataError(f"{path} has no 'images' array (it has: {', '.join(archive.files) or 'nothing'})")
         images = _read_npz_array(archive, "images", path)
         labels = _read_npz_array(archive, "labels", path) if "labels" in archive.files else None
+        names = _read_npz_array(archive, "class_names", path) if "class_names" in archive.files else None
     images = _check_npz_images(images, path)
     if labels is not None:
         labels = _check_npz_labels(labels, len(images), path)
-    return ImageData(images, labels, str(path))
+    class_names = _check_npz_class_names(names, labels, path) if names is not None else None
+    return ImageData(images, labels, str(path), class_names)
 
 
 def _read_npz_array(archive, key: str, path: Path) -> np.ndarray:
@@ -346,6 +463,21 @@ def _check_npz_labels(labels: np.ndarray, num_images: int, path: Path) -> np.nda
     if labels.min() < 0:
         raise DataError(f"'labels' in {path} has negative label {labels.min()}")
     return labels.astype(np.int64)
+
+
+def _check_npz_class_names(names: np.ndarray, labels: np.ndarray | None, path: Path) -> list[str]:
+    if labels is None:
+        raise DataError(f"{path} has 'class_names' but no 'labels' array for them to name")
+    if names.dtype.kind != "U" or names.ndim != 1:
+        raise DataError(f"'class_names' in {path} must be a 1-D array of strings; got {names.dtype} "
+                        f"of shape {names.shape}")
+    class_names = [str(name) for name in names]
+    if any(not name.strip() for name in class_names) or len(set(class_names)) != len(class_names):
+        raise DataError(f"'class_names' in {path} must be distinct and non-empty; got {class_names}")
+    if len(labels) and labels.max() >= len(class_names):
+        raise DataError(f"'labels' in {path} go up to {labels.max()}, but 'class_names' names only "
+                        f"{len(class_names)} classes")
+    return class_names
 
 
 # ----------------------------------------------------------------------------- folders of images

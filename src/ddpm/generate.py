@@ -23,7 +23,8 @@ from .device import select_device          # re-exported: its earlier home
 from .diffusion import from_model_range
 from .gaussian_diffusion import GaussianDiffusion, build_diffusion
 from .errors import CheckpointError, ConfigError
-from .images import make_grid, save_npz, save_png
+from .data import class_index
+from .images import label_rows, make_grid, save_npz, save_png
 from .pixels import to_uint8
 from .precision import autocast, channels_last as default_channels_last, check_precision, resolve_precision
 from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, ddim_invert, make_denoiser
@@ -425,25 +426,34 @@ def sample_record(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOp
 
 
 def write_samples(out_dir: str | os.PathLike, images: np.ndarray, nrow: int | None = None,
-                  **extra: np.ndarray) -> dict[str, Path]:
-    """Write ``grid.png`` (``nrow`` images a row; default square-ish) and ``samples.npz``
-    (array ``images``, uint8 [N, H, W, C]) to ``out_dir``."""
+                  row_labels: list[str] | None = None, **extra: np.ndarray) -> dict[str, Path]:
+    """Write ``grid.png`` (``nrow`` images a row; default square-ish; ``row_labels`` written left of
+    the rows) and ``samples.npz`` (array ``images``, uint8 [N, H, W, C]) to ``out_dir``."""
     out_dir = Path(out_dir)
-    return {"grid": save_png(out_dir / "grid.png", make_grid(images, nrow=nrow)),
+    grid = make_grid(images, nrow=nrow)
+    if row_labels:
+        grid = label_rows(grid, row_labels)
+    return {"grid": save_png(out_dir / "grid.png", grid),
             "samples": save_npz(out_dir / "samples.npz", images=images, **extra)}
+
+
+def class_names(diffusion: GaussianDiffusion) -> list[str] | None:
+    """The names of a class-conditional model's classes, if its checkpoint has them."""
+    names = getattr(getattr(diffusion.model, "config", None), "class_names", None)
+    return list(names) if names else None
 
 
 # ----------------------------------------------------------------------------- a sampling run, as ddpm sample makes it
 
 def resolve_classes(diffusion: GaussianDiffusion, classes: list[str] | None, guidance_scale: float | None,
-                    class_names=None) -> tuple[list[int] | None, float | None]:
-    """Class numbers, names (``class_names``, a checkpoint's) or ``["all"]``, and a guidance scale, checked
-    against the model; the default scale with classes."""
+                    names: list[str] | None = None) -> tuple[list[int] | None, float | None]:
+    """Class numbers, names or ``["all"]``, and a guidance scale, checked against the model; the default
+    scale with classes. ``names`` default to those the checkpoint's model holds (:func:`class_names`)."""
     if classes is None:
         if guidance_scale is not None:
             raise ConfigError("--guidance-scale needs --class")
         return None, None
-    chosen = class_indices(classes, num_classes(diffusion), class_names)
+    chosen = class_indices(classes, num_classes(diffusion), names or class_names(diffusion))
     guidance = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     check_labels(diffusion, chosen, guidance)
     return chosen, guidance
@@ -460,6 +470,7 @@ class SamplePlan:
     nrow: int | None
     record: dict
     latents: torch.Tensor | None = None          # image k's starting noise, latents[k]; None: drawn
+    row_labels: list[str] | None = None      # one per grid row: the class each row shows
 
 
 def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOptions, *, n: int, classes=None,
@@ -473,12 +484,15 @@ def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOpt
     n = n or (64 if latents is None else len(latents) - start_index)
     total = n * len(classes) if classes else n
     labels = None if classes is None else [c for c in classes for _ in range(n)]
+    names = class_names(diffusion)
     extra = {} if classes is None else {"classes": classes, "guidance_scale": guidance, "n_per_class": n}
     if latents is not None:
         if n < 1 or start_index + total > len(latents):
             raise ConfigError(f"{total} images from {len(latents)} latents (from index {start_index}); "
                               "give at most as many images as latents")
         extra["latents"] = str(Path(latents_path).resolve()) if latents_path else "given"
+    if classes is not None and names:
+        extra["class_names"] = [names[c] for c in classes]
     if world > 1:
         extra["processes"] = world
         if total < world:
@@ -486,7 +500,15 @@ def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOpt
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, n=total,
                            start_index=start_index, device=device, **extra)      # validates the steps against T
     return SamplePlan(total=total, start_index=start_index, labels=labels, guidance_scale=guidance,
-                      nrow=n if classes else None, record=record, latents=latents)
+                      nrow=n if classes else None, record=record, latents=latents,
+                      row_labels=_row_labels(classes, names, n))
+
+
+def _row_labels(classes: list[int] | None, names: list[str] | None, n: int) -> list[str] | None:
+    """The grid's row labels when each class fills whole rows of ``n`` images: the class's name (or number)."""
+    if classes is None:
+        return None
+    return [names[c] if names else str(c) for c in classes]
 
 
 def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.PathLike, sampling: SamplingOptions, *,
@@ -525,7 +547,8 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
         if progressive:
             viz.progressive_png(stage / "progressive.png", *frames, progressive_timesteps(diffusion, sampling=sampling),
                                 title=viz.progressive_title(diffusion, sampling, seed, meta))
-        names = {key: Path(p).name for key, p in write_samples(stage, images, nrow=plan.nrow, **arrays).items()}
+        names = {key: Path(p).name for key, p in write_samples(stage, images, nrow=plan.nrow, row_labels=plan.row_labels,
+                                                                            **arrays).items()}
         if png:
             for k, image in zip(indices, images):
                 save_png(stage / "images" / f"{k:06d}.png", image)

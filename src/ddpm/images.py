@@ -11,7 +11,9 @@ from PIL import Image
 
 from .fileio import atomic_write
 
-__all__ = ["grid_scale", "make_grid", "side_by_side", "save_png", "save_npz"]
+__all__ = ["grid_scale", "make_grid", "class_grid_layout", "label_rows", "side_by_side", "save_png", "save_npz"]
+
+MIN_PER_CLASS = 4        # a class-conditional grid shows at least this many images of each class it shows
 
 
 def grid_scale(h: int, w: int) -> int:
@@ -42,6 +44,45 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, sca
         y, x = padding + r * (h + padding), padding + col * (w + padding)
         grid[y:y + h, x:x + w] = images[k]
     return grid
+
+
+def class_grid_layout(num_classes: int, num_samples: int) -> tuple[list[int], int]:
+    """(label of each image, images per row) for a grid of ``num_samples`` images in which each
+    class fills whole rows, so rows can be labelled by class.
+
+    The first ``min(num_classes, num_samples // MIN_PER_CLASS)`` classes are shown (with fewer
+    than 2 x MIN_PER_CLASS images, up to one class per image), each with the same number of
+    images; a class with more images than twice a square grid's side wraps onto several rows of
+    that side. 64 images of 2 classes: 8 rows of 8, 4 rows per class; of 10 classes: 10 rows of
+    6; of 100 classes: the first 16 classes, in rows of 4.
+    """
+    side = max(1, math.ceil(math.sqrt(num_samples)))
+    few = num_samples < 2 * MIN_PER_CLASS                 # too few to give each class MIN_PER_CLASS: one row each
+    shown = max(1, min(num_classes, num_samples if few else num_samples // MIN_PER_CLASS))
+    per_class = max(1, num_samples // shown)
+    nrow = per_class if per_class <= 2 * side else side
+    per_class -= per_class % nrow
+    return [c for c in range(shown) for _ in range(per_class)], nrow
+
+
+def label_rows(grid: np.ndarray, labels: list[str], padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """``grid`` (from :func:`make_grid` with the same ``padding``) with ``labels[r]`` written left of row r;
+    ``labels`` has one entry per grid row (``""``: none)."""
+    from PIL import ImageDraw
+
+    cell = (grid.shape[0] - padding) // max(1, len(labels)) - padding
+    width = 6 * max((len(label) for label in labels), default=0) + 2 * padding
+    channels = grid.shape[2]
+    canvas = np.full((grid.shape[0], width + grid.shape[1], channels), pad_value, np.uint8)
+    canvas[:, width:] = grid
+    pil = Image.fromarray(canvas[:, :, 0] if channels == 1 else canvas)
+    draw = ImageDraw.Draw(pil)
+    for r, label in enumerate(labels):
+        if label:
+            draw.text((padding, padding + r * (cell + padding) + max(0, (cell - 10) // 2)), label,
+                      fill=0 if channels == 1 else (0,) * channels)
+    out = np.asarray(pil)
+    return out[:, :, None] if out.ndim == 2 else out
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:

@@ -43,14 +43,14 @@ from . import distributed
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
                          load_newest_verified, load_weights, save_checkpoint, unflatten_optimizer_state)
 from .config import RunConfig, checkpoint_global_batch  # re-exported: its earlier home
-from .data import ImageData, load_dataset
+from .data import ImageData, check_same_dataset, load_dataset
 from .diffusion import to_model_range
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
 from .gaussian_diffusion import GaussianDiffusion, build_diffusion
 from .errors import OutputError
 from .fileio import LOCK_FILE, RunLock, atomic_write, check_output_path, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
-from .images import make_grid, save_png, side_by_side
+from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
 from .pixels import uint8_to_unit as to_tensor_on_device   # its earlier name here
 from .plots import line_chart
@@ -190,10 +190,15 @@ def _append_provenance(run_dir: Path, event: str) -> None:
 # ----------------------------------------------------------------------------- data
 
 def load_training_data(config: RunConfig) -> ImageData:
-    """Load the dataset that ``config.data`` names and check that it fits the model."""
+    """Load the dataset that ``config.data`` names and check that it fits the model, and that it is the
+    dataset whose fingerprint the run recorded (if it did)."""
     d = config.data
+    if d.fingerprint is not None and not Path(d.name).exists():
+        raise DataError(f"the run's data {d.name} is gone; if it moved, pass --data NEW_PATH (a copy is "
+                        "recognised by its fingerprint)")
     data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
                         strict=d.strict)
+    check_same_dataset(d.fingerprint, data)
     check_training_data(config, data)
     return data
 
@@ -488,7 +493,7 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
         model.to(memory_format=torch.channels_last)       # faster convolutions (ddpm.precision); EMA copies it
     optim_cls = torch.optim.AdamW if tc.optimizer == "adamw" else torch.optim.Adam
     # The fused step (one kernel over all parameters) on the CPU and CUDA: benchmarks/RESULTS.md, "Speed".
-    optimizer = optim_cls(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+    optimizer = optim_cls(model.parameters(), lr=tc.lr, betas=tc.adam_betas, weight_decay=tc.weight_decay,
                           fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
     loss = loss if loss is not None else make_loss(config.diffusion, diffusion.schedule_on(device))
@@ -771,17 +776,20 @@ def _checkpoint_state(run: _Run, step: int) -> tuple[dict, dict]:
 
 def _sample_grid(run: _Run, step: int) -> Path:
     """EMA and raw weights side by side, from one fixed seed (a generator of its own).
-    A class-conditional model draws the classes in turn, one per grid column, with guidance."""
+    A class-conditional model gives each class whole rows (:func:`ddpm.images.class_grid_layout`),
+    labelled with its name, with guidance."""
     tc, config = run.tc, run.config
     seed = derive_seed(tc.seed, 2)
-    cond, nrow = {}, None
+    n, cond, nrow, rows = tc.num_samples, {}, None, None
     if config.conditional:
-        classes = config.model.num_classes
-        cond = {"labels": [k % classes for k in range(tc.num_samples)], "guidance_scale": DEFAULT_GUIDANCE_SCALE}
-        nrow = min(classes, tc.num_samples)
-    grids = [make_grid(generate(d, tc.num_samples, batch_size=tc.num_samples, seed=seed, progress=False, **cond),
-                       nrow=nrow)
+        labels, nrow = class_grid_layout(config.model.num_classes, tc.num_samples)
+        n, cond = len(labels), {"labels": labels, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
+        names = config.model.class_names
+        rows = [names[c] if names else str(c) for c in labels[::nrow]]
+    grids = [make_grid(generate(d, n, batch_size=n, seed=seed, progress=False, **cond), nrow=nrow)
              for d in (run.ema_diffusion, run.diffusion.eval())]
+    if rows:
+        grids = [label_rows(grid, rows) for grid in grids]
     return save_png(run.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
 
 

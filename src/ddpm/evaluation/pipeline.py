@@ -95,7 +95,9 @@ def resolve_class(label: str, count: int | None, meta: dict) -> int:
     if count is None:
         raise ConfigError("--class needs a class-conditional checkpoint (trained with --conditional); "
                           "this one is unconditional")
-    names = meta.get("class_names") or (meta.get("config", {}).get("data", {}) or {}).get("class_names")
+    config = meta.get("config", {})
+    names = (meta.get("class_names") or (config.get("model", {}) or {}).get("class_names")
+             or (config.get("data", {}) or {}).get("class_names"))
     if label.lstrip("-").isdigit():
         index = int(label)
     elif names and label in names:

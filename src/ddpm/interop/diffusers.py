@@ -87,9 +87,9 @@ VARIANCE_TO_TYPE = {"posterior": "fixed_small", "beta": "fixed_large"}
 TYPE_TO_VARIANCE = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta"}
 
 # Fields whose values matter to sampling and are mapped below; the others must keep their defaults.
-_UNET_MAPPED = {"image_size", "channels", "dim", "dim_mults", "num_res_blocks", "attention_resolutions", "dropout",
-                "norm_groups", "attention_heads", "out_channels", "num_classes", "norm_eps", "downsample_padding",
-                "flip_sin_to_cos", "freq_shift", "attention_head_dim"}
+_UNET_MAPPED = {"image_size", "channels", "dim", "dim_mults", "num_res_blocks", "attention_levels",
+                "attention_resolutions", "dropout", "norm_groups", "attention_heads", "out_channels", "num_classes",
+                "norm_eps", "downsample_padding", "flip_sin_to_cos", "freq_shift", "attention_head_dim"}
 _DIFFUSION_MAPPED = {"timesteps", "schedule", "objective", "variance", "clip_denoised"}
 _DIFFUSION_TRAINING_ONLY = {"loss_weighting", "min_snr_gamma",            # shape the loss, not the sampler
                             "loss", "vlb_weight", "timestep_sampling", "offset_noise"}

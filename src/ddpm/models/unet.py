@@ -5,7 +5,7 @@ Structure, as in the paper's reference implementation:
 * a sinusoidal embedding of the timestep index followed by a two-layer MLP (width 4 x base);
 * at each resolution level, ``num_res_blocks`` residual blocks (GroupNorm, SiLU, 3x3 conv, the
   projected time embedding added, GroupNorm, SiLU, dropout, 3x3 conv, with a 1x1 shortcut when
-  the channel count changes), self-attention after each block at the chosen resolutions, and a
+  the channel count changes), self-attention after each block at the chosen levels, and a
   stride-2 3x3 convolution to go down a level;
 * a middle of residual block, attention, residual block;
 * the mirror image going up (``num_res_blocks + 1`` blocks a level, each fed the matching skip
@@ -30,27 +30,64 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 
-__all__ = ["UnetConfig", "Unet", "timestep_embedding", "DOWNSAMPLE_PADDINGS"]
+__all__ = ["UnetConfig", "Unet", "timestep_embedding", "check_image_size", "DOWNSAMPLE_PADDINGS"]
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
 
+def check_image_size(image_size, num_levels: int) -> tuple[int, int]:
+    """``image_size`` as (H, W), refused unless both sides halve evenly ``num_levels - 1`` times."""
+    h, w = image_size
+    factor = 2 ** (num_levels - 1)
+    if h % factor or w % factor:
+        raise ConfigError(f"image size {h}x{w} must be divisible by {factor} for {num_levels} resolution levels; "
+                          f"use a size that is a multiple of {factor}, or a model with fewer levels (dim_mults)")
+    return h, w
+
+
+def _format_hw(size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def _levels_tuple(value, name: str) -> tuple[int, ...] | None:
+    """A list of integers as a tuple; refuses a single number, strings and bools."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, int, float)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{name} must be a list of integers, got {value!r}")
+    return tuple(value)
+
+
 @dataclass
 class UnetConfig:
-    """Architecture of :class:`Unet`. The defaults are the paper's CIFAR-10 model."""
+    """Architecture of :class:`Unet`. The defaults are the paper's CIFAR-10 model.
 
-    image_size: tuple[int, int] = (32, 32)        # (H, W) of the images the model is built for
+    The network has ``len(dim_mults)`` resolution levels: level 0 works at the image size and
+    each further level at half the size of the one above, so H and W must be divisible by
+    2^(levels - 1) (:attr:`downsample_factor`). Self-attention is placed per level
+    (``attention_levels``, counted from the top), so one shape fits every image size it can
+    downsample. Configurations written before name the same places by feature-map size
+    (``attention_resolutions``, the shorter side: the paper's attention "at 16x16" of a 32x32
+    model is level 1). Either may be given; once built, the config holds both, the sizes
+    resolved for ``image_size`` (None when the size is left open). Given neither, attention
+    sits at level 1, as in the paper (nowhere in a one-level network).
+    """
+
+    image_size: tuple[int, int] | None = (32, 32)  # (H, W) the model is trained at; None: any size it can downsample
     channels: int = 3                             # image channels in and out
     dim: int = 128                                # base channel count ("ch" in the paper's code)
     dim_mults: tuple[int, ...] = (1, 2, 2, 2)     # channel multiplier at each resolution level
     num_res_blocks: int = 2                       # residual blocks per level on the way down
-    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (shorter side) with self-attention
+    attention_levels: tuple[int, ...] | None = None  # levels with self-attention, 0 = full size (None: see above)
+    attention_resolutions: tuple[int, ...] | None = None  # the same places as feature-map sizes (shorter side)
     dropout: float = 0.1
     norm_groups: int = 32                         # GroupNorm groups (the paper: 32)
     attention_heads: int = 1                      # the paper uses one head
     out_channels: int | None = None               # defaults to ``channels`` (2C: with a learned variance)
     in_channels: int | None = None                # defaults to ``channels`` (2C: [x_t, x0_prev], self-conditioning)
     num_classes: int | None = None                # class-conditional with this many classes; None: unconditional
+    class_names: tuple[str, ...] | None = None    # the name of each class (label k: class_names[k]); None: unnamed
     norm_eps: float = 1e-5                        # GroupNorm epsilon (the paper's TensorFlow code: 1e-6)
     downsample_padding: str = "symmetric"         # symmetric: one zero row/column on each side of the stride-2
                                                   # conv; same: TensorFlow's SAME, one after and none before
@@ -64,13 +101,16 @@ class UnetConfig:
 
     def __post_init__(self) -> None:
         size = self.image_size
-        self.image_size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        if size is not None:
+            self.image_size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
         self.dim_mults = tuple(int(m) for m in self.dim_mults)
-        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        if self.class_names is not None and not isinstance(self.class_names, (str, bytes)):
+            self.class_names = tuple(self.class_names)
         self.validate()
+        self.attention_levels, self.attention_resolutions = self._resolve_attention()
 
     def validate(self) -> None:
-        if len(self.image_size) != 2 or min(self.image_size) < 1:
+        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
             raise ConfigError(f"image_size must be a positive int or (H, W), got {self.image_size}")
         if self.channels < 1:
             raise ConfigError(f"channels must be >= 1, got {self.channels}")
@@ -87,6 +127,13 @@ class UnetConfig:
         k = self.num_classes
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ConfigError(f"num_classes must be a positive integer or None, got {self.num_classes!r}")
+        names = self.class_names
+        if names is not None:
+            if not (isinstance(names, tuple) and all(isinstance(n, str) and n.strip() for n in names)
+                    and len(set(names)) == len(names)):
+                raise ConfigError(f"class_names must be distinct non-empty strings, got {names!r}")
+            if len(names) != k:
+                raise ConfigError(f"class_names name {len(names)} classes, but num_classes is {k}")
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be a positive number, got {self.norm_eps!r}")
         if self.downsample_padding not in DOWNSAMPLE_PADDINGS:
@@ -112,15 +159,53 @@ class UnetConfig:
                 raise ConfigError(f"channel count {c} is not divisible by attention_heads={self.attention_heads}")
             if d is not None and c % d:
                 raise ConfigError(f"channel count {c} is not divisible by attention_head_dim={d}")
-        factor = 2 ** (len(self.dim_mults) - 1)
-        h, w = self.image_size
-        if h % factor or w % factor:
-            raise ConfigError(f"image size {h}x{w} must be divisible by {factor} "
-                              f"for {len(self.dim_mults)} resolution levels")
-        levels = {min(h, w) // 2 ** i for i in range(len(self.dim_mults))}
-        unknown = [r for r in self.attention_resolutions if r not in levels]
-        if unknown:
-            raise ConfigError(f"attention_resolutions {unknown} match no level; the levels are {sorted(levels)}")
+        if self.image_size is not None:
+            check_image_size(self.image_size, len(self.dim_mults))
+
+    @property
+    def downsample_factor(self) -> int:
+        """2^(levels - 1): image height and width must be multiples of it."""
+        return 2 ** (len(self.dim_mults) - 1)
+
+    def feature_map_sizes(self, image_size: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """(H, W) of the feature maps at each level, for ``image_size`` (default: the config's)."""
+        size = image_size if image_size is not None else self.image_size
+        if size is None:
+            raise ConfigError("this model's image size is open; give one to resolve its feature-map sizes")
+        h, w = check_image_size(size, len(self.dim_mults))
+        return [(h // 2 ** i, w // 2 ** i) for i in range(len(self.dim_mults))]
+
+    def _resolve_attention(self) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+        """(attention_levels, attention_resolutions) from whichever was given; given both, they must agree."""
+        levels = _levels_tuple(self.attention_levels, "attention_levels")
+        sizes = _levels_tuple(self.attention_resolutions, "attention_resolutions")
+        count = len(self.dim_mults)
+        if levels is None and sizes is None:
+            levels = (1,) if count > 1 else ()
+        if levels is not None:
+            missing = [level for level in levels if not 0 <= level < count]
+            if missing:
+                raise ConfigError(f"attention_levels {missing} do not exist: a network with {count} level(s) "
+                                  f"has levels 0..{count - 1}, counted from the full image size")
+            if len(set(levels)) != len(levels):
+                raise ConfigError(f"attention_levels {list(levels)} name a level twice")
+            levels = tuple(sorted(levels))
+        if sizes is not None:
+            if self.image_size is None:
+                raise ConfigError("attention_resolutions are feature-map sizes, which need an image_size; "
+                                  "give attention_levels for a model whose image size is open")
+            shorter = [min(size) for size in self.feature_map_sizes()]
+            unknown = [r for r in sizes if r not in shorter]
+            if unknown:
+                raise ConfigError(f"attention_resolutions {unknown} match no level; the levels are {sorted(shorter)}")
+            by_size = tuple(sorted({shorter.index(r) for r in sizes}))
+            if levels is not None and by_size != levels:
+                raise ConfigError(f"attention_levels {list(levels)} and attention_resolutions {list(sizes)} disagree: "
+                                  f"at {_format_hw(self.image_size)} the levels' sizes are {shorter}; give one of them")
+            levels = by_size
+        if self.image_size is None:
+            return levels, None
+        return levels, tuple(min(self.feature_map_sizes()[level]) for level in levels)
 
     def heads(self, ch: int) -> int:
         """Attention heads of a layer with ``ch`` channels."""
@@ -276,7 +361,8 @@ class Upsample(nn.Module):
 class Unet(nn.Module):
     """The paper's U-Net. ``Unet(dim=64, dim_mults=(1, 2), image_size=16, channels=1, ...)``
     takes the fields of :class:`UnetConfig` as keywords; ``Unet.from_preset(name)`` builds a
-    named preset (see :mod:`ddpm.models.presets`).
+    named preset (see :mod:`ddpm.models.presets`). Its weights do not depend on the image
+    size: it runs on any height and width that are multiples of ``downsample_factor``.
 
     ``forward(x_t, t, y=None)`` takes x_t of shape [B, in_channels (default C), H, W] and 0-based timestep indices ``t``
     (LongTensor [B]) and returns a tensor of shape [B, out_channels, H, W]. A class-conditional
@@ -291,7 +377,8 @@ class Unet(nn.Module):
         elif kwargs:
             raise TypeError("pass either a UnetConfig or keyword options, not both")
         self.config = cfg = config
-        self.image_size, self.channels = cfg.image_size, cfg.channels
+        self.image_size, self.channels = cfg.image_size, cfg.channels   # image_size None: any downsample-able size
+        self.downsample_factor = cfg.downsample_factor
         self.in_channels = cfg.in_channels or cfg.channels
         ch, emb_dim, groups, eps = cfg.dim, cfg.dim * 4, cfg.norm_groups, cfg.norm_eps
         out_channels = cfg.out_channels or cfg.channels
@@ -302,7 +389,6 @@ class Unet(nn.Module):
             self.class_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(self.in_channels, ch, 3, padding=1)
 
-        res = min(cfg.image_size)
         skip_chs = [ch]
         self.down = nn.ModuleList()
         cur = ch
@@ -310,14 +396,13 @@ class Unet(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, groups, eps)]
                 cur = ch * mult
-                if res in cfg.attention_resolutions:
+                if level in cfg.attention_levels:
                     blocks.append(AttentionBlock(cur, groups, cfg.heads(cur), eps))
                 self.down.append(nn.ModuleList(blocks))
                 skip_chs.append(cur)
             if level != len(cfg.dim_mults) - 1:
                 self.down.append(nn.ModuleList([Downsample(cur, cfg.downsample_padding)]))
                 skip_chs.append(cur)
-                res //= 2
 
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps),
                                   AttentionBlock(cur, groups, cfg.heads(cur), eps),
@@ -328,12 +413,11 @@ class Unet(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, emb_dim, cfg.dropout, groups, eps)]
                 cur = ch * mult
-                if res in cfg.attention_resolutions:
+                if level in cfg.attention_levels:
                     blocks.append(AttentionBlock(cur, groups, cfg.heads(cur), eps))
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
                 self.up.append(nn.ModuleList([Upsample(cur)]))
-                res *= 2
 
         self.gradient_checkpointing = False     # recompute residual blocks in the backward pass
         self.norm_out = nn.GroupNorm(groups, cur, eps=eps)
@@ -373,6 +457,9 @@ class Unet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape [B, {self.in_channels}, H, W], got {list(x.shape)}")
+        if x.shape[2] % self.downsample_factor or x.shape[3] % self.downsample_factor:
+            raise ValueError(f"x is {x.shape[2]}x{x.shape[3]}; this network's height and width must be "
+                             f"multiples of {self.downsample_factor}")
         emb = self.time_mlp(timestep_embedding(t, self.config.dim, flip_sin_to_cos=self.config.flip_sin_to_cos,
                                                freq_shift=self.config.freq_shift).to(x.dtype))
         if self.num_classes is not None:

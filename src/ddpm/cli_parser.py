@@ -93,6 +93,19 @@ _timesteps = _number(int, lambda v: 2 <= v <= 100_000, "an integer T from 2 to 1
 _seed = _number(int, lambda v: 0 <= v < 2 ** 63, "an integer seed from 0 to 2^63 - 1")
 
 
+def _add_model_size(g) -> None:
+    """The U-Net's width and depth, over the preset's: --dim, --dim-mults, --num-res-blocks, attention."""
+    g.add_argument("--dim", type=_positive_int, help="the U-Net's base channel count (the preset's by default)")
+    g.add_argument("--dim-mults", type=_positive_int, nargs="+", metavar="M",
+                   help="channel multiplier of each resolution level, e.g. 1 2 2 (one level each)")
+    g.add_argument("--num-res-blocks", type=_positive_int, help="residual blocks per level")
+    g.add_argument("--attention-levels", type=int, nargs="*", metavar="L",
+                   help="levels with self-attention, counted from the top (0 = the full image size); "
+                        "none given: no attention but the middle's")
+    g.add_argument("--attention-resolutions", type=_positive_int, nargs="*", metavar="R",
+                   help="the same places by feature-map size (shorter side), as older configurations name them")
+
+
 def _add_train(sub) -> None:
     from .models import PRESETS
     from .schedules import SCHEDULES
@@ -116,15 +129,7 @@ def _add_train(sub) -> None:
                    help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
                         "fashion-mnist, cifar10 for cifar10; for a folder or .npz, chosen from the image size "
                         "and count, and printed)")
-    g.add_argument("--dim", type=_positive_int, help="the U-Net's base channel count (the preset's by default)")
-    g.add_argument("--dim-mults", type=_positive_int, nargs="+", metavar="M",
-                   help="channel multiplier of each resolution level, e.g. 1 2 2 (one level each)")
-    g.add_argument("--num-res-blocks", type=_positive_int, help="residual blocks per level")
-    g.add_argument("--attention-levels", type=int, nargs="*", metavar="L",
-                   help="levels with self-attention, counted from the top (0 = the full image size); "
-                        "none given: no attention but the middle's")
-    g.add_argument("--attention-resolutions", type=_positive_int, nargs="*", metavar="R",
-                   help="the same places by feature-map size (shorter side), as older configurations name them")
+    _add_model_size(g)
     g.add_argument("--timesteps", type=_timesteps, help="T (default 1000)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")

@@ -35,6 +35,7 @@ from .diffusion import from_model_range, to_model_range
 from .errors import ConfigError, DataError
 from .precision import autocast
 from .denoiser import Denoiser
+from .samplers import _draw  # the samplers' own noise check
 from .samplers import (DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, ancestral_step, batch_noise, ddim_invert,
                        sample_ddim, transitions)
 from .schedules import NoiseSchedule
@@ -128,15 +129,6 @@ def _as_keep(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _noised(x0: torch.Tensor, alpha_bar: float, z: torch.Tensor) -> torch.Tensor:
     """A draw of q(x_t | x_0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I)  (Eq. 4)."""
     return math.sqrt(alpha_bar) * x0 + math.sqrt(1.0 - alpha_bar) * z
-
-
-def _draw(noise: NoiseSource | None, x: torch.Tensor) -> torch.Tensor:
-    if noise is None:
-        raise ConfigError("this method is stochastic: pass noise=, a function returning standard normal noise")
-    z = noise()
-    if z.shape != x.shape:
-        raise ConfigError(f"noise() returned shape {tuple(z.shape)}, expected {tuple(x.shape)}")
-    return z.to(device=x.device, dtype=x.dtype)
 
 
 # ----------------------------------------------------------------------------- RePaint (Lugmayr et al. 2022)

@@ -305,7 +305,6 @@ CASES = [
     # --- train: data and output paths -------------------------------------------------------------
     Case("train-data-missing-folder", "train --data {base}/no-such-folder --preset digits --out {base}/o", 3),
     Case("train-mnist-without-files", "train --data mnist --data-root {base}/no-such-root --out {base}/o", 3),
-    Case("train-own-data-without-preset", "train --data {f}/big-images.npz --out {base}/o", 2, "--preset"),
     Case("train-out-is-a-file", "train " + TINY + " --out {f}/a-file", 2, "not a directory"),
     Case("train-out-below-a-file", "train " + TINY + " --out {f}/a-file/run", 2, "a-file"),
     Case("train-out-not-empty", "train " + TINY + " --out {run}", 2, "not empty"),

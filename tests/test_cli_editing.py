@@ -234,7 +234,7 @@ def test_class_errors(run_dir, conditional_run, tmp_path, capsys):
         assert "unconditional" in one_line_error(capsys, [*command, "--checkpoint", str(run_dir), "--class", "1", *out])
     base = ["inpaint", "--checkpoint", str(conditional_run), "--image", "digits:0", "digits:1", "--mask", "center",
             "--out", str(tmp_path / "e"), *REPAINT_FAST]
-    assert "holds no class names" in one_line_error(capsys, [*base, "--class", "seven"])
+    assert "not a class index or name" in one_line_error(capsys, [*base, "--class", "seven"])
     assert "out of range" in one_line_error(capsys, [*base, "--class", "12"])
     assert "one per --image" in one_line_error(capsys, [*base, "--class", "1", "2", "3"])
 

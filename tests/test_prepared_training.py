@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ddpm import prepared

@@ -165,7 +165,7 @@ def _samples(config: EvalConfig, diffusion, labels, guidance) -> np.ndarray | No
     if unknown:
         raise ConfigError(f"this version cannot sample with --{', --'.join(unknown)}")
     if config.n < distributed.world_size():
-        raise ConfigError(f"--n {config.n} is fewer than the {distributed.world_size()} processes")
+        raise ConfigError(f"--num-images {config.n} is fewer than the {distributed.world_size()} processes")
     # Each process generates a contiguous range of the indices; rank 0 gathers them.
     lo, hi = distributed.shard_range(config.n)
     images = generate(diffusion, hi - lo, batch_size=config.batch_size, seed=config.seed, start_index=lo,

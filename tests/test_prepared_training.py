@@ -125,7 +125,7 @@ def test_a_run_on_a_prepared_dataset_interrupted_halfway_resumes_bit_identically
     """8 steps of 2 x 4 images (five epochs of 40 images, with flips and dropout) in one go, and
     stopped by SIGINT after step 4 then resumed from that checkpoint: the same bits."""
     common = ["train", "--data", str(numbered), "--preset", "digits", "--steps", "8", "--batch-size", "4",
-              "--grad-accum", "2", "--timesteps", "50", "--num-samples", "2", "--log-every", "1", "--hflip",
+              "--grad-accum", "2", "--timesteps", "50", "--num-images", "2", "--log-every", "1", "--hflip",
               "--dropout", "0.1", "--checkpoint-every", "100", "--precision", "fp32", "--device", "cpu", "--quiet"]
     with no_sample_grids():
         assert main([*common, "--out", str(tmp_path / "straight")]) == 0

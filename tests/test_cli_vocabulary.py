@@ -301,9 +301,12 @@ def test_eval_samples_by_the_same_rule(student, plain, spy, tmp_path):
     library's :func:`~ddpm.generate.generate`, through which eval samples, for the rest of the table."""
     from ddpm.generate import generate, load_diffusion
 
+    results = tmp_path / "eval.json"
     assert main(["eval", "--checkpoint", str(plain), "--data", "digits", "--metric", "fast", "--num-images", "2",
-                 "--sampler", "ddim", "--quiet", "--cache-dir", str(tmp_path)]) == 0
+                 "--sampler", "ddim", "--quiet", "--cache-dir", str(tmp_path), "--out", str(results)]) == 0
     assert [(name, len(ts)) for name, ts in spy] == [("ddim", 50)]
+    assert json.loads(results.read_text())["sampling"] == {"sampler": "ddim", "steps": 50, "sampler_from": "flag",
+                                                          "steps_from": "default"}
     for checkpoint, sampler, expected in ((student, None, ("ddim", 4)), (plain, "dpm-solver++", ("dpm-solver++", 20)),
                                           (plain, None, ("ddpm", 50)), (plain, "ddpm", ("ddpm", T))):
         spy.clear()

@@ -58,7 +58,7 @@ def scripted(monkeypatch):
         return Scripted(metric, state.values)
 
     monkeypatch.setattr(training.TrainingEvaluator, "build", staticmethod(build))
-    monkeypatch.setattr(ddpm.train, "_tensorboard", lambda run_dir, purge_step=None: state.board)
+    monkeypatch.setattr(ddpm.train, "_tensorboard", lambda run_dir, **options: state.board)
     monkeypatch.setattr(ddpm.train, "generate", lambda diffusion, n, **kw: np.zeros((n, 8, 8, 1), np.uint8))
     return state
 

@@ -5,6 +5,7 @@ event files."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
@@ -19,8 +20,8 @@ import ddpm.train
 from ddpm.cli import main
 from ddpm.images import side_by_side
 
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                       reason="tensorboard (the tensorboard extra) is not installed")
 
 # A tiny U-Net (dim 8, two levels) on the 8x8 digits, 4 steps: a sample grid at steps 2 and 4.
 TINY = ["--steps", "4", "--batch-size", "4", "--timesteps", "25", "--num-samples", "2", "--dim", "8",
@@ -37,8 +38,10 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-def events(run_dir: Path) -> EventAccumulator:
+def events(run_dir: Path):
     """Every event of RUN_DIR/tensorboard as TensorBoard shows them (nothing sampled away, purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     return acc
@@ -53,6 +56,7 @@ def decoded(image_event) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+@needs_tensorboard
 def test_scalars_are_the_grouped_tags_with_the_values_of_metrics_jsonl(run_dir):
     acc = events(run_dir)
     assert set(acc.Tags()["scalars"]) == SCALARS                  # grouped, and no flat key left over
@@ -67,6 +71,7 @@ def test_scalars_are_the_grouped_tags_with_the_values_of_metrics_jsonl(run_dir):
             assert logged[step] == pytest.approx(expected[step], rel=1e-6), (tag, step)
 
 
+@needs_tensorboard
 def test_the_ema_and_raw_grids_are_logged_at_each_sample_step(run_dir):
     acc = events(run_dir)
     assert set(acc.Tags()["images"]) == {"samples/ema", "samples/raw"}
@@ -84,6 +89,7 @@ def test_the_ema_and_raw_grids_are_logged_at_each_sample_step(run_dir):
     assert [e.step for e in acc.Images("samples/ema")] == [2, 4]
 
 
+@needs_tensorboard
 def test_the_resolved_config_is_logged_once_as_a_json_code_block(run_dir):
     acc = events(run_dir)
     assert acc.Tags()["tensors"] == ["config/text_summary"]       # add_text's tag for "config"
@@ -94,6 +100,7 @@ def test_the_resolved_config_is_logged_once_as_a_json_code_block(run_dir):
     assert event.step == 1
 
 
+@needs_tensorboard
 def test_a_resumed_run_appends_and_shows_each_step_once(run_dir, tmp_path):
     """Work lost after the step-2 checkpoint (steps 3 and 4 were logged) is done again: TensorBoard shows
     the new steps 3 and 4, not both lives of them."""
@@ -116,16 +123,19 @@ def test_a_resumed_run_appends_and_shows_each_step_once(run_dir, tmp_path):
 
 
 def test_without_tensorboard_a_run_writes_no_event_files_and_says_so_once(tmp_path, monkeypatch, capsys):
+    """One note among the run's log lines; --quiet silences it like the others."""
     for name in ("tensorboard", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)            # import fails as if not installed
-    ddpm.train._note_no_tensorboard.cache_clear()
-    out = tmp_path / "run"
-    try:
-        assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
-    finally:
+    for flags, expected in (([], 1), (["--quiet"], 0)):
         ddpm.train._note_no_tensorboard.cache_clear()
-    notes = [line for line in capsys.readouterr().err.splitlines() if "tensorboard" in line.lower()]
-    assert notes == ["ddpm: note: tensorboard is not installed, so no TensorBoard log is written "
-                     "(pip install 'ddpm[tensorboard]'); metrics.jsonl has every metric"]
-    assert not list(out.rglob("events.out.tfevents.*")) and (out / "samples.png").is_file()
-    assert [row["step"] for row in metrics_rows(out)] == [1, 2]
+        out = tmp_path / f"run{expected}"
+        try:
+            assert main(["train", *[a for a in TINY if a != "--quiet"], *flags, "--steps", "2", "--out", str(out)]) == 0
+        finally:
+            ddpm.train._note_no_tensorboard.cache_clear()
+        err = capsys.readouterr().err.splitlines()
+        notes = [line for line in err if line.startswith("ddpm: note:")]
+        assert notes == ["ddpm: note: tensorboard is not installed, so no TensorBoard log is written "
+                         "(pip install 'ddpm[tensorboard]'); metrics.jsonl has every metric"] * expected, err
+        assert not list(out.rglob("events.out.tfevents.*")) and (out / "samples.png").is_file()
+        assert [row["step"] for row in metrics_rows(out)] == [1, 2]

@@ -374,17 +374,16 @@ def _note_no_tensorboard(reason: str) -> None:
           "metrics.jsonl has every metric", file=sys.stderr)
 
 
-def _tensorboard(run_dir: Path, purge_step: int | None = None):
-    """A TensorBoard writer on ``RUN_DIR/tensorboard``, or None (after a one-line note) without the
-    tensorboard package. ``purge_step``: TensorBoard hides the events an earlier process logged at
-    that step and later (the work a resumed run lost and does again), so no step shows twice."""
+def _tensorboard(run_dir: Path, purge_step: int | None = None, note: bool = True):
+    """A TensorBoard writer on ``RUN_DIR/tensorboard``, or None without the tensorboard package (after
+    a one-line note with ``note``). ``purge_step``: TensorBoard hides the events an earlier process
+    logged at that step and later (the work a resumed run lost and does again), so no step shows twice."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        _note_no_tensorboard("tensorboard is not installed")
-        return None
-    except Exception as exc:      # installed but broken (e.g. a protobuf it cannot use): the JSONL log has all
-        _note_no_tensorboard(f"tensorboard could not be loaded ({type(exc).__name__}: {exc})")
+    except Exception as exc:      # missing, or installed but broken (a protobuf it cannot use): the JSONL has all
+        if note:
+            _note_no_tensorboard("tensorboard is not installed" if isinstance(exc, ImportError) else
+                                 f"tensorboard could not be loaded ({type(exc).__name__}: {exc})")
         return None
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
@@ -417,7 +416,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
 
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
-    (EMA and raw weights side by side); the final grid is also copied to ``samples.png``.
+    (EMA and raw weights side by side); the final grid is also copied to ``samples.png``. With the
+    tensorboard package, ``tensorboard/`` holds the same metrics, the grids and the config
+    (docs/tensorboard.md); without it, one note says so (unless ``progress`` is off).
     With ``resume`` it continues from the newest checkpoint in ``run_dir`` that verifies. A precision
     of ``"auto"`` becomes the one :func:`ddpm.precision.resolve_precision` picks on this device,
     printed once (with ``progress``) and recorded in ``config.json`` and every checkpoint. ``stop``:
@@ -710,14 +711,14 @@ class _Log:
 
     def __init__(self, run: _Run, progress: bool):
         main = run.main
+        self.progress = progress and main
         self.metrics_file = open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
         # This process logs from step S + 1 on (S = 0 fresh, or the checkpoint's step): anything an
         # earlier process logged there is hidden, as metrics.jsonl dropped it (_truncate_metrics).
         first = run.counters.step + 1
-        self.board = _tensorboard(run.run_dir, purge_step=first) if main else None
+        self.board = _tensorboard(run.run_dir, purge_step=first, note=self.progress) if main else None
         if self.board:
             self.board.add_text("config", _config_markdown(run.config), first)
-        self.progress = progress and main
         self.interactive = self.progress and sys.stderr.isatty()
         self.bar = tqdm(total=run.tc.steps, initial=run.counters.step, desc="training", unit="step",
                         disable=not self.interactive, dynamic_ncols=True)

@@ -76,7 +76,16 @@ def test_inpaint_writes_results_and_keeps_the_known_pixels_exactly(run_dir, tmp_
     record = json.loads((out / "record.json").read_text())
     assert record["method"] == ("repaint" if method is REPAINT_FAST else "replacement")
     assert record["unknown_pixels"] == 32 and record["n"] == 2
-    assert Image.open(out / "grid.png").size == (2 + 2 * 66, 2 + 4 * 66)   # rows: inputs, masked, 2 results
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape[:2] == (2 + 4 * 66, 2 + 2 * 66)                       # rows: inputs, masked, 2 results
+    assert r["image_index"].tolist() == [0, 0, 1, 1]
+    masked = np.where(keep[None, :, :, None], digits(0, 5), 128)
+    for c in range(2):                                                      # a column per input image
+        cells = [grid[2 + row * 66:66 + row * 66:8, 2 + c * 66:66 + c * 66:8] for row in range(4)]
+        np.testing.assert_array_equal(cells[0], digits(0, 5)[c, ..., 0])
+        np.testing.assert_array_equal(cells[1], masked[c, ..., 0])
+        for j in range(2):
+            np.testing.assert_array_equal(cells[2 + j], r["images"][2 * c + j, ..., 0])
 
 
 def test_resampling_reaches_repaint(run_dir, tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import ddpm
 from ddpm.cli import main
-from ddpm.data import load_dataset
+from ddpm.data import load_dataset, to_uint8
 from ddpm.generate import (interpolate, load_diffusion, load_image, progressive_frames, progressive_grid,
                            sampling_options)
 from ddpm.samplers import DEFAULT_SAMPLING
@@ -130,7 +130,14 @@ def test_interpolate_reads_image_files_of_any_size_and_mode(run_dir, tmp_path):
     assert main(["interpolate", "--checkpoint", str(run_dir), "--image-a", str(tmp_path / "a.png"),
                  "--image-b", str(tmp_path / "b.png"), "--method", "slerp", "--sampler", "dpm-solver++",
                  "--steps", "5", "--out", str(out)]) == 0
-    assert Image.open(out / "interpolation.png").size == (10 * CELL + 2, CELL + 2)
+    row = np.asarray(Image.open(out / "interpolation.png"))
+    assert row.shape == (CELL + 2, 10 * CELL + 2)
+    tiles = [row[2:CELL, 2 + k * CELL:k * CELL + CELL][::8, ::8] for k in range(10)]   # A, 8 interpolants, B
+    for k, spec in ((0, "a.png"), (9, "b.png")):
+        np.testing.assert_array_equal(tiles[k], to_uint8(load_image(str(tmp_path / spec), (8, 8), 1)[None])[0, ..., 0])
+    with np.load(out / "interpolation.npz") as f:
+        for k, image in enumerate(f["images"]):
+            np.testing.assert_array_equal(tiles[1 + k], image[..., 0])
 
 
 @pytest.mark.parametrize("argv,phrase", [

@@ -24,6 +24,15 @@ class FakeBoard:
     def add_scalar(self, tag, value, step):
         self.scalars.append((tag, value, step))
 
+    def add_text(self, tag, text, step):
+        pass
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        pass
+
+    def flush(self):
+        pass
+
     def close(self):
         pass
 
@@ -49,7 +58,7 @@ def scripted(monkeypatch):
         return Scripted(metric, state.values)
 
     monkeypatch.setattr(training.TrainingEvaluator, "build", staticmethod(build))
-    monkeypatch.setattr(ddpm.train, "_tensorboard", lambda run_dir: state.board)
+    monkeypatch.setattr(ddpm.train, "_tensorboard", lambda run_dir, **options: state.board)
     monkeypatch.setattr(ddpm.train, "generate", lambda diffusion, n, **kw: np.zeros((n, 8, 8, 1), np.uint8))
     return state
 

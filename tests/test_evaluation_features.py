@@ -89,7 +89,17 @@ def test_eval_fast_and_pr_on_samples_writes_json(tmp_path, capsys):
     assert results["n_samples"] == 60 and results["n_reference"] == 297
     # Training images against the test split: mostly inside each other's manifold (blank images score 0, 0).
     assert results["precision"] > 0.5 and results["recall"] > 0.5, results
-    assert (tmp_path / "nn.png").exists()
+    # The samples are training images: each row is a sample, then itself as its nearest neighbour.
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "nn.png").convert("L"))
+    cell = 8 * 8 + 2                                     # 8x8 digits shown 8x larger, 2 px padding
+    assert grid.shape == (16 * cell + 2, 4 * cell + 2)   # the first 16 samples, each with 3 neighbours
+    train = load_dataset("digits", split="train").images[:16, ..., 0]
+    for r in range(16):
+        for c in (0, 1):
+            y, x = 2 + r * cell, 2 + c * cell
+            np.testing.assert_array_equal(grid[y:y + 64:8, x:x + 64:8], train[r], err_msg=f"row {r}, column {c}")
     assert "fast_fid" in capsys.readouterr().out
 
 

@@ -219,7 +219,7 @@ def test_checkpoint_holds_weights_ema_optimizer_and_the_full_config(base_run):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(np.isfinite(m["loss"]) for m in metrics)
-    assert (run_dir / "samples.png").is_file()
+    assert (run_dir / "samples.png").read_bytes() == (run_dir / "samples" / "step-0000003.png").read_bytes()
 
 
 _ORIGINAL_LOSSES = SimpleLoss.losses

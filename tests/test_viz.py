@@ -346,7 +346,7 @@ def test_training_figure_and_grids_go_to_tensorboard_when_installed(run_dir, tmp
     assert main(["viz", "training", str(run_dir), "--out", str(out)]) == 0
     assert "also in TensorBoard" in capsys.readouterr().out
     assert logged[0][0] == "viz/training" and logged[0][2] == png(out).shape and logged[0][3] == "HWC"
-    assert [step for tag, step, *_ in logged if tag == "samples"] == [s for s, _ in viz.sample_grids(run_dir, 4)]
+    assert [step for tag, step, *_ in logged if tag == "viz/samples"] == [s for s, _ in viz.sample_grids(run_dir, 4)]
     assert all(entry[4] == str(run_dir / "tensorboard") for entry in logged) and closed == [True]
 
 

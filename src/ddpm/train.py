@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -359,13 +360,32 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _tensorboard(run_dir: Path):
-    """A TensorBoard writer when the tensorboard package is installed, else None."""
+# The TensorBoard tag of each metrics.jsonl key, grouped as TensorBoard shows them (the JSONL keys
+# stay as they are: other code reads them). elapsed_s is left out: every event carries its wall time.
+TENSORBOARD_TAGS = {"loss": "loss/train", **{f"loss_q{q}": f"loss/q{q}" for q in range(4)}, "lr": "lr",
+                    "grad_norm": "grad_norm", "images_per_s": "throughput/images_per_s",
+                    "bad_steps": "health/bad_steps", "scaler_skips": "health/scaler_skips"}
+
+
+@functools.cache
+def _note_no_tensorboard(reason: str) -> None:
+    """One line on stderr, once per process, instead of event files."""
+    print(f"ddpm: note: {reason}, so no TensorBoard log is written (pip install 'ddpm[tensorboard]'); "
+          "metrics.jsonl has every metric", file=sys.stderr)
+
+
+def _tensorboard(run_dir: Path, purge_step: int | None = None, note: bool = True):
+    """A TensorBoard writer on ``RUN_DIR/tensorboard``, or None without the tensorboard package (after
+    a one-line note with ``note``). ``purge_step``: TensorBoard hides the events an earlier process
+    logged at that step and later (the work a resumed run lost and does again), so no step shows twice."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except Exception:   # tensorboard missing or broken: the JSONL log has everything
+    except Exception as exc:      # missing, or installed but broken (a protobuf it cannot use): the JSONL has all
+        if note:
+            _note_no_tensorboard("tensorboard is not installed" if isinstance(exc, ImportError) else
+                                 f"tensorboard could not be loaded ({type(exc).__name__}: {exc})")
         return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def _draw_loss_curve(run_dir: Path) -> None:
@@ -396,7 +416,9 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
 
     The run directory receives ``config.json``, ``provenance.json``, ``metrics.jsonl``,
     ``loss.png``, ``checkpoints/step-NNNNNNN.safetensors`` and ``samples/step-NNNNNNN.png``
-    (EMA and raw weights side by side); the final grid is also copied to ``samples.png``.
+    (EMA and raw weights side by side); the final grid is also copied to ``samples.png``. With the
+    tensorboard package, ``tensorboard/`` holds the same metrics, the grids and the config
+    (docs/tensorboard.md); without it, one note says so (unless ``progress`` is off).
     With ``resume`` it continues from the newest checkpoint in ``run_dir`` that verifies. A precision
     of ``"auto"`` becomes the one :func:`ddpm.precision.resolve_precision` picks on this device,
     printed once (with ``progress``) and recorded in ``config.json`` and every checkpoint. ``stop``:
@@ -689,9 +711,14 @@ class _Log:
 
     def __init__(self, run: _Run, progress: bool):
         main = run.main
-        self.metrics_file = open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
-        self.board = _tensorboard(run.run_dir) if main else None
         self.progress = progress and main
+        self.metrics_file = open(run.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
+        # This process logs from step S + 1 on (S = 0 fresh, or the checkpoint's step): anything an
+        # earlier process logged there is hidden, as metrics.jsonl dropped it (_truncate_metrics).
+        first = run.counters.step + 1
+        self.board = _tensorboard(run.run_dir, purge_step=first, note=self.progress) if main else None
+        if self.board:
+            self.board.add_text("config", _config_markdown(run.config), first)
         self.interactive = self.progress and sys.stderr.isatty()
         self.bar = tqdm(total=run.tc.steps, initial=run.counters.step, desc="training", unit="step",
                         disable=not self.interactive, dynamic_ncols=True)
@@ -706,8 +733,13 @@ class _Log:
         self.metrics_file.flush()
         if self.board:
             for key, value in row.items():
-                if key != "step" and value is not None:
-                    self.board.add_scalar(key, value, step)
+                if key in TENSORBOARD_TAGS and value is not None:
+                    self.board.add_scalar(TENSORBOARD_TAGS[key], value, step)
+
+    def flush(self) -> None:
+        """Events on disk up to now (with each checkpoint: a crash loses no more than the checkpoint does)."""
+        if self.board:
+            self.board.flush()
 
     def close(self) -> None:
         self.bar.close()
@@ -740,12 +772,13 @@ def _bookkeeping(run: _Run, log: _Log, batch: _Batch, per_sample: torch.Tensor, 
         with distributed.agree("saving a checkpoint"):        # the others wait for rank 0's save
             if run.main:
                 log.last_ckpt = _save(run, done)
+                log.flush()
     if outcome.signum is not None:
         name = signal.Signals(outcome.signum).name
         raise TrainingInterrupted(f"{name} received: stopped after step {done} and saved {log.last_ckpt}; "
                                   f"continue with: ddpm train --resume {run.run_dir}", 128 + outcome.signum)
     if run.main and ((tc.sample_every and done % tc.sample_every == 0) or final_step):
-        log.grid = _sample_grid(run, done)
+        log.grid = _sample_grid(run, done, log.board)
     if run.main and log.evaluator is not None and (done % tc.eval_every == 0 or final_step):
         _evaluate(run, log, done)
     return outcome.time_up
@@ -774,8 +807,9 @@ def _checkpoint_state(run: _Run, step: int) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _sample_grid(run: _Run, step: int) -> Path:
-    """EMA and raw weights side by side, from one fixed seed (a generator of its own).
+def _sample_grid(run: _Run, step: int, board=None) -> Path:
+    """EMA and raw weights side by side, from one fixed seed (a generator of its own); with a
+    TensorBoard ``board`` each grid is also logged as an image (``samples/ema``, ``samples/raw``).
     A class-conditional model gives each class whole rows (:func:`ddpm.images.class_grid_layout`),
     labelled with its name, with guidance."""
     tc, config = run.tc, run.config
@@ -790,7 +824,16 @@ def _sample_grid(run: _Run, step: int) -> Path:
              for d in (run.ema_diffusion, run.diffusion.eval())]
     if rows:
         grids = [label_rows(grid, rows) for grid in grids]
+    if board:
+        for name, grid in zip(("ema", "raw"), grids):
+            rgb = np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid
+            board.add_image(f"samples/{name}", rgb, step, dataformats="HWC")
     return save_png(run.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
+
+
+def _config_markdown(config: RunConfig) -> str:
+    """The run's resolved config (as in config.json) as a Markdown code block, for TensorBoard's text tab."""
+    return "```json\n" + json.dumps(config.to_dict(), indent=2) + "\n```"
 
 
 def _evaluator(run: _Run):

@@ -335,8 +335,9 @@ def training_figure(path: str | os.PathLike, run_dir: str | os.PathLike, *, grid
 
 
 def training_to_tensorboard(run_dir: str | os.PathLike, figure: str | os.PathLike, *, grids: int = 4) -> bool:
-    """The same picture in TensorBoard: the figure and the run's sample grids as images in
-    ``RUN_DIR/tensorboard`` (where training logs its scalars). False when tensorboard is not installed.
+    """The same picture in TensorBoard: the figure (``viz/training``) and the grids it shows (``viz/samples``,
+    EMA and raw side by side, at their steps) as images in ``RUN_DIR/tensorboard``, where training logs.
+    False when tensorboard is not installed.
     """
     from PIL import Image
 
@@ -350,7 +351,7 @@ def training_to_tensorboard(run_dir: str | os.PathLike, figure: str | os.PathLik
             writer.add_image("viz/training", np.asarray(im.convert("RGB")), dataformats="HWC")
         for step, grid_path in sample_grids(run_dir, grids):
             with Image.open(grid_path) as im:
-                writer.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+                writer.add_image("viz/samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
     finally:
         writer.close()
     return True

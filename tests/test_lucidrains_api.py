@@ -239,7 +239,7 @@ def test_the_trainer_runs_the_projects_loop_and_its_run_samples_from_the_cli(fol
     assert trainer.ema.ema_model.sample(batch_size=2, progress=False).shape == (2, 3, 16, 16)
     trainer.load(1)                                                  # milestone 1 = step 1 x save_and_sample_every
     assert trainer.step == 2
-    assert main(["sample", "--checkpoint", str(tmp_path / "results"), "--n", "2", "--out", str(tmp_path / "s"),
+    assert main(["sample", "--checkpoint", str(tmp_path / "results"), "--num-images", "2", "--out", str(tmp_path / "s"),
                  "--quiet"]) == 0
     assert json.loads((tmp_path / "s" / "record.json").read_text())["sampler"] == "ddim"
 

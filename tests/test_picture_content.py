@@ -26,7 +26,7 @@ from ddpm.seeding import derive_seed
 pytest.importorskip("matplotlib")
 
 CELL = 8 * 8 + 2
-TINY = ["--steps", "3", "--batch-size", "4", "--timesteps", "25", "--num-samples", "2", "--dim", "8",
+TINY = ["--steps", "3", "--batch-size", "4", "--timesteps", "25", "--num-images", "2", "--dim", "8",
         "--dim-mults", "1", "2", "--log-every", "1", "--sample-every", "1", "--precision", "fp32", "--device", "cpu",
         "--quiet"]
 
@@ -85,7 +85,7 @@ def test_viz_reverse_rows_hold_what_their_labels_say(run_dir, tmp_path):
     from ddpm.generate import generate, load_diffusion, sampling_options
 
     out = tmp_path / "reverse.png"
-    assert main(["viz", "reverse", "--checkpoint", str(run_dir), "--n", "2", "--sampler", "ddim", "--steps", "4",
+    assert main(["viz", "reverse", "--checkpoint", str(run_dir), "--num-images", "2", "--sampler", "ddim", "--steps", "4",
                  "--frames", "3", "--seed", "5", "--device", "cpu", "--out", str(out)]) == 0
     diffusion, _ = load_diffusion(run_dir)
     final = generate(diffusion, 2, seed=5, sampling=sampling_options("ddim", 4), progress=False)
@@ -94,7 +94,7 @@ def test_viz_reverse_rows_hold_what_their_labels_say(run_dir, tmp_path):
 
 def test_sample_progressive_rows_hold_what_their_labels_say(run_dir, tmp_path):
     out = tmp_path / "s"
-    assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--steps", "6", "--progressive", "--seed", "3",
+    assert main(["sample", "--checkpoint", str(run_dir), "--num-images", "2", "--steps", "6", "--progressive", "--seed", "3",
                  "--quiet", "--device", "cpu", "--out", str(out)]) == 0        # the ancestral sampler
     with np.load(out / "samples.npz") as f:
         final = f["images"]

@@ -24,7 +24,7 @@ needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") i
                                        reason="tensorboard (the tensorboard extra) is not installed")
 
 # A tiny U-Net (dim 8, two levels) on the 8x8 digits, 4 steps: a sample grid at steps 2 and 4.
-TINY = ["--steps", "4", "--batch-size", "4", "--timesteps", "25", "--num-samples", "2", "--dim", "8",
+TINY = ["--steps", "4", "--batch-size", "4", "--timesteps", "25", "--num-images", "2", "--dim", "8",
         "--dim-mults", "1", "2", "--log-every", "1", "--sample-every", "2", "--checkpoint-every", "2",
         "--precision", "fp32", "--device", "cpu", "--quiet"]
 SCALARS = {"loss/train", "loss/q0", "loss/q1", "loss/q2", "loss/q3", "lr", "grad_norm",

@@ -27,7 +27,7 @@ TRAINING = (int(viz.TRAINING_FIGSIZE[0] * viz.DPI), int(viz.TRAINING_FIGSIZE[1] 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("viz") / "run"
-    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2",
+    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-images", "2",
                  "--log-every", "1", "--sample-every", "1", "--quiet", "--out", str(out)]) == 0
     return out
 
@@ -96,7 +96,7 @@ def test_forward_png_has_one_block_per_schedule(tmp_path):
     out = tmp_path / "forward.png"
     steps = ["0", "10", "49"]
     assert main(["viz", "forward", "--data", "digits", "--steps", *steps, "--timesteps", "50",
-                 "--schedules", "linear", "cosine", "--n", "3", "--out", str(out)]) == 0
+                 "--schedules", "linear", "cosine", "--num-images", "3", "--out", str(out)]) == 0
     image = png(out)
     cell = 8 * 8 + 2                                     # 8x8 digits shown at 8x, 2 px padding
     title = 14
@@ -180,7 +180,7 @@ def test_progressive_timesteps_are_those_the_sampler_visits(run_dir):
 @needs_mpl
 def test_reverse_png_is_the_labelled_progressive_grid(run_dir, tmp_path):
     out = tmp_path / "reverse.png"
-    assert main(["viz", "reverse", "--checkpoint", str(run_dir), "--n", "2", "--sampler", "ddim", "--steps", "4",
+    assert main(["viz", "reverse", "--checkpoint", str(run_dir), "--num-images", "2", "--sampler", "ddim", "--steps", "4",
                  "--frames", "3", "--device", "cpu", "--out", str(out)]) == 0
     cell = 8 * 8 + 2
     grid_h, grid_w = 2 * 2 * cell + 2, 3 * cell + 2                  # per image a row of x_t and one of x0_pred
@@ -196,7 +196,7 @@ def test_reverse_png_is_the_labelled_progressive_grid(run_dir, tmp_path):
 @needs_mpl
 def test_sample_progressive_is_labelled_too(run_dir, tmp_path):
     out = tmp_path / "s"
-    assert main(["sample", "--checkpoint", str(run_dir), "--n", "1", "--steps", "5", "--progressive", "--quiet",
+    assert main(["sample", "--checkpoint", str(run_dir), "--num-images", "1", "--steps", "5", "--progressive", "--quiet",
                  "--device", "cpu", "--out", str(out)]) == 0
     image = png(out / "progressive.png")
     assert (image[viz.HEADER_HEIGHT:, :viz.LABEL_WIDTH].min(axis=2) < 128).sum() > 100
@@ -375,7 +375,7 @@ def test_a_run_without_matplotlib_skips_loss_png_with_one_note(tmp_path, capsys,
     plots.note_missing_matplotlib.cache_clear()
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     out = tmp_path / "run"
-    assert main(["train", "--steps", "2", "--batch-size", "4", "--timesteps", "25", "--num-samples", "1",
+    assert main(["train", "--steps", "2", "--batch-size", "4", "--timesteps", "25", "--num-images", "1",
                  "--checkpoint-every", "1", "--log-every", "1", "--quiet", "--out", str(out)]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if "matplotlib" in line]
     assert notes == ["ddpm: note: matplotlib is not installed, so loss.png is skipped (pip install 'ddpm[viz]')"]

@@ -31,7 +31,7 @@ def free_port() -> int:
 def run(procs: int, threads: int, args, out: Path) -> dict:
     common = ["train", "--preset", args.preset, "--steps", str(args.steps), "--batch-size",
               str(args.global_batch // procs), "--log-every", str(args.log_every), "--checkpoint-every", "0",
-              "--num-samples", "4", "--device", "cpu", "--quiet", "--out", str(out)]
+              "--num-images", "4", "--device", "cpu", "--quiet", "--out", str(out)]
     if args.data:
         common += ["--data", args.data]
     if args.data_root:

@@ -59,7 +59,7 @@ def run(n_samples: int = 256, workdir: str | None = None, grid: str | None = Non
     work = Path(workdir or tempfile.mkdtemp(prefix="ddpm-main-job-"))
     run_dir, out = work / "run", work / "samples"
     train_s = ddpm_cli("train", "--out", str(run_dir))
-    sample_s = ddpm_cli("sample", "--checkpoint", str(run_dir), "--n", str(n_samples),
+    sample_s = ddpm_cli("sample", "--checkpoint", str(run_dir), "--num-images", str(n_samples),
                         "--batch-size", str(n_samples), "--out", str(out), "--quiet")
     samples = np.load(out / "samples.npz")["images"]
     clf = digits_classifier()

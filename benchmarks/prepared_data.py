@@ -171,7 +171,7 @@ def bench_rss(work: Path, sizes_mb: list[int], steps: int, batch_size: int) -> l
         write_synthetic_prepared(folder, num_images, 64)
         command = [sys.executable, "-m", "ddpm", "train", "--data", str(folder), "--preset", "mnist",
                    "--config", str(config), "--steps", str(steps), "--batch-size", str(batch_size),
-                   "--timesteps", "50", "--num-samples", "1", "--sample-every", "0", "--checkpoint-every", "0",
+                   "--timesteps", "50", "--num-images", "1", "--sample-every", "0", "--checkpoint-every", "0",
                    "--quiet", "--out", str(work / f"run-{megabytes}")]
         peak, seconds = peak_rss_anon(command)
         rows.append((megabytes, num_images, peak, seconds))

@@ -181,14 +181,14 @@ def run_ours(args) -> dict:
     ddpm = [sys.executable, "-m", "ddpm"]
     start = time.perf_counter()
     subprocess.run([*ddpm, "train", "--data", "mnist", "--data-root", args.data_root, "--preset", "mnist",
-                    "--batch-size", str(args.batch_size), *budget, "--checkpoint-every", "0", "--seed", str(args.seed), "--num-samples", "16",
+                    "--batch-size", str(args.batch_size), *budget, "--checkpoint-every", "0", "--seed", str(args.seed), "--num-images", "16",
                     "--precision", args.precision, "--out", str(run)], check=True, env=env)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
     steps = rows[-1]["step"]
     start = time.perf_counter()
-    subprocess.run([*ddpm, "sample", "--checkpoint", str(run), "--n", str(args.n), "--seed", str(args.seed + 1),
+    subprocess.run([*ddpm, "sample", "--checkpoint", str(run), "--num-images", str(args.n), "--seed", str(args.seed + 1),
                     "--batch-size", str(args.sample_batch), "--precision", args.precision, "--out",
                     str(out / f"{name}-samples")], check=True, env=env)
     sample_seconds = time.perf_counter() - start

@@ -2,7 +2,8 @@
 
 Each mutant replaces one exact snippet of a source file. It is applied to a temporary COPY of src/
 and tests/ (the working tree is never touched), and only the mutant's own test selection runs there
-(``pytest -x`` with a timeout, PYTHONPATH pointing at the copy). A mutant is
+(``pytest -x -n 0``, in one process so that a failure exits 1, with a timeout, PYTHONPATH pointing at
+the copy). A mutant is
 
 * caught    -- the tests failed (or timed out),
 * survived  -- the tests passed: a bug the suite is blind to,
@@ -245,7 +246,7 @@ def run_mutant(m: Mutant, work: Path, timeout: float) -> tuple[str, float]:
     env = {**os.environ, "PYTHONPATH": str(work / "src"), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.time()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *m.tests],
                               cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
         verdict = "survived" if proc.returncode == 0 else ("caught" if proc.returncode == 1 else f"error ({proc.returncode})")
         if proc.returncode not in (0, 1):

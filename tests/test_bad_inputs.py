@@ -31,7 +31,7 @@ from PIL import Image
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.cli import main
 
-TINY = "--steps 2 --batch-size 4 --timesteps 25 --num-samples 2 --checkpoint-every 2 --log-every 1 --quiet"
+TINY = "--steps 2 --batch-size 4 --timesteps 25 --num-images 2 --checkpoint-every 2 --log-every 1 --quiet"
 
 
 # ----------------------------------------------------------------------------- the world the cases run in
@@ -254,7 +254,7 @@ class Case:
     marks: list = field(default_factory=list)
 
 
-SAMPLE = "sample --n 2 --steps 2 --quiet"
+SAMPLE = "sample --num-images 2 --steps 2 --quiet"
 CASES = [
     # --- train: options out of bounds ------------------------------------------------------------
     Case("train-seed-negative", "train --seed -1 --out {base}/o", 2, "seed"),
@@ -353,7 +353,7 @@ CASES = [
     Case("sample-empty-run-dir", f"{SAMPLE} --checkpoint {{f}}/empty-run --out {{base}}/s", 4, "no checkpoints"),
     Case("sample-seed-negative", f"{SAMPLE} --checkpoint {{run}} --seed -1 --out {{base}}/s", 2, "seed"),
     Case("sample-seed-2e70", f"{SAMPLE} --checkpoint {{run}} --seed {2 ** 70} --out {{base}}/s", 2, "seed"),
-    Case("sample-steps-over-T", "sample --quiet --n 2 --steps 5000 --checkpoint {run} --out {base}/s", 2, "steps"),
+    Case("sample-steps-over-T", "sample --quiet --num-images 2 --steps 5000 --checkpoint {run} --out {base}/s", 2, "steps"),
     Case("sample-eta-two", f"{SAMPLE} --sampler ddim --eta 2 --checkpoint {{run}} --out {{base}}/s", 2, "eta"),
     Case("sample-eta-nan", f"{SAMPLE} --sampler ddim --eta nan --checkpoint {{run}} --out {{base}}/s", 2, "eta"),
     Case("sample-eta-with-ddpm", f"{SAMPLE} --sampler ddpm --eta 0.5 --checkpoint {{run}} --out {{base}}/s", 2, "eta"),
@@ -363,7 +363,7 @@ CASES = [
          "--class"),
     Case("sample-learned-variance-fixed-model", f"{SAMPLE} --sampler ddpm --variance learned-range "
          "--checkpoint {run} --out {base}/s", 2, "learned"),
-    Case("sample-n-zero", f"{SAMPLE} --n 0 --checkpoint {{run}} --out {{base}}/s", 2, "positive"),
+    Case("sample-n-zero", f"{SAMPLE} --num-images 0 --checkpoint {{run}} --out {{base}}/s", 2, "positive"),
     Case("sample-device-bogus", f"{SAMPLE} --device tpu --checkpoint {{run}} --out {{base}}/s", 2, "device"),
     Case("sample-out-is-a-file", f"{SAMPLE} --checkpoint {{run}} --out {{f}}/a-file", 2, "not a directory"),
     Case("sample-out-below-a-file", f"{SAMPLE} --checkpoint {{run}} --out {{f}}/a-file/s", 2, "a-file"),
@@ -372,7 +372,7 @@ CASES = [
          fault=_read_only("ro")),
     Case("sample-disk-full-on-grid", f"{SAMPLE} --checkpoint {{run}} --out {{base}}/s", 2, "grid.png",
          fault=_enospc_on("grid.png")),
-    Case("sample-disk-full-mid-png", f"{SAMPLE} --n 6 --png --checkpoint {{run}} --out {{base}}/s", 2,
+    Case("sample-disk-full-mid-png", f"{SAMPLE} --num-images 6 --png --checkpoint {{run}} --out {{base}}/s", 2,
          "No space left", fault=_enospc_after(4)),
     Case("sample-disk-full-on-record", f"{SAMPLE} --checkpoint {{run}} --out {{base}}/s", 2, "record.json",
          fault=_enospc_on("record.json")),
@@ -406,16 +406,16 @@ CASES = [
     Case("eval-bpd-without-checkpoint", "eval --metric bpd --samples {f}/big-images.npz --data digits", 2,
          "--checkpoint"),
     Case("eval-missing-samples", "eval --metric fast --samples {base}/nope.npz --data digits --quiet", 3),
-    Case("eval-nan-checkpoint", "eval --metric bpd --checkpoint {ck}/nan-ema.safetensors --data digits --n 2 --quiet",
+    Case("eval-nan-checkpoint", "eval --metric bpd --checkpoint {ck}/nan-ema.safetensors --data digits --num-images 2 --quiet",
          4, "non-finite"),
     Case("eval-seed-negative", "eval --metric bpd --checkpoint {run} --data digits --seed -1", 2, "seed"),
-    Case("eval-out-is-a-directory", "eval --metric bpd --checkpoint {run} --data digits --n 2 --quiet "
+    Case("eval-out-is-a-directory", "eval --metric bpd --checkpoint {run} --data digits --num-images 2 --quiet "
          "--out {f}/dir.png", 2, "dir.png"),
-    Case("eval-out-existing-file", "eval --metric bpd --checkpoint {run} --data digits --n 2 --quiet "
+    Case("eval-out-existing-file", "eval --metric bpd --checkpoint {run} --data digits --num-images 2 --quiet "
          "--out {f}/existing.json", 2, "--overwrite"),
-    Case("eval-bpd-other-image-size", "eval --metric bpd --checkpoint {run} --data {f}/big-images.npz --n 2 "
+    Case("eval-bpd-other-image-size", "eval --metric bpd --checkpoint {run} --data {f}/big-images.npz --num-images 2 "
          "--quiet", 3, "16x16 images, the model 8x8"),
-    Case("eval-disk-full-on-out", "eval --metric bpd --checkpoint {run} --data digits --n 2 --quiet "
+    Case("eval-disk-full-on-out", "eval --metric bpd --checkpoint {run} --data digits --num-images 2 --quiet "
          "--out {base}/e.json", 2, "e.json", fault=_enospc_on("e.json")),
     # --- viz --------------------------------------------------------------------------------------
     Case("viz-out-not-png", "viz schedule --out {base}/s.txt", 2, ".png"),

@@ -17,7 +17,7 @@ from ddpm.cli import main
 from ddpm.generate import generate, load_diffusion
 
 # A tiny but complete run: the digits data, the digits preset, T = 50.
-TINY = ["--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-samples", "4",
+TINY = ["--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-images", "4",
         "--checkpoint-every", "2", "--log-every", "2", "--quiet"]
 
 
@@ -66,7 +66,7 @@ def test_train_writes_a_complete_run_directory(trained_run):
 
 def test_sample_from_run_directory_writes_grid_and_npz(trained_run, tmp_path):
     out = tmp_path / "samples"
-    proc = run_cli("sample", "--checkpoint", str(trained_run), "--n", "5", "--batch-size", "3",
+    proc = run_cli("sample", "--checkpoint", str(trained_run), "--num-images", "5", "--batch-size", "3",
                    "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     with np.load(out / "samples.npz") as f:
@@ -81,9 +81,9 @@ def test_sample_from_run_directory_writes_grid_and_npz(trained_run, tmp_path):
 
 
 def test_sample_seed_changes_images(trained_run, tmp_path):
-    assert main(["sample", "--checkpoint", str(trained_run), "--n", "4", "--seed", "1",
+    assert main(["sample", "--checkpoint", str(trained_run), "--num-images", "4", "--seed", "1",
                  "--out", str(tmp_path / "a"), "--quiet"]) == 0
-    assert main(["sample", "--checkpoint", str(trained_run), "--n", "4", "--seed", "2",
+    assert main(["sample", "--checkpoint", str(trained_run), "--num-images", "4", "--seed", "2",
                  "--out", str(tmp_path / "b"), "--quiet"]) == 0
     a, b = (np.load(tmp_path / d / "samples.npz")["images"] for d in "ab")
     assert not np.array_equal(a, b)
@@ -178,9 +178,9 @@ def test_sample_does_not_overwrite_previous_samples(trained_run, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
     (out / "grid.png").write_bytes(b"old grid")
-    assert main(["sample", "--checkpoint", str(trained_run), "--n", "2", "--out", str(out), "--quiet"]) == 2
+    assert main(["sample", "--checkpoint", str(trained_run), "--num-images", "2", "--out", str(out), "--quiet"]) == 2
     assert (out / "grid.png").read_bytes() == b"old grid"
-    assert main(["sample", "--checkpoint", str(trained_run), "--n", "2", "--out", str(out), "--quiet",
+    assert main(["sample", "--checkpoint", str(trained_run), "--num-images", "2", "--out", str(out), "--quiet",
                  "--overwrite"]) == 0
     assert (out / "grid.png").read_bytes() != b"old grid"
 

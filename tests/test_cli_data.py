@@ -22,7 +22,7 @@ MNIST_ROOT = SHARED_DATA / "mnist"
 FASHION_ROOT = SHARED_DATA / "fashion-mnist"
 
 # Two optimizer steps of four images, T = 50, a grid of two samples.
-TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-samples", "2", "--quiet"]
+TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-images", "2", "--quiet"]
 
 
 def cli_error(capsys, *args: str) -> tuple[int, str]:
@@ -44,7 +44,7 @@ def read_config(run_dir: Path) -> dict:
 
 
 def sample_images(run_dir: Path, out: Path, n: int = 3) -> np.ndarray:
-    assert main(["sample", "--checkpoint", str(run_dir), "--n", str(n), "--out", str(out), "--quiet"]) == 0
+    assert main(["sample", "--checkpoint", str(run_dir), "--num-images", str(n), "--out", str(out), "--quiet"]) == 0
     with np.load(out / "samples.npz") as f:
         return f["images"]
 

@@ -17,7 +17,7 @@ from ddpm.data import load_dataset
 from ddpm.errors import ConfigError
 from ddpm.generate import class_indices
 
-TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2", "--quiet"]
+TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-images", "2", "--quiet"]
 FAST = ["--sampler", "ddpm", "--steps", "6"]                 # a short ancestral run, for speed
 REPAINT_FAST = [*FAST, "--jump-length", "2", "--resample", "2"]
 
@@ -64,7 +64,7 @@ def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
 def test_inpaint_writes_results_and_keeps_the_known_pixels_exactly(run_dir, tmp_path, method):
     out = tmp_path / "in"
     assert main(["inpaint", "--checkpoint", str(run_dir), "--image", "digits:0", "digits:5", "--mask", "lower-half",
-                 "--n", "2", "--out", str(out), *method]) == 0
+                 "--num-images", "2", "--out", str(out), *method]) == 0
     r = results(out)
     assert r["images"].shape == (4, 8, 8, 1) and r["images"].dtype == np.uint8
     np.testing.assert_array_equal(r["inputs"], digits(0, 5))
@@ -130,7 +130,7 @@ def test_edit_at_strength_zero_returns_the_input_and_at_one_is_sampling(run_dir,
     for sampler in (["--sampler", "ddpm", "--steps", "10"], ["--sampler", "ddim", "--steps", "10"]):
         assert main(["edit", "--checkpoint", str(run_dir), "--image", "digits:3", "digits:4", "--strength", "1",
                      "--seed", "5", "--out", str(tmp_path / "s1"), "--overwrite", *sampler]) == 0
-        assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--seed", "5", "--quiet", "--overwrite",
+        assert main(["sample", "--checkpoint", str(run_dir), "--num-images", "2", "--seed", "5", "--quiet", "--overwrite",
                      "--out", str(tmp_path / "u"), *sampler]) == 0
         edited = results(tmp_path / "s1")["images"].astype(float) / 255
         with np.load(tmp_path / "u" / "samples.npz") as f:
@@ -184,7 +184,7 @@ def test_interpolate_invert_ends_are_the_ddim_reconstructions(run_dir, tmp_path)
     for seed in ("0", "1"):
         out = tmp_path / f"i{seed}"
         assert main(["interpolate", "--checkpoint", str(run_dir), "--image-a", "digits:0", "--image-b", "digits:1",
-                     "--invert", "--t", "49", "--sampler", "ddim", "--steps", "10", "--no-clip", "--n-interp", "4",
+                     "--invert", "--t", "49", "--sampler", "ddim", "--steps", "10", "--no-clip", "--num-images", "4",
                      "--seed", seed,
                      "--out", str(out)]) == 0
         with np.load(out / "interpolation.npz") as f:
@@ -199,7 +199,7 @@ def test_latents_errors(run_dir, tmp_path, capsys):
     np.savez(tmp_path / "two.npz", latents=np.zeros((2, 1, 8, 8), np.float32))
     base = ["sample", "--checkpoint", str(run_dir), "--quiet", "--out", str(tmp_path / "e")]
     assert "needs [N, 1, 8, 8]" in one_line_error(capsys, [*base, "--latents", str(tmp_path / "wrong.npz")], code=3)
-    assert "holds 2 latents" in one_line_error(capsys, [*base, "--latents", str(tmp_path / "two.npz"), "--n", "3"])
+    assert "holds 2 latents" in one_line_error(capsys, [*base, "--latents", str(tmp_path / "two.npz"), "--num-images", "3"])
     assert "no such latents" in one_line_error(capsys, [*base, "--latents", str(tmp_path / "none.npz")], code=3)
 
 
@@ -219,8 +219,8 @@ def test_class_reaches_the_model_in_inpaint_edit_interpolate_and_viz(conditional
                  "--out", str(tmp_path / "edit"), *FAST]) == 0
     assert json.loads((tmp_path / "edit" / "record.json").read_text())["classes"] == [2, 5]
     assert main(["interpolate", *cond, "--image-a", "digits:0", "--image-b", "digits:1", "--class", "4", "--t", "20",
-                 "--n-interp", "3", "--out", str(tmp_path / "interp"), *FAST]) == 0
-    assert main(["viz", "reverse", *cond, "--class", "0", "9", "--n", "1", "--frames", "3",
+                 "--num-images", "3", "--out", str(tmp_path / "interp"), *FAST]) == 0
+    assert main(["viz", "reverse", *cond, "--class", "0", "9", "--num-images", "1", "--frames", "3",
                  "--out", str(tmp_path / "rev.png"), *FAST]) == 0
     grid_height = 2 + 2 * 2 * 66                                                  # 2 classes x (x_t, x0) rows
     assert Image.open(tmp_path / "rev.png").size[1] == viz.HEADER_HEIGHT + grid_height + 10   # the labelled figure
@@ -228,7 +228,7 @@ def test_class_reaches_the_model_in_inpaint_edit_interpolate_and_viz(conditional
 
 def test_class_errors(run_dir, conditional_run, tmp_path, capsys):
     unconditional = [("interpolate", "--image-a", "digits:0", "--image-b", "digits:1"),
-                     ("viz", "reverse", "--n", "1")]
+                     ("viz", "reverse", "--num-images", "1")]
     for command in unconditional:
         out = ["--out", str(tmp_path / ("r.png" if command[0] == "viz" else "e"))]
         assert "unconditional" in one_line_error(capsys, [*command, "--checkpoint", str(run_dir), "--class", "1", *out])

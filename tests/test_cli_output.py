@@ -16,7 +16,7 @@ from ddpm.cli import main
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("output") / "run"
-    assert main(["train", "--steps", "1", "--batch-size", "4", "--timesteps", "25", "--num-samples", "1",
+    assert main(["train", "--steps", "1", "--batch-size", "4", "--timesteps", "25", "--num-images", "1",
                  "--quiet", "--out", str(out)]) == 0
     return out
 
@@ -41,10 +41,10 @@ def test_a_closed_pipe_ends_quietly(run_dir, command):
 
 
 def test_one_image_is_an_image(run_dir, tmp_path, capsys):
-    assert main(["sample", "--checkpoint", str(run_dir), "--n", "1", "--steps", "1", "--out", str(tmp_path / "s")]) == 0
+    assert main(["sample", "--checkpoint", str(run_dir), "--num-images", "1", "--steps", "1", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("wrote 1 image (ddpm, 1 step) from"), out
-    assert main(["sample", "--checkpoint", str(run_dir), "--n", "2", "--steps", "2", "--out", str(tmp_path / "t")]) == 0
+    assert main(["sample", "--checkpoint", str(run_dir), "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "t")]) == 0
     assert capsys.readouterr().out.startswith("wrote 2 images (ddpm, 2 steps) from")
 
 
@@ -53,13 +53,13 @@ def test_one_image_is_an_image(run_dir, tmp_path, capsys):
 def test_progress_bars_only_on_a_terminal_unless_asked(run_dir, tmp_path, capsys, flags, bar):
     """Under pytest stderr is not a terminal, as in a log file: no bar unless --progress."""
     assert not sys.stderr.isatty()
-    assert main(["sample", "--checkpoint", str(run_dir), "--n", "1", "--steps", "3", "--out", str(tmp_path / "s"),
+    assert main(["sample", "--checkpoint", str(run_dir), "--num-images", "1", "--steps", "3", "--out", str(tmp_path / "s"),
                  *flags]) == 0
     assert ("sampling" in capsys.readouterr().err) == bar
 
 
 def test_eval_progress_follows_the_same_rule(run_dir, capsys):
     for flags, bar in (([], False), (["--progress"], True)):
-        assert main(["eval", "--metric", "bpd", "--checkpoint", str(run_dir), "--data", "digits", "--n", "2",
+        assert main(["eval", "--metric", "bpd", "--checkpoint", str(run_dir), "--data", "digits", "--num-images", "2",
                      *flags]) == 0
         assert ("bits/dim" in capsys.readouterr().err) == bar

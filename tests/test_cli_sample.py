@@ -23,7 +23,7 @@ CELL = 8 * 8 + 2                      # an 8x8 digit is shown 8x larger, with 2 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("sample") / "run"
-    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2",
+    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-images", "2",
                  "--quiet", "--out", str(run)]) == 0
     return run
 
@@ -47,7 +47,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
 
 def test_sample_writes_images_pngs_and_a_complete_record(run_dir, tmp_path):
     out = tmp_path / "s"
-    images = sample(run_dir, out, "--n", "5", "--batch-size", "2", "--seed", "3", "--sampler", "ddim",
+    images = sample(run_dir, out, "--num-images", "5", "--batch-size", "2", "--seed", "3", "--sampler", "ddim",
                     "--steps", "5", "--eta", "0.5", "--png")
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
     record = json.loads((out / "record.json").read_text())
@@ -69,7 +69,7 @@ def test_sample_writes_images_pngs_and_a_complete_record(run_dir, tmp_path):
 
 
 def test_the_default_is_one_named_constant(run_dir, tmp_path):
-    sample(run_dir, tmp_path / "d", "--n", "1")
+    sample(run_dir, tmp_path / "d", "--num-images", "1")
     record = json.loads((tmp_path / "d" / "record.json").read_text())
     assert record["sampler"] == DEFAULT_SAMPLING.sampler == "ddpm"
     assert record["steps"] == 50 and record["variance"] == "posterior"          # the paper's: all T steps
@@ -78,8 +78,8 @@ def test_the_default_is_one_named_constant(run_dir, tmp_path):
 @pytest.mark.parametrize("options", [[], ["--sampler", "ddpm", "--steps", "7", "--variance", "beta"],
                                      ["--sampler", "dpm-solver++", "--steps", "6", "--spacing", "linspace"]])
 def test_start_index_regenerates_the_same_images(run_dir, tmp_path, options):
-    whole = sample(run_dir, tmp_path / "all", "--n", "5", "--batch-size", "5", "--seed", "9", *options)
-    tail = sample(run_dir, tmp_path / "tail", "--n", "2", "--batch-size", "1", "--seed", "9", "--start-index", "3",
+    whole = sample(run_dir, tmp_path / "all", "--num-images", "5", "--batch-size", "5", "--seed", "9", *options)
+    tail = sample(run_dir, tmp_path / "tail", "--num-images", "2", "--batch-size", "1", "--seed", "9", "--start-index", "3",
                   *options)
     np.testing.assert_array_equal(tail, whole[3:])
     assert json.loads((tmp_path / "tail" / "record.json").read_text())["start_index"] == 3
@@ -87,7 +87,7 @@ def test_start_index_regenerates_the_same_images(run_dir, tmp_path, options):
 
 def test_progressive_grid_has_x_t_and_x0_rows_for_each_image(run_dir, tmp_path):
     out = tmp_path / "p"
-    sample(run_dir, out, "--n", "3", "--progressive", "--sampler", "ddim", "--steps", "12")
+    sample(run_dir, out, "--num-images", "3", "--progressive", "--sampler", "ddim", "--steps", "12")
     from ddpm import viz
 
     image = np.asarray(Image.open(out / "progressive.png").convert("RGB"))      # the grid beside its labels
@@ -103,7 +103,7 @@ def test_progressive_grid_has_x_t_and_x0_rows_for_each_image(run_dir, tmp_path):
 def test_interpolate_writes_a_row_from_a_to_b(run_dir, tmp_path):
     out = tmp_path / "i"
     assert main(["interpolate", "--checkpoint", str(run_dir), "--image-a", "digits:0", "--image-b", "digits:1",
-                 "--n-interp", "5", "--t", "20", "--out", str(out)]) == 0
+                 "--num-images", "5", "--t", "20", "--out", str(out)]) == 0
     row = np.asarray(Image.open(out / "interpolation.png"))
     assert row.shape == (CELL + 2, 7 * CELL + 2)
     digits = load_dataset("digits")

@@ -242,7 +242,7 @@ def test_label_dropout_and_num_classes_are_validated():
 
 # ----------------------------------------------------------------------------- the command line
 
-TINY = ["--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2", "--device", "cpu", "--quiet"]
+TINY = ["--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-images", "2", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,7 @@ def test_cli_conditional_round_trip(conditional_run, tmp_path):
     config = json.loads((conditional_run / "config.json").read_text())
     assert config["model"]["num_classes"] == 10 and config["train"]["label_dropout"] == 0.2
     out = tmp_path / "s"
-    assert main(["sample", "--checkpoint", str(conditional_run), "--out", str(out), "--class", "3", "5", "--n", "2",
+    assert main(["sample", "--checkpoint", str(conditional_run), "--out", str(out), "--class", "3", "5", "--num-images", "2",
                  "--sampler", "ddim", "--steps", "4", "--guidance-scale", "2.5", "--quiet"]) == 0
     with np.load(out / "samples.npz") as f:
         images, labels = f["images"], f["labels"]
@@ -275,7 +275,7 @@ def test_cli_conditional_round_trip(conditional_run, tmp_path):
     assert (record["classes"], record["guidance_scale"], record["n_per_class"], record["n"]) == ([3, 5], 2.5, 2, 4)
     # Image k depends only on (seed, k) and its class: regenerate image 3 (class 5) alone.
     again = tmp_path / "again"
-    assert main(["sample", "--checkpoint", str(conditional_run), "--out", str(again), "--class", "5", "--n", "1",
+    assert main(["sample", "--checkpoint", str(conditional_run), "--out", str(again), "--class", "5", "--num-images", "1",
                  "--start-index", "3", "--sampler", "ddim", "--steps", "4", "--guidance-scale", "2.5", "--quiet"]) == 0
     with np.load(again / "samples.npz") as f:
         assert np.array_equal(f["images"][0], images[3])
@@ -285,7 +285,7 @@ def test_cli_class_all_puts_one_class_per_grid_row(conditional_run, tmp_path):
     from PIL import Image
 
     out = tmp_path / "all"
-    assert main(["sample", "--checkpoint", str(conditional_run), "--out", str(out), "--class", "all", "--n", "3",
+    assert main(["sample", "--checkpoint", str(conditional_run), "--out", str(out), "--class", "all", "--num-images", "3",
                  "--sampler", "dpm-solver++", "--steps", "3", "--quiet"]) == 0
     record = json.loads((out / "record.json").read_text())
     assert record["classes"] == list(range(10)) and record["guidance_scale"] == DEFAULT_GUIDANCE_SCALE == 2.0     # the documented default

@@ -24,7 +24,7 @@ from ddpm.cli import main
 from ddpm.fileio import LOCK_FILE, RunLock
 
 STEPS = 60
-RUN = ["--steps", str(STEPS), "--batch-size", "4", "--timesteps", "30", "--num-samples", "2", "--log-every", "1",
+RUN = ["--steps", str(STEPS), "--batch-size", "4", "--timesteps", "30", "--num-images", "2", "--log-every", "1",
        "--checkpoint-every", "0", "--quiet"]
 
 

@@ -328,7 +328,7 @@ def test_cli_export_import_then_sample_gives_the_same_images(dlib, tmp_path):
     assert not list(tmp_path.glob(".hf.tmp-*"))
     proc = run_cli("import", "--format", "diffusers", str(tmp_path / "hf"), "--out", str(tmp_path / "back.safetensors"))
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("sample", "--checkpoint", str(tmp_path / "back.safetensors"), "--n", "3", "--steps", "10",
+    proc = run_cli("sample", "--checkpoint", str(tmp_path / "back.safetensors"), "--num-images", "3", "--steps", "10",
                    "--out", str(tmp_path / "samples"), "--quiet")
     assert proc.returncode == 0, proc.stderr
     with np.load(tmp_path / "samples" / "samples.npz") as f:
@@ -345,7 +345,7 @@ def test_imported_checkpoint_is_an_ordinary_checkpoint(dlib, tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "back.safetensors")]) == 0
     assert "ema.*" in capsys.readouterr().out
     assert main(["eval", "--metric", "bpd", "--checkpoint", str(tmp_path / "back.safetensors"), "--data", "digits",
-                 "--n", "2", "--quiet"]) == 0
+                 "--num-images", "2", "--quiet"]) == 0
 
 
 @pytest.mark.parametrize("command", ["export", "import"])
@@ -676,7 +676,7 @@ def test_init_from_an_imported_model_fine_tunes_its_architecture(diffusers_defau
     _, checkpoint, _ = diffusers_default_folder
     out = tmp_path / "run"
     assert main(["train", "--init", str(checkpoint), "--data", "digits", "--steps", "2", "--batch-size", "4",
-                 "--lr", "1e-12", "--num-samples", "1", "--sample-every", "0", "--log-every", "1",
+                 "--lr", "1e-12", "--num-images", "1", "--sample-every", "0", "--log-every", "1",
                  "--checkpoint-every", "0", "--quiet", "--out", str(out)]) == 0
     imported, meta = load_checkpoint(checkpoint)
     trained, trained_meta = load_checkpoint(out)

@@ -216,9 +216,9 @@ def test_sampling_section_round_trips_and_old_configs_have_none():
 
 # ----------------------------------------------------------------------------- ddpm distill, end to end
 
-TINY = ["--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-samples", "4", "--checkpoint-every", "2",
+TINY = ["--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-images", "4", "--checkpoint-every", "2",
         "--log-every", "2", "--quiet"]
-TINY_DISTILL = ["--steps-per-round", "4", "--batch-size", "8", "--num-samples", "4", "--checkpoint-every", "2",
+TINY_DISTILL = ["--steps-per-round", "4", "--batch-size", "8", "--num-images", "4", "--checkpoint-every", "2",
                 "--log-every", "2", "--keep-last", "0", "--quiet"]
 
 
@@ -265,7 +265,7 @@ def test_each_round_is_an_ordinary_run_that_records_half_its_teachers_steps(teac
 
 def test_sample_uses_the_students_steps_without_flags(distilled, tmp_path):
     out = tmp_path / "s"
-    proc = run_cli("sample", "--checkpoint", str(distilled / "student"), "--n", "3", "--out", str(out), "--quiet")
+    proc = run_cli("sample", "--checkpoint", str(distilled / "student"), "--num-images", "3", "--out", str(out), "--quiet")
     assert proc.returncode == 0, proc.stderr
     record = json.loads((out / "record.json").read_text())
     assert (record["sampler"], record["steps"], record["eta"], record["clip"]) == ("ddim", 2, 0.0, False)
@@ -278,7 +278,7 @@ def test_sample_uses_the_students_steps_without_flags(distilled, tmp_path):
     with np.load(out / "samples.npz") as f:
         np.testing.assert_array_equal(f["images"], generate(diffusion, 3, seed=0, progress=False))
     # explicit flags still win
-    assert main(["sample", "--checkpoint", str(distilled / "student"), "--n", "2", "--sampler", "ddpm", "--steps",
+    assert main(["sample", "--checkpoint", str(distilled / "student"), "--num-images", "2", "--sampler", "ddpm", "--steps",
                  "3", "--out", str(tmp_path / "t"), "--quiet"]) == 0
     record = json.loads((tmp_path / "t" / "record.json").read_text())
     assert (record["sampler"], record["steps"]) == ("ddpm", 3)

@@ -28,7 +28,7 @@ from ddpm.train import EpochOrder, checkpoint_global_batch, rank_rows
 
 WORKER = Path(__file__).parent / "helpers" / "ddp_worker.py"
 # A tiny run on the built-in digits: T = 50, dropout 0 (dropout masks are drawn per rank).
-TINY = ["--timesteps", "50", "--num-samples", "2", "--log-every", "1", "--dropout", "0", "--device", "cpu",
+TINY = ["--timesteps", "50", "--num-images", "2", "--log-every", "1", "--dropout", "0", "--device", "cpu",
         "--quiet"]
 TIMEOUT = 240
 
@@ -353,7 +353,7 @@ def test_distillation_under_two_processes_trains_like_one_process(two_and_one, t
     takes it as an argument): 2 processes x batch 4 train the student like 1 process x batch 8."""
     teacher = two_and_one["root"] / "one"
     common = ["--checkpoint", str(teacher), "--rounds", "1", "--teacher-steps", "4", "--steps-per-round", "3",
-              "--num-samples", "2", "--log-every", "1", "--checkpoint-every", "0", "--device", "cpu", "--quiet"]
+              "--num-images", "2", "--log-every", "1", "--checkpoint-every", "0", "--device", "cpu", "--quiet"]
     proc = torchrun("distill", *common, "--batch-size", "4", "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done in") == 1                        # rank 0 alone speaks

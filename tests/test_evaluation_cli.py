@@ -160,7 +160,7 @@ def test_the_library_call_is_what_the_command_runs(tmp_path, digits_samples):
 
 # ----------------------------------------------------------------------------- --class
 
-TINY = ["--steps", "2", "--batch-size", "8", "--timesteps", "30", "--num-samples", "2", "--device", "cpu",
+TINY = ["--steps", "2", "--batch-size", "8", "--timesteps", "30", "--num-images", "2", "--device", "cpu",
         "--quiet", "--checkpoint-every", "2", "--sample-every", "0"]
 
 
@@ -183,7 +183,7 @@ def test_class_samples_a_conditional_model_at_that_class(tmp_path, conditional_r
     monkeypatch.setattr(ddpm.generate, "generate", spy)
     out = tmp_path / "r.json"
     assert main(["eval", "--metric", "fast", "--checkpoint", str(conditional_run), "--class", "3",
-                 "--guidance-scale", "1.5", "--n", "4", "--steps", "2", "--data", "digits", "--device", "cpu",
+                 "--guidance-scale", "1.5", "--num-images", "4", "--steps", "2", "--data", "digits", "--device", "cpu",
                  "--quiet", "--cache-dir", str(tmp_path), "--out", str(out)]) == 0
     assert seen == [([3, 3, 3, 3], 1.5)]
     results = json.loads(out.read_text())
@@ -202,7 +202,7 @@ def test_class_names_come_from_the_checkpoint(conditional_run):
 
 
 def test_bad_class_options_are_one_line(capsys, tmp_path, conditional_run, digits_samples):
-    base = ["eval", "--metric", "fast", "--data", "digits", "--n", "2", "--device", "cpu", "--quiet"]
+    base = ["eval", "--metric", "fast", "--data", "digits", "--num-images", "2", "--device", "cpu", "--quiet"]
     code, line = one_line_error(capsys, [*base, "--checkpoint", str(conditional_run), "--class", "10"])
     assert code == 2 and "out of range" in line and "0..9" in line
     code, line = one_line_error(capsys, [*base, "--samples", digits_samples, "--class", "1"])

@@ -13,8 +13,8 @@ from ddpm.checkpoint import list_checkpoints, read_metadata
 from ddpm.cli import main
 from ddpm.evaluation import training
 
-TINY = ["--steps", "6", "--batch-size", "8", "--timesteps", "30", "--num-samples", "2", "--sample-every", "0",
-        "--device", "cpu", "--eval-samples", "16", "--log-every", "3"]
+TINY = ["--steps", "6", "--batch-size", "8", "--timesteps", "30", "--num-images", "2", "--sample-every", "0",
+        "--device", "cpu", "--eval-num-images", "16", "--log-every", "3"]
 
 
 class FakeBoard:

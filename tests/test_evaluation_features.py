@@ -81,7 +81,7 @@ def test_eval_fast_and_pr_on_samples_writes_json(tmp_path, capsys):
     np.savez(samples, images=load_dataset("digits", split="train").images[:60])
     out = tmp_path / "results.json"
     code = run_eval("--metric", "fast", "--metric", "pr", "--features", "lenet", "--samples", str(samples),
-                    "--data", "digits", "--n", "60", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                    "--data", "digits", "--num-images", "60", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
                     "--nn-grid", str(tmp_path / "nn.png"))
     assert code == 0
     results = json.loads(out.read_text())
@@ -110,12 +110,12 @@ def test_eval_errors_are_one_line_with_exit_codes(tmp_path, capsys):
 
 def test_eval_bpd_and_fast_from_a_checkpoint(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "30", "--num-samples", "4",
+    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "30", "--num-images", "4",
                  "--checkpoint-every", "2", "--log-every", "2", "--sample-every", "0", "--quiet",
                  "--out", str(run)]) == 0
     out = tmp_path / "r.json"
     assert run_eval("--metric", "bpd", "--metric", "fast", "--checkpoint", str(run), "--data", "digits",
-                    "--n", "6", "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path), "--out", str(out)) == 0
+                    "--num-images", "6", "--device", "cpu", "--quiet", "--cache-dir", str(tmp_path), "--out", str(out)) == 0
     results = json.loads(out.read_text())
     assert len(results["bpd_terms"]) == 30 and results["bpd_n"] == 6 and results["n_samples"] == 6
     assert results["bpd"] == pytest.approx(results["bpd_prior"] + sum(results["bpd_terms"]))

@@ -65,13 +65,13 @@ def test_variant_trains_samples_and_evaluates_without_extra_flags(variant, runs,
     tensors, _ = load_checkpoint(run_dir)
     assert tensors["timestep_sampler.counts"].sum().item() == 4 * 8          # every sample of 4 steps recorded
 
-    cli("sample", "--checkpoint", str(run_dir), "--n", "3", "--out", str(tmp_path / "s"), "--quiet")
+    cli("sample", "--checkpoint", str(run_dir), "--num-images", "3", "--out", str(tmp_path / "s"), "--quiet")
     record = json.loads((tmp_path / "s" / "record.json").read_text())
     assert record["variance"] == SAVED[variant]["variance"]                   # the checkpoint's, with no flag
     for sampler in ("ddim", "dpm-solver++"):                                  # they ignore the variance channels
-        cli("sample", "--checkpoint", str(run_dir), "--n", "2", "--steps", "5", "--sampler", sampler,
+        cli("sample", "--checkpoint", str(run_dir), "--num-images", "2", "--steps", "5", "--sampler", sampler,
             "--out", str(tmp_path / sampler), "--quiet")
-    cli("eval", "--checkpoint", str(run_dir), "--metric", "bpd", "--data", "digits", "--n", "4", "--quiet",
+    cli("eval", "--checkpoint", str(run_dir), "--metric", "bpd", "--data", "digits", "--num-images", "4", "--quiet",
         "--out", str(tmp_path / "e.json"))
     bpd = json.loads((tmp_path / "e.json").read_text())["bpd"]
     assert math.isfinite(bpd) and bpd > 0
@@ -103,7 +103,7 @@ def test_nonsense_combination_in_a_real_process_is_one_line():
 
 
 def test_learned_range_sampling_of_a_fixed_variance_model_is_a_one_line_error(runs, tmp_path, capsys):
-    line = one_line_error(capsys, ["sample", "--checkpoint", str(runs["plain"]), "--n", "2", "--variance",
+    line = one_line_error(capsys, ["sample", "--checkpoint", str(runs["plain"]), "--num-images", "2", "--variance",
                                    "learned-range", "--out", str(tmp_path / "s"), "--quiet"])
     assert "learned variances" in line
 

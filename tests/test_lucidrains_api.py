@@ -205,6 +205,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def _trainer(folder: Path, results: Path, steps: int, **options) -> Trainer:
+    torch.manual_seed(0)                              # the Unet's initial weights, which training starts from
     model = Unet(dim=16, dim_mults=(1, 2))
     diffusion = GaussianDiffusion(model, image_size=16, timesteps=100, sampling_timesteps=3)
     options.setdefault("calculate_fid", False)        # an installed Inception would score 50,000 samples a save

@@ -30,7 +30,7 @@ from photos import make_photo_folder  # noqa: E402
 
 LEGACY = json.loads(FIXTURE.read_text())
 CROPS_PER_PHOTO = 24
-QUICK = ["--steps", "2", "--batch-size", "4", "--timesteps", "25", "--num-samples", "2", "--device", "cpu", "--quiet"]
+QUICK = ["--steps", "2", "--batch-size", "4", "--timesteps", "25", "--num-images", "2", "--device", "cpu", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -424,9 +424,9 @@ def test_a_moved_copy_resumes_and_a_different_folder_is_refused(auto_run, photos
 
 def test_a_conditional_run_samples_a_class_by_name(auto_run, tmp_path):
     out = tmp_path / "flowers"
-    assert main(["sample", "--checkpoint", str(auto_run), "--class", "flower", "--n", "2", "--out", str(out),
+    assert main(["sample", "--checkpoint", str(auto_run), "--class", "flower", "--num-images", "2", "--out", str(out),
                  "--sampler", "ddim", "--steps", "2", "--quiet"]) == 0
     record = json.loads((out / "record.json").read_text())
     assert record["classes"] == [1] and record["class_names"] == ["flower"]
-    assert main(["sample", "--checkpoint", str(auto_run), "--class", "flwer", "--n", "1", "--out",
+    assert main(["sample", "--checkpoint", str(auto_run), "--class", "flwer", "--num-images", "1", "--out",
                  str(tmp_path / "x"), "--quiet"]) == 2

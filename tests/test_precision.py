@@ -21,7 +21,7 @@ from test_cli_sample import one_line_error
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("precision") / "run"
-    assert main(["train", "--steps", "3", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2",
+    assert main(["train", "--steps", "3", "--batch-size", "8", "--timesteps", "50", "--num-images", "2",
                  "--quiet", "--out", str(run)]) == 0
     return run
 
@@ -60,10 +60,10 @@ def test_bf16_runs_the_network_in_bfloat16_and_the_maths_in_float32(run_dir):
 
 def test_sample_precision_flag_is_recorded(run_dir, tmp_path):
     out = tmp_path / "s"
-    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(out), "--quiet", "--n", "2",
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(out), "--quiet", "--num-images", "2",
                  "--precision", "bf16", "--steps", "3"]) == 0
     assert json.loads((out / "record.json").read_text())["precision"] == "bf16"
-    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "f"), "--quiet", "--n", "1"]) == 0
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(tmp_path / "f"), "--quiet", "--num-images", "1"]) == 0
     assert json.loads((tmp_path / "f" / "record.json").read_text())["precision"] == "fp32"
 
 
@@ -240,7 +240,7 @@ def test_train_auto_runs_records_and_resumes_with_the_probed_precision(probed, m
     monkeypatch.setattr(ddpm.train, "generate", lambda d, n, **kw: np.zeros((n, *d.image_size, d.channels), np.uint8))
     seen = autocast_spy(monkeypatch)
     run = tmp_path / "run"
-    tiny = ["--batch-size", "8", "--timesteps", "50", "--num-samples", "2", "--checkpoint-every", "0"]
+    tiny = ["--batch-size", "8", "--timesteps", "50", "--num-images", "2", "--checkpoint-every", "0"]
     assert main(["train", "--steps", "2", *tiny, "--out", str(run)]) == 0
     err = capsys.readouterr().err
     assert err.count("precision: bf16 (auto: bf16 ran 2.00x") == 1
@@ -277,7 +277,7 @@ def test_python_training_defaults_to_auto(probed, monkeypatch, tmp_path):
 
 def test_sample_auto_records_the_resolved_precision_and_says_it_once(run_dir, probed, tmp_path, capsys):
     out = tmp_path / "s"
-    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(out), "--n", "1", "--steps", "2"]) == 0
+    assert main(["sample", "--checkpoint", str(run_dir), "--out", str(out), "--num-images", "1", "--steps", "2"]) == 0
     assert json.loads((out / "record.json").read_text())["precision"] == "bf16"
     assert capsys.readouterr().err.count("precision: bf16 (auto") == 1
     # A bad option after the precision is resolved is still one line, the error alone.

@@ -18,7 +18,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import main
 from ddpm.data import load_dataset
 
-TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-samples", "2", "--quiet"]
+TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-images", "2", "--quiet"]
 
 
 def cli_error(capsys, *args: str) -> tuple[int, str]:

@@ -118,7 +118,7 @@ def test_too_many_bad_steps_in_a_row_stop_training_and_keep_the_last_good_checkp
 
 # ----------------------------------------------------------------------------- real processes
 
-CLI_RUN = ["--steps", "{steps}", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2", "--log-every", "1",
+CLI_RUN = ["--steps", "{steps}", "--batch-size", "8", "--timesteps", "50", "--num-images", "2", "--log-every", "1",
            "--checkpoint-every", "2", "--keep-last", "0", "--quiet"]
 
 

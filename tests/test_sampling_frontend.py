@@ -79,7 +79,7 @@ def test_sample_cli_draws_from_the_ema_weights_by_default_and_raw_on_request(two
     assert not np.array_equal(by_hand["ema"], by_hand["raw"])
     for name, flags in (("ema", []), ("raw", ["--weights", "raw"])):
         out = tmp_path / name
-        assert main(["sample", "--checkpoint", str(path), "--out", str(out), "--n", "2", "--sampler", "ddim",
+        assert main(["sample", "--checkpoint", str(path), "--out", str(out), "--num-images", "2", "--sampler", "ddim",
                      "--steps", "5", "--quiet", *flags]) == 0
         with np.load(out / "samples.npz") as f:
             np.testing.assert_array_equal(f["images"], by_hand[name])

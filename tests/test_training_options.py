@@ -33,7 +33,7 @@ from ddpm.plots import line_chart
 from ddpm.train import _init_from, lr_at, train
 
 # A tiny but complete CLI run: built-in digits, the digits preset, T = 50, two steps of four images.
-TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-samples", "2", "--log-every", "1",
+TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-images", "2", "--log-every", "1",
         "--device", "cpu", "--quiet"]
 METRIC_KEYS = {"step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr", "images_per_s",
                "bad_steps", "scaler_skips"}
@@ -562,16 +562,16 @@ def test_periodic_fast_metric_is_logged_and_tracks_sample_quality(tmp_path, monk
     monkeypatch.setattr(ddpm.train, "generate", fake_generate)
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    assert main(["train", "--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2",
-                 "--eval-every", "2", "--eval-samples", "64", "--log-every", "2", "--quiet", "--out", str(out)]) == 0
+    assert main(["train", "--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-images", "2",
+                 "--eval-every", "2", "--eval-num-images", "64", "--log-every", "2", "--quiet", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "fast_fid" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(r["fast_n"] == 64 for r in evals)
     real_fid = evals[0]["fast_fid"]
     served["images"] = np.zeros_like(real)
     out2 = tmp_path / "run2"
-    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-samples", "2",
-                 "--eval-every", "2", "--eval-samples", "64", "--quiet", "--out", str(out2)]) == 0
+    assert main(["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-images", "2",
+                 "--eval-every", "2", "--eval-num-images", "64", "--quiet", "--out", str(out2)]) == 0
     blank = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines() if "fast_fid" in line]
     assert blank[0]["fast_fid"] > 5 * real_fid
     assert (out / "loss.png").is_file()              # evaluation rows do not break the loss curve

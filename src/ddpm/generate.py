@@ -31,7 +31,8 @@ from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, batch_noise, 
 from .seeding import derive_seed
 
 __all__ = ["select_device", "load_diffusion", "num_classes", "check_labels", "DEFAULT_GUIDANCE_SCALE",
-           "sampling_options", "resolved_sampling", "sampling_denoiser", "class_indices", "sample_images",
+           "SAMPLER_DEFAULT_STEPS", "resolve_sampling", "sampling_options", "resolved_sampling", "sampling_denoiser",
+           "class_indices", "sample_images",
            "generate", "progressive_frames", "progressive_timesteps", "progressive_grid", "interpolate", "slerp",
            "load_image", "sample_record", "write_samples", "file_sha256", "resolve_classes", "SamplePlan",
            "plan_samples", "run_samples", "interpolation_folder"]
@@ -66,20 +67,53 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     return diffusion.to(device).eval(), meta
 
 
-def sampling_options(sampler: str | None = None, steps: int | None = None, *, base: SamplingOptions | None = None,
-                     **options) -> SamplingOptions:
-    """:class:`SamplingOptions` from keywords (None = unset).
+# The step count of a sampler named without --steps (None: all T), each at most T: the paper's ancestral
+# sampler over all its steps; DPM-Solver++(2M) at 20, where it has converged in the step-count table of
+# benchmarks/RESULTS.md (fast FID 18.8, against 18.2 at 1000 steps); DDIM at 50, as the default
+# ancestral sampler (fast FID 20.4 there, against 18.2 at 1000 steps, for a twentieth of the time).
+SAMPLER_DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm-solver++": 20}
 
-    Without ``sampler`` the unset fields come from ``base`` (a checkpoint's own defaults,
-    ``GaussianDiffusion.default_sampling``, e.g. a distilled student's DDIM steps), else from
-    :data:`~ddpm.samplers.DEFAULT_SAMPLING`; naming a sampler starts from that sampler's own
-    defaults (all T steps unless ``steps`` is given).
+# Where a resolved sampler or step count came from, as record.json says it.
+FROM_FLAG, FROM_CHECKPOINT, FROM_DEFAULT = "flag", "checkpoint", "default"
+
+
+def resolve_sampling(sampler: str | None = None, steps: int | None = None, *, base: SamplingOptions | None = None,
+                     base_from: str = FROM_CHECKPOINT, **options) -> tuple[SamplingOptions, dict]:
+    """The one rule for the sampler and its step count of every command that samples; returns the
+    :class:`SamplingOptions` and where its sampler and steps came from (``{"sampler_from": ...,
+    "steps_from": ...}``, each "flag", "checkpoint" or "default"; ``base_from`` names ``base``'s origin).
+
+    ``base`` is the checkpoint's own ``sampling`` section (``GaussianDiffusion.default_sampling``,
+    e.g. a distilled student's DDIM steps), or None. The rule:
+
+    - neither ``sampler`` nor ``steps``: ``base``, else :data:`~ddpm.samplers.DEFAULT_SAMPLING`
+      (ancestral over at most 50 respaced steps);
+    - ``sampler`` alone: ``base`` when it names that sampler with a step count, else that sampler
+      over :data:`SAMPLER_DEFAULT_STEPS` (ddpm all T, ddim 50, dpm-solver++ 20, at most T);
+    - an explicit ``steps`` wins over everything (exactly that many; more than T is an error).
+
+    The other ``options`` (spacing, eta, ...; None = unset) override whichever start was chosen.
     """
     given = {k: v for k, v in options.items() if v is not None}
     if sampler is None:
-        chosen = {"steps": steps, "steps_at_most": False} if steps is not None else {}
-        return dataclasses.replace(base or DEFAULT_SAMPLING, **given, **chosen)
-    return SamplingOptions(sampler=sampler, steps=steps, **given)
+        start, sampler_from = (base, base_from) if base is not None else (DEFAULT_SAMPLING, FROM_DEFAULT)
+        steps_from = sampler_from
+    elif base is not None and base.sampler == sampler and base.steps is not None:
+        start, sampler_from, steps_from = base, FROM_FLAG, base_from
+    else:
+        default = SAMPLER_DEFAULT_STEPS.get(sampler)          # an unknown name: SamplingOptions says so
+        start = SamplingOptions(sampler=sampler, steps=default, steps_at_most=default is not None)
+        sampler_from, steps_from = FROM_FLAG, FROM_DEFAULT
+    if steps is not None:
+        given.update(steps=steps, steps_at_most=False)
+        steps_from = FROM_FLAG
+    return dataclasses.replace(start, **given), {"sampler_from": sampler_from, "steps_from": steps_from}
+
+
+def sampling_options(sampler: str | None = None, steps: int | None = None, *, base: SamplingOptions | None = None,
+                     **options) -> SamplingOptions:
+    """:class:`SamplingOptions` from keywords (None = unset), by :func:`resolve_sampling`'s rule."""
+    return resolve_sampling(sampler, steps, base=base, **options)[0]
 
 
 def resolved_sampling(diffusion: GaussianDiffusion, sampling: SamplingOptions) -> dict:
@@ -228,7 +262,7 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
 
     The sampler is the checkpoint's own default (``diffusion.default_sampling``, set for distilled
     students) or else :data:`~ddpm.samplers.DEFAULT_SAMPLING` (ancestral over 50 respaced steps), unless
-    ``sampling`` or the keywords (see :func:`sampling_options`) choose another. Image k depends only
+    ``sampling`` or the keywords (by :func:`resolve_sampling`'s rule) choose another. Image k depends only
     on (``seed``, k) and the options, never on the batch size or the device's thread count.
     ``callback(indices, info)`` sees every step of every batch.
     """
@@ -475,8 +509,10 @@ class SamplePlan:
 
 def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOptions, *, n: int, classes=None,
                  guidance_scale: float | None = None, seed: int = 0, start_index: int = 0, weights: str = "ema",
-                 device: str = "cpu", world: int = 1, latents=None, latents_path=None) -> SamplePlan:
+                 device: str = "cpu", world: int = 1, latents=None, latents_path=None,
+                 sources: dict | None = None) -> SamplePlan:
     """``n`` images (of each class of ``classes``, one grid row per class), validated before anything runs.
+    ``sources`` (from :func:`resolve_sampling`: where the sampler and steps came from) go into the record.
 
     With ``latents`` (e.g. :func:`ddpm.editing.load_latents`) image k starts from ``latents[k]``;
     ``n`` None means one image per latent from ``start_index`` (64 without latents)."""
@@ -498,7 +534,8 @@ def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOpt
         if total < world:
             raise ConfigError(f"{total} image(s) for {world} processes; each process needs at least one")
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, n=total,
-                           start_index=start_index, device=device, **extra)      # validates the steps against T
+                           start_index=start_index, device=device, **extra,
+                           **(sources or {}))                       # validates the steps against T
     return SamplePlan(total=total, start_index=start_index, labels=labels, guidance_scale=guidance,
                       nrow=n if classes else None, record=record, latents=latents,
                       row_labels=_row_labels(classes, names, n))
@@ -560,11 +597,11 @@ def interpolation_folder(diffusion: GaussianDiffusion, meta: dict, out: str | os
                          *, t: int | None = None, n_interp: int = 8, method: str = "linear", seed: int = 0,
                          sampling: SamplingOptions = DEFAULT_SAMPLING, data_root=None, weights: str = "ema",
                          device: str = "cpu", invert: bool = False, classes=None,
-                         guidance_scale: float | None = None) -> tuple[Path, int]:
+                         guidance_scale: float | None = None, sources: dict | None = None) -> tuple[Path, int]:
     """:func:`interpolate` between two input images (files or DATASET:INDEX), written to ``out`` as
     interpolation.png (the inputs at both ends), interpolation.npz and record.json, staged and moved
     into ``out`` together. Returns (png, t). ``invert`` starts from DDIM inversions; ``classes`` (one
-    class, index or name) conditions every interpolant."""
+    class, index or name) conditions every interpolant; ``sources`` (:func:`resolve_sampling`) go into the record."""
     from .fileio import staged_dir, write_json
 
     out = Path(out)
@@ -579,7 +616,7 @@ def interpolation_folder(diffusion: GaussianDiffusion, meta: dict, out: str | os
     row = np.concatenate([to_uint8(a[None].cpu()), images, to_uint8(b[None].cpu())])
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, image_a=image_a, image_b=image_b,
                            t=t, n_interp=n_interp, method=method, device=str(device), invert=invert,
-                           classes=classes, guidance_scale=guidance)
+                           classes=classes, guidance_scale=guidance, **(sources or {}))
     record["steps"] = len(sampling.timesteps(t + 1))       # the steps from t down to 0
     with staged_dir(out) as stage:
         save_png(stage / "interpolation.png", make_grid(row, nrow=len(row)))

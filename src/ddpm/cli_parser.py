@@ -301,7 +301,7 @@ def _add_sampler_options(p) -> None:
     g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
     g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
     g.add_argument("--spacing", choices=tuple(SPACINGS),
-                   help="which K of the T timesteps are kept (default trailing; see README)")
+                   help="which K of the T timesteps are kept (default trailing; see docs/samplers.md)")
     g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
     g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde, beta, or learned-range for "
                                                          "models trained with it (default: the checkpoint's)")

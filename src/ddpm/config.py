@@ -130,7 +130,7 @@ class DiffusionConfig:
         self._check_combination()
 
     def _check_combination(self) -> None:
-        """Refuse combinations that train nothing or estimate nothing (README, "Improved DDPM")."""
+        """Refuse combinations that train nothing or estimate nothing (docs/improved-ddpm.md)."""
         learned = self.variance == LEARNED_VARIANCE
         if learned and self.loss == "simple":
             raise ConfigError("learned variances need an L_vlb term: L_simple does not train them; "

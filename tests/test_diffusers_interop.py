@@ -119,6 +119,7 @@ def test_exported_unet_forward_equals_ours(dlib, tmp_path, name):
         assert_forward_equal(model, unet, config.model, scale=1e-3)
 
 
+@pytest.mark.slow   # 114M parameters exported and run at 256x256; "celebahq256-shaped" above has its layout
 def test_celebahq256_preset_forward_equals_diffusers(dlib, tmp_path):
     config = RunConfig(preset="celebahq256", model=preset_config("celebahq256"))
     checkpoint, model = make_checkpoint(tmp_path / "c.safetensors", config)

@@ -76,6 +76,18 @@ def test_fp16_on_the_cpu_is_one_clear_error(run_dir, tmp_path, capsys, command):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_train_refuses_fp16_on_the_cpu_before_the_run_directory_exists(tmp_path, capsys, monkeypatch, how):
+    out = tmp_path / "run"
+    if how == "flag":
+        argv = ["train", "--steps", "2", "--out", str(out), "--precision", "fp16", "--device", "cpu"]
+    else:
+        monkeypatch.setenv("DDPM_PRECISION", "fp16")
+        argv = ["train", "--steps", "2", "--out", str(out), "--device", "cpu"]
+    assert "fp16 needs a CUDA device" in one_line_error(capsys, argv)
+    assert not out.exists()
+
+
 def test_autocast_and_its_checks():
     cpu = torch.device("cpu")
     with autocast(cpu, "fp32"):

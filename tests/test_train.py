@@ -1,5 +1,5 @@
 """Behaviour of ddpm.train and ddpm.config: EMA, seeds, data order, determinism, checkpoints, run
-directories, validation, and the Python API of the issue, all on tiny CPU inputs."""
+directories, validation, and the Python API, all on tiny CPU inputs."""
 
 from __future__ import annotations
 
@@ -395,7 +395,7 @@ def test_select_device():
             select_device(name)
 
 
-# ----------------------------------------------------------------------------- the Python API of the issue
+# ----------------------------------------------------------------------------- the Python API
 
 def tiny_unet(image_size) -> ddpm.Unet:
     return ddpm.Unet(image_size=image_size, channels=1, dim=32, dim_mults=(1, 2), num_res_blocks=1,

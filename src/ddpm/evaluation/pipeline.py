@@ -150,38 +150,34 @@ def _load_model(config: EvalConfig):
     return diffusion, meta, [label] * config.n, guidance
 
 
-def _samples(config: EvalConfig, diffusion, labels, guidance) -> np.ndarray | None:
-    """uint8 samples [N, H, W, C]: generated from the checkpoint (shared among processes), or read."""
-    import inspect
+def _sampling(config: EvalConfig, diffusion):
+    """The sampler options the samples are drawn with (by the rule of ``ddpm sample``: the flags over the
+    checkpoint's own section), and their record: sampler, steps and where each came from."""
+    from ..generate import resolve_sampling, resolved_sampling
 
+    sampling, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta)
+    used = resolved_sampling(diffusion, sampling)              # also checks --steps against the checkpoint's T
+    return sampling, {"sampler": used["sampler"], "steps": used["steps"], **sources}
+
+
+def _samples(config: EvalConfig, diffusion, sampling, labels, guidance) -> np.ndarray | None:
+    """uint8 samples [N, H, W, C]: generated from the checkpoint with ``sampling`` (shared among
+    processes), or read."""
     from .. import distributed
     from ..data import load_dataset
     from ..generate import generate
 
     if diffusion is None:
         return load_dataset(config.samples).images[:config.n] if distributed.is_main() else None
-    options = {k: getattr(config, k) for k in ("sampler", "steps", "eta") if getattr(config, k) is not None}
-    unknown = sorted(set(options) - set(inspect.signature(generate).parameters))
-    if unknown:
-        raise ConfigError(f"this version cannot sample with --{', --'.join(unknown)}")
     if config.n < distributed.world_size():
         raise ConfigError(f"--num-images {config.n} is fewer than the {distributed.world_size()} processes")
     # Each process generates a contiguous range of the indices; rank 0 gathers them.
     lo, hi = distributed.shard_range(config.n)
     images = generate(diffusion, hi - lo, batch_size=config.batch_size, seed=config.seed, start_index=lo,
-                      progress=config.progress and distributed.is_main(),
-                      labels=None if labels is None else labels[lo:hi], guidance_scale=guidance, **options)
+                      progress=config.progress and distributed.is_main(), sampling=sampling,
+                      labels=None if labels is None else labels[lo:hi], guidance_scale=guidance)
     gathered = distributed.gather_arrays((images,))
     return None if gathered is None else gathered[0]
-
-
-def _sampling_record(config: EvalConfig, diffusion) -> dict:
-    """The sampler and steps the samples are drawn with, and where each came from (as ``ddpm sample``'s record)."""
-    from ..generate import resolve_sampling, resolved_sampling
-
-    options, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta)
-    used = resolved_sampling(diffusion, options)
-    return {"sampler": used["sampler"], "steps": used["steps"], **sources}
 
 
 def evaluate(config: EvalConfig) -> dict | None:
@@ -200,9 +196,10 @@ def evaluate(config: EvalConfig) -> dict | None:
     wants_samples = bool(config.checkpoint or config.samples) and (not metrics or set(metrics) & set(SAMPLE_METRICS)
                                                                    or config.nn_grid)
     samples = None
+    sampling, record = _sampling(config, diffusion) if wants_samples and diffusion is not None else (None, None)
     if wants_samples and distributed.world_size() > 1:
         start = time.perf_counter()
-        samples = _samples(config, diffusion, labels, guidance)       # every rank takes part
+        samples = _samples(config, diffusion, sampling, labels, guidance)       # every rank takes part
         results["sampling_seconds"] = round(time.perf_counter() - start, 2)
     if not distributed.is_main():
         return None
@@ -211,11 +208,11 @@ def evaluate(config: EvalConfig) -> dict | None:
     if wants_samples:
         if samples is None:
             start = time.perf_counter()
-            samples = _samples(config, diffusion, labels, guidance)
+            samples = _samples(config, diffusion, sampling, labels, guidance)
             results["sampling_seconds"] = round(time.perf_counter() - start, 2)
         results["n_samples"] = len(samples)
-        if diffusion is not None:
-            results["sampling"] = _sampling_record(config, diffusion)
+        if record is not None:
+            results["sampling"] = record
         metrics = metrics or default_metrics(samples.shape[3], samples.shape[1:3])
         results["metrics"] = list(metrics)
         _sample_quality(config, metrics, samples, from_checkpoint=diffusion is not None, results=results)

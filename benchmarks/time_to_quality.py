@@ -26,8 +26,9 @@ torch build, so it runs from a virtual environment of its own (``--ldp-python``)
 ``--minutes 0.5 --n 64`` gives a quick smoke run. Each system's figures are kept in the output folder
 (``ours.json``, ...), and the table scores every system found there, so a later run adds a row:
 ``--systems ours --precision fp32`` measures ``ddpm train/sample --precision fp32`` as ``ours-fp32``,
-and ``--systems ours --ours-steps 10000`` trains ddpm for 10,000 steps instead of the time budget
-(the long-run reference, row ``ours-10000-steps``).
+``--systems ours --ours-steps 10000`` trains ddpm for 10,000 steps instead of the time budget
+(the long-run reference, row ``ours-10000-steps``), and ``--ours-flags "--loss-weighting min-snr"
+--ours-label min-snr`` measures a recipe candidate as row ``ours-min-snr``.
 Results are recorded in benchmarks/RESULTS.md.
 Neither peer is a dependency of the project.
 """
@@ -174,6 +175,8 @@ def run_ours(args) -> dict:
     name = "ours" if args.precision == "auto" else f"ours-{args.precision}"
     if args.ours_steps:
         name += f"-{args.ours_steps}-steps"
+    if args.ours_label:
+        name += f"-{args.ours_label}"
     budget = (["--steps", str(args.ours_steps)] if args.ours_steps
               else ["--steps", "1000000", "--time-limit", str(args.minutes)])
     run = out / f"{name}-run"
@@ -182,7 +185,7 @@ def run_ours(args) -> dict:
     start = time.perf_counter()
     subprocess.run([*ddpm, "train", "--data", "mnist", "--data-root", args.data_root, "--preset", "mnist",
                     "--batch-size", str(args.batch_size), *budget, "--checkpoint-every", "0", "--seed", str(args.seed), "--num-images", "16",
-                    "--precision", args.precision, "--out", str(run)], check=True, env=env)
+                    "--precision", args.precision, *args.ours_flags.split(), "--out", str(run)], check=True, env=env)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
@@ -219,10 +222,15 @@ def main(argv=None) -> None:
                              "one is the row ours-fp32 or ours-bf16)")
     parser.add_argument("--ours-steps", type=int, help="ours only: train this many steps instead of --minutes "
                                                        "(the 10,000-step reference)")
+    parser.add_argument("--ours-flags", default="", help="ours only: more `ddpm train` options, e.g. a recipe "
+                                                          "candidate: \"--loss-weighting min-snr\" (needs --ours-label)")
+    parser.add_argument("--ours-label", help="ours only: the row's name is ours-LABEL")
     parser.add_argument("--ldp-python", help="python of a virtual environment with denoising-diffusion-pytorch")
     parser.add_argument("--out", default=".bench/ttq")
     parser.add_argument("--worker", choices=("diffusers", "ldp"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ours_flags and not args.ours_label:
+        parser.error("--ours-flags needs --ours-label, so that the row is not taken for the defaults")
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     if args.worker:

@@ -21,7 +21,7 @@ torch build, so it runs from a virtual environment of its own (``--ldp-python``)
     python3 -m venv .bench/peers && .bench/peers/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
         denoising-diffusion-pytorch==2.3.4
     .venv/bin/python benchmarks/time_to_quality.py --data-root ../shared/data/mnist \\
-        --ldp-python .bench/peers/bin/python --out .bench/ttq          # about 55 minutes
+        --ldp-python .bench/peers/bin/python --out .bench/ttq          # about 55 minutes idle
 
 ``--minutes 0.5 --n 64`` gives a quick smoke run. Each system's figures are kept in the output folder
 (``ours.json``, ...), and the table scores every system found there, so a later run adds a row:

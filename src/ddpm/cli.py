@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -140,6 +139,7 @@ def _train(args, stop) -> int:
     from .checkpoint import list_checkpoints
     from .config import check_training_memory
     from .fileio import RunLock
+    from .precision import check_request
     from .train import check_training_data, claim_run_dir, load_training_data
 
     main_rank = distributed.is_main()
@@ -152,7 +152,7 @@ def _train(args, stop) -> int:
             check_training_data(config, data)
         device = distributed.training_device(config.train.device)   # an unavailable device: an error before
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
-        _check_precision(config.train.precision, device)     # and a precision it cannot run (fp16 on a CPU)
+        check_request(config.train.precision, device)        # and a precision it cannot run (fp16 on a CPU)
     if config.choice and main_rank and not args.resume:
         from .auto import choice_line, estimate_seconds_per_step
 
@@ -179,15 +179,6 @@ def _train(args, stop) -> int:
     finally:
         if lock is not None:
             lock.release()
-
-
-def _check_precision(precision: str, device) -> None:
-    """A precision the device cannot run is refused before the run directory exists. ``auto`` is
-    resolved later, by the run itself (it may probe the CPU), unless the environment forces it."""
-    from .precision import ENV_VAR, resolve_precision
-
-    if precision != "auto" or os.environ.get(ENV_VAR):
-        resolve_precision(precision, device)
 
 
 def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:

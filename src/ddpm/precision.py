@@ -46,7 +46,7 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["PRECISIONS", "CHOICES", "ENV_VAR", "BF16_MIN_SPEEDUP", "Resolved", "autocast", "channels_last",
-           "check_precision", "resolve_precision", "cpu_verdict", "probe_cpu", "machine_key", "cache_path"]
+           "check_precision", "check_request", "resolve_precision", "cpu_verdict", "probe_cpu", "machine_key", "cache_path"]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHOICES = ("auto", *PRECISIONS)
@@ -99,6 +99,30 @@ class Resolved:
         return f"precision: {self.precision} ({self.why})"
 
 
+def _forced(device: torch.device) -> str | None:
+    """The precision :data:`ENV_VAR` forces on ``auto``, checked against ``device``; None when unset."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        if forced not in PRECISIONS:
+            raise ConfigError(f"{ENV_VAR}={forced!r} is not a precision; set it to one of {', '.join(PRECISIONS)}")
+        if forced == "fp16" and device.type != "cuda":
+            raise ConfigError(f"{ENV_VAR}=fp16 needs a CUDA device; set it to bf16 or fp32")
+        check_precision(device, forced)
+    return forced or None
+
+
+def check_request(requested: str, device: torch.device) -> None:
+    """The errors :func:`resolve_precision` would raise, without probing the CPU: an explicit
+    precision ``device`` cannot run, or the one :data:`ENV_VAR` forces on ``auto``. A command calls
+    this before it creates anything, and resolves ``auto`` later."""
+    if requested not in CHOICES:
+        raise ConfigError(f"unknown precision {requested!r}; choose from {', '.join(CHOICES)}")
+    if requested == "auto":
+        _forced(torch.device(device))
+    else:
+        check_precision(torch.device(device), requested)
+
+
 def resolve_precision(requested: str, device: torch.device) -> Resolved:
     """``requested`` (one of :data:`CHOICES`) as a precision ``device`` runs; see the module docstring.
 
@@ -111,13 +135,8 @@ def resolve_precision(requested: str, device: torch.device) -> Resolved:
     if requested != "auto":
         check_precision(device, requested)
         return Resolved(requested, "as requested")
-    forced = os.environ.get(ENV_VAR)
+    forced = _forced(device)
     if forced:
-        if forced not in PRECISIONS:
-            raise ConfigError(f"{ENV_VAR}={forced!r} is not a precision; set it to one of {', '.join(PRECISIONS)}")
-        if forced == "fp16" and device.type != "cuda":
-            raise ConfigError(f"{ENV_VAR}=fp16 needs a CUDA device; set it to bf16 or fp32")
-        check_precision(device, forced)
         return Resolved(forced, f"auto, forced by {ENV_VAR}")
     if device.type == "cuda":
         if _cuda_bf16(device):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -185,7 +186,7 @@ def run_ours(args) -> dict:
     start = time.perf_counter()
     subprocess.run([*ddpm, "train", "--data", "mnist", "--data-root", args.data_root, "--preset", "mnist",
                     "--batch-size", str(args.batch_size), *budget, "--checkpoint-every", "0", "--seed", str(args.seed), "--num-images", "16",
-                    "--precision", args.precision, *args.ours_flags.split(), "--out", str(run)], check=True, env=env)
+                    "--precision", args.precision, *shlex.split(args.ours_flags), "--out", str(run)], check=True, env=env)
     wall = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]

@@ -112,6 +112,29 @@ def test_helpers_are_the_identity_for_one_process():
             raise ConfigError("mistake")
 
 
+def test_ranks_meet_at_a_barrier_before_leaving_the_group_only_after_a_completed_command(monkeypatch):
+    """A rank that finished early must not tear its connections down while rank 0 still writes the
+    last files: after a command every rank completed, shutdown is barrier, then destroy. After an
+    error (a peer may be gone) it destroys without waiting."""
+    calls = []
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown(completed=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.shutdown()
+    assert calls == ["destroy"]
+    # ...and the CLI says which it was.
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(distributed, "shutdown", lambda completed=False: seen.append(completed))
+    assert main(["train", "--preset", "digits", "--dry-run"]) == 0
+    assert main(["train", "--data", "/nonexistent/folder", "--dry-run"]) != 0
+    assert seen == [True, False]
+
+
 def test_checkpoints_before_data_parallelism_count_their_batch_size_as_the_global_batch():
     assert checkpoint_global_batch({"config": {"train": {"batch_size": 16, "grad_accum": 2}}}) == 16
     assert checkpoint_global_batch({"global_batch": 32, "config": {"train": {"batch_size": 8}}}) == 32

@@ -638,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import distributed
 
+    code = None
     try:
         distributed.init()          # under torchrun: join the process group (a no-op otherwise)
         if distributed.world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
@@ -671,4 +672,4 @@ def main(argv: list[str] | None = None) -> int:
         print("ddpm: interrupted", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(completed=code == 0)

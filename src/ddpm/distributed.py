@@ -111,11 +111,17 @@ def init() -> bool:
 _broken = False          # a collective failed: the group cannot be torn down collectively any more
 
 
-def shutdown() -> None:
-    """Leave the process group (at exit); harmless when none was joined. After a lost peer the group
-    is left as it is (tearing it down could wait on the dead peer): the process is about to exit."""
+def shutdown(completed: bool = False) -> None:
+    """Leave the process group (at exit); harmless when none was joined. After a command that
+    ``completed`` on every rank, the ranks first meet at a barrier, so that none tears its
+    connections down while a peer is still finishing (rank 0 writes the last files alone): a rank
+    that left early could see its peer close the sockets under it and abort at exit. After a lost
+    peer the group is left as it is (tearing it down could wait on the dead peer): the process is
+    about to exit."""
     if is_initialized() and not _broken:
         with contextlib.suppress(Exception):
+            if completed and world_size() > 1:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -70,7 +70,7 @@ section "3. ddpm train (--precision auto) and a resume"
 "$PY" -c "import numpy as np; shape = tuple(int(s) for s in '$SHAPE'.split(',')); \
 np.savez('$OUT/data.npz', images=np.random.default_rng(0).integers(0, 256, (2048, *shape), dtype=np.uint8))"
 rm -rf "$OUT/run" "$OUT/ddp"
-common=(--preset "$PRESET" --data "$OUT/data.npz" --batch-size "$TRAIN_BATCH" --log-every 10 --num-samples 16
+common=(--preset "$PRESET" --data "$OUT/data.npz" --batch-size "$TRAIN_BATCH" --log-every 10 --num-images 16
         --device "$DEVICE")
 "$PY" -m ddpm train "${common[@]}" --steps "$RUN_STEPS" --checkpoint-every "$RUN_STEPS" --out "$OUT/run"
 "$PY" -m ddpm train --resume "$OUT/run" --steps "$RESUME_STEPS"

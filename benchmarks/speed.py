@@ -4,9 +4,11 @@ For each preset asked for, on the current device, and for each configuration ("r
 
 * FLOPs per image of one forward pass and of one training step (forward + backward), counted
   with ``torch.utils.flop_counter`` (matrix multiplies, convolutions, attention);
-* the matrix-multiply rate of this machine, measured in the same process: the best of several
-  matrix shapes (squares and the im2col shapes of the preset's 3x3 convolutions), in the row's
-  precision. "MFU" = achieved FLOP/s / that rate;
+* the dense rate of this machine, measured in the same process and in the row's precision: the
+  best of square matrix multiplies, the im2col multiplies of the preset's 3x3 convolutions and
+  those convolutions themselves (on a CPU, ``torch.mm`` and ``conv2d`` run in different libraries,
+  MKL and oneDNN, whose rates differ by up to 2.7x on an AMD EPYC). "MFU" = achieved FLOP/s / that
+  rate (the "matmul" column);
 * training images/s: forward, MSE loss on the noise, backward, optimizer step (Adam), at a fixed
   batch size; sampling images/s: forward passes under ``torch.inference_mode``;
 * peak memory: ``ru_maxrss`` of the process on the CPU (every measurement runs in a subprocess of
@@ -134,37 +136,73 @@ def diffusers_unet(cfg):
                        downsample_padding=1, dropout=cfg.dropout)
 
 
-def gemm_shapes(cfg, batch_size: int) -> list[tuple[int, int, int]]:
-    """(M, K, N) of square multiplies and of the im2col form of the preset's 3x3 convolutions."""
-    shapes = [(n, n, n) for n in (1024, 2048, 4096)]
+def dense_kernels(cfg, batch_size: int) -> list[tuple]:
+    """The yardstick's kernels: square ``torch.mm`` multiplies, the im2col multiplies of the preset's
+    3x3 convolutions, and those convolutions themselves in both memory formats.
+
+    The convolutions are there because on a CPU ``torch.mm`` and ``conv2d`` are served by different
+    libraries (MKL's GEMM and oneDNN): on an AMD EPYC MKL's fp32 GEMM reached 96-172 GFLOP/s where
+    oneDNN's 3x3 convolution reached 404-471, so a multiply-only yardstick put the U-Net above 100%."""
+    kernels: list[tuple] = [("mm", n, n, n) for n in (1024, 2048, 4096)]
     h, w = cfg.image_size
     for level, mult in enumerate(cfg.dim_mults):
-        ch = cfg.dim * mult
-        shapes.append((batch_size * (h >> level) * (w >> level), 9 * ch, ch))
-    return shapes
+        ch, hl, wl = cfg.dim * mult, h >> level, w >> level
+        kernels.append(("mm", batch_size * hl * wl, 9 * ch, ch))
+        kernels += [("conv3x3", batch_size, ch, hl, wl, layout) for layout in ("nchw", "channels-last")]
+    return kernels
 
 
-def matmul_rate(device, dtype, shapes, seconds: float = 1.0) -> tuple[float, tuple[int, int, int]]:
-    """The best FLOP/s of ``torch.mm`` over ``shapes`` (each timed for about ``seconds``), and its shape."""
+def kernel_flops(kernel: tuple) -> int:
+    """Multiply-add FLOPs of one call: 2 M K N, with a 3x3 convolution counted as its im2col multiply."""
+    if kernel[0] == "mm":
+        _, m, k, n = kernel
+        return 2 * m * k * n
+    _, b, ch, h, w, _ = kernel
+    return 2 * (b * h * w) * (9 * ch) * ch
+
+
+def kernel_name(kernel: tuple) -> str:
+    if kernel[0] == "mm":
+        return "mm {}x{}x{}".format(*kernel[1:])
+    return "conv3x3 {}x{}x{}x{} {}".format(*kernel[1:])
+
+
+def matmul_rate(device, dtype, kernels, seconds: float = 1.0) -> tuple[float, str]:
+    """The best FLOP/s over ``kernels`` (each timed for about ``seconds``) and that kernel's name: the
+    dense rate this machine's libraries reach in ``dtype``, against which MFU is reported."""
     import torch
+    import torch.nn.functional as F
 
-    best_rate, best_shape = 0.0, None
-    for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
-        for _ in range(2):
-            a @ b
-        sync(device)
-        best, start = float("inf"), time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            a @ b
+    best_rate, best_kernel = 0.0, None
+    for kernel in kernels:
+        if kernel[0] == "mm":
+            a = torch.randn(kernel[1], kernel[2], device=device, dtype=dtype)
+            b = torch.randn(kernel[2], kernel[3], device=device, dtype=dtype)
+
+            def call():
+                return a @ b
+        else:
+            _, n, ch, h, w, layout = kernel
+            fmt = torch.channels_last if layout == "channels-last" else torch.contiguous_format
+            x = torch.randn(n, ch, h, w, device=device, dtype=dtype).contiguous(memory_format=fmt)
+            weight = torch.randn(ch, ch, 3, 3, device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+            def call():
+                return F.conv2d(x, weight, padding=1)
+        with torch.no_grad():
+            for _ in range(2):
+                call()
             sync(device)
-            best = min(best, time.perf_counter() - t0)
-        rate = 2 * m * k * n / best
+            best, start = float("inf"), time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                t0 = time.perf_counter()
+                call()
+                sync(device)
+                best = min(best, time.perf_counter() - t0)
+        rate = kernel_flops(kernel) / best
         if rate > best_rate:
-            best_rate, best_shape = rate, (m, k, n)
-    return best_rate, best_shape
+            best_rate, best_kernel = rate, kernel_name(kernel)
+    return best_rate, best_kernel
 
 
 def sync(device) -> None:
@@ -275,7 +313,7 @@ def report(row: Row, prep: dict, times: list[float], args, *, rate: float, shape
             "batch_size": args.batch_size, "threads": args.threads, "device": str(args.device),
             "precision": prep["precision"], "channels_last": prep["channels_last"], "compiled": row.compile,
             "compile_s": compile_s, "fused_adam": prep["fused_adam"], "parameters": prep["parameters"],
-            "gflop_per_image": flops / 1e9, "matmul_gflops": rate / 1e9, "matmul_shape": shape,
+            "gflop_per_image": flops / 1e9, "matmul_gflops": rate / 1e9, "matmul_kernel": shape,
             "seconds_per_step": median, "images_per_s": images_per_s,
             "achieved_gflops": flops * images_per_s / 1e9, "mfu": flops * images_per_s / rate,
             "peak_memory_mib": None if peak is None else peak / 2 ** 20}
@@ -294,7 +332,7 @@ def worker(args) -> dict:
         timed(prep, device)
     times = [timed(prep, device) for _ in range(args.steps)]
     peak = peak_memory_bytes(device)               # before the yardstick's matrices add to the high-water mark
-    rate, shape = matmul_rate(device, prep["dtype"], gemm_shapes(prep["cfg"], args.batch_size), args.matmul_seconds)
+    rate, shape = matmul_rate(device, prep["dtype"], dense_kernels(prep["cfg"], args.batch_size), args.matmul_seconds)
     return report(row, prep, times, args, rate=rate, shape=shape, peak=peak,
                   compile_s=first if row.compile else None)
 
@@ -317,7 +355,7 @@ def interleaved(args, rows: list[Row]) -> list[dict]:
     rates = {}
     for prep in preps:
         if prep["dtype"] not in rates:
-            rates[prep["dtype"]] = matmul_rate(device, prep["dtype"], gemm_shapes(prep["cfg"], args.batch_size),
+            rates[prep["dtype"]] = matmul_rate(device, prep["dtype"], dense_kernels(prep["cfg"], args.batch_size),
                                                args.matmul_seconds)
     return [report(row, prep, t, args, rate=rates[prep["dtype"]][0], shape=rates[prep["dtype"]][1], peak=None,
                    compile_s=c if row.compile else None)

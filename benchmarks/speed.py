@@ -303,7 +303,7 @@ def timed(prep: dict, device) -> float:
     return time.perf_counter() - start
 
 
-def report(row: Row, prep: dict, times: list[float], args, *, rate: float, shape, peak: float | None,
+def report(row: Row, prep: dict, times: list[float], args, *, rate: float, kernel: str, peak: float | None,
            compile_s: float | None) -> dict:
     times = sorted(times)
     median = times[len(times) // 2]
@@ -313,7 +313,7 @@ def report(row: Row, prep: dict, times: list[float], args, *, rate: float, shape
             "batch_size": args.batch_size, "threads": args.threads, "device": str(args.device),
             "precision": prep["precision"], "channels_last": prep["channels_last"], "compiled": row.compile,
             "compile_s": compile_s, "fused_adam": prep["fused_adam"], "parameters": prep["parameters"],
-            "gflop_per_image": flops / 1e9, "matmul_gflops": rate / 1e9, "matmul_kernel": shape,
+            "gflop_per_image": flops / 1e9, "matmul_gflops": rate / 1e9, "matmul_kernel": kernel,
             "seconds_per_step": median, "images_per_s": images_per_s,
             "achieved_gflops": flops * images_per_s / 1e9, "mfu": flops * images_per_s / rate,
             "peak_memory_mib": None if peak is None else peak / 2 ** 20}
@@ -332,8 +332,8 @@ def worker(args) -> dict:
         timed(prep, device)
     times = [timed(prep, device) for _ in range(args.steps)]
     peak = peak_memory_bytes(device)               # before the yardstick's matrices add to the high-water mark
-    rate, shape = matmul_rate(device, prep["dtype"], dense_kernels(prep["cfg"], args.batch_size), args.matmul_seconds)
-    return report(row, prep, times, args, rate=rate, shape=shape, peak=peak,
+    rate, kernel = matmul_rate(device, prep["dtype"], dense_kernels(prep["cfg"], args.batch_size), args.matmul_seconds)
+    return report(row, prep, times, args, rate=rate, kernel=kernel, peak=peak,
                   compile_s=first if row.compile else None)
 
 
@@ -357,7 +357,7 @@ def interleaved(args, rows: list[Row]) -> list[dict]:
         if prep["dtype"] not in rates:
             rates[prep["dtype"]] = matmul_rate(device, prep["dtype"], dense_kernels(prep["cfg"], args.batch_size),
                                                args.matmul_seconds)
-    return [report(row, prep, t, args, rate=rates[prep["dtype"]][0], shape=rates[prep["dtype"]][1], peak=None,
+    return [report(row, prep, t, args, rate=rates[prep["dtype"]][0], kernel=rates[prep["dtype"]][1], peak=None,
                    compile_s=c if row.compile else None)
             for row, prep, t, c in zip(rows, preps, times, compile_s)]
 

@@ -120,8 +120,8 @@ def shutdown(completed: bool = False) -> None:
     about to exit."""
     if is_initialized() and not _broken:
         with contextlib.suppress(Exception):
-            if completed and world_size() > 1:
-                dist.barrier()
+            if completed:
+                barrier("leaving the process group")
             dist.destroy_process_group()
 
 

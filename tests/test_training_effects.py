@@ -224,3 +224,20 @@ def test_self_conditioning_feeds_the_first_passs_clamped_x0_to_the_samples_whose
         torch.testing.assert_close(x0_prev[coin], x0_pred, rtol=1e-4, atol=1e-5)
         assert torch.equal(x0_prev[~coin], torch.zeros_like(x0_prev[~coin]))
     assert 0 < chosen < 16, chosen
+
+
+def test_the_mnist_recipe_trains_with_min_snr_weighting_through_the_cli(tmp_path):
+    """``ddpm train --preset mnist`` with no loss option: the weights that reach the loss are min-SNR-5's."""
+    from ddpm.cli import main
+
+    data = tmp_path / "one.npz"
+    np.savez(data, images=np.repeat(IMAGE[None], 16, axis=0))
+    argv = ["train", "--preset", "mnist", "--data", str(data), "--timesteps", str(T), "--steps", "1",
+            "--batch-size", "8", "--warmup-steps", "0", "--num-images", "2", "--checkpoint-every", "0",
+            "--device", "cpu", "--precision", "fp32", "--quiet", "--out", str(tmp_path / "run")]
+    with no_sample_grids(), spy_network() as calls:
+        assert main(argv) == 0
+    (call,) = training_calls(calls)
+    snr = SCHEDULE.snr.double()[call.t]
+    assert float(snr.max()) > 5.0, snr                        # the clip must bite for the test to mean anything
+    torch.testing.assert_close(loss_weights(call), snr.clamp(max=5.0) / snr, rtol=1e-4, atol=0)

@@ -265,6 +265,31 @@ def test_preset_recipe_is_the_papers_cifar10_run(capsys, random_cifar_npz):
     assert config["model"]["dropout"] == 0.1
 
 
+@pytest.fixture
+def random_28px_npz(tmp_path) -> str:
+    path = tmp_path / "gray28.npz"
+    np.savez(path, images=np.random.default_rng(0).integers(0, 256, (128, 28, 28), dtype=np.uint8))
+    return str(path)
+
+
+@pytest.mark.parametrize("preset", [["--preset", "mnist"], []], ids=["mnist-preset", "chosen-for-the-data"])
+def test_the_mnist_recipe_weights_the_loss_by_min_snr_unless_told_otherwise(capsys, random_28px_npz, preset):
+    config = dry_run(capsys, *preset, "--data", random_28px_npz)
+    assert config["preset"] == "mnist"
+    assert (config["diffusion"]["loss_weighting"], config["diffusion"]["min_snr_gamma"]) == ("min-snr", 5.0)
+    config = dry_run(capsys, *preset, "--data", random_28px_npz, "--loss-weighting", "uniform")
+    assert config["diffusion"]["loss_weighting"] == "uniform"
+    # L_vlb alone has no mean squared error to weight: the recipe's weighting gives way to it...
+    config = dry_run(capsys, *preset, "--data", random_28px_npz, "--loss", "vlb")
+    assert (config["diffusion"]["loss"], config["diffusion"]["loss_weighting"]) == ("vlb", "uniform")
+    # ...while asking for both is still refused.
+    assert main(["train", "--device", "cpu", "--dry-run", *preset, "--data", random_28px_npz, "--loss", "vlb",
+                 "--loss-weighting", "min-snr"]) == 2
+    assert "loss weighting" in capsys.readouterr().err
+    # The other presets keep the paper's uniform L_simple.
+    assert dry_run(capsys, "--preset", "digits", "--data", random_28px_npz)["diffusion"]["loss_weighting"] == "uniform"
+
+
 def test_toml_overrides_the_recipe_and_flags_override_both(tmp_path, capsys, random_cifar_npz):
     config_file = write_toml(tmp_path / "c.toml", "[train]\nlr = 0.0001\nwarmup_steps = 10\n[data]\nhflip = false\n")
     config = dry_run(capsys, "--preset", "cifar10", "--data", random_cifar_npz, "--config", config_file)

@@ -8,7 +8,9 @@ same data always gets the same run (:func:`choose`):
   ``celebahq256`` above; a preset whose levels do not halve the image evenly gives way to the
   next smaller one that does;
 * the steps from :data:`STEPS` by s and the number of images, the batch no larger than the
-  dataset, the learning rate of the preset's own recipe, warm-up at most a tenth of the steps.
+  dataset, the learning rate of the preset's own recipe, warm-up at most a tenth of the steps;
+  the recipe's diffusion options (the ``mnist`` recipe's min-SNR weighting) come with the preset
+  (:func:`ddpm.config.resolve_train_config`).
 
 :func:`estimate_seconds_per_step` times a few training steps of the chosen model on the
 device, for the estimate printed with the choice; it is not part of the choice.

@@ -202,6 +202,20 @@ def test_auto_on_a_cpu_follows_the_probe_and_caches_its_verdict_per_machine(prob
     assert len(json.loads(cache_path().read_text())) == 2
 
 
+def test_the_machine_key_tells_apart_processors_that_share_a_model_name(tmp_path):
+    """Virtual machines may name two processor generations alike ("AMD EPYC"): family and model decide."""
+    def cpuinfo(family: int, model: int) -> str:
+        path = tmp_path / f"cpuinfo-{family}-{model}"
+        processor = (f"processor\t: {{}}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+                     "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n")
+        path.write_text(processor.format(0) + processor.format(1))
+        return str(path)
+
+    zen4, zen5 = machine_key(cpuinfo(25, 17)), machine_key(cpuinfo(26, 2))
+    assert zen4 != zen5 and zen4 == machine_key(cpuinfo(25, 17))
+    assert zen4.startswith("AMD EPYC (family 25, model 17) | avx2 avx512f avx512_bf16 | torch ")
+
+
 def test_bf16_must_beat_fp32_by_a_margin_and_needs_onednn_kernels(probed, monkeypatch, tmp_path):
     probed.speedup = BF16_MIN_SPEEDUP * 0.98
     assert cpu_verdict(cache_dir=tmp_path / "a")["precision"] == "fp32"

@@ -213,18 +213,20 @@ _FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile
           "asimd", "bf16", "sve", "sve2", "sme")
 
 
-def machine_key() -> str:
+def machine_key(cpuinfo: str = "/proc/cpuinfo") -> str:
     """What the verdict depends on: the processor model, its relevant flags and the torch version."""
-    model, flags = _cpu_model_and_flags()
+    model, flags = _cpu_model_and_flags(cpuinfo)
     present = [flag for flag in _FLAGS if flag in flags]
     return f"{model} | {' '.join(present) or 'no listed flags'} | torch {torch.__version__}"
 
 
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    """The first processor's model name and flags in /proc/cpuinfo (Linux), else the platform's name."""
+def _cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """The first processor's model name (with its x86 family and model numbers: a virtual machine
+    may name two generations alike, "AMD EPYC") and flags in ``cpuinfo`` (Linux), else the
+    platform's name."""
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 if not line.strip() and fields:
                     break
@@ -234,6 +236,8 @@ def _cpu_model_and_flags() -> tuple[str, set[str]]:
         pass
     model = (fields.get("model name") or fields.get("Hardware") or fields.get("CPU part")
              or platform.processor() or platform.machine())
+    if "cpu family" in fields and "model" in fields:
+        model += f" (family {fields['cpu family']}, model {fields['model']})"
     return model, set((fields.get("flags") or fields.get("Features") or "").split())
 
 

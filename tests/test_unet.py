@@ -207,6 +207,26 @@ def test_same_padding_is_tensorflows_one_zero_row_and_column_after():
     assert not torch.allclose(same(x), symmetric(x))
 
 
+@pytest.mark.parametrize("size", [(4, 4), (3, 5)])
+def test_upsampling_is_nearest_neighbour_then_a_3x3_convolution_values_and_gradients(size):
+    """The folded transposed convolution computes the paper's upsampling exactly (float64)."""
+    from ddpm.models.unet import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(3).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = up(x)
+    y_ref = up.conv(torch.nn.functional.interpolate(x_ref, scale_factor=2.0, mode="nearest"))
+    assert y.shape == (2, 3, 2 * size[0], 2 * size[1])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, up.conv.weight, up.conv.bias], g)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, up.conv.weight, up.conv.bias], g)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
+
+
 def test_configs_saved_before_the_new_fields_keep_the_old_network():
     old = {k: v for k, v in preset_config("digits").to_dict().items() if k not in ("norm_eps", "downsample_padding")}
     config = UnetConfig.from_dict(old)

@@ -162,7 +162,8 @@ def _add_train(sub) -> None:
     g.add_argument("--timesteps", type=_timesteps, help="T (default 1000)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
     g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
-    g.add_argument("--loss-weighting", choices=("uniform", "min-snr"), help="default uniform (L_simple); the mnist recipe: min-snr (gamma 5)")
+    g.add_argument("--loss-weighting", choices=("uniform", "min-snr"),
+                   help="default uniform (L_simple); the mnist recipe: min-snr (gamma 5)")
     g.add_argument("--dropout", type=float, help="dropout rate in the residual blocks")
     g.add_argument("--variance", choices=("posterior", "beta", "learned-range"),
                    help="reverse-process variance: beta-tilde or beta (fixed), or learned-range (Nichol & Dhariwal "

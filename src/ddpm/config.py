@@ -21,7 +21,7 @@ from .schedules import SCHEDULES
 from .timestep_sampling import TIMESTEP_SAMPLINGS
 
 __all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "SamplingConfig", "RunConfig", "DEFAULT_PRESET_FOR_DATA",
-           "RECIPES", "recipe_layer", "INIT_MAY_CHANGE", "resolve_init_config", "per_process_batch", "build_model", "load_toml", "merge_layers",
+           "RECIPES", "merge_over_recipe", "INIT_MAY_CHANGE", "resolve_init_config", "per_process_batch", "build_model", "load_toml", "merge_layers",
            "dataset_num_classes", "resolve_train_config", "checkpoint_global_batch", "RESUME_MAY_CHANGE",
            "resume_config", "check_model_options", "model_bytes", "training_bytes_at_least",
            "check_training_memory", "MAX_TIMESTEPS", "MAX_IMAGE_SIDE", "MAX_DIM", "SEED_LIMIT"]
@@ -516,15 +516,16 @@ RECIPES: dict[str, dict[str, dict]] = {
 }
 
 
-def recipe_layer(preset: str | None, *layers: dict) -> dict:
-    """The ``preset``'s recipe as the lowest layer below ``layers`` (file, options): a copy of
-    :data:`RECIPES`, less a recipe loss weighting that the chosen ``loss = vlb`` has no use for (the
-    bound is not a weighted mean squared error), so ``--loss vlb`` works with every preset."""
+def merge_over_recipe(preset: str | None, *layers: dict) -> dict:
+    """``layers`` (checkpoint, file, options) merged over the ``preset``'s recipe, the lowest layer.
+    A recipe loss weighting gives way to a chosen ``loss = vlb``, which has no use for it (the bound
+    is not a weighted mean squared error), so ``--loss vlb`` works with every preset."""
+    given = merge_layers(*layers)
     recipe = {section: dict(options) for section, options in RECIPES.get(preset, {}).items()}
-    chosen = merge_layers({}, *layers).get("diffusion", {})
+    chosen = given.get("diffusion", {})
     if chosen.get("loss") == "vlb" and "loss_weighting" not in chosen:
         recipe.get("diffusion", {}).pop("loss_weighting", None)
-    return recipe
+    return merge_layers(recipe, given)
 
 
 # [train] keys that may also be written as the command line spells their options (``--num-images``,
@@ -645,7 +646,7 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     for key in ("image_size", "channels"):
         if key in file_layer.get("model", {}):
             raise ConfigError(f"{config_file}: set {key} under [data]; the model takes it from the data")
-    merged = merge_layers(recipe_layer(preset, file_layer, flags), file_layer, flags)
+    merged = merge_over_recipe(preset, file_layer, flags)
     data_cfg, diffusion_cfg, train_cfg = _sections(merged)
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
                         image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
@@ -655,8 +656,10 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
 
         choice = choose(data.image_size, data.channels, data.num_images)
         preset = choice.preset
-        chosen = {"train": choice.train, "diffusion": recipe_layer(preset, file_layer, flags).get("diffusion", {})}
-        _, diffusion_cfg, train_cfg = _sections(merge_layers(chosen, file_layer, flags))
+        # The chosen preset's recipe brings its diffusion options; its train options are the choice's.
+        diffusion = merge_over_recipe(preset, file_layer, flags).get("diffusion", {})
+        _, diffusion_cfg, train_cfg = _sections(merge_layers({"train": choice.train}, file_layer, flags,
+                                                             {"diffusion": diffusion}))
     if data.path is not None:                # the run finds its data from any directory, and knows it again
         data_cfg = replace(data_cfg, name=data.path, fingerprint=data.fingerprint())
     model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
@@ -725,7 +728,7 @@ def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str
                       conditional=conditional)
     base = {"diffusion": saved.to_dict()["diffusion"],
             "data": {"image_size": saved.model.image_size, "channels": saved.model.channels}}
-    merged = merge_layers(recipe_layer(saved.preset, base, file_layer, flags), base, file_layer, flags)
+    merged = merge_over_recipe(saved.preset, base, file_layer, flags)
     try:
         data_cfg = DataConfig(**merged.get("data", {}))
         diffusion_cfg = DiffusionConfig(**merged.get("diffusion", {}))

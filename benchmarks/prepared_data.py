@@ -2,7 +2,7 @@
 
 Four measurements, each printed as a table:
 
-* ``prepare``: images/s of :func:`ddpm.prepared.prepare_dataset` on a folder of JPEGs (synthetic
+* ``prepare``: images/s of :func:`ddpm.data.prepare.prepare_dataset` on a folder of JPEGs (synthetic
   photos of 512x384, made from scikit-learn's two sample photos, shifted and noised so no two
   files are alike), at each ``--prepare-sizes`` (cover resize + center crop), with
   ``--workers`` decoding threads.
@@ -52,7 +52,7 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> None:
 
 
 def bench_prepare(work: Path, count: int, sizes: list[int], workers: int) -> list[tuple]:
-    from ddpm.prepared import prepare_dataset
+    from ddpm.data.prepare import prepare_dataset
 
     source = work / "jpegs"
     make_jpegs(source, count)
@@ -69,7 +69,7 @@ def bench_read(work: Path, size: int, megabytes: int, batch_size: int, seconds: 
     """Images/s of random-order batches read from a memory map and converted for the network."""
     from numpy.lib.format import open_memmap
 
-    from ddpm.data import to_tensor
+    from ddpm.pixels import to_tensor
 
     n = max(batch_size * 4, megabytes * 1_000_000 // (size * size * 3))
     path = work / f"read-{size}.npy"
@@ -125,7 +125,7 @@ def write_synthetic_prepared(folder: Path, num_images: int, size: int) -> None:
     """A prepared dataset of ``num_images`` grey ``size`` x ``size`` images of cheap pseudo-random pixels."""
     from numpy.lib.format import open_memmap
 
-    from ddpm import prepared
+    from ddpm.data import prepare, prepared
 
     folder.mkdir(parents=True)
     images = open_memmap(folder / prepared.IMAGES_FILE, mode="w+", dtype=np.uint8, shape=(num_images, size, size, 1))
@@ -135,7 +135,7 @@ def write_synthetic_prepared(folder: Path, num_images: int, size: int) -> None:
         chunk[:] = tile[:len(chunk)] ^ np.uint8(start // len(tile) % 256)     # no two chunks alike
     images.flush()
     del images
-    prepared._write_description(folder, None, {"data": "synthetic", "root": None, "split": None}, None, 0)
+    prepare._write_description(folder, None, {"data": "synthetic", "root": None, "split": None}, None, 0)
 
 
 def peak_rss_anon(command: list[str]) -> tuple[int, float]:

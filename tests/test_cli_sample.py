@@ -12,7 +12,8 @@ from PIL import Image
 
 import ddpm
 from ddpm.cli import main
-from ddpm.data import load_dataset, to_uint8
+from ddpm.data import load_dataset
+from ddpm.pixels import to_uint8
 from ddpm.generate import (interpolate, load_diffusion, load_image, progressive_frames, progressive_grid,
                            sampling_options)
 from ddpm.samplers import DEFAULT_SAMPLING

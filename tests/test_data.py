@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import DATASET_NAMES, ImageData, load_dataset, to_tensor, to_uint8
+from ddpm.data import DATASET_NAMES, ImageData, load_dataset
+from ddpm.pixels import to_tensor, to_uint8
 from ddpm.errors import ConfigError, DataError
 
 MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"

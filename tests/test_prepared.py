@@ -12,11 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm import data as data_module
-from ddpm import prepared
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import main
-from ddpm.data import load_dataset
+from ddpm.data import image_files, load_dataset, prepare, prepared, sources
+from ddpm.data.image_data import dataset_fingerprint
 
 TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-images", "2", "--quiet"]
 
@@ -65,7 +64,7 @@ def test_prepare_writes_what_the_in_memory_loader_loads(tmp_path, folder, capsys
     assert description["source"]["data"] == str(folder.resolve())
     assert description["resize"]["image_size"] == [16, 12] and description["resize"]["channels"] == 3
     assert description["skipped_files"] == 1
-    assert description["fingerprint"] == prepared.dataset_fingerprint(in_memory.images, in_memory.labels)
+    assert description["fingerprint"] == dataset_fingerprint(in_memory.images, in_memory.labels)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["photos", "prepared"]   # no temporary left
 
 
@@ -87,9 +86,9 @@ def test_an_existing_output_folder_is_refused_and_kept(tmp_path, capsys):
 
 
 def test_interrupted_preparation_resumes_without_decoding_done_rows_again(tmp_path, folder, monkeypatch):
-    monkeypatch.setattr(prepared, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(prepare, "CHUNK_ROWS", 4)
     decoded: list[str] = []
-    real_load = data_module._load_image_file
+    real_load = image_files.load_image_file
 
     def load_then_interrupt(path, channels):
         if len(decoded) == 6:               # in the second chunk: the first four rows are on disk
@@ -98,9 +97,9 @@ def test_interrupted_preparation_resumes_without_decoding_done_rows_again(tmp_pa
         return real_load(path, channels)
 
     out = tmp_path / "prepared"
-    monkeypatch.setattr(data_module, "_load_image_file", load_then_interrupt)
+    monkeypatch.setattr(prepare, "load_image_file", load_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        prepared.prepare_dataset(folder, out, image_size=10, channels=3, workers=1)
+        prepare.prepare_dataset(folder, out, image_size=10, channels=3, workers=1)
     assert not out.exists() and (tmp_path / ".prepared.partial").is_dir()
     first_run = list(decoded)
     decoded.clear()
@@ -109,8 +108,8 @@ def test_interrupted_preparation_resumes_without_decoding_done_rows_again(tmp_pa
         decoded.append(Path(path).parent.name + "/" + Path(path).name)
         return real_load(path, channels)
 
-    monkeypatch.setattr(data_module, "_load_image_file", load_and_record)
-    result = prepared.prepare_dataset(folder, out, image_size=10, channels=3, workers=1)
+    monkeypatch.setattr(prepare, "load_image_file", load_and_record)
+    result = prepare.prepare_dataset(folder, out, image_size=10, channels=3, workers=1)
     assert result.resumed_rows == 4
     assert set(first_run[:4]).isdisjoint(decoded) and len(decoded) == 13 - 4
     np.testing.assert_array_equal(np.load(out / "images.npy"), load_dataset(folder, image_size=10).images)
@@ -118,7 +117,7 @@ def test_interrupted_preparation_resumes_without_decoding_done_rows_again(tmp_pa
 
 
 def test_a_prepared_folder_is_read_lazily_from_a_read_only_memory_map(tmp_path):
-    prepared.prepare_dataset("digits", tmp_path / "digits")
+    prepare.prepare_dataset("digits", tmp_path / "digits")
     dataset = load_dataset(tmp_path / "digits")          # a folder holding dataset.json is prepared
     assert isinstance(dataset.images, np.memmap) and not dataset.images.flags.writeable
     expected = load_dataset("digits")
@@ -129,7 +128,7 @@ def test_a_prepared_folder_is_read_lazily_from_a_read_only_memory_map(tmp_path):
 
 @pytest.fixture
 def prepared_digits(tmp_path) -> Path:
-    prepared.prepare_dataset("digits", tmp_path / "digits")
+    prepare.prepare_dataset("digits", tmp_path / "digits")
     return tmp_path / "digits"
 
 
@@ -169,9 +168,9 @@ def test_a_dataset_prepared_at_another_size_is_refused(prepared_digits, capsys):
 
 
 def test_a_large_folder_is_refused_before_decoding(tmp_path, folder, capsys, monkeypatch):
-    monkeypatch.setattr(prepared, "available_memory", lambda: 10_000)
+    monkeypatch.setattr(image_files, "available_memory", lambda: 10_000)
     decoded = []
-    monkeypatch.setattr(data_module, "_load_image_file", lambda *args: decoded.append(args))
+    monkeypatch.setattr(sources, "load_image_file", lambda *args: decoded.append(args))
     code, line = cli_error(capsys, "train", "--data", str(folder), "--preset", "digits", "--image-size", "32",
                            "--channels", "3", "--out", str(tmp_path / "run"), *TINY)
     # 13 files x 32 x 32 x 3 bytes = 39936 bytes > 10000 available
@@ -180,10 +179,10 @@ def test_a_large_folder_is_refused_before_decoding(tmp_path, folder, capsys, mon
 
 
 def test_the_size_estimate_reads_headers_only(folder):
-    paths = data_module._find_image_files(folder)
-    assert prepared.estimate_folder_bytes(paths, (32, 32), 3) == 13 * 32 * 32 * 3
+    paths = image_files.find_image_files(folder)
+    assert image_files.estimate_folder_bytes(paths, (32, 32), 3) == 13 * 32 * 32 * 3
     per_image = [h * w for h, w in ((20 + i, 24 + 2 * i) for i in range(6))]
-    estimate = prepared.estimate_folder_bytes(paths, None, None)
+    estimate = image_files.estimate_folder_bytes(paths, None, None)
     assert estimate == 13 * int(np.mean(per_image * 2)) * 3     # the broken file's header is not counted
 
 

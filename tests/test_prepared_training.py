@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ddpm import prepared
+from ddpm.data import prepared
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.cli import main
 from ddpm.train import EpochOrder, StopSignals

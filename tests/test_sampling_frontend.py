@@ -21,7 +21,7 @@ from ddpm.config import DiffusionConfig, RunConfig, TrainConfig, build_model
 from ddpm.diffusion import from_model_range
 from ddpm.generate import (generate, interpolate, load_diffusion, progressive_frames, progressive_grid,
                            sampling_options)
-from ddpm.data import to_uint8
+from ddpm.pixels import to_uint8
 from ddpm.models import preset_config
 from ddpm.seeding import derive_seed
 

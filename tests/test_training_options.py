@@ -25,7 +25,8 @@ import ddpm.train
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, split_prefix
 from ddpm.cli import main
 from ddpm.config import DiffusionConfig, RunConfig, TrainConfig, build_model
-from ddpm.data import CIFAR10_RECORD, ImageData
+from ddpm.data import ImageData
+from ddpm.data.sources import CIFAR10_RECORD
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.images import make_grid, side_by_side
 from ddpm.models import Unet, preset_config

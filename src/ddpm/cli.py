@@ -578,13 +578,13 @@ def cmd_invert(args) -> int:
 
 def _to_uint8_batch(images):
     """[N, C, H, W] float in [0, 1] -> uint8 [N, H, W, C]."""
-    from .data import to_uint8
+    from .pixels import to_uint8
 
     return to_uint8(images.cpu())
 
 
 def cmd_prepare(args) -> int:
-    from .prepared import prepare_dataset
+    from .data.prepare import prepare_dataset
 
     if args.image_size is not None and len(args.image_size) not in (1, 2):
         raise ConfigError("--image-size takes N or H W")

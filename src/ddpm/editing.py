@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import to_uint8
+from .pixels import to_uint8
 from .diffusion import from_model_range, to_model_range
 from .errors import ConfigError, DataError
 from .precision import autocast

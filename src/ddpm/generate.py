@@ -416,7 +416,8 @@ def load_image(spec: str, image_size: tuple[int, int], channels: int, *,
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from .data import load_dataset, to_tensor
+    from .data import load_dataset
+    from .pixels import to_tensor
     from .errors import DataError
 
     source, _, index = spec.rpartition(":")

@@ -56,7 +56,7 @@ from .losses import Loss, make_loss
 from .pixels import uint8_to_unit as to_tensor_on_device   # its earlier name here
 from .plots import line_chart
 from .precision import autocast, channels_last, check_precision, resolve_precision
-from .prepared import BatchPrefetcher
+from .data.prepared import BatchPrefetcher
 from .seeding import derive_seed
 from .timestep_sampling import ImportanceSampler
 

@@ -82,7 +82,7 @@ def forward_strips(images: np.ndarray, steps: Sequence[int], *, schedule: str = 
     Image k uses the same noise at every step and for every schedule (drawn from ``seed``), so
     strips differ only by how much of x_0 the schedule keeps.
     """
-    from .data import to_tensor, to_uint8
+    from .pixels import to_tensor, to_uint8
     from .diffusion import from_model_range, q_sample, to_model_range
     from .schedules import NoiseSchedule
 

@@ -49,7 +49,7 @@ if "DDPM_TEST_KILL_RANK" in os.environ and os.environ["RANK"] == os.environ["DDP
 
 rows_read: dict[int, list[int]] = {}
 if "DDPM_TEST_ROWS_DIR" in os.environ:
-    from ddpm.prepared import BatchPrefetcher
+    from ddpm.data.prepared import BatchPrefetcher
 
     def get(self, step, _get=BatchPrefetcher.get):
         x, y = _get(self, step)

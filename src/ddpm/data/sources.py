@@ -17,38 +17,29 @@ Where the data comes from (``load_dataset(data, ...)``):
 Dataset names take precedence over paths: write ``./mnist`` to load a folder
 called ``mnist``.
 
-Pixels stay uint8 in memory; :func:`to_tensor` turns one batch into float32 NCHW in
-[0, 1] and :func:`to_uint8` turns model output back into uint8 NHWC.
-
-:func:`dataset_fingerprint` identifies a dataset cheaply at any size (image count, image
-shape, a hash of a fixed sample of images), so that a run can recognise its data after
-the files were moved or copied, and refuse other data.
+Pixels stay uint8 in memory (:mod:`ddpm.pixels` maps them to and from tensors).
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import struct
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from .errors import ConfigError, DataError
-from .pixels import to_tensor, to_uint8        # re-exported: the pixel mappings live in ddpm.pixels
-
-__all__ = ["ImageData", "DATASET_NAMES", "SPLITS", "IMAGE_EXTENSIONS", "load_dataset", "data_source",
-           "dataset_fingerprint", "fingerprint_difference", "check_same_dataset", "class_index", "to_tensor", "to_uint8"]
+from ..errors import ConfigError, DataError
+from .image_files import (check_folder_fits_in_memory, check_same_size, class_labels, find_image_files,
+                          image_to_array, load_image_file, resize_and_convert, MODE_FOR_CHANNELS)
+from .image_data import ImageData, check_channels, check_split, parse_image_size
+from .prepared import is_prepared, open_prepared
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
-SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 DIGITS_TRAIN_SIZE = 1500  # digits[:1500] is "train", digits[1500:] (297 images) is "test"
 DIGITS_MAX_VALUE = 16
@@ -70,61 +61,6 @@ CLASS_NAMES = {
                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
 
-MODE_FOR_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}
-# Folder images in these modes load as one channel when ``channels`` is None.
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-# Grey modes with more than 8 bits per pixel, which Pillow's "L" conversion would clip.
-HIGH_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-
-FINGERPRINT_SAMPLE = 64   # images hashed by dataset_fingerprint
-FINGERPRINT_SEED = 0      # seed of the generator that picks them
-
-_BICUBIC = getattr(Image, "Resampling", Image).BICUBIC  # Image.Resampling exists from Pillow 9.1
-_LUMA_CHUNK = 4096  # images per chunk when converting RGB to grey, to bound the uint32 scratch
-
-
-@dataclass
-class ImageData:
-    """A dataset in memory: ``images`` uint8 [N, H, W, C], ``labels`` int64 [N] or None.
-
-    ``class_names[k]`` names label k (subfolder names, an .npz's ``class_names``, or the
-    built-in datasets' classes); ``path`` is the absolute path a folder or .npz was read
-    from (None for a dataset loaded by name).
-    """
-
-    images: np.ndarray
-    labels: np.ndarray | None
-    name: str
-    class_names: list[str] | None = None
-    skipped: list[str] = field(default_factory=list)   # "path: reason" of each unreadable file left out
-    path: str | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError("ImageData.images must be a uint8 numpy array of shape [N, H, W, C]")
-        if self.labels is not None and not (isinstance(self.labels, np.ndarray) and self.labels.dtype == np.int64
-                                            and self.labels.shape == (len(self.images),)):
-            raise ValueError(f"ImageData.labels must be an int64 numpy array of shape [{len(self.images)}] or None")
-
-    @property
-    def num_images(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width)."""
-        return self.images.shape[1], self.images.shape[2]
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[3]
-
-    def fingerprint(self) -> dict:
-        """:func:`dataset_fingerprint` of these images and labels."""
-        return dataset_fingerprint(self.images, self.labels)
-
-
-# ----------------------------------------------------------------------------- public entry point
 
 def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None = None, split: str = "train",
                  image_size: int | tuple[int, int] | None = None, channels: int | None = None,
@@ -154,9 +90,9 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
         ConfigError: ``split``, ``channels`` or ``image_size`` is not a valid value.
         DataError: the files are missing, empty, corrupt or of the wrong shape.
     """
-    _check_split(split)
-    _check_channels(channels)
-    size = _parse_image_size(image_size)
+    check_split(split)
+    check_channels(channels)
+    size = parse_image_size(image_size)
     if isinstance(data, str) and data in DATASET_NAMES:
         if data == "digits":
             dataset = _load_digits(split)
@@ -164,21 +100,19 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
             dataset = _load_cifar10(data_root, split)
         else:
             dataset = _load_idx_dataset(data, data_root, split)
-        return _resize_and_convert(dataset, size, channels)
+        return resize_and_convert(dataset, size, channels)
     if isinstance(data, str) and not data:
         raise ConfigError(f"no dataset given: pass one of {', '.join(DATASET_NAMES)} or a path")
     path = Path(data)
     if not path.exists():
         raise DataError(f"no such file or directory: {path} (dataset names are {', '.join(DATASET_NAMES)})")
     if path.is_dir():
-        from .prepared import is_prepared, open_prepared   # a folder holding dataset.json is prepared
-
         if is_prepared(path):
             dataset = open_prepared(path, image_size=size, channels=channels)
         else:
             dataset = _load_image_folder(path, size, channels, strict)
     elif path.suffix.lower() == ".npz":
-        dataset = _resize_and_convert(_load_npz(path), size, channels)
+        dataset = resize_and_convert(_load_npz(path), size, channels)
     else:
         raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
     return replace(dataset, path=data_source(data))
@@ -194,108 +128,6 @@ def data_source(data: str | os.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(os.fspath(data)))
 
 
-# ----------------------------------------------------------------------------- fingerprints
-
-def dataset_fingerprint(images: np.ndarray, labels: np.ndarray | None = None) -> dict:
-    """Image count, image shape and a content hash that identify a dataset, cheaply at any size.
-
-    ``images`` is any array indexable by row (in memory or memory-mapped) of shape [N, ...].
-    The hash is SHA-256 over the count, shape and dtype, then the bytes of
-    :data:`FINGERPRINT_SAMPLE` rows (all rows when there are fewer) picked by a generator
-    seeded with :data:`FINGERPRINT_SEED`, with their labels when ``labels`` is given. Only
-    those rows are read, so the cost does not grow with N. Returns a JSON-able dict:
-    ``{"num_images": N, "image_shape": [H, W, C], "sample_sha256": hex}``.
-    """
-    n = len(images)
-    digest = hashlib.sha256(f"{n}|{list(images.shape[1:])}|{images.dtype}|{labels is not None}|".encode())
-    for i in _fingerprint_rows(n):
-        digest.update(np.ascontiguousarray(images[i]).tobytes())
-        if labels is not None:
-            digest.update(int(labels[i]).to_bytes(8, "little", signed=True))
-    return {"num_images": n, "image_shape": [int(side) for side in images.shape[1:]],
-            "sample_sha256": digest.hexdigest()}
-
-
-def _fingerprint_rows(n: int) -> list[int]:
-    if n <= FINGERPRINT_SAMPLE:
-        return list(range(n))
-    rows = np.random.default_rng(FINGERPRINT_SEED).choice(n, FINGERPRINT_SAMPLE, replace=False)
-    return sorted(int(i) for i in rows)
-
-
-def fingerprint_difference(recorded: dict, found: dict) -> str | None:
-    """What differs between two fingerprints, in words (None when they match)."""
-    if recorded["num_images"] != found["num_images"]:
-        return f"the image count differs ({recorded['num_images']} recorded, {found['num_images']} found)"
-    if list(recorded["image_shape"]) != list(found["image_shape"]):
-        return (f"the image shape (H x W x C) differs ({_format_shape(recorded['image_shape'])} recorded, "
-                f"{_format_shape(found['image_shape'])} found)")
-    if recorded["sample_sha256"] != found["sample_sha256"]:
-        return (f"the content differs (the hash of up to {FINGERPRINT_SAMPLE} sampled images and their labels: "
-                f"{recorded['sample_sha256'][:12]} recorded, {found['sample_sha256'][:12]} found)")
-    return None
-
-
-def check_same_dataset(recorded: dict | None, data: ImageData) -> None:
-    """Refuse ``data`` (one line naming what differs) unless it has the ``recorded`` fingerprint."""
-    if recorded is None:
-        return
-    difference = fingerprint_difference(recorded, data.fingerprint())
-    if difference:
-        raise DataError(f"{data.path or data.name} is not the dataset this run trained on: {difference}")
-
-
-def _format_shape(shape) -> str:
-    return "x".join(str(side) for side in shape)
-
-
-# ----------------------------------------------------------------------------- class names
-
-def class_index(spec: str | int, class_names: list[str] | None, num_classes: int) -> int:
-    """The label of class ``spec``: one of ``class_names``, else an index in 0..num_classes-1.
-
-    A name wins over an index, so a folder class called ``"7"`` is found by its name.
-    """
-    import difflib
-
-    text = str(spec)
-    if class_names and text in class_names:
-        return class_names.index(text)
-    if text.lstrip("-").isdigit():
-        index = int(text)
-        if not 0 <= index < num_classes:
-            raise ConfigError(f"class {index} is out of range: this model has classes 0..{num_classes - 1}")
-        return index
-    if not class_names:
-        raise ConfigError(f"unknown class {text!r}: this model's classes have no names; give an index "
-                          f"0..{num_classes - 1}")
-    close = difflib.get_close_matches(text, class_names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
-    raise ConfigError(f"unknown class {text!r}{hint}; the classes are {shown}, or an index 0..{num_classes - 1}")
-
-
-# ----------------------------------------------------------------------------- option checks
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-
-
-def _check_channels(channels: int | None) -> None:
-    if channels is not None and (isinstance(channels, bool) or channels not in MODE_FOR_CHANNELS):
-        raise ConfigError(f"channels must be 1, 3 or 4, got {channels!r}")
-
-
-def _parse_image_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
-    """An int H means (H, H); returns (height, width) or None."""
-    if image_size is None:
-        return None
-    size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if not (isinstance(size, (tuple, list)) and len(size) == 2
-            and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in size)):
-        raise ConfigError(f"image_size must be a positive int or a (height, width) pair, got {image_size!r}")
-    return tuple(size)
 
 
 # ----------------------------------------------------------------------------- digits
@@ -489,15 +321,13 @@ def _load_image_folder(root: Path, size: tuple[int, int] | None, channels: int |
     Files are decoded by a pool of threads (Pillow releases the GIL while decoding). An
     unreadable file is an error with ``strict``, else left out and listed in ``skipped``.
     """
-    from .prepared import check_folder_fits_in_memory
-
-    paths = _find_image_files(root)
+    paths = find_image_files(root)
     check_folder_fits_in_memory(root, paths, size, channels)    # refused before any decoding
-    labels, class_names = _class_labels(root, paths)
+    labels, class_names = class_labels(root, paths)
 
     def load(path: Path) -> np.ndarray | DataError:
         try:
-            return _image_to_array(_load_image_file(path, channels), size)
+            return image_to_array(load_image_file(path, channels), size)
         except DataError as exc:
             if strict:
                 raise
@@ -513,125 +343,9 @@ def _load_image_folder(root: Path, size: tuple[int, int] | None, channels: int |
     paths, arrays = [paths[i] for i in good], [results[i] for i in good]
     labels = labels[good] if labels is not None else None
     if size is None:
-        _check_same_size(root, paths, arrays)
+        check_same_size(root, paths, arrays)
     if channels is None and any(array.shape[-1] == 3 for array in arrays):
         arrays = [np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array for array in arrays]
     return ImageData(np.stack(arrays), labels, str(root), class_names, skipped)
 
 
-def _find_image_files(root: Path) -> list[Path]:
-    paths = [path for path in root.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-    if not paths:
-        raise DataError(f"{root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return sorted(paths, key=lambda path: path.relative_to(root).parts)
-
-
-def _class_labels(root: Path, paths: list[Path]) -> tuple[np.ndarray | None, list[str] | None]:
-    """Labels from the first folder under ``root``; none if any image lies directly in ``root``."""
-    first_parts = [path.relative_to(root).parts for path in paths]
-    if any(len(parts) == 1 for parts in first_parts):
-        return None, None
-    class_names = sorted({parts[0] for parts in first_parts})
-    index = {name: i for i, name in enumerate(class_names)}
-    return np.array([index[parts[0]] for parts in first_parts], dtype=np.int64), class_names
-
-
-def _load_image_file(path: Path, channels: int | None) -> Image.Image:
-    """Decode one image (EXIF orientation applied) into mode L, RGB or RGBA.
-
-    With ``channels`` None the mode is L for grey images and RGB otherwise.
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        if image.mode in HIGH_DEPTH_MODES:
-            image = Image.fromarray(_high_depth_to_uint8(np.asarray(image), image.mode, path))
-        target_mode = MODE_FOR_CHANNELS[channels] if channels else ("L" if image.mode in GREY_MODES else "RGB")
-        return image.convert(target_mode)
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image file {path}: it is corrupt or not an image Pillow can read") from exc
-
-
-def _high_depth_to_uint8(pixels: np.ndarray, mode: str, path: Path) -> np.ndarray:
-    """16-bit grey is scaled to 0..255; 32-bit int / float grey must already lie in 0..255."""
-    if mode.startswith("I;16"):
-        return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
-        raise DataError(f"image {path} (mode {mode}) has values outside 0..255; convert it to 8-bit first")
-    return np.rint(pixels).astype(np.uint8)
-
-
-def _image_to_array(image: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
-    """Optionally resize + center-crop, then return uint8 [H, W, C]."""
-    if size is not None:
-        image = _cover_and_center_crop(image, size)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
-
-
-def _check_same_size(root: Path, paths: list[Path], arrays: list[np.ndarray]) -> None:
-    first_shape = arrays[0].shape[:2]
-    for path, array in zip(paths, arrays):
-        if array.shape[:2] != first_shape:
-            raise DataError(f"images in {root} differ in size ({paths[0].name} is {_format_size(first_shape)}, "
-                            f"{path.name} is {_format_size(array.shape[:2])}); pass --image-size to resize them")
-
-
-def _format_size(size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]} (HxW)"
-
-
-# ----------------------------------------------------------------------------- resizing and channels
-
-def _cover_and_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Scale (bicubic) so the image covers ``size`` = (H, W), then crop its center to exactly that."""
-    height, width = size
-    scale = max(height / image.height, width / image.width)
-    new_width = max(width, round(image.width * scale))
-    new_height = max(height, round(image.height * scale))
-    if (new_width, new_height) != image.size:
-        image = image.resize((new_width, new_height), _BICUBIC)
-    left = (new_width - width) // 2
-    top = (new_height - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-def _resize_and_convert(dataset: ImageData, size: tuple[int, int] | None, channels: int | None) -> ImageData:
-    """Apply ``image_size`` and ``channels`` to an in-memory dataset, image by image, in uint8."""
-    images = dataset.images
-    if size is not None and images.shape[1:3] != size:
-        images = _resize_images(images, size)
-    if channels is not None and images.shape[-1] != channels:
-        images = _convert_channels(images, channels)
-    return replace(dataset, images=images)
-
-
-def _resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    num_channels = images.shape[-1]
-    resized = np.empty((len(images), *size, num_channels), dtype=np.uint8)
-    for i, pixels in enumerate(images):
-        image = Image.fromarray(pixels[..., 0] if num_channels == 1 else pixels)
-        resized[i] = np.asarray(_cover_and_center_crop(image, size)).reshape(*size, num_channels)
-    return resized
-
-
-def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """1 <-> 3 <-> 4 channels: grey repeats, colour to grey is luma, alpha dropped or set to 255."""
-    if channels == 1:
-        return _luma(images[..., :3])
-    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :3]
-    if channels == 3:
-        return np.ascontiguousarray(rgb)
-    alpha = np.full((*images.shape[:-1], 1), 255, dtype=np.uint8)
-    return np.concatenate([rgb, alpha], axis=-1)
-
-
-def _luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma, L = R 299/1000 + G 587/1000 + B 114/1000, in Pillow's fixed point."""
-    grey = np.empty((*rgb.shape[:-1], 1), dtype=np.uint8)
-    for start in range(0, len(rgb), _LUMA_CHUNK):
-        block = rgb[start:start + _LUMA_CHUNK].astype(np.uint32)
-        weighted = block[..., 0] * 19595 + block[..., 1] * 38470 + block[..., 2] * 7471 + 0x8000
-        grey[start:start + _LUMA_CHUNK, ..., 0] = weighted >> 16
-    return grey

@@ -4,6 +4,7 @@ sizes; training on a prepared dataset gives the weights of training on the same 
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -74,6 +75,46 @@ def test_strict_makes_an_unreadable_file_an_error_and_writes_nothing(tmp_path, f
                            "--channels", "3", "--strict")
     assert code == 3 and "zz-broken-0.png" in line
     assert not out.exists()
+
+
+def full_disk(monkeypatch, after: int = 0) -> None:
+    """Fault injection: the disk is full from the (after+1)-th block allocation of a new array on."""
+    calls = []
+
+    def fallocate(fd, offset, length):
+        calls.append(length)
+        if len(calls) > after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prepare.os, "posix_fallocate", fallocate)
+
+
+@pytest.mark.parametrize("source", ["digits", "folder"])
+def test_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, folder, capsys, monkeypatch, source):
+    """The arrays' blocks are allocated before they are memory-mapped for writing: a full disk is
+    then an error line, not a SIGBUS, and neither the output nor a temporary folder is left."""
+    out = tmp_path / "prepared"
+    full_disk(monkeypatch)
+    data = "digits" if source == "digits" else str(folder)
+    code, line = cli_error(capsys, "prepare", "--data", data, "--out", str(out), "--image-size", "8",
+                           "--channels", "3")
+    assert code == 2 and "No space left on device" in line and str(out) in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["photos"]
+
+
+def test_a_full_disk_after_the_start_keeps_the_resumable_rows(tmp_path, folder, capsys, monkeypatch):
+    """Full while compacting (after every row was decoded): the temporary folder and its plan stay, and the
+    same command, with space again, resumes without decoding anything."""
+    out = tmp_path / "prepared"
+    full_disk(monkeypatch, after=2)         # images and row states allocated; the compacted copy fails
+    code, line = cli_error(capsys, "prepare", "--data", str(folder), "--out", str(out), "--image-size", "8",
+                           "--channels", "3")
+    assert code == 2 and "resumes" in line and not out.exists()
+    monkeypatch.undo()
+    decoded = []
+    monkeypatch.setattr(prepare, "load_image_file", lambda *args: decoded.append(args))
+    assert main(["prepare", "--data", str(folder), "--out", str(out), "--image-size", "8", "--channels", "3"]) == 0
+    assert decoded == [] and np.load(out / "images.npy").shape == (12, 8, 8, 3)
 
 
 def test_an_existing_output_folder_is_refused_and_kept(tmp_path, capsys):

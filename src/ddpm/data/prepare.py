@@ -9,6 +9,7 @@ temporary name beside it and renamed). :mod:`ddpm.data.prepared` describes the f
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputError
 from ..fileio import fsync_dir, write_json
 from .image_data import ImageData, check_channels, dataset_fingerprint, parse_image_size
 from .image_files import GREY_MODES, class_labels, find_image_files, image_to_array, load_image_file, read_header
@@ -33,6 +34,8 @@ DONE_FILE = "done.npy"         # in the temporary folder: uint8 [N], the state o
 ROW_TODO, ROW_DONE, ROW_FAILED = 0, 1, 2
 RESIZE_METHOD = "cover (bicubic) then center crop"
 CHUNK_ROWS = 256               # rows decoded, flushed and marked done together
+# A full, failing or read-only disk: one line, not a traceback.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG})
 
 
 @dataclass
@@ -61,6 +64,7 @@ def prepare_dataset(source: str | os.PathLike, out: str | os.PathLike, *, data_r
     Raises:
         ConfigError: ``out`` exists already, or an option is invalid.
         DataError: the source cannot be read (or, with ``strict``, one of its files).
+        OutputError: the disk is full or cannot be written; nothing appears under ``out``.
     """
     out = Path(out)
     if out.exists():
@@ -71,16 +75,44 @@ def prepare_dataset(source: str | os.PathLike, out: str | os.PathLike, *, data_r
     is_folder = not (isinstance(source, str) and source in DATASET_NAMES) and Path(source).is_dir()
     if is_folder and is_prepared(source):
         raise ConfigError(f"{source} is a prepared dataset already; train on it directly with --data {source}")
-    if is_folder:
-        result = _prepare_folder(Path(source), partial, size, channels, strict, workers, progress)
-    else:
-        dataset = load_dataset(source, data_root=data_root, split=split, image_size=size,
-                               channels=channels, strict=strict)
-        result = _prepare_in_memory(dataset, partial, _source_record(source, data_root, split), size)
+    try:
+        if is_folder:
+            result = _prepare_folder(Path(source), partial, size, channels, strict, workers, progress)
+        else:
+            dataset = load_dataset(source, data_root=data_root, split=split, image_size=size,
+                                   channels=channels, strict=strict)
+            result = _prepare_in_memory(dataset, partial, _source_record(source, data_root, split), size)
+    except OSError as exc:
+        _write_failed(exc, partial, out)
     os.replace(partial, out)
     fsync_dir(out.parent)
     result.path = out
     return result
+
+
+def _write_failed(exc: OSError, partial: Path, out: Path) -> None:
+    """Turn a full or failing disk into one line; keep a resumable temporary folder, drop any other."""
+    if exc.errno not in WRITE_ERRNOS or isinstance(exc, OutputError):
+        raise exc
+    resumable = (partial / PLAN_FILE).is_file()
+    if not resumable:
+        shutil.rmtree(partial, ignore_errors=True)
+    kept = (f"; the rows written so far are kept in {partial}, and the same command resumes there"
+            if resumable else "")
+    raise OutputError(f"cannot write the prepared dataset {out}: {exc.strerror or exc}{kept}") from None
+
+
+def _new_array(path: Path, shape: tuple, dtype=np.uint8) -> np.ndarray:
+    """A new ``.npy`` memory map whose disk blocks are allocated now.
+
+    A memory map over a sparse file on a full disk dies with SIGBUS when a page is written;
+    allocating every block first turns that into an ``OSError`` (ENOSPC) here, before any work.
+    """
+    array = open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+    return array
 
 
 def _source_record(source, data_root, split) -> dict:
@@ -94,7 +126,7 @@ def _prepare_in_memory(dataset: ImageData, partial: Path, source: dict, size) ->
     """Write a dataset that is in memory already; nothing to resume, so start afresh."""
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    images = open_memmap(partial / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=dataset.images.shape)
+    images = _new_array(partial / IMAGES_FILE, dataset.images.shape)
     images[:] = dataset.images
     images.flush()
     del images
@@ -153,10 +185,10 @@ def _resume_or_start(partial: Path, plan: dict) -> np.ndarray | None:
 def _start(partial: Path, plan: dict, shape: tuple, labels, skipped_early: dict[int, str]) -> np.ndarray:
     """Create the temporary folder: the full-size image array, the labels, the row states, the plan."""
     partial.mkdir(parents=True)
-    open_memmap(partial / IMAGES_FILE, mode="w+", dtype=np.uint8, shape=shape).flush()
+    _new_array(partial / IMAGES_FILE, shape).flush()
     if labels is not None:
         np.save(partial / LABELS_FILE, labels)
-    done = open_memmap(partial / DONE_FILE, mode="w+", dtype=np.uint8, shape=(shape[0],))
+    done = _new_array(partial / DONE_FILE, (shape[0],))
     done[list(skipped_early)] = ROW_FAILED
     done.flush()
     write_json(partial / PLAN_FILE, plan)       # last: only a complete start is ever resumed
@@ -248,8 +280,7 @@ def _compact(partial: Path, done: np.ndarray) -> tuple:
     images = np.load(partial / IMAGES_FILE, mmap_mode="r")
     if len(good) == len(images):
         return images.shape
-    compact = open_memmap(partial / f"compact-{IMAGES_FILE}", mode="w+", dtype=np.uint8,
-                          shape=(len(good), *images.shape[1:]))
+    compact = _new_array(partial / f"compact-{IMAGES_FILE}", (len(good), *images.shape[1:]))
     for start in range(0, len(good), CHUNK_ROWS):
         compact[start:start + CHUNK_ROWS] = images[good[start:start + CHUNK_ROWS]]
     compact.flush()

@@ -7,6 +7,7 @@ the files were moved or copied, and refuse other data.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -126,8 +127,6 @@ def class_index(spec: str | int, class_names: list[str] | None, num_classes: int
 
     A name wins over an index, so a folder class called ``"7"`` is found by its name.
     """
-    import difflib
-
     text = str(spec)
     if class_names and text in class_names:
         return class_names.index(text)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, OutputError
 from ..fileio import fsync_dir, write_json
@@ -237,8 +238,6 @@ def _decode_rows(paths, images: np.ndarray, done: np.ndarray, strict: bool, work
     A chunk's pixels are flushed to disk before its rows are marked done, so an interruption
     at any moment leaves only rows that are truly written marked as such.
     """
-    from tqdm.auto import tqdm
-
     _, height, width, channels = images.shape
     todo = np.flatnonzero(done == ROW_TODO)
     failures: dict[int, str] = {}

@@ -138,7 +138,7 @@ class BatchPrefetcher:
         self._pending: tuple[int, object] | None = None
 
     def _read(self, step: int):
-        import torch
+        import torch   # here: reading and checking a prepared dataset needs no torch
 
         rows = np.asarray(self.rows_for_step(step), dtype=np.int64)
         x = torch.from_numpy(read_rows(self.images, rows))

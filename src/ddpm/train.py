@@ -505,7 +505,7 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
         data = load_training_data(config)
     else:
         check_training_data(config, data, world)
-    lazy = isinstance(data.images, np.memmap)              # a prepared dataset stays on disk
+    lazy = data.lazy                                       # a prepared or Hub dataset stays on disk
     images = None if lazy else torch.from_numpy(data.images).to(device)
     labels = torch.from_numpy(data.labels).to(device) if config.conditional else None
     diffusion = build_diffusion(config).to(device)

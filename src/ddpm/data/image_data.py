@@ -24,7 +24,10 @@ FINGERPRINT_SEED = 0      # seed of the generator that picks them
 
 @dataclass
 class ImageData:
-    """A dataset in memory: ``images`` uint8 [N, H, W, C], ``labels`` int64 [N] or None.
+    """A dataset: ``images`` uint8 [N, H, W, C], ``labels`` int64 [N] or None.
+
+    ``images`` is a numpy array in memory, a memory map (a prepared dataset), or an array-like
+    that decodes the rows it is indexed with (a Hugging Face dataset): see :attr:`lazy`.
 
     ``class_names[k]`` names label k (subfolder names, an .npz's ``class_names``, or the
     built-in datasets' classes); ``path`` is the absolute path a folder or .npz was read
@@ -39,11 +42,16 @@ class ImageData:
     path: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, np.ndarray) or self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError("ImageData.images must be a uint8 numpy array of shape [N, H, W, C]")
+        if getattr(self.images, "dtype", None) != np.uint8 or getattr(self.images, "ndim", None) != 4:
+            raise ValueError("ImageData.images must be a uint8 array of shape [N, H, W, C]")
         if self.labels is not None and not (isinstance(self.labels, np.ndarray) and self.labels.dtype == np.int64
                                             and self.labels.shape == (len(self.images),)):
             raise ValueError(f"ImageData.labels must be an int64 numpy array of shape [{len(self.images)}] or None")
+
+    @property
+    def lazy(self) -> bool:
+        """Rows are read (or decoded) when indexed: the dataset is not held in memory."""
+        return isinstance(self.images, np.memmap) or not isinstance(self.images, np.ndarray)
 
     @property
     def num_images(self) -> int:

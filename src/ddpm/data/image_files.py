@@ -50,12 +50,18 @@ def load_image_file(path: Path, channels: int | None) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
-        if image.mode in HIGH_DEPTH_MODES:
-            image = Image.fromarray(_high_depth_to_uint8(np.asarray(image), image.mode, path))
-        target_mode = MODE_FOR_CHANNELS[channels] if channels else ("L" if image.mode in GREY_MODES else "RGB")
-        return image.convert(target_mode)
+        return convert_image(image, channels, path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image file {path}: it is corrupt or not an image Pillow can read") from exc
+
+
+def convert_image(image: Image.Image, channels: int | None, where) -> Image.Image:
+    """A decoded image in mode L, RGB or RGBA (``channels`` None: L for grey images, else RGB);
+    ``where`` names the image in errors."""
+    if image.mode in HIGH_DEPTH_MODES:
+        image = Image.fromarray(_high_depth_to_uint8(np.asarray(image), image.mode, where))
+    target_mode = MODE_FOR_CHANNELS[channels] if channels else ("L" if image.mode in GREY_MODES else "RGB")
+    return image.convert(target_mode)
 
 
 def _high_depth_to_uint8(pixels: np.ndarray, mode: str, path: Path) -> np.ndarray:

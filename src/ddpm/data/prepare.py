@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, DataError, OutputError
 from ..fileio import fsync_dir, write_json
 from .image_data import ImageData, check_channels, dataset_fingerprint, parse_image_size
+from .hub import is_hub_spec, is_saved_dataset
 from .image_files import GREY_MODES, class_labels, find_image_files, image_to_array, load_image_file, read_header
 from .prepared import DATASET_FILE, FORMAT, FORMAT_VERSION, IMAGES_FILE, LABELS_FILE, is_prepared
 from .sources import DATASET_NAMES, load_dataset
@@ -54,7 +55,8 @@ class PrepareResult:
 def prepare_dataset(source: str | os.PathLike, out: str | os.PathLike, *, data_root: str | None = None,
                     split: str = "train", image_size: int | tuple[int, int] | None = None,
                     channels: int | None = None, strict: bool = False, workers: int | None = None,
-                    progress: bool = False) -> PrepareResult:
+                    progress: bool = False, image_column: str | None = None,
+                    label_column: str | None = None) -> PrepareResult:
     """Decode ``source`` once into a prepared dataset at ``out`` (a new folder).
 
     ``source``, ``data_root``, ``split``, ``image_size``, ``channels`` and ``strict`` mean
@@ -73,7 +75,8 @@ def prepare_dataset(source: str | os.PathLike, out: str | os.PathLike, *, data_r
     check_channels(channels)
     size = parse_image_size(image_size)
     partial = out.with_name(f".{out.name}.partial")
-    is_folder = not (isinstance(source, str) and source in DATASET_NAMES) and Path(source).is_dir()
+    is_folder = (not (isinstance(source, str) and (source in DATASET_NAMES or is_hub_spec(source)))
+                 and Path(source).is_dir() and not is_saved_dataset(Path(source)))
     if is_folder and is_prepared(source):
         raise ConfigError(f"{source} is a prepared dataset already; train on it directly with --data {source}")
     try:
@@ -81,7 +84,8 @@ def prepare_dataset(source: str | os.PathLike, out: str | os.PathLike, *, data_r
             result = _prepare_folder(Path(source), partial, size, channels, strict, workers, progress)
         else:
             dataset = load_dataset(source, data_root=data_root, split=split, image_size=size,
-                                   channels=channels, strict=strict)
+                                   channels=channels, strict=strict, image_column=image_column,
+                                   label_column=label_column)
             result = _prepare_in_memory(dataset, partial, _source_record(source, data_root, split), size)
     except OSError as exc:
         _write_failed(exc, partial, out)
@@ -118,7 +122,7 @@ def _new_array(path: Path, shape: tuple, dtype=np.uint8) -> np.ndarray:
 
 def _source_record(source, data_root, split) -> dict:
     path = Path(source)
-    named = isinstance(source, str) and source in DATASET_NAMES
+    named = isinstance(source, str) and (source in DATASET_NAMES or is_hub_spec(source))
     return {"data": str(source) if named else str(path.resolve()),
             "root": str(Path(data_root).resolve()) if data_root else None, "split": split if named else None}
 
@@ -128,7 +132,8 @@ def _prepare_in_memory(dataset: ImageData, partial: Path, source: dict, size) ->
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     images = _new_array(partial / IMAGES_FILE, dataset.images.shape)
-    images[:] = dataset.images
+    for start in range(0, len(images), CHUNK_ROWS):         # chunks: a Hub dataset decodes as it is read
+        images[start:start + CHUNK_ROWS] = dataset.images[start:start + CHUNK_ROWS]
     images.flush()
     del images
     if dataset.labels is not None:

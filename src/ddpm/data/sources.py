@@ -37,6 +37,7 @@ from ..errors import ConfigError, DataError
 from .image_files import (check_folder_fits_in_memory, check_same_size, class_labels, find_image_files,
                           image_to_array, load_image_file, resize_and_convert, MODE_FOR_CHANNELS)
 from .image_data import ImageData, check_channels, check_split, parse_image_size
+from .hub import is_hub_spec, is_saved_dataset, load_hub_dataset
 from .prepared import is_prepared, open_prepared
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
@@ -64,8 +65,10 @@ CLASS_NAMES = {
 
 def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None = None, split: str = "train",
                  image_size: int | tuple[int, int] | None = None, channels: int | None = None,
-                 strict: bool = False) -> ImageData:
-    """Load a dataset by name (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``) or from a path.
+                 strict: bool = False, image_column: str | None = None,
+                 label_column: str | None = None) -> ImageData:
+    """Load a dataset by name (``digits``, ``mnist``, ``fashion-mnist``, ``cifar10``), from the
+    Hugging Face Hub (``hf:NAME[:CONFIG][@SPLIT]``) or from a path.
 
     Args:
         data: a name from :data:`DATASET_NAMES`, or a path to a ``.npz`` archive or a
@@ -85,6 +88,9 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
             else 3; other sources keep their own channels.
         strict: a folder image that cannot be decoded is an error; by default it is
             left out, and listed in ``ImageData.skipped``.
+        image_column, label_column: the columns of a Hugging Face dataset (``hf:...`` or a
+            ``save_to_disk`` folder) that hold the images and the labels; found when not given
+            (:mod:`ddpm.data.hub`). Its rows are decoded when read, never at start-up.
 
     Raises:
         ConfigError: ``split``, ``channels`` or ``image_size`` is not a valid value.
@@ -101,6 +107,9 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
         else:
             dataset = _load_idx_dataset(data, data_root, split)
         return resize_and_convert(dataset, size, channels)
+    if is_hub_spec(data):
+        return load_hub_dataset(data, split=split, image_size=size, channels=channels,
+                                image_column=image_column, label_column=label_column)
     if isinstance(data, str) and not data:
         raise ConfigError(f"no dataset given: pass one of {', '.join(DATASET_NAMES)} or a path")
     path = Path(data)
@@ -109,6 +118,9 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
     if path.is_dir():
         if is_prepared(path):
             dataset = open_prepared(path, image_size=size, channels=channels)
+        elif is_saved_dataset(path):
+            return load_hub_dataset(path, split=split, image_size=size, channels=channels,
+                                    image_column=image_column, label_column=label_column)
         else:
             dataset = _load_image_folder(path, size, channels, strict)
     elif path.suffix.lower() == ".npz":
@@ -119,11 +131,11 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
 
 
 def data_source(data: str | os.PathLike) -> str:
-    """``data`` as a run should record it: a dataset name unchanged, a path made absolute.
+    """``data`` as a run should record it: a dataset name (or Hub dataset) unchanged, a path made absolute.
 
     An absolute path keeps meaning the same files from any working directory.
     """
-    if isinstance(data, str) and data in DATASET_NAMES:
+    if isinstance(data, str) and (data in DATASET_NAMES or is_hub_spec(data)):
         return data
     return os.path.abspath(os.path.expanduser(os.fspath(data)))
 

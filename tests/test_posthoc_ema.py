@@ -213,3 +213,28 @@ def test_reconstruction_checkpoint_loads_like_any_checkpoint(tmp_path):
     assert meta["config"] == {"x": 1} and meta["step"] == 40 and meta["posthoc_ema"]["sigma_rel"] == 0.08
     assert all(torch.equal(loaded[f"ema.{k}"], v) for k, v in rec.state.items())
     assert all(torch.equal(loaded[k], v) for k, v in raw.items())
+
+
+def test_a_resumed_power_ema_continues_exactly():
+    def run(model, ema, ts, g):
+        for t in ts:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn(p.shape, generator=g))
+            ema.update(model, t)
+
+    model, g = tiny_model(), torch.Generator().manual_seed(4)
+    whole = PowerEMA(model, DEFAULT_GAMMAS)
+    run(model, whole, range(1, 61), g)
+    model, g = tiny_model(), torch.Generator().manual_seed(4)
+    first = PowerEMA(model, DEFAULT_GAMMAS)
+    run(model, first, range(1, 31), g)
+    resumed = PowerEMA(tiny_model(), DEFAULT_GAMMAS)
+    resumed.load_state_tensors(first.state_tensors(), "c")
+    run(model, resumed, range(31, 61), g)
+    for a, b in zip(whole.models, resumed.models):
+        assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    with pytest.raises(CheckpointError, match=r"^c holds 2 power EMA profile\(s\); this run keeps 3$"):
+        PowerEMA(tiny_model(), (*DEFAULT_GAMMAS, 3.0)).load_state_tensors(first.state_tensors(), "c")
+    with pytest.raises(ConfigError, match="gamma must be a finite number > 0"):
+        PowerEMA(tiny_model(), (6.94, 0.0))

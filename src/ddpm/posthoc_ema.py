@@ -206,9 +206,15 @@ def save_snapshot(run_dir: str | os.PathLike, step: int, power_ema: PowerEMA) ->
             "sigma_rels": list(power_ema.sigma_rels), "buffers": power_ema.buffer_names()}
     header = {"ddpm_ema_snapshot": json.dumps(info), "checksum": tensor_checksum(tensors)}
     path = snapshot_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp), metadata=header)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)          # safetensors creates files 0600; honour the umask, as checkpoints do
+
     try:
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        return atomic_write(path, write)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"could not save the EMA snapshot {path}: {exc}") from None
 

@@ -317,6 +317,8 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | float,
     dtype; buffers are those of the last snapshot used. Every length is checked before any file is read."""
     if isinstance(sigma_rels, (int, float)):
         sigma_rels = [sigma_rels]
+    if not sigma_rels:
+        raise ConfigError("give at least one sigma_rel to reconstruct")
     found = list_snapshots(run_dir)
     metas = [read_snapshot_meta(path) for _, path in found]
     for (s, path), info in zip(found, metas):

@@ -238,3 +238,10 @@ def test_a_resumed_power_ema_continues_exactly():
         PowerEMA(tiny_model(), (*DEFAULT_GAMMAS, 3.0)).load_state_tensors(first.state_tensors(), "c")
     with pytest.raises(ConfigError, match="gamma must be a finite number > 0"):
         PowerEMA(tiny_model(), (6.94, 0.0))
+
+
+def test_snapshots_of_different_models_are_refused(tmp_path):
+    save_snapshot(tmp_path, 10, PowerEMA(tiny_model()))
+    save_snapshot(tmp_path, 20, PowerEMA(nn.Sequential(nn.Linear(4, 5))))
+    with pytest.raises(CheckpointError, match="step-0000020.safetensors holds other weights than .*step-0000010"):
+        reconstruct(tmp_path, 0.07)

@@ -331,6 +331,10 @@ def reconstruct(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | float,
     column = 0
     for n, (path, info) in enumerate(used):
         profiles, _ = load_snapshot(path)
+        if n == 0:
+            names = profiles[0].keys()
+        elif profiles[0].keys() != names:
+            raise CheckpointError(f"{path} holds other weights than {used[0][0]}: not snapshots of one model")
         for j, state in enumerate(profiles):
             for plan, acc in zip(plans, sums):
                 x = plan.coefficients[column + j]

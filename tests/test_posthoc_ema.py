@@ -245,3 +245,31 @@ def test_snapshots_of_different_models_are_refused(tmp_path):
     save_snapshot(tmp_path, 20, PowerEMA(nn.Sequential(nn.Linear(4, 5))))
     with pytest.raises(CheckpointError, match="step-0000020.safetensors holds other weights than .*step-0000010"):
         reconstruct(tmp_path, 0.07)
+
+
+def test_a_reconstructed_checkpoint_samples_with_the_reconstruction(tmp_path):
+    from ddpm.config import DiffusionConfig, RunConfig
+    from ddpm.generate import load_diffusion
+    from ddpm.models import Unet, UnetConfig
+
+    config = RunConfig(preset="custom", model=UnetConfig(image_size=8, channels=1, dim=8, dim_mults=(1,),
+                       num_res_blocks=1, attention_resolutions=(), dropout=0.0, norm_groups=4),
+                       diffusion=DiffusionConfig(timesteps=25))
+    unet, g = Unet(config.model), torch.Generator().manual_seed(0)
+    ema = PowerEMA(unet)
+    for t in range(1, 31):
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        ema.update(unet, t)
+        if t % 10 == 0:
+            save_snapshot(tmp_path, t, ema)
+    save_checkpoint(tmp_path / "checkpoints" / "step-0000030.safetensors",
+                    {f"model.{k}": v for k, v in unet.state_dict().items()}, {"step": 30, "config": config.to_dict()})
+    (rec,) = reconstruct(tmp_path, 0.08)
+    out = save_checkpoint(tmp_path / "phema.safetensors", *reconstruction_checkpoint(tmp_path, rec))
+    diffusion, meta = load_diffusion(out, channels_last=False)
+    assert meta["posthoc_ema"]["sigma_rel"] == 0.08
+    assert all(torch.equal(v, rec.state[k]) for k, v in diffusion.model.state_dict().items())
+    raw, _ = load_diffusion(out, weights="raw", channels_last=False)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in raw.model.state_dict().items())

@@ -664,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()          # under torchrun: join the process group (a no-op otherwise)
         if distributed.world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"ddpm {args.command} runs in one process; start it without torchrun")
+        from .interop.hub import resolve_hub_args       # --checkpoint hf://OWNER/NAME: the downloaded file
+        resolve_hub_args(args)
         code = COMMANDS[args.command](args)
         sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's last flush
         return code

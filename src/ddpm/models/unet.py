@@ -13,6 +13,11 @@ Structure, as in the paper's reference implementation:
   stride-2 transposed convolution with the equivalent 4x4 kernel);
 * GroupNorm, SiLU and a 3x3 convolution to the output channels.
 
+Off by default, three options of OpenAI's improved-/guided-diffusion networks (Nichol & Dhariwal
+2021, Dhariwal & Nichol 2021; ``ddpm.interop.openai``): the embedding as a scale and shift after
+the second GroupNorm of each residual block, residual blocks that go down and up a level, and a
+constant factor on t before its embedding.
+
 The network sees only ``(x_t, t)``, plus an optional class label ``y``: ``t`` is the 0-based
 timestep index, never the schedule. With ``num_classes`` set, a learned class embedding is added
 to the timestep embedding (class-conditional model); index ``num_classes`` is the "no label"

@@ -78,6 +78,17 @@ def test_cli_reads_a_hub_checkpoint(cache, capsys):
     assert f"snapshots/{SHA_V1}/model.safetensors" in out
 
 
+def test_train_init_and_checkpoint_options_are_resolved(cache):
+    import argparse
+
+    args = argparse.Namespace(command="train", init="hf://me/digits@v1", checkpoint=None)
+    hub.resolve_hub_args(args)
+    assert read_metadata(args.init)["step"] == 7
+    args = argparse.Namespace(command="import", checkpoint="hf://me/digits")
+    hub.resolve_hub_args(args)
+    assert args.checkpoint == "hf://me/digits"                    # import resolves its own source
+
+
 def _one_line_error(capsys, argv) -> str:
     assert main(argv) != 0
     err = capsys.readouterr().err

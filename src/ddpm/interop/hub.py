@@ -154,10 +154,12 @@ def diffusers_snapshot(text: str, *, bare: bool = False) -> Path:
 
 
 def resolve_hub_args(args) -> None:
-    """Replace an ``hf://`` ``--checkpoint`` of any command but import by its local checkpoint file."""
-    value = getattr(args, "checkpoint", None)
-    if isinstance(value, str) and value.startswith(HUB_SCHEME) and args.command != "import":
-        args.checkpoint = resolve_checkpoint_source(value)
+    """Replace an ``hf://`` ``--checkpoint`` (any command but import) or ``--init`` (train) by its local
+    checkpoint file."""
+    for name in ("checkpoint", "init"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith(HUB_SCHEME) and args.command != "import":
+            setattr(args, name, resolve_checkpoint_source(value))
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, api=None) -> str:

@@ -391,15 +391,36 @@ def cmd_viz(args) -> int:
 def cmd_export(args) -> int:
     from .interop.diffusers import export_diffusers
 
+    if args.private and not args.push_to_hub:
+        raise ConfigError("--private applies to --push-to-hub OWNER/NAME; give that too")
     out = export_diffusers(args.checkpoint, args.out, weights=args.weights)
     print(f"wrote a diffusers DDPMPipeline folder to {out} ({args.weights} weights of {args.checkpoint})")
+    if args.push_to_hub:
+        from .interop.hub import push_to_hub
+
+        url = push_to_hub(out, args.push_to_hub, private=args.private)
+        print(f"uploaded it to {url}")
     return 0
 
 
 def cmd_import(args) -> int:
     from .interop.diffusers import import_diffusers
 
+    if args.format == "openai":
+        from .interop.openai import import_openai
+
+        source = _checkpoint_arg(args.folder, args.checkpoint, "the state dict to import")
+        if not args.flags:
+            raise ConfigError("--format openai needs --flags \"...\": the flags the model was built with")
+        print(f"wrote checkpoint {import_openai(source, args.out, args.flags)} from {source}")
+        return 0
+    if args.flags:
+        raise ConfigError("--flags applies to --format openai only")
     folder = _checkpoint_arg(args.folder, args.checkpoint, "the diffusers folder to import")
+    if folder.startswith("hf://"):
+        from .interop.hub import diffusers_snapshot
+
+        folder = str(diffusers_snapshot(folder))
     out = import_diffusers(folder, args.out)
     print(f"wrote checkpoint {out} from the diffusers folder {folder}")
     return 0
@@ -643,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.init()          # under torchrun: join the process group (a no-op otherwise)
         if distributed.world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"ddpm {args.command} runs in one process; start it without torchrun")
+        from .interop.hub import resolve_hub_args       # --checkpoint hf://OWNER/NAME: the downloaded file
+        resolve_hub_args(args)
         code = COMMANDS[args.command](args)
         sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's last flush
         return code

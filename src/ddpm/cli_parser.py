@@ -460,6 +460,10 @@ examples:
   ddpm import --checkpoint ddpm-cifar10-32/ --out imported/cifar10.safetensors      # the same
   ddpm sample --checkpoint imported/cifar10.safetensors --num-images 16 --out samples/cifar10
   ddpm eval --metric fast --checkpoint imported/mnist.safetensors --data mnist --data-root DIR
+  ddpm import --checkpoint hf://OWNER/NAME --out imported/hub.safetensors          # a Hub DDPMPipeline
+  ddpm import --format openai cifar10_uncond_50M_500K.pt --out imported/cifar10-openai.safetensors \
+      --flags "--image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 \
+               --diffusion_steps 4000 --noise_schedule cosine"
 """
 
 
@@ -478,6 +482,9 @@ def _add_export(sub) -> None:
                    help="a directory for the pipeline's files: new or empty (nothing is overwritten)")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema",
                    help="EMA (default, what ddpm sample uses) or raw weights")
+    p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="also upload the folder to this Hugging Face Hub "
+                                                              "model repository (created if absent; token from hf auth login)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
 
 
 def _add_import(sub) -> None:
@@ -488,9 +495,15 @@ def _add_import(sub) -> None:
                                    ".bin weights are refused, never loaded; so are architectures and schedules "
                                    "ddpm cannot express.",
                        epilog=EXAMPLES_IMPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", nargs="?", metavar="DIR", help="the pipeline folder (model_index.json, unet/, scheduler/)")
-    p.add_argument("--checkpoint", metavar="DIR", help="the same as DIR (give one of them)")
-    p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the source format (diffusers)")
+    p.add_argument("folder", nargs="?", metavar="SOURCE",
+                   help="diffusers: the pipeline folder (model_index.json, unet/, scheduler/) or hf://OWNER/NAME[@REV]; "
+                        "openai: the .pt state dict")
+    p.add_argument("--checkpoint", metavar="SOURCE", help="the same as SOURCE (give one of them)")
+    p.add_argument("--format", choices=("diffusers", "openai"), default="diffusers",
+                   help="the source format: diffusers (default) or openai (improved-/guided-diffusion .pt, read "
+                        "with torch.load(weights_only=True) only)")
+    p.add_argument("--flags", metavar="FLAGS", help="openai: the model and diffusion flags the model was built "
+                                                    "with, as one string (see docs/openai.md)")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="a file: the checkpoint to write (.safetensors; an existing file is refused)")
 

@@ -13,6 +13,11 @@ Structure, as in the paper's reference implementation:
   stride-2 transposed convolution with the equivalent 4x4 kernel);
 * GroupNorm, SiLU and a 3x3 convolution to the output channels.
 
+Off by default, three options of OpenAI's improved-/guided-diffusion networks (Nichol & Dhariwal
+2021, Dhariwal & Nichol 2021; ``ddpm.interop.openai``): the embedding as a scale and shift after
+the second GroupNorm of each residual block, residual blocks that go down and up a level, and a
+constant factor on t before its embedding.
+
 The network sees only ``(x_t, t)``, plus an optional class label ``y``: ``t`` is the 0-based
 timestep index, never the schedule. With ``num_classes`` set, a learned class embedding is added
 to the timestep embedding (class-conditional model); index ``num_classes`` is the "no label"
@@ -99,6 +104,13 @@ class UnetConfig:
     freq_shift: float = 1.0                       # frequencies exp(-ln(10000) i / (dim/2 - freq_shift))
     attention_head_dim: int | None = None         # channels per head, so wider levels get more heads;
                                                   # None: every attention layer has attention_heads heads
+    # Options of Nichol & Dhariwal 2021 and Dhariwal & Nichol 2021 (OpenAI's improved-diffusion and
+    # guided-diffusion networks, ddpm.interop.openai); the defaults leave the paper's network as it is.
+    use_scale_shift_norm: bool = False            # the embedding gives a scale and shift after the 2nd GroupNorm
+    resblock_updown: bool = False                 # go down / up a level with a residual block (average pooling /
+                                                  # nearest upsampling inside it) instead of a convolution
+    timestep_scale: float = 1.0                   # the embedding sees t * timestep_scale (improved-diffusion's
+                                                  # rescale_timesteps: 1000 / T)
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -153,6 +165,12 @@ class UnetConfig:
                 raise ConfigError(f"attention_head_dim must be a positive integer or None, got {d!r}")
             if self.attention_heads != 1:
                 raise ConfigError("set attention_heads or attention_head_dim, not both")
+        for name in ("use_scale_shift_norm", "resblock_updown"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        scale = self.timestep_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1e4:
+            raise ConfigError(f"timestep_scale must be a number in (0, 10000], got {scale!r}")
         for c in {self.dim * m for m in self.dim_mults}:
             if c % self.norm_groups:
                 raise ConfigError(f"channel count {c} is not divisible by norm_groups={self.norm_groups}")
@@ -297,25 +315,54 @@ def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.silu(norm(x), inplace=not torch.is_grad_enabled())
 
 
-class ResBlock(nn.Module):
-    """Residual block with the timestep embedding added between the two convolutions."""
+def resample(x: torch.Tensor, direction: str | None) -> torch.Tensor:
+    """x unchanged (None), nearest-neighbour x2 upsampled ("up") or 2x2 average-pooled ("down")."""
+    if direction == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.avg_pool2d(x, 2) if direction == "down" else x
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, eps: float = 1e-5):
+
+class ResBlock(nn.Module):
+    """Residual block with the timestep embedding added between the two convolutions.
+
+    ``scale_shift``: the embedding gives (scale, shift) and h = GroupNorm(h) (1 + scale) + shift
+    (Nichol & Dhariwal 2021's ``use_scale_shift_norm``). ``resample`` "up" / "down": the block
+    also changes the resolution, resampling both branches before its first convolution (Dhariwal
+    & Nichol 2021's ``resblock_updown``); such a block has as many channels out as in.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, eps: float = 1e-5,
+                 scale_shift: bool = False, resample: str | None = None):
         super().__init__()
+        self.scale_shift, self.resample = scale_shift, resample
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.dropout = Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.scale_shift or self.resample:
+            return self._forward_openai(x, emb)
         # The adds go in place: a convolution's backward pass needs its input, never its output.
         h = self.conv1(norm_silu(self.norm1, x))
         h += self.emb_proj(F.silu(emb))[:, :, None, None]
         h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         return h.add_(self.shortcut(x))
+
+    def _forward_openai(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(resample(norm_silu(self.norm1, x), self.resample))
+        x = resample(x, self.resample)
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(self.dropout(F.silu(h)))
+        return h + self.shortcut(x)
 
 
 class AttentionBlock(nn.Module):
@@ -404,6 +451,7 @@ class Unet(nn.Module):
         self.downsample_factor = cfg.downsample_factor
         self.in_channels = cfg.in_channels or cfg.channels
         ch, emb_dim, groups, eps = cfg.dim, cfg.dim * 4, cfg.norm_groups, cfg.norm_eps
+        ss = cfg.use_scale_shift_norm
         out_channels = cfg.out_channels or cfg.channels
 
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -417,30 +465,34 @@ class Unet(nn.Module):
         cur = ch
         for level, mult in enumerate(cfg.dim_mults):
             for _ in range(cfg.num_res_blocks):
-                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, groups, eps)]
+                blocks = [ResBlock(cur, ch * mult, emb_dim, cfg.dropout, groups, eps, ss)]
                 cur = ch * mult
                 if level in cfg.attention_levels:
                     blocks.append(AttentionBlock(cur, groups, cfg.heads(cur), eps))
                 self.down.append(nn.ModuleList(blocks))
                 skip_chs.append(cur)
             if level != len(cfg.dim_mults) - 1:
-                self.down.append(nn.ModuleList([Downsample(cur, cfg.downsample_padding)]))
+                self.down.append(nn.ModuleList([
+                    ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps, ss, "down") if cfg.resblock_updown
+                    else Downsample(cur, cfg.downsample_padding)]))
                 skip_chs.append(cur)
 
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps),
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps, ss),
                                   AttentionBlock(cur, groups, cfg.heads(cur), eps),
-                                  ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps)])
+                                  ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps, ss)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.dim_mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, emb_dim, cfg.dropout, groups, eps)]
+                blocks = [ResBlock(cur + skip_chs.pop(), ch * mult, emb_dim, cfg.dropout, groups, eps, ss)]
                 cur = ch * mult
                 if level in cfg.attention_levels:
                     blocks.append(AttentionBlock(cur, groups, cfg.heads(cur), eps))
                 self.up.append(nn.ModuleList(blocks))
             if level != 0:
-                self.up.append(nn.ModuleList([Upsample(cur)]))
+                self.up.append(nn.ModuleList([
+                    ResBlock(cur, cur, emb_dim, cfg.dropout, groups, eps, ss, "up") if cfg.resblock_updown
+                    else Upsample(cur)]))
 
         self.gradient_checkpointing = False     # recompute residual blocks in the backward pass
         self.norm_out = nn.GroupNorm(groups, cur, eps=eps)
@@ -483,6 +535,8 @@ class Unet(nn.Module):
         if x.shape[2] % self.downsample_factor or x.shape[3] % self.downsample_factor:
             raise ValueError(f"x is {x.shape[2]}x{x.shape[3]}; this network's height and width must be "
                              f"multiples of {self.downsample_factor}")
+        if self.config.timestep_scale != 1.0:
+            t = t.float() * self.config.timestep_scale
         emb = self.time_mlp(timestep_embedding(t, self.config.dim, flip_sin_to_cos=self.config.flip_sin_to_cos,
                                                freq_shift=self.config.freq_shift).to(x.dtype))
         if self.num_classes is not None:
@@ -498,7 +552,7 @@ class Unet(nn.Module):
             hs.append(h)
         h = self._run(self.mid, h, emb)
         for blocks in self.up:
-            if isinstance(blocks[0], ResBlock):
+            if isinstance(blocks[0], ResBlock) and blocks[0].resample is None:   # not a resampling block
                 h = torch.cat([h, hs.pop()], dim=1)
             h = self._run(blocks, h, emb)
         return self.conv_out(norm_silu(self.norm_out, h))

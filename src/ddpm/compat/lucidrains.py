@@ -27,6 +27,7 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..gaussian_diffusion import GaussianDiffusion as _GaussianDiffusion
@@ -34,7 +35,10 @@ from ..errors import ConfigError
 from ..models import Unet as _Unet
 from ..models import UnetConfig
 
-__all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "Trainer", "OBJECTIVES"]
+__all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "Trainer", "OBJECTIVES",
+           "Unet1D", "GaussianDiffusion1D", "Trainer1D", "Dataset1D", "LearnedGaussianDiffusion", "XMWrapper",
+           "WeightedObjectiveGaussianDiffusion", "ElucidatedDiffusion", "ContinuousTimeGaussianDiffusion",
+           "VParamContinuousTimeGaussianDiffusion", "KarrasUnet", "KarrasUnet1D", "KarrasUnet3D", "InvSqrtDecayLRSched"]
 
 
 class ArgumentError(ConfigError, TypeError):
@@ -195,6 +199,7 @@ class GaussianDiffusion(_GaussianDiffusion):
         for name, why in _DIFFUSION_NO_EQUIVALENT.items():
             if options.pop(name, False):
                 raise ArgumentError(f"GaussianDiffusion({name}=True) has no equivalent in ddpm: {why}")
+        _check_loss_type(options.pop("loss_type", "l2"))
         check_arguments("GaussianDiffusion", options, (*_DIFFUSION_NAMES, *_DIFFUSION_PROJECT_NAMES))
         if objective not in OBJECTIVES:
             raise ArgumentError(f"GaussianDiffusion(objective={objective!r}) must be one of "
@@ -248,6 +253,37 @@ class GaussianDiffusion(_GaussianDiffusion):
         images = sample_images(self, list(range(batch_size)), seed=seed, sampling=self.sampling_options(),
                                progress=progress)
         return images if self.auto_normalize else images * 2 - 1
+
+
+    def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, t: int | None = None, lam: float = 0.5):
+        """Images [B, C, H, W] in [0, 1] between ``x1`` and ``x2`` (each [B, C, H, W] in [0, 1]): both diffused
+        to step ``t`` (default T - 1) with the same noise, mixed as (1 - lam) x_t + lam x'_t and denoised by
+        the ancestral sampler over the t + 1 steps left (Ho et al. 2020, Sec. 4.3), through
+        :func:`ddpm.generate.interpolate`, pair by pair. ``lam`` must be k / n for some n <= 64."""
+        from ..generate import interpolate
+        from ..samplers import SamplingOptions
+
+        if x1.shape != x2.shape or x1.ndim != 4:
+            raise ArgumentError(f"interpolate takes two batches [B, C, H, W] of one shape; got {list(x1.shape)} "
+                                f"and {list(x2.shape)}")
+        t = self.timesteps - 1 if t is None else int(t)
+        n = next((n for n in range(1, 65) if abs(lam * n - round(lam * n)) < 1e-9), None)
+        if n is None or not 0 <= lam <= 1:
+            raise ArgumentError(f"interpolate(lam={lam!r}): lam must be k / n in [0, 1] with n <= 64 (the "
+                                f"interpolants here are n + 1 evenly spaced values of lam)")
+        images = (x1, x2) if self.auto_normalize else ((x1 + 1) / 2, (x2 + 1) / 2)
+        seed = int(torch.randint(2 ** 62, (1,)))
+        out = [interpolate(self, a, b, t=t, n_interp=n + 1, seed=seed, sampling=SamplingOptions(sampler="ddpm"))
+               [round(lam * n)] for a, b in zip(*images)]
+        mixed = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+        return mixed if self.auto_normalize else mixed * 2 - 1
+
+
+def _check_loss_type(loss_type) -> None:
+    """Earlier versions' ``loss_type``: 'l2' is the loss here (the mean squared error of Eq. 14); others are not."""
+    if loss_type != "l2":
+        raise ArgumentError(f"GaussianDiffusion(loss_type={loss_type!r}) has no equivalent in ddpm: the loss is the "
+                            f"mean squared error of Ho et al.'s Eq. 14; nearest: loss_type='l2' (or leave it out)")
 
 
 # ----------------------------------------------------------------------------- Trainer
@@ -449,3 +485,10 @@ def _sampling_config(diffusion):
     if not getattr(diffusion, "is_ddim_sampling", False):
         return None
     return SamplingConfig(sampler="ddim", steps=diffusion.sampling_timesteps, eta=float(diffusion.ddim_sampling_eta))
+
+
+from .lucidrains_variants import (ContinuousTimeGaussianDiffusion, ElucidatedDiffusion,  # noqa: E402
+                                  InvSqrtDecayLRSched, KarrasUnet, KarrasUnet1D, KarrasUnet3D,
+                                  LearnedGaussianDiffusion, VParamContinuousTimeGaussianDiffusion,
+                                  WeightedObjectiveGaussianDiffusion, XMWrapper)
+from .lucidrains_1d import Dataset1D, GaussianDiffusion1D, Trainer1D, Unet1D  # noqa: E402  (they build on the above)

@@ -34,6 +34,7 @@ from ..gaussian_diffusion import GaussianDiffusion as _GaussianDiffusion
 from ..errors import ConfigError
 from ..models import Unet as _Unet
 from ..models import UnetConfig
+from .lucidrains_fid import milestone_ends, milestone_fid
 
 __all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "Trainer", "OBJECTIVES",
            "Unet1D", "GaussianDiffusion1D", "Trainer1D", "Dataset1D", "LearnedGaussianDiffusion", "XMWrapper",
@@ -317,11 +318,12 @@ class Trainer:
     ``milestone * save_and_sample_every``, as lucidrains numbers them. ``amp=True`` is the
     device's mixed precision (fp16 with a gradient scaler on CUDA, bf16 elsewhere), or
     ``mixed_precision_type`` ('fp16', 'bf16', 'no'). ``convert_image_to`` ('L', 'RGB', 'RGBA')
-    must match the diffusion's channels. ``calculate_fid`` (on by default, as there) computes the
-    Inception FID of ``num_fid_samples`` EMA samples at each save, during training, when the
-    Inception network is installed (the training loop's ``eval_every``: logged to
-    ``metrics.jsonl`` and TensorBoard, printed, and kept in ``trainer.fid``); otherwise one warning
-    line and no FID. As there, training starts from the weights the diffusion's ``Unet`` holds
+    must match the diffusion's channels. ``calculate_fid`` (on by default, as there) computes, as there, the
+    Inception FID of ``num_fid_samples`` EMA samples at each milestone (every
+    ``save_and_sample_every`` steps, and at no other step), when the Inception network is installed:
+    the run stops at the milestone's checkpoint, scores it with a progress bar (SIGINT or SIGTERM
+    stop it at once), logs it to ``metrics.jsonl``, prints it, keeps it in ``trainer.fid`` and
+    resumes (:mod:`ddpm.compat.lucidrains_fid`); without the network, one warning line and no FID. As there, training starts from the weights the diffusion's ``Unet`` holds
     (they are saved to ``checkpoints/initial.safetensors`` and the run starts from that file,
     which its ``config.json`` names), and when ``train()`` returns that ``Unet`` holds the final
     raw weights and ``trainer.ema.ema_model`` the moving average.
@@ -371,18 +373,12 @@ class Trainer:
                             ema_decay=float(ema_decay) ** (1.0 / ema_update_every), grad_clip=float(max_grad_norm),
                             precision=_precision(amp, mixed_precision_type), checkpoint_every=every,
                             sample_every=every, milestone_every=every, num_samples=num_samples,
-                            adam_betas=adam_betas, **self._fid_options())
+                            adam_betas=adam_betas)
         model = replace(diffusion.model.config, image_size=tuple(diffusion.image_size))
         data = DataConfig(name=data_source(folder), image_size=tuple(diffusion.image_size), channels=channels,
                           hflip=bool(hflip))
         return RunConfig(preset="custom", model=model, diffusion=diffusion.config, data=data,
                          train=train, sampling=_sampling_config(diffusion))
-
-    def _fid_options(self) -> dict:
-        """The training loop's evaluation at each save: Inception FID of ``num_fid_samples`` EMA samples."""
-        if not self.calculate_fid:
-            return {}
-        return {"eval_every": self.save_and_sample_every, "eval_metric": "fid", "eval_samples": self.num_fid_samples}
 
     def train(self) -> None:
         """Train to ``train_num_steps`` from the weights the ``Unet`` holds (continuing the newest
@@ -401,7 +397,14 @@ class Trainer:
         config = self.config
         if initial.is_file():           # the run started there (a resumed run reads its newest checkpoint instead)
             config = replace(config, train=replace(config.train, init=str(initial)))
-        result = train(config, self.results_folder, resume=bool(found), progress=True)
+        start = found[-1][0] if found else 0
+        ends = milestone_ends(start, config.train.steps, self.save_and_sample_every) if self.calculate_fid \
+            else [config.train.steps]
+        for i, end in enumerate(ends):        # the run stops at each milestone for its FID, then resumes
+            result = train(replace(config, train=replace(config.train, steps=end)), self.results_folder,
+                           resume=bool(found) or i > 0, progress=True)
+            if self.calculate_fid and end % self.save_and_sample_every == 0 and end > start:
+                self.fid[end] = milestone_fid(self, end)
         self._load_step(list_checkpoints(self.results_folder)[-1][0])
         self.fid.update(_logged_fid(self.results_folder / "metrics.jsonl"))
         return result

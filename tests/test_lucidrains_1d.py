@@ -83,3 +83,14 @@ def test_self_condition_and_learned_variance_double_the_channels():
 def test_1d_arguments_without_an_equivalent_are_one_line_errors(options, phrase):
     with pytest.raises(ArgumentError, match=phrase):
         GaussianDiffusion1D(Unet1D(dim=8, dim_mults=(1, 2), channels=2), seq_length=8, **options)
+
+
+@pytest.mark.parametrize("options, phrase", [
+    ({"attn_dim_head": 64}, "attn_dim_head=64.*nearest: attn_heads"),
+    ({"learned_sinusoidal_cond": True}, "learned_sinusoidal_cond=True"),
+    ({"dim_mult": (1, 2)}, "unexpected argument 'dim_mult'; did you mean 'dim_mults'"),
+])
+def test_1d_unet_arguments_without_an_equivalent_are_one_line_errors(options, phrase):
+    with pytest.raises(ArgumentError, match=phrase):
+        Unet1D(dim=8, **options)
+    Unet1D(dim=8, dim_mults=(1, 2), attn_dim_head=32, learned_sinusoidal_cond=False)    # their defaults: accepted

@@ -39,13 +39,14 @@ class Unet1D(_Unet1D):
                  channels: int = 3, dropout: float = 0.0, self_condition: bool = False,
                  learned_variance: bool = False, attn_heads: int = 4, **options):
         for name, value in options.items():
-            if name in _AT_DEFAULT_ONLY and value == _AT_DEFAULT_ONLY[name][0]:
-                continue
-            if name in _AT_DEFAULT_ONLY:
+            if name in _AT_DEFAULT_ONLY and value != _AT_DEFAULT_ONLY[name][0]:
                 raise ArgumentError(f"Unet1D({name}={value!r}) has no equivalent in ddpm: {_AT_DEFAULT_ONLY[name][1]}")
-            if name == "attn_dim_head":
-                continue            # a head here is (channels / attn_heads) wide
-            check_arguments("Unet1D", {name: value}, ())
+            if name == "attn_dim_head" and value != 32:
+                raise ArgumentError(f"Unet1D(attn_dim_head={value!r}) has no equivalent in ddpm: a head here is "
+                                    f"(channels / attn_heads) wide; nearest: attn_heads")
+        check_arguments("Unet1D", options, (*_AT_DEFAULT_ONLY, "attn_dim_head", "dim", "init_dim", "out_dim",
+                                            "dim_mults", "channels", "dropout", "self_condition",
+                                            "learned_variance", "attn_heads"))
         out_channels = channels * (2 if learned_variance else 1)
         if init_dim not in (None, dim) or out_dim not in (None, out_channels):
             raise ArgumentError(f"Unet1D(init_dim={init_dim}, out_dim={out_dim}): here they are dim={dim} and "

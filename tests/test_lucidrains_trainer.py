@@ -112,6 +112,101 @@ def test_calculate_fid_scores_the_ema_samples_with_inception_at_the_save(folder,
     assert logged == {1: scored[0][4]["fid"]} and math.isfinite(logged[1])
     assert run.fid == logged
     assert "eval at step 1: fid" in capsys.readouterr().err          # printed, as lucidrains prints it
-    # The evaluation interval is the save interval, as there.
-    train_config = json.loads((tmp_path / "results" / "config.json").read_text())["train"]
-    assert (train_config["eval_every"], train_config["checkpoint_every"], train_config["eval_samples"]) == (1, 1, 3)
+    # The FID is the trainer's, at the milestones; the training loop's own evaluation stays off.
+    assert json.loads((tmp_path / "results" / "config.json").read_text())["train"]["eval_every"] == 0
+
+
+class _FakeFid:
+    """An evaluator that records what it scores (the mean pixel as its "FID"), in place of Inception."""
+
+    def __init__(self, scored):
+        self.scored = scored
+
+    def __call__(self, images):
+        self.scored.append(images.shape)
+        return {"fid": float(images.mean())}
+
+
+@pytest.fixture
+def fake_fid(monkeypatch):
+    import ddpm.evaluation
+    import ddpm.evaluation.training as training_evaluation
+
+    scored = []
+    monkeypatch.setattr(ddpm.evaluation, "find_inception", lambda: "installed")
+    monkeypatch.setattr(training_evaluation.TrainingEvaluator, "build", classmethod(lambda cls, *a, **k: _FakeFid(scored)))
+    return scored
+
+
+def test_calculate_fid_scores_the_milestones_only_as_lucidrains_does(folder, tmp_path, fake_fid, capsys):
+    model, _ = patterned_unet()
+    diffusion = GaussianDiffusion(model, image_size=16, timesteps=100, sampling_timesteps=3)
+    run = Trainer(diffusion, str(folder), train_batch_size=4, train_num_steps=3, save_and_sample_every=2,
+                  num_samples=1, results_folder=tmp_path / "fid", calculate_fid=True, num_fid_samples=2)
+    run.train()
+    # Step 2 is the one milestone; the last step (3) is not one, so it is not scored.
+    assert fake_fid == [(2, 16, 16, 3)] and list(run.fid) == [2]
+    err = capsys.readouterr().err
+    assert "FID at step 2" in err and "eval at step 2: fid" in err and "step 3: fid" not in err
+
+
+@pytest.mark.slow
+def test_stopping_at_milestones_for_the_fid_changes_nothing_and_no_milestone_means_no_fid(folder, tmp_path, fake_fid):
+    model, _ = patterned_unet()
+    diffusion = GaussianDiffusion(model, image_size=16, timesteps=100, sampling_timesteps=3)
+    Trainer(diffusion, str(folder), train_batch_size=4, train_num_steps=3, save_and_sample_every=2,
+            num_samples=1, results_folder=tmp_path / "fid", calculate_fid=True, num_fid_samples=2).train()
+    # The same weights as a straight run without FID.
+    straight, _ = patterned_unet()
+    trainer(straight, folder, tmp_path / "straight", 3).train()
+    assert all(torch.equal(v, straight.state_dict()[k]) for k, v in model.state_dict().items())
+
+    short, _ = patterned_unet()
+    fake_fid.clear()
+    Trainer(GaussianDiffusion(short, image_size=16, timesteps=100), str(folder), train_batch_size=4, train_num_steps=1,
+            save_and_sample_every=2, results_folder=tmp_path / "short", calculate_fid=True).train()
+    assert fake_fid == []                     # no milestone reached: no FID (not 50,000 samples at the end)
+
+
+_STOPPED_FID = """
+import sys, torch
+import ddpm.evaluation, ddpm.evaluation.training as te
+ddpm.evaluation.find_inception = lambda: "installed"
+te.TrainingEvaluator.build = classmethod(lambda cls, *a, **k: (lambda images: {"fid": 0.0}))
+from ddpm.compat.lucidrains import GaussianDiffusion, Trainer, Unet
+diffusion = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2)), image_size=16, timesteps=100)
+Trainer(diffusion, sys.argv[1], train_batch_size=4, train_num_steps=1, save_and_sample_every=1, num_samples=1,
+        results_folder=sys.argv[2], calculate_fid=True).train()      # 50,000 samples of 100 steps each
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_fid_within_seconds(folder, tmp_path):
+    import os
+    import select
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_FID, str(folder), str(tmp_path / "results")],
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen, deadline = b"", time.monotonic() + 120
+    while b"FID at step 1" not in seen:           # the progress bar's line ends in a carriage return
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+        if not chunk:
+            proc.kill()
+            raise AssertionError(f"the FID's progress bar never showed: {seen[-2000:].decode()}")
+        seen += chunk
+    time.sleep(1.0)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the FID went on after SIGTERM")
+    rest = proc.stderr.read().decode()
+    assert time.monotonic() - sent < 10 and proc.returncode != 0
+    assert "SIGTERM received: stopped the FID at step 1" in rest
+    assert [step for step, _ in list_checkpoints(tmp_path / "results")] == [1]

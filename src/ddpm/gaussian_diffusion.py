@@ -8,6 +8,7 @@ network through ``ddpm.denoiser``. :func:`build_diffusion` builds one from a run
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -99,9 +100,9 @@ class GaussianDiffusion(nn.Module):
         them (``ddpm.losses``: the loss's timestep draw, then the noise, then its extras: offset
         noise, the self-conditioning coins); a given ``noise`` is used as it is (no offset added).
         """
-        if images.ndim != 4 or images.shape[1] != self.channels or tuple(images.shape[2:]) != self.image_size:
-            raise ConfigError(f"expected images of shape [B, {self.channels}, {self.image_size[0]}, "
-                              f"{self.image_size[1]}], got {list(images.shape)}")
+        if tuple(images.shape[1:]) != (self.channels, *self.image_size) or images.ndim < 3:
+            raise ConfigError(f"expected images of shape [B, {', '.join(map(str, (self.channels, *self.image_size)))}]"
+                              f", got {list(images.shape)}")
         x0 = to_model_range(images.float())
         loss = make_loss(self.config, self.schedule_on(x0.device))
         if generator is None:           # the global RNG seeds one, so torch.manual_seed reproduces the draws
@@ -140,6 +141,7 @@ class GaussianDiffusion(nn.Module):
         timesteps = spaced_timesteps(self.timesteps, steps, spacing)
         denoiser_options = {k: options.pop(k) for k in ("dynamic_thresholding", "guidance_scale", "uncond_kwargs")
                             if k in options}
+        _check_sampler_options(sampler, options)
         if sampler == "ddpm":
             options.setdefault("variance", self.variance)
         clip = self.clip_denoised if clip_denoised is None else clip_denoised
@@ -164,6 +166,21 @@ class GaussianDiffusion(nn.Module):
         bar.close()
         traj.x0 = from_model_range(x0)
         return traj if return_intermediates else traj.x0
+
+
+def _check_sampler_options(sampler: str, options: dict) -> None:
+    """Refuse, before any step, an option that neither the sampler nor :meth:`GaussianDiffusion.sample` takes."""
+    own = [name for name, p in inspect.signature(SAMPLERS[sampler]).parameters.items()
+           if p.kind is p.KEYWORD_ONLY and name not in ("noise", "callback")]
+    for name in options:
+        if name in ("image_size", "channels", "device"):
+            raise ConfigError(f"sample() got {name}=: the image size and channels are fixed when the diffusion is "
+                              f"built, and the device is the model's; call GaussianDiffusion(model, image_size=..., "
+                              f"channels=...).to(device).sample(batch_size)")
+        if name not in own:
+            raise ConfigError(f"sample() got an unexpected argument {name!r}; the {sampler!r} sampler takes "
+                              f"{', '.join(own) or 'no options'}, and the denoiser dynamic_thresholding, "
+                              f"guidance_scale, uncond_kwargs")
 
 
 def build_diffusion(config: RunConfig, model: nn.Module | None = None, *, precision: str = "fp32"):

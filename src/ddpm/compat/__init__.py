@@ -1,8 +1,12 @@
-"""The APIs of other diffusion libraries, on this project's machinery.
+"""The APIs of other diffusion libraries and tutorials, on this project's machinery.
 
-* :mod:`ddpm.compat.lucidrains`: ``Unet`` (and, with the diffusion and training options,
-  ``GaussianDiffusion`` and ``Trainer``) under the names of lucidrains'
-  denoising-diffusion-pytorch, for code written against it.
+* :mod:`ddpm.compat.lucidrains`: lucidrains' denoising-diffusion-pytorch (``Unet``,
+  ``GaussianDiffusion``, ``Trainer``, the 1D family, ``XMWrapper``, ``LearnedGaussianDiffusion``;
+  its other classes refuse in one line naming the nearest call).
+* :mod:`ddpm.compat.labml`: labml's annotated ``DenoiseDiffusion``.
+* :mod:`ddpm.compat.tutorial`: the ``NoiseSchedule``, ``DDPM``, ``UNet``, ``ResBlock``, EMA and
+  autocast that DDPM tutorials build by hand.
 
-``docs/coming-from.md`` maps the names of these and other libraries to this project's.
+Code written against them runs with only its import changed; ``docs/coming-from.md`` maps the
+names of these and other libraries to this project's.
 """

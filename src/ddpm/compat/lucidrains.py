@@ -27,14 +27,19 @@ import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..gaussian_diffusion import GaussianDiffusion as _GaussianDiffusion
 from ..errors import ConfigError
 from ..models import Unet as _Unet
 from ..models import UnetConfig
+from .lucidrains_fid import milestone_ends, milestone_fid
 
-__all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "Trainer", "OBJECTIVES"]
+__all__ = ["ArgumentError", "Unet", "GaussianDiffusion", "Trainer", "OBJECTIVES",
+           "Unet1D", "GaussianDiffusion1D", "Trainer1D", "Dataset1D", "LearnedGaussianDiffusion", "XMWrapper",
+           "WeightedObjectiveGaussianDiffusion", "ElucidatedDiffusion", "ContinuousTimeGaussianDiffusion",
+           "VParamContinuousTimeGaussianDiffusion", "KarrasUnet", "KarrasUnet1D", "KarrasUnet3D", "InvSqrtDecayLRSched"]
 
 
 class ArgumentError(ConfigError, TypeError):
@@ -195,6 +200,7 @@ class GaussianDiffusion(_GaussianDiffusion):
         for name, why in _DIFFUSION_NO_EQUIVALENT.items():
             if options.pop(name, False):
                 raise ArgumentError(f"GaussianDiffusion({name}=True) has no equivalent in ddpm: {why}")
+        _check_loss_type(options.pop("loss_type", "l2"))
         check_arguments("GaussianDiffusion", options, (*_DIFFUSION_NAMES, *_DIFFUSION_PROJECT_NAMES))
         if objective not in OBJECTIVES:
             raise ArgumentError(f"GaussianDiffusion(objective={objective!r}) must be one of "
@@ -250,6 +256,37 @@ class GaussianDiffusion(_GaussianDiffusion):
         return images if self.auto_normalize else images * 2 - 1
 
 
+    def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, t: int | None = None, lam: float = 0.5):
+        """Images [B, C, H, W] in [0, 1] between ``x1`` and ``x2`` (each [B, C, H, W] in [0, 1]): both diffused
+        to step ``t`` (default T - 1) with the same noise, mixed as (1 - lam) x_t + lam x'_t and denoised by
+        the ancestral sampler over the t + 1 steps left (Ho et al. 2020, Sec. 4.3), through
+        :func:`ddpm.generate.interpolate`, pair by pair. ``lam`` must be k / n for some n <= 64."""
+        from ..generate import interpolate
+        from ..samplers import SamplingOptions
+
+        if x1.shape != x2.shape or x1.ndim != 4:
+            raise ArgumentError(f"interpolate takes two batches [B, C, H, W] of one shape; got {list(x1.shape)} "
+                                f"and {list(x2.shape)}")
+        t = self.timesteps - 1 if t is None else int(t)
+        n = next((n for n in range(1, 65) if abs(lam * n - round(lam * n)) < 1e-9), None)
+        if n is None or not 0 <= lam <= 1:
+            raise ArgumentError(f"interpolate(lam={lam!r}): lam must be k / n in [0, 1] with n <= 64 (the "
+                                f"interpolants here are n + 1 evenly spaced values of lam)")
+        images = (x1, x2) if self.auto_normalize else ((x1 + 1) / 2, (x2 + 1) / 2)
+        seed = int(torch.randint(2 ** 62, (1,)))
+        out = [interpolate(self, a, b, t=t, n_interp=n + 1, seed=seed, sampling=SamplingOptions(sampler="ddpm"))
+               [round(lam * n)] for a, b in zip(*images)]
+        mixed = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+        return mixed if self.auto_normalize else mixed * 2 - 1
+
+
+def _check_loss_type(loss_type) -> None:
+    """Earlier versions' ``loss_type``: 'l2' is the loss here (the mean squared error of Eq. 14); others are not."""
+    if loss_type != "l2":
+        raise ArgumentError(f"GaussianDiffusion(loss_type={loss_type!r}) has no equivalent in ddpm: the loss is the "
+                            f"mean squared error of Ho et al.'s Eq. 14; nearest: loss_type='l2' (or leave it out)")
+
+
 # ----------------------------------------------------------------------------- Trainer
 
 _PIL_MODES = {"L": 1, "RGB": 3, "RGBA": 4}        # convert_image_to -> channels
@@ -281,11 +318,12 @@ class Trainer:
     ``milestone * save_and_sample_every``, as lucidrains numbers them. ``amp=True`` is the
     device's mixed precision (fp16 with a gradient scaler on CUDA, bf16 elsewhere), or
     ``mixed_precision_type`` ('fp16', 'bf16', 'no'). ``convert_image_to`` ('L', 'RGB', 'RGBA')
-    must match the diffusion's channels. ``calculate_fid`` (on by default, as there) computes the
-    Inception FID of ``num_fid_samples`` EMA samples at each save, during training, when the
-    Inception network is installed (the training loop's ``eval_every``: logged to
-    ``metrics.jsonl`` and TensorBoard, printed, and kept in ``trainer.fid``); otherwise one warning
-    line and no FID. As there, training starts from the weights the diffusion's ``Unet`` holds
+    must match the diffusion's channels. ``calculate_fid`` (on by default, as there) computes, as there, the
+    Inception FID of ``num_fid_samples`` EMA samples at each milestone (every
+    ``save_and_sample_every`` steps, and at no other step), when the Inception network is installed:
+    the run stops at the milestone's checkpoint, scores it with a progress bar (SIGINT or SIGTERM
+    stop it at once), logs it to ``metrics.jsonl``, prints it, keeps it in ``trainer.fid`` and
+    resumes (:mod:`ddpm.compat.lucidrains_fid`); without the network, one warning line and no FID. As there, training starts from the weights the diffusion's ``Unet`` holds
     (they are saved to ``checkpoints/initial.safetensors`` and the run starts from that file,
     which its ``config.json`` names), and when ``train()`` returns that ``Unet`` holds the final
     raw weights and ``trainer.ema.ema_model`` the moving average.
@@ -335,18 +373,12 @@ class Trainer:
                             ema_decay=float(ema_decay) ** (1.0 / ema_update_every), grad_clip=float(max_grad_norm),
                             precision=_precision(amp, mixed_precision_type), checkpoint_every=every,
                             sample_every=every, milestone_every=every, num_samples=num_samples,
-                            adam_betas=adam_betas, **self._fid_options())
+                            adam_betas=adam_betas)
         model = replace(diffusion.model.config, image_size=tuple(diffusion.image_size))
         data = DataConfig(name=data_source(folder), image_size=tuple(diffusion.image_size), channels=channels,
                           hflip=bool(hflip))
         return RunConfig(preset="custom", model=model, diffusion=diffusion.config, data=data,
                          train=train, sampling=_sampling_config(diffusion))
-
-    def _fid_options(self) -> dict:
-        """The training loop's evaluation at each save: Inception FID of ``num_fid_samples`` EMA samples."""
-        if not self.calculate_fid:
-            return {}
-        return {"eval_every": self.save_and_sample_every, "eval_metric": "fid", "eval_samples": self.num_fid_samples}
 
     def train(self) -> None:
         """Train to ``train_num_steps`` from the weights the ``Unet`` holds (continuing the newest
@@ -365,7 +397,14 @@ class Trainer:
         config = self.config
         if initial.is_file():           # the run started there (a resumed run reads its newest checkpoint instead)
             config = replace(config, train=replace(config.train, init=str(initial)))
-        result = train(config, self.results_folder, resume=bool(found), progress=True)
+        start = found[-1][0] if found else 0
+        ends = milestone_ends(start, config.train.steps, self.save_and_sample_every) if self.calculate_fid \
+            else [config.train.steps]
+        for i, end in enumerate(ends):        # the run stops at each milestone for its FID, then resumes
+            result = train(replace(config, train=replace(config.train, steps=end)), self.results_folder,
+                           resume=bool(found) or i > 0, progress=True)
+            if self.calculate_fid and end % self.save_and_sample_every == 0 and end > start:
+                self.fid[end] = milestone_fid(self, end)
         self._load_step(list_checkpoints(self.results_folder)[-1][0])
         self.fid.update(_logged_fid(self.results_folder / "metrics.jsonl"))
         return result
@@ -449,3 +488,10 @@ def _sampling_config(diffusion):
     if not getattr(diffusion, "is_ddim_sampling", False):
         return None
     return SamplingConfig(sampler="ddim", steps=diffusion.sampling_timesteps, eta=float(diffusion.ddim_sampling_eta))
+
+
+from .lucidrains_variants import (ContinuousTimeGaussianDiffusion, ElucidatedDiffusion,  # noqa: E402
+                                  InvSqrtDecayLRSched, KarrasUnet, KarrasUnet1D, KarrasUnet3D,
+                                  LearnedGaussianDiffusion, VParamContinuousTimeGaussianDiffusion,
+                                  WeightedObjectiveGaussianDiffusion, XMWrapper)
+from .lucidrains_1d import Dataset1D, GaussianDiffusion1D, Trainer1D, Unet1D  # noqa: E402  (they build on the above)

@@ -428,6 +428,24 @@ class Upsample(nn.Module):
         return F.conv_transpose2d(x, fold_upsampling_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
 
 
+# Arguments of lucidrains' Unet that UnetConfig does not take: ddpm.compat.lucidrains.Unet takes them.
+_LUCIDRAINS_ONLY = ("flash_attn", "full_attn", "attn_heads", "attn_dim_head", "init_dim", "out_dim", "self_condition",
+                    "learned_variance", "learned_sinusoidal_cond", "random_fourier_features", "learned_sinusoidal_dim",
+                    "sinusoidal_pos_emb_theta")
+
+
+def _check_unet_keywords(kwargs: dict) -> None:
+    """One TypeError for a keyword UnetConfig lacks, pointing lucidrains' names to the compatible class."""
+    known = {f.name for f in fields(UnetConfig)}
+    for name in kwargs:
+        if name in _LUCIDRAINS_ONLY:
+            raise TypeError(f"ddpm.Unet() got lucidrains' argument {name!r}; with lucidrains' arguments use "
+                            f"`from ddpm.compat.lucidrains import Unet` (docs/coming-from.md)")
+        if name not in known:
+            raise TypeError(f"ddpm.Unet() got an unexpected argument {name!r}; it takes the UnetConfig fields: "
+                            f"{', '.join(sorted(known))}")
+
+
 class Unet(nn.Module):
     """The paper's U-Net. ``Unet(dim=64, dim_mults=(1, 2), image_size=16, channels=1, ...)``
     takes the fields of :class:`UnetConfig` as keywords; ``Unet.from_preset(name)`` builds a
@@ -443,6 +461,7 @@ class Unet(nn.Module):
     def __init__(self, config: UnetConfig | None = None, **kwargs):
         super().__init__()
         if config is None:
+            _check_unet_keywords(kwargs)
             config = UnetConfig(**kwargs)
         elif kwargs:
             raise TypeError("pass either a UnetConfig or keyword options, not both")
@@ -535,6 +554,8 @@ class Unet(nn.Module):
         if x.shape[2] % self.downsample_factor or x.shape[3] % self.downsample_factor:
             raise ValueError(f"x is {x.shape[2]}x{x.shape[3]}; this network's height and width must be "
                              f"multiples of {self.downsample_factor}")
+        if not torch.is_tensor(t) or t.ndim == 0:          # one timestep for the whole batch
+            t = torch.as_tensor(t, device=x.device).reshape(1).expand(x.shape[0])
         if self.config.timestep_scale != 1.0:
             t = t.float() * self.config.timestep_scale
         emb = self.time_mlp(timestep_embedding(t, self.config.dim, flip_sin_to_cos=self.config.flip_sin_to_cos,

@@ -27,7 +27,7 @@ to the timestep embedding (class-conditional model); index ``num_classes`` is th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F

@@ -69,6 +69,8 @@ def test_sigma_timestep_round_trip(kind):
     # a sigma a little off a trained one still rounds to it; halfway in log sigma is the boundary
     wobble = (sigmas[1:-1].log() + 0.3 * (sigmas[2:].log() - sigmas[1:-1].log())).exp()
     assert Sg.nearest_timestep(schedule, wobble).tolist() == list(range(1, 999))
+    past_half = (sigmas[1:-1].log() + 0.7 * (sigmas[2:].log() - sigmas[1:-1].log())).exp()
+    assert Sg.nearest_timestep(schedule, past_half).tolist() == list(range(2, 1000))
     s = torch.logspace(math.log10(sigmas[0]), math.log10(sigmas[-1]), 500, dtype=torch.float64)
     torch.testing.assert_close(Sg.timestep_to_sigma(schedule, Sg.sigma_to_timestep(schedule, s)), s,
                                rtol=1e-9, atol=0)
@@ -163,11 +165,13 @@ def test_new_samplers_reproduce_the_gaussian(name):
     shape = (20000, 4)
     x_T = torch.randn(shape, generator=gen(1))
     options = {"churn": 30.0, "s_tmin": 0.05, "s_tmax": 50.0} if name == "heun" else {}
-    out = S.SAMPLERS[name](D, x_T, None, Sg.karras_sigmas(256, 0.002, 80.0), noise=noise_from(gen(2), shape),
-                           **options)
+    second_order = name in ("heun", "dpm-solver++-sde")          # the first-order ones need 256 steps
+    steps = {"heun": 128, "dpm-solver++-sde": 64}.get(name, 256)   # (heun with churn, a first-order SDE part)
+    out = S.SAMPLERS[name](D, x_T, None, Sg.karras_sigmas(steps, 0.002, 80.0),
+                           noise=noise_from(gen(2), shape), **options)
     se = SD / math.sqrt(out.numel())
     assert abs(out.mean().item() - MU) < 5 * se
-    assert out.std().item() == pytest.approx(SD, rel=0.03)
+    assert out.std().item() == pytest.approx(SD, rel=0.02 if second_order else 0.03)
 
 
 def closed_form_error(name: str, steps: int) -> float:
@@ -191,7 +195,7 @@ def test_convergence_order(name, ratio):
 def test_euler_is_ddim_and_euler_ancestral_is_ddim_eta_1_on_a_ddpm_model():
     schedule = NoiseSchedule("linear", 1000)
     denoiser = gaussian_ddpm_denoiser(schedule)
-    timesteps = S.spaced_timesteps(1000, 20, "trailing")
+    timesteps = list(range(600, -1, -30))             # from sigma_600 ~ 6: the start's scale sqrt(1 + sigma^2) shows
     x_T = torch.randn(64, 1, 2, 2, generator=gen(4))
     ddim = S.sample_ddim(denoiser, x_T, schedule, timesteps, eta=0.0)
     euler = S.sample_euler(denoiser, x_T, schedule, timesteps)
@@ -231,3 +235,16 @@ def test_every_sampler_runs_on_a_real_network_with_karras_spacing(name):
                            noise=noise_from(gen(7), x_T.shape), callback=seen.append,
                            **options.sampler_options())
     assert torch.isfinite(out).all() and len(seen) == 4 and out.shape == x_T.shape
+
+
+def test_churn_acts_only_between_s_tmin_and_s_tmax_and_s_noise_scales_it():
+    D = GaussianDenoiser()
+    x_T = torch.randn(8, 4, generator=gen(20))
+    levels = Sg.karras_sigmas(8, 0.002, 80.0)
+    plain = S.sample_heun(D, x_T, None, levels)
+    outside = S.sample_heun(D, x_T, None, levels, churn=10.0, s_tmin=100.0, s_tmax=200.0)   # no noise source needed
+    torch.testing.assert_close(outside, plain, rtol=0, atol=0)
+    quiet = [S.sample_heun(D, x_T, None, levels, churn=10.0, s_noise=0.0, noise=noise_from(gen(s), x_T.shape))
+             for s in (1, 2)]
+    torch.testing.assert_close(quiet[0], quiet[1], rtol=0, atol=0)              # s_noise = 0: the seed is irrelevant
+    assert not torch.equal(quiet[0], plain)                                     # but sigma_hat still moved

@@ -434,8 +434,9 @@ DEFAULT_SAMPLING = SamplingOptions(sampler="ddpm", steps=50, steps_at_most=True)
 # ddpm.sigmas.DiscreteSigmaDenoiser) or a ddpm.sigmas.SigmaDenoiser (an EDM network; ``schedule``
 # may then be None); ``timesteps`` are kept timesteps (their sigmas, then 0) or a ddpm.sigmas.Sigmas.
 # The state is x = x_t / sqrt(alpha_bar_t) = x0 + sigma n: x_T, read as the VP state at the first
-# level, starts as sqrt(1 + sigma_0^2) x_T. ``callback`` sees ``sigma`` too; its ``t`` is sigma and
-# ``x_t``/``x`` are in the VP scale (x / sqrt(1 + sigma^2)), as the other samplers report them.
+# level, starts as sqrt(1 + sigma_0^2) x_T. ``callback`` sees ``sigma`` too; its ``t`` is the kept
+# timestep (sigma when given Sigmas) and ``x_t``/``x`` are in the VP scale (x / sqrt(1 + sigma^2)), as
+# the other samplers report them.
 
 def to_d(x: torch.Tensor, sigma: float, x0_pred: torch.Tensor) -> torch.Tensor:
     """dx/dsigma = (x - D(x; sigma)) / sigma, the probability-flow ODE (EDM Eq. 3, sigma(t) = t, s(t) = 1)."""
@@ -457,17 +458,18 @@ def ancestral_sigmas(sigma: float, sigma_next: float) -> tuple[float, float]:
     return math.sqrt(sigma_next ** 2 - sigma_up ** 2), sigma_up
 
 
-def _sigma_start(denoiser, x_T: torch.Tensor, schedule, timesteps):
-    """(D, levels, x): the sigma-space denoiser, the levels to visit, and the starting state."""
+def _sigma_start(denoiser, x_T: torch.Tensor, schedule, timesteps, callback):
+    """(D, levels, x, report): the sigma-space denoiser, the levels to visit, the starting state, the callback."""
     D = as_sigma_denoiser(denoiser, schedule)
     sigmas = list(sigma_steps(schedule, timesteps).values)
-    return D, sigmas, x_T.float() * math.sqrt(1.0 + sigmas[0] ** 2)
+    labels = sigmas if isinstance(timesteps, Sigmas) else [int(t) for t in timesteps]
 
-
-def _sigma_report(callback, i, sigma, x, x0_pred, x_next, sigma_next) -> None:
-    if callback is not None:
-        callback({"i": i, "t": sigma, "sigma": sigma, "x_t": x / math.sqrt(1.0 + sigma ** 2), "x0_pred": x0_pred,
-                  "x": x_next / math.sqrt(1.0 + sigma_next ** 2)})
+    def report(i, x, x0_pred, x_next) -> None:
+        if callback is not None:
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            callback({"i": i, "t": labels[i], "sigma": sigma, "x_t": x / math.sqrt(1.0 + sigma ** 2),
+                      "x0_pred": x0_pred, "x": x_next / math.sqrt(1.0 + sigma_next ** 2)})
+    return D, sigmas, x_T.float() * math.sqrt(1.0 + sigmas[0] ** 2), report
 
 
 def _churned(x, sigma, gamma, s_noise, noise):
@@ -480,7 +482,7 @@ def _churned(x, sigma, gamma, s_noise, noise):
 
 def _edm_steps(denoiser, x_T, schedule, timesteps, noise, callback, churn, s_tmin, s_tmax, s_noise, second_order):
     """EDM Algorithm 2 (Algorithm 1 when churn = 0); Euler's method without lines 9-11."""
-    D, sigmas, x = _sigma_start(denoiser, x_T, schedule, timesteps)
+    D, sigmas, x, report = _sigma_start(denoiser, x_T, schedule, timesteps, callback)
     N = len(sigmas) - 1
     for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
         gamma = churn_gamma(sigma, N, churn, s_tmin, s_tmax)                       # line 4
@@ -491,7 +493,7 @@ def _edm_steps(denoiser, x_T, schedule, timesteps, noise, callback, churn, s_tmi
         if second_order and sigma_next != 0.0:                                     # line 9
             d_prime = to_d(x_next, sigma_next, D(x_next, sigma_next))              # line 10
             x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_prime)  # line 11: trapezoidal rule
-        _sigma_report(callback, i, sigma, x, x0_pred, x_next, sigma_next)
+        report(i, x, x0_pred, x_next)
         x = x_next
     return x
 
@@ -524,14 +526,14 @@ def sample_euler_ancestral(denoiser, x_T: torch.Tensor, schedule: NoiseSchedule 
                            noise: NoiseSource | None = None, callback=None, s_noise: float = 1.0) -> torch.Tensor:
     """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``): an Euler step to sigma_down, then fresh
     noise sigma_up (:func:`ancestral_sigmas`); over a ddpm model's own timesteps it is DDIM with eta = 1."""
-    D, sigmas, x = _sigma_start(denoiser, x_T, schedule, timesteps)
+    D, sigmas, x, report = _sigma_start(denoiser, x_T, schedule, timesteps, callback)
     for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
         x0_pred = D(x, sigma)
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
         x_next = x + (sigma_down - sigma) * to_d(x, sigma, x0_pred)                # Euler step to sigma_down
         if sigma_up > 0.0:
             x_next = x_next + sigma_up * s_noise * _draw(noise, x)                 # back up to sigma_next
-        _sigma_report(callback, i, sigma, x, x0_pred, x_next, sigma_next)
+        report(i, x, x0_pred, x_next)
         x = x_next
     return x
 
@@ -546,7 +548,7 @@ def sample_dpm_solver_pp_2m_sde(denoiser, x_T: torch.Tensor, schedule: NoiseSche
     where D_i is x0_pred plus, after the first step, the second-order correction
     (1 / (2 r)) (x0_pred - x0_pred_before), r = h_before / h. The step to sigma = 0 returns x0_pred.
     """
-    D, sigmas, x = _sigma_start(denoiser, x_T, schedule, timesteps)
+    D, sigmas, x, report = _sigma_start(denoiser, x_T, schedule, timesteps, callback)
     x0_before, h_before = None, None
     for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
         x0_pred = D(x, sigma)
@@ -560,7 +562,7 @@ def sample_dpm_solver_pp_2m_sde(denoiser, x_T: torch.Tensor, schedule: NoiseSche
                 x_next = x_next + one_minus * (0.5 * h / h_before) * (x0_pred - x0_before)   # 1 / (2 r) (D_i - D_{i-1})
             x_next = x_next + sigma_next * math.sqrt(one_minus) * s_noise * _draw(noise, x)
             h_before = h
-        _sigma_report(callback, i, sigma, x, x0_pred, x_next, sigma_next)
+        report(i, x, x0_pred, x_next)
         x0_before, x = x0_pred, x_next
     return x
 

@@ -248,3 +248,25 @@ def test_churn_acts_only_between_s_tmin_and_s_tmax_and_s_noise_scales_it():
              for s in (1, 2)]
     torch.testing.assert_close(quiet[0], quiet[1], rtol=0, atol=0)              # s_noise = 0: the seed is irrelevant
     assert not torch.equal(quiet[0], plain)                                     # but sigma_hat still moved
+
+
+@pytest.mark.parametrize("options", [{"sampler": "heun", "steps": 3}, {"sampler": "euler-ancestral", "steps": 4},
+                                     {"sampler": "dpm-solver++-sde", "steps": 4}])
+def test_generate_runs_the_sigma_samplers_with_per_image_seeds(options):
+    import ddpm
+    from ddpm.generate import generate
+    from ddpm.models import Unet
+
+    torch.manual_seed(0)
+    model = Unet(image_size=8, channels=1, dim=8, dim_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                 dropout=0.0, norm_groups=4)
+    with torch.no_grad():
+        for m in model.modules():                       # a non-zero output layer
+            if getattr(m, "zero_init", False):
+                m.weight.normal_(0.0, 0.05)
+    diffusion = ddpm.GaussianDiffusion(model.eval(), timesteps=25)
+    whole = generate(diffusion, 3, batch_size=3, seed=3, progress=False, **options)
+    np.testing.assert_array_equal(generate(diffusion, 3, batch_size=1, seed=3, progress=False, **options), whole)
+    np.testing.assert_array_equal(generate(diffusion, 1, start_index=2, seed=3, progress=False, **options), whole[2:])
+    if options["sampler"] != "heun":
+        assert not np.array_equal(generate(diffusion, 3, batch_size=3, seed=4, progress=False, **options), whole)

@@ -36,10 +36,12 @@ def gaussian_log_density(x: torch.Tensor, var: float) -> torch.Tensor:
 
 def ode_closed_form(x0: torch.Tensor, sigma_min: float, sigma_max: float) -> torch.Tensor:
     """What the flow computes exactly for N(mu, s^2) data: x0 carried to sigma_max in closed form, the
-    prior N(0, 1 + sigma_max^2) there, plus the integral of div f = (1/2) D ln((s^2 + sigma_max^2) / (s^2 + sigma_min^2))."""
+    prior N(0, 1 + sigma_max^2) there, plus the integral of div f,
+    (1/2) D ln((s^2 + sigma_max^2) / (s^2 + sigma_min^2))."""
     var_min, var_max = SD ** 2 + sigma_min ** 2, SD ** 2 + sigma_max ** 2
     x_max = (MU + (x0.double() - MU) * math.sqrt(var_max / var_min)).flatten(1)
-    prior = -0.5 * (x_max.pow(2).sum(1) / (1 + sigma_max ** 2) + x_max.shape[1] * math.log(2 * math.pi * (1 + sigma_max ** 2)))
+    var_prior = 1 + sigma_max ** 2
+    prior = -0.5 * (x_max.pow(2).sum(1) / var_prior + x_max.shape[1] * math.log(2 * math.pi * var_prior))
     return prior + 0.5 * x_max.shape[1] * math.log(var_max / var_min)
 
 
@@ -59,7 +61,7 @@ def test_log_likelihood_of_gaussian_data_equals_the_closed_form(solver):
     x0 = MU + SD * torch.randn(16, 1, 2, 2, generator=gen(3))
     log_p, nfe = L.log_likelihood_ode(D, x0, generator=gen(4), solver=solver, steps=100)
     torch.testing.assert_close(log_p, ode_closed_form(x0, D.sigma_min, D.sigma_max), rtol=0, atol=5e-4)
-    # and the data's own density, N(mu, s^2 + sigma_min^2), up to the prior's mismatch at sigma_max (~mu x / sigma_max^2)
+    # and the data's own density N(mu, s^2 + sigma_min^2), up to the prior's mismatch (~ mu x / sigma_max^2)
     torch.testing.assert_close(log_p, gaussian_log_density(x0, SD ** 2 + D.sigma_min ** 2), rtol=0, atol=1e-2)
     assert nfe > 0 and not torch.allclose(log_p, gaussian_log_density(x0, 1.0), atol=0.1)
 

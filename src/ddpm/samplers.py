@@ -399,7 +399,7 @@ class SamplingOptions:
         return spaced_timesteps(num_timesteps, steps, self.spacing, schedule=schedule, rho=rho)
 
     def sigmas(self, sigma_min: float, sigma_max: float) -> Sigmas:
-        """The levels for a model trained in sigma space (EDM): Karras sigmas (Eq. 5), ``steps`` of them (default 18)."""
+        """The levels for a model trained in sigma space (EDM): ``steps`` (default 18) Karras sigmas (Eq. 5)."""
         if self.spacing != KARRAS:
             raise ConfigError(f"a model trained in sigma space is sampled with the karras spacing, not {self.spacing}")
         if self.sampler not in SIGMA_SAMPLERS:
@@ -473,7 +473,7 @@ def _sigma_start(denoiser, x_T: torch.Tensor, schedule, timesteps, callback):
 
 
 def _churned(x, sigma, gamma, s_noise, noise):
-    """EDM Algorithm 2, lines 5-6: sigma_hat = (1 + gamma) sigma, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps."""
+    """EDM Algorithm 2, lines 5-6: sigma_hat = (1 + gamma) sigma, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps"""
     if gamma <= 0.0:
         return x, sigma
     sigma_hat = sigma * (1.0 + gamma)

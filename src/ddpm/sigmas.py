@@ -198,11 +198,11 @@ class DiscreteSigmaDenoiser(SigmaDenoiser):
         s = _column(sigma, x)
         c_in = 1.0 / (1.0 + s * s) ** 0.5                                   # x_t = x sqrt(alpha_bar) (EDM Table 1, VP)
         eps_pred, _ = self.denoiser(x * c_in, t)
-        return x - s * eps_pred.to(x.dtype)                                 # D = x - sigma eps (Table 1: c_skip 1, c_out -sigma)
+        return x - s * eps_pred.to(x.dtype)                 # D = x - sigma eps (Table 1: c_skip = 1, c_out = -sigma)
 
 
 def as_sigma_denoiser(denoiser, schedule: NoiseSchedule | None) -> SigmaDenoiser:
-    """``denoiser`` itself when it is a :class:`SigmaDenoiser`, else the sigma view of a ddpm denoiser on ``schedule``."""
+    """``denoiser`` itself when it is a :class:`SigmaDenoiser`, else the sigma view of a ddpm denoiser."""
     if isinstance(denoiser, SigmaDenoiser):
         return denoiser
     if schedule is None:

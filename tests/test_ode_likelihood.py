@@ -94,3 +94,19 @@ def test_bpd_ode_of_an_untrained_network_is_finite_and_above_the_closed_form():
     assert math.isfinite(result.bpd) and math.isfinite(result.stderr)
     assert result.bpd > true_bpd + 0.5, (result.bpd, true_bpd)
     assert result.nfe == 2 * 6
+
+
+def test_an_edm_denoiser_serves_the_likelihood_too():
+    from ddpm import edm
+
+    class OptimalF(torch.nn.Module):            # F whose preconditioned D is the optimum for N(MU, SD^2)
+        def forward(self, x_in, c_noise):
+            sigma = (4 * c_noise).exp().reshape(-1, 1, 1, 1)
+            c_skip, c_out, c_in, _ = edm.preconditioning(sigma)
+            x = x_in / c_in
+            return (MU + SD ** 2 / (SD ** 2 + sigma ** 2) * (x - MU) - c_skip * x) / c_out
+
+    D = edm.EDMDenoiser(OptimalF())
+    x0 = MU + SD * torch.randn(8, 1, 2, 2, generator=gen(9))
+    log_p, _ = L.log_likelihood_ode(D, x0, generator=gen(10), solver="rk4", steps=100)
+    torch.testing.assert_close(log_p, ode_closed_form(x0, D.sigma_min, D.sigma_max), rtol=0, atol=5e-4)

@@ -130,7 +130,11 @@ def test_karras_timesteps_for_discrete_samplers(kind):
     assert options.timesteps(1000, schedule) == kept
     levels = S.SamplingOptions(sampler="heun", steps=10, spacing="karras", rho=5.0).timesteps(1000, schedule)
     assert isinstance(levels, Sg.Sigmas) and len(levels) == 10
-    assert levels.values[0] == pytest.approx(float(Sg.schedule_sigmas(schedule)[-1]))
+    ends = Sg.schedule_sigmas(schedule)[[0, -1]].tolist()
+    assert levels.values[0] == pytest.approx(ends[1])
+    assert levels == Sg.karras_sigmas(10, *ends, rho=5.0)                     # rho reaches the spacing
+    assert S.SamplingOptions(sampler="ddpm", steps=10, spacing="karras", rho=2.0).timesteps(1000, schedule) == \
+        Sg.karras_timesteps(schedule, 10, rho=2.0) != kept
 
 
 def test_existing_spacings_and_options_unchanged():

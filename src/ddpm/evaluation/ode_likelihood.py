@@ -150,7 +150,9 @@ def bpd_ode(D: SigmaDenoiser, x0: torch.Tensor, *, generator: torch.Generator | 
     Each image is dequantised (:func:`dequantize`) and its log-density computed by
     :func:`log_likelihood_ode` (``options``: probes, solver, steps, rtol, atol, sigma_min, sigma_max);
     bits/dim = -log p(x) / (D ln 2) + 7. The standard error is that of the mean over images. Draws
-    come from ``generator`` batch by batch (dequantisation, then probes).
+    come from ``generator`` batch by batch (dequantisation, then probes). The trace needs gradients
+    with respect to x: call it outside ``torch.inference_mode()``, with a denoiser built without x0
+    clipping or thresholding (they make D non-differentiable).
     """
     dims = x0[0].numel()
     values, nfe = [], 0

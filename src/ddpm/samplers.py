@@ -37,6 +37,7 @@ from .denoiser import DYNAMIC_THRESHOLD_PERCENTILE, Denoiser, Prediction, dynami
 from .diffusion import LEARNED_VARIANCE, VARIANCES, learned_range_log_variance, randn
 from .errors import ConfigError
 from .schedules import NoiseSchedule
+from .sigmas import KARRAS_RHO, Sigmas, as_sigma_denoiser, karras_sigmas, karras_timesteps, schedule_sigmas, sigma_steps
 
 __all__ = [
     "Denoiser", "Prediction", "make_denoiser", "dynamic_threshold", "DYNAMIC_THRESHOLD_PERCENTILE",   # ddpm.denoiser
@@ -45,6 +46,8 @@ __all__ = [
     "sample_ancestral", "sample_ddim", "sample_dpm_solver_pp_2m", "SAMPLERS",
     "ddim_invert", "ddim_reconstruct", "batch_noise",
     "SamplingOptions", "DEFAULT_SAMPLING",
+    "KARRAS", "SPACING_CHOICES", "to_d", "churn_gamma", "ancestral_sigmas",
+    "sample_euler", "sample_heun", "sample_euler_ancestral", "sample_dpm_solver_pp_2m_sde", "SIGMA_SAMPLERS",
 ]
 
 NoiseSource = Callable[[], torch.Tensor]
@@ -73,13 +76,23 @@ SPACINGS: dict[str, Callable[[int, int], list[int]]] = {
     "trailing": trailing_timesteps,
     "linspace": linspace_timesteps,
 }
+KARRAS = "karras"                     # sigma spacing (EDM Eq. 5): needs the schedule, see spaced_timesteps
+SPACING_CHOICES = (*SPACINGS, KARRAS)
 
 
-def spaced_timesteps(timesteps: int, steps: int | None = None, spacing: str = "trailing") -> list[int]:
-    """The K = ``steps`` kept 0-based timesteps of a T-step schedule, descending (all T if ``steps`` is None)."""
-    if spacing not in SPACINGS:
-        raise ConfigError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACINGS)}")
+def spaced_timesteps(timesteps: int, steps: int | None = None, spacing: str = "trailing", *,
+                     schedule: NoiseSchedule | None = None, rho: float = KARRAS_RHO) -> list[int]:
+    """The K = ``steps`` kept 0-based timesteps of a T-step schedule, descending (all T if ``steps`` is None).
+
+    ``"karras"`` needs the ``schedule`` itself: :func:`ddpm.sigmas.karras_timesteps` with ``rho``.
+    """
+    if spacing not in SPACING_CHOICES:
+        raise ConfigError(f"unknown spacing {spacing!r}; choose from {', '.join(SPACING_CHOICES)}")
     steps = timesteps if steps is None else steps
+    if spacing == KARRAS:
+        if schedule is None or schedule.timesteps != timesteps:
+            raise ConfigError(f"the karras spacing needs the model's {timesteps}-step noise schedule")
+        return karras_timesteps(schedule, steps, rho)
     if not isinstance(steps, int) or not 1 <= steps <= timesteps:
         raise ConfigError(f"the number of sampling steps must be between 1 and T = {timesteps}; got {steps!r}")
     kept = SPACINGS[spacing](timesteps, steps)
@@ -325,12 +338,20 @@ class SamplingOptions:
     clip: bool | None = None
     dynamic_thresholding: bool = False
     steps_at_most: bool = False        # steps is an upper bound: a schedule with fewer steps uses all of them
+    # EDM's stochasticity (Karras et al. 2022, Algorithm 2): churn, s_tmin, s_tmax for euler and heun,
+    # s_noise for every sigma sampler but euler/heun without churn; rho for the karras spacing. None: defaults.
+    churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
+    rho: float | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose from {', '.join(SAMPLERS)}")
-        if self.spacing not in SPACINGS:
-            raise ConfigError(f"unknown spacing {self.spacing!r}; choose from {', '.join(SPACINGS)}")
+        if self.spacing not in SPACING_CHOICES:
+            raise ConfigError(f"unknown spacing {self.spacing!r}; choose from {', '.join(SPACING_CHOICES)}")
+        self._check_sigma_options()
         if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
             raise ConfigError(f"steps must be a positive integer; got {self.steps!r}")
         if self.eta is not None and self.sampler != "ddim":
@@ -344,21 +365,60 @@ class SamplingOptions:
         if self.dynamic_thresholding and self.clip:
             raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
 
-    def timesteps(self, num_timesteps: int) -> list[int]:
-        """The kept timesteps for a T-step schedule, descending."""
+    def _check_sigma_options(self) -> None:
+        churn_options = {"churn": self.churn, "s_tmin": self.s_tmin, "s_tmax": self.s_tmax}
+        for name, value in {**churn_options, "s_noise": self.s_noise, "rho": self.rho}.items():
+            if value is not None and (not isinstance(value, (int, float)) or math.isnan(value) or value < 0):
+                raise ConfigError(f"{name} must be a number >= 0; got {value!r}")
+        for name, value in churn_options.items():
+            if value is not None and self.sampler not in ("euler", "heun"):
+                raise ConfigError(f"{name} only applies to the euler and heun samplers, not {self.sampler}")
+        if self.s_noise is not None and self.sampler not in SIGMA_SAMPLERS:
+            raise ConfigError(f"s_noise only applies to the sigma samplers ({', '.join(SIGMA_SAMPLERS)}), "
+                              f"not {self.sampler}")
+        if self.s_tmin is not None and self.s_tmax is not None and self.s_tmin > self.s_tmax:
+            raise ConfigError(f"s_tmin ({self.s_tmin}) must not exceed s_tmax ({self.s_tmax})")
+        if self.rho is not None and (self.spacing != KARRAS or self.rho == 0):
+            raise ConfigError("rho only applies to the karras spacing, and must be > 0")
+
+    def timesteps(self, num_timesteps: int, schedule: NoiseSchedule | None = None) -> list[int] | Sigmas:
+        """The kept timesteps for a T-step schedule, descending.
+
+        The karras spacing needs ``schedule``: a sigma sampler then gets the Karras sigmas between the
+        schedule's sigma_0 and sigma_{T-1} themselves (:class:`~ddpm.sigmas.Sigmas`), a discrete sampler
+        their nearest timesteps (:func:`~ddpm.sigmas.karras_timesteps`).
+        """
         steps = min(self.steps, num_timesteps) if self.steps_at_most and self.steps else self.steps
-        return spaced_timesteps(num_timesteps, steps, self.spacing)
+        if self.spacing == KARRAS and self.sampler in SIGMA_SAMPLERS:
+            if schedule is None:
+                raise ConfigError("the karras spacing needs the model's noise schedule")
+            sigmas = schedule_sigmas(schedule)
+            return karras_sigmas(num_timesteps if steps is None else steps, float(sigmas[0]), float(sigmas[-1]),
+                                 KARRAS_RHO if self.rho is None else self.rho)
+        rho = KARRAS_RHO if self.rho is None else self.rho
+        return spaced_timesteps(num_timesteps, steps, self.spacing, schedule=schedule, rho=rho)
+
+    def sigmas(self, sigma_min: float, sigma_max: float) -> Sigmas:
+        """The levels for a model trained in sigma space (EDM): ``steps`` (default 18) Karras sigmas (Eq. 5)."""
+        if self.spacing != KARRAS:
+            raise ConfigError(f"a model trained in sigma space is sampled with the karras spacing, not {self.spacing}")
+        if self.sampler not in SIGMA_SAMPLERS:
+            raise ConfigError(f"a model trained in sigma space needs a sigma sampler ({', '.join(SIGMA_SAMPLERS)})")
+        return karras_sigmas(self.steps or 18, sigma_min, sigma_max, KARRAS_RHO if self.rho is None else self.rho)
 
     def sampler_options(self, default_variance: str = "posterior") -> dict:
-        """The sampler's own keyword options (eta for ddim, variance for ddpm)."""
+        """The sampler's own keyword options (eta for ddim, variance for ddpm, EDM's churn and noise)."""
         if self.sampler == "ddim":
             return {"eta": 0.0 if self.eta is None else float(self.eta)}
         if self.sampler == "ddpm":
             return {"variance": self.variance or default_variance}
-        return {}
+        names = ("churn", "s_tmin", "s_tmax", "s_noise") if self.sampler in ("euler", "heun") else ("s_noise",)
+        return {name: float(getattr(self, name)) for name in names if getattr(self, name) is not None}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as a dict; the sigma samplers' options only when set, so older records read the same."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k not in ("churn", "s_tmin", "s_tmax", "s_noise", "rho")}
 
 
 # The default of `ddpm sample` and `ddpm.generate.generate`: ancestral sampling over 50 respaced
@@ -366,3 +426,151 @@ class SamplingOptions:
 # (benchmarks/RESULTS.md, benchmarks/sampler_steps.py). `--sampler ddpm --steps 1000` (or no
 # --steps with --sampler ddpm) is the paper's 1000-step sampler.
 DEFAULT_SAMPLING = SamplingOptions(sampler="ddpm", steps=50, steps_at_most=True)
+
+
+# ----------------------------------------------------------------------------- sigma samplers (Karras et al. 2022)
+#
+# The same signature as above. ``denoiser`` is a ddpm denoiser (read in sigma space on ``schedule``,
+# ddpm.sigmas.DiscreteSigmaDenoiser) or a ddpm.sigmas.SigmaDenoiser (an EDM network; ``schedule``
+# may then be None); ``timesteps`` are kept timesteps (their sigmas, then 0) or a ddpm.sigmas.Sigmas.
+# The state is x = x_t / sqrt(alpha_bar_t) = x0 + sigma n: x_T, read as the VP state at the first
+# level, starts as sqrt(1 + sigma_0^2) x_T. ``callback`` sees ``sigma`` too; its ``t`` is the kept
+# timestep (sigma when given Sigmas) and ``x_t``/``x`` are in the VP scale (x / sqrt(1 + sigma^2)), as
+# the other samplers report them.
+
+def to_d(x: torch.Tensor, sigma: float, x0_pred: torch.Tensor) -> torch.Tensor:
+    """dx/dsigma = (x - D(x; sigma)) / sigma, the probability-flow ODE (EDM Eq. 3, sigma(t) = t, s(t) = 1)."""
+    return (x - x0_pred) / sigma
+
+
+def churn_gamma(sigma: float, steps: int, churn: float, s_tmin: float, s_tmax: float) -> float:
+    """gamma_i = min(S_churn / N, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax, else 0  (EDM Algorithm 2, line 4)."""
+    return min(churn / steps, math.sqrt(2.0) - 1.0) if churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
+
+
+def ancestral_sigmas(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up): the deterministic step to sigma_down, then noise sigma_up, reaching sigma_next.
+
+    sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2, the DDIM eta = 1 variance (Song et al.
+    2021, Eq. 16) in sigma space; sigma_down^2 = sigma_next^2 - sigma_up^2.
+    """
+    sigma_up = min(sigma_next, math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    return math.sqrt(sigma_next ** 2 - sigma_up ** 2), sigma_up
+
+
+def _sigma_start(denoiser, x_T: torch.Tensor, schedule, timesteps, callback):
+    """(D, levels, x, report): the sigma-space denoiser, the levels to visit, the starting state, the callback."""
+    D = as_sigma_denoiser(denoiser, schedule)
+    sigmas = list(sigma_steps(schedule, timesteps).values)
+    labels = sigmas if isinstance(timesteps, Sigmas) else [int(t) for t in timesteps]
+
+    def report(i, x, x0_pred, x_next) -> None:
+        if callback is not None:
+            sigma, sigma_next = sigmas[i], sigmas[i + 1]
+            callback({"i": i, "t": labels[i], "sigma": sigma, "x_t": x / math.sqrt(1.0 + sigma ** 2),
+                      "x0_pred": x0_pred, "x": x_next / math.sqrt(1.0 + sigma_next ** 2)})
+    return D, sigmas, x_T.float() * math.sqrt(1.0 + sigmas[0] ** 2), report
+
+
+def _churned(x, sigma, gamma, s_noise, noise):
+    """EDM Algorithm 2, lines 5-6: sigma_hat = (1 + gamma) sigma, x_hat = x + sqrt(sigma_hat^2 - sigma^2) S_noise eps"""
+    if gamma <= 0.0:
+        return x, sigma
+    sigma_hat = sigma * (1.0 + gamma)
+    return x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * _draw(noise, x), sigma_hat
+
+
+def _edm_steps(denoiser, x_T, schedule, timesteps, noise, callback, churn, s_tmin, s_tmax, s_noise, second_order):
+    """EDM Algorithm 2 (Algorithm 1 when churn = 0); Euler's method without lines 9-11."""
+    D, sigmas, x, report = _sigma_start(denoiser, x_T, schedule, timesteps, callback)
+    N = len(sigmas) - 1
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
+        gamma = churn_gamma(sigma, N, churn, s_tmin, s_tmax)                       # line 4
+        x_hat, sigma_hat = _churned(x, sigma, gamma, s_noise, noise)               # lines 5-6
+        x0_pred = D(x_hat, sigma_hat)
+        d = to_d(x_hat, sigma_hat, x0_pred)                                        # line 7
+        x_next = x_hat + (sigma_next - sigma_hat) * d                              # line 8: Euler step
+        if second_order and sigma_next != 0.0:                                     # line 9
+            d_prime = to_d(x_next, sigma_next, D(x_next, sigma_next))              # line 10
+            x_next = x_hat + (sigma_next - sigma_hat) * (0.5 * d + 0.5 * d_prime)  # line 11: trapezoidal rule
+        report(i, x, x0_pred, x_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x_T: torch.Tensor, schedule: NoiseSchedule | None, timesteps, *,
+                 noise: NoiseSource | None = None, callback=None, churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE, with EDM's churn (Karras et al. 2022, Algorithm 2
+    without the correction of lines 9-11). churn = 0 is deterministic; over a ddpm model's own
+    timesteps it is DDIM with eta = 0 (their Sec. 4; Song et al. 2021, Sec. 4.3)."""
+    return _edm_steps(denoiser, x_T, schedule, timesteps, noise, callback, churn, s_tmin, s_tmax, s_noise, False)
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x_T: torch.Tensor, schedule: NoiseSchedule | None, timesteps, *,
+                noise: NoiseSource | None = None, callback=None, churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = math.inf, s_noise: float = 1.0) -> torch.Tensor:
+    """Heun's second-order method (Karras et al. 2022, Algorithm 2; Algorithm 1 when churn = 0).
+
+    Two network evaluations per step except the last, to sigma = 0, which is an Euler step (line 9).
+    With churn > 0 each step with S_tmin <= sigma_i <= S_tmax first adds noise raising sigma_i by
+    gamma_i (lines 4-6).
+    """
+    return _edm_steps(denoiser, x_T, schedule, timesteps, noise, callback, churn, s_tmin, s_tmax, s_noise, True)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x_T: torch.Tensor, schedule: NoiseSchedule | None, timesteps, *,
+                           noise: NoiseSource | None = None, callback=None, s_noise: float = 1.0) -> torch.Tensor:
+    """Ancestral Euler (k-diffusion's ``sample_euler_ancestral``): an Euler step to sigma_down, then fresh
+    noise sigma_up (:func:`ancestral_sigmas`); over a ddpm model's own timesteps it is DDIM with eta = 1."""
+    D, sigmas, x, report = _sigma_start(denoiser, x_T, schedule, timesteps, callback)
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
+        x0_pred = D(x, sigma)
+        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next)
+        x_next = x + (sigma_down - sigma) * to_d(x, sigma, x0_pred)                # Euler step to sigma_down
+        if sigma_up > 0.0:
+            x_next = x_next + sigma_up * s_noise * _draw(noise, x)                 # back up to sigma_next
+        report(i, x, x0_pred, x_next)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_solver_pp_2m_sde(denoiser, x_T: torch.Tensor, schedule: NoiseSchedule | None, timesteps, *,
+                                noise: NoiseSource | None = None, callback=None, s_noise: float = 1.0) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, DPM-Solver++, Sec. 5 / App. B), midpoint form, in data prediction.
+
+    With lambda = -log sigma and h = lambda_next - lambda, each step solves the reverse SDE's linear
+    part exactly: x_next = (sigma_next / sigma) e^{-h} x + (1 - e^{-2h}) D_i + sigma_next sqrt(1 - e^{-2h}) z,
+    where D_i is x0_pred plus, after the first step, the second-order correction
+    (1 / (2 r)) (x0_pred - x0_pred_before), r = h_before / h. The step to sigma = 0 returns x0_pred.
+    """
+    D, sigmas, x, report = _sigma_start(denoiser, x_T, schedule, timesteps, callback)
+    x0_before, h_before = None, None
+    for i, (sigma, sigma_next) in enumerate(zip(sigmas, sigmas[1:])):
+        x0_pred = D(x, sigma)
+        if sigma_next == 0.0:
+            x_next = x0_pred                                                        # to the data
+        else:
+            h = math.log(sigma / sigma_next)                                        # lambda_next - lambda
+            one_minus = -math.expm1(-2.0 * h)                                       # 1 - e^{-2h}
+            x_next = (sigma_next / sigma) * math.exp(-h) * x + one_minus * x0_pred
+            if x0_before is not None:
+                x_next = x_next + one_minus * (0.5 * h / h_before) * (x0_pred - x0_before)   # 1 / (2 r) (D_i - D_{i-1})
+            x_next = x_next + sigma_next * math.sqrt(one_minus) * s_noise * _draw(noise, x)
+            h_before = h
+        report(i, x, x0_pred, x_next)
+        x0_before, x = x0_pred, x_next
+    return x
+
+
+SIGMA_SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "euler-ancestral": sample_euler_ancestral,
+    "dpm-solver++-sde": sample_dpm_solver_pp_2m_sde,
+}
+SAMPLERS.update(SIGMA_SAMPLERS)

@@ -100,16 +100,23 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
     check_channels(channels)
     size = parse_image_size(image_size)
     if isinstance(data, str) and data in DATASET_NAMES:
-        if data == "digits":
-            dataset = _load_digits(split)
-        elif data == "cifar10":
-            dataset = _load_cifar10(data_root, split)
-        else:
-            dataset = _load_idx_dataset(data, data_root, split)
-        return resize_and_convert(dataset, size, channels)
-    if is_hub_spec(data):
+        return resize_and_convert(_load_named(data, data_root, split), size, channels)
+    if is_hub_spec(data) or (Path(data).is_dir() and is_saved_dataset(Path(data))):
         return load_hub_dataset(data, split=split, image_size=size, channels=channels,
                                 image_column=image_column, label_column=label_column)
+    return replace(_load_path(data, size, channels, strict), path=data_source(data))
+
+
+def _load_named(name: str, data_root, split: str) -> ImageData:
+    if name == "digits":
+        return _load_digits(split)
+    if name == "cifar10":
+        return _load_cifar10(data_root, split)
+    return _load_idx_dataset(name, data_root, split)
+
+
+def _load_path(data, size, channels, strict: bool) -> ImageData:
+    """A folder of images, a prepared dataset or an ``.npz`` archive."""
     if isinstance(data, str) and not data:
         raise ConfigError(f"no dataset given: pass one of {', '.join(DATASET_NAMES)} or a path")
     path = Path(data)
@@ -117,17 +124,11 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
         raise DataError(f"no such file or directory: {path} (dataset names are {', '.join(DATASET_NAMES)})")
     if path.is_dir():
         if is_prepared(path):
-            dataset = open_prepared(path, image_size=size, channels=channels)
-        elif is_saved_dataset(path):
-            return load_hub_dataset(path, split=split, image_size=size, channels=channels,
-                                    image_column=image_column, label_column=label_column)
-        else:
-            dataset = _load_image_folder(path, size, channels, strict)
-    elif path.suffix.lower() == ".npz":
-        dataset = resize_and_convert(_load_npz(path), size, channels)
-    else:
-        raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
-    return replace(dataset, path=data_source(data))
+            return open_prepared(path, image_size=size, channels=channels)
+        return _load_image_folder(path, size, channels, strict)
+    if path.suffix.lower() == ".npz":
+        return resize_and_convert(_load_npz(path), size, channels)
+    raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
 
 
 def data_source(data: str | os.PathLike) -> str:

@@ -1,0 +1,222 @@
+"""Files read from disk are data to check, not to trust: checkpoints whose metadata was edited
+(both checksums recomputed, so only validation can catch them), checkpoints pruned by a running
+training while a reader opens them, diffusers folders, symlinks out of a run directory, and a
+disk that fills while exporting. Each gets one ``ddpm: error:`` line (or, for a symlink, one
+warning), a non-zero exit and no change on disk."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ddpm.checkpoint import metadata_checksum, tensor_checksum
+from ddpm.cli import main
+
+TINY = ("--steps 4 --batch-size 4 --timesteps 25 --num-images 2 --checkpoint-every 2 --keep-last 2 --log-every 1 "
+        "--num-samples 1 --quiet")
+
+
+def craft(src: Path, dst: Path, edit_meta=None, edit_tensors=None) -> Path:
+    """Copy a checkpoint with its metadata and/or tensors edited and BOTH checksums recomputed as
+    :func:`ddpm.checkpoint.save_checkpoint` computes them: only validation can tell it is wrong."""
+    with safe_open(str(src), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["ddpm"])
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    text = json.dumps(meta)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst), metadata={"ddpm": text, "checksum": tensor_checksum(tensors),
+                                           "meta_checksum": metadata_checksum(text)})
+    return dst
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    """``main(argv)`` in-process: (exit code, stderr, traceback of an escaped exception or '')."""
+    err, escaped = io.StringIO(), ""
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:                       # noqa: BLE001 -- any escape is the failure under test
+            code, escaped = -1, traceback.format_exc()
+    return code, err.getvalue(), escaped
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(argv: list[str], *words: str, root: Path | None = None, code: int | None = None) -> str:
+    """Run ``argv``: one ``ddpm: error:`` line naming ``words``, non-zero exit, ``root`` unchanged."""
+    before = snapshot(root) if root else None
+    status, err, escaped = run(argv)
+    assert not escaped, escaped
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("ddpm: warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("ddpm: error: "), err
+    assert status != 0 and (code is None or status == code), (status, err)
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    if root:
+        assert snapshot(root) == before
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 4-step run of a U-Net of width 8 with checkpoints at steps 2 and 4."""
+    base = tmp_path_factory.mktemp("untrusted")
+    small = base / "small.toml"
+    small.write_text("[model]\ndim = 8\n")
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", *TINY.split(), "--config", str(small), "--out", str(base / "run")]) == 0
+    return base / "run"
+
+
+def newest(run_dir: Path) -> Path:
+    return sorted((run_dir / "checkpoints").glob("step-*.safetensors"))[-1]
+
+
+def copy_run(trained: Path, dst: Path, **edits) -> Path:
+    """A copy of the run whose checkpoints are all crafted with ``edits`` (see :func:`craft`)."""
+    shutil.copytree(trained, dst, ignore=shutil.ignore_patterns("tensorboard", "*.lock"))
+    for path in (dst / "checkpoints").glob("step-*.safetensors"):
+        craft(path, path, **edits)
+    return dst
+
+
+# ----------------------------------------------------------------------------- checkpoint metadata as data
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(meta):
+        d = meta
+        for k in keys[:-1]:
+            d = d[k]
+        if value is KeyError:
+            del d[keys[-1]]
+        else:
+            d[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_set("step", 10 ** 30), "step"),
+    (_set("data_position", -8), "data_position"),
+    (_set("data_position", 15.5), "data_position"),
+    (_set("data_position", 12), "data_position"),                  # not step x global batch (16)
+    (_set("rng", KeyError), "rng"),
+    (_set("rng", "torch", [1, 2, 3]), "rng.torch"),
+    (_set("rng", "numpy", [1]), "rng.numpy"),
+    (_set("optimizer", "param_groups", "adam"), "optimizer"),
+    (_set("optimizer", "param_groups", 0, "params", [0, 1]), "optimizer.param_groups"),
+    (_set("counters", "step", 3), "counters.step"),
+    (_set("ema_updates", -1), "ema_updates"),
+    (_set("global_batch", 0), "global_batch"),
+    (_set("config", "model", "dim", 2 ** 30), "config"),
+])
+def test_edited_metadata_is_refused_naming_the_field(trained, tmp_path, edit, field):
+    """Metadata edited with both checksums recomputed is refused by inspect, sample and --resume."""
+    bad = craft(newest(trained), tmp_path / "bad.safetensors", edit_meta=edit)
+    line = refused(["inspect", str(bad)], f"'{field}'" if field not in ("step",) else "step", root=tmp_path,
+                   code=4)
+    assert str(bad) in line
+
+
+def test_a_half_precision_ema_tensor_is_refused_naming_it(trained, tmp_path):
+    def half(tensors):
+        name = sorted(k for k in tensors if k.startswith("ema."))[0]
+        tensors[name] = tensors[name].half()
+    bad = craft(newest(trained), tmp_path / "bad.safetensors", edit_tensors=half)
+    refused(["inspect", str(bad)], "ema.", "F16", root=tmp_path, code=4)
+
+
+def test_resume_refuses_a_wrong_rng_state_and_optimizer_state(trained, tmp_path):
+    for name, edit, field in (("rng", _set("rng", "python", 1, [7] * 3), "rng.python"),
+                              ("optim", _set("optimizer", "scalars", "0.step", "many"), "optimizer.scalars"),
+                              ("no-rng", _set("rng", KeyError), "'rng'")):
+        run_dir = copy_run(trained, tmp_path / name, edit_meta=edit)
+        refused(["train", "--resume", str(run_dir), "--steps", "6", "--quiet"], field, root=tmp_path)
+
+
+def test_init_refuses_a_huge_width_naming_the_field(trained, tmp_path):
+    bad = craft(newest(trained), tmp_path / "bad.safetensors", edit_meta=_set("config", "model", "dim", 2 ** 30))
+    refused(["train", "--init", str(bad), "--steps", "1", "--out", str(tmp_path / "ft"), "--dry-run"],
+            "'config'", "dim", root=tmp_path, code=4)
+
+
+# ----------------------------------------------------------------------------- readers never race writers
+
+def test_sample_records_the_hash_of_the_bytes_it_loaded_even_if_pruned_meanwhile(trained, tmp_path, monkeypatch):
+    """``sample RUN`` while training prunes checkpoints: the file read is deleted right after loading; the
+    record's SHA-256 is that of the bytes the images came from, not a second read of the file."""
+    import ddpm.generate as generate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    path = newest(run_dir)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    real = generate.load_checkpoint
+
+    def load_then_prune(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        os.unlink(loaded[1]["path"])               # the trainer's --keep-last pruned it
+        return loaded
+
+    monkeypatch.setattr(generate, "load_checkpoint", load_then_prune)
+    out = tmp_path / "samples"
+    code, err, escaped = run(["sample", "--checkpoint", str(run_dir), "--n", "1", "--steps", "2", "--out", str(out)])
+    assert code == 0 and not escaped, err + escaped
+    record = json.loads((out / "record.json").read_text())
+    assert record["checkpoint_sha256"] == digest
+
+
+def test_a_run_directory_whose_newest_checkpoint_is_pruned_while_opening_it(trained, tmp_path, monkeypatch):
+    """Listing finds step 2 as the newest; before it is opened the trainer writes step 4 and prunes step 2."""
+    import ddpm.checkpoint as checkpoint
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    step4 = newest(run_dir)
+    aside = tmp_path / "aside.safetensors"
+    step4.rename(aside)
+    real = checkpoint.list_checkpoints
+    calls = []
+
+    def list_then_prune(folder):
+        found = real(folder)
+        if not calls:
+            aside.rename(step4)
+            found[-1][1].unlink()
+        calls.append(folder)
+        return found
+
+    monkeypatch.setattr(checkpoint, "list_checkpoints", list_then_prune)
+    code, err, escaped = run(["inspect", str(run_dir)])
+    assert code == 0 and not escaped, err + escaped
+    assert len(calls) == 2                                  # listed once more, after the first open failed
+    tensors, meta = checkpoint.load_checkpoint(run_dir)
+    assert meta["path"] == str(step4)
+    calls.clear()
+    step4.rename(aside)
+    shutil.copyfile(aside, run_dir / "checkpoints" / "step-0000002.safetensors")
+    loaded = checkpoint.load_newest_verified(run_dir, warn=pytest.fail)
+    assert loaded is not None and loaded[1]["path"] == str(step4)

@@ -220,3 +220,107 @@ def test_a_run_directory_whose_newest_checkpoint_is_pruned_while_opening_it(trai
     shutil.copyfile(aside, run_dir / "checkpoints" / "step-0000002.safetensors")
     loaded = checkpoint.load_newest_verified(run_dir, warn=pytest.fail)
     assert loaded is not None and loaded[1]["path"] == str(step4)
+
+
+# ----------------------------------------------------------------------------- diffusers folders, export
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    pytest.importorskip("diffusers")
+    out = tmp_path_factory.mktemp("export") / "pipeline"
+    code, err, escaped = run(["export", "--checkpoint", str(trained), "--out", str(out)])
+    assert code == 0 and not escaped, err + escaped
+    return out
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("where, changes, field", [
+    ("unet/config.json", {"sample_size": "28"}, "sample_size"),
+    ("unet/config.json", {"block_out_channels": [2 ** 30, 2 ** 30]}, "block_out_channels"),
+    ("unet/config.json", {"layers_per_block": 10 ** 9}, "layers_per_block"),
+    ("unet/config.json", {"norm_eps": "tiny"}, "norm_eps"),
+    ("scheduler/scheduler_config.json", {"num_train_timesteps": 10 ** 12}, "num_train_timesteps"),
+    ("scheduler/scheduler_config.json", {"trained_betas": [0.5] * 3}, "trained_betas"),
+    ("scheduler/scheduler_config.json", {"beta_end": float("nan")}, "beta_end"),
+])
+def test_import_checks_the_diffusers_configuration_before_building_anything(exported, tmp_path, where, changes,
+                                                                             field):
+    folder = tmp_path / "pipeline"
+    shutil.copytree(exported, folder)
+    _edit_json(folder / where, **changes)
+    refused(["import", str(folder), "--out", str(tmp_path / "imported.safetensors")], field, root=tmp_path, code=4)
+
+
+def test_import_refuses_integer_weights_naming_the_tensor(exported, tmp_path):
+    folder = tmp_path / "pipeline"
+    shutil.copytree(exported, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].round().to(torch.int64)
+    save_file(tensors, str(weights))
+    refused(["import", str(folder), "--out", str(tmp_path / "imported.safetensors")], name, "int64",
+            root=tmp_path, code=4)
+
+
+def test_export_does_not_follow_a_symlink_out_of_the_run_directory(trained, tmp_path):
+    """A samples.png that links to a file outside the run is skipped with one warning, never copied."""
+    pytest.importorskip("diffusers")
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not part of any run")
+    (run_dir / "samples.png").unlink()
+    (run_dir / "samples.png").symlink_to(secret)
+    out = tmp_path / "pipeline"
+    code, err, escaped = run(["export", "--checkpoint", str(run_dir), "--out", str(out)])
+    assert code == 0 and not escaped, err + escaped
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"ddpm: warning: {run_dir / 'samples.png'} is a symbolic link out of the run directory (to {secret}); "
+        "it is not copied into the export"]
+    assert not (out / "samples.png").exists()
+    assert all(b"not part of any run" not in p.read_bytes() for p in out.rglob("*") if p.is_file())
+    inside = run_dir / "samples" / "final.png"                 # a link that stays inside the run is followed
+    shutil.copyfile(trained / "samples.png", inside)
+    (run_dir / "samples.png").unlink()
+    (run_dir / "samples.png").symlink_to(inside)
+    code, err, _ = run(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "again")])
+    assert code == 0 and not err.strip()
+    assert (tmp_path / "again" / "samples.png").read_bytes() == inside.read_bytes()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO, errno.EROFS])
+def test_export_and_import_on_a_failing_disk_leave_nothing_partial(trained, exported, tmp_path, monkeypatch, code):
+    """A write that fails half-way (a full disk, an I/O error, a read-only file system): one line, no
+    partial folder or file under the final name, every earlier file intact."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def failing(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(code, os.strerror(code), str(filename))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
+    monkeypatch.setattr("ddpm.checkpoint.save_file", failing)
+    out = tmp_path / "pipeline"
+    before = snapshot(trained)
+    refused(["export", "--checkpoint", str(trained), "--out", str(out)], os.strerror(code), "nothing was written",
+            root=tmp_path)
+    assert not out.exists() and list(tmp_path.iterdir()) == [] and snapshot(trained) == before
+    target = tmp_path / "imported.safetensors"
+    refused(["import", str(exported), "--out", str(target)], os.strerror(code), root=tmp_path)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+    def full_disk(tensors, filename, *args, **kwargs):            # what safetensors itself raises
+        real(tensors, filename, *args, **kwargs)
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    refused(["export", "--checkpoint", str(trained), "--out", str(out)], "No space left on device", root=tmp_path)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -157,7 +157,7 @@ def _check_counts(refuse, meta: dict, step: int) -> None:
 
 
 def _check_extras(refuse, meta: dict, config: RunConfig) -> None:
-    """Optional entries read by some commands: the scaler, the best score, class names, the dataset."""
+    """Optional entries read by some commands: the scaler, the best score, class names, the dataset, the import."""
     scaler = meta.get("scaler")
     if scaler is not None:
         if not isinstance(scaler, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in scaler.items()):
@@ -175,6 +175,10 @@ def _check_extras(refuse, meta: dict, config: RunConfig) -> None:
             refuse("class_names", f"expected {count} strings, one per class of the model")
     if "dataset" in meta and not isinstance(meta["dataset"], str):
         refuse("dataset", f"{meta['dataset']!r} (expected a string)")
+    imported = meta.get("imported_from")
+    if imported is not None and not (isinstance(imported, dict)
+                                     and all(isinstance(v, str) or v is None for v in imported.values())):
+        refuse("imported_from", "expected null or an object of strings (the format and folder imported)")
 
 
 def _check_optimizer(refuse, info, layout: dict) -> None:

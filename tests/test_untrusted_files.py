@@ -324,3 +324,28 @@ def test_export_and_import_on_a_failing_disk_leave_nothing_partial(trained, expo
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     refused(["export", "--checkpoint", str(trained), "--out", str(out)], "No space left on device", root=tmp_path)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- inpainting inputs
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming ``width`` x ``height`` greyscale pixels over a few bytes of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_inpaint_refuses_a_decompression_bomb_mask_and_an_unbounded_resampling(trained, tmp_path):
+    bomb = _png_claiming(tmp_path / "bomb.png", 40_000, 40_000)
+    base = ["inpaint", "--checkpoint", str(trained), "--image", "digits:0", "--steps", "2", "--out"]
+    refused([*base, str(tmp_path / "a"), "--mask", str(bomb)], "mask", "bomb.png", root=tmp_path, code=3)
+    refused([*base, str(tmp_path / "b"), "--mask", "center", "--resample", "1000000"], "resample", "1,000",
+            root=tmp_path, code=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.png"]

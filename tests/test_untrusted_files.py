@@ -127,7 +127,7 @@ def _set(*keys_and_value):
     (_set("rng", "torch", [1, 2, 3]), "rng.torch"),
     (_set("rng", "numpy", [1]), "rng.numpy"),
     (_set("optimizer", "param_groups", "adam"), "optimizer"),
-    (_set("optimizer", "param_groups", 0, "params", [0, 1]), "optimizer.param_groups"),
+    (_set("optimizer", "param_groups", 0, "params", [0, 10 ** 6]), "optimizer.param_groups"),
     (_set("counters", "step", 3), "counters.step"),
     (_set("ema_updates", -1), "ema_updates"),
     (_set("global_batch", 0), "global_batch"),

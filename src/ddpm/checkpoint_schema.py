@@ -198,10 +198,10 @@ def _check_optimizer(refuse, info, layout: dict) -> None:
                                      and all(_is_number(b) and 0 <= b < 1 for b in group["betas"])):
             refuse(f"optimizer.param_groups[{i}].betas", f"{group['betas']!r} (expected two numbers in [0, 1))")
         params += group["params"]
-    weights = sum(1 for k in layout if k.startswith("model."))
-    if len(set(params)) != len(params) or (weights and sorted(params) != list(range(weights))):
-        refuse("optimizer.param_groups", f"their params name {len(params)} parameter(s), "
-                                         f"the model has {weights} tensors")
+    weights = sum(1 for k in layout if k.startswith("model."))      # parameters, and any buffers
+    if len(set(params)) != len(params) or (weights and max(params, default=0) >= weights):
+        refuse("optimizer.param_groups", f"their params name {len(params)} parameter(s) (indices up to "
+                                         f"{max(params, default=0)}), the model has {weights} tensors")
     scalars = info.get("scalars", {})
     if not isinstance(scalars, dict):
         refuse("optimizer.scalars", "expected an object")

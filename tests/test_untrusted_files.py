@@ -132,6 +132,8 @@ def _set(*keys_and_value):
     (_set("ema_updates", -1), "ema_updates"),
     (_set("global_batch", 0), "global_batch"),
     (_set("config", "model", "dim", 2 ** 30), "config"),
+    (_set("scaler", {"scale": 1.0}), "scaler"),
+    (_set("imported_from", {"path": ["a"]}), "imported_from"),
 ])
 def test_edited_metadata_is_refused_naming_the_field(trained, tmp_path, edit, field):
     """Metadata edited with both checksums recomputed is refused by inspect, sample and --resume."""

@@ -30,7 +30,8 @@ __all__ = ["check_checkpoint", "tensor_layout", "WEIGHT_DTYPE", "RESUME_FIELDS"]
 WEIGHT_DTYPE = "F32"                 # model.* and ema.*: the float32 master weights training keeps
 RESUME_FIELDS = ("rng", "data_position", "counters", "ema_updates")
 PREFIXES = ("model", "ema", "optim", "timestep_sampler")
-COUNTERS = ("step", "bad_steps", "bad_in_row", "scaler_skips")
+COUNTERS = ("step", "bad_steps", "bad_in_row", "scaler_skips")    # ddpm.train.Counters, as saved
+SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")   # GradScaler.state_dict
 _OPTIM_NAME = re.compile(r"^optim\.(\d+)\.([A-Za-z_]\w*)$")
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -159,11 +160,13 @@ def _check_counts(refuse, meta: dict, step: int) -> None:
 def _check_extras(refuse, meta: dict, config: RunConfig) -> None:
     """Optional entries read by some commands: the scaler, the best score, class names, the dataset, the import."""
     scaler = meta.get("scaler")
-    if scaler is not None:
-        if not isinstance(scaler, dict) or not all(isinstance(k, str) and _is_number(v) for k, v in scaler.items()):
-            refuse("scaler", "expected null or an object of finite numbers")
-        if "scale" in scaler and not scaler["scale"] > 0:
-            refuse("scaler.scale", f"{scaler['scale']!r} (expected a positive number)")
+    if scaler:                          # a disabled GradScaler saves {}; an enabled one all of SCALER
+        if not isinstance(scaler, dict) or set(scaler) != set(SCALER) or not all(map(_is_number, scaler.values())):
+            refuse("scaler", f"expected null or an object of finite numbers {', '.join(SCALER)}")
+        if not (scaler["scale"] > 0 and scaler["growth_factor"] > 1 and 0 < scaler["backoff_factor"] < 1):
+            refuse("scaler", "the scale must be positive, the growth factor above 1, the backoff factor in (0, 1)")
+        _int_in(refuse, "scaler.growth_interval", scaler["growth_interval"], 1, MAX_COUNT)
+        _int_in(refuse, "scaler._growth_tracker", scaler["_growth_tracker"], 0, MAX_COUNT)
     best = meta.get("best")
     if best is not None and not (isinstance(best, dict) and isinstance(best.get("metric"), str)
                                  and _is_number(best.get("value")) and _is_int(best.get("step"))):

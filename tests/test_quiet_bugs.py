@@ -76,7 +76,7 @@ def test_kid_is_unbiased_for_two_samples_of_one_distribution():
     mean, std = kid(x, y, num_subsets=subsets, subset_size=50, seed=1)
     standard_error = std / np.sqrt(subsets)
     assert abs(mean) < 4 * standard_error, (mean, standard_error)
-    diagonal = ((x[:50] ** 2).sum(1) / 16 + 1.0) ** 3                      # what a biased estimate adds, ~ 2 k(a, a) / m
+    diagonal = ((x[:50] ** 2).sum(1) / 16 + 1.0) ** 3          # a biased estimate adds about 2 k(a, a) / m
     assert 2 * diagonal.mean() / 50 > 20 * standard_error                 # so a biased estimate fails the test above
     other, _ = kid(x, y + 0.5, num_subsets=50, subset_size=50, seed=1)
     assert other > 10 * standard_error                                    # a different distribution is seen

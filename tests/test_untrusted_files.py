@@ -21,29 +21,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ddpm.checkpoint import metadata_checksum, tensor_checksum
+from helpers.crafted import craft
+
 from ddpm.cli import main
 
 TINY = ("--steps 4 --batch-size 4 --timesteps 25 --num-images 2 --checkpoint-every 2 --keep-last 2 --log-every 1 "
         "--num-samples 1 --quiet")
-
-
-def craft(src: Path, dst: Path, edit_meta=None, edit_tensors=None) -> Path:
-    """Copy a checkpoint with its metadata and/or tensors edited and BOTH checksums recomputed as
-    :func:`ddpm.checkpoint.save_checkpoint` computes them: only validation can tell it is wrong."""
-    with safe_open(str(src), framework="pt") as f:
-        header = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta = json.loads(header["ddpm"])
-    if edit_meta:
-        edit_meta(meta)
-    if edit_tensors:
-        edit_tensors(tensors)
-    text = json.dumps(meta)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dst), metadata={"ddpm": text, "checksum": tensor_checksum(tensors),
-                                           "meta_checksum": metadata_checksum(text)})
-    return dst
 
 
 def run(argv: list[str]) -> tuple[int, str, str]:

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ddpm import CheckpointError
+from ddpm.config import RunConfig
 from ddpm.checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
                              load_weights, read_metadata, resolve_checkpoint, save_checkpoint, split_prefix,
                              unflatten_optimizer_state)
@@ -21,25 +22,28 @@ from ddpm.fileio import atomic_write
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"model.w": torch.randn(4, 3, generator=g), "model.b": torch.randn(3, generator=g),
-            "ema.w": torch.randn(4, 3, generator=g), "optim.0.exp_avg": torch.randn(5, generator=g).to(torch.bfloat16)}
+            "ema.w": torch.randn(4, 3, generator=g), "ema.b": torch.randn(3, generator=g)}
+
+
+CONFIG = RunConfig.for_preset("digits").to_dict()          # a valid configuration (the tensors need not fit it)
 
 
 def test_round_trip_preserves_tensors_and_metadata(tmp_path):
     path = checkpoint_path(tmp_path, 42)
     assert path.name == "step-0000042.safetensors"
     tensors = _tensors()
-    save_checkpoint(path, tensors, {"step": 42, "config": {"a": [1, 2]}})
+    save_checkpoint(path, tensors, {"step": 42, "config": CONFIG})
     loaded, meta = load_checkpoint(path)
     assert set(loaded) == set(tensors)
     for k in tensors:
         assert loaded[k].dtype == tensors[k].dtype and torch.equal(loaded[k], tensors[k])
-    assert meta["step"] == 42 and meta["config"] == {"a": [1, 2]} and meta["format_version"] == 1
+    assert meta["step"] == 42 and meta["config"] == CONFIG and meta["format_version"] == 1
     assert split_prefix(loaded, "model").keys() == {"w", "b"}
 
 
 def test_run_directory_resolves_to_newest_checkpoint(tmp_path):
     for step in (5, 100, 20):
-        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step, "config": {}})
+        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step, "config": CONFIG})
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 20, 100]
     assert resolve_checkpoint(tmp_path) == checkpoint_path(tmp_path, 100)
     assert read_metadata(tmp_path)["step"] == 100
@@ -68,7 +72,7 @@ def test_foreign_safetensors_file_is_refused(tmp_path):
 
 def test_truncated_file_is_refused(tmp_path):
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": CONFIG})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 7])
     with pytest.raises(CheckpointError):
@@ -77,7 +81,7 @@ def test_truncated_file_is_refused(tmp_path):
 
 def test_tampered_tensor_fails_the_checksum(tmp_path):
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": CONFIG})
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF                                 # flip bits inside the last tensor's bytes
     path.write_bytes(bytes(data))
@@ -88,7 +92,7 @@ def test_tampered_tensor_fails_the_checksum(tmp_path):
 def test_renamed_tensor_fails_the_checksum(tmp_path):
     """A tensor renamed (here without changing the name order) keeps every byte: the checksum covers the names."""
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1, "config": {}})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": CONFIG})
     with safe_open(str(path), framework="pt") as f:
         header, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["model.c"] = tensors.pop("model.b")
@@ -120,7 +124,7 @@ def test_future_format_version_is_refused(tmp_path):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, code):
     path = checkpoint_path(tmp_path, 7)
-    save_checkpoint(path, _tensors(0), {"step": 7, "config": {}})
+    save_checkpoint(path, _tensors(0), {"step": 7, "config": CONFIG})
     before = path.read_bytes()
 
     def failing_replace(src, dst):
@@ -128,7 +132,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch, code):
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(CheckpointError, match=f"{os.strerror(code)}; the file already at .* is intact"):
-        save_checkpoint(path, _tensors(1), {"step": 7, "config": {}})
+        save_checkpoint(path, _tensors(1), {"step": 7, "config": CONFIG})
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]      # no temporary file left behind
 
@@ -176,7 +180,7 @@ def test_optimizer_state_keeps_number_valued_entries():
 def test_checkpoint_file_mode_follows_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": {}})
+        path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": CONFIG})
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644          # readable by collaborators, as other files are
@@ -186,7 +190,7 @@ def test_checkpoint_file_mode_follows_the_umask(tmp_path):
 
 def test_an_edited_header_fails_the_metadata_checksum(tmp_path):
     path = checkpoint_path(tmp_path, 1)
-    save_checkpoint(path, _tensors(), {"step": 1, "config": {"diffusion": {"schedule": "linear"}}})
+    save_checkpoint(path, _tensors(), {"step": 1, "config": CONFIG})
     data = path.read_bytes()
     old, new = b'\\"schedule\\": \\"linear\\"', b'\\"schedule\\": \\"cosine\\"'
     assert old in data
@@ -202,7 +206,7 @@ def test_checkpoints_without_a_metadata_checksum_still_load(tmp_path):
 
     path = tmp_path / "old.safetensors"
     tensors = _tensors()
-    meta = json.dumps({"format_version": 1, "step": 3, "config": {"a": 1}})
+    meta = json.dumps({"format_version": 1, "step": 3, "config": CONFIG})
     save_file(tensors, str(path), metadata={"ddpm": meta, "checksum": tensor_checksum(tensors)})
     loaded, meta = load_checkpoint(path)
     assert meta["step"] == 3 and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
@@ -214,7 +218,7 @@ def test_non_finite_weights_are_refused_with_their_name(tmp_path, name, value):
     tensors = _tensors()
     tensors[name] = tensors[name].clone()
     tensors[name][1, 2] = value
-    path = save_checkpoint(checkpoint_path(tmp_path, 1), tensors, {"step": 1, "config": {}})
+    path = save_checkpoint(checkpoint_path(tmp_path, 1), tensors, {"step": 1, "config": CONFIG})
     with pytest.raises(CheckpointError, match=f"non-finite weights \\(NaN or inf in {name}\\)"):
         load_checkpoint(path)
 
@@ -222,9 +226,9 @@ def test_non_finite_weights_are_refused_with_their_name(tmp_path, name, value):
 @pytest.mark.parametrize("meta, message", [
     ({"step": 1}, "'config' entry is missing"),
     ({"step": 1, "config": [1]}, "'config' is a list, not an object"),
-    ({"step": -1, "config": {}}, "no valid step"),
-    ({"step": "3", "config": {}}, "no valid step"),
-    ({"config": {}}, "no valid step"),
+    ({"step": -1, "config": CONFIG}, "no valid step"),
+    ({"step": "3", "config": CONFIG}, "no valid step"),
+    ({"config": CONFIG}, "no valid step"),
 ])
 def test_metadata_without_step_or_config_object_is_refused(tmp_path, meta, message):
     path = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), meta)
@@ -236,12 +240,12 @@ def test_newest_verified_checkpoint_skips_broken_ones_with_a_warning_each(tmp_pa
     from ddpm.checkpoint import load_newest_verified
 
     for step in (2, 4, 6):
-        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step, "config": {}})
+        save_checkpoint(checkpoint_path(tmp_path, step), _tensors(step), {"step": step, "config": CONFIG})
     newest = checkpoint_path(tmp_path, 6)
     newest.write_bytes(newest.read_bytes()[:-9])                       # truncated by a crash
     nan = _tensors(4)
     nan["ema.w"] = torch.full_like(nan["ema.w"], float("nan"))
-    save_checkpoint(checkpoint_path(tmp_path, 4), nan, {"step": 4, "config": {}})
+    save_checkpoint(checkpoint_path(tmp_path, 4), nan, {"step": 4, "config": CONFIG})
     warnings: list[str] = []
     tensors, meta = load_newest_verified(tmp_path, warn=warnings.append)
     assert meta["step"] == 2 and torch.equal(tensors["model.w"], _tensors(2)["model.w"])
@@ -254,7 +258,7 @@ def test_newest_verified_checkpoint_of_a_run_without_any_good_one(tmp_path):
     from ddpm.checkpoint import load_newest_verified
 
     assert load_newest_verified(tmp_path, warn=pytest.fail) is None          # no checkpoint at all: None
-    path = save_checkpoint(checkpoint_path(tmp_path, 2), _tensors(), {"step": 2, "config": {}})
+    path = save_checkpoint(checkpoint_path(tmp_path, 2), _tensors(), {"step": 2, "config": CONFIG})
     path.write_bytes(path.read_bytes()[:-9])
     with pytest.raises(CheckpointError, match="none of the 1 checkpoint\\(s\\) of .* verifies; the newest: "):
         load_newest_verified(tmp_path, warn=lambda message: None)
@@ -266,9 +270,9 @@ def test_a_failed_first_save_does_not_claim_a_previous_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(CheckpointError, match="No space left on device; no checkpoint was written"):
-        save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": {}})
+        save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": CONFIG})
     monkeypatch.undo()
-    first = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": {}})
+    first = save_checkpoint(checkpoint_path(tmp_path, 1), _tensors(), {"step": 1, "config": CONFIG})
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(CheckpointError, match=f"No space left on device; the previous checkpoint {first} is intact"):
-        save_checkpoint(checkpoint_path(tmp_path, 2), _tensors(), {"step": 2, "config": {}})
+        save_checkpoint(checkpoint_path(tmp_path, 2), _tensors(), {"step": 2, "config": CONFIG})

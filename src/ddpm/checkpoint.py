@@ -12,9 +12,12 @@ tensors ``model.*`` (raw weights), ``ema.*`` (the moving average) and ``optim.*`
   changed from linear to cosine) is refused like edited weights. Checkpoints written before it
   existed have none and load as before.
 
-Loading also refuses non-finite weights (NaN or inf in ``model.*`` or ``ema.*``) and metadata
-without a ``step`` or a ``config`` object; the configuration's bounds are checked by
-:meth:`ddpm.config.RunConfig.from_dict` before any model is built.
+Loading also refuses non-finite weights (NaN or inf in ``model.*`` or ``ema.*``), and checks
+every metadata field against its type, range and the tensors (:mod:`ddpm.checkpoint_schema`,
+which validates the configuration with :meth:`ddpm.config.RunConfig.from_dict`) before any
+reader uses it, whatever the checksums say. A file is opened once per load: its tensors,
+metadata and SHA-256 all come from the same bytes, so a run pruning it meanwhile cannot make
+them disagree.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
-from .errors import OutputError
+from .checkpoint_schema import check_checkpoint
+from .errors import CheckpointError, OutputError
 from .fileio import atomic_write
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "read_metadata", "resolve_checkpoint",
@@ -125,25 +129,73 @@ def _kept_on_failure(path: Path) -> str:
     return f"the previous checkpoint {earlier[-1]} is intact" if earlier else "no checkpoint was written"
 
 
-def _header(path: Path) -> dict:
+_MAX_HEADER = 100 * 2 ** 20          # bytes of safetensors header JSON a checkpoint may have
+
+
+def _parse_header(path: Path, head: bytes, size: int) -> tuple[dict, dict]:
+    """(the ``__metadata__`` strings, the tensor layout ``{name: (dtype, shape)}``) of a safetensors header.
+
+    ``head`` starts at the file's first byte; ``size`` is the file's length.
+    """
+    bad = f"{path} is not a ddpm checkpoint (not a readable safetensors file"
+    if len(head) < 8:
+        raise CheckpointError(f"{bad}: {len(head)} bytes)")
+    n = int.from_bytes(head[:8], "little")
+    if n > min(_MAX_HEADER, size - 8) or len(head) < 8 + n:
+        raise CheckpointError(f"{bad}: a header of {n:,} bytes in a file of {size:,})")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a ddpm checkpoint (not a readable safetensors file: {exc})") from None
-    if "ddpm" not in header:
+        header = json.loads(head[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{bad}: its header is not JSON)") from None
+    meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(header, dict) or not isinstance(meta or {}, dict):
+        raise CheckpointError(f"{bad}: its header is not a JSON object)")
+    layout = {}
+    for name, entry in header.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                and isinstance(entry.get("dtype"), str)):
+            raise CheckpointError(f"{bad}: tensor {name!r} has no dtype and shape)")
+        layout[name] = (entry["dtype"], tuple(shape))
+    if "ddpm" not in (meta or {}):
         raise CheckpointError(f"{path} is not a ddpm checkpoint (a safetensors file without ddpm metadata)")
-    return header
+    return meta, layout
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a checkpoint (file or run directory), without reading tensors."""
-    path = resolve_checkpoint(path)
-    header = _header(path)
+def _read(given: str | os.PathLike, whole: bool) -> tuple[Path, bytes, int]:
+    """(path, bytes, file size) of the checkpoint ``given`` (a file, or a run directory's newest): the
+    whole file, or (``whole=False``) its header only, from ONE open of the file.
+
+    A run that prunes its checkpoints may delete the newest between listing and opening: the
+    listing is then taken once more.
+    """
+    for attempt in (0, 1):
+        path = resolve_checkpoint(given)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if whole:
+                    return path, f.read(), size
+                head = f.read(8)
+                n = int.from_bytes(head, "little") if len(head) == 8 else 0
+                return path, head + f.read(min(n, _MAX_HEADER, size)), size
+        except FileNotFoundError:
+            if attempt or not Path(given).is_dir():
+                raise CheckpointError(f"{path} disappeared while it was being opened (deleted by a run that "
+                                      "prunes its checkpoints?); try again") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{path} is not a ddpm checkpoint (a directory)") from None
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    raise AssertionError("unreachable")
+
+
+def _metadata(path: Path, header: dict, layout: dict, validate: bool = True) -> dict:
+    """The ``ddpm`` metadata of a parsed header, verified and validated (:mod:`ddpm.checkpoint_schema`)."""
     text = header["ddpm"]
     try:
         meta = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (json.JSONDecodeError, RecursionError, TypeError):
         raise CheckpointError(f"{path} has corrupt ddpm metadata") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path} has corrupt ddpm metadata (not a JSON object)")
@@ -153,41 +205,43 @@ def read_metadata(path: str | os.PathLike) -> dict:
                               f"this ddpm reads version {FORMAT_VERSION}")
     if "meta_checksum" in header and header["meta_checksum"] != metadata_checksum(text):
         raise CheckpointError(f"{path} failed its metadata checksum: the header was modified or is corrupt")
-    _check_metadata(path, meta)
+    if validate:
+        check_checkpoint(path, meta, layout)
+    meta["path"] = str(path)
     return meta
 
 
-def _check_metadata(path: Path, meta: dict) -> None:
-    """The run state every reader relies on: a step count and a configuration object."""
-    step = meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path} has no valid step in its metadata (got {step!r})")
-    if "config" not in meta:
-        raise CheckpointError(f"{path} has no configuration in its metadata (the 'config' entry is missing)")
-    if not isinstance(meta["config"], dict):
-        raise CheckpointError(f"{path} has an unusable configuration: 'config' is a {type(meta['config']).__name__}, "
-                              "not an object")
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a checkpoint (file or run directory), validated, without reading tensors.
+
+    ``meta["path"]`` is the file read.
+    """
+    path, head, size = _read(path, whole=False)
+    header, layout = _parse_header(path, head, size)
+    return _metadata(path, header, layout)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint (file or run directory): (tensors, metadata).
 
-    The tensor checksum is verified unless ``verify=False``; a truncated, tampered or
-    foreign file raises :class:`CheckpointError`.
+    The file is read once: tensors, metadata and ``meta["sha256"]`` (of the file's bytes) all come
+    from that one read, so a run pruning the file meanwhile cannot make them disagree. The tensor
+    checksum is verified unless ``verify=False``; a truncated, tampered, foreign or inconsistent
+    file raises :class:`CheckpointError`. ``meta["path"]`` is the file read.
     """
-    path = resolve_checkpoint(path)
-    meta = read_metadata(path)
-    header = _header(path)
+    path, data, size = _read(path, whole=True)
+    header, layout = _parse_header(path, data, size)
+    meta = _metadata(path, header, layout, validate=False)      # validated once the bytes are known good
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        tensors = safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt: {exc}") from None
     if verify and tensor_checksum(tensors) != header.get("checksum"):
         raise CheckpointError(f"{path} failed its checksum: the file is corrupt or was modified")
     _check_finite(path, tensors)
-    meta["path"] = str(path)
+    check_checkpoint(path, meta, layout)
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
     return {k: v.to(device) for k, v in tensors.items()}, meta
 
 
@@ -211,17 +265,24 @@ def load_newest_verified(run_dir: str | os.PathLike, device: str | torch.device 
     ``warn`` line naming it. None when the run has no checkpoint at all; a run whose
     checkpoints all fail raises :class:`CheckpointError` naming the newest one and why.
     """
-    found = list_checkpoints(run_dir)
-    if not found:
-        return None
-    first_error = None
-    for _, path in reversed(found):
-        try:
-            return load_checkpoint(path, device=device)
-        except CheckpointError as exc:
-            first_error = first_error or exc
-            warn(f"skipped a checkpoint that does not verify: {exc}")
-    raise CheckpointError(f"none of the {len(found)} checkpoint(s) of {run_dir} verifies; the newest: {first_error}")
+    for attempt in (0, 1):
+        found = list_checkpoints(run_dir)
+        if not found:
+            return None
+        first_error = None
+        for _, path in reversed(found):
+            try:
+                return load_checkpoint(path, device=device)
+            except CheckpointError as exc:
+                if attempt == 0 and not path.exists():
+                    break                   # pruned by a run while listed: list again (once)
+                first_error = first_error or exc
+                warn(f"skipped a checkpoint that does not verify: {exc}")
+        else:
+            raise CheckpointError(f"none of the {len(found)} checkpoint(s) of {run_dir} verifies; "
+                                  f"the newest: {first_error}")
+    raise CheckpointError(f"the checkpoints of {run_dir} kept disappearing while being read (a run pruning them?); "
+                          "try again")
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

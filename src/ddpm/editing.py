@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .config import MAX_IMAGE_SIDE, MAX_TIMESTEPS
 from .pixels import to_uint8
 from .diffusion import from_model_range, to_model_range
 from .errors import ConfigError, DataError
@@ -51,6 +52,8 @@ NoiseSource = Callable[[], torch.Tensor]
 
 # RePaint's defaults, the paper's (Lugmayr et al. 2022, Sec. 5): jump length j = 10, r = 10 resamplings.
 RESAMPLING_DEFAULTS = {"jump_length": 10, "resample": 10}
+# Each resampling walks every block again: the network runs about K x resample times (the paper: 10).
+RESAMPLING_MAX = {"jump_length": MAX_TIMESTEPS, "resample": 1_000}
 
 
 # ----------------------------------------------------------------------------- masks
@@ -102,10 +105,13 @@ def load_mask(spec: str, image_size: Sequence[int], *, source_sizes: Sequence[tu
     height, width = (int(v) for v in image_size)
     try:
         with Image.open(spec) as image:
+            if max(image.size) > MAX_IMAGE_SIDE:      # decoding a claimed 40,000 x 40,000 would take gigabytes
+                raise DataError(f"mask {spec} is {image.width}x{image.height} (WxH); a mask has at most "
+                                f"{MAX_IMAGE_SIDE:,} pixels a side")
             image.load()
     except FileNotFoundError:
         raise DataError(f"no such mask file: {spec}") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read mask {spec}: {exc}") from None
     if image.mode not in ("1", "L"):
         raise DataError(f"mask {spec} is a {image.mode} image; a mask is greyscale (mode L or 1): "
@@ -266,6 +272,10 @@ def _resampling(sampling: SamplingOptions, jump_length: int | None, resample: in
     """RePaint's schedule for the ancestral sampler (paper defaults); None: replacement, for the others."""
     if sampling.sampler == "ddpm":
         chosen = {"jump_length": jump_length, "resample": resample}
+        for name, value in chosen.items():
+            if value is not None and not (isinstance(value, int) and 1 <= value <= RESAMPLING_MAX[name]):
+                raise ConfigError(f"the {name.replace('_', ' ')} must be an integer from 1 to "
+                                  f"{RESAMPLING_MAX[name]:,}; got {value!r}")
         return {k: RESAMPLING_DEFAULTS[k] if v is None else v for k, v in chosen.items()}
     if jump_length is not None or resample is not None:
         raise ConfigError(f"RePaint's resampling (jump length, resamplings) runs on the ancestral sampler "

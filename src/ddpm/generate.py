@@ -455,7 +455,7 @@ def sample_record(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOp
     from . import __version__
 
     return {"ddpm_version": __version__, "checkpoint": str(Path(meta["path"]).resolve()),
-            "checkpoint_sha256": file_sha256(meta["path"]),
+            "checkpoint_sha256": meta.get("sha256") or file_sha256(meta["path"]),
             "step": meta.get("step"), "weights": weights, "seed": seed, **extra,
             **resolved_sampling(diffusion, sampling), "seed_of_image_k": "derive_seed(seed, k) (ddpm.seeding)"}
 

@@ -49,9 +49,12 @@ leading``). Over all T steps every spacing is the paper's sampler.
 Refused, with one line saying why: class-conditional models (DDPMPipeline passes no labels),
 outputs other than one image's channels (learned variances), ``dim_mults[0] != 1``, attention
 heads of different widths, and any configuration field this module does not know with a
-non-default value. Import refuses other block types, ``scale_shift`` time conditioning, missing
-files, pickled ``.bin`` weights (never unpickled), corrupt safetensors, non-DDPM schedulers and
-beta tables that match none of our schedules.
+non-default value. Import first checks every option it reads against ddpm's bounds
+(:mod:`ddpm.interop.diffusers_bounds`), then refuses other block types, ``scale_shift`` time
+conditioning, missing files, pickled ``.bin`` weights (never unpickled), corrupt safetensors, non-DDPM schedulers,
+beta tables that match none of our schedules and weights that are not floating point. Export
+copies the run's ``samples.png`` only from inside the run directory (a symbolic link out of it
+is skipped with a warning).
 """
 
 from __future__ import annotations
@@ -60,11 +63,14 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ..checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from ..config import DataConfig, DiffusionConfig, RunConfig
@@ -72,6 +78,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import fsync_dir
 from ..models import PRESETS, Unet, UnetConfig, preset_config
 from ..schedules import SCHEDULES, NoiseSchedule
+from .diffusers_bounds import check_scheduler_bounds, check_unet_bounds
 
 __all__ = ["require_diffusers", "unet_to_diffusers_config", "unet_from_diffusers_config",
            "scheduler_to_diffusers_config", "diffusion_from_diffusers_scheduler",
@@ -193,6 +200,7 @@ def unet_from_diffusers_config(config: dict) -> UnetConfig:
     UNet2DModel's defaults). Raises :class:`CheckpointError` for one our U-Net cannot express."""
     diffusers = require_diffusers()
     c = _with_defaults(diffusers.UNet2DModel, config, "the UNet2DModel configuration")
+    check_unet_bounds(c)
     cannot = "ddpm's U-Net cannot express this UNet2DModel"
 
     def need(ok: bool, what: str) -> None:
@@ -201,9 +209,6 @@ def unet_from_diffusers_config(config: dict) -> UnetConfig:
 
     need(c["time_embedding_type"] == "positional", f"time_embedding_type={c['time_embedding_type']!r} "
                                                    "(only 'positional')")
-    need(isinstance(c["flip_sin_to_cos"], bool), f"flip_sin_to_cos={c['flip_sin_to_cos']!r} (only true or false)")
-    need(not isinstance(c["freq_shift"], bool) and isinstance(c["freq_shift"], (int, float)),
-         f"freq_shift={c['freq_shift']!r} (only a number)")
     need(c["resnet_time_scale_shift"] == "default",
          f"resnet_time_scale_shift={c['resnet_time_scale_shift']!r} (only 'default': the time embedding added)")
     need(c["class_embed_type"] is None and c["num_class_embeds"] is None, "it is class-conditional")
@@ -295,6 +300,7 @@ def diffusion_from_diffusers_scheduler(config: dict) -> DiffusionConfig:
     equal (to float32 precision) one of our schedules at the same T. Raises :class:`CheckpointError`."""
     diffusers = require_diffusers()
     c = _with_defaults(diffusers.DDPMScheduler, config, "the DDPMScheduler configuration")
+    check_scheduler_bounds(c)
     cannot = "ddpm cannot express this DDPMScheduler"
     if c["variance_type"] not in TYPE_TO_VARIANCE:
         raise CheckpointError(f"{cannot}: variance_type {c['variance_type']!r} (only "
@@ -480,18 +486,42 @@ def _ordinary_permissions(root: Path) -> None:
             os.chmod(Path(folder) / name, 0o666 & ~umask)
 
 
+def _run_file(run_dir: Path, name: str) -> Path | None:
+    """The regular file ``run_dir / name`` resolved, if it stays inside the run directory. A symbolic
+    link out of it (to any file on the machine) is skipped with a warning, never copied into an export."""
+    path = run_dir / name
+    if not path.is_file():
+        return None
+    target = path.resolve()
+    if not target.is_relative_to(run_dir.resolve()):
+        print(f"ddpm: warning: {path} is a symbolic link out of the run directory (to {target}); "
+              "it is not copied into the export", file=sys.stderr)
+        return None
+    return target
+
+
 def _write_card(folder: Path, meta: dict, config: RunConfig, *, weights: str, parameters: int,
                 command: str) -> None:
     """``README.md`` (the model card) and, when the run has one, a copy of its ``samples.png``."""
     from .model_card import SAMPLES_NAME, model_card, run_dir_of
 
     run_dir = run_dir_of(Path(meta["path"]))
-    samples = run_dir is not None and (run_dir / SAMPLES_NAME).is_file()
+    source = _run_file(run_dir, SAMPLES_NAME) if run_dir is not None else None
+    samples = source is not None
     if samples:
-        shutil.copyfile(run_dir / SAMPLES_NAME, folder / SAMPLES_NAME)
+        shutil.copyfile(source, folder / SAMPLES_NAME)         # the resolved file, not the link
     card = model_card(meta, config, weights=weights, parameters=parameters, export_command=command,
                       samples=samples, run_dir=run_dir)
     (folder / "README.md").write_text(card, encoding="utf-8")
+
+
+def _io_reason(exc: BaseException) -> str:
+    """The system's words for a failed write: an OSError's strerror, or the message inside a
+    SafetensorError (which wraps the OS error as text, e.g. ``IoError(Os { code: 28, ... message: "..." })``)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    found = re.search(r'message: "([^"]+)"', str(exc))
+    return found.group(1) if found else " ".join(str(exc).split())
 
 
 def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema",
@@ -543,10 +573,9 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
         if out.is_dir():
             out.rmdir()                              # empty (checked above); rename needs it gone
         os.rename(tmp, out)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:          # a full disk, an I/O error, a read-only file system
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = exc.strerror or str(exc)
-        raise CheckpointError(f"could not write {out}: {reason}; nothing was written") from None
+        raise CheckpointError(f"could not write {out}: {_io_reason(exc)}; nothing was written") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -570,7 +599,7 @@ def _read_json(path: Path, folder: Path) -> dict:
 
 def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     """The UNet's safetensors weights; pickled ``.bin`` files are refused, never loaded."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     path = unet_dir / WEIGHTS_NAME
     if not path.is_file():
@@ -583,9 +612,14 @@ def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{unet_dir} has no {WEIGHTS_NAME}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    for name in sorted(tensors):
+        if not tensors[name].is_floating_point():     # converting integers to weights would hide the damage
+            raise CheckpointError(f"{path}: tensor {name} holds {str(tensors[name].dtype).replace('torch.', '')} "
+                                  "values; weights must be floating point")
+    return tensors
 
 
 def _component(index: dict, name: str, expected: str, folder: Path) -> None:

@@ -33,11 +33,12 @@ def training_commands(run_dir: Path | None) -> list[str]:
     """The ``ddpm train`` / ``ddpm distill`` commands of a run, in order, from its ``provenance.json``.
 
     Only command lines that name the command are kept: one started in-process (from Python)
-    records its host program's arguments, which say nothing about the run.
+    records its host program's arguments, which say nothing about the run. A ``provenance.json``
+    that is a symbolic link out of the run directory is not read.
     """
     path = None if run_dir is None else run_dir / "provenance.json"
-    if path is None or not path.is_file():
-        return []
+    if path is None or not path.is_file() or not path.resolve().is_relative_to(run_dir.resolve()):
+        return []                   # none, or a symbolic link out of the run directory: not the run's
     try:
         events = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

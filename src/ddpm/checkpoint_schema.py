@@ -1,0 +1,243 @@
+"""What a checkpoint's metadata may hold, checked as data before anything uses it.
+
+A checksum only says that the file is the one that was written; it says nothing about whether
+what was written makes sense (metadata can be edited and both checksums recomputed). So every
+field a reader uses -- on load, ``--init``, ``--resume``, ``inspect``, ``export``, ``import`` -- is
+checked here, in one place, for its type, its range and its agreement with the tensors (names,
+shapes, dtypes). A refusal is a :class:`~ddpm.errors.CheckpointError` naming the field.
+
+The tensors are described as ``{name: (dtype, shape)}`` with safetensors' dtype names (``F32``,
+``BF16``, ``I64`` ...), so the header alone can be checked (:func:`ddpm.checkpoint.read_metadata`)
+as well as loaded tensors (:func:`tensor_layout`).
+
+A training checkpoint (one with an ``optimizer`` entry) must also carry what an exact resume
+needs: ``rng``, ``data_position``, ``counters`` and ``ema_updates``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from .config import MAX_BATCH, MAX_COUNT, RunConfig
+from .errors import CheckpointError, ConfigError
+
+__all__ = ["check_checkpoint", "tensor_layout", "WEIGHT_DTYPE", "RESUME_FIELDS"]
+
+WEIGHT_DTYPE = "F32"                 # model.* and ema.*: the float32 master weights training keeps
+RESUME_FIELDS = ("rng", "data_position", "counters", "ema_updates")
+PREFIXES = ("model", "ema", "optim", "timestep_sampler")
+COUNTERS = ("step", "bad_steps", "bad_in_row", "scaler_skips")    # ddpm.train.Counters, as saved
+SCALER = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")   # GradScaler.state_dict
+_OPTIM_NAME = re.compile(r"^optim\.(\d+)\.([A-Za-z_]\w*)$")
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_RNG_BYTES = 5056              # torch.get_rng_state().numel() for the CPU Mersenne Twister
+_MT_WORDS = 624                      # words of the Mersenne Twister state (Python adds the position)
+
+
+def tensor_layout(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{name: (safetensors dtype, shape)}`` of loaded tensors."""
+    return {k: (_SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for k, t in tensors.items()}
+
+
+class _Refuse:
+    """Raises one :class:`CheckpointError` naming the file and the field."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, field: str, what: str):
+        raise CheckpointError(f"{self.path} has an invalid '{field}' in its metadata: {what}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_in(refuse, field: str, v, low: int, high: int) -> int:
+    if not _is_int(v) or not low <= v <= high:
+        refuse(field, f"{v!r} (expected an integer from {low:,} to {high:,})")
+    return v
+
+
+def _int_list(refuse, field: str, v, length: int, high: int) -> None:
+    if not (isinstance(v, list) and len(v) == length and all(_is_int(x) and 0 <= x <= high for x in v)):
+        refuse(field, f"expected {length} integers from 0 to {high:,}")
+
+
+def check_checkpoint(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[int, ...]]]) -> RunConfig:
+    """Check the metadata ``meta`` of the checkpoint ``path`` against its tensors' ``layout``.
+
+    Returns the validated configuration; raises :class:`CheckpointError` naming the first bad field.
+    """
+    refuse = _Refuse(path)
+    step = meta.get("step")
+    if not _is_int(step) or not 0 <= step <= MAX_COUNT:
+        raise CheckpointError(f"{path} has no valid step in its metadata ('step' is {step!r}; expected an integer "
+                              f"from 0 to {MAX_COUNT:,})")
+    if "config" not in meta:
+        raise CheckpointError(f"{path} has no configuration in its metadata (the 'config' entry is missing)")
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path} has an unusable configuration: 'config' is a "
+                              f"{type(meta['config']).__name__}, not an object")
+    try:
+        config = RunConfig.from_dict(meta["config"])
+    except ConfigError as exc:
+        refuse("config", str(exc))
+    _check_tensor_names(refuse, layout)
+    _check_weights(refuse, layout)
+    _check_counts(refuse, meta, step)
+    _check_extras(refuse, meta, config)
+    if "optimizer" in meta:
+        missing = [f for f in RESUME_FIELDS if f not in meta]
+        if missing:
+            refuse(missing[0], "missing; a training checkpoint needs it to resume exactly")
+        _check_optimizer(refuse, meta["optimizer"], layout)
+        _check_rng(refuse, meta["rng"])
+    elif any(name.startswith("optim.") for name in layout):
+        refuse("optimizer", "missing, but the file holds optim.* tensors")
+    return config
+
+
+def _check_tensor_names(refuse, layout: dict) -> None:
+    for name in sorted(layout):
+        if name.split(".", 1)[0] not in PREFIXES or "." not in name:
+            refuse("tensors", f"{name!r} is none of {', '.join(p + '.*' for p in PREFIXES)}")
+
+
+def _check_weights(refuse, layout: dict) -> None:
+    """model.* and ema.* float32, with the same names and shapes as each other."""
+    groups = {p: {k.split(".", 1)[1]: v for k, v in layout.items() if k.startswith(p + ".")} for p in ("model", "ema")}
+    for prefix, group in groups.items():
+        for name, (dtype, _) in sorted(group.items()):
+            if dtype != WEIGHT_DTYPE:
+                refuse("tensors", f"{prefix}.{name} is {dtype}, but weights are stored as {WEIGHT_DTYPE}")
+    model, ema = groups["model"], groups["ema"]
+    if not ema:
+        refuse("tensors", "no ema.* weights")
+    if model and set(model) != set(ema):
+        odd = sorted(set(model) ^ set(ema))[0]
+        refuse("tensors", f"model.* and ema.* hold different tensors ({odd} is in one only)")
+    for name in sorted(set(model) & set(ema)):
+        if model[name][1] != ema[name][1]:
+            refuse("tensors", f"ema.{name} has shape {list(ema[name][1])}, model.{name} {list(model[name][1])}")
+
+
+def _check_counts(refuse, meta: dict, step: int) -> None:
+    """The counters of the run, each an integer in range and consistent with ``step``."""
+    if "ema_updates" in meta:
+        _int_in(refuse, "ema_updates", meta["ema_updates"], 0, MAX_COUNT)
+    global_batch = None
+    if "global_batch" in meta:
+        global_batch = _int_in(refuse, "global_batch", meta["global_batch"], 1, MAX_BATCH * MAX_BATCH)
+    if "world_size" in meta:
+        _int_in(refuse, "world_size", meta["world_size"], 1, MAX_BATCH)
+    if "num_images" in meta:
+        _int_in(refuse, "num_images", meta["num_images"], 0, 2 ** 62)
+    if "data_position" in meta:
+        position = _int_in(refuse, "data_position", meta["data_position"], 0, 2 ** 62)
+        if global_batch is not None and position != step * global_batch:
+            refuse("data_position", f"{position:,} is not step x global_batch = {step * global_batch:,}")
+    if "counters" in meta:
+        counters = meta["counters"]
+        if not isinstance(counters, dict) or set(counters) != set(COUNTERS):
+            refuse("counters", f"expected an object with exactly {', '.join(COUNTERS)}")
+        for key in COUNTERS:
+            _int_in(refuse, f"counters.{key}", counters[key], 0, MAX_COUNT)
+        if counters["step"] != step:
+            refuse("counters.step", f"{counters['step']} differs from the checkpoint's step {step}")
+
+
+def _check_extras(refuse, meta: dict, config: RunConfig) -> None:
+    """Optional entries read by some commands: the scaler, the best score, class names, the dataset, the import."""
+    scaler = meta.get("scaler")
+    if scaler:                          # a disabled GradScaler saves {}; an enabled one all of SCALER
+        if not isinstance(scaler, dict) or set(scaler) != set(SCALER) or not all(map(_is_number, scaler.values())):
+            refuse("scaler", f"expected null or an object of finite numbers {', '.join(SCALER)}")
+        if not (scaler["scale"] > 0 and scaler["growth_factor"] > 1 and 0 < scaler["backoff_factor"] < 1):
+            refuse("scaler", "the scale must be positive, the growth factor above 1, the backoff factor in (0, 1)")
+        _int_in(refuse, "scaler.growth_interval", scaler["growth_interval"], 1, MAX_COUNT)
+        _int_in(refuse, "scaler._growth_tracker", scaler["_growth_tracker"], 0, MAX_COUNT)
+    best = meta.get("best")
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("metric"), str)
+                                 and _is_number(best.get("value")) and _is_int(best.get("step"))):
+        refuse("best", "expected null or an object with a metric name, a finite value and a step")
+    names = meta.get("class_names")
+    if names is not None:
+        count = config.model.num_classes
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) == count):
+            refuse("class_names", f"expected {count} strings, one per class of the model")
+    if "dataset" in meta and not isinstance(meta["dataset"], str):
+        refuse("dataset", f"{meta['dataset']!r} (expected a string)")
+    imported = meta.get("imported_from")
+    if imported is not None and not (isinstance(imported, dict)
+                                     and all(isinstance(v, str) or v is None for v in imported.values())):
+        refuse("imported_from", "expected null or an object of strings (the format and folder imported)")
+
+
+def _check_optimizer(refuse, info, layout: dict) -> None:
+    """Adam's state: parameter groups of known parameter indices and the optim.<index>.<key> tensors."""
+    if not isinstance(info, dict) or not isinstance(info.get("param_groups"), list) or not info["param_groups"]:
+        refuse("optimizer", "expected an object with a non-empty list of param_groups")
+    params: list[int] = []
+    for i, group in enumerate(info["param_groups"]):
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            refuse(f"optimizer.param_groups[{i}]", "expected an object with a list of params")
+        if not all(_is_int(p) and p >= 0 for p in group["params"]):
+            refuse(f"optimizer.param_groups[{i}].params", "expected parameter indices (integers from 0)")
+        for key in ("lr", "eps", "weight_decay"):
+            if key in group and not (_is_number(group[key]) and group[key] >= 0):
+                refuse(f"optimizer.param_groups[{i}].{key}", f"{group[key]!r} (expected a finite number >= 0)")
+        if "betas" in group and not (isinstance(group["betas"], list) and len(group["betas"]) == 2
+                                     and all(_is_number(b) and 0 <= b < 1 for b in group["betas"])):
+            refuse(f"optimizer.param_groups[{i}].betas", f"{group['betas']!r} (expected two numbers in [0, 1))")
+        params += group["params"]
+    weights = sum(1 for k in layout if k.startswith("model."))      # parameters, and any buffers
+    if len(set(params)) != len(params) or (weights and max(params, default=0) >= weights):
+        refuse("optimizer.param_groups", f"their params name {len(params)} parameter(s) (indices up to "
+                                         f"{max(params, default=0)}), the model has {weights} tensors")
+    scalars = info.get("scalars", {})
+    if not isinstance(scalars, dict):
+        refuse("optimizer.scalars", "expected an object")
+    for key, value in scalars.items():
+        idx = key.split(".", 1)[0]
+        if not (idx.isdigit() and int(idx) in params and "." in key and _is_number(value)):
+            refuse(f"optimizer.scalars.{key}", f"{value!r} (expected a finite number for a known parameter)")
+    for name in sorted(k for k in layout if k.startswith("optim.")):
+        m = _OPTIM_NAME.match(name)
+        if m is None or int(m.group(1)) not in params:
+            refuse("tensors", f"{name} belongs to no parameter of the optimizer's param_groups")
+
+
+def _check_rng(refuse, rng) -> None:
+    """The global RNG states saved by training (Python, NumPy, torch CPU, CUDA)."""
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+        refuse("rng", "expected an object with python, numpy and torch states")
+    py = rng["python"]
+    if not (isinstance(py, list) and len(py) == 3 and _is_int(py[0])
+            and (py[2] is None or _is_number(py[2]))):
+        refuse("rng.python", "expected [version, state, gauss]")
+    _int_list(refuse, "rng.python", py[1][:-1] if isinstance(py[1], list) else None, _MT_WORDS, 2 ** 32 - 1)
+    if not (_is_int(py[1][-1]) and 0 <= py[1][-1] <= _MT_WORDS):
+        refuse("rng.python", "the position is not from 0 to 624")
+    np_state = rng["numpy"]
+    if not (isinstance(np_state, list) and len(np_state) == 5 and np_state[0] == "MT19937"):
+        refuse("rng.numpy", "expected ['MT19937', keys, position, has_gauss, cached_gaussian]")
+    _int_list(refuse, "rng.numpy", np_state[1], _MT_WORDS, 2 ** 32 - 1)
+    if not (_is_number(np_state[2]) and 0 <= np_state[2] <= _MT_WORDS and float(np_state[2]).is_integer()
+            and np_state[3] in (0, 1) and _is_number(np_state[4])):
+        refuse("rng.numpy", "the position, has_gauss or cached value is out of range")
+    _int_list(refuse, "rng.torch", rng["torch"], _TORCH_RNG_BYTES, 255)
+    cuda = rng.get("cuda", [])
+    if not isinstance(cuda, list) or not all(isinstance(s, list) and all(_is_int(x) and 0 <= x <= 255 for x in s)
+                                             for s in cuda):
+        refuse("rng.cuda", "expected a list of byte lists")

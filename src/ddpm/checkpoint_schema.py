@@ -25,7 +25,7 @@ import torch
 from .config import MAX_BATCH, MAX_COUNT, RunConfig
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["check_checkpoint", "tensor_layout", "WEIGHT_DTYPE", "RESUME_FIELDS"]
+__all__ = ["check_checkpoint", "tensor_layout", "WEIGHT_DTYPE", "RESUME_FIELDS", "ema_decay_of_key", "weight_group"]
 
 WEIGHT_DTYPE = "F32"                 # model.* and ema.*: the float32 master weights training keeps
 RESUME_FIELDS = ("rng", "data_position", "counters", "ema_updates")
@@ -108,28 +108,76 @@ def check_checkpoint(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[
     return config
 
 
+def ema_decay_of_key(key: str) -> float | None:
+    """D of a key ``ema@D.<name>`` (an average of decay D besides the first): the shortest prefix
+    before a dot that is a number in (0, 1).
+
+    The shortest is the right one: a float's repr in (0, 1) has no proper prefix ending at a dot that
+    is itself in (0, 1) ("0.999" -> "0"; "1.5e-05" -> "1").
+    """
+    if not key.startswith("ema@"):
+        return None
+    rest = key[len("ema@"):]
+    for i, ch in enumerate(rest):
+        if ch == ".":
+            try:
+                d = float(rest[:i])
+            except ValueError:
+                continue
+            if 0.0 < d < 1.0:
+                return d
+    return None
+
+
+def weight_group(name: str) -> tuple[str, str] | None:
+    """(group, weight name) of a tensor of weights: ``model``, ``ema``, ``ema@D`` (several EMAs) or
+    ``phema.I`` (post-hoc EMA profiles); None for any other tensor."""
+    decay = ema_decay_of_key(name)
+    if decay is not None:
+        prefix = f"ema@{name[len('ema@'):].split('.', 1)[0]}"
+        while ema_decay_of_key(prefix + ".x") != decay:          # the decay's own dots: "ema@0.999"
+            prefix += "." + name[len(prefix) + 1:].split(".", 1)[0]
+        return prefix, name[len(prefix) + 1:]
+    head, _, rest = name.partition(".")
+    if head == "phema" and rest.partition(".")[0].isdigit() and "." in rest:
+        index, _, weight = rest.partition(".")
+        return f"phema.{index}", weight
+    if head in ("model", "ema") and rest:
+        return head, rest
+    return None
+
+
 def _check_tensor_names(refuse, layout: dict) -> None:
     for name in sorted(layout):
-        if name.split(".", 1)[0] not in PREFIXES or "." not in name:
-            refuse("tensors", f"{name!r} is none of {', '.join(p + '.*' for p in PREFIXES)}")
+        if weight_group(name) is None and (name.split(".", 1)[0] not in PREFIXES or "." not in name):
+            refuse("tensors", f"{name!r} is none of {', '.join(p + '.*' for p in PREFIXES)}, ema@D.* or phema.I.*")
 
 
 def _check_weights(refuse, layout: dict) -> None:
-    """model.* and ema.* float32, with the same names and shapes as each other."""
-    groups = {p: {k.split(".", 1)[1]: v for k, v in layout.items() if k.startswith(p + ".")} for p in ("model", "ema")}
+    """model.* and every average (ema.*, ema@D.*, phema.I.*) float32, with the same names and shapes."""
+    groups: dict[str, dict] = {"model": {}, "ema": {}}
+    for key, value in layout.items():
+        found = weight_group(key)
+        if found:
+            groups.setdefault(found[0], {})[found[1]] = value
     for prefix, group in groups.items():
         for name, (dtype, _) in sorted(group.items()):
             if dtype != WEIGHT_DTYPE:
                 refuse("tensors", f"{prefix}.{name} is {dtype}, but weights are stored as {WEIGHT_DTYPE}")
-    model, ema = groups["model"], groups["ema"]
-    if not ema:
+    if not groups["ema"]:
         refuse("tensors", "no ema.* weights")
-    if model and set(model) != set(ema):
-        odd = sorted(set(model) ^ set(ema))[0]
-        refuse("tensors", f"model.* and ema.* hold different tensors ({odd} is in one only)")
-    for name in sorted(set(model) & set(ema)):
-        if model[name][1] != ema[name][1]:
-            refuse("tensors", f"ema.{name} has shape {list(ema[name][1])}, model.{name} {list(model[name][1])}")
+    reference_name = "model" if groups["model"] else "ema"
+    reference = groups[reference_name]
+    for prefix, group in groups.items():
+        if prefix == reference_name or (prefix == "model" and not group):
+            continue
+        if set(group) != set(reference):
+            odd = sorted(set(group) ^ set(reference))[0]
+            refuse("tensors", f"{reference_name}.* and {prefix}.* hold different tensors ({odd} is in one only)")
+        for name in sorted(group):
+            if group[name][1] != reference[name][1]:
+                refuse("tensors", f"{prefix}.{name} has shape {list(group[name][1])}, "
+                                  f"{reference_name}.{name} {list(reference[name][1])}")
 
 
 def _check_counts(refuse, meta: dict, step: int) -> None:

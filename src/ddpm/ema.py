@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .checkpoint import split_prefix
+from .checkpoint_schema import ema_decay_of_key
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["EMABank", "check_decays", "ema_prefix", "decays_in", "first_decay", "select_weights", "parse_weights"]
@@ -115,30 +116,12 @@ def _has_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> bool:
     return any(k.startswith(p) for k in tensors)
 
 
-def _decay_of_key(key: str) -> float | None:
-    """D of a key ``ema@D.<name>``: the shortest prefix before a dot that is a number in (0, 1).
-
-    The shortest is the right one: a float's repr in (0, 1) has no proper prefix ending at a dot that
-    is itself in (0, 1) ("0.999" -> "0"; "1.5e-05" -> "1").
-    """
-    rest = key[len("ema@"):]
-    for i, ch in enumerate(rest):
-        if ch == ".":
-            try:
-                d = float(rest[:i])
-            except ValueError:
-                continue
-            if 0.0 < d < 1.0:
-                return d
-    return None
-
-
 def decays_in(tensors: dict[str, torch.Tensor], first: float | None) -> list[float]:
     """The decays whose averages a checkpoint holds: ``first`` (the decay of ``ema.*``, from the metadata;
     None when unknown or absent) followed by those of the ``ema@D.*`` tensors, in sorted key order."""
     found = [first] if first is not None and _has_prefix(tensors, "ema") else []
     for key in sorted(tensors):
-        if key.startswith("ema@") and (d := _decay_of_key(key)) is not None and d not in found:
+        if key.startswith("ema@") and (d := ema_decay_of_key(key)) is not None and d not in found:
             found.append(d)
     return found
 

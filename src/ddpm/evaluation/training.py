@@ -13,18 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import TRAINING_METRICS
 from ..errors import ConfigError
 
-__all__ = ["TRAINING_METRICS", "HEADLINE", "default_training_metric", "TrainingEvaluator", "is_better"]
+__all__ = ["HEADLINE", "TrainingEvaluator", "is_better"]
 
-TRAINING_METRICS = ("fast", "fid", "kid", "is")
 # The value --keep-best compares for each metric, and whether higher is better.
 HEADLINE = {"fast": ("fast_fid", False), "fid": ("fid", False), "kid": ("kid", False), "is": ("is", True)}
-
-
-def default_training_metric(channels: int, image_size: tuple[int, int]) -> str:
-    """``fast`` for grey images of 28x28 or smaller (MNIST-like data on a CPU), ``fid`` otherwise."""
-    return "fast" if channels == 1 and max(image_size) <= 28 else "fid"
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:

@@ -66,7 +66,7 @@ def format_duration(seconds: float) -> str:
 
 
 def choice_line(reason: str, steps: int, seconds_per_step: float | None, device: str) -> str:
-    """The one line that says what was chosen (``reason``, :attr:`AutoChoice.reason`), about how long
+    """The one line that says what was chosen (``reason``, :attr:`ddpm.recipes.AutoChoice.reason`), about how long
     ``steps`` steps take, and how to override it."""
     estimate = f"; {format_duration(seconds_per_step * steps)} on {device}" if seconds_per_step is not None else ""
     return (f"ddpm: no --preset given: chose for {reason}{estimate} "

@@ -22,7 +22,8 @@ import time
 
 import numpy as np
 
-from ddpm.data import load_dataset, to_tensor
+from ddpm.data import load_dataset
+from ddpm.pixels import to_tensor
 from ddpm.editing import edit, inpaint, masked_preview, named_mask, result_grid
 from ddpm.evaluation import classify, fast_metric, fast_reference
 from ddpm.evaluation.reference import subset_indices

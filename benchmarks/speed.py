@@ -100,7 +100,7 @@ def build(system: str, preset: str, *, channels_last: bool):
     import torch
 
     from ddpm.models import Unet
-    from ddpm.models.presets import preset_config
+    from ddpm.models import preset_config
 
     cfg = preset_config(preset)
     if system == "ours":

@@ -21,10 +21,11 @@ from ddpm import samplers as samplers_module
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
 from ddpm.cli_parser import build_parser
-from ddpm.config import DiffusionConfig, RunConfig, SamplingConfig, load_toml
+from ddpm.config import DiffusionConfig, RunConfig, SamplingConfig
 from ddpm.errors import ConfigError
 from ddpm.generate import SAMPLER_DEFAULT_STEPS, resolve_sampling
 from ddpm.models import Unet, UnetConfig
+from ddpm.resolve import load_toml
 from ddpm.samplers import DEFAULT_SAMPLING, SamplingOptions
 
 T = 100

@@ -6,10 +6,13 @@ import math
 
 import pytest
 
-import ddpm.config as config_module
+import ddpm.build as build_module
+import ddpm.device as device_module
+from ddpm.build import build_model, model_bytes
 from ddpm.config import (MAX_DIM, MAX_IMAGE_SIDE, MAX_TIMESTEPS, SEED_LIMIT, DataConfig, DiffusionConfig, RunConfig,
-                         TrainConfig, build_model, check_model_options, check_training_memory, load_toml, model_bytes,
-                         training_bytes_at_least)
+                         TrainConfig, check_model_options)
+from ddpm.estimates import check_training_memory, training_bytes_at_least
+from ddpm.resolve import load_toml
 from ddpm.errors import ConfigError
 from ddpm.models import preset_config
 
@@ -67,21 +70,21 @@ def test_training_memory_lower_bound_and_its_check(monkeypatch):
     activations = 4 * tc.batch_size * m.dim * m.dim_mults[0] * h * w * (2 * m.num_res_blocks + 1)
     assert training_bytes_at_least(config) == 5 * model_bytes(config) + activations
     check_training_memory(config, "cpu")                            # a digits run fits any machine
-    monkeypatch.setattr(config_module, "_device_bytes", lambda device: training_bytes_at_least(config) - 1)
+    monkeypatch.setattr(device_module, "device_bytes", lambda device: training_bytes_at_least(config) - 1)
     with pytest.raises(ConfigError, match="training this model takes at least .* GiB, more than the .* of the cpu"):
         check_training_memory(config, "cpu")
 
 
 def test_a_model_too_big_for_the_machine_is_refused_before_it_is_built(monkeypatch):
-    built, real = [], config_module._unet
+    built, real = [], build_module._unet
 
     def spy(config):
         model = real(config)
         built.append(next(model.parameters()).device.type)
         return model
 
-    monkeypatch.setattr(config_module, "_unet", spy)
-    monkeypatch.setattr(config_module, "_device_bytes", lambda device: 2 ** 30)
+    monkeypatch.setattr(build_module, "_unet", spy)
+    monkeypatch.setattr(device_module, "device_bytes", lambda device: 2 ** 30)
     big = RunConfig(preset="custom", model=preset_config("cifar10", dim=512))    # about 2.3 GiB of weights
     with pytest.raises(ConfigError, match="this model's weights take at least"):
         build_model(big)

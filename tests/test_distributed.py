@@ -23,7 +23,8 @@ import torch
 from ddpm import distributed
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, split_prefix, tensor_checksum
 from ddpm.cli import main
-from ddpm.config import TrainConfig, per_process_batch
+from ddpm.config import TrainConfig
+from ddpm.resolve import per_process_batch
 from ddpm.errors import ConfigError
 from ddpm.train import EpochOrder, checkpoint_global_batch, rank_rows
 

@@ -13,7 +13,8 @@ from ddpm.errors import ConfigError
 from ddpm.evaluation import (LenetFeatures, ReferenceStats, fast_metric, fast_reference, feature_statistics,
                              frechet_distance)
 from ddpm.evaluation.inception import INCEPTION_WEIGHTS_FILE
-from ddpm.evaluation.training import TrainingEvaluator, default_training_metric, is_better
+from ddpm.config import default_training_metric
+from ddpm.evaluation.training import TrainingEvaluator, is_better
 from helpers.inception_layout import random_layout
 
 

@@ -17,8 +17,8 @@ from ddpm import denoiser as Dn
 from ddpm import diffusion as D
 from ddpm import losses as L
 from ddpm import samplers as S
-from ddpm.config import DiffusionConfig, RunConfig, build_model
-from ddpm.gaussian_diffusion import build_diffusion
+from ddpm.build import build_diffusion, build_model
+from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import ConfigError
 from ddpm.models import preset_config
 from ddpm.schedules import NoiseSchedule

@@ -18,7 +18,7 @@ from ddpm import ConfigError, DataError
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
 from ddpm.config import RunConfig
-from ddpm.gaussian_diffusion import build_diffusion
+from ddpm.build import build_diffusion
 from ddpm.data import check_same_dataset, dataset_fingerprint, fingerprint_difference, load_dataset
 from ddpm.generate import load_diffusion, sample_images
 from ddpm.models import PRESETS, Unet, UnetConfig, preset_config
@@ -259,7 +259,7 @@ def test_npz_class_names_name_the_labels(tmp_path):
 ])
 def test_the_automatic_choice_is_a_fixed_function_of_size_channels_and_count(size, channels, count, preset,
                                                                               steps, batch):
-    from ddpm.auto import choose
+    from ddpm.recipes import choose
 
     choice = choose(size, channels, count)
     assert (choice.preset, choice.train["steps"], choice.train["batch_size"]) == (preset, steps, batch)
@@ -269,7 +269,7 @@ def test_the_automatic_choice_is_a_fixed_function_of_size_channels_and_count(siz
 
 
 def test_an_odd_image_side_fits_no_preset_and_the_error_says_how_to_resize():
-    from ddpm.auto import choose
+    from ddpm.recipes import choose
 
     with pytest.raises(DataError, match="--image-size"):
         choose((27, 28), 3, 10)
@@ -312,7 +312,8 @@ def test_row_labels_are_written_left_of_the_grid():
 
 
 def test_the_choice_line_says_what_why_how_long_and_how_to_override():
-    from ddpm.auto import choice_line, choose, estimate_seconds_per_step
+    from ddpm.estimates import choice_line, estimate_seconds_per_step
+    from ddpm.recipes import choose
 
     choice = choose((16, 16), 3, 48)
     config = RunConfig(preset=choice.preset, model=preset_config(choice.preset, image_size=16, channels=3))

@@ -287,7 +287,7 @@ def test_train_auto_runs_records_and_resumes_with_the_probed_precision(probed, m
 def test_python_training_defaults_to_auto(probed, monkeypatch, tmp_path):
     from ddpm.config import DiffusionConfig, RunConfig, TrainConfig
     from ddpm.data import ImageData
-    from ddpm.models.presets import preset_config
+    from ddpm.models import preset_config
     from ddpm.train import train
 
     assert TrainConfig().precision == "auto"

@@ -17,7 +17,8 @@ import torch
 import ddpm
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
-from ddpm.config import DiffusionConfig, RunConfig, TrainConfig, build_model
+from ddpm.build import build_model
+from ddpm.config import DiffusionConfig, RunConfig, TrainConfig
 from ddpm.diffusion import from_model_range
 from ddpm.generate import (generate, interpolate, load_diffusion, progressive_frames, progressive_grid,
                            sampling_options)

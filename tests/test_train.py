@@ -13,7 +13,8 @@ from torch import nn
 
 import ddpm
 from ddpm.checkpoint import load_checkpoint, split_prefix
-from ddpm.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, build_model
+from ddpm.build import build_model
+from ddpm.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 from ddpm.data import ImageData
 from ddpm.pixels import to_tensor
 from ddpm.losses import SimpleLoss

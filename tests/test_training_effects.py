@@ -17,7 +17,8 @@ from helpers.spies import no_sample_grids, spy_network, spy_optimizer
 
 from ddpm import diffusion as D
 from ddpm.checkpoint import load_checkpoint, save_checkpoint, split_prefix
-from ddpm.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, build_model
+from ddpm.build import build_model
+from ddpm.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 from ddpm.data import ImageData
 from ddpm.models import preset_config
 from ddpm.schedules import NoiseSchedule

@@ -24,7 +24,8 @@ from PIL import Image
 import ddpm.train
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, split_prefix
 from ddpm.cli import main
-from ddpm.config import DiffusionConfig, RunConfig, TrainConfig, build_model
+from ddpm.build import build_model
+from ddpm.config import DiffusionConfig, RunConfig, TrainConfig
 from ddpm.data import ImageData
 from ddpm.data.sources import CIFAR10_RECORD
 from ddpm.errors import CheckpointError, ConfigError

@@ -109,7 +109,7 @@ def _flag_layer(args) -> dict:
 
 def _train_config(args):
     """A new run's configuration from the options: preset recipe < --config file < options."""
-    from .config import resolve_train_config
+    from .resolve import resolve_train_config
 
     return resolve_train_config(_flag_layer(args), preset=args.preset, config_file=args.config,
                                 conditional=args.conditional, label_dropout_given=args.label_dropout is not None)
@@ -118,7 +118,7 @@ def _train_config(args):
 def _resume_config(args):
     """The saved configuration of the run to resume, and the options checked against it."""
     from . import distributed
-    from .config import resume_config
+    from .resolve import resume_config
 
     given = {key: getattr(args, key) for key in ("out", "config", "preset", "conditional", "steps", "device",
                                                   "grad_accum", "batch_size", "time_limit")}
@@ -137,7 +137,7 @@ def _train(args, stop) -> int:
     """Check everything, claim the run directory (rank 0 locks it), train in it."""
     from . import distributed
     from .checkpoint import list_checkpoints
-    from .config import check_training_memory
+    from .estimates import check_training_memory
     from .fileio import RunLock
     from .precision import check_request
     from .train import check_training_data, claim_run_dir, load_training_data
@@ -154,7 +154,7 @@ def _train(args, stop) -> int:
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
         check_request(config.train.precision, device)        # and a precision it cannot run (fp16 on a CPU)
     if config.choice and main_rank and not args.resume:
-        from .auto import choice_line, estimate_seconds_per_step
+        from .estimates import choice_line, estimate_seconds_per_step
 
         print(choice_line(config.choice, config.train.steps, estimate_seconds_per_step(config, device), device.type),
               file=sys.stderr)
@@ -184,7 +184,7 @@ def _train(args, stop) -> int:
 def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
     """Train in the claimed ``run_dir``: from its newest verified checkpoint (``resume``) or from step 0."""
     from . import distributed
-    from .config import build_model
+    from .build import build_model
     from .train import train
 
     main_rank = distributed.is_main()

@@ -1,4 +1,5 @@
-"""Which device a command runs on: ``auto`` or an explicit choice, checked before anything runs.
+"""Which device a command runs on: ``auto`` or an explicit choice, checked before anything runs, and
+whether a model's memory fits it (:func:`check_fits`).
 
 Precision (the network's autocast) is chosen per device in :mod:`ddpm.precision`; under torchrun
 each process's device is :func:`ddpm.distributed.training_device`.
@@ -6,11 +7,13 @@ each process's device is :func:`ddpm.distributed.training_device`.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["select_device"]
+__all__ = ["select_device", "device_bytes", "check_fits"]
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -32,3 +35,28 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' requested but Apple MPS is not available")
     return device
+
+
+def device_bytes(device) -> int | None:
+    """Total memory of ``device`` (physical memory for the CPU); None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:,.1f} GiB"
+
+
+def check_fits(need: int, device, what: str) -> None:
+    """Refuse ``need`` bytes that exceed ``device``'s memory; ``what`` begins the message ("... takes")."""
+    have = device_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(f"{what} at least {_gib(need)}, more than the {_gib(have)} of the {device} device; "
+                          "choose a smaller model (dim, dim_mults, num_res_blocks), image size or batch size")

@@ -3,7 +3,7 @@
 :class:`GaussianDiffusion` holds the network, its :class:`~ddpm.config.DiffusionConfig` and the
 schedule, and does no maths of its own: ``diffusion(images)`` is the configured loss of
 ``ddpm.losses`` and ``diffusion.sample(...)`` a sampler of ``ddpm.samplers.SAMPLERS``, both reading the
-network through ``ddpm.denoiser``. :func:`build_diffusion` builds one from a run's configuration.
+network through ``ddpm.denoiser``. :func:`ddpm.build.build_diffusion` builds one from a run's configuration.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import DiffusionConfig, RunConfig, build_model
+from .config import DiffusionConfig
 from .diffusion import SampleTrajectory, from_model_range, randn, to_model_range
 from .errors import ConfigError
 from .losses import make_loss
@@ -23,7 +23,7 @@ from .precision import autocast
 from .samplers import SAMPLERS, make_denoiser, spaced_timesteps
 from .schedules import NoiseSchedule
 
-__all__ = ["GaussianDiffusion", "build_diffusion"]
+__all__ = ["GaussianDiffusion"]
 
 
 class GaussianDiffusion(nn.Module):
@@ -181,12 +181,3 @@ def _check_sampler_options(sampler: str, options: dict) -> None:
             raise ConfigError(f"sample() got an unexpected argument {name!r}; the {sampler!r} sampler takes "
                               f"{', '.join(own) or 'no options'}, and the denoiser dynamic_thresholding, "
                               f"guidance_scale, uncond_kwargs")
-
-
-def build_diffusion(config: RunConfig, model: nn.Module | None = None, *, precision: str = "fp32"):
-    """A :class:`~ddpm.diffusion.GaussianDiffusion` for ``config`` around ``model`` (built if None), with
-    the checkpoint's sampler defaults (``config.sampling``) and the network's autocast ``precision``."""
-    return GaussianDiffusion(model if model is not None else build_model(config), config=config.diffusion,
-                             image_size=config.model.image_size, channels=config.model.channels,
-                             sampling=None if config.sampling is None else config.sampling.options(),
-                             precision=precision)

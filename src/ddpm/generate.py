@@ -21,7 +21,8 @@ from .checkpoint import load_checkpoint, load_weights
 from .config import RunConfig
 from .device import select_device          # re-exported: its earlier home
 from .diffusion import from_model_range
-from .gaussian_diffusion import GaussianDiffusion, build_diffusion
+from .build import build_diffusion
+from .gaussian_diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .data import class_index
 from .images import label_rows, make_grid, save_npz, save_png

@@ -43,11 +43,13 @@ from . import __version__
 from . import distributed
 from .checkpoint import (checkpoint_path, flatten_optimizer_state, list_checkpoints, load_checkpoint,
                          load_newest_verified, load_weights, save_checkpoint, unflatten_optimizer_state)
-from .config import RunConfig, checkpoint_global_batch  # re-exported: its earlier home
+from .config import RunConfig
+from .resolve import checkpoint_global_batch  # re-exported: its earlier home
 from .data import ImageData, check_same_dataset, load_dataset
 from .diffusion import to_model_range
 from .errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingInterrupted
-from .gaussian_diffusion import GaussianDiffusion, build_diffusion
+from .build import build_diffusion
+from .gaussian_diffusion import GaussianDiffusion
 from .errors import OutputError
 from .fileio import LOCK_FILE, RunLock, atomic_write, check_output_path, write_json
 from .generate import DEFAULT_GUIDANCE_SCALE, generate

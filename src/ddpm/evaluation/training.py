@@ -13,18 +13,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import TRAINING_METRICS
 from ..errors import ConfigError
+from .features import InceptionFeatures, LenetFeatures
+from .inception import InceptionClassifier
+from .metrics import feature_statistics, frechet_distance, inception_score, kid
+from .reference import fast_metric, reference_stats
 
-__all__ = ["TRAINING_METRICS", "HEADLINE", "default_training_metric", "TrainingEvaluator", "is_better"]
+__all__ = ["HEADLINE", "TrainingEvaluator", "is_better"]
 
-TRAINING_METRICS = ("fast", "fid", "kid", "is")
 # The value --keep-best compares for each metric, and whether higher is better.
 HEADLINE = {"fast": ("fast_fid", False), "fid": ("fid", False), "kid": ("kid", False), "is": ("is", True)}
-
-
-def default_training_metric(channels: int, image_size: tuple[int, int]) -> str:
-    """``fast`` for grey images of 28x28 or smaller (MNIST-like data on a CPU), ``fid`` otherwise."""
-    return "fast" if channels == 1 and max(image_size) <= 28 else "fid"
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
@@ -59,10 +58,6 @@ class TrainingEvaluator:
         The reference is ``ref_n`` images (None: all) of the dataset's ``split`` (the test split, as
         the fast metric has always used), converted to the model's ``image_size`` and ``channels``.
         """
-        from .features import InceptionFeatures, LenetFeatures
-        from .inception import InceptionClassifier
-        from .reference import reference_stats
-
         if metric not in TRAINING_METRICS:
             raise ConfigError(f"--eval-metric must be one of {', '.join(TRAINING_METRICS)}; got {metric!r}")
         if metric == "is":
@@ -74,9 +69,6 @@ class TrainingEvaluator:
 
     def __call__(self, images: np.ndarray) -> dict[str, float]:
         """Values to log for uint8 samples [N, H, W, C]: fast_fid/fast_kid/fast_n, fid, kid/kid_std or is/is_std."""
-        from .metrics import feature_statistics, frechet_distance, inception_score, kid
-        from .reference import fast_metric
-
         if self.metric == "fast":
             return fast_metric(images, self.reference)
         if self.metric == "is":

@@ -1,6 +1,6 @@
 """Networks: the paper's U-Net and its named presets."""
 
-from .presets import PRESETS, preset_config
-from .unet import Unet, UnetConfig, timestep_embedding
+from .presets import PRESETS
+from .unet import Unet, UnetConfig, preset_config, timestep_embedding
 
 __all__ = ["Unet", "UnetConfig", "PRESETS", "preset_config", "timestep_embedding"]

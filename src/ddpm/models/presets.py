@@ -1,17 +1,18 @@
 """Named U-Net presets: the paper's models and small ones that train on a CPU.
 
 ``PRESETS`` is the registry the CLI offers as ``--preset`` choices. A preset is a network
-shape: its attention sits at levels counted from the top (0 = the full image size), so it
-builds at any image size it can downsample and with any channel count. Its ``image_size``
-and ``channels`` are the ones it was made for, the defaults when none are given.
+shape, held as the plain fields of a :class:`~ddpm.models.unet.UnetConfig`: its attention sits at
+levels counted from the top (0 = the full image size), so it builds at any image size it can
+downsample and with any channel count. Its ``image_size`` and ``channels`` are the ones it was
+made for, the defaults when none are given. :func:`preset_fields` applies overrides to them;
+:func:`ddpm.models.unet.preset_config` builds the ``UnetConfig``.
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .unet import UnetConfig
 
-__all__ = ["PRESETS", "preset_config"]
+__all__ = ["PRESETS", "preset_fields"]
 
 PRESETS: dict[str, dict] = {
     # Ho et al. 2020, Appendix B: the CIFAR-10 model, 35,746,307 parameters; attention at 16x16 of 32x32.
@@ -35,8 +36,8 @@ PRESETS: dict[str, dict] = {
 _ATTENTION_KEYS = ("attention_levels", "attention_resolutions")
 
 
-def preset_config(name: str, **overrides) -> UnetConfig:
-    """The :class:`UnetConfig` of preset ``name``, with fields replaced by ``overrides``.
+def preset_fields(name: str, **overrides) -> dict:
+    """The ``UnetConfig`` fields of preset ``name``, with fields replaced by ``overrides``.
 
     Attention given either way (``attention_levels`` or ``attention_resolutions``) replaces
     the preset's placement. Other ``dim_mults`` without attention keep the preset's attention
@@ -52,4 +53,4 @@ def preset_config(name: str, **overrides) -> UnetConfig:
         count = len(tuple(overrides["dim_mults"]))
         kept = tuple(level for level in base["attention_levels"] if level < count)
         base["attention_levels"] = kept or (count - 1,)
-    return UnetConfig(**{**base, **overrides})
+    return {**base, **overrides}

@@ -35,8 +35,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
+from .presets import preset_fields
 
-__all__ = ["UnetConfig", "Unet", "timestep_embedding", "check_image_size", "DOWNSAMPLE_PADDINGS"]
+__all__ = ["UnetConfig", "Unet", "preset_config", "timestep_embedding", "check_image_size", "DOWNSAMPLE_PADDINGS"]
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "same")
 
@@ -241,6 +242,12 @@ class UnetConfig:
         if unknown:
             raise ConfigError(f"unknown model option(s): {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def preset_config(name: str, **overrides) -> UnetConfig:
+    """The :class:`UnetConfig` of preset ``name`` (``ddpm.models.presets.PRESETS``), with fields replaced by
+    ``overrides`` (:func:`~ddpm.models.presets.preset_fields` says how attention overrides combine)."""
+    return UnetConfig(**preset_fields(name, **overrides))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, *, flip_sin_to_cos: bool = False,
@@ -531,8 +538,6 @@ class Unet(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "Unet":
-        from .presets import preset_config
-
         return cls(preset_config(name, **overrides))
 
     def num_parameters(self) -> int:

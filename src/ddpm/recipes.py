@@ -1,7 +1,9 @@
-"""The preset and recipe chosen for a folder or .npz trained without ``--preset``.
+"""The training recipe of each preset, and the preset and recipe chosen for a user's own data.
 
-The choice is a fixed function of the image size, channel count and number of images, so the
-same data always gets the same run (:func:`choose`):
+:data:`RECIPES` holds each preset's data and train defaults, the lowest layer of a run's
+configuration (:func:`ddpm.resolve.resolve_train_config`). A folder or .npz trained without
+``--preset`` gets a preset and recipe that are a fixed function of the image size, channel count
+and number of images, so the same data always gets the same run (:func:`choose`):
 
 * the preset by the shorter image side s: ``digits`` up to 16 pixels, ``mnist`` up to 64
   (``cifar10`` from 50,000 images on, the paper's CIFAR-10 case), ``cifar10`` up to 128 and
@@ -9,21 +11,45 @@ same data always gets the same run (:func:`choose`):
   next smaller one that does;
 * the steps from :data:`STEPS` by s and the number of images, the batch no larger than the
   dataset, the learning rate of the preset's own recipe, warm-up at most a tenth of the steps;
-  the recipe's diffusion options (the ``mnist`` recipe's min-SNR weighting) come with the preset
-  (:func:`ddpm.config.resolve_train_config`).
+  the recipe's diffusion options (the ``mnist`` recipe's min-SNR weighting) come with the preset.
 
-:func:`estimate_seconds_per_step` times a few training steps of the chosen model on the
-device, for the estimate printed with the choice; it is not part of the choice.
+How long the chosen run takes is estimated in :mod:`ddpm.estimates`; it is not part of the choice.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from .errors import DataError
+from .models import preset_config
 
-__all__ = ["AutoChoice", "STEPS", "choose", "choice_line", "estimate_seconds_per_step", "format_duration"]
+__all__ = ["DEFAULT_PRESET_FOR_DATA", "RECIPES", "AutoChoice", "STEPS", "choose"]
+
+# The U-Net preset used when --preset is not given, by dataset name.
+DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "cifar10"}
+
+# The training recipe that goes with each preset: data and train defaults, which a TOML
+# file (--config) and then command-line flags override.
+RECIPES: dict[str, dict[str, dict]] = {
+    "digits": {},                                  # the TrainConfig defaults are the digits run
+    # lr 1e-3 (5e-4 before): faster progress on CPU budgets; min-SNR-5 weighting (Hang et al. 2023; uniform
+    # L_simple before): a lower fast FID at 12 CPU-minutes and after 10,000 steps (benchmarks/RESULTS.md,
+    # "Time to quality" and "min-SNR over 10,000 steps").
+    "mnist": {"train": dict(batch_size=64, lr=1e-3, warmup_steps=200, steps=10_000,
+                            checkpoint_every=2_000, sample_every=2_000),
+              "diffusion": dict(loss_weighting="min-snr")},
+    # Ho et al. 2020, Appendix B: batch 128, Adam 2e-4, 5,000 warm-up steps, EMA 0.9999,
+    # random horizontal flips, 800k steps (dropout 0.1 is part of the cifar10 model preset).
+    "cifar10": {"train": dict(batch_size=128, lr=2e-4, warmup_steps=5_000, ema_decay=0.9999, steps=800_000,
+                              log_every=100, checkpoint_every=10_000, sample_every=10_000,
+                              milestone_every=100_000),
+                "data": dict(hflip=True)},
+    # The 256x256 models: batch 64, 2e-5 (CelebA-HQ), 0.5M steps.
+    "celebahq256": {"train": dict(batch_size=64, lr=2e-5, warmup_steps=5_000, steps=500_000, log_every=100,
+                                  checkpoint_every=10_000, sample_every=10_000, milestone_every=100_000),
+                    "data": dict(hflip=True)},
+}
+
 
 # Optimizer steps by the shorter image side (rows: up to this many pixels) and the number of
 # images (columns: fewer than 1,000 / 10,000 / 100,000, then more).
@@ -52,8 +78,6 @@ class AutoChoice:
 
 def choose(image_size: tuple[int, int], channels: int, num_images: int) -> AutoChoice:
     """The preset and recipe for ``num_images`` images of ``channels`` x H x W (deterministic)."""
-    from .config import RECIPES
-
     h, w = image_size
     side = min(h, w)
     preset, why = next((name, why) for limit, name, why in _BY_SIDE if side <= limit)
@@ -73,8 +97,6 @@ def choose(image_size: tuple[int, int], channels: int, num_images: int) -> AutoC
 
 def _fitting(preset: str, why: str, h: int, w: int) -> tuple[str, str]:
     """``preset``, or the next smaller one whose levels halve an H x W image evenly."""
-    from .models import preset_config
-
     chosen = preset
     while chosen is not None:
         factor = preset_config(chosen, image_size=None).downsample_factor
@@ -90,45 +112,3 @@ def _steps(side: int, num_images: int) -> int:
     row = next(steps for limit, steps in STEPS.items() if side <= limit)
     column = sum(num_images >= edge for edge in _COUNT_EDGES)
     return row[column]
-
-
-def estimate_seconds_per_step(config, device, *, images: int = 2, repeats: int = 2) -> float:
-    """Seconds per optimizer step of ``config`` on ``device``, timed on ``images`` random images and
-    scaled to the run's global batch (a rough figure: time grows about linearly with the batch)."""
-    import torch
-
-    from .gaussian_diffusion import build_diffusion
-
-    diffusion = build_diffusion(config).to(device).train()
-    x = torch.rand(images, config.model.channels, *config.model.image_size, device=device)
-
-    def step() -> None:
-        diffusion(x).backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    step()                                            # warm-up: allocations, kernel choice
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    per_image = (time.perf_counter() - start) / (repeats * images)
-    return per_image * config.train.batch_size * config.train.grad_accum
-
-
-def format_duration(seconds: float) -> str:
-    """``"about 3 min"``, ``"about 2.5 h"``, ``"about 4 days"``."""
-    if seconds < 90:
-        return f"about {max(1, round(seconds))} s"
-    if seconds < 90 * 60:
-        return f"about {round(seconds / 60)} min"
-    if seconds < 48 * 3600:
-        return f"about {seconds / 3600:.1f} h"
-    return f"about {seconds / 86400:.0f} days"
-
-
-def choice_line(reason: str, steps: int, seconds_per_step: float | None, device: str) -> str:
-    """The one line that says what was chosen (``reason``, :attr:`AutoChoice.reason`), about how long
-    ``steps`` steps take, and how to override it."""
-    estimate = f"; {format_duration(seconds_per_step * steps)} on {device}" if seconds_per_step is not None else ""
-    return (f"ddpm: no --preset given: chose for {reason}{estimate} "
-            f"(override with --preset, --steps, --batch-size or a model flag such as --dim)")

@@ -19,11 +19,11 @@ from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
 from ddpm.config import DiffusionConfig, RunConfig, TrainConfig, build_model
 from ddpm.diffusion import from_model_range
-from ddpm.generate import (generate, interpolate, load_diffusion, progressive_frames, progressive_grid,
-                           sampling_options)
+from ddpm.generate import generate, interpolate, load_diffusion, progressive_frames, sampling_options
 from ddpm.data import to_uint8
 from ddpm.models import preset_config
 from ddpm.seeding import derive_seed
+from ddpm.viz import progressive_grid
 
 T = 25
 

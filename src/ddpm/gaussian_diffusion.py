@@ -12,14 +12,13 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import DiffusionConfig, RunConfig, build_model
 from .diffusion import SampleTrajectory, from_model_range, randn, to_model_range
 from .errors import ConfigError
 from .losses import make_loss
-from .precision import autocast
-from .samplers import SAMPLERS, make_denoiser, spaced_timesteps
+from .samplers import SamplingOptions
+from .sampling import resolve_plan, run_sampler
 from .schedules import NoiseSchedule
 
 __all__ = ["GaussianDiffusion", "build_diffusion"]
@@ -133,37 +132,39 @@ class GaussianDiffusion(nn.Module):
         With ``return_intermediates`` a :class:`SampleTrajectory` is returned, its tensors (x_t after
         every ``record_every``-th step, and the last) mapped to [0, 1] too.
         """
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        conditioning = {k: options.pop(k) for k in ("guidance_scale", "uncond_kwargs") if k in options}
+        if model_kwargs is not None:
+            conditioning["model_kwargs"] = model_kwargs
+        plan = resolve_plan(self, self._sampling_options(sampler, steps, spacing, clip_denoised, options))
         device = self.device
-        schedule = self.schedule_on(device)
-        timesteps = spaced_timesteps(self.timesteps, steps, spacing)
-        denoiser_options = {k: options.pop(k) for k in ("dynamic_thresholding", "guidance_scale", "uncond_kwargs")
-                            if k in options}
-        if sampler == "ddpm":
-            options.setdefault("variance", self.variance)
-        clip = self.clip_denoised if clip_denoised is None else clip_denoised
-        denoiser = make_denoiser(self.model, schedule, objective=self.objective,
-                                 clip=clip and not denoiser_options.get("dynamic_thresholding"),
-                                 model_kwargs=model_kwargs, self_condition=self.self_condition, **denoiser_options)
         shape = (batch_size, self.channels, *self.image_size)
         x_T = randn(shape, generator=generator, device=device) if noise is None else noise.to(device, torch.float32)
         traj = SampleTrajectory(x0=x_T, timesteps=[], x_t=[], x0_pred=[])
-        bar = tqdm(total=len(timesteps), desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
         def on_step(info: dict) -> None:
-            bar.update(1)
-            if return_intermediates and (info["t"] % record_every == 0 or info["i"] + 1 == len(timesteps)):
+            if return_intermediates and (info["t"] % record_every == 0 or info["i"] + 1 == plan.steps):
                 traj.timesteps.append(info["t"])
                 traj.x_t.append(from_model_range(info["x"]).cpu())
                 traj.x0_pred.append(from_model_range(info["x0_pred"]).cpu())
 
-        with autocast(device, self.precision):
-            x0 = SAMPLERS[sampler](denoiser, x_T, schedule, timesteps, callback=on_step,
-                                   noise=lambda: randn(shape, generator=generator, device=device), **options)
-        bar.close()
+        x0 = run_sampler(self, plan, x_T, noise=lambda: randn(shape, generator=generator, device=device),
+                         conditioning=conditioning, callback=on_step, progress=progress)
         traj.x0 = from_model_range(x0)
         return traj if return_intermediates else traj.x0
+
+    def _sampling_options(self, sampler: str, steps: int | None, spacing: str, clip_denoised: bool | None,
+                          options: dict) -> SamplingOptions:
+        """:meth:`sample`'s keywords as :class:`~ddpm.samplers.SamplingOptions` (all T steps unless ``steps``;
+        ``clip_denoised`` gives way to dynamic thresholding)."""
+        unknown = sorted(set(options) - {"eta", "variance", "dynamic_thresholding"})
+        if unknown:
+            raise ConfigError(f"unknown sampling option(s) {', '.join(unknown)}; the sampler's own are eta "
+                              "(ddim) and variance (ddpm), the denoiser's dynamic_thresholding, guidance_scale "
+                              "and uncond_kwargs")
+        dynamic = bool(options.get("dynamic_thresholding", False))
+        return SamplingOptions(sampler=sampler, steps=steps, spacing=spacing, eta=options.get("eta"),
+                               variance=options.get("variance"), dynamic_thresholding=dynamic,
+                               clip=None if dynamic or clip_denoised is None else bool(clip_denoised))
 
 
 def build_diffusion(config: RunConfig, model: nn.Module | None = None, *, precision: str = "fp32"):
@@ -171,5 +172,5 @@ def build_diffusion(config: RunConfig, model: nn.Module | None = None, *, precis
     the checkpoint's sampler defaults (``config.sampling``) and the network's autocast ``precision``."""
     return GaussianDiffusion(model if model is not None else build_model(config), config=config.diffusion,
                              image_size=config.model.image_size, channels=config.model.channels,
-                             sampling=None if config.sampling is None else config.sampling.options(),
+                             sampling=config.sampling,
                              precision=precision)

@@ -2,8 +2,9 @@
 
 :class:`GaussianDiffusion` holds the network, its :class:`~ddpm.config.DiffusionConfig` and the
 schedule, and does no maths of its own: ``diffusion(images)`` is the configured loss of
-``ddpm.losses`` and ``diffusion.sample(...)`` a sampler of ``ddpm.samplers.SAMPLERS``, both reading the
-network through ``ddpm.denoiser``. :func:`build_diffusion` builds one from a run's configuration.
+``ddpm.losses`` and ``diffusion.sample(...)`` a sampler of ``ddpm.samplers.SAMPLERS`` (run by the one
+sampling driver, :func:`ddpm.sampling.run_sampler`), both reading the network through ``ddpm.denoiser``.
+:func:`build_diffusion` builds one from a run's configuration.
 """
 
 from __future__ import annotations

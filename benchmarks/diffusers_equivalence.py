@@ -21,9 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from ddpm.generate import load_diffusion, sample_images
+from ddpm.generate import load_diffusion
 from ddpm.interop import export_diffusers, require_diffusers
 from ddpm.samplers import DEFAULT_SAMPLING, SamplingOptions
+from ddpm.sampling import sample_images
 from ddpm.seeding import derive_seed
 
 

@@ -51,6 +51,7 @@ CKPT, METRICS, LIK = "src/ddpm/checkpoint.py", "src/ddpm/evaluation/metrics.py",
 LOSSES, DENOISER = "src/ddpm/losses.py", "src/ddpm/denoiser.py"
 EFFECTS = "tests/test_training_effects.py"
 FRONT = "tests/test_sampling_frontend.py"
+SAMPLING, VIZ = "src/ddpm/sampling.py", "src/ddpm/viz.py"
 ORDER = "tests/test_sampler_order.py"
 RESUME = "tests/test_resume.py::test_resumed_run_is_bit_identical_to_uninterrupted_run"
 
@@ -171,7 +172,7 @@ MUTANTS = [
     Mutant("generate.ema-is-raw", GEN, 'load_weights(diffusion.model, tensors, "ema" if weights == "ema" else "model", meta["path"])',
            'load_weights(diffusion.model, tensors, "model", meta["path"])',
            (f"{FRONT}::test_load_diffusion_loads_the_weights_asked_for",), "load_diffusion returns the raw weights as EMA"),
-    Mutant("generate.progressive-rows-swapped", GEN,
+    Mutant("viz.progressive-rows-swapped", VIZ,
            "rows = np.stack([x_t.transpose(1, 0, 2, 3, 4), x0_pred.transpose(1, 0, 2, 3, 4)], axis=1)",
            "rows = np.stack([x0_pred.transpose(1, 0, 2, 3, 4), x_t.transpose(1, 0, 2, 3, 4)], axis=1)",
            (f"{FRONT}::test_progressive_grid_puts_each_images_x_t_row_above_its_x0_row",),
@@ -185,10 +186,10 @@ MUTANTS = [
            (f"{FRONT}::test_interpolation_starts_at_a_and_ends_at_b",),
            "a and b diffused with the rows of one noise draw",
            equivalent="every interpolant's generator has the same seed, so all rows of one draw are equal"),
-    Mutant("generate.guidance-ignored", GEN, "if guidance_scale is not None and guidance_scale != 1:",
+    Mutant("sampling.guidance-ignored", SAMPLING, "if guidance_scale is not None and guidance_scale != 1:",
            "if False:", (f"{FRONT}::test_guidance_scale_zero_is_the_unconditional_model",),
            "the guidance scale is never passed to the sampler"),
-    Mutant("generate.image-seed-shifted", GEN,
+    Mutant("sampling.image-seed-shifted", SAMPLING,
            "generators = [torch.Generator().manual_seed(derive_seed(seed, k)) for k in indices]",
            "generators = [torch.Generator().manual_seed(derive_seed(seed, k - indices[0])) for k in indices]",
            ("tests/test_samplers.py::test_image_k_depends_on_seed_and_k_only",),

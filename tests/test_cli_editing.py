@@ -15,7 +15,7 @@ from ddpm import viz
 from ddpm.cli import main
 from ddpm.data import load_dataset
 from ddpm.errors import ConfigError
-from ddpm.generate import class_indices
+from ddpm.sample_job import class_indices
 
 TRAIN = ["train", "--steps", "2", "--batch-size", "8", "--timesteps", "50", "--num-images", "2", "--quiet"]
 FAST = ["--sampler", "ddpm", "--steps", "6"]                 # a short ancestral run, for speed

@@ -13,9 +13,10 @@ from PIL import Image
 import ddpm
 from ddpm.cli import main
 from ddpm.data import load_dataset
+from ddpm.generate import interpolate, load_diffusion, progressive_frames, sampling_options
 from ddpm.pixels import to_uint8
-from ddpm.generate import (interpolate, load_diffusion, load_image, progressive_frames, progressive_grid,
-                           sampling_options)
+from ddpm.sample_job import load_image
+from ddpm.viz import progressive_grid
 from ddpm.samplers import DEFAULT_SAMPLING
 
 CELL = 8 * 8 + 2                      # an 8x8 digit is shown 8x larger, with 2 pixels of padding (make_grid)

@@ -21,7 +21,7 @@ from ddpm import samplers as samplers_module
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
 from ddpm.cli_parser import build_parser
-from ddpm.config import DiffusionConfig, RunConfig, SamplingConfig
+from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import ConfigError
 from ddpm.generate import SAMPLER_DEFAULT_STEPS, resolve_sampling
 from ddpm.models import Unet, UnetConfig
@@ -33,7 +33,7 @@ TINY = dict(image_size=8, channels=1, dim=8, dim_mults=(1,), num_res_blocks=1, a
             dropout=0.0, norm_groups=4)
 
 
-def make_checkpoint(path: Path, sampling: SamplingConfig | None = None) -> Path:
+def make_checkpoint(path: Path, sampling: SamplingOptions | None = None) -> Path:
     """A tiny checkpoint with T = 100, and ``sampling`` as its own sampler section (None: none)."""
     config = RunConfig(preset="custom", model=UnetConfig(**TINY), diffusion=DiffusionConfig(timesteps=T),
                        sampling=sampling)
@@ -51,7 +51,7 @@ def plain(tmp_path_factory) -> Path:
 def student(tmp_path_factory) -> Path:
     """A checkpoint whose own sampling section asks for DDIM over 4 steps, as a distilled student's does."""
     return make_checkpoint(tmp_path_factory.mktemp("vocab") / "student.safetensors",
-                           SamplingConfig(sampler="ddim", steps=4, spacing="trailing", eta=0.0, clip=False))
+                           SamplingOptions(sampler="ddim", steps=4, spacing="trailing", eta=0.0, clip=False))
 
 
 @pytest.fixture

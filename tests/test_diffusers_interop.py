@@ -25,7 +25,8 @@ import torch
 from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from ddpm.cli import main
 from ddpm.config import DataConfig, DiffusionConfig, RunConfig
-from ddpm.generate import generate, load_diffusion, sample_images
+from ddpm.generate import generate, load_diffusion
+from ddpm.sampling import sample_images
 from ddpm.models import Unet, UnetConfig, preset_config
 from ddpm.samplers import SamplingOptions, make_denoiser, sample_ancestral, spaced_timesteps
 from ddpm.schedules import NoiseSchedule

@@ -17,13 +17,14 @@ import torch
 from ddpm import samplers as S
 from ddpm.checkpoint import load_checkpoint, read_metadata
 from ddpm.cli import main
-from ddpm.config import DiffusionConfig, RunConfig, SamplingConfig
+from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.diffusion import predict_eps_from_x0
 from ddpm.distill import (DistillConfig, DistillationObjective, distillation_weight, student_grid,
                           two_step_target)
 from ddpm.errors import ConfigError
 from ddpm.generate import generate, load_diffusion
 from ddpm.models import preset_config
+from ddpm.samplers import SamplingOptions
 from ddpm.schedules import NoiseSchedule
 
 F64 = torch.float64
@@ -205,13 +206,20 @@ def test_plan_refuses_counts_that_cannot_be_halved():
 def test_sampling_section_round_trips_and_old_configs_have_none():
     config = RunConfig(preset="digits", model=preset_config("digits"), diffusion=DiffusionConfig(timesteps=50))
     assert "sampling" not in config.to_dict() and RunConfig.from_dict(config.to_dict()).sampling is None
-    config.sampling = SamplingConfig(steps=4, eta=0.0, clip=False)
+    config.sampling = SamplingOptions(sampler="ddim", steps=4, eta=0.0, clip=False)
     again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
-    assert again.sampling == config.sampling and again.sampling.options().steps == 4
+    assert again.sampling == config.sampling and again.sampling.steps == 4
+    # The section holds the five keys that checkpoints have always held, so either side reads the other's.
+    old = {"sampler": "ddim", "steps": 4, "spacing": "trailing", "eta": 0.0, "clip": False}
+    assert config.to_dict()["sampling"] == old
+    assert RunConfig.from_dict({**config.to_dict(), "sampling": old}).sampling == config.sampling
     with pytest.raises(ConfigError):
-        SamplingConfig(sampler="ddpm", eta=0.5)
-    with pytest.raises(ConfigError):
-        SamplingConfig(steps=0)
+        SamplingOptions(sampler="ddpm", eta=0.5)
+    for bad in ({"steps": 0}, {"steps": True}, {"steps": 10 ** 6}, {"clip": "yes"}, {"sampler": "ddim", "eta": "0"}):
+        with pytest.raises(ConfigError):
+            SamplingOptions(**bad)
+    with pytest.raises(ConfigError, match="unknown option"):
+        RunConfig.from_dict({**config.to_dict(), "sampling": {**old, "stride": 2}})
 
 
 # ----------------------------------------------------------------------------- ddpm distill, end to end
@@ -253,7 +261,7 @@ def test_each_round_is_an_ordinary_run_that_records_half_its_teachers_steps(teac
         meta = read_metadata(round_dir)
         assert meta["step"] == 4
         config = RunConfig.from_dict(meta["config"])
-        assert config.sampling == SamplingConfig(sampler="ddim", steps=steps, spacing="trailing", eta=0.0, clip=False)
+        assert config.sampling == SamplingOptions(sampler="ddim", steps=steps, spacing="trailing", eta=0.0, clip=False)
         assert config.diffusion.objective == "v" and config.diffusion.timesteps == 50
         info = json.loads((round_dir / "round.json").read_text())
         assert (info["teacher_steps"], info["student_steps"]) == (teacher_steps, steps)

@@ -13,7 +13,7 @@ import ddpm
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import main
 from ddpm.compat.lucidrains import ArgumentError, GaussianDiffusion, Trainer, Unet
-from ddpm.generate import sample_images
+from ddpm.sampling import sample_images
 from ddpm.samplers import SamplingOptions
 
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))

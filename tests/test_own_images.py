@@ -20,7 +20,8 @@ from ddpm.cli import main
 from ddpm.config import RunConfig
 from ddpm.build import build_diffusion
 from ddpm.data import check_same_dataset, dataset_fingerprint, fingerprint_difference, load_dataset
-from ddpm.generate import load_diffusion, sample_images
+from ddpm.generate import load_diffusion
+from ddpm.sampling import sample_images
 from ddpm.models import PRESETS, Unet, UnetConfig, preset_config
 from ddpm.samplers import SamplingOptions
 

@@ -15,7 +15,8 @@ from PIL import Image
 from ddpm import viz
 from ddpm.cli import main
 from ddpm.data import load_dataset
-from ddpm.generate import load_diffusion, progressive_frames, progressive_grid, sampling_options
+from ddpm.generate import load_diffusion, progressive_frames, sampling_options
+from ddpm.viz import progressive_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -135,7 +136,6 @@ def synthetic_frames(frames: int, n: int, size: int = 8, channels: int = 1, seed
 @needs_mpl
 @pytest.mark.parametrize("size, channels", [(8, 1), (28, 1), (32, 3)])
 def test_progressive_figure_holds_the_grid_pixel_for_pixel_beside_its_labels(tmp_path, size, channels):
-    from ddpm.generate import progressive_grid
 
     x_t, x0_pred = synthetic_frames(4, 2, size, channels)
     image = png(viz.progressive_figure(tmp_path / "p.png", x_t, x0_pred, [9, 6, 3, 0], title="a title"))

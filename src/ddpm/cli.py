@@ -220,7 +220,8 @@ def _output_dir(args, names: tuple[str, ...]) -> Path:
 
 def cmd_sample(args) -> int:
     from . import distributed
-    from .generate import load_diffusion, plan_samples, run_samples
+    from .generate import load_diffusion
+    from .sample_job import plan_samples, run_samples
 
     with distributed.agree("checking the options"):
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
@@ -235,7 +236,7 @@ def cmd_sample(args) -> int:
                             weights=args.weights, device=str(device), world=distributed.world_size(),
                             latents=latents, latents_path=args.latents, sources=sources)
     _say_precision(args, choice)
-    paths = run_samples(diffusion, plan, out, sampling, seed=args.seed, batch_size=args.batch_size, png=args.png,
+    paths = run_samples(diffusion, plan, out, seed=args.seed, batch_size=args.batch_size, png=args.png,
                         progressive=args.progressive, progress=_show_progress(args), meta=meta)
     if paths is not None:
         print(f"wrote {_plural(plan.total, 'image')} ({plan.record['sampler']}, "
@@ -259,14 +260,15 @@ def _latents_from_args(args, diffusion):
 
 def _classes_from_args(args, diffusion, meta=None) -> tuple[list[int] | None, float | None]:
     """``--class K ... | all`` (indices, or names the checkpoint holds) and ``--guidance-scale W``."""
-    from .generate import resolve_classes
+    from .sample_job import resolve_classes
 
     return resolve_classes(diffusion, args.classes, args.guidance_scale, (meta or {}).get("class_names"))
 
 
 def cmd_interpolate(args) -> int:
     from .device import select_device
-    from .generate import interpolation_folder, load_diffusion
+    from .generate import load_diffusion
+    from .sample_job import interpolation_folder
 
     out = _output_dir(args, ("interpolation.png", "interpolation.npz", "record.json"))
     device = select_device(args.device)
@@ -366,14 +368,15 @@ def cmd_viz(args) -> int:
                            timesteps=args.timesteps, seed=args.seed)
     elif args.viz_command == "reverse":
         from .device import select_device
-        from .generate import load_diffusion, resolved_sampling
+        from .generate import load_diffusion
+        from .sampling import resolve_plan
 
         device = select_device(args.device)
         choice = _precision(args, device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
                                          precision=choice.precision)
         sampling, _ = _sampling_from_args(args, diffusion)
-        resolved_sampling(diffusion, sampling)          # validates --steps against the checkpoint's T
+        sampling = resolve_plan(diffusion, sampling)    # validates --steps against the checkpoint's T
         classes, guidance = _classes_from_args(args, diffusion, meta)
         labels = None if classes is None else [c for c in classes for _ in range(args.n)]
         viz.reverse_figure(out, diffusion, n=args.n * len(classes or [0]), frames=args.frames, seed=args.seed,
@@ -481,13 +484,14 @@ def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
     work. ``sampling`` (fixed options, e.g. invert's DDIM) replaces the sampler flags, which resolve over
     the checkpoint's own defaults; returns their origins too (:func:`ddpm.generate.resolve_sampling`)."""
     from .editing import load_images
-    from .generate import load_diffusion, resolved_sampling, select_device
+    from .generate import load_diffusion, select_device
+    from .sampling import resolve_plan
 
     out = _output_dir(args, outputs)
     diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
                                      precision=args.precision)
     sampling, sources = (sampling, {}) if sampling is not None else _sampling_from_args(args, diffusion)
-    resolved_sampling(diffusion, sampling)                      # validates --steps against the checkpoint's T
+    sampling = resolve_plan(diffusion, sampling)                # validates --steps against the checkpoint's T
     images, sizes = load_images(args.image, diffusion, data_root=args.data_root)
     labels, guidance = _labels_per_image(args, diffusion, meta, len(images))
     return out, diffusion, meta, images, sizes, labels, guidance, sampling, sources
@@ -495,7 +499,9 @@ def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
 
 def _labels_per_image(args, diffusion, meta, count: int):
     """``--class``: one class for every image or one per image, by index or (when the checkpoint has them) name."""
-    from .generate import DEFAULT_GUIDANCE_SCALE, check_labels, class_indices, class_names, num_classes
+    from .generate import DEFAULT_GUIDANCE_SCALE
+    from .sample_job import class_indices, class_names
+    from .sampling import check_labels, num_classes
 
     if args.classes is None:
         if args.guidance_scale is not None:
@@ -524,7 +530,7 @@ def cmd_inpaint(args) -> int:
     import numpy as np
 
     from .editing import RESAMPLING_DEFAULTS, inpaint, load_mask, masked_preview
-    from .generate import sample_record
+    from .sample_job import sample_record
 
     out, diffusion, meta, images, sizes, labels, guidance, sampling, sources = _editing_setup(
         args, ("grid.png", "results.npz", "record.json"))
@@ -551,11 +557,14 @@ def cmd_edit(args) -> int:
     import numpy as np
 
     from .editing import edit, sdedit_start
-    from .generate import sample_record
+    from .sample_job import sample_record
+    from .sampling import resolve_plan
 
     out, diffusion, meta, images, _, labels, guidance, sampling, sources = _editing_setup(
         args, ("grid.png", "results.npz", "record.json"))
     t0 = sdedit_start(args.strength, diffusion.timesteps)
+    if t0 is not None:
+        sampling = resolve_plan(diffusion, sampling, start=t0, start_name="t0")      # the steps over [t0, 0]
     repeat = [k for k in range(len(images)) for _ in range(args.n)]
     results = edit(diffusion, images[repeat], args.strength, sampling=sampling, seed=args.seed,
                    batch_size=args.batch_size, labels=None if labels is None else [labels[k] for k in repeat],
@@ -564,7 +573,8 @@ def cmd_edit(args) -> int:
     record = sample_record(diffusion, meta, sampling, seed=args.seed, weights=args.weights, images=args.image,
                            n=args.n, strength=args.strength, t0=t0, classes=labels, guidance_scale=guidance,
                            **sources)
-    record["steps"] = 0 if t0 is None else len(sampling.timesteps(t0 + 1))          # the steps from t0 down to 0
+    if t0 is None:
+        record["steps"] = 0                                         # the input, as it is
     per_result = results.reshape(len(images), args.n, *results.shape[1:]).swapaxes(0, 1)
     _write_results(out, [inputs, *per_result], record, images=results, inputs=inputs, image_index=np.asarray(repeat))
     print(f"edited {len(images)} image(s) at strength {args.strength:g} (t0 = {t0}), {args.n} result(s) each "
@@ -576,7 +586,7 @@ def cmd_invert(args) -> int:
     import numpy as np
 
     from .editing import invert, save_latents
-    from .generate import sample_record
+    from .sample_job import sample_record
     from .samplers import SamplingOptions
 
     sampling = SamplingOptions(sampler="ddim", steps=args.steps, spacing=args.spacing, clip=False)
@@ -589,7 +599,7 @@ def cmd_invert(args) -> int:
     record = sample_record(diffusion, meta, sampling, seed=0, weights=args.weights, images=args.image,
                            classes=labels, guidance_scale=guidance, mean_abs_error=float(error.mean()),
                            max_abs_error=float(error.max()), error_range="[0, 1] images")
-    save_latents(out / "latents.npz", latents, timesteps=sampling.timesteps(diffusion.timesteps),
+    save_latents(out / "latents.npz", latents, timesteps=list(sampling.timesteps),
                  num_timesteps=diffusion.timesteps, steps=record["steps"], spacing=args.spacing)
     _write_results(out, [inputs, recon], record, images=recon, inputs=inputs)
     print(f"inverted {len(images)} image(s) over {record['steps']} DDIM steps -> {out / 'latents.npz'}; "

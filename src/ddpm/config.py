@@ -19,10 +19,11 @@ from typing import Any
 from .diffusion import LEARNED_VARIANCE, LOSS_WEIGHTINGS, LOSSES, OBJECTIVES, VARIANCES
 from .errors import ConfigError
 from .models import UnetConfig, preset_config
+from .samplers import SamplingOptions
 from .schedules import SCHEDULES
 from .timestep_sampling import TIMESTEP_SAMPLINGS
 
-__all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "SamplingConfig", "RunConfig", "check_keys",
+__all__ = ["DiffusionConfig", "DataConfig", "TrainConfig", "RunConfig", "check_keys",
            "check_model_options", "TRAINING_METRICS", "default_training_metric", "MAX_TIMESTEPS", "MAX_IMAGE_SIDE",
            "MAX_DIM", "SEED_LIMIT"]
 
@@ -291,38 +292,6 @@ class TrainConfig:
 
 
 @dataclass
-class SamplingConfig:
-    """The sampler a checkpoint asks for when the user chooses none (``ddpm sample`` without sampler flags).
-
-    Ordinary runs have none (``RunConfig.sampling`` is None: the library default applies). A
-    distilled student (``ddpm distill``) records the deterministic DDIM over the N steps it was
-    trained for. The fields mean what they mean in :class:`~ddpm.samplers.SamplingOptions`.
-    """
-
-    sampler: str = "ddim"
-    steps: int | None = None           # None: all T steps
-    spacing: str = "trailing"
-    eta: float | None = None           # ddim only
-    clip: bool | None = None           # None: the checkpoint's diffusion.clip_denoised
-
-    def __post_init__(self) -> None:
-        if self.steps is not None:
-            _check_int(self.steps, "sampling steps", 1, MAX_TIMESTEPS)
-        if self.eta is not None:
-            _check_float(self.eta, "sampling eta", 0.0, 1.0)
-        if self.clip is not None and not isinstance(self.clip, bool):
-            raise ConfigError(f"sampling clip must be true or false; got {self.clip!r}")
-        self.options()                 # validates the sampler, spacing and eta
-
-    def options(self):
-        """These defaults as :class:`~ddpm.samplers.SamplingOptions`."""
-        from .samplers import SamplingOptions
-
-        return SamplingOptions(sampler=self.sampler, steps=self.steps, spacing=self.spacing, eta=self.eta,
-                               clip=self.clip)
-
-
-@dataclass
 class RunConfig:
     """Everything a run needs; saved as ``config.json`` and inside each checkpoint."""
 
@@ -331,7 +300,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sampling: SamplingConfig | None = None     # sampler defaults for this checkpoint (None: the library's)
+    sampling: SamplingOptions | None = None    # sampler defaults for this checkpoint (None: the library's)
     choice: str | None = None                  # why the preset and recipe were chosen, when no preset was given
 
     @property
@@ -343,7 +312,7 @@ class RunConfig:
         return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
                 "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()},
                 "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.train).items()},
-                **({"sampling": asdict(self.sampling)} if self.sampling is not None else {}),
+                **({"sampling": self.sampling.to_dict()} if self.sampling is not None else {}),
                 **({"choice": self.choice} if self.choice is not None else {})}
 
     @classmethod
@@ -362,7 +331,7 @@ class RunConfig:
                        data=_from_dict(DataConfig, d.get("data", {}), "data"),
                        train=_from_dict(TrainConfig, d.get("train", {}), "train"),
                        sampling=None if d.get("sampling") is None
-                       else _from_dict(SamplingConfig, d["sampling"], "sampling"), choice=d.get("choice"))
+                       else _from_dict(SamplingOptions, d["sampling"], "sampling"), choice=d.get("choice"))
         except TypeError as exc:  # a value of the wrong type that the validators could not compare
             raise ConfigError(f"invalid configuration: {exc}") from None
 

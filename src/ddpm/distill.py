@@ -41,14 +41,15 @@ from typing import Callable
 import torch
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
-from .config import DataConfig, RunConfig, SamplingConfig, TrainConfig, _is_int
+from .config import DataConfig, RunConfig, TrainConfig, _is_int
 from .denoiser import denoise
 from .diffusion import offset_noise, q_sample
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .fileio import write_json
 from .losses import Loss
 from . import train as training
-from .samplers import ddim_step, spaced_timesteps
+from .samplers import SamplingOptions, ddim_step, spaced_timesteps
+from .sampling import x0_clip
 from .schedules import NoiseSchedule
 
 __all__ = ["DISTILL_WEIGHTINGS", "STUDENT_OBJECTIVE", "two_step_target", "teacher_two_steps",
@@ -280,18 +281,16 @@ def student_run_config(teacher: RunConfig, train: TrainConfig, data: DataConfig,
     return RunConfig(preset=teacher.preset, model=teacher.model,
                      diffusion=dataclasses.replace(teacher.diffusion, objective=STUDENT_OBJECTIVE),
                      data=data, train=dataclasses.replace(train, init=init),
-                     sampling=SamplingConfig(sampler="ddim", steps=student_steps, spacing="trailing", eta=0.0,
-                                             clip=False))
+                     sampling=SamplingOptions(sampler="ddim", steps=student_steps, spacing="trailing", eta=0.0,
+                                              clip=False))
 
 
 def _teacher_loss(path: str, device: torch.device, grid: StudentGrid, weighting: str) -> DistillationLoss:
     from .generate import load_diffusion
 
     diffusion, _ = load_diffusion(path, device=device, weights="ema")
-    sampling = diffusion.default_sampling
-    clip = diffusion.clip_denoised if sampling is None or sampling.clip is None else bool(sampling.clip)
     return DistillationLoss(diffusion.model, diffusion.schedule, grid, teacher_objective=diffusion.objective,
-                            teacher_clip=clip, weighting=weighting, device=device,
+                            teacher_clip=x0_clip(diffusion, diffusion.default_sampling), weighting=weighting, device=device,
                             offset_noise=diffusion.config.offset_noise)
 
 

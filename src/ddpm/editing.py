@@ -34,11 +34,11 @@ from .config import MAX_IMAGE_SIDE, MAX_TIMESTEPS
 from .pixels import to_uint8
 from .diffusion import from_model_range, to_model_range
 from .errors import ConfigError, DataError
-from .precision import autocast
 from .denoiser import Denoiser
+from .sample_job import load_image
 from .samplers import _draw  # the samplers' own noise check
-from .samplers import (DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, ancestral_step, batch_noise, ddim_invert,
-                       sample_ddim, transitions)
+from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, ancestral_step, ddim_invert, sample_ddim, transitions
+from .sampling import SamplingPlan, image_noise, label_conditioning, resolve_plan, run_sampler
 from .schedules import NoiseSchedule
 from .seeding import derive_seed
 
@@ -245,11 +245,10 @@ def sdedit(sampler: Callable, denoiser: Denoiser, x0: torch.Tensor, schedule: No
 # ----------------------------------------------------------------------------- on a checkpoint
 
 def _batches(diffusion, images: torch.Tensor, run: Callable, *, seed: int, start_index: int, batch_size: int,
-             labels, guidance_scale, sampling: SamplingOptions, clip: bool | None = None) -> list[torch.Tensor]:
-    """``run(denoiser, x0, noise)`` over batches of ``images`` ([N, C, H, W] in [0, 1]): image k of
-    the run (from ``start_index``) draws its noise from ``derive_seed(seed, k)``. Model-range outputs."""
-    from .generate import sampling_denoiser
-
+             labels, guidance_scale, plan: SamplingPlan) -> list[torch.Tensor]:
+    """``run(denoiser, x0, noise)`` over batches of ``images`` ([N, C, H, W] in [0, 1]) through
+    :func:`ddpm.sampling.run_sampler` with ``plan``'s x0 rule: image k of the run (from ``start_index``)
+    draws its noise from ``derive_seed(seed, k)``. Model-range outputs."""
     if images.ndim != 4 or tuple(images.shape[1:]) != (diffusion.channels, *diffusion.image_size):
         raise ConfigError(f"images of shape {tuple(images.shape[1:])} for a model of shape "
                           f"{(diffusion.channels, *diffusion.image_size)}")
@@ -258,13 +257,11 @@ def _batches(diffusion, images: torch.Tensor, run: Callable, *, seed: int, start
     device, out = diffusion.device, []
     for first in range(0, len(images), batch_size):
         rows = list(range(first, min(first + batch_size, len(images))))
-        generators = [torch.Generator().manual_seed(derive_seed(seed, start_index + k)) for k in rows]
-        noise = batch_noise(generators, images.shape[1:], device)
-        denoiser = sampling_denoiser(diffusion, sampling, labels=None if labels is None else [labels[k] for k in rows],
-                                     guidance_scale=guidance_scale, clip=clip)
+        noise = image_noise(seed, [start_index + k for k in rows], images.shape[1:], device)
+        conditioning = label_conditioning(diffusion, None if labels is None else [labels[k] for k in rows],
+                                          guidance_scale)
         x0 = to_model_range(images[first:rows[-1] + 1].float().to(device))
-        with torch.inference_mode(), autocast(device, diffusion.precision):
-            out.append(run(denoiser, x0, noise).float())
+        out.append(run_sampler(diffusion, plan, x0, noise=noise, conditioning=conditioning, run=run).float())
     return out
 
 
@@ -283,7 +280,8 @@ def _resampling(sampling: SamplingOptions, jump_length: int | None, resample: in
     return None
 
 
-def inpaint(diffusion, images: torch.Tensor, keep: torch.Tensor, *, sampling: SamplingOptions = DEFAULT_SAMPLING,
+def inpaint(diffusion, images: torch.Tensor, keep: torch.Tensor, *,
+            sampling: SamplingOptions | SamplingPlan = DEFAULT_SAMPLING,
             seed: int = 0, start_index: int = 0, jump_length: int | None = None, resample: int | None = None,
             labels=None, guidance_scale: float | None = None, batch_size: int = 64) -> np.ndarray:
     """Fill the pixels where ``keep`` [H, W] is False in ``images`` [N, C, H, W] (in [0, 1]).
@@ -292,25 +290,26 @@ def inpaint(diffusion, images: torch.Tensor, keep: torch.Tensor, *, sampling: Sa
     the paper's, 10 and 10), every other sampler the replacement method. Returns uint8
     [N, H, W, C] whose known pixels equal ``to_uint8(images)`` exactly.
     """
-    resampling = _resampling(sampling, jump_length, resample)
-    timesteps = sampling.timesteps(diffusion.timesteps)
-    options = sampling.sampler_options(diffusion.variance)
+    plan = resolve_plan(diffusion, sampling)
+    resampling = _resampling(plan.options, jump_length, resample)
+    timesteps, options = list(plan.timesteps), plan.sampler_kwargs
 
     def run(denoiser, x0, noise):
         if resampling is not None:
             return repaint(denoiser, x0, keep, diffusion.schedule, timesteps, noise=noise,
                            variance=options["variance"], **resampling)
-        return inpaint_by_replacement(SAMPLERS[sampling.sampler], denoiser, x0, keep, diffusion.schedule,
+        return inpaint_by_replacement(SAMPLERS[plan.sampler], denoiser, x0, keep, diffusion.schedule,
                                       timesteps, noise=noise, **options)
 
     outs = _batches(diffusion, images, run, seed=seed, start_index=start_index, batch_size=batch_size,
-                    labels=labels, guidance_scale=guidance_scale, sampling=sampling)
+                    labels=labels, guidance_scale=guidance_scale, plan=plan)
     filled = to_uint8(from_model_range(torch.cat(outs)).cpu())
     known = keep.numpy()[None, :, :, None]
     return np.where(known, to_uint8(images.float().cpu()), filled)       # the known pixels, exactly
 
 
-def edit(diffusion, images: torch.Tensor, strength: float, *, sampling: SamplingOptions = DEFAULT_SAMPLING,
+def edit(diffusion, images: torch.Tensor, strength: float, *,
+         sampling: SamplingOptions | SamplingPlan = DEFAULT_SAMPLING,
          seed: int = 0, start_index: int = 0, labels=None, guidance_scale: float | None = None,
          batch_size: int = 64) -> np.ndarray:
     """SDEdit ``images`` [N, C, H, W] (in [0, 1]) at strength S; returns uint8 [N, H, W, C].
@@ -323,25 +322,15 @@ def edit(diffusion, images: torch.Tensor, strength: float, *, sampling: Sampling
     t0 = sdedit_start(strength, diffusion.timesteps)
     if t0 is None:
         return to_uint8(images.float().cpu())
-    timesteps = _timesteps_from(sampling, t0)
-    options = sampling.sampler_options(diffusion.variance)
+    plan = resolve_plan(diffusion, sampling, start=t0, start_name="t0")       # the steps over [t0, 0]
 
     def run(denoiser, x0, noise):
-        return sdedit(SAMPLERS[sampling.sampler], denoiser, x0, diffusion.schedule, timesteps, noise=noise, **options)
+        return sdedit(SAMPLERS[plan.sampler], denoiser, x0, diffusion.schedule, list(plan.timesteps), noise=noise,
+                      **plan.sampler_kwargs)
 
     outs = _batches(diffusion, images, run, seed=seed, start_index=start_index, batch_size=batch_size,
-                    labels=labels, guidance_scale=guidance_scale, sampling=sampling)
+                    labels=labels, guidance_scale=guidance_scale, plan=plan)
     return to_uint8(from_model_range(torch.cat(outs)).cpu())
-
-
-def _timesteps_from(sampling: SamplingOptions, t0: int) -> list[int]:
-    """The sampler's kept steps over [t0, 0], starting at t0."""
-    if sampling.steps is not None and sampling.steps > t0 + 1 and not sampling.steps_at_most:
-        raise ConfigError(f"--steps {sampling.steps} is more than the t0 + 1 = {t0 + 1} steps left from t0 = {t0}")
-    timesteps = sampling.timesteps(t0 + 1)
-    if timesteps[0] != t0:
-        raise ConfigError(f"spacing {sampling.spacing!r} does not start at t0 = {t0}; use trailing or linspace")
-    return timesteps
 
 
 def invert(diffusion, images: torch.Tensor, *, steps: int = 50, spacing: str = "trailing", labels=None,
@@ -352,8 +341,8 @@ def invert(diffusion, images: torch.Tensor, *, steps: int = 50, spacing: str = "
     [N, H, W, C], from DDIM (eta = 0) over the same steps. Both run without x0 clipping, which
     would break the correspondence of the two directions.
     """
-    sampling = SamplingOptions(sampler="ddim", steps=steps, spacing=spacing, clip=False)
-    timesteps = sampling.timesteps(diffusion.timesteps)
+    plan = resolve_plan(diffusion, SamplingOptions(sampler="ddim", steps=steps, spacing=spacing, clip=False))
+    timesteps = list(plan.timesteps)
     latents = []
 
     def run(denoiser, x0, noise):
@@ -362,7 +351,7 @@ def invert(diffusion, images: torch.Tensor, *, steps: int = 50, spacing: str = "
         return sample_ddim(denoiser, x_T, diffusion.schedule, timesteps, eta=0.0)
 
     recon = _batches(diffusion, images, run, seed=0, start_index=0, batch_size=batch_size, labels=labels,
-                     guidance_scale=guidance_scale, sampling=sampling, clip=False)
+                     guidance_scale=guidance_scale, plan=plan.unclipped())
     return torch.cat(latents), to_uint8(from_model_range(torch.cat(recon)).cpu())
 
 
@@ -373,8 +362,6 @@ def load_images(specs: Sequence[str], diffusion, *, data_root: str | os.PathLike
     """The input images at the model's size and channels, [N, C, H, W] in [0, 1], and the (H, W)
     of each as read (an image file's own size; the model's for ``DATASET:INDEX``)."""
     from PIL import Image
-
-    from .generate import load_image
 
     images, sizes = [], []
     for spec in specs:

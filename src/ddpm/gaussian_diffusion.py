@@ -2,28 +2,30 @@
 
 :class:`GaussianDiffusion` holds the network, its :class:`~ddpm.config.DiffusionConfig` and the
 schedule, and does no maths of its own: ``diffusion(images)`` is the configured loss of
-``ddpm.losses`` and ``diffusion.sample(...)`` a sampler of ``ddpm.samplers.SAMPLERS``, both reading the
-network through ``ddpm.denoiser``. :func:`ddpm.build.build_diffusion` builds one from a run's configuration.
+``ddpm.losses`` and ``diffusion.sample(...)`` a sampler of ``ddpm.samplers.SAMPLERS`` (run by the one
+sampling driver, :func:`ddpm.sampling.run_sampler`), both reading the network through ``ddpm.denoiser``.
+:func:`ddpm.build.build_diffusion` builds one from a run's configuration.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import DiffusionConfig
 from .diffusion import SampleTrajectory, from_model_range, randn, to_model_range
 from .errors import ConfigError
 from .losses import make_loss
-from .precision import autocast
-from .samplers import SAMPLERS, make_denoiser, spaced_timesteps
+from .samplers import SamplingOptions
+from .sampling import resolve_plan, run_sampler
 from .schedules import NoiseSchedule
 
 __all__ = ["GaussianDiffusion"]
+
+
+SIGMA_OPTIONS = ("churn", "s_tmin", "s_tmax", "s_noise", "rho")      # SamplingOptions' fields of the sigma samplers
 
 
 class GaussianDiffusion(nn.Module):
@@ -134,50 +136,44 @@ class GaussianDiffusion(nn.Module):
         With ``return_intermediates`` a :class:`SampleTrajectory` is returned, its tensors (x_t after
         every ``record_every``-th step, and the last) mapped to [0, 1] too.
         """
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        conditioning = {k: options.pop(k) for k in ("guidance_scale", "uncond_kwargs") if k in options}
+        if model_kwargs is not None:
+            conditioning["model_kwargs"] = model_kwargs
+        plan = resolve_plan(self, self._sampling_options(sampler, steps, spacing, clip_denoised, options))
         device = self.device
-        schedule = self.schedule_on(device)
-        timesteps = spaced_timesteps(self.timesteps, steps, spacing)
-        denoiser_options = {k: options.pop(k) for k in ("dynamic_thresholding", "guidance_scale", "uncond_kwargs")
-                            if k in options}
-        _check_sampler_options(sampler, options)
-        if sampler == "ddpm":
-            options.setdefault("variance", self.variance)
-        clip = self.clip_denoised if clip_denoised is None else clip_denoised
-        denoiser = make_denoiser(self.model, schedule, objective=self.objective,
-                                 clip=clip and not denoiser_options.get("dynamic_thresholding"),
-                                 model_kwargs=model_kwargs, self_condition=self.self_condition, **denoiser_options)
         shape = (batch_size, self.channels, *self.image_size)
         x_T = randn(shape, generator=generator, device=device) if noise is None else noise.to(device, torch.float32)
         traj = SampleTrajectory(x0=x_T, timesteps=[], x_t=[], x0_pred=[])
-        bar = tqdm(total=len(timesteps), desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
         def on_step(info: dict) -> None:
-            bar.update(1)
-            if return_intermediates and (info["t"] % record_every == 0 or info["i"] + 1 == len(timesteps)):
+            if return_intermediates and (info["t"] % record_every == 0 or info["i"] + 1 == plan.steps):
                 traj.timesteps.append(info["t"])
                 traj.x_t.append(from_model_range(info["x"]).cpu())
                 traj.x0_pred.append(from_model_range(info["x0_pred"]).cpu())
 
-        with autocast(device, self.precision):
-            x0 = SAMPLERS[sampler](denoiser, x_T, schedule, timesteps, callback=on_step,
-                                   noise=lambda: randn(shape, generator=generator, device=device), **options)
-        bar.close()
+        x0 = run_sampler(self, plan, x_T, noise=lambda: randn(shape, generator=generator, device=device),
+                         conditioning=conditioning, callback=on_step, progress=progress)
         traj.x0 = from_model_range(x0)
         return traj if return_intermediates else traj.x0
 
+    def _sampling_options(self, sampler: str, steps: int | None, spacing: str, clip_denoised: bool | None,
+                          options: dict) -> SamplingOptions:
+        """:meth:`sample`'s keywords as :class:`~ddpm.samplers.SamplingOptions` (all T steps unless ``steps``;
+        ``clip_denoised`` gives way to dynamic thresholding)."""
+        for name in ("image_size", "channels", "device"):
+            if name in options:
+                raise ConfigError(f"sample() got {name}=: the image size and channels are fixed when the diffusion "
+                                  f"is built, and the device is the model's; call GaussianDiffusion(model, "
+                                  f"image_size=..., channels=...).to(device).sample(batch_size)")
+        unknown = sorted(set(options) - {"eta", "variance", "dynamic_thresholding", *SIGMA_OPTIONS})
+        if unknown:
+            raise ConfigError(f"unknown sampling option(s) {', '.join(unknown)}; the sampler's own are eta "
+                              f"(ddim), variance (ddpm) and {', '.join(SIGMA_OPTIONS)} (the sigma samplers), the "
+                              "denoiser's dynamic_thresholding, guidance_scale and uncond_kwargs")
+        dynamic = bool(options.get("dynamic_thresholding", False))
+        return SamplingOptions(sampler=sampler, steps=steps, spacing=spacing, eta=options.get("eta"),
+                               variance=options.get("variance"), dynamic_thresholding=dynamic,
+                               clip=None if dynamic or clip_denoised is None else bool(clip_denoised),
+                               **{name: options[name] for name in SIGMA_OPTIONS if name in options})
 
-def _check_sampler_options(sampler: str, options: dict) -> None:
-    """Refuse, before any step, an option that neither the sampler nor :meth:`GaussianDiffusion.sample` takes."""
-    own = [name for name, p in inspect.signature(SAMPLERS[sampler]).parameters.items()
-           if p.kind is p.KEYWORD_ONLY and name not in ("noise", "callback")]
-    for name in options:
-        if name in ("image_size", "channels", "device"):
-            raise ConfigError(f"sample() got {name}=: the image size and channels are fixed when the diffusion is "
-                              f"built, and the device is the model's; call GaussianDiffusion(model, image_size=..., "
-                              f"channels=...).to(device).sample(batch_size)")
-        if name not in own:
-            raise ConfigError(f"sample() got an unexpected argument {name!r}; the {sampler!r} sampler takes "
-                              f"{', '.join(own) or 'no options'}, and the denoiser dynamic_thresholding, "
-                              f"guidance_scale, uncond_kwargs")
+

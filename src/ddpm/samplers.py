@@ -27,7 +27,7 @@ are computed in float64 from ``schedule.alphas_cumprod``; the states stay float3
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Sequence
 
 import numpy as np
@@ -323,11 +323,14 @@ def batch_noise(generators: Sequence[torch.Generator], shape: Sequence[int],
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    """Which sampler to run and how, validated when built.
+    """Which sampler to run and how, validated when built: the options of every command that samples,
+    and a checkpoint's own sampler (``RunConfig.sampling``, its ``sampling`` section: e.g. a
+    distilled student's DDIM over the steps it was trained for; ``to_dict`` writes it).
 
     ``steps`` None means all T steps; ``eta`` only applies to ``ddim`` (default 0), ``variance``
     only to ``ddpm`` (default: the checkpoint's); ``clip`` None means the checkpoint's setting;
-    ``dynamic_thresholding`` replaces clipping.
+    ``dynamic_thresholding`` replaces clipping. :func:`ddpm.sampling.resolve_plan` resolves them
+    for one model (its timesteps, sampler keywords and x0 rule).
     """
 
     sampler: str = "ddpm"
@@ -352,16 +355,20 @@ class SamplingOptions:
         if self.spacing not in SPACING_CHOICES:
             raise ConfigError(f"unknown spacing {self.spacing!r}; choose from {', '.join(SPACING_CHOICES)}")
         self._check_sigma_options()
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ConfigError(f"steps must be a positive integer; got {self.steps!r}")
+        if self.steps is not None and not (_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS):
+            raise ConfigError(f"steps must be a positive integer (at most {MAX_STEPS:,}); got {self.steps!r}")
         if self.eta is not None and self.sampler != "ddim":
             raise ConfigError(f"eta only applies to the ddim sampler, not {self.sampler}")
-        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+        if self.eta is not None and not (_is_number(self.eta) and 0.0 <= self.eta <= 1.0):
             raise ConfigError(f"eta must be between 0 and 1; got {self.eta}")
         if self.variance is not None and self.sampler != "ddpm":
             raise ConfigError(f"the variance choice only applies to the ddpm sampler, not {self.sampler}")
         if self.variance is not None and self.variance not in VARIANCES:
             raise ConfigError(f"unknown variance {self.variance!r}; choose from {', '.join(VARIANCES)}")
+        for name in ("clip", "dynamic_thresholding", "steps_at_most"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "clip" and value is None):
+                raise ConfigError(f"sampling {name} must be true or false; got {value!r}")
         if self.dynamic_thresholding and self.clip:
             raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
 
@@ -416,9 +423,23 @@ class SamplingOptions:
         return {name: float(getattr(self, name)) for name in names if getattr(self, name) is not None}
 
     def to_dict(self) -> dict:
-        """The options as a dict; the sigma samplers' options only when set, so older records read the same."""
-        return {k: v for k, v in asdict(self).items()
-                if v is not None or k not in ("churn", "s_tmin", "s_tmax", "s_noise", "rho")}
+        """A checkpoint's ``sampling`` section: sampler, steps, spacing, eta and clip, and the other
+        fields where they differ from their defaults (so that older readers still read the section)."""
+        section = asdict(self)
+        return {k: v for k, v in section.items() if k in _SECTION_KEYS or v != _DEFAULTS[k]}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+MAX_STEPS = 100_000          # no schedule has more steps (ddpm.config.MAX_TIMESTEPS)
+_SECTION_KEYS = ("sampler", "steps", "spacing", "eta", "clip")       # always in a checkpoint's sampling section
+_DEFAULTS = {f.name: f.default for f in fields(SamplingOptions)}
 
 
 # The default of `ddpm sample` and `ddpm.generate.generate`: ancestral sampling over 50 respaced

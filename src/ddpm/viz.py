@@ -19,10 +19,13 @@ import torch
 
 from .errors import ConfigError, DataError
 from .fileio import atomic_write
+from .generate import progressive_frames, progressive_timesteps
 from .images import make_grid, save_png
+from .sampling import SamplingPlan, resolve_plan
 
-__all__ = ["require_matplotlib", "schedule_figure", "forward_strips", "forward_figure", "progressive_figure",
-           "progressive_png", "reverse_figure", "training_figure", "grid_display_scale", "SCHEDULE_FIGSIZE", "TRAINING_FIGSIZE", "DPI"]
+__all__ = ["require_matplotlib", "schedule_figure", "forward_strips", "forward_figure", "progressive_grid",
+           "progressive_figure", "progressive_png", "reverse_figure", "training_figure", "grid_display_scale",
+           "SCHEDULE_FIGSIZE", "TRAINING_FIGSIZE", "DPI"]
 
 DPI = 100
 SCHEDULE_FIGSIZE = (12.0, 3.6)      # inches: 1200 x 360 pixels at DPI
@@ -136,6 +139,14 @@ def _grid_axes(fig, image: np.ndarray, left: int, top: int, scale: int = 1):
     return ax
 
 
+def progressive_grid(x_t: np.ndarray, x0_pred: np.ndarray) -> np.ndarray:
+    """One grid: for each image a row of x_t over time, then a row of x0_pred over time (Figure 6)."""
+    f, n = x_t.shape[:2]
+    rows = np.stack([x_t.transpose(1, 0, 2, 3, 4), x0_pred.transpose(1, 0, 2, 3, 4)], axis=1)   # [N, 2, F, ...]
+    return make_grid(rows.reshape(n * 2 * f, *x_t.shape[2:]), nrow=f)
+
+
+
 def progressive_figure(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.ndarray, timesteps: Sequence[int],
                        *, title: str) -> Path:
     """Progressive generation (Ho et al. 2020, Figure 6) with its labels: per image a row of x_t and a
@@ -143,8 +154,6 @@ def progressive_figure(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.nda
 
     ``x_t`` and ``x0_pred`` are uint8 [F, N, H, W, C] (:func:`~ddpm.generate.progressive_frames`).
     """
-    from .generate import progressive_grid
-
     Figure = require_matplotlib("a labelled progressive figure")
     frames, n = x_t.shape[:2]
     if len(timesteps) != frames:
@@ -178,15 +187,13 @@ def checkpoint_label(meta: dict | None) -> str:
     return f"{name}, step {meta['step']:,}" if isinstance(meta.get("step"), int) else name
 
 
-def progressive_title(diffusion, sampling, seed: int, meta: dict | None = None) -> str:
-    steps = len(sampling.timesteps(diffusion.timesteps))
-    return f"{checkpoint_label(meta)}: reverse process, {sampling.sampler} sampler over {steps} steps, seed {seed}"
+def progressive_title(plan: SamplingPlan, seed: int, meta: dict | None = None) -> str:
+    return f"{checkpoint_label(meta)}: reverse process, {plan.sampler} sampler over {plan.steps} steps, seed {seed}"
 
 
 def progressive_png(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.ndarray, timesteps: Sequence[int],
                     *, title: str) -> Path:
     """:func:`progressive_figure`, or without matplotlib the unlabelled grid (after a one-line note)."""
-    from .generate import progressive_grid
     from .plots import have_matplotlib, note_missing_matplotlib
 
     if have_matplotlib():
@@ -202,16 +209,13 @@ def reverse_figure(path: str | os.PathLike, diffusion, *, n: int = 4, frames: in
     rows and timesteps labelled (:func:`progressive_figure`); ``meta`` (the checkpoint's) names it.
 
     A class-conditional model samples image k at class ``labels[k]`` (with ``guidance_scale``)."""
-    from .generate import progressive_frames, progressive_timesteps
-    from .samplers import DEFAULT_SAMPLING
-
-    sampling = sampling or DEFAULT_SAMPLING
+    plan = resolve_plan(diffusion) if sampling is None else resolve_plan(diffusion, sampling)
     require_matplotlib("ddpm viz reverse")                     # before sampling, not after
-    _, x_t, x0_pred = progressive_frames(diffusion, n, frames=frames, sampling=sampling, seed=seed,
+    _, x_t, x0_pred = progressive_frames(diffusion, n, frames=frames, sampling=plan, seed=seed,
                                          batch_size=batch_size, progress=False, labels=labels,
                                          guidance_scale=guidance_scale)
-    return progressive_figure(path, x_t, x0_pred, progressive_timesteps(diffusion, frames, sampling),
-                              title=progressive_title(diffusion, sampling, seed, meta))
+    return progressive_figure(path, x_t, x0_pred, progressive_timesteps(diffusion, frames, plan),
+                              title=progressive_title(plan, seed, meta))
 
 
 # ----------------------------------------------------------------------------- training

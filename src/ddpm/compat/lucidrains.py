@@ -245,7 +245,7 @@ class GaussianDiffusion(_GaussianDiffusion):
     def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, progress: bool = True):
         """``batch_size`` images in [0, 1] ([-1, 1] with ``auto_normalize=False``); the noise comes
         from torch's global generator, so ``torch.manual_seed`` reproduces them."""
-        from ..generate import sample_images
+        from ..sampling import sample_images
 
         if return_all_timesteps:
             raise ArgumentError("GaussianDiffusion.sample(return_all_timesteps=True) has no equivalent here; "
@@ -483,11 +483,11 @@ def _precision(amp: bool, mixed_precision_type: str | None) -> str:
 
 def _sampling_config(diffusion):
     """DDIM over ``sampling_timesteps`` as the checkpoint's own sampler, when below T."""
-    from ..config import SamplingConfig
+    from ..samplers import SamplingOptions
 
     if not getattr(diffusion, "is_ddim_sampling", False):
         return None
-    return SamplingConfig(sampler="ddim", steps=diffusion.sampling_timesteps, eta=float(diffusion.ddim_sampling_eta))
+    return SamplingOptions(sampler="ddim", steps=diffusion.sampling_timesteps, eta=float(diffusion.ddim_sampling_eta))
 
 
 from .lucidrains_variants import (ContinuousTimeGaussianDiffusion, ElucidatedDiffusion,  # noqa: E402

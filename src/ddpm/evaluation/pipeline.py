@@ -137,7 +137,8 @@ def _check_networks(config: EvalConfig) -> None:
 def _load_model(config: EvalConfig):
     """(diffusion, meta, labels, guidance) of the checkpoint, or Nones for --samples."""
     from .. import distributed
-    from ..generate import DEFAULT_GUIDANCE_SCALE, load_diffusion, num_classes
+    from ..generate import DEFAULT_GUIDANCE_SCALE, load_diffusion
+    from ..sampling import num_classes
 
     if not config.checkpoint:
         return None, None, None, None
@@ -153,11 +154,12 @@ def _load_model(config: EvalConfig):
 def _sampling(config: EvalConfig, diffusion):
     """The sampler options the samples are drawn with (by the rule of ``ddpm sample``: the flags over the
     checkpoint's own section), and their record: sampler, steps and where each came from."""
-    from ..generate import resolve_sampling, resolved_sampling
+    from ..generate import resolve_sampling
+    from ..sampling import resolve_plan
 
     sampling, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta)
-    used = resolved_sampling(diffusion, sampling)              # also checks --steps against the checkpoint's T
-    return sampling, {"sampler": used["sampler"], "steps": used["steps"], **sources}
+    plan = resolve_plan(diffusion, sampling)                   # also checks --steps against the checkpoint's T
+    return plan, {"sampler": plan.sampler, "steps": plan.steps, **sources}
 
 
 def _samples(config: EvalConfig, diffusion, sampling, labels, guidance) -> np.ndarray | None:

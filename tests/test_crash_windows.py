@@ -153,7 +153,7 @@ def test_a_second_process_on_a_run_directory_is_refused_naming_the_holder(tmp_pa
 
 def test_out_accepts_only_what_a_run_writes_before_its_first_checkpoint(tmp_path):
     from ddpm.errors import ConfigError
-    from ddpm.train import prepare_run_dir
+    from ddpm.run_dir import prepare_run_dir
 
     run_dir = tmp_path / "run"
     (run_dir / "samples").mkdir(parents=True)

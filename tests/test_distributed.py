@@ -25,7 +25,8 @@ from ddpm.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, 
 from ddpm.cli import main
 from ddpm.config import TrainConfig, per_process_batch
 from ddpm.errors import ConfigError
-from ddpm.train import EpochOrder, checkpoint_global_batch, rank_rows
+from ddpm.config import checkpoint_global_batch
+from ddpm.train import EpochOrder, rank_rows
 
 WORKER = Path(__file__).parent / "helpers" / "ddp_worker.py"
 # A tiny run on the built-in digits: T = 50, dropout 0 (dropout masks are drawn per rank).

@@ -392,7 +392,7 @@ def test_init_from_loads_the_ema_weights(cli_run):
 def test_init_from_another_architecture_is_a_checkpoint_error(cli_run):
     other = Unet(preset_config("digits", dim=16))
     with pytest.raises(CheckpointError, match="do not match"):
-        _init_from(str(list_checkpoints(cli_run)[-1][1]), other)
+        init_from(str(list_checkpoints(cli_run)[-1][1]), other)
 
 
 def test_init_through_the_cli_fine_tunes_and_records_the_checkpoint(tmp_path, no_sampling, cli_run):

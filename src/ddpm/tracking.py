@@ -135,7 +135,6 @@ class Tracker:
         self.interactive = self.progress and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
                         disable=not self.interactive, dynamic_ncols=True)
-        self.total_steps = total_steps
         self.window = MetricsWindow()
 
     def write(self, row: dict, step: int) -> None:

@@ -47,6 +47,7 @@ class Mutant:
 
 
 TRAIN, DIFF, SAMP, GEN = "src/ddpm/train.py", "src/ddpm/diffusion.py", "src/ddpm/samplers.py", "src/ddpm/generate.py"
+STATE = "src/ddpm/training_state.py"
 CKPT, METRICS, LIK = "src/ddpm/checkpoint.py", "src/ddpm/evaluation/metrics.py", "src/ddpm/evaluation/likelihood.py"
 LOSSES, DENOISER = "src/ddpm/losses.py", "src/ddpm/denoiser.py"
 EFFECTS = "tests/test_training_effects.py"
@@ -74,7 +75,7 @@ MUTANTS = [
            'return noise, {"self_cond_mask": torch.zeros_like(mask).to(noise.device)}',
            (f"{EFFECTS}::test_self_conditioning_feeds_the_first_passs_clamped_x0_to_the_samples_whose_coin_is_set",),
            "self-conditioning coin drawn but never applied (no sample gets the first pass)"),
-    Mutant("train.lr-not-warmed-up", TRAIN, 'group["lr"] = lr_at(run.config, step)', 'group["lr"] = tc.lr',
+    Mutant("train.lr-not-warmed-up", TRAIN, 'group["lr"] = lr_at(config, step)', 'group["lr"] = tc.lr',
            (f"{EFFECTS}::test_the_optimizer_steps_with_the_warmed_up_learning_rate",),
            "the warm-up is logged but the optimizer keeps the peak learning rate"),
     Mutant("train.grad-accum-unscaled", TRAIN, "loss = weighted.mean() * (1 / tc.grad_accum)", "loss = weighted.mean()",
@@ -88,16 +89,16 @@ MUTANTS = [
            "x = torch.where(flip[:, None, None, None], x, x)",
            (f"{EFFECTS}::test_hflip_trains_on_both_orientations_and_only_when_asked",),
            "flip coins drawn, images never flipped"),
-    Mutant("train.ema-no-warmup", TRAIN, "return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))",
+    Mutant("train.ema-no-warmup", STATE, "return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))",
            "return self.decay",
            (f"{EFFECTS}::test_ema_is_the_moving_average_of_the_weights_after_each_step",),
            "EMA warm-up ignored"),
-    Mutant("train.ema-lerp-inverted", TRAIN, "[params[n].detach() for n in names], 1.0 - decay)",
+    Mutant("train.ema-lerp-inverted", STATE, "[params[n].detach() for n in names], 1.0 - decay)",
            "[params[n].detach() for n in names], decay)", (f"{EFFECTS}::test_ema_is_the_moving_average_of_the_weights_after_each_step",),
            "EMA moves by decay instead of 1 - decay"),
     Mutant("train.label-dropout-unused", TRAIN,
-           "y = label_dropout(run.labels[index], run.config.model.num_classes, tc.label_dropout, g)[mine]",
-           "y = run.labels[index][mine]",
+           "y = label_dropout(setup.labels[index], config.model.num_classes, tc.label_dropout, g)[mine]",
+           "y = setup.labels[index][mine]",
            ("tests/test_conditional.py::test_training_feeds_the_batch_labels_with_label_dropout",),
            "class labels never replaced by the null label"),
     Mutant("diffusion.loss-weighting-unused", LOSSES,
@@ -210,7 +211,7 @@ MUTANTS = [
            "                pass\n",
            ("tests/test_checkpoint.py::test_optimizer_state_keeps_number_valued_entries", RESUME),
            "non-tensor optimizer state (e.g. Adam's step when it is a number) not saved"),
-    Mutant("checkpoint.ema-updates-not-restored", TRAIN, 'ema.num_updates = int(meta.get("ema_updates", 0))',
+    Mutant("checkpoint.ema-updates-not-restored", STATE, 'ema.num_updates = int(meta.get("ema_updates", 0))',
            "ema.num_updates = 0",
            (RESUME, "tests/test_resume.py::test_resume_from_an_older_checkpoint_repeats_lost_steps_exactly"),
            "a resumed run restarts the EMA warm-up"),

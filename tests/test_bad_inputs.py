@@ -187,7 +187,7 @@ def _enospc_on(match: str):
                 return real(path, full)
             return real(path, write)
 
-        for module in ("ddpm.fileio", "ddpm.images", "ddpm.checkpoint", "ddpm.train", "ddpm.plots", "ddpm.viz"):
+        for module in ("ddpm.fileio", "ddpm.images", "ddpm.checkpoint", "ddpm.train", "ddpm.run_dir", "ddpm.plots", "ddpm.viz"):
             monkeypatch.setattr(f"{module}.atomic_write", failing)
     return install
 

@@ -151,9 +151,25 @@ def test_a_second_process_on_a_run_directory_is_refused_naming_the_holder(tmp_pa
     assert after == {p: b for p, b in before.items()}
 
 
+def test_claimed_holds_the_run_lock_for_its_block_only_even_when_the_block_fails(tmp_path):
+    """run_dir.claimed (what ddpm train trains inside): a new --out and a resumed directory are locked
+    while the block runs and free again after it, also after an error in the block."""
+    from ddpm.errors import RunLocked
+    from ddpm.run_dir import claimed
+
+    for out, resume_dir in ((tmp_path / "new", None), (None, tmp_path / "new")):
+        with pytest.raises(RuntimeError, match="in the block"):
+            with claimed(out, resume_dir) as run_dir:
+                assert run_dir == tmp_path / "new" and run_dir.is_dir()
+                with pytest.raises(RunLocked):
+                    RunLock(run_dir).acquire()
+                raise RuntimeError("in the block")
+        RunLock(run_dir).acquire().release()
+
+
 def test_out_accepts_only_what_a_run_writes_before_its_first_checkpoint(tmp_path):
     from ddpm.errors import ConfigError
-    from ddpm.train import prepare_run_dir
+    from ddpm.run_dir import prepare_run_dir
 
     run_dir = tmp_path / "run"
     (run_dir / "samples").mkdir(parents=True)

@@ -26,7 +26,8 @@ from ddpm.cli import main
 from ddpm.config import TrainConfig
 from ddpm.resolve import per_process_batch
 from ddpm.errors import ConfigError
-from ddpm.train import EpochOrder, checkpoint_global_batch, rank_rows
+from ddpm.resolve import checkpoint_global_batch
+from ddpm.train import EpochOrder, rank_rows
 
 WORKER = Path(__file__).parent / "helpers" / "ddp_worker.py"
 # A tiny run on the built-in digits: T = 50, dropout 0 (dropout masks are drawn per rank).

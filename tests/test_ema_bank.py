@@ -11,7 +11,7 @@ from ddpm.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ddpm.config import RunConfig
 from ddpm.ema import EMABank, check_decays, decays_in, ema_prefix, parse_weights, select_weights
 from ddpm.errors import CheckpointError, ConfigError
-from ddpm.train import EMA
+from ddpm.training_state import EMA
 
 CONFIG = RunConfig.for_preset("digits").to_dict()      # a valid configuration (the tensors need not fit it)
 

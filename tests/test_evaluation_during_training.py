@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+import ddpm.tracking
 import ddpm.train
 from ddpm.checkpoint import list_checkpoints, read_metadata
 from ddpm.cli import main
@@ -58,7 +59,7 @@ def scripted(monkeypatch):
         return Scripted(metric, state.values)
 
     monkeypatch.setattr(training.TrainingEvaluator, "build", staticmethod(build))
-    monkeypatch.setattr(ddpm.train, "_tensorboard", lambda run_dir, **options: state.board)
+    monkeypatch.setattr(ddpm.tracking, "tensorboard", lambda run_dir, **options: state.board)
     monkeypatch.setattr(ddpm.train, "generate", lambda diffusion, n, **kw: np.zeros((n, 8, 8, 1), np.uint8))
     return state
 

@@ -137,12 +137,12 @@ def test_viz_training_shows_the_runs_own_grids_below_a_drawn_chart(run_dir, tmp_
 def test_loss_png_plots_the_logged_losses_under_a_title_naming_the_run(run_dir, tmp_path, monkeypatch):
     import matplotlib.figure
 
-    import ddpm.train
+    import ddpm.tracking
 
     drawn = []
     save = matplotlib.figure.Figure.savefig
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **kw: (drawn.append(fig), save(fig, *a, **kw))[1])
-    ddpm.train._draw_loss_curve(run_dir)                                       # as every checkpoint draws it
+    ddpm.tracking.draw_loss_curve(run_dir)                                       # as every checkpoint draws it
     (ax,) = drawn[0].axes
     assert run_dir.name in ax.get_title() and "loss" in ax.get_title()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ from ddpm.cli import main
 from ddpm.errors import ConfigError
 from ddpm.generate import generate, load_diffusion
 from ddpm.precision import autocast, channels_last, check_precision
-from ddpm.train import _match_parameter_layout
+from ddpm.training_state import match_parameter_layout
 
 from test_cli_sample import one_line_error
 
@@ -126,7 +126,7 @@ def test_restored_adam_moments_take_their_parameters_layout(fused):
                 saved["state"] = {k: {n: v.contiguous() for n, v in st.items()} for k, st in saved["state"].items()}
                 opt = torch.optim.Adam([p], lr=0.1, fused=fused)
                 opt.load_state_dict(saved)
-                _match_parameter_layout(opt)
+                match_parameter_layout(opt)
                 assert all(v.stride() == p.stride() for v in opt.state[p].values() if v.shape == p.shape)
             p.grad = g.clone().contiguous(memory_format=layout)
             opt.step()

@@ -20,7 +20,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ddpm.data import prepared
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.cli import main
-from ddpm.train import EpochOrder, StopSignals
+from ddpm.signals import StopSignals
+from ddpm.train import EpochOrder
 from test_distributed import TINY, assert_close_checkpoints, torchrun
 from test_resume import assert_bit_identical, final_tensors
 

@@ -199,13 +199,13 @@ def test_global_rng_states_round_trip_through_json():
 
     import numpy as np
 
-    from ddpm.train import _rng_states, _set_rng_states
+    from ddpm.training_state import rng_states, set_rng_states
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    saved = json.loads(json.dumps(_rng_states()))          # as stored in a checkpoint's metadata
+    saved = json.loads(json.dumps(rng_states()))          # as stored in a checkpoint's metadata
     expected = (random.random(), float(np.random.rand()), torch.rand(3).tolist())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    _set_rng_states(saved)
+    set_rng_states(saved)
     assert (random.random(), float(np.random.rand()), torch.rand(3).tolist()) == expected
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import ddpm.train
+import ddpm.tracking
 from ddpm.cli import main
 from ddpm.images import side_by_side
 
@@ -127,12 +127,12 @@ def test_without_tensorboard_a_run_writes_no_event_files_and_says_so_once(tmp_pa
     for name in ("tensorboard", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)            # import fails as if not installed
     for flags, expected in (([], 1), (["--quiet"], 0)):
-        ddpm.train._note_no_tensorboard.cache_clear()
+        ddpm.tracking.note_no_tensorboard.cache_clear()
         out = tmp_path / f"run{expected}"
         try:
             assert main(["train", *[a for a in TINY if a != "--quiet"], *flags, "--steps", "2", "--out", str(out)]) == 0
         finally:
-            ddpm.train._note_no_tensorboard.cache_clear()
+            ddpm.tracking.note_no_tensorboard.cache_clear()
         err = capsys.readouterr().err.splitlines()
         notes = [line for line in err if line.startswith("ddpm: note:")]
         assert notes == ["ddpm: note: tensorboard is not installed, so no TensorBoard log is written "

@@ -21,8 +21,10 @@ from ddpm.losses import SimpleLoss
 from ddpm.errors import ConfigError, DataError
 from ddpm.generate import select_device
 from ddpm.models import preset_config
-from ddpm.train import (EMA, EpochOrder, check_training_data, derive_seed, new_run_dir, prepare_run_dir,
-                        to_tensor_on_device, train)
+from ddpm.run_dir import new_run_dir, prepare_run_dir
+from ddpm.seeding import derive_seed
+from ddpm.train import EpochOrder, check_training_data, to_tensor_on_device, train
+from ddpm.training_state import EMA
 
 
 def tiny_config(**train_overrides) -> RunConfig:

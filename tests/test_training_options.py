@@ -32,7 +32,8 @@ from ddpm.errors import CheckpointError, ConfigError
 from ddpm.images import make_grid, side_by_side
 from ddpm.models import Unet, preset_config
 from ddpm.plots import line_chart
-from ddpm.train import _init_from, lr_at, train
+from ddpm.train import lr_at, train
+from ddpm.training_state import init_from
 
 # A tiny but complete CLI run: built-in digits, the digits preset, T = 50, two steps of four images.
 TINY = ["--steps", "2", "--batch-size", "4", "--timesteps", "50", "--num-images", "2", "--log-every", "1",
@@ -383,7 +384,7 @@ def test_init_from_loads_the_ema_weights(cli_run):
     ema, raw = split_prefix(tensors, "ema"), split_prefix(tensors, "model")
     assert any(not torch.equal(ema[name], raw[name]) for name in ema)     # so the test can tell them apart
     model = build_model(tiny_config())
-    _init_from(str(checkpoint), model)
+    init_from(str(checkpoint), model)
     state = model.state_dict()
     assert state.keys() == ema.keys()
     for name in ema:
@@ -393,7 +394,7 @@ def test_init_from_loads_the_ema_weights(cli_run):
 def test_init_from_another_architecture_is_a_checkpoint_error(cli_run):
     other = Unet(preset_config("digits", dim=16))
     with pytest.raises(CheckpointError, match="do not match"):
-        _init_from(str(list_checkpoints(cli_run)[-1][1]), other)
+        init_from(str(list_checkpoints(cli_run)[-1][1]), other)
 
 
 def test_init_through_the_cli_fine_tunes_and_records_the_checkpoint(tmp_path, no_sampling, cli_run):

@@ -127,7 +127,7 @@ def _resume_config(args):
 
 
 def cmd_train(args) -> int:
-    from .train import StopSignals
+    from .signals import StopSignals
 
     with StopSignals() as stop:            # SIGINT / SIGTERM handled before the run directory exists
         return _train(args, stop)
@@ -138,11 +138,12 @@ def _train(args, stop) -> int:
     from . import distributed
     from .checkpoint import list_checkpoints
     from .estimates import check_training_memory
-    from .fileio import RunLock
     from .precision import check_request
-    from .train import check_training_data, claim_run_dir, load_training_data
+    from .run_dir import claimed
+    from .train import check_training_data, load_training_data
 
     main_rank = distributed.is_main()
+    run_dir = None
     with distributed.agree("checking the configuration"):     # one rank's mistake stops all, one message
         if args.resume:
             config, run_dir = _resume_config(args)
@@ -165,20 +166,8 @@ def _train(args, stop) -> int:
     if data.skipped and main_rank:
         print(f"ddpm: warning: skipped {len(data.skipped)} unreadable image(s) (--strict makes this an error): "
               + "; ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
-    lock = None
-    with distributed.agree("claiming the run directory"):     # rank 0 holds the lock while the run writes
-        if main_rank and args.resume:
-            lock = RunLock(run_dir).acquire()
-        elif main_rank:
-            run_dir, lock = claim_run_dir(args.out)
-    if not args.resume:
-        # With no --out only rank 0 picks the next free runs/NNN; the others take its choice.
-        run_dir = Path(distributed.broadcast_object(None if not main_rank else str(run_dir)))
-    try:
+    with claimed(args.out, run_dir) as run_dir:
         return _train_in(args, config, data, run_dir, stop, resume=bool(list_checkpoints(run_dir)))
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
@@ -209,7 +198,7 @@ def _output_dir(args, names: tuple[str, ...]) -> Path:
     """``--out DIR`` checked before any work: writable, not below a file, none of ``names`` there
     unless ``--overwrite``. (The outputs are then staged and moved into DIR together.)"""
     from .fileio import check_output_path
-    from .train import new_run_dir
+    from .run_dir import new_run_dir
 
     out = check_output_path(Path(args.out) if args.out else new_run_dir("samples"), directory=True)
     existing = [name for name in names if (out / name).exists()]
@@ -438,7 +427,7 @@ DISTILL_TRAIN_FLAGS = ("batch_size", "lr", "ema_decay", "grad_clip", "precision"
 def cmd_distill(args) -> int:
     from . import distributed
     from .distill import distill, new_plan, resumed_plan
-    from .train import prepare_run_dir
+    from .run_dir import prepare_run_dir
 
     main_rank = distributed.is_main()
     with distributed.agree("checking the configuration"):     # one rank's mistake stops all, one message

@@ -384,7 +384,8 @@ class Trainer:
         """Train to ``train_num_steps`` from the weights the ``Unet`` holds (continuing the newest
         checkpoint of ``results_folder`` if there is one); then the ``Unet`` holds the final weights."""
         from ..checkpoint import list_checkpoints
-        from ..train import prepare_run_dir, train
+        from ..run_dir import prepare_run_dir
+        from ..train import train
 
         found = list_checkpoints(self.results_folder)
         if found and self.step and self.step != found[-1][0]:

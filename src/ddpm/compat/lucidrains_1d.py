@@ -117,7 +117,7 @@ class Trainer1D:
                  save_and_sample_every: int = 1000, num_samples: int = 25, results_folder="./results",
                  amp: bool = False, mixed_precision_type: str | None = None, split_batches: bool = True,
                  max_grad_norm: float = 1.0):
-        from ..train import EMA
+        from ..training_state import EMA
 
         for name, value in (("train_batch_size", train_batch_size), ("gradient_accumulate_every",
                             gradient_accumulate_every), ("train_num_steps", train_num_steps),

@@ -23,7 +23,7 @@ from ..models.unet import ResBlock as _ResBlock
 from ..precision import autocast
 from ..schedules import NoiseSchedule as _NoiseSchedule
 from ..schedules import extract
-from ..train import EMA
+from ..training_state import EMA
 
 __all__ = ["NoiseSchedule", "DDPM", "UNet", "ResBlock", "EMA", "autocast"]
 

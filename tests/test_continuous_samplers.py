@@ -142,8 +142,7 @@ def test_existing_spacings_and_options_unchanged():
         assert S.spaced_timesteps(T, K, "leading") == [k * (T // K) for k in range(K)][::-1]
         assert S.spaced_timesteps(T, K, "trailing") == [int(np.round(T - k * T / K)) - 1 for k in range(K)]
         assert S.spaced_timesteps(T, K) == S.spaced_timesteps(T, K, "trailing", schedule=NoiseSchedule("linear", T))
-    assert set(S.DEFAULT_SAMPLING.to_dict()) == {"sampler", "steps", "spacing", "eta", "variance", "clip",
-                                                 "dynamic_thresholding", "steps_at_most"}
+    assert set(S.DEFAULT_SAMPLING.to_dict()) == {"sampler", "steps", "spacing", "eta", "clip", "steps_at_most"}
     assert S.SamplingOptions(sampler="heun", churn=40.0).to_dict()["churn"] == 40.0
 
 

@@ -80,7 +80,7 @@ def test_every_way_of_sampling_builds_its_denoiser_in_the_driver(checkpoint, den
 def test_the_timesteps_are_resolved_once_per_run(checkpoint, tmp_path, monkeypatch):
     calls = []
     original = SamplingOptions.timesteps
-    monkeypatch.setattr(SamplingOptions, "timesteps", lambda self, n: calls.append(n) or original(self, n))
+    monkeypatch.setattr(SamplingOptions, "timesteps", lambda self, n, *schedule: calls.append(n) or original(self, n, *schedule))
     diffusion, _ = load_diffusion(checkpoint)
     generate(diffusion, 5, batch_size=2, sampler="ddim", steps=4, progress=False)          # three batches
     assert calls == [T]

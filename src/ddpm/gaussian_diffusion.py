@@ -167,7 +167,7 @@ class GaussianDiffusion(nn.Module):
                                   f"image_size=..., channels=...).to(device).sample(batch_size)")
         unknown = sorted(set(options) - {"eta", "variance", "dynamic_thresholding", *SIGMA_OPTIONS})
         if unknown:
-            raise ConfigError(f"unknown sampling option(s) {', '.join(unknown)}; the sampler's own are eta "
+            raise ConfigError(f"sample() got an unexpected argument {unknown[0]!r}; the sampler's own are eta "
                               f"(ddim), variance (ddpm) and {', '.join(SIGMA_OPTIONS)} (the sigma samplers), the "
                               "denoiser's dynamic_thresholding, guidance_scale and uncond_kwargs")
         dynamic = bool(options.get("dynamic_thresholding", False))

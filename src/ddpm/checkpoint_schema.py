@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import MAX_BATCH, MAX_COUNT, RunConfig
+from .config import MAX_BATCH, MAX_COUNT, DiffusionConfig, RunConfig
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["check_checkpoint", "tensor_layout", "WEIGHT_DTYPE", "RESUME_FIELDS", "ema_decay_of_key", "weight_group"]
@@ -74,10 +74,11 @@ def _int_list(refuse, field: str, v, length: int, high: int) -> None:
         refuse(field, f"expected {length} integers from 0 to {high:,}")
 
 
-def check_checkpoint(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[int, ...]]]) -> RunConfig:
+def check_checkpoint(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[int, ...]]]) -> RunConfig | None:
     """Check the metadata ``meta`` of the checkpoint ``path`` against its tensors' ``layout``.
 
-    Returns the validated configuration; raises :class:`CheckpointError` naming the first bad field.
+    Returns the validated configuration (None for a 1D sequence model of ``ddpm.compat.lucidrains_1d``);
+    raises :class:`CheckpointError` naming the first bad field.
     """
     refuse = _Refuse(path)
     step = meta.get("step")
@@ -89,6 +90,11 @@ def check_checkpoint(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"{path} has an unusable configuration: 'config' is a "
                               f"{type(meta['config']).__name__}, not an object")
+    if "unet1d" in meta["config"]:            # a sequence model of the lucidrains 1D layer (Trainer1D)
+        _check_sequence_config(refuse, meta["config"])
+        _check_tensor_names(refuse, layout)
+        _check_weights(refuse, layout)
+        return None
     try:
         config = RunConfig.from_dict(meta["config"])
     except ConfigError as exc:
@@ -203,6 +209,22 @@ def _check_counts(refuse, meta: dict, step: int) -> None:
             _int_in(refuse, f"counters.{key}", counters[key], 0, MAX_COUNT)
         if counters["step"] != step:
             refuse("counters.step", f"{counters['step']} differs from the checkpoint's step {step}")
+
+
+def _check_sequence_config(refuse, config: dict) -> None:
+    """``unet1d`` (a :class:`~ddpm.models.unet1d.Unet1DConfig`), ``seq_length`` and ``diffusion``."""
+    from .models.unet1d import Unet1DConfig   # here: the 1D network is read only for these checkpoints
+
+    if set(config) != {"unet1d", "seq_length", "diffusion"}:
+        refuse("config", "a sequence model's configuration holds exactly unet1d, seq_length and diffusion")
+    _int_in(refuse, "config.seq_length", config["seq_length"], 1, MAX_COUNT)
+    for name, cls in (("unet1d", Unet1DConfig), ("diffusion", DiffusionConfig)):
+        if not isinstance(config[name], dict):
+            refuse(f"config.{name}", "expected an object")
+        try:
+            cls(**config[name])
+        except (ConfigError, TypeError, ValueError) as exc:
+            refuse(f"config.{name}", " ".join(str(exc).split()))
 
 
 def _check_extras(refuse, meta: dict, config: RunConfig) -> None:

@@ -41,6 +41,7 @@ TRAIN_FLAGS = {
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
         "eval_every", "eval_samples", "eval_metric", "keep_best", "inception_weights", "label_dropout",
         "time_limit")},
+    **{name: ("train", name) for name in ("tracker", "wandb_project", "wandb_name")},
 }
 
 
@@ -140,6 +141,7 @@ def _train(args, stop) -> int:
     from .estimates import check_training_memory
     from .precision import check_request
     from .run_dir import claimed
+    from .tracking import check_tracker          # the CLI loads the training modules when it trains
     from .train import check_training_data, load_training_data
 
     main_rank = distributed.is_main()
@@ -154,6 +156,7 @@ def _train(args, stop) -> int:
         device = distributed.training_device(config.train.device)   # an unavailable device: an error before
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
         check_request(config.train.precision, device)        # and a precision it cannot run (fp16 on a CPU)
+        check_tracker(config.train.tracker)                  # --tracker wandb without the wandb package
     if config.choice and main_rank and not args.resume:
         from .estimates import choice_line, estimate_seconds_per_step
 

@@ -213,6 +213,16 @@ def _add_train(sub) -> None:
     _add_train_output(p.add_argument_group("output"))
 
 
+def _add_tracker_options(g) -> None:
+    g.add_argument("--tracker", choices=("tensorboard", "wandb", "none"),
+                   help="where the run's scalars, sample grids and configuration go besides metrics.jsonl: "
+                        "tensorboard (default; RUN_DIR/tensorboard), wandb (Weights & Biases, pip install "
+                        "'ddpm[wandb]'; WANDB_MODE=offline keeps it in RUN_DIR/wandb) or none (docs/tensorboard.md)")
+    g.add_argument("--wandb-project", metavar="NAME",
+                   help="with --tracker wandb: the W&B project (default: $WANDB_PROJECT, else ddpm)")
+    g.add_argument("--wandb-name", metavar="NAME", help="with --tracker wandb: the W&B run's display name")
+
+
 def _add_train_output(g) -> None:
     g.add_argument("--out", metavar="RUN_DIR",
                    help="a directory: the run directory, made here (default: runs/NNN, the next free number)")
@@ -235,6 +245,7 @@ def _add_train_output(g) -> None:
                    help="the full 2015 Inception-v3 (pt_inception-2015-12-05-6726825d.pth) for --eval-metric is")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_tracker_options(g)
 
 
 def _add_progress(group) -> None:

@@ -542,7 +542,7 @@ def _checkpoint_state(setup: Setup, state: State, step: int) -> tuple[dict, dict
 
 def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
     """EMA and raw weights side by side, from one fixed seed (a generator of its own); with a
-    TensorBoard ``board`` each grid is also logged as an image (``samples/ema``, ``samples/raw``).
+    tracker ``board`` (:class:`ddpm.tracking.Board`) each grid is also logged as an image (``samples/ema``, ``samples/raw``).
     A class-conditional model gives each class whole rows (:func:`ddpm.images.class_grid_layout`),
     labelled with its name, with guidance."""
     tc, config = setup.tc, setup.config
@@ -559,8 +559,7 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
         grids = [label_rows(grid, rows) for grid in grids]
     if board:
         for name, grid in zip(("ema", "raw"), grids):
-            rgb = np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid
-            board.add_image(f"samples/{name}", rgb, step, dataformats="HWC")
+            board.image(f"samples/{name}", grid, step)
     return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
 
 

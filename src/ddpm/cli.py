@@ -28,7 +28,7 @@ from .errors import ConfigError, DdpmError, OutputError, TrainingInterrupted
 TRAIN_FLAGS = {
     "data": ("data", "name"), "data_root": ("data", "root"), "split": ("data", "split"),
     "image_size": ("data", "image_size"), "channels": ("data", "channels"), "hflip": ("data", "hflip"),
-    "strict": ("data", "strict"),
+    "strict": ("data", "strict"), "image_column": ("data", "image_column"), "label_column": ("data", "label_column"),
     "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"),
     "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
     **{name: ("diffusion", name) for name in (
@@ -320,7 +320,7 @@ def cmd_eval(args) -> int:
     for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
         if path:                        # before any work: an existing file needs --overwrite
             check_output_path(path, overwrite=args.overwrite, option=option)
-    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
+    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "image_column", "n", "ref_n", "features", "inception",
              "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
              "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
     options = {name: getattr(args, name) for name in names}
@@ -615,7 +615,7 @@ def cmd_prepare(args) -> int:
                                                       else args.image_size)
     result = prepare_dataset(args.data, args.out, data_root=args.data_root, split=args.split, image_size=size,
                              channels=args.channels, strict=args.strict, workers=args.workers,
-                             progress=not args.quiet)
+                             progress=not args.quiet, image_column=args.image_column, label_column=args.label_column)
     n, height, width, channels = result.shape
     resumed = f", {result.resumed_rows} of them by an interrupted run" if result.resumed_rows else ""
     skipped = f"; {len(result.skipped)} unreadable file(s) skipped (first: {result.skipped[0]})" if result.skipped else ""

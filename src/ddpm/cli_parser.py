@@ -145,7 +145,8 @@ def _add_train(sub) -> None:
     bool_flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
     g.add_argument("--data", help="digits (built in, the default), mnist, fashion-mnist, cifar10, "
-                                  "a folder of images or an .npz file")
+                                  "a folder of images, an .npz file, a Hugging Face dataset hf:NAME[:CONFIG][@SPLIT] "
+                                  "or a save_to_disk folder")
     g.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
     g.add_argument("--split", choices=("train", "test"))
     g.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N",
@@ -153,6 +154,7 @@ def _add_train(sub) -> None:
     g.add_argument("--channels", type=int, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
     g.add_argument("--hflip", action=bool_flag, help="random horizontal flips")
     g.add_argument("--strict", action=bool_flag, help="an unreadable image is an error (default: skipped with a warning)")
+    _add_hub_columns(g)
     g = p.add_argument_group("model and diffusion")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
@@ -211,6 +213,15 @@ def _add_train(sub) -> None:
                    help="fine-tune: start from this checkpoint's EMA weights, with its architecture (and, unless "
                         "given, its diffusion settings and image size); e.g. a model made by ddpm import")
     _add_train_output(p.add_argument_group("output"))
+
+
+def _add_hub_columns(g, labels: bool = True) -> None:
+    g.add_argument("--image-column", metavar="NAME",
+                   help="a Hugging Face dataset's (hf:NAME or a save_to_disk folder) image column "
+                        "(default: its first Image column; docs/data.md)")
+    if labels:
+        g.add_argument("--label-column", metavar="NAME",
+                       help="its label column: a ClassLabel, integers or strings (default: label or labels, if any)")
 
 
 def _add_tracker_options(g) -> None:
@@ -414,9 +425,11 @@ def _add_eval(sub) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file or run directory, sampled here")
     source.add_argument("--samples", metavar="PATH", help="a folder of images or an .npz with array 'images'")
-    p.add_argument("--data", help="reference dataset: digits, mnist, fashion-mnist, cifar10, a folder or .npz")
+    p.add_argument("--data", help="reference dataset: digits, mnist, fashion-mnist, cifar10, a folder, .npz, "
+                                  "hf:NAME[:CONFIG][@SPLIT] or a save_to_disk folder")
     p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
     p.add_argument("--split", choices=("train", "test"), default="test", help="reference split (default test)")
+    _add_hub_columns(p, labels=False)
     _add_num_images(p, "--n", default=100, help="images to evaluate: test images for bpd, samples generated or read, "
                                                 "under torchrun the total over all processes (default 100)")
     p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
@@ -537,8 +550,8 @@ def _add_prepare(sub) -> None:
                                    "memory map, so the data need not fit in memory. An interrupted run resumes; "
                                    "DATASET_DIR appears only when complete.",
                        epilog=EXAMPLES_PREPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10, a folder of images "
-                                                 "or an .npz file")
+    p.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10, a folder of images, "
+                                                 "an .npz file, hf:NAME[:CONFIG][@SPLIT] or a save_to_disk folder")
     p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--out", required=True, metavar="DATASET_DIR",
@@ -547,6 +560,7 @@ def _add_prepare(sub) -> None:
                    help="resize and center-crop to N x N (or give H W)")
     p.add_argument("--channels", type=int, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: skipped, counted)")
+    _add_hub_columns(p)
     p.add_argument("--workers", type=_positive_int, help="decoding threads (default: the CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -173,6 +173,8 @@ class DataConfig:
     strict: bool = False                          # an unreadable image is an error instead of skipped
     fingerprint: dict | None = None               # a folder's or .npz's count, shape and content hash, recorded
                                                   # when the run starts (ddpm.data.dataset_fingerprint)
+    image_column: str | None = None               # a Hugging Face dataset's image column (None: the first Image one)
+    label_column: str | None = None               # its label column (None: label or labels, when there is one)
 
     def __post_init__(self) -> None:
         if self.fingerprint is not None and not (isinstance(self.fingerprint, dict) and set(self.fingerprint) == {
@@ -194,6 +196,10 @@ class DataConfig:
                                   f"got {self.image_size!r}")
             self.image_size = size
         _choice(self.split, ("train", "test"), "split")
+        for name in ("image_column", "label_column"):      # ddpm.data.hub: hf:NAME or a save_to_disk folder
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip() and value.isprintable()):
+                raise ConfigError(f"data {name.replace('_', ' ')} must be a column name; got {value!r}")
         if self.channels is not None:
             if not _is_int(self.channels):
                 raise ConfigError(f"channels must be 1, 3 or 4; got {self.channels!r}")

@@ -47,6 +47,7 @@ from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_
 from .losses import Loss, make_loss
 from .pixels import uint8_to_unit as to_tensor_on_device
 from .precision import autocast, channels_last, check_precision, resolve_precision
+from .data.hub import is_hub_spec
 from .data.prepared import BatchPrefetcher
 from .run_dir import open_run, prune_checkpoints
 from .seeding import derive_seed
@@ -79,11 +80,11 @@ def load_training_data(config: RunConfig) -> ImageData:
     """Load the dataset that ``config.data`` names and check that it fits the model, and that it is the
     dataset whose fingerprint the run recorded (if it did)."""
     d = config.data
-    if d.fingerprint is not None and not Path(d.name).exists():
+    if d.fingerprint is not None and not is_hub_spec(d.name) and not Path(d.name).exists():
         raise DataError(f"the run's data {d.name} is gone; if it moved, pass --data NEW_PATH (a copy is "
                         "recognised by its fingerprint)")
     data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
-                        strict=d.strict)
+                        strict=d.strict, image_column=d.image_column, label_column=d.label_column)
     check_same_dataset(d.fingerprint, data)
     check_training_data(config, data)
     return data

@@ -407,6 +407,10 @@ def cmd_import(args) -> int:
         source = _checkpoint_arg(args.folder, args.checkpoint, "the state dict to import")
         if not args.flags:
             raise ConfigError("--format openai needs --flags \"...\": the flags the model was built with")
+        if source.startswith("hf://"):
+            from .interop.hub import openai_state_dict_source       # huggingface_hub: an optional extra
+
+            source = openai_state_dict_source(source)
         print(f"wrote checkpoint {import_openai(source, args.out, args.flags)} from {source}")
         return 0
     if args.flags:

@@ -521,7 +521,8 @@ def _add_import(sub) -> None:
                        epilog=EXAMPLES_IMPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", metavar="SOURCE",
                    help="diffusers: the pipeline folder (model_index.json, unet/, scheduler/) or hf://OWNER/NAME[@REV]; "
-                        "openai: the .pt state dict")
+                        "openai: the .pt or .safetensors state dict, or hf://OWNER/NAME[@REV] holding one "
+                        ".safetensors file (a .pt is never fetched from the Hub)")
     p.add_argument("--checkpoint", metavar="SOURCE", help="the same as SOURCE (give one of them)")
     p.add_argument("--format", choices=("diffusers", "openai"), default="diffusers",
                    help="the source format: diffusers (default) or openai (improved-/guided-diffusion .pt, read "

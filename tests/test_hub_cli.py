@@ -65,7 +65,7 @@ def test_the_columns_choose_the_images_and_labels_and_are_saved(saved, capsys):
     folder, _ = saved
     config, err = dry_run(capsys, "--data", str(folder))
     assert config["model"]["image_size"] == [4, 4] and config["data"]["image_column"] is None   # the first Image column
-    assert "preset" in err                                                 # the automatic choice, in one line
+    assert config["choice"] and "no --preset given: chose" in err          # the automatic choice, in one line
     config, _ = dry_run(capsys, "--data", str(folder), "--image-column", "img", "--label-column", "kind",
                         "--conditional")
     assert config["model"]["image_size"] == [8, 8] and config["model"]["num_classes"] == 3
@@ -88,7 +88,7 @@ def test_a_hub_run_trains_and_resumes_with_its_columns(hub, tmp_path, capsys):
     assert main(["train", "--data", "hf:someone/numbers", "--image-column", "img", "--label-column", "kind",
                  "--conditional", "--steps", "1", "--checkpoint-every", "1", "--out", str(run), *TINY]) == 0
     saved = json.loads((run / "config.json").read_text())
-    assert saved["data"]["name"] == "hf:someone/numbers" and saved["preset"]              # chosen from the data
+    assert saved["data"]["name"] == "hf:someone/numbers" and saved["choice"]             # chosen from the data
     assert (saved["data"]["image_column"], saved["data"]["label_column"]) == ("img", "kind")
     assert saved["model"]["image_size"] == [8, 8] and saved["model"]["class_names"] == CLASSES
     assert main(["train", "--resume", str(run), "--steps", "2", "--quiet"]) == 0, capsys.readouterr().err

@@ -115,11 +115,24 @@ def test_without_wandb_the_tracker_is_one_error_line_before_any_work(tmp_path, m
     assert not out.exists()
 
 
+def test_a_wandb_run_that_cannot_start_is_one_error_line(tmp_path, wandb, capsys):
+    def refuse(**init):
+        raise RuntimeError("api_key not configured (no-tty).\n call wandb.login(key=[your_api_key])")
+
+    wandb.init = refuse
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--tracker", "wandb", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddpm: error: Weights & Biases could not start the run (api_key not "
+                                               "configured (no-tty). call wandb.login"), err
+    assert not list(out.glob("checkpoints/*.safetensors"))
+
+
 def test_tracker_none_writes_only_metrics_jsonl(tmp_path, wandb):
     out = tmp_path / "run"
-    assert main(["train", *TINY, "--steps", "2", "--tracker", "none", "--out", str(out)]) == 0
+    assert main(["train", *TINY, "--steps", "1", "--tracker", "none", "--out", str(out)]) == 0
     assert not (out / "tensorboard").exists() and not (out / "wandb").exists() and wandb.record["inits"] == []
-    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_tracker_settings_are_checked(capsys, tmp_path):

@@ -189,7 +189,12 @@ class WandbBoard(Board):
             run_id = secrets.token_hex(4)
             atomic_write(id_file, lambda tmp: tmp.write_text(run_id + "\n", encoding="utf-8"))
         project = project or os.environ.get("WANDB_PROJECT") or "ddpm"
-        self.run = self.wandb.init(project=project, name=name or None, id=run_id, resume="allow", dir=str(run_dir))
+        try:
+            self.run = self.wandb.init(project=project, name=name or None, id=run_id, resume="allow", dir=str(run_dir))
+        except Exception as exc:  # noqa: BLE001 - no login, no network, a refused project: each one line
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"Weights & Biases could not start the run ({text}); log in with `wandb login` "
+                              f"or set WANDB_MODE=offline, then: ddpm train --resume {run_dir}") from None
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 

@@ -144,9 +144,8 @@ def _add_train(sub) -> None:
                        epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="digits (built in, the default), mnist, fashion-mnist, cifar10, "
-                                  "a folder of images, an .npz file, a Hugging Face dataset hf:NAME[:CONFIG][@SPLIT] "
-                                  "or a save_to_disk folder")
+    g.add_argument("--data", help="digits (built in, the default), mnist, fashion-mnist, cifar10, a folder of "
+                                  "images, an .npz file, hf:NAME[:CONFIG][@SPLIT] or a save_to_disk folder")
     g.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
     g.add_argument("--split", choices=("train", "test"))
     g.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N",

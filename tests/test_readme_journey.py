@@ -278,7 +278,7 @@ def test_the_readme_links_the_reference_pages():
     linked = {Path(link.partition("#")[0]) for link in _links(README) if link.startswith("docs/")}
     pages = {"cli", "training", "samplers", "evaluation", "distributed", "diffusers", "distillation",
              "improved-ddpm", "guide", "data", "editing", "coming-from", "speed", "robustness", "testing",
-             "notation", "tensorboard"}
+             "notation", "tensorboard", "hub", "openai", "ema", "continuous-time"}
     assert {Path(f"docs/{p}.md") for p in pages} <= linked
     missing = sorted(str(p) for p in linked if not (ROOT / p).is_file())
     assert not missing, f"README.md links pages that do not exist: {missing}"

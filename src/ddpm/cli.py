@@ -28,7 +28,7 @@ from .errors import ConfigError, DdpmError, OutputError, TrainingInterrupted
 TRAIN_FLAGS = {
     "data": ("data", "name"), "data_root": ("data", "root"), "split": ("data", "split"),
     "image_size": ("data", "image_size"), "channels": ("data", "channels"), "hflip": ("data", "hflip"),
-    "strict": ("data", "strict"),
+    "strict": ("data", "strict"), "image_column": ("data", "image_column"), "label_column": ("data", "label_column"),
     "timesteps": ("diffusion", "timesteps"), "schedule": ("diffusion", "schedule"),
     "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
     **{name: ("diffusion", name) for name in (
@@ -41,6 +41,7 @@ TRAIN_FLAGS = {
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
         "eval_every", "eval_samples", "eval_metric", "keep_best", "inception_weights", "label_dropout",
         "time_limit")},
+    **{name: ("train", name) for name in ("tracker", "wandb_project", "wandb_name")},
 }
 
 
@@ -140,6 +141,7 @@ def _train(args, stop) -> int:
     from .estimates import check_training_memory
     from .precision import check_request
     from .run_dir import claimed
+    from .tracking import check_tracker          # the CLI loads the training modules when it trains
     from .train import check_training_data, load_training_data
 
     main_rank = distributed.is_main()
@@ -154,6 +156,7 @@ def _train(args, stop) -> int:
         device = distributed.training_device(config.train.device)   # an unavailable device: an error before
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
         check_request(config.train.precision, device)        # and a precision it cannot run (fp16 on a CPU)
+        check_tracker(config.train.tracker)                  # --tracker wandb without the wandb package
     if config.choice and main_rank and not args.resume:
         from .estimates import choice_line, estimate_seconds_per_step
 
@@ -317,7 +320,7 @@ def cmd_eval(args) -> int:
     for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
         if path:                        # before any work: an existing file needs --overwrite
             check_output_path(path, overwrite=args.overwrite, option=option)
-    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
+    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "image_column", "n", "ref_n", "features", "inception",
              "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
              "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
     options = {name: getattr(args, name) for name in names}
@@ -404,6 +407,10 @@ def cmd_import(args) -> int:
         source = _checkpoint_arg(args.folder, args.checkpoint, "the state dict to import")
         if not args.flags:
             raise ConfigError("--format openai needs --flags \"...\": the flags the model was built with")
+        if source.startswith("hf://"):
+            from .interop.hub import openai_state_dict_source       # huggingface_hub: an optional extra
+
+            source = openai_state_dict_source(source)
         print(f"wrote checkpoint {import_openai(source, args.out, args.flags)} from {source}")
         return 0
     if args.flags:
@@ -612,7 +619,7 @@ def cmd_prepare(args) -> int:
                                                       else args.image_size)
     result = prepare_dataset(args.data, args.out, data_root=args.data_root, split=args.split, image_size=size,
                              channels=args.channels, strict=args.strict, workers=args.workers,
-                             progress=not args.quiet)
+                             progress=not args.quiet, image_column=args.image_column, label_column=args.label_column)
     n, height, width, channels = result.shape
     resumed = f", {result.resumed_rows} of them by an interrupted run" if result.resumed_rows else ""
     skipped = f"; {len(result.skipped)} unreadable file(s) skipped (first: {result.skipped[0]})" if result.skipped else ""

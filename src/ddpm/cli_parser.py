@@ -144,8 +144,8 @@ def _add_train(sub) -> None:
                        epilog=EXAMPLES_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
     bool_flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="digits (built in, the default), mnist, fashion-mnist, cifar10, "
-                                  "a folder of images or an .npz file")
+    g.add_argument("--data", help="digits (built in, the default), mnist, fashion-mnist, cifar10, a folder of "
+                                  "images, an .npz file, hf:NAME[:CONFIG][@SPLIT] or a save_to_disk folder")
     g.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
     g.add_argument("--split", choices=("train", "test"))
     g.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N",
@@ -153,6 +153,7 @@ def _add_train(sub) -> None:
     g.add_argument("--channels", type=int, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
     g.add_argument("--hflip", action=bool_flag, help="random horizontal flips")
     g.add_argument("--strict", action=bool_flag, help="an unreadable image is an error (default: skipped with a warning)")
+    _add_hub_columns(g)
     g = p.add_argument_group("model and diffusion")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="U-Net preset and training recipe (default: digits for digits, mnist for mnist / "
@@ -213,6 +214,25 @@ def _add_train(sub) -> None:
     _add_train_output(p.add_argument_group("output"))
 
 
+def _add_hub_columns(g, labels: bool = True) -> None:
+    g.add_argument("--image-column", metavar="NAME",
+                   help="a Hugging Face dataset's (hf:NAME or a save_to_disk folder) image column "
+                        "(default: its first Image column; docs/data.md)")
+    if labels:
+        g.add_argument("--label-column", metavar="NAME",
+                       help="its label column: a ClassLabel, integers or strings (default: label or labels, if any)")
+
+
+def _add_tracker_options(g) -> None:
+    g.add_argument("--tracker", choices=("tensorboard", "wandb", "none"),
+                   help="where the run's scalars, sample grids and configuration go besides metrics.jsonl: "
+                        "tensorboard (default; RUN_DIR/tensorboard), wandb (Weights & Biases, pip install "
+                        "'ddpm[wandb]'; WANDB_MODE=offline keeps it in RUN_DIR/wandb) or none (docs/tensorboard.md)")
+    g.add_argument("--wandb-project", metavar="NAME",
+                   help="with --tracker wandb: the W&B project (default: $WANDB_PROJECT, else ddpm)")
+    g.add_argument("--wandb-name", metavar="NAME", help="with --tracker wandb: the W&B run's display name")
+
+
 def _add_train_output(g) -> None:
     g.add_argument("--out", metavar="RUN_DIR",
                    help="a directory: the run directory, made here (default: runs/NNN, the next free number)")
@@ -235,6 +255,7 @@ def _add_train_output(g) -> None:
                    help="the full 2015 Inception-v3 (pt_inception-2015-12-05-6726825d.pth) for --eval-metric is")
     g.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_tracker_options(g)
 
 
 def _add_progress(group) -> None:
@@ -403,9 +424,11 @@ def _add_eval(sub) -> None:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file or run directory, sampled here")
     source.add_argument("--samples", metavar="PATH", help="a folder of images or an .npz with array 'images'")
-    p.add_argument("--data", help="reference dataset: digits, mnist, fashion-mnist, cifar10, a folder or .npz")
+    p.add_argument("--data", help="reference dataset: digits, mnist, fashion-mnist, cifar10, a folder, .npz, "
+                                  "hf:NAME[:CONFIG][@SPLIT] or a save_to_disk folder")
     p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
     p.add_argument("--split", choices=("train", "test"), default="test", help="reference split (default test)")
+    _add_hub_columns(p, labels=False)
     _add_num_images(p, "--n", default=100, help="images to evaluate: test images for bpd, samples generated or read, "
                                                 "under torchrun the total over all processes (default 100)")
     p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
@@ -497,7 +520,8 @@ def _add_import(sub) -> None:
                        epilog=EXAMPLES_IMPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", nargs="?", metavar="SOURCE",
                    help="diffusers: the pipeline folder (model_index.json, unet/, scheduler/) or hf://OWNER/NAME[@REV]; "
-                        "openai: the .pt state dict")
+                        "openai: the .pt or .safetensors state dict, or hf://OWNER/NAME[@REV] holding one "
+                        ".safetensors file (a .pt is never fetched from the Hub)")
     p.add_argument("--checkpoint", metavar="SOURCE", help="the same as SOURCE (give one of them)")
     p.add_argument("--format", choices=("diffusers", "openai"), default="diffusers",
                    help="the source format: diffusers (default) or openai (improved-/guided-diffusion .pt, read "
@@ -526,8 +550,8 @@ def _add_prepare(sub) -> None:
                                    "memory map, so the data need not fit in memory. An interrupted run resumes; "
                                    "DATASET_DIR appears only when complete.",
                        epilog=EXAMPLES_PREPARE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10, a folder of images "
-                                                 "or an .npz file")
+    p.add_argument("--data", required=True, help="digits, mnist, fashion-mnist, cifar10, a folder of images, "
+                                                 "an .npz file, hf:NAME[:CONFIG][@SPLIT] or a save_to_disk folder")
     p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist (IDX) or cifar10 (binary)")
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--out", required=True, metavar="DATASET_DIR",
@@ -536,6 +560,7 @@ def _add_prepare(sub) -> None:
                    help="resize and center-crop to N x N (or give H W)")
     p.add_argument("--channels", type=int, choices=(1, 3, 4), help="1 grey, 3 RGB, 4 RGBA")
     p.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: skipped, counted)")
+    _add_hub_columns(p)
     p.add_argument("--workers", type=_positive_int, help="decoding threads (default: the CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -173,6 +173,8 @@ class DataConfig:
     strict: bool = False                          # an unreadable image is an error instead of skipped
     fingerprint: dict | None = None               # a folder's or .npz's count, shape and content hash, recorded
                                                   # when the run starts (ddpm.data.dataset_fingerprint)
+    image_column: str | None = None               # a Hugging Face dataset's image column (None: the first Image one)
+    label_column: str | None = None               # its label column (None: label or labels, when there is one)
 
     def __post_init__(self) -> None:
         if self.fingerprint is not None and not (isinstance(self.fingerprint, dict) and set(self.fingerprint) == {
@@ -194,6 +196,10 @@ class DataConfig:
                                   f"got {self.image_size!r}")
             self.image_size = size
         _choice(self.split, ("train", "test"), "split")
+        for name in ("image_column", "label_column"):      # ddpm.data.hub: hf:NAME or a save_to_disk folder
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip() and value.isprintable()):
+                raise ConfigError(f"data {name.replace('_', ' ')} must be a column name; got {value!r}")
         if self.channels is not None:
             if not _is_int(self.channels):
                 raise ConfigError(f"channels must be 1, 3 or 4; got {self.channels!r}")
@@ -236,6 +242,10 @@ class TrainConfig:
     inception_weights: str = ""        # the full 2015 Inception-v3 (pt_inception-2015-12-05) for eval_metric = is
     label_dropout: float = 0.1         # class-conditional models: P(label replaced by the null label) (Ho & Salimans 2022)
     time_limit: float = 0.0            # minutes: stop (saving a checkpoint and the final grid) once reached; 0: none
+    tracker: str = "tensorboard"       # tensorboard | wandb | none: where scalars, grids and the config go besides
+                                       # metrics.jsonl (ddpm.tracking)
+    wandb_project: str = ""            # --tracker wandb: the W&B project ("": $WANDB_PROJECT, else ddpm)
+    wandb_name: str = ""               # --tracker wandb: the W&B run's display name ("": W&B's choice)
 
     def __post_init__(self) -> None:
         for name in ("steps", "log_every", "max_bad_steps"):
@@ -266,6 +276,17 @@ class TrainConfig:
         for name in ("ema_warmup", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name.replace('_', ' ')} must be true or false; got {getattr(self, name)!r}")
+        self._check_tracker()
+
+    def _check_tracker(self) -> None:
+        """--tracker is one of TRACKERS; the W&B project and name are strings, given with --tracker wandb only."""
+        _choice(self.tracker, ("tensorboard", "wandb", "none"), "tracker")
+        for name in ("wandb_project", "wandb_name"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or any(c in value for c in "\n\r\0"):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a string on one line; got {value!r}")
+            if value and self.tracker != "wandb":
+                raise ConfigError(f"--{name.replace('_', '-')} names a Weights & Biases run: give --tracker wandb as well")
 
     def _check_evaluation(self) -> None:
         """--eval-metric, --keep-best and --inception-weights agree with --eval-every and with each other."""

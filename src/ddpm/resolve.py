@@ -155,7 +155,8 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     merged = merge_over_recipe(preset, file_layer, flags)
     data_cfg, diffusion_cfg, train_cfg = _sections(merged)
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
-                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict,
+                        image_column=data_cfg.image_column, label_column=data_cfg.label_column)
     choice = None
     if preset is None:                       # a folder or .npz without a preset: chosen from the data
         choice = choose(data.image_size, data.channels, data.num_images)
@@ -235,7 +236,8 @@ def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str
         if ours != theirs:             # the network's input or output channels would change
             raise ConfigError(f"{what} = {ours} contradicts {source}, whose model has {what} = {theirs}")
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
-                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict)
+                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict,
+                        image_column=data_cfg.image_column, label_column=data_cfg.label_column)
     model = {**saved.model.to_dict(), **{k: v for k, v in merged.get("model", {}).items() if k in INIT_MAY_CHANGE}}
     return RunConfig(preset=saved.preset, model=UnetConfig(**model), diffusion=diffusion_cfg, data=data_cfg,
                      train=train_cfg), data

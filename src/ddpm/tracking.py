@@ -1,10 +1,13 @@
-"""Where a training run reports (rank 0): ``metrics.jsonl``, TensorBoard, the progress bar or log lines,
-and the loss curve ``loss.png``.
+"""Where a training run reports (rank 0): ``metrics.jsonl``, an experiment tracker (TensorBoard or
+Weights & Biases), the progress bar or log lines, and the loss curve ``loss.png``.
 
 :class:`MetricsWindow` averages a logging window's steps (the loss also per timestep quartile);
-:class:`Tracker` writes each window's row to ``metrics.jsonl`` and TensorBoard (tags:
-:data:`TENSORBOARD_TAGS`) and shows progress; :func:`draw_loss_curve` redraws ``loss.png`` from the
-log. TensorBoard is optional: without it, one note says so and the JSONL has every metric.
+:class:`Tracker` writes each window's row to ``metrics.jsonl`` and to the tracker ``--tracker`` names
+(tags: :data:`TENSORBOARD_TAGS`) and shows progress; :func:`draw_loss_curve` redraws ``loss.png``
+from the log. A tracker is a :class:`Board`: scalars, image grids, the configuration, close
+(:class:`TensorBoardBoard`, :class:`WandbBoard`). Both are optional packages: without tensorboard,
+one note says so and the JSONL has every metric; ``--tracker wandb`` without wandb is an error
+before any work (:func:`check_tracker`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,25 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .errors import ConfigError
+from .fileio import atomic_write
 from .plots import line_chart
 
-__all__ = ["MetricsWindow", "Tracker", "TENSORBOARD_TAGS", "tensorboard", "draw_loss_curve", "log_line"]
+__all__ = ["MetricsWindow", "Tracker", "TENSORBOARD_TAGS", "TRACKERS", "Board", "TensorBoardBoard", "WandbBoard",
+           "tensorboard", "check_tracker", "open_board", "draw_loss_curve", "log_line"]
+
+TRACKERS = ("tensorboard", "wandb", "none")     # --tracker: where scalars, grids and the config go besides the JSONL
+WANDB_RUN_ID = "wandb-run-id"                   # RUN_DIR/wandb-run-id: the W&B run a resumed run continues
 
 
 class MetricsWindow:
@@ -102,6 +114,116 @@ def config_markdown(config: dict) -> str:
     return "```json\n" + json.dumps(config, indent=2) + "\n```"
 
 
+class Board:
+    """An experiment tracker as a run uses it (rank 0 alone): scalars, image grids, the configuration."""
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Scalars under their tags at ``step``."""
+
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        """A uint8 image grid [H, W, C] (C = 1, 3 or 4) at ``step``."""
+
+    def config(self, config: dict, step: int) -> None:
+        """The run's resolved configuration (as in config.json)."""
+
+    def flush(self) -> None:
+        """What was logged, on disk (with each checkpoint)."""
+
+    def close(self) -> None:
+        """The end of this process's logging."""
+
+
+class TensorBoardBoard(Board):
+    """``RUN_DIR/tensorboard`` through a ``SummaryWriter`` (:func:`tensorboard`)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+
+    def scalars(self, values, step):
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def image(self, tag, grid, step):
+        rgb = np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid
+        self.writer.add_image(tag, rgb, step, dataformats="HWC")
+
+    def config(self, config, step):
+        self.writer.add_text("config", config_markdown(config), step)
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+def _import_wandb():
+    try:
+        import wandb      # optional dependency: imported when --tracker wandb asks for it
+    except Exception as exc:          # missing, or installed but broken
+        why = "is not installed" if isinstance(exc, ImportError) else f"could not be loaded ({type(exc).__name__}: {exc})"
+        raise ConfigError(f"--tracker wandb needs the wandb package, which {why}: pip install 'ddpm[wandb]'") from None
+    return wandb
+
+
+def check_tracker(tracker: str) -> None:
+    """Before any work: ``--tracker wandb`` needs the wandb package (one-line ConfigError without it)."""
+    if tracker == "wandb":
+        _import_wandb()
+
+
+class WandbBoard(Board):
+    """A Weights & Biases run in ``RUN_DIR/wandb`` (``WANDB_MODE=offline`` keeps it there, to sync later).
+
+    Its id is kept in ``RUN_DIR/wandb-run-id``: a resumed run logs to the same W&B run. Every entry
+    carries the optimizer step as ``step``, the x axis of every chart (W&B's own counter keeps rising
+    over resumes, so steps a resumed run does again are logged again, never refused).
+    """
+
+    def __init__(self, run_dir: Path, project: str, name: str):
+        self.wandb = _import_wandb()
+        id_file = run_dir / WANDB_RUN_ID
+        if id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip()
+        else:
+            run_id = secrets.token_hex(4)
+            atomic_write(id_file, lambda tmp: tmp.write_text(run_id + "\n", encoding="utf-8"))
+        project = project or os.environ.get("WANDB_PROJECT") or "ddpm"
+        try:
+            self.run = self.wandb.init(project=project, name=name or None, id=run_id, resume="allow", dir=str(run_dir))
+        except Exception as exc:  # noqa: BLE001 - no login, no network, a refused project: each one line
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"Weights & Biases could not start the run ({text}); log in with `wandb login` "
+                              f"or set WANDB_MODE=offline, then: ddpm train --resume {run_dir}") from None
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
+
+    def scalars(self, values, step):
+        self.run.log({**values, "step": step})
+
+    def image(self, tag, grid, step):
+        self.run.log({tag: self.wandb.Image(grid[..., 0] if grid.shape[2] == 1 else grid), "step": step})
+
+    def config(self, config, step):
+        self.run.config.update(config, allow_val_change=True)     # a resumed run may extend --steps
+
+    def close(self):
+        self.run.finish()
+
+
+def open_board(tracker: str, run_dir: Path, train: dict, start_step: int, note: bool) -> Board | None:
+    """The tracker ``tracker`` names for a run logging from ``start_step + 1`` on, or None (``none``, or
+    TensorBoard not installed). ``train``: the run's ``train`` settings (the W&B project and name)."""
+    if tracker == "wandb":
+        return WandbBoard(run_dir, train.get("wandb_project", ""), train.get("wandb_name", ""))
+    if tracker == "tensorboard":
+        # This process logs from step S + 1 on (S = 0 fresh, or the checkpoint's step): anything an
+        # earlier process logged there is hidden, as metrics.jsonl dropped it (run_dir.truncate_metrics).
+        writer = tensorboard(run_dir, purge_step=start_step + 1, note=note)
+        return TensorBoardBoard(writer) if writer is not None else None
+    return None
+
+
 def draw_loss_curve(run_dir: Path) -> None:
     """``loss.png``: the logged loss, over all timesteps and per timestep quartile, against the step."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -120,18 +242,18 @@ def draw_loss_curve(run_dir: Path) -> None:
 
 
 class Tracker:
-    """Where a run reports: metrics.jsonl, TensorBoard, the progress bar or log lines (rank 0 alone
-    writes files; ``main`` False keeps only a disabled bar)."""
+    """Where a run reports: metrics.jsonl, the tracker of ``config["train"]["tracker"]`` (a :class:`Board`:
+    TensorBoard by default), the progress bar or log lines (rank 0 alone writes files; ``main`` False
+    keeps only a disabled bar)."""
 
     def __init__(self, run_dir: Path, config: dict, total_steps: int, start_step: int, progress: bool, main: bool):
         self.progress = progress and main
         self.metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
-        # This process logs from step S + 1 on (S = 0 fresh, or the checkpoint's step): anything an
-        # earlier process logged there is hidden, as metrics.jsonl dropped it (run_dir.truncate_metrics).
-        first = start_step + 1
-        self.board = tensorboard(run_dir, purge_step=first, note=self.progress) if main else None
+        train = config.get("train", {})
+        self.board = open_board(train.get("tracker", "tensorboard"), run_dir, train, start_step,
+                                self.progress) if main else None
         if self.board:
-            self.board.add_text("config", config_markdown(config), first)
+            self.board.config(config, start_step + 1)
         self.interactive = self.progress and sys.stderr.isatty()
         self.bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step",
                         disable=not self.interactive, dynamic_ncols=True)
@@ -142,17 +264,15 @@ class Tracker:
         self.metrics_file.write(json.dumps(row) + "\n")
         self.metrics_file.flush()
         if self.board:
-            for key, value in row.items():
-                if key in TENSORBOARD_TAGS and value is not None:
-                    self.board.add_scalar(TENSORBOARD_TAGS[key], value, step)
+            self.board.scalars({TENSORBOARD_TAGS[key]: value for key, value in row.items()
+                                if key in TENSORBOARD_TAGS and value is not None}, step)
 
     def write_scores(self, step: int, scores: dict) -> None:
         """An evaluation's scores: a metrics.jsonl row, TensorBoard ``eval/<key>``, one console line."""
         self.metrics_file.write(json.dumps({"step": step, **scores}) + "\n")
         self.metrics_file.flush()
         if self.board:
-            for key, value in scores.items():
-                self.board.add_scalar(f"eval/{key}", value, step)
+            self.board.scalars({f"eval/{key}": value for key, value in scores.items()}, step)
         if self.progress:
             self.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
 

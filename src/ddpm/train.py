@@ -47,6 +47,7 @@ from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_
 from .losses import Loss, make_loss
 from .pixels import uint8_to_unit as to_tensor_on_device
 from .precision import autocast, channels_last, check_precision, resolve_precision
+from .data.hub import is_hub_spec
 from .data.prepared import BatchPrefetcher
 from .run_dir import open_run, prune_checkpoints
 from .seeding import derive_seed
@@ -79,11 +80,11 @@ def load_training_data(config: RunConfig) -> ImageData:
     """Load the dataset that ``config.data`` names and check that it fits the model, and that it is the
     dataset whose fingerprint the run recorded (if it did)."""
     d = config.data
-    if d.fingerprint is not None and not Path(d.name).exists():
+    if d.fingerprint is not None and not is_hub_spec(d.name) and not Path(d.name).exists():
         raise DataError(f"the run's data {d.name} is gone; if it moved, pass --data NEW_PATH (a copy is "
                         "recognised by its fingerprint)")
     data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
-                        strict=d.strict)
+                        strict=d.strict, image_column=d.image_column, label_column=d.label_column)
     check_same_dataset(d.fingerprint, data)
     check_training_data(config, data)
     return data
@@ -542,7 +543,7 @@ def _checkpoint_state(setup: Setup, state: State, step: int) -> tuple[dict, dict
 
 def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
     """EMA and raw weights side by side, from one fixed seed (a generator of its own); with a
-    TensorBoard ``board`` each grid is also logged as an image (``samples/ema``, ``samples/raw``).
+    tracker ``board`` (:class:`ddpm.tracking.Board`) each grid is also logged as an image (``samples/ema``, ``samples/raw``).
     A class-conditional model gives each class whole rows (:func:`ddpm.images.class_grid_layout`),
     labelled with its name, with guidance."""
     tc, config = setup.tc, setup.config
@@ -559,8 +560,7 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
         grids = [label_rows(grid, rows) for grid in grids]
     if board:
         for name, grid in zip(("ema", "raw"), grids):
-            rgb = np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid
-            board.add_image(f"samples/{name}", rgb, step, dataformats="HWC")
+            board.image(f"samples/{name}", grid, step)
     return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
 
 

@@ -99,9 +99,15 @@ def load_dataset(data: str | os.PathLike, *, data_root: str | os.PathLike | None
     check_split(split)
     check_channels(channels)
     size = parse_image_size(image_size)
-    if isinstance(data, str) and data in DATASET_NAMES:
+    named = isinstance(data, str) and data in DATASET_NAMES
+    hub = not named and (is_hub_spec(data) or (Path(data).is_dir() and is_saved_dataset(Path(data))))
+    if not hub and (image_column is not None or label_column is not None):
+        option = "--image-column" if image_column is not None else "--label-column"
+        raise ConfigError(f"{option} names a column of a Hugging Face dataset (hf:NAME or a save_to_disk "
+                          f"folder); {data} is not one")
+    if named:
         return resize_and_convert(_load_named(data, data_root, split), size, channels)
-    if is_hub_spec(data) or (Path(data).is_dir() and is_saved_dataset(Path(data))):
+    if hub:
         return load_hub_dataset(data, split=split, image_size=size, channels=channels,
                                 image_column=image_column, label_column=label_column)
     return replace(_load_path(data, size, channels, strict), path=data_source(data))

@@ -41,6 +41,7 @@ class EvalConfig:
     samples: str | None = None              # or a folder / .npz of samples
     data_root: str | None = None
     split: str = "test"
+    image_column: str | None = None         # a Hugging Face dataset's image column (None: its first Image column)
     n: int = 100                            # images scored: test images for bpd, samples otherwise
     ref_n: int | None = None                # reference images (None: the whole split)
     features: str = "inception"             # for fid, kid, pr: inception | lenet
@@ -230,7 +231,8 @@ def _bpd(config: EvalConfig, diffusion) -> dict:
     from .reference import subset_indices
 
     start = time.perf_counter()
-    test = load_dataset(config.data, data_root=config.data_root, split=config.split, channels=diffusion.channels)
+    test = load_dataset(config.data, data_root=config.data_root, split=config.split, channels=diffusion.channels,
+                        image_column=config.image_column)
     if tuple(test.image_size) != tuple(diffusion.image_size):
         raise DataError(f"{config.data} holds {test.image_size[0]}x{test.image_size[1]} images, the model "
                         f"{diffusion.image_size[0]}x{diffusion.image_size[1]} ones; bits/dim is the model's "
@@ -260,7 +262,8 @@ def _reference(config: EvalConfig, extractor, samples: np.ndarray | None, from_c
         shape["channels"] = samples.shape[3]               # the model's own channels: convert the data as in training
     expect = None if samples is None or from_checkpoint else samples.shape[3]
     return reference_stats(config.data, extractor, split=config.split, n=config.ref_n, data_root=config.data_root,
-                           cache_dir=config.cache_dir, expect_channels=expect, **shape)
+                           cache_dir=config.cache_dir, expect_channels=expect, image_column=config.image_column,
+                           **shape)
 
 
 def _sample_quality(config: EvalConfig, metrics, samples: np.ndarray, *, from_checkpoint: bool, results: dict) -> None:
@@ -327,7 +330,7 @@ def _nn_grid(config: EvalConfig, samples: np.ndarray, results: dict) -> None:
     from .metrics import nearest_neighbour_grid
 
     train = load_dataset(config.data, data_root=config.data_root, split="train", image_size=samples.shape[1:3],
-                         channels=samples.shape[3])
+                         channels=samples.shape[3], image_column=config.image_column)
     save_png(config.nn_grid, nearest_neighbour_grid(samples[:16], train.images))
     results["nn_grid"] = config.nn_grid
 

@@ -148,7 +148,7 @@ def subset_indices(num_images: int, n: int, seed: int = 0) -> np.ndarray:
 def reference_stats(data: str | os.PathLike, extractor, *, split: str = "test", n: int | None = None,
                     data_root: str | os.PathLike | None = None, image_size: tuple[int, int] | None = None,
                     channels: int | None = None, cache_dir: str | os.PathLike | None = None,
-                    expect_channels: int | None = None) -> ReferenceStats:
+                    expect_channels: int | None = None, image_column: str | None = None) -> ReferenceStats:
     """Features of ``n`` images (all when None) of a dataset split, cached on disk.
 
     A subset is drawn at random with a fixed seed (:func:`subset_indices`), never the first
@@ -158,15 +158,18 @@ def reference_stats(data: str | os.PathLike, extractor, *, split: str = "test", 
     ``image_size`` / ``channels`` convert the images as :func:`ddpm.data.load_dataset` does
     (to compare with a model's samples, pass the model's size and channels). ``expect_channels``
     instead refuses a dataset whose own channel count differs (samples of the wrong kind).
+    ``image_column``: a Hugging Face dataset's image column (part of the cache key).
     """
-    dataset = load_dataset(data, data_root=data_root, split=split, image_size=image_size, channels=channels)
+    dataset = load_dataset(data, data_root=data_root, split=split, image_size=image_size, channels=channels,
+                           image_column=image_column)
     if expect_channels is not None and dataset.channels != expect_channels:
         raise DataError(f"the samples have {expect_channels} channel(s) but the reference data {data} has "
                         f"{dataset.channels}: compare images of the same kind")
     count = dataset.num_images if n is None else min(n, dataset.num_images)
     h, w = dataset.image_size
     subset = "" if count == dataset.num_images else "r"          # r: a seeded random subset
-    key = f"{_dataset_key(data)}-{split}-n{count}{subset}-{h}x{w}x{dataset.channels}-{extractor_key(extractor)}"
+    column = "" if image_column is None else "-col_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", image_column)[:40]
+    key = f"{_dataset_key(data)}{column}-{split}-n{count}{subset}-{h}x{w}x{dataset.channels}-{extractor_key(extractor)}"
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"{key}.npz"
     if path.is_file():

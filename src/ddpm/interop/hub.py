@@ -24,7 +24,8 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError
 
 __all__ = ["HUB_SCHEME", "ALLOW_PATTERNS", "parse_hub_source", "hub_snapshot", "repository_kind",
-           "resolve_checkpoint_source", "diffusers_snapshot", "resolve_hub_args", "push_to_hub"]
+           "resolve_checkpoint_source", "diffusers_snapshot", "openai_state_dict_source", "resolve_hub_args",
+           "push_to_hub"]
 
 HUB_SCHEME = "hf://"
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.md"]
@@ -151,6 +152,30 @@ def diffusers_snapshot(text: str, *, bare: bool = False) -> Path:
     if repository_kind(folder, text) == "ddpm":
         raise CheckpointError(f"{text} is already a ddpm checkpoint; give it to --checkpoint as it is")
     return folder
+
+
+def openai_state_dict_source(text: str) -> str:
+    """The local ``.safetensors`` file of a Hub repository holding an OpenAI (improved- or
+    guided-diffusion) state dict converted to safetensors, for ``ddpm import --format openai
+    hf://OWNER/NAME``; a local path unchanged. Only safetensors are fetched (:data:`ALLOW_PATTERNS`):
+    a ``.pt`` is a pickle, and ddpm never loads one from the network."""
+    parsed = parse_hub_source(text)
+    if parsed is None:
+        return text
+    folder = hub_snapshot(*parsed)
+    if (folder / "model_index.json").is_file():
+        raise CheckpointError(f"{text} is a diffusers pipeline repository; import it with --format diffusers")
+    ours = set(_ddpm_checkpoints(folder))
+    found = [p for p in sorted(folder.glob("*.safetensors")) if p not in ours]
+    if not found and ours:
+        raise CheckpointError(f"{text} is already a ddpm checkpoint; give it to --checkpoint as it is")
+    if not found:
+        raise CheckpointError(f"{text} holds no .safetensors file; ddpm never loads a .pt (a pickle) from the Hub: "
+                              "import a local copy you trust, or a repository of its safetensors conversion")
+    if len(found) > 1:
+        raise CheckpointError(f"{text} holds {len(found)} .safetensors files ({', '.join(p.name for p in found)}); "
+                              "download the one you want (hf download) and import that file")
+    return str(found[0])
 
 
 def resolve_hub_args(args) -> None:

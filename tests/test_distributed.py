@@ -290,6 +290,7 @@ def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(tmp_path):
     assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
 
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 def test_two_processes_with_gradient_accumulation_train_like_one_process(tmp_path):
     """2 processes x batch 2 x grad_accum 2 = 1 process x batch 8, with flips on."""
     common = [*TINY, "--steps", "2", "--hflip", "--checkpoint-every", "0"]
@@ -307,6 +308,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 def test_resume_from_two_processes_on_one_keeps_the_global_batch_and_the_weights(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     proc = torchrun("train", *TINY, "--steps", "2", "--batch-size", "4", "--checkpoint-every", "2",
@@ -319,6 +321,7 @@ def test_resume_from_two_processes_on_one_keeps_the_global_batch_and_the_weights
     assert_close_checkpoints(tensors, load_checkpoint(uninterrupted)[0])
 
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 def test_resume_from_one_process_on_two_keeps_the_global_batch_and_the_weights(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--batch-size", "8", "--checkpoint-every", "2",
@@ -358,6 +361,7 @@ def test_single_process_commands_refuse_torchrun_with_one_line(two_and_one):
     assert lines == ["ddpm: error: ddpm inspect runs in one process; start it without torchrun"], proc.stderr[-3000:]
 
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 def test_training_variants_under_two_processes_train_like_one_process(tmp_path):
     """Importance-sampled timesteps (histories gathered from every rank in global row order),
     offset noise, self-conditioning and learned variances: 2 x batch 4 = 1 x batch 8.
@@ -377,6 +381,7 @@ def test_training_variants_under_two_processes_train_like_one_process(tmp_path):
     assert_close_checkpoints(two, one)
 
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 def test_distillation_under_two_processes_trains_like_one_process(two_and_one, tmp_path):
     """A distillation round is an ordinary data-parallel run (DDP wraps the student's U-Net, the loss
     takes it as an argument): 2 processes x batch 4 train the student like 1 process x batch 8."""

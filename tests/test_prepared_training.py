@@ -67,6 +67,7 @@ def rows_read(monkeypatch) -> dict[int, list[int]]:
 
 # ----------------------------------------------------------------------------- two ranks under torchrun
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 def test_two_ranks_read_their_own_rows_of_a_prepared_dataset_and_train_like_one_process(numbered, tmp_path,
                                                                                         rows_read):
     """2 processes x batch 4 read disjoint halves of each global batch of 8 from the memory map, and

@@ -143,6 +143,7 @@ def run_args(steps: int) -> list[str]:
     return [a.format(steps=steps) for a in CLI_RUN]
 
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 def test_kill_9_at_random_moments_never_corrupts_and_resume_finishes_identically(tmp_path):
     steps = 24
     run_dir = tmp_path / "killed"

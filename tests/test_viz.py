@@ -294,6 +294,7 @@ def test_training_bad_input_is_exit_3(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the guide's figures
 
+@pytest.mark.slow      # minutes of subprocesses; run with -m slow
 @needs_mpl
 def test_guide_script_quick_mode_writes_every_figure(tmp_path):
     out = tmp_path / "guide"

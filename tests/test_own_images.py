@@ -318,13 +318,13 @@ def test_the_choice_line_says_what_why_how_long_and_how_to_override():
 
     choice = choose((16, 16), 3, 48)
     config = RunConfig(preset=choice.preset, model=preset_config(choice.preset, image_size=16, channels=3))
-    config.train.batch_size = choice.train["batch_size"]
-    seconds = estimate_seconds_per_step(config, torch.device("cpu"), repeats=1)
+    config.train.batch_size, config.train.steps = choice.train["batch_size"], choice.train["steps"]
+    seconds = estimate_seconds_per_step(config, torch.device("cpu"), budget_s=1.0)
     assert seconds > 0
-    line = choice_line(choice.reason, choice.train["steps"], seconds, "cpu")
+    line = choice_line(choice.reason, config, seconds, "cpu")
     assert "\n" not in line and "'digits'" in line and "2,000 steps" in line and "batch 48" in line
     assert " on cpu" in line and "--preset" in line and ("min" in line or " s " in line or " h " in line)
-    assert "about 1.7 h on cpu" in choice_line(choice.reason, 2_000, 3.0, "cpu")      # 2,000 steps x 3 s
+    assert "about 1.7 h on cpu" in choice_line(choice.reason, config, 3.0, "cpu")      # 2,000 steps x 3 s
 
 
 def test_a_conditional_models_config_names_its_classes():

@@ -157,8 +157,7 @@ def _train(args, stop) -> int:
     if config.choice and main_rank and not args.resume:
         from .estimates import choice_line, estimate_seconds_per_step
 
-        print(choice_line(config.choice, config.train.steps, estimate_seconds_per_step(config, device), device.type),
-              file=sys.stderr)
+        print(choice_line(config.choice, config, estimate_seconds_per_step(config, device), device), file=sys.stderr)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))

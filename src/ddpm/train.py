@@ -51,7 +51,7 @@ from .data.prepared import BatchPrefetcher
 from .run_dir import open_run, prune_checkpoints
 from .seeding import derive_seed
 from .signals import StopSignals
-from .tracking import Tracker, draw_loss_curve, log_line
+from .tracking import Tracker, draw_loss_curve
 from .training_state import BEST_CHECKPOINT, Counters, State, best_so_far, restore_or_start, rng_states
 
 __all__ = ["label_dropout", "lr_at", "load_training_data", "check_training_data", "EpochOrder", "rank_rows",
@@ -486,11 +486,11 @@ def _log_step(setup: Setup, state: State, tracker: Tracker, batch: _Batch, per_s
                        loss=None if setup.world == 1 else outcome.loss, world=setup.world)
     tracker.bar.update(1)
     tracker.bar.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
+    metrics = None
     if done % tc.log_every == 0 or outcome.last:
         metrics = tracker.window.flush(done, lr_at(setup.config, batch.step), state.counters, setup.start_time)
         tracker.write(metrics, done)
-        if tracker.progress and not tracker.interactive:
-            print(log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
+    tracker.progress_line(done, metrics)          # outside a terminal: step, loss, images/s, ETA
 
 
 def _checkpoint(setup: Setup, state: State, tracker: Tracker, outcome: _Outcome) -> None:

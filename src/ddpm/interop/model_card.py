@@ -12,6 +12,7 @@ import json
 import shlex
 from pathlib import Path
 
+from ..data.sources import has_splits
 from ..config import RunConfig
 
 __all__ = ["model_card", "run_dir_of", "training_commands", "SAMPLES_NAME"]
@@ -80,7 +81,7 @@ def _yaml_header(config: RunConfig) -> str:
 def _training_section(config: RunConfig, meta: dict) -> list[str]:
     d, t, m = config.diffusion, config.train, config.model
     global_batch = meta.get("global_batch", t.batch_size)
-    lines = [f"- dataset: `{public(config.data.name)}`" + (f" (`{config.data.split}` split)" if config.data.split else ""),
+    lines = [f"- dataset: `{public(config.data.name)}`" + (f" (`{config.data.split}` split)" if has_splits(config.data.name) else ""),
              f"- images: {m.channels} channel(s), {m.image_size[0]}x{m.image_size[1]}",
              f"- training steps: {meta.get('step')}",
              f"- model: the U-Net of Ho et al. 2020 (Appendix B), preset `{config.preset}`",

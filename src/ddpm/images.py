@@ -85,6 +85,24 @@ def label_rows(grid: np.ndarray, labels: list[str], padding: int = 2, pad_value:
     return out[:, :, None] if out.ndim == 2 else out
 
 
+def caption_below(image: np.ndarray, text: str, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """``image`` (uint8 [H, W, C]) with ``text`` written under it, wrapped to its width (6 pixels a character)."""
+    import textwrap
+
+    from PIL import ImageDraw
+
+    lines = textwrap.wrap(text, max(8, (image.shape[1] - 2 * padding) // 6)) or [""]
+    h, w, channels = image.shape
+    canvas = np.full((h + 12 * len(lines) + 2 * padding, w, channels), pad_value, np.uint8)
+    canvas[:h] = image
+    pil = Image.fromarray(canvas[:, :, 0] if channels == 1 else canvas)
+    draw = ImageDraw.Draw(pil)
+    for k, line in enumerate(lines):
+        draw.text((padding, h + padding + 12 * k), line, fill=0 if channels == 1 else (0,) * channels)
+    out = np.asarray(pil)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
 def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Save a uint8 [H, W, C] (C in 1, 3, 4) or [H, W] array as PNG, atomically."""
     if image.ndim == 3 and image.shape[2] == 1:

@@ -10,6 +10,7 @@ override. ``benchmarks/estimates.py`` records these estimates against measured t
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -20,6 +21,7 @@ from .build import build_diffusion, model_bytes
 from .config import RunConfig
 from .device import check_fits
 from .precision import autocast, channels_last, resolve_precision
+from .training_state import EMA
 
 __all__ = ["training_bytes_at_least", "check_training_memory", "estimate_seconds_per_step", "format_duration",
            "choice_line", "run_words", "median_seconds", "training_step"]
@@ -73,7 +75,7 @@ def median_seconds(step: Callable[[], None], *, timer: Callable[[], float] = tim
 def training_step(config: RunConfig, device: torch.device) -> Callable[[], None]:
     """One optimizer step as the run takes it: ``grad_accum`` forward and backward passes of ``batch_size``
     random images under the run's precision (autocast, channels-last, fp16 loss scaling), gradient
-    checkpointing as configured, then the fused Adam update."""
+    checkpointing as configured, then the gradient clipping, the fused Adam update and the EMA update."""
     tc = config.train
     precision = resolve_precision(tc.precision, device).precision if tc.precision == "auto" else tc.precision
     diffusion = build_diffusion(config).to(device).train()
@@ -83,6 +85,7 @@ def training_step(config: RunConfig, device: torch.device) -> Callable[[], None]
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     x = torch.rand(tc.batch_size, config.model.channels, *config.model.image_size, device=device)
     kwargs = {"model_kwargs": {"y": torch.zeros(tc.batch_size, dtype=torch.long, device=device)}} \
         if config.conditional else {}
@@ -94,10 +97,14 @@ def training_step(config: RunConfig, device: torch.device) -> Callable[[], None]
                 loss = diffusion(x, **kwargs) / tc.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if scaler:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        ema.update(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 

@@ -633,7 +633,7 @@ STOPPABLE_COMMANDS = ("sample", "eval", "interpolate", "inpaint", "edit", "inver
 
 def _stop_signals(command: str):
     """SIGINT / SIGTERM as a request to stop at the sampler's next step, for the commands that check it."""
-    from .signals import StopSignals
+    from .signals import StopSignals   # reason: the CLI loads a command's modules when it runs
 
     return StopSignals() if command in STOPPABLE_COMMANDS else contextlib.nullcontext()
 

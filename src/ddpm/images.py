@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +88,7 @@ def label_rows(grid: np.ndarray, labels: list[str], padding: int = 2, pad_value:
 
 def caption_below(image: np.ndarray, text: str, padding: int = 2, pad_value: int = 255) -> np.ndarray:
     """``image`` (uint8 [H, W, C]) with ``text`` written under it, wrapped to its width (6 pixels a character)."""
-    import textwrap
-
-    from PIL import ImageDraw
+    from PIL import ImageDraw          # reason: drawing text only where a label is asked for
 
     lines = textwrap.wrap(text, max(8, (image.shape[1] - 2 * padding) // 6)) or [""]
     h, w, channels = image.shape

@@ -70,6 +70,9 @@ def test_the_time_cap_ends_the_repeats():
 
     median_seconds(step, timer=clock, budget_s=6.0, max_repeats=100)
     assert clock.now <= 6.0 + 2.0
+    clock.now = 0.0
+    costs = itertools.repeat(30.0)                        # one step longer than the budget: timed once
+    assert median_seconds(step, timer=clock, budget_s=20.0) == 30.0 and clock.now == 30.0
 
 
 def test_the_estimate_grows_with_the_image_size_and_the_batch():

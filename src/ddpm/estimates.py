@@ -57,9 +57,12 @@ def median_seconds(step: Callable[[], None], *, timer: Callable[[], float] = tim
                    budget_s: float = 20.0, max_repeats: int = 7) -> float:
     """The median time of ``step`` after one untimed warm-up (allocations, kernel choice): repeated until
     two consecutive timings agree within 10 %, ``max_repeats`` are taken or ``budget_s`` seconds are spent
-    (at least two timings, one when a single step exceeds the budget)."""
+    (at least two timings, one when a single step takes half the budget, none when the warm-up alone
+    exceeds it: then the warm-up's time is the estimate)."""
     began = timer()
     step()                                            # warm-up
+    if timer() - began >= budget_s:                   # a step longer than the budget: its one-off costs are small
+        return timer() - began
     times: list[float] = []
     while len(times) < max_repeats:
         start = timer()

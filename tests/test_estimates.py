@@ -45,7 +45,7 @@ def test_the_printed_duration_is_that_of_the_run_after_its_overrides():
 
 def test_the_rgb_choice_names_its_mnist_sized_model_for_what_it_is():
     reason = choose((32, 32), 3, 1000).reason
-    assert "'mnist' (the mnist-sized U-Net with 3 channels)" in reason
+    assert "'mnist' (up to 64 pixels a side; the mnist-sized U-Net with 3 channels)" in reason
     assert "U-Net with" not in choose((28, 28), 1, 1000).reason
 
 

@@ -382,12 +382,14 @@ def test_photos_train_at_16_with_no_preset_and_the_choice_is_recorded(auto_run, 
 
 
 def test_a_dry_run_shows_the_automatic_choice_and_prints_one_line(photos, capsys):
-    assert main(["train", "--data", str(photos), "--image-size", "24", "40", "--dry-run"]) == 0
+    # --batch-size 4: the estimate times the run's own batch, and the recipe's 48 would make it slow here
+    assert main(["train", "--data", str(photos), "--image-size", "24", "40", "--batch-size", "4", "--dry-run"]) == 0
     out = capsys.readouterr()
     saved = json.loads(out.out)
-    assert saved["preset"] == "mnist" and saved["train"]["batch_size"] == 48 and saved["train"]["steps"] == 5_000
+    assert saved["preset"] == "mnist" and saved["train"]["batch_size"] == 4 and saved["train"]["steps"] == 5_000
     lines = [line for line in out.err.splitlines() if "no --preset" in line]
     assert len(lines) == 1 and "'mnist'" in lines[0] and " on cpu" in lines[0]
+    assert "its recipe 5,000 steps at batch 48" in lines[0] and "this run: 5,000 steps at batch 4," in lines[0]
 
 
 def test_photos_train_at_24x40_with_no_preset(photos, tmp_path):

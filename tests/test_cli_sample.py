@@ -47,6 +47,18 @@ def one_line_error(capsys, argv: list[str]) -> str:
     return err[0]
 
 
+def test_the_sample_grid_is_captioned_with_its_checkpoint_sampler_steps_and_seed(run_dir, tmp_path):
+    from ddpm.images import caption_below, make_grid
+
+    out = tmp_path / "s"
+    images = sample(run_dir, out, "--num-images", "4", "--sampler", "ddim", "--steps", "3", "--seed", "5")
+    grid = np.asarray(Image.open(out / "grid.png"))
+    caption = f"run {run_dir.name}, step 2 (ema weights): ddim sampler, 3 steps, seed 5"
+    np.testing.assert_array_equal(grid, caption_below(make_grid(images), caption)[..., 0])   # exactly this text
+    bare = make_grid(images)
+    assert grid.shape[0] > bare.shape[0] + 10 and (grid[bare.shape[0]:] < 128).any()
+
+
 def test_sample_writes_images_pngs_and_a_complete_record(run_dir, tmp_path):
     out = tmp_path / "s"
     images = sample(run_dir, out, "--num-images", "5", "--batch-size", "2", "--seed", "3", "--sampler", "ddim",

@@ -559,12 +559,27 @@ def test_export_writes_a_hub_model_card_and_the_runs_samples(dlib, tmp_path):
     assert card.data.datasets == ["mnist"]
     text = card.text
     assert "ddpm train --data mnist --steps 7 --out runs/tiny" in text
-    assert f"ddpm export --checkpoint {run} --out {out} --weights ema" in text
+    assert f"ddpm export --checkpoint {run.name} --out {out.name} --weights ema" in text    # no local paths
     assert "training steps: 7" in text and "T = 40" in text and "lr 0.001" in text
     assert "](./samples.png)" in text
     assert (out / "samples.png").read_bytes() == (run / "samples.png").read_bytes()
     pipe = dlib.DDPMPipeline.from_pretrained(out)                  # the card and picture do not get in the way
     assert pipe.unet.config.sample_size == 8
+
+
+def test_the_card_of_a_run_on_a_folder_holds_no_absolute_path(dlib, tmp_path):
+    """A card is published: the dataset folder, the run and the export name their last names only."""
+    photos = tmp_path / "home" / "ana" / "photos"
+    config = RunConfig(preset="custom", model=UnetConfig(**TINY), diffusion=DiffusionConfig(timesteps=40),
+                       data=DataConfig(name=str(photos), image_size=(8, 8)))
+    argv = ["/somewhere/bin/ddpm", "train", "--data", str(photos), f"--init={tmp_path}/base.safetensors",
+            "--out", str(tmp_path / "runs" / "tiny")]
+    run = fake_run(tmp_path, config, argv)
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    text = (out / "README.md").read_text()
+    assert str(tmp_path) not in text and "/home/ana" not in text
+    assert "dataset: `photos`" in text and "--data photos --init=base.safetensors --out tiny" in text
 
 
 def test_a_checkpoint_without_a_run_gets_a_card_without_samples(dlib, tmp_path):

@@ -150,6 +150,12 @@ def test_without_metric_grey_28x28_images_get_the_fast_metric(tmp_path, digits_s
     assert results["metrics"] == ["fast"] and "fast_fid" in results and "fid" not in results
 
 
+def test_a_split_is_recorded_for_a_named_dataset_only(tmp_path, digits_samples):
+    named = evaluate(EvalConfig(metrics=("fast",), samples=digits_samples, data="digits", cache_dir=str(tmp_path)))
+    own = evaluate(EvalConfig(metrics=("fast",), samples=digits_samples, data=digits_samples, cache_dir=str(tmp_path)))
+    assert named["split"] == "test" and "split" not in own and own["data"] == digits_samples
+
+
 def test_the_library_call_is_what_the_command_runs(tmp_path, digits_samples):
     results = evaluate(EvalConfig(metrics=("fast", "pr"), features="lenet", samples=digits_samples, data="digits",
                                   cache_dir=str(tmp_path)))

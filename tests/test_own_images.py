@@ -318,13 +318,13 @@ def test_the_choice_line_says_what_why_how_long_and_how_to_override():
 
     choice = choose((16, 16), 3, 48)
     config = RunConfig(preset=choice.preset, model=preset_config(choice.preset, image_size=16, channels=3))
-    config.train.batch_size = choice.train["batch_size"]
-    seconds = estimate_seconds_per_step(config, torch.device("cpu"), repeats=1)
+    config.train.batch_size, config.train.steps = choice.train["batch_size"], choice.train["steps"]
+    seconds = estimate_seconds_per_step(config, torch.device("cpu"), budget_s=1.0)
     assert seconds > 0
-    line = choice_line(choice.reason, choice.train["steps"], seconds, "cpu")
+    line = choice_line(choice.reason, config, seconds, "cpu")
     assert "\n" not in line and "'digits'" in line and "2,000 steps" in line and "batch 48" in line
     assert " on cpu" in line and "--preset" in line and ("min" in line or " s " in line or " h " in line)
-    assert "about 1.7 h on cpu" in choice_line(choice.reason, 2_000, 3.0, "cpu")      # 2,000 steps x 3 s
+    assert "about 1.7 h on cpu" in choice_line(choice.reason, config, 3.0, "cpu")      # 2,000 steps x 3 s
 
 
 def test_a_conditional_models_config_names_its_classes():
@@ -382,12 +382,14 @@ def test_photos_train_at_16_with_no_preset_and_the_choice_is_recorded(auto_run, 
 
 
 def test_a_dry_run_shows_the_automatic_choice_and_prints_one_line(photos, capsys):
-    assert main(["train", "--data", str(photos), "--image-size", "24", "40", "--dry-run"]) == 0
+    # --batch-size 4: the estimate times the run's own batch, and the recipe's 48 would make it slow here
+    assert main(["train", "--data", str(photos), "--image-size", "24", "40", "--batch-size", "4", "--dry-run"]) == 0
     out = capsys.readouterr()
     saved = json.loads(out.out)
-    assert saved["preset"] == "mnist" and saved["train"]["batch_size"] == 48 and saved["train"]["steps"] == 5_000
+    assert saved["preset"] == "mnist" and saved["train"]["batch_size"] == 4 and saved["train"]["steps"] == 5_000
     lines = [line for line in out.err.splitlines() if "no --preset" in line]
     assert len(lines) == 1 and "'mnist'" in lines[0] and " on cpu" in lines[0]
+    assert "its recipe 5,000 steps at batch 48" in lines[0] and "this run: 5,000 steps at batch 4," in lines[0]
 
 
 def test_photos_train_at_24x40_with_no_preset(photos, tmp_path):

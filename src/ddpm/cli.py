@@ -13,6 +13,7 @@ messages.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import errno
 import json
 import sys
@@ -160,8 +161,7 @@ def _train(args, stop) -> int:
     if config.choice and main_rank and not args.resume:
         from .estimates import choice_line, estimate_seconds_per_step
 
-        print(choice_line(config.choice, config.train.steps, estimate_seconds_per_step(config, device), device.type),
-              file=sys.stderr)
+        print(choice_line(config.choice, config, estimate_seconds_per_step(config, device), device), file=sys.stderr)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))
@@ -634,6 +634,17 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpo
             "edit": cmd_edit, "invert": cmd_invert, "prepare": cmd_prepare}
 
 
+# Commands whose long phases are samplers (ddpm.signals.check_stop); train installs its own handlers.
+STOPPABLE_COMMANDS = ("sample", "eval", "interpolate", "inpaint", "edit", "invert")
+
+
+def _stop_signals(command: str):
+    """SIGINT / SIGTERM as a request to stop at the sampler's next step, for the commands that check it."""
+    from .signals import StopSignals   # reason: the CLI loads a command's modules when it runs
+
+    return StopSignals() if command in STOPPABLE_COMMANDS else contextlib.nullcontext()
+
+
 def _discard_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe cannot fail."""
     import os
@@ -672,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"ddpm {args.command} runs in one process; start it without torchrun")
         from .interop.hub import resolve_hub_args       # --checkpoint hf://OWNER/NAME: the downloaded file
         resolve_hub_args(args)
-        code = COMMANDS[args.command](args)
+        with _stop_signals(args.command):   # SIGINT / SIGTERM stop a sampling command between its steps
+            code = COMMANDS[args.command](args)
         sys.stdout.flush()                  # a closed pipe shows here, not in the interpreter's last flush
         return code
     except BrokenPipeError:

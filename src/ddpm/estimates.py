@@ -2,22 +2,29 @@
 
 :func:`check_training_memory` refuses a run whose lower-bound memory
 (:func:`training_bytes_at_least`) exceeds the device's, before anything is built;
-:func:`estimate_seconds_per_step` times a few training steps of a chosen model on the device for
-the line printed with an automatic choice (:func:`choice_line`, :func:`ddpm.recipes.choose`).
+:func:`estimate_seconds_per_step` times the run's own optimizer step (its batch, gradient accumulation,
+model flags and precision) on the device, a median of repeats after a warm-up, for the line printed with an
+automatic choice (:func:`choice_line`, :func:`ddpm.recipes.choose`), which describes the run after every
+override. ``benchmarks/estimates.py`` records these estimates against measured training times.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
+from typing import Callable
 
 import torch
 
 from .build import build_diffusion, model_bytes
 from .config import RunConfig
 from .device import check_fits
+from .precision import autocast, channels_last, resolve_precision
+from .training_state import EMA
 
 __all__ = ["training_bytes_at_least", "check_training_memory", "estimate_seconds_per_step", "format_duration",
-           "choice_line"]
+           "choice_line", "run_words", "median_seconds", "training_step"]
 
 
 def training_bytes_at_least(config: RunConfig) -> int:
@@ -35,23 +42,76 @@ def check_training_memory(config: RunConfig, device) -> None:
     check_fits(training_bytes_at_least(config), device, "training this model takes")
 
 
-def estimate_seconds_per_step(config: RunConfig, device: torch.device, *, images: int = 2, repeats: int = 2) -> float:
-    """Seconds per optimizer step of ``config`` on ``device``, timed on ``images`` random images and
-    scaled to the run's global batch (a rough figure: time grows about linearly with the batch)."""
+def estimate_seconds_per_step(config: RunConfig, device: torch.device, *, timer: Callable[[], float] = time.perf_counter,
+                              budget_s: float = 20.0, make_step: Callable | None = None) -> float:
+    """Seconds per optimizer step of the run ``config`` describes, on ``device``: its micro-batch, its
+    gradient accumulation, its model flags and precision, timed by :func:`median_seconds`.
+
+    ``make_step(config, device)`` builds the step to time (default :func:`training_step`; a test passes a
+    fake one with a fake ``timer``)."""
+    step = (make_step or training_step)(config, device)
+    return median_seconds(step, timer=timer, budget_s=budget_s)
+
+
+def median_seconds(step: Callable[[], None], *, timer: Callable[[], float] = time.perf_counter,
+                   budget_s: float = 20.0, max_repeats: int = 7) -> float:
+    """The median time of ``step`` after one untimed warm-up (allocations, kernel choice): repeated until
+    two consecutive timings agree within 10 %, ``max_repeats`` are taken or ``budget_s`` seconds are spent
+    (at least two timings, one when a single step takes half the budget, none when the warm-up alone
+    exceeds it: then the warm-up's time is the estimate)."""
+    began = timer()
+    step()                                            # warm-up
+    if timer() - began >= budget_s:                   # a step longer than the budget: its one-off costs are small
+        return timer() - began
+    times: list[float] = []
+    while len(times) < max_repeats:
+        start = timer()
+        step()
+        times.append(timer() - start)
+        if len(times) >= 2 and abs(times[-1] - times[-2]) <= 0.1 * max(times[-1], times[-2]):
+            break
+        if timer() - began >= budget_s and len(times) >= (1 if times[0] >= budget_s / 2 else 2):
+            break
+    return statistics.median(times)
+
+
+def training_step(config: RunConfig, device: torch.device) -> Callable[[], None]:
+    """One optimizer step as the run takes it: ``grad_accum`` forward and backward passes of ``batch_size``
+    random images under the run's precision (autocast, channels-last, fp16 loss scaling), gradient
+    checkpointing as configured, then the gradient clipping, the fused Adam update and the EMA update."""
+    tc = config.train
+    precision = resolve_precision(tc.precision, device).precision if tc.precision == "auto" else tc.precision
     diffusion = build_diffusion(config).to(device).train()
-    x = torch.rand(images, config.model.channels, *config.model.image_size, device=device)
+    model = diffusion.model
+    model.gradient_checkpointing = tc.grad_checkpointing
+    if channels_last(device, precision, training=True):
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=device.type in ("cpu", "cuda"))
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    ema = EMA(model, tc.ema_decay, tc.ema_warmup)
+    x = torch.rand(tc.batch_size, config.model.channels, *config.model.image_size, device=device)
+    kwargs = {"model_kwargs": {"y": torch.zeros(tc.batch_size, dtype=torch.long, device=device)}} \
+        if config.conditional else {}
 
     def step() -> None:
-        diffusion(x).backward()
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(tc.grad_accum):
+            with autocast(device, precision):
+                loss = diffusion(x, **kwargs) / tc.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        ema.update(model)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    step()                                            # warm-up: allocations, kernel choice
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    per_image = (time.perf_counter() - start) / (repeats * images)
-    return per_image * config.train.batch_size * config.train.grad_accum
+    return step
 
 
 def format_duration(seconds: float) -> str:
@@ -65,9 +125,22 @@ def format_duration(seconds: float) -> str:
     return f"about {seconds / 86400:.0f} days"
 
 
-def choice_line(reason: str, steps: int, seconds_per_step: float | None, device: str) -> str:
-    """The one line that says what was chosen (``reason``, :attr:`ddpm.recipes.AutoChoice.reason`), about how long
-    ``steps`` steps take, and how to override it."""
-    estimate = f"; {format_duration(seconds_per_step * steps)} on {device}" if seconds_per_step is not None else ""
-    return (f"ddpm: no --preset given: chose for {reason}{estimate} "
+def run_words(config: RunConfig, device: torch.device | None = None) -> str:
+    """The run in words, after every override: ``"10 steps at batch 50 (x2 accumulated), precision fp32"``."""
+    tc = config.train
+    precision = tc.precision
+    if precision == "auto" and device is not None:
+        precision = resolve_precision(precision, device).precision
+    accum = f" (x{tc.grad_accum} accumulated)" if tc.grad_accum > 1 else ""
+    return f"{tc.steps:,} steps at batch {tc.batch_size}{accum}, precision {precision}"
+
+
+def choice_line(reason: str, config: RunConfig, seconds_per_step: float | None, device: torch.device | str) -> str:
+    """The one line that says what was chosen (``reason``, :attr:`ddpm.recipes.AutoChoice.reason`), the run
+    that will happen (``config``: the choice after every override), about how long it takes on ``device``
+    (``seconds_per_step`` x its steps), and how to override it."""
+    device = torch.device(device)
+    estimate = (f", {format_duration(seconds_per_step * config.train.steps)} on {device.type}"
+                if seconds_per_step is not None else "")
+    return (f"ddpm: no --preset given: chose for {reason}; this run: {run_words(config, device)}{estimate} "
             f"(override with --preset, --steps, --batch-size or a model flag such as --dim)")

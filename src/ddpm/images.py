@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,22 @@ def label_rows(grid: np.ndarray, labels: list[str], padding: int = 2, pad_value:
         if label:
             draw.text((padding, padding + r * (cell + padding) + max(0, (cell - 10) // 2)), label,
                       fill=0 if channels == 1 else (0,) * channels)
+    out = np.asarray(pil)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def caption_below(image: np.ndarray, text: str, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """``image`` (uint8 [H, W, C]) with ``text`` written under it, wrapped to its width (6 pixels a character)."""
+    from PIL import ImageDraw          # reason: drawing text only where a label is asked for
+
+    lines = textwrap.wrap(text, max(8, (image.shape[1] - 2 * padding) // 6)) or [""]
+    h, w, channels = image.shape
+    canvas = np.full((h + 12 * len(lines) + 2 * padding, w, channels), pad_value, np.uint8)
+    canvas[:h] = image
+    pil = Image.fromarray(canvas[:, :, 0] if channels == 1 else canvas)
+    draw = ImageDraw.Draw(pil)
+    for k, line in enumerate(lines):
+        draw.text((padding, h + padding + 12 * k), line, fill=0 if channels == 1 else (0,) * channels)
     out = np.asarray(pil)
     return out[:, :, None] if out.ndim == 2 else out
 

@@ -90,9 +90,16 @@ def choose(image_size: tuple[int, int], channels: int, num_images: int) -> AutoC
     train = {"steps": steps, "batch_size": batch, "lr": recipe.get("lr", 1e-3),
              "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 10),
              "checkpoint_every": max(1, steps // 5), "sample_every": max(1, steps // 5)}
-    reason = (f"{num_images:,} image(s) of {channels}x{h}x{w}: preset {preset!r} ({why}), {steps:,} steps "
-              f"at batch {batch}")
+    reason = (f"{num_images:,} image(s) of {channels}x{h}x{w}: preset {preset!r} ({why}{_adapted(preset, channels)}), "
+              f"its recipe {steps:,} steps at batch {batch}")
     return AutoChoice(preset, train, reason)
+
+
+def _adapted(preset: str, channels: int) -> str:
+    """What the preset is when its name alone would mislead (an MNIST-sized U-Net for RGB photos), else ""."""
+    if channels == preset_config(preset, image_size=None).channels:
+        return ""
+    return f"; the {preset}-sized U-Net with {channels} channel{'s' if channels > 1 else ''}"
 
 
 def _fitting(preset: str, why: str, h: int, w: int) -> tuple[str, str]:

@@ -25,7 +25,7 @@ from .fileio import staged_dir, write_json
 from .generate import (DEFAULT_GUIDANCE_SCALE, generate, interpolate, interpolation_plan, progressive_frames,
                        progressive_timesteps)
 from .gaussian_diffusion import GaussianDiffusion
-from .images import label_rows, make_grid, save_npz, save_png
+from .images import caption_below, label_rows, make_grid, save_npz, save_png
 from .pixels import to_tensor, to_uint8
 from .samplers import DEFAULT_SAMPLING, SamplingOptions
 from .sampling import SamplingPlan, check_labels, num_classes, resolve_plan
@@ -116,15 +116,23 @@ def sample_record(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOp
 
 
 def write_samples(out_dir: str | os.PathLike, images: np.ndarray, nrow: int | None = None,
-                  row_labels: list[str] | None = None, **extra: np.ndarray) -> dict[str, Path]:
+                  row_labels: list[str] | None = None, caption: str | None = None, **extra: np.ndarray) -> dict[str, Path]:
     """Write ``grid.png`` (``nrow`` images a row; default square-ish; ``row_labels`` written left of
-    the rows) and ``samples.npz`` (array ``images``, uint8 [N, H, W, C]) to ``out_dir``."""
+    the rows, ``caption`` under them) and ``samples.npz`` (array ``images``, uint8 [N, H, W, C]) to ``out_dir``."""
     out_dir = Path(out_dir)
     grid = make_grid(images, nrow=nrow)
     if row_labels:
         grid = label_rows(grid, row_labels)
+    if caption:
+        grid = caption_below(grid, caption)
     return {"grid": save_png(out_dir / "grid.png", grid),
             "samples": save_npz(out_dir / "samples.npz", images=images, **extra)}
+
+
+def grid_caption(sampling: SamplingPlan, seed: int, meta: dict | None, weights: str | None = None) -> str:
+    """What made a sample grid: the checkpoint and its step, the weights, the sampler and its steps, the seed."""
+    which = f" ({weights} weights)" if weights else ""
+    return f"{viz.checkpoint_label(meta)}{which}: {sampling.sampler} sampler, {sampling.steps} steps, seed {seed}"
 
 
 def class_names(diffusion: GaussianDiffusion) -> list[str] | None:
@@ -238,7 +246,8 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
         if progressive:
             viz.progressive_png(stage / "progressive.png", *frames, progressive_timesteps(diffusion, sampling=sampling),
                                 title=viz.progressive_title(sampling, seed, meta))
-        written = write_samples(stage, images, nrow=plan.nrow, row_labels=plan.row_labels, **arrays)
+        written = write_samples(stage, images, nrow=plan.nrow, row_labels=plan.row_labels,
+                                caption=grid_caption(sampling, seed, meta, plan.record.get("weights")), **arrays)
         names = {key: Path(p).name for key, p in written.items()}
         if png:
             for k, image in zip(indices, images):

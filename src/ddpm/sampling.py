@@ -29,6 +29,7 @@ from .precision import autocast
 from .samplers import DEFAULT_SAMPLING, KARRAS, SAMPLERS, SamplingOptions, batch_noise
 from .sigmas import Sigmas
 from .seeding import derive_seed
+from .signals import check_stop
 
 __all__ = ["SamplingPlan", "resolve_plan", "x0_clip", "run_sampler", "image_noise", "num_classes", "check_labels",
            "label_conditioning", "sample_images"]
@@ -112,24 +113,31 @@ def run_sampler(diffusion, plan: SamplingPlan, x: torch.Tensor, *, noise: Callab
     ``uncond_kwargs`` of :func:`~ddpm.denoiser.make_denoiser`), and runs under inference mode and the
     model's autocast (``diffusion.precision``), with a progress bar over the steps when ``progress``.
     ``callback`` receives the sampler's per-step dict. ``run(denoiser, x, noise)`` replaces the plan's
-    sampler (an editing method's loop over the plan's timesteps; no per-step callback)."""
+    sampler (an editing method's loop over the plan's timesteps; no per-step callback). A stop signal
+    (:func:`ddpm.signals.check_stop`) raises :class:`ddpm.signals.Stopped` before the next network evaluation."""
     device = diffusion.device
     denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
                              clip=plan.clip, dynamic_thresholding=plan.dynamic_thresholding,
                              self_condition=diffusion.self_condition, **(conditioning or {}))
     bar = tqdm(total=plan.steps, desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
+    def checked(*args, **kwargs):
+        check_stop()                      # SIGINT / SIGTERM: stop before the next network evaluation
+        return denoiser(*args, **kwargs)
+
     def on_step(info: dict) -> None:
         bar.update(1)
         if callback is not None:
             callback(info)
 
-    with torch.inference_mode(), autocast(device, diffusion.precision):
-        if run is not None:
-            x0 = run(denoiser, x, noise)
-        else:
-            x0 = plan.run(denoiser, x, diffusion.schedule, noise=noise, callback=on_step)
-    bar.close()
+    try:
+        with torch.inference_mode(), autocast(device, diffusion.precision):
+            if run is not None:
+                x0 = run(checked, x, noise)
+            else:
+                x0 = plan.run(checked, x, diffusion.schedule, noise=noise, callback=on_step)
+    finally:
+        bar.close()                       # also when stopped: the message after it starts its own line
     return x0
 
 

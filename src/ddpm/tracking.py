@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .estimates import format_duration
 from .fileio import atomic_write
 from .plots import line_chart
 
@@ -73,12 +74,20 @@ class MetricsWindow:
         self.reset()
         return metrics
 
+    def peek(self) -> dict:
+        """The window's averages so far, without ending it (a progress line between logged rows)."""
+        n = max(self.steps, 1)
+        return {"loss": self.loss / n if self.steps else None, "grad_norm": self.norm / n,
+                "images_per_s": self.images / max(time.time() - self.time, 1e-9)}
 
-def log_line(step: int, total: int, metrics: dict) -> str:
-    """The console line of a metrics row (when stderr is not a terminal, in place of the bar)."""
+
+def log_line(step: int, total: int, metrics: dict, eta_s: float | None = None) -> str:
+    """The console line of a metrics row (when stderr is not a terminal, in place of the bar), with the
+    estimated time to the last step when known."""
     loss = "n/a" if metrics["loss"] is None else f"{metrics['loss']:.4f}"
+    eta = "" if eta_s is None else f"  ETA {format_duration(eta_s).removeprefix('about ')}"
     return (f"step {step}/{total}  loss {loss}  grad norm {metrics['grad_norm']:.3f}  "
-            f"{metrics['images_per_s']:.0f} img/s")
+            f"{metrics['images_per_s']:.0f} img/s{eta}")
 
 
 # The TensorBoard tag of each metrics.jsonl key, grouped as TensorBoard shows them (the JSONL keys
@@ -246,8 +255,15 @@ class Tracker:
     TensorBoard by default), the progress bar or log lines (rank 0 alone writes files; ``main`` False
     keeps only a disabled bar)."""
 
-    def __init__(self, run_dir: Path, config: dict, total_steps: int, start_step: int, progress: bool, main: bool):
+    # Outside a terminal: a progress line at least this often (besides every logged row).
+    LINE_EVERY_S = 30.0
+
+    def __init__(self, run_dir: Path, config: dict, total_steps: int, start_step: int, progress: bool, main: bool,
+                 clock=time.monotonic):
         self.progress = progress and main
+        self.total, self.clock = total_steps, clock
+        self._first: tuple[float, int] | None = None      # (time, step) at the end of this process's first step
+        self._last_line: float | None = None
         self.metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None
         train = config.get("train", {})
         self.board = open_board(train.get("tracker", "tensorboard"), run_dir, train, start_step,
@@ -275,6 +291,27 @@ class Tracker:
             self.board.scalars({f"eval/{key}": value for key, value in scores.items()}, step)
         if self.progress:
             self.say(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+
+    def eta_s(self, done: int) -> float | None:
+        """Seconds to the last step at the pace since this process's first step (its warm-up left out)."""
+        now = self.clock()
+        if self._first is None:
+            self._first = (now, done)
+        since, first = self._first
+        return (self.total - done) * (now - since) / (done - first) if done > first else None
+
+    def progress_line(self, done: int, metrics: dict | None) -> None:
+        """Outside a terminal (where the bar shows its own ETA): a line with the step, loss, images/s and ETA,
+        with each logged row (``metrics``), at the second step (the first pace known) and every ~30 s."""
+        if not self.progress or self.interactive:
+            return
+        eta = self.eta_s(done)
+        now = self.clock()
+        first_pace = eta is not None and self._last_line is None
+        if metrics is None and not first_pace and (self._last_line is None or now - self._last_line < self.LINE_EVERY_S):
+            return
+        print(log_line(done, self.total, metrics or self.window.peek(), eta), file=sys.stderr, flush=True)
+        self._last_line = now
 
     def say(self, line: str) -> None:
         """One line on stderr, above the bar on a terminal."""

@@ -51,8 +51,8 @@ from .data.hub import is_hub_spec
 from .data.prepared import BatchPrefetcher
 from .run_dir import open_run, prune_checkpoints
 from .seeding import derive_seed
-from .signals import StopSignals
-from .tracking import Tracker, draw_loss_curve, log_line
+from .signals import StopSignals, Stopped
+from .tracking import Tracker, draw_loss_curve
 from .training_state import BEST_CHECKPOINT, Counters, State, best_so_far, restore_or_start, rng_states
 
 __all__ = ["label_dropout", "lr_at", "load_training_data", "check_training_data", "EpochOrder", "rank_rows",
@@ -487,11 +487,11 @@ def _log_step(setup: Setup, state: State, tracker: Tracker, batch: _Batch, per_s
                        loss=None if setup.world == 1 else outcome.loss, world=setup.world)
     tracker.bar.update(1)
     tracker.bar.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
+    metrics = None
     if done % tc.log_every == 0 or outcome.last:
         metrics = tracker.window.flush(done, lr_at(setup.config, batch.step), state.counters, setup.start_time)
         tracker.write(metrics, done)
-        if tracker.progress and not tracker.interactive:
-            print(log_line(done, tc.steps, metrics), file=sys.stderr, flush=True)
+    tracker.progress_line(done, metrics)          # outside a terminal: step, loss, images/s, ETA
 
 
 def _checkpoint(setup: Setup, state: State, tracker: Tracker, outcome: _Outcome) -> None:
@@ -512,10 +512,35 @@ def _checkpoint(setup: Setup, state: State, tracker: Tracker, outcome: _Outcome)
 def _sample_and_evaluate(setup: Setup, state: State, tracker: Tracker, evaluator, outcome: _Outcome) -> None:
     """The sample grid and the evaluation when due, and at the last step (rank 0)."""
     tc, done = setup.tc, state.counters.step
-    if setup.main and ((tc.sample_every and done % tc.sample_every == 0) or outcome.last):
-        state.grid = _sample_grid(setup, state, done, tracker.board)
-    if setup.main and evaluator is not None and (done % tc.eval_every == 0 or outcome.last):
-        _evaluate(setup, state, tracker, evaluator, done)
+    phase = None
+    try:
+        if setup.main and ((tc.sample_every and done % tc.sample_every == 0) or outcome.last):
+            phase = f"the {'final ' if outcome.last else ''}sample grids (EMA and raw) at step {done}"
+            _say(tracker, phase.removeprefix("the ") + "..." if outcome.last else None)
+            state.grid = _sample_grid(setup, state, done, tracker.board)
+        if setup.main and evaluator is not None and (done % tc.eval_every == 0 or outcome.last):
+            phase = f"the evaluation at step {done}"
+            _say(tracker, f"evaluating at step {done}...")
+            _evaluate(setup, state, tracker, evaluator, done)
+    except Stopped as exc:          # a stop signal between two sampler steps: save the run, then stop
+        raise _stopped_during(setup, state, tracker, phase, exc.signum) from None
+
+
+def _say(tracker: Tracker, line: str | None) -> None:
+    """What a long phase is doing, on stderr (with progress)."""
+    if line and tracker.progress:
+        tracker.say(line)
+
+
+def _stopped_during(setup: Setup, state: State, tracker: Tracker, phase: str, signum: int) -> TrainingInterrupted:
+    """The error that ends a run stopped during ``phase``, after a checkpoint of its step (unless one is there)."""
+    done = state.counters.step
+    if state.last_checkpoint != checkpoint_path(setup.run_dir, done):
+        state.last_checkpoint = _save(setup, state, done)
+        tracker.flush()
+    return TrainingInterrupted(f"{signal.Signals(signum).name} received during {phase}: stopped, saved "
+                               f"{state.last_checkpoint}; continue with: ddpm train --resume {setup.run_dir}",
+                               128 + signum)
 
 
 def _save(setup: Setup, state: State, step: int) -> Path:

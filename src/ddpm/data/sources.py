@@ -137,6 +137,12 @@ def _load_path(data, size, channels, strict: bool) -> ImageData:
     raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
 
 
+def has_splits(data: str | os.PathLike | None) -> bool:
+    """Whether ``data`` names a dataset with train and test splits (a built-in name or ``hf:...``), unlike a
+    folder or an .npz file."""
+    return isinstance(data, str) and (data in DATASET_NAMES or data.startswith("hf:"))
+
+
 def data_source(data: str | os.PathLike) -> str:
     """``data`` as a run should record it: a dataset name (or Hub dataset) unchanged, a path made absolute.
 

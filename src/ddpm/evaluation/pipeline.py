@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.sources import has_splits
 from ..errors import ConfigError, DataError
 from .features import INCEPTION_RESIZE_MODES
 
@@ -190,7 +191,9 @@ def evaluate(config: EvalConfig) -> dict | None:
     with distributed.agree("checking the options"):
         _check_networks(config)
         diffusion, meta, labels, guidance = _load_model(config)
-    results: dict = {"data": config.data, "split": config.split}
+    results: dict = {"data": config.data}
+    if has_splits(config.data):                    # a folder or an .npz has no split to record
+        results["split"] = config.split
     if diffusion is not None:
         results["network_precision"] = diffusion.precision     # as resolved ("precision" is the metric's)
     if labels is not None:

@@ -12,6 +12,7 @@ import json
 import shlex
 from pathlib import Path
 
+from ..data.sources import has_splits
 from ..config import RunConfig
 
 __all__ = ["model_card", "run_dir_of", "training_commands", "SAMPLES_NAME"]
@@ -20,6 +21,24 @@ SAMPLES_NAME = "samples.png"
 TAGS = ("pytorch", "diffusers", "unconditional-image-generation")
 # Built-in datasets and their names on the Hub; a folder or an .npz of one's own has none.
 HUB_DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion_mnist", "cifar10": "cifar10"}
+
+
+def public(text: str) -> str:
+    """``text`` without the local file system: an absolute path (``/home/ana/photos``, ``~/photos``,
+    ``C:\\photos``) becomes its last name (``photos``); ``--flag=PATH`` keeps its flag. A card is published."""
+    flag, eq, value = text.partition("=") if text.startswith("-") else ("", "", text)
+    windows = len(value) > 2 and value[1] == ":" and value[2] in "\\/"
+    if value.startswith(("/", "~")) or windows:
+        value = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or value
+    return flag + eq + value
+
+
+def public_command(command: str) -> str:
+    """A command line with each absolute path replaced by its last name (:func:`public`)."""
+    try:
+        return shlex.join(public(arg) for arg in shlex.split(command))
+    except ValueError:                       # unbalanced quotes: not a command line to rewrite
+        return command
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
@@ -62,7 +81,7 @@ def _yaml_header(config: RunConfig) -> str:
 def _training_section(config: RunConfig, meta: dict) -> list[str]:
     d, t, m = config.diffusion, config.train, config.model
     global_batch = meta.get("global_batch", t.batch_size)
-    lines = [f"- dataset: `{config.data.name}`" + (f" (`{config.data.split}` split)" if config.data.split else ""),
+    lines = [f"- dataset: `{public(config.data.name)}`" + (f" (`{config.data.split}` split)" if has_splits(config.data.name) else ""),
              f"- images: {m.channels} channel(s), {m.image_size[0]}x{m.image_size[1]}",
              f"- training steps: {meta.get('step')}",
              f"- model: the U-Net of Ho et al. 2020 (Appendix B), preset `{config.preset}`",
@@ -71,10 +90,10 @@ def _training_section(config: RunConfig, meta: dict) -> list[str]:
              f"- recipe: {t.optimizer}, lr {t.lr:g} (warm-up {t.warmup_steps} steps), batch {global_batch}, "
              f"gradient clip {t.grad_clip:g}, EMA decay {t.ema_decay:g}, {t.precision}, seed {t.seed}"]
     if t.init:
-        lines.append(f"- fine-tuned from `{t.init}`")
+        lines.append(f"- fine-tuned from `{public(t.init)}`")
     imported = meta.get("imported_from")
     if imported:
-        lines.append(f"- imported from a {imported.get('format')} folder (`{imported.get('path')}`); "
+        lines.append(f"- imported from a {imported.get('format')} folder (`{public(str(imported.get('path')))}`); "
                      "training steps count from the import")
     return lines
 
@@ -93,7 +112,8 @@ def model_card(meta: dict, config: RunConfig, *, weights: str, parameters: int, 
               'pipe = DDPMPipeline.from_pretrained("path/to/this/folder")',
               "images = pipe(batch_size=16, num_inference_steps=50).images   # PIL images", "```", "",
               "## Training", "", *_training_section(config, meta), "", "## How it was made", ""]
-    commands = training_commands(run_dir)
+    commands = [public_command(c) for c in training_commands(run_dir)]
+    export_command = public_command(export_command)
     lines += ["```", *commands, export_command, "```"] if commands else [
         "The training command was not recorded (the run was started from Python, or this checkpoint has "
         "no run directory). The export:", "", "```", export_command, "```"]

@@ -651,6 +651,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``ddpm`` command; Ctrl-C at any moment, the heavy imports of the start included, is one line."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("ddpm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -690,8 +699,5 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("ddpm: error: out of memory; choose a smaller model, image size or batch size", file=sys.stderr)
         return ConfigError.exit_code
-    except KeyboardInterrupt:
-        print("ddpm: interrupted", file=sys.stderr)
-        return 130
     finally:
         distributed.shutdown(completed=code == 0)

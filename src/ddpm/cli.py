@@ -154,11 +154,8 @@ def _train(args, stop) -> int:
         device = distributed.training_device(config.train.device)   # an unavailable device: an error before
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
         check_request(config.train.precision, device)        # and a precision it cannot run (fp16 on a CPU)
-    if config.choice and main_rank and not args.resume:
-        from .estimates import choice_line, estimate_seconds_per_step
-
-        print(choice_line(config.choice, config.train.steps, estimate_seconds_per_step(config, device), device.type),
-              file=sys.stderr)
+    if main_rank and not args.resume:
+        _announce_duration(config, device, dry_run=args.dry_run)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))
@@ -168,6 +165,20 @@ def _train(args, stop) -> int:
               + "; ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
     with claimed(args.out, run_dir) as run_dir:
         return _train_in(args, config, data, run_dir, stop, resume=bool(list_checkpoints(run_dir)))
+
+
+def _announce_duration(config, device, *, dry_run: bool) -> None:
+    """The automatic choice's line with its estimate, and a warning before a run estimated at over a day
+    (timed on the device only when the run could be that long; not for a dry run without a choice)."""
+    from .estimates import choice_line, estimate_seconds_per_step, long_run_warning, worth_timing
+
+    timed = config.choice or (worth_timing(config) and not dry_run)
+    seconds_per_step = estimate_seconds_per_step(config, device) if timed else None
+    if config.choice:
+        print(choice_line(config.choice, config.train.steps, seconds_per_step, device.type), file=sys.stderr)
+    warning = seconds_per_step is not None and long_run_warning(config, seconds_per_step, device.type)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
@@ -207,6 +218,17 @@ def _output_dir(args, names: tuple[str, ...]) -> Path:
     return out
 
 
+# Network evaluations one ddpm sample may ask for: a million images of 1,000 steps (twenty FID-50k sets).
+MAX_EVALUATIONS = 10 ** 9
+
+
+def _check_evaluations(images: int, steps: int) -> None:
+    """Refuse --num-images x --steps beyond :data:`MAX_EVALUATIONS`, before anything is sampled."""
+    if images * steps > MAX_EVALUATIONS:
+        raise ConfigError(f"--num-images {images:,} x {steps:,} steps is {images * steps:,} network evaluations; "
+                          f"at most {MAX_EVALUATIONS:,} in one run (split it with --start-index)")
+
+
 def cmd_sample(args) -> int:
     from . import distributed
     from .generate import load_diffusion
@@ -224,6 +246,7 @@ def cmd_sample(args) -> int:
                             guidance_scale=args.guidance_scale, seed=args.seed, start_index=args.start_index,
                             weights=args.weights, device=str(device), world=distributed.world_size(),
                             latents=latents, latents_path=args.latents, sources=sources)
+        _check_evaluations(plan.total, plan.record["steps"])
     _say_precision(args, choice)
     paths = run_samples(diffusion, plan, out, seed=args.seed, batch_size=args.batch_size, png=args.png,
                         progressive=args.progressive, progress=_show_progress(args), meta=meta)
@@ -505,14 +528,19 @@ def _labels_per_image(args, diffusion, meta, count: int):
     return labels, guidance
 
 
-def _write_results(out: Path, rows: list, record: dict, **arrays) -> None:
+def _write_results(out: Path, rows: list, record: dict, extra=None, **arrays) -> None:
+    """grid.png, results.npz, record.json and the files ``extra(folder)`` writes, staged and moved into
+    ``out`` together: a failure (a full disk) leaves none of them there."""
     from .editing import result_grid
-    from .fileio import write_json
+    from .fileio import staged_dir, write_json
     from .images import save_npz, save_png
 
-    save_png(out / "grid.png", result_grid(rows))
-    save_npz(out / "results.npz", **arrays)
-    write_json(out / "record.json", record)
+    with staged_dir(out) as stage:
+        if extra is not None:
+            extra(stage)
+        save_png(stage / "grid.png", result_grid(rows))
+        save_npz(stage / "results.npz", **arrays)
+        write_json(stage / "record.json", record)
 
 
 def cmd_inpaint(args) -> int:
@@ -588,9 +616,9 @@ def cmd_invert(args) -> int:
     record = sample_record(diffusion, meta, sampling, seed=0, weights=args.weights, images=args.image,
                            classes=labels, guidance_scale=guidance, mean_abs_error=float(error.mean()),
                            max_abs_error=float(error.max()), error_range="[0, 1] images")
-    save_latents(out / "latents.npz", latents, timesteps=list(sampling.timesteps),
-                 num_timesteps=diffusion.timesteps, steps=record["steps"], spacing=args.spacing)
-    _write_results(out, [inputs, recon], record, images=recon, inputs=inputs)
+    _write_results(out, [inputs, recon], record, images=recon, inputs=inputs, extra=lambda folder: save_latents(
+        folder / "latents.npz", latents, timesteps=list(sampling.timesteps), num_timesteps=diffusion.timesteps,
+        steps=record["steps"], spacing=args.spacing))
     print(f"inverted {len(images)} image(s) over {record['steps']} DDIM steps -> {out / 'latents.npz'}; "
           f"reconstruction error {error.mean():.4f} mean, {error.max():.4f} max (images in [0, 1])")
     return 0

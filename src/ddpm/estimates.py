@@ -3,7 +3,8 @@
 :func:`check_training_memory` refuses a run whose lower-bound memory
 (:func:`training_bytes_at_least`) exceeds the device's, before anything is built;
 :func:`estimate_seconds_per_step` times a few training steps of a chosen model on the device for
-the line printed with an automatic choice (:func:`choice_line`, :func:`ddpm.recipes.choose`).
+the line printed with an automatic choice (:func:`choice_line`, :func:`ddpm.recipes.choose`), and for
+the warning before a run estimated to last over a day (:func:`long_run_warning`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from .config import RunConfig
 from .device import check_fits
 
 __all__ = ["training_bytes_at_least", "check_training_memory", "estimate_seconds_per_step", "format_duration",
-           "choice_line"]
+           "choice_line", "LONG_RUN_SECONDS", "MIN_TIMED_IMAGES", "worth_timing", "long_run_warning"]
+
+# A run estimated to last longer than this says so before it starts: a warning, not a refusal (long
+# runs are legitimate; the user may have meant fewer steps or a smaller model, or may want --time-limit).
+LONG_RUN_SECONDS = 24 * 3600
+# Runs of fewer images x steps than this are not timed: to last a day, each image would need more than
+# 8.6 s per step, which no model that passes the memory check takes.
+MIN_TIMED_IMAGES = 10_000
 
 
 def training_bytes_at_least(config: RunConfig) -> int:
@@ -71,3 +79,21 @@ def choice_line(reason: str, steps: int, seconds_per_step: float | None, device:
     estimate = f"; {format_duration(seconds_per_step * steps)} on {device}" if seconds_per_step is not None else ""
     return (f"ddpm: no --preset given: chose for {reason}{estimate} "
             f"(override with --preset, --steps, --batch-size or a model flag such as --dim)")
+
+
+def worth_timing(config: RunConfig) -> bool:
+    """Whether a run is long enough in images x steps that it could last a day (:data:`MIN_TIMED_IMAGES`)."""
+    tc = config.train
+    return tc.steps * tc.batch_size * tc.grad_accum >= MIN_TIMED_IMAGES
+
+
+def long_run_warning(config: RunConfig, seconds_per_step: float, device: str) -> str | None:
+    """A warning line when ``config.train.steps`` steps take over :data:`LONG_RUN_SECONDS`, unless a time
+    limit of at most a day stops the run first; else None."""
+    total = seconds_per_step * config.train.steps
+    limit = config.train.time_limit * 60
+    if total <= LONG_RUN_SECONDS or 0 < limit <= LONG_RUN_SECONDS:
+        return None
+    return (f"ddpm: warning: this run is estimated to take {format_duration(total)} on {device} "
+            f"({config.train.steps:,} steps of about {seconds_per_step:.2g} s); --time-limit MINUTES stops it in "
+            "time, or choose fewer --steps, a smaller --batch-size or a smaller model")

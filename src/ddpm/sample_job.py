@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import __version__, distributed, viz
 from .data import load_dataset
+from .data.image_files import convert_image
 from .errors import ConfigError, DataError
 from .fileio import staged_dir, write_json
 from .generate import (DEFAULT_GUIDANCE_SCALE, generate, interpolate, interpolation_plan, progressive_frames,
@@ -86,9 +87,11 @@ def load_image(spec: str, image_size: tuple[int, int], channels: int, *,
         raise DataError(f"no such image file: {spec} (or give DATASET:INDEX, e.g. digits:0)")
     try:
         with Image.open(path) as image:
-            image = image.convert({1: "L", 3: "RGB", 4: "RGBA"}[channels])
+            image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {spec}: {exc}") from None
+    # as the data loader reads it: 16-bit grey scaled, float grey in 0..255 and finite, else one DataError
+    image = convert_image(image, channels, spec)
     height, width = image_size
     image = ImageOps.fit(image, (width, height), method=Image.BICUBIC)
     pixels = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)

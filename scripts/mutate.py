@@ -297,7 +297,7 @@ MUTANTS = [
            "a TOML value that an option overrides is never validated (batch_size = -8 under --batch-size)"),
     Mutant("cli.empty-out-accepted", PARSER, "            action.type = _output_path", "            pass", (REFUSALS,),
            "--out '' is the current directory"),
-    Mutant("cli.evaluations-unbounded", "src/ddpm/cli.py", "    if images * steps > MAX_EVALUATIONS:", "    if False:",
+    Mutant("sample.evaluations-unbounded", "src/ddpm/sample_job.py", "    if images * steps > MAX_EVALUATIONS:", "    if False:",
            (REFUSALS,), "--num-images x --steps is not bounded"),
     Mutant("estimates.long-run-silent", "src/ddpm/estimates.py",
            "    if total <= LONG_RUN_SECONDS or 0 < limit <= LONG_RUN_SECONDS:", "    if True:", (REFUSALS,),

@@ -116,6 +116,7 @@ def world(tmp_path_factory) -> Path:
     (f / "lr-nan.toml").write_text("[train]\nlr = nan\n")
     (f / "timesteps-huge.toml").write_text("[diffusion]\ntimesteps = 1000000000\n")
     (f / "size-in-model.toml").write_text("[model]\nimage_size = 16\n")
+    (f / "batch-negative.toml").write_text("[train]\nbatch_size = -8\n")
     (f / "a-file").write_text("a regular file")
     (f / "existing.json").write_text("{}")
     (f / "existing.png").write_bytes(b"an old picture")
@@ -344,6 +345,8 @@ CASES = [
     Case("toml-steps-float", "train --config {f}/steps-float.toml --out {base}/o", 2, "steps"),
     Case("toml-lr-nan", "train --config {f}/lr-nan.toml --out {base}/o", 2, "learning rate"),
     Case("toml-timesteps-huge", "train --config {f}/timesteps-huge.toml --out {base}/o", 2, "100,000"),
+    Case("toml-batch-negative-overridden", "train --config {f}/batch-negative.toml --batch-size 4 --out {base}/o", 2,
+         "overridden by --batch-size"),
     Case("toml-image-size-in-model", "train --config {f}/size-in-model.toml --out {base}/o", 2, "[data]"),
     # --- train: data and output paths -------------------------------------------------------------
     Case("train-data-missing-folder", "train --data {base}/no-such-folder --preset digits --out {base}/o", 3),

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm.cli import _check_evaluations, main
+from ddpm.cli import main
 from ddpm.cli_parser import build_parser
 from ddpm.data.image_files import load_image_file
 from ddpm.errors import ConfigError, DataError, OutputError
 from ddpm.fileio import check_output_path
-from ddpm.sample_job import load_image
+from ddpm.sample_job import check_evaluations, load_image
 
 
 def _run(argv) -> tuple[int, str, str]:
@@ -117,7 +117,7 @@ def test_a_valid_toml_value_still_gives_way_to_the_option(tmp_path):
 def test_image_counts_are_bounded_and_say_so_in_help(capsys, argv, limit):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
-    assert exc.value.code == 2 and f"from 1 to {limit}" in capsys.readouterr().err
+    assert exc.value.code == 2 and f"a positive integer up to {limit}" in capsys.readouterr().err
     command = argv[:2] if argv[0] == "viz" else argv[:1]
     with pytest.raises(SystemExit):
         build_parser().parse_args([*command, "--help"])
@@ -125,9 +125,9 @@ def test_image_counts_are_bounded_and_say_so_in_help(capsys, argv, limit):
 
 
 def test_images_times_steps_is_bounded():
-    _check_evaluations(1_000_000, 1_000)
+    check_evaluations(1_000_000, 1_000)
     with pytest.raises(ConfigError, match="network evaluations"):
-        _check_evaluations(1_000_000, 1_001)
+        check_evaluations(1_000_000, 1_001)
 
 
 @pytest.fixture

@@ -155,7 +155,9 @@ def _train(args, stop) -> int:
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
         check_request(config.train.precision, device)        # and a precision it cannot run (fp16 on a CPU)
     if main_rank and not args.resume:
-        _announce_duration(config, device, dry_run=args.dry_run)
+        from .estimates import duration_lines    # a run's expected duration, timed on the device when it could be long
+
+        print(*duration_lines(config, device, dry_run=args.dry_run), sep="\n", end="", file=sys.stderr)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))
@@ -165,20 +167,6 @@ def _train(args, stop) -> int:
               + "; ".join(data.skipped[:3]) + (" ..." if len(data.skipped) > 3 else ""), file=sys.stderr)
     with claimed(args.out, run_dir) as run_dir:
         return _train_in(args, config, data, run_dir, stop, resume=bool(list_checkpoints(run_dir)))
-
-
-def _announce_duration(config, device, *, dry_run: bool) -> None:
-    """The automatic choice's line with its estimate, and a warning before a run estimated at over a day
-    (timed on the device only when the run could be that long; not for a dry run without a choice)."""
-    from .estimates import choice_line, estimate_seconds_per_step, long_run_warning, worth_timing
-
-    timed = config.choice or (worth_timing(config) and not dry_run)
-    seconds_per_step = estimate_seconds_per_step(config, device) if timed else None
-    if config.choice:
-        print(choice_line(config.choice, config.train.steps, seconds_per_step, device.type), file=sys.stderr)
-    warning = seconds_per_step is not None and long_run_warning(config, seconds_per_step, device.type)
-    if warning:
-        print(warning, file=sys.stderr)
 
 
 def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
@@ -218,17 +206,6 @@ def _output_dir(args, names: tuple[str, ...]) -> Path:
     return out
 
 
-# Network evaluations one ddpm sample may ask for: a million images of 1,000 steps (twenty FID-50k sets).
-MAX_EVALUATIONS = 10 ** 9
-
-
-def _check_evaluations(images: int, steps: int) -> None:
-    """Refuse --num-images x --steps beyond :data:`MAX_EVALUATIONS`, before anything is sampled."""
-    if images * steps > MAX_EVALUATIONS:
-        raise ConfigError(f"--num-images {images:,} x {steps:,} steps is {images * steps:,} network evaluations; "
-                          f"at most {MAX_EVALUATIONS:,} in one run (split it with --start-index)")
-
-
 def cmd_sample(args) -> int:
     from . import distributed
     from .generate import load_diffusion
@@ -246,7 +223,6 @@ def cmd_sample(args) -> int:
                             guidance_scale=args.guidance_scale, seed=args.seed, start_index=args.start_index,
                             weights=args.weights, device=str(device), world=distributed.world_size(),
                             latents=latents, latents_path=args.latents, sources=sources)
-        _check_evaluations(plan.total, plan.record["steps"])
     _say_precision(args, choice)
     paths = run_samples(diffusion, plan, out, seed=args.seed, batch_size=args.batch_size, png=args.png,
                         progressive=args.progressive, progress=_show_progress(args), meta=meta)

@@ -110,7 +110,7 @@ def _add_renamed(group, name: str, *old: str, dest: str, type, **kwargs) -> None
 def _add_num_images(group, *old: str, dest: str = "n", help: str, limit: int = 65_536, **kwargs) -> None:
     """``--num-images N``, every command's image count (``old``: the spellings it replaced), 1 .. ``limit``:
     the work a command does grows with it, so each command bounds it by what a user could want."""
-    count = _number(int, lambda v: 1 <= v <= limit, f"an integer from 1 to {limit:,}")
+    count = _number(int, lambda v: 1 <= v <= limit, f"a positive integer up to {limit:,}")
     _add_renamed(group, "--num-images", *old, dest=dest, type=count, metavar="N",
                  help=f"{help}; at most {limit:,}", **kwargs)
 

@@ -18,7 +18,8 @@ from .config import RunConfig
 from .device import check_fits
 
 __all__ = ["training_bytes_at_least", "check_training_memory", "estimate_seconds_per_step", "format_duration",
-           "choice_line", "LONG_RUN_SECONDS", "MIN_TIMED_IMAGES", "worth_timing", "long_run_warning"]
+           "choice_line", "LONG_RUN_SECONDS", "MIN_TIMED_IMAGES", "worth_timing", "long_run_warning",
+           "duration_lines"]
 
 # A run estimated to last longer than this says so before it starts: a warning, not a refusal (long
 # runs are legitimate; the user may have meant fewer steps or a smaller model, or may want --time-limit).
@@ -97,3 +98,14 @@ def long_run_warning(config: RunConfig, seconds_per_step: float, device: str) ->
     return (f"ddpm: warning: this run is estimated to take {format_duration(total)} on {device} "
             f"({config.train.steps:,} steps of about {seconds_per_step:.2g} s); --time-limit MINUTES stops it in "
             "time, or choose fewer --steps, a smaller --batch-size or a smaller model")
+
+
+def duration_lines(config: RunConfig, device: torch.device, *, dry_run: bool = False) -> list[str]:
+    """The lines ``ddpm train`` prints before a new run: the automatic choice's (with its estimate) and
+    the warning of a run estimated at over a day, each ending in a newline. The run is timed on the
+    device only when it could be that long (:func:`worth_timing`), and not for a dry run without a choice."""
+    timed = config.choice or (worth_timing(config) and not dry_run)
+    seconds_per_step = estimate_seconds_per_step(config, device) if timed else None
+    lines = [choice_line(config.choice, config.train.steps, seconds_per_step, device.type)] if config.choice else []
+    warning = seconds_per_step is not None and long_run_warning(config, seconds_per_step, device.type)
+    return [line + "\n" for line in lines + ([warning] if warning else [])]

@@ -167,6 +167,17 @@ class SamplePlan:
     row_labels: list[str] | None = None      # one per grid row: the class each row shows
 
 
+# Network evaluations one ddpm sample may ask for: a million images of 1,000 steps (twenty FID-50k sets).
+MAX_EVALUATIONS = 10 ** 9
+
+
+def check_evaluations(images: int, steps: int) -> None:
+    """Refuse --num-images x --steps beyond :data:`MAX_EVALUATIONS`, before anything is sampled."""
+    if images * steps > MAX_EVALUATIONS:
+        raise ConfigError(f"--num-images {images:,} x {steps:,} steps is {images * steps:,} network evaluations; "
+                          f"at most {MAX_EVALUATIONS:,} in one run (split it with --start-index)")
+
+
 def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOptions | SamplingPlan, *, n: int,
                  classes=None, guidance_scale: float | None = None, seed: int = 0, start_index: int = 0,
                  weights: str = "ema", device: str = "cpu", world: int = 1, latents=None, latents_path=None,
@@ -195,6 +206,7 @@ def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOpt
         if total < world:
             raise ConfigError(f"{total} image(s) for {world} processes; each process needs at least one")
     sampling = resolve_plan(diffusion, sampling)                   # validates the steps against T
+    check_evaluations(total, sampling.steps)
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, n=total,
                            start_index=start_index, device=device, **extra,
                            **(sources or {}))

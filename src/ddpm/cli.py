@@ -157,7 +157,7 @@ def _train(args, stop) -> int:
     if main_rank and not args.resume:
         from .estimates import duration_lines    # a run's expected duration, timed on the device when it could be long
 
-        print(*duration_lines(config, device, dry_run=args.dry_run), sep="\n", end="", file=sys.stderr)
+        print(*duration_lines(config, device, dry_run=args.dry_run), sep="", end="", file=sys.stderr)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))

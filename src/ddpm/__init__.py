@@ -17,12 +17,17 @@ _LAZY = {"GaussianDiffusion": "gaussian_diffusion", "NoiseSchedule": "schedules"
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib        # a lazy attribute: torch loads with the first model or diffusion used
+    import importlib            # lazy attributes: torch loads with the first model or diffusion used
 
+    if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
         return value
+    try:                        # a submodule (ddpm.samplers, ...), as when import ddpm imported them all
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module 'ddpm' has no attribute {name!r}")
 
 

@@ -55,6 +55,12 @@ FRONT = "tests/test_sampling_frontend.py"
 SAMPLING, VIZ = "src/ddpm/sampling.py", "src/ddpm/viz.py"
 ORDER = "tests/test_sampler_order.py"
 RESUME = "tests/test_resume.py::test_resumed_run_is_bit_identical_to_uninterrupted_run"
+SCHEMA, BOUNDS = "src/ddpm/checkpoint_schema.py", "src/ddpm/interop/diffusers_bounds.py"
+PREPARE, HUB, IMAGE_FILES = "src/ddpm/data/prepare.py", "src/ddpm/data/hub.py", "src/ddpm/data/image_files.py"
+SIGMAS, EDM, EMA, POSTHOC = "src/ddpm/sigmas.py", "src/ddpm/edm.py", "src/ddpm/ema.py", "src/ddpm/posthoc_ema.py"
+LR, COND, RESOLVE, PARSER = "src/ddpm/lr_schedules.py", "src/ddpm/conditions.py", "src/ddpm/resolve.py", "src/ddpm/cli_parser.py"
+UNTRUSTED, CORPUS = "tests/test_untrusted_files.py", "tests/test_bad_inputs.py"
+REFUSALS = "tests/test_input_refusals.py"
 
 MUTANTS = [
     # --- the training loop -------------------------------------------------------------------------------
@@ -234,6 +240,79 @@ MUTANTS = [
            "return mean_over_dims(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / LOG2",
            "return mean_over_dims(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean)))",
            ("tests/test_evaluation_likelihood.py",), "the prior term L_T in nats instead of bits"),
+    # --- code added with the later modules: schema, data, interop bounds, sigmas, EDM, EMA, schedules ----
+    Mutant("schema.half-precision-ema-accepted", SCHEMA, "            if dtype != WEIGHT_DTYPE:",
+           "            if dtype not in (WEIGHT_DTYPE, \"F16\"):", (UNTRUSTED,),
+           "an EMA tensor in float16 passes the checkpoint checks"),
+    Mutant("schema.data-position-unchecked", SCHEMA, "if global_batch is not None and position != step * global_batch:",
+           "if global_batch is not None and position < 0:", (UNTRUSTED,),
+           "data_position no longer has to be step x global_batch (a resume would read other images)"),
+    Mutant("schema.torch-rng-size", SCHEMA, '_int_list(refuse, "rng.torch", rng["torch"], _TORCH_RNG_BYTES, 255)',
+           '_int_list(refuse, "rng.torch", rng["torch"], len(rng["torch"]), 255)', (UNTRUSTED,),
+           "a torch RNG state of any length passes"),
+    Mutant("bounds.timesteps-unbounded", BOUNDS, "need(_is_int(T) and 2 <= T <= MAX_TIMESTEPS,",
+           "need(_is_int(T) and 2 <= T,", (UNTRUSTED,),
+           "diffusers' num_train_timesteps is not bounded: a table of 10^12 betas is allocated"),
+    Mutant("prepare.no-fallocate", PREPARE, "            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)",
+           "            pass", ("tests/test_prepared.py",),
+           "the prepared array's blocks are not allocated first: a full disk is a SIGBUS mid-write, not a line"),
+    Mutant("prepare.partial-kept-on-full-disk", PREPARE, "    if not resumable:\n        shutil.rmtree(partial, ignore_errors=True)",
+           "    if False:\n        shutil.rmtree(partial, ignore_errors=True)", ("tests/test_prepared.py",),
+           "a full disk before any row is written leaves its temporary folder behind"),
+    Mutant("hub.labels-not-sorted", HUB, "        names = sorted(set(values))", "        names = list(dict.fromkeys(values))",
+           ("tests/test_hub_datasets.py",),
+           "string labels are numbered in order of appearance, not sorted: class indices depend on the row order"),
+    Mutant("sigmas.karras-last-not-sigma-min", SIGMAS, "(a + i / (steps - 1) * (b - a)) ** rho", "(a + i / steps * (b - a)) ** rho",
+           ("tests/test_continuous_samplers.py",), "the Karras levels stop short of sigma_min (EDM Eq. 5)"),
+    Mutant("sigmas.sigma-is-variance", SIGMAS, ".pow(-1).sub(1.0).sqrt()", ".pow(-1).sub(1.0)",
+           ("tests/test_continuous_samplers.py",), "the schedule's sigma is sigma^2 (1/alpha_bar - 1 without the root)"),
+    Mutant("sigmas.denoiser-sign", SIGMAS, "return x - s * eps_pred.to(x.dtype)", "return x + s * eps_pred.to(x.dtype)",
+           ("tests/test_continuous_samplers.py",), "D = x + sigma eps: the discrete model's denoiser adds its noise back"),
+    Mutant("edm.c-out-no-root", EDM, "sigma * sigma_data / total.sqrt(), 1.0 / total.sqrt()",
+           "sigma * sigma_data / total, 1.0 / total.sqrt()", ("tests/test_edm.py",),
+           "c_out = sigma sigma_data / (sigma^2 + sigma_data^2), without the square root (Table 1)"),
+    Mutant("edm.c-noise-half", EDM, "1.0 / total.sqrt(), sigma.log() / 4", "1.0 / total.sqrt(), sigma.log() / 2",
+           ("tests/test_edm.py",), "c_noise = ln(sigma) / 2 instead of / 4"),
+    Mutant("ema.bank-no-warmup-cap", EMA, "return min(decay, (1 + self.num_updates) / (10 + self.num_updates))",
+           "return (1 + self.num_updates) / (10 + self.num_updates)", ("tests/test_ema_bank.py",),
+           "the warm-up ignores the decay: d_n grows past the chosen decay towards 1"),
+    Mutant("posthoc.profile-exponent", POSTHOC, "return (1.0 - 1.0 / t) ** (gamma + 1.0)",
+           "return (1.0 - 1.0 / t) ** gamma", ("tests/test_posthoc_ema.py",),
+           "the power EMA's beta_t = (1 - 1/t)^gamma instead of ^(gamma + 1) (EDM2 Eq. 3)"),
+    Mutant("lr.warmup-starts-at-zero", LR, "return lr * (step + 1) / warmup_steps", "return lr * step / warmup_steps",
+           ("tests/test_lr_schedules.py",), "the warm-up's first step has learning rate 0"),
+    Mutant("lr.inverse-sqrt-no-root", LR, "return lr / math.sqrt(max(step / t_ref, 1.0))",
+           "return lr / max(step / t_ref, 1.0)", ("tests/test_lr_schedules.py",),
+           "EDM2's inverse square-root decay decays as 1/t"),
+    Mutant("conditions.augment-level-ignored", COND, "return torch.cat([c + level * noise, plane], dim=1)",
+           "return torch.cat([c + noise, plane], dim=1)", ("tests/test_image_conditions.py",),
+           "the condition's noise augmentation ignores its level"),
+    Mutant("sampling.start-not-checked", SAMPLING, "        if timesteps[0] != start:",
+           "        if False:", ("tests/test_sampling_driver.py", "tests/test_editing.py"),
+           "a spacing that does not start at t0 (SDEdit) is not refused: the edit starts elsewhere"),
+    Mutant("files.nan-pixels-accepted", IMAGE_FILES, 'if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():',
+           "if False:", (REFUSALS,), "a float TIFF with NaN pixels is read as zeros"),
+    Mutant("resolve.overridden-file-values-unchecked", RESOLVE, "        if not overridden:\n            continue",
+           "        if True:\n            continue", (REFUSALS,),
+           "a TOML value that an option overrides is never validated (batch_size = -8 under --batch-size)"),
+    Mutant("cli.empty-out-accepted", PARSER, "            action.type = _output_path", "            pass", (REFUSALS,),
+           "--out '' is the current directory"),
+    Mutant("sample.evaluations-unbounded", "src/ddpm/sample_job.py", "    if images * steps > MAX_EVALUATIONS:", "    if False:",
+           (REFUSALS,), "--num-images x --steps is not bounded"),
+    Mutant("estimates.long-run-silent", "src/ddpm/estimates.py",
+           "    if total <= LONG_RUN_SECONDS or 0 < limit <= LONG_RUN_SECONDS:", "    if True:", (REFUSALS,),
+           "a run estimated at days starts without a word"),
+    Mutant("estimates.time-limit-ignored", "src/ddpm/estimates.py",
+           "    if total <= LONG_RUN_SECONDS or 0 < limit <= LONG_RUN_SECONDS:", "    if total <= LONG_RUN_SECONDS:",
+           (REFUSALS,), "the warning ignores a --time-limit that stops the run within the day"),
+    Mutant("init.eager-torch", "src/ddpm/__init__.py",
+           "from .errors import CheckpointError, ConfigError, DataError, DdpmError\n",
+           "from .errors import CheckpointError, ConfigError, DataError, DdpmError\nfrom .models import Unet\n",
+           ("tests/test_interrupt_at_start.py",), "import ddpm imports torch: Ctrl-C during start-up is a traceback"),
+    Mutant("distill.data-checked-late", "src/ddpm/distill.py",
+           "        load_dataset(data_cfg.name, data_root=data_cfg.root,", "        (data_cfg.name, dict(data_root=data_cfg.root,",
+           (f"{CORPUS}::test_bad_input_gives_one_line_and_changes_nothing[distill-empty-data]",),
+           "distill --data with unreadable data creates its run directory before the refusal"),
 ]
 
 

@@ -116,6 +116,7 @@ def world(tmp_path_factory) -> Path:
     (f / "lr-nan.toml").write_text("[train]\nlr = nan\n")
     (f / "timesteps-huge.toml").write_text("[diffusion]\ntimesteps = 1000000000\n")
     (f / "size-in-model.toml").write_text("[model]\nimage_size = 16\n")
+    (f / "batch-negative.toml").write_text("[train]\nbatch_size = -8\n")
     (f / "a-file").write_text("a regular file")
     (f / "existing.json").write_text("{}")
     (f / "existing.png").write_bytes(b"an old picture")
@@ -129,7 +130,32 @@ def world(tmp_path_factory) -> Path:
     (f / "export-out").mkdir()
     (f / "export-out" / "keep").write_text("x")
     (f / "empty-run").mkdir()
+    _bad_image_files(f)
     return base
+
+
+def _bad_image_files(f: Path) -> None:
+    """Corrupt, non-finite, wrongly shaped and foreign inputs for the editing, data and import cases."""
+    from safetensors.torch import save_file
+
+    for name, value in (("nan", np.nan), ("inf", np.inf)):
+        pixels = np.full((8, 8), 100.0, np.float32)
+        pixels[2, 3] = value
+        Image.fromarray(pixels, mode="F").save(f / f"{name}.tiff")
+    (f / "nan-folder").mkdir()
+    for i in range(2):
+        Image.open(f / "nan.tiff").save(f / "nan-folder" / f"{i}.tiff")
+    (f / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    (f / "corrupt-folder").mkdir()
+    (f / "corrupt-folder" / "0.png").write_bytes((f / "corrupt.png").read_bytes())
+    (f / "empty-folder").mkdir()
+    np.savez(f / "flat-images.npz", images=np.zeros((4, 8), np.uint8))
+    np.savez(f / "latents-wrong-shape.npz", latents=np.zeros((2, 3, 5, 5), np.float32))
+    Image.new("L", (16, 8), 255).save(f / "mask-wide.png")
+    Image.new("RGB", (8, 8)).save(f / "mask-rgb.png")
+    save_file({"weight": torch.zeros(2)}, str(f / "foreign.safetensors"))
+    (f / "foreign-pipeline").mkdir()
+    (f / "foreign-pipeline" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
 
 
 _HASHES: dict[tuple, str] = {}
@@ -239,6 +265,24 @@ def _read_only(sub: str):
     return install
 
 
+def _enospc_on_safetensors(monkeypatch, base):
+    """Fault injection: the disk fills while safetensors writes a file (diffusers' ``save_pretrained``)."""
+    import safetensors.torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+
+
+def _fallocate_enospc(monkeypatch, base):
+    """Fault injection: the disk cannot hold the prepared array (``posix_fallocate`` fails with ENOSPC)."""
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+
+
 # ----------------------------------------------------------------------------- the cases
 
 @dataclass
@@ -301,6 +345,8 @@ CASES = [
     Case("toml-steps-float", "train --config {f}/steps-float.toml --out {base}/o", 2, "steps"),
     Case("toml-lr-nan", "train --config {f}/lr-nan.toml --out {base}/o", 2, "learning rate"),
     Case("toml-timesteps-huge", "train --config {f}/timesteps-huge.toml --out {base}/o", 2, "100,000"),
+    Case("toml-batch-negative-overridden", "train --config {f}/batch-negative.toml --batch-size 4 --out {base}/o", 2,
+         "overridden by --batch-size"),
     Case("toml-image-size-in-model", "train --config {f}/size-in-model.toml --out {base}/o", 2, "[data]"),
     # --- train: data and output paths -------------------------------------------------------------
     Case("train-data-missing-folder", "train --data {base}/no-such-folder --preset digits --out {base}/o", 3),
@@ -446,6 +492,164 @@ CASES = [
 ]
 
 
+EDIT = "--checkpoint {run} --steps 2"
+INPAINT = "inpaint --mask center --resample 1 --jump-length 1 " + EDIT
+CASES += [
+    # --- non-finite float images (mode F): refused, never read as zeros --------------------------
+    Case("edit-nan-tiff", "edit --image {f}/nan.tiff --strength 0.5 " + EDIT + " --out {base}/s", 3, "non-finite"),
+    Case("edit-inf-tiff", "edit --image {f}/inf.tiff --strength 0.5 " + EDIT + " --out {base}/s", 3, "non-finite"),
+    Case("inpaint-nan-tiff", INPAINT + " --image {f}/nan.tiff --out {base}/s", 3, "non-finite"),
+    Case("invert-nan-tiff", "invert --image {f}/nan.tiff " + EDIT + " --out {base}/s", 3, "non-finite"),
+    Case("interp-nan-tiff", "interpolate --checkpoint {run} --image-a {f}/nan.tiff --image-b digits:1 --steps 2 "
+         "--out {base}/i", 3, "non-finite"),
+    Case("train-nan-tiff-folder-strict", "train " + TINY + " --data {f}/nan-folder --preset digits --strict "
+         "--out {base}/o", 3, "non-finite"),
+    Case("prepare-nan-tiff-folder-strict", "prepare --data {f}/nan-folder --strict --quiet --out {base}/x", 3,
+         "non-finite", may_write=True),            # the partial folder stays, for a rerun to resume
+    # --- an empty output path (it would be the current directory) --------------------------------
+    *[Case(f"{cmd.split()[0]}-out-empty", cmd + " --out ''", 2, "empty path") for cmd in (
+        "train " + TINY, f"{SAMPLE} --checkpoint {{run}}",
+        "interpolate --checkpoint {run} --image-a digits:0 --image-b digits:1",
+        "eval --metric bpd --checkpoint {run} --data digits", "viz schedule", "export --checkpoint {run}",
+        "import {f}/export-out", "distill --checkpoint {run} --rounds 1", INPAINT + " --image digits:0",
+        "edit --image digits:0 --strength 0.5 " + EDIT, "invert --image digits:0 " + EDIT, "prepare --data digits")],
+    # --- inpaint ----------------------------------------------------------------------------------
+    Case("inpaint-corrupt-image", INPAINT + " --image {f}/corrupt.png --out {base}/s", 3, "corrupt.png"),
+    Case("inpaint-mask-wrong-shape", "inpaint --mask {f}/mask-wide.png --resample 1 --jump-length 1 " + EDIT
+         + " --image {f}/ok.png --out {base}/s", 3, "aspect ratio"),
+    Case("inpaint-mask-rgb", "inpaint --mask {f}/mask-rgb.png " + EDIT + " --image {f}/ok.png --out {base}/s", 3,
+         "greyscale"),
+    Case("inpaint-mask-bomb", "inpaint --mask {f}/bomb.png " + EDIT + " --image {f}/ok.png --out {base}/s", 3,
+         "bomb.png"),
+    Case("inpaint-mask-nonsense", "inpaint --mask sideways " + EDIT + " --image digits:0 --out {base}/s", 2, "mask"),
+    Case("inpaint-resample-huge", "inpaint --mask center --resample 100000 " + EDIT + " --image digits:0 "
+         "--out {base}/s", 2, "1,000"),
+    Case("inpaint-truncated-checkpoint", "inpaint --mask center --checkpoint {ck}/truncated.safetensors --steps 2 "
+         "--image digits:0 --out {base}/s", 4),
+    Case("inpaint-foreign-checkpoint", "inpaint --mask center --checkpoint {f}/foreign.safetensors --steps 2 "
+         "--image digits:0 --out {base}/s", 4, "foreign.safetensors"),
+    Case("inpaint-out-read-only", INPAINT + " --image digits:0 --out {base}/ro/s", 2, "ead-only",
+         fault=_read_only("ro")),
+    Case("inpaint-disk-full", INPAINT + " --image digits:0 --out {base}/s", 2, "No space left",
+         fault=_enospc_on("record.json")),
+    # --- edit -------------------------------------------------------------------------------------
+    Case("edit-corrupt-image", "edit --image {f}/corrupt.png --strength 0.5 " + EDIT + " --out {base}/s", 3,
+         "corrupt.png"),
+    Case("edit-strength-two", "edit --image digits:0 --strength 2 " + EDIT + " --out {base}/s", 2, "strength"),
+    Case("edit-strength-nan", "edit --image digits:0 --strength nan " + EDIT + " --out {base}/s", 2, "strength"),
+    Case("edit-image-index-out-of-range", "edit --image digits:99999 --strength 0.5 " + EDIT + " --out {base}/s", 2,
+         "indices"),
+    Case("edit-truncated-checkpoint", "edit --image digits:0 --strength 0.5 --checkpoint {ck}/truncated.safetensors "
+         "--steps 2 --out {base}/s", 4),
+    Case("edit-foreign-checkpoint", "edit --image digits:0 --strength 0.5 --checkpoint {f}/foreign.safetensors "
+         "--steps 2 --out {base}/s", 4, "foreign.safetensors"),
+    Case("edit-out-below-a-file", "edit --image digits:0 --strength 0.5 " + EDIT + " --out {f}/a-file/s", 2,
+         "a-file"),
+    Case("edit-out-read-only", "edit --image digits:0 --strength 0.5 " + EDIT + " --out {base}/ro/s", 2,
+         "ead-only", fault=_read_only("ro")),
+    Case("edit-disk-full", "edit --image digits:0 --strength 0.5 " + EDIT + " --out {base}/s", 2, "No space left",
+         fault=_enospc_on("grid.png")),
+    # --- invert -----------------------------------------------------------------------------------
+    Case("invert-corrupt-image", "invert --image {f}/corrupt.png " + EDIT + " --out {base}/s", 3, "corrupt.png"),
+    Case("invert-steps-over-T", "invert --image digits:0 --checkpoint {run} --steps 5000 --out {base}/s", 2,
+         "steps"),
+    Case("invert-truncated-checkpoint", "invert --image digits:0 --checkpoint {ck}/truncated.safetensors "
+         "--steps 2 --out {base}/s", 4),
+    Case("invert-nan-checkpoint", "invert --image digits:0 --checkpoint {ck}/nan-ema.safetensors --steps 2 "
+         "--out {base}/s", 4, "non-finite"),
+    Case("invert-out-read-only", "invert --image digits:0 " + EDIT + " --out {base}/ro/s", 2, "ead-only",
+         fault=_read_only("ro")),
+    Case("invert-disk-full", "invert --image digits:0 " + EDIT + " --out {base}/s", 2, "No space left",
+         fault=_enospc_on("latents.npz")),
+    # --- prepare ----------------------------------------------------------------------------------
+    Case("prepare-corrupt-folder", "prepare --data {f}/corrupt-folder --quiet --out {base}/x", 3, "corrupt-folder"),
+    Case("prepare-empty-folder", "prepare --data {f}/empty-folder --quiet --out {base}/x", 3, "no image files"),
+    Case("prepare-wrong-shape-npz", "prepare --data {f}/flat-images.npz --quiet --out {base}/x", 3, "flat-images"),
+    Case("prepare-image-size-three", "prepare --data digits --image-size 8 8 8 --quiet --out {base}/x", 2,
+         "image-size"),
+    Case("prepare-out-exists", "prepare --data digits --quiet --out {f}/export-out", 2, "export-out"),
+    Case("prepare-out-read-only", "prepare --data digits --quiet --out {base}/ro/x", 2, "ead-only",
+         fault=_read_only("ro")),
+    Case("prepare-disk-full", "prepare --data digits --quiet --out {base}/x", 2, "No space left",
+         fault=_fallocate_enospc),
+    # --- the remaining kinds for the other commands -----------------------------------------------
+    Case("train-corrupt-folder", "train " + TINY + " --data {f}/corrupt-folder --preset digits --out {base}/o", 3,
+         "corrupt-folder"),
+    Case("train-empty-folder", "train " + TINY + " --data {f}/empty-folder --preset digits --out {base}/o", 3,
+         "no image files"),
+    Case("train-wrong-shape-npz", "train " + TINY + " --data {f}/flat-images.npz --preset digits --out {base}/o", 3,
+         "flat-images"),
+    Case("train-init-foreign", "train " + TINY + " --init {f}/foreign.safetensors --out {base}/o", 4,
+         "foreign.safetensors"),
+    Case("sample-foreign-checkpoint", f"{SAMPLE} --checkpoint {{f}}/foreign.safetensors --out {{base}}/s", 4,
+         "foreign.safetensors"),
+    Case("sample-latents-wrong-shape", f"{SAMPLE} --checkpoint {{run}} --latents {{f}}/latents-wrong-shape.npz "
+         "--out {base}/s", 3, "latents"),
+    Case("sample-latents-corrupt", f"{SAMPLE} --checkpoint {{run}} --latents {{f}}/corrupt.png --out {{base}}/s", 3,
+         "corrupt.png"),
+    Case("interp-corrupt-image", "interpolate --checkpoint {run} --image-a {f}/corrupt.png --image-b digits:1 "
+         "--steps 2 --out {base}/i", 3, "corrupt.png"),
+    Case("interp-truncated-checkpoint", "interpolate --checkpoint {ck}/truncated.safetensors --image-a digits:0 "
+         "--image-b digits:1 --steps 2 --out {base}/i", 4),
+    Case("interp-out-read-only", "interpolate --checkpoint {run} --image-a digits:0 --image-b digits:1 --steps 2 "
+         "--out {base}/ro/i", 2, "ead-only", fault=_read_only("ro")),
+    Case("interp-method-nonsense", "interpolate --checkpoint {run} --image-a digits:0 --image-b digits:1 "
+         "--method cubic --out {base}/i", 2, "method"),
+    Case("inspect-truncated", "inspect {ck}/truncated.safetensors", 4),
+    Case("inspect-foreign", "inspect {f}/foreign.safetensors", 4, "foreign.safetensors"),
+    Case("inspect-corrupt-image", "inspect {f}/corrupt.png", 4, "corrupt.png"),
+    Case("inspect-nonsense-option", "inspect {run} --colour", 2, "--colour"),
+    Case("eval-corrupt-samples", "eval --metric fast --samples {f}/corrupt.png --data digits --quiet", 3,
+         "corrupt.png"),
+    Case("eval-empty-folder", "eval --metric fast --samples {f}/empty-folder --data digits --quiet", 3,
+         "empty-folder"),
+    Case("eval-truncated-checkpoint", "eval --metric bpd --checkpoint {ck}/truncated.safetensors --data digits "
+         "--num-images 2 --quiet", 4),
+    Case("eval-foreign-checkpoint", "eval --metric bpd --checkpoint {f}/foreign.safetensors --data digits "
+         "--num-images 2 --quiet", 4, "foreign.safetensors"),
+    Case("eval-metric-nonsense", "eval --metric psnr --samples {f}/big-images.npz --data digits", 2, "metric"),
+    Case("eval-out-read-only", "eval --metric bpd --checkpoint {run} --data digits --num-images 2 --quiet "
+         "--out {base}/ro/e.json", 2, "ead-only", fault=_read_only("ro")),
+    Case("viz-forward-corrupt-folder", "viz forward --data {f}/corrupt-folder --out {base}/f.png", 3,
+         "corrupt-folder"),
+    Case("viz-forward-empty-folder", "viz forward --data {f}/empty-folder --out {base}/f.png", 3, "no image files"),
+    Case("viz-forward-wrong-shape-npz", "viz forward --data {f}/flat-images.npz --out {base}/f.png", 3,
+         "flat-images"),
+    Case("viz-reverse-truncated", "viz reverse --checkpoint {ck}/truncated.safetensors --steps 2 --out {base}/r.png",
+         4),
+    Case("viz-nonsense-subcommand", "viz spectrum --out {base}/s.png", 2, "spectrum"),
+    Case("viz-out-read-only", "viz schedule --timesteps 30 --out {base}/ro/s.png", 2, "ead-only",
+         fault=_read_only("ro")),
+    Case("export-truncated", "export --checkpoint {ck}/truncated.safetensors --out {base}/x", 4),
+    Case("export-foreign", "export --checkpoint {f}/foreign.safetensors --out {base}/x", 4, "foreign.safetensors"),
+    Case("export-out-read-only", "export --checkpoint {run} --out {base}/ro/x", 2, "ead-only",
+         fault=_read_only("ro")),
+    Case("export-disk-full", "export --checkpoint {run} --out {base}/x", 4, "No space left",
+         fault=_enospc_on_safetensors),
+    Case("export-format-nonsense", "export --checkpoint {run} --format onnx --out {base}/x", 2, "format"),
+    Case("import-empty-folder", "import {f}/empty-folder --out {base}/x.safetensors", 4, "empty-folder"),
+    Case("import-foreign-pipeline", "import {f}/foreign-pipeline --out {base}/x.safetensors", 4, "foreign-pipeline"),
+    Case("import-corrupt-file", "import {f}/corrupt.png --out {base}/x.safetensors", 4, "corrupt.png"),
+    Case("import-format-nonsense", "import --format keras {f}/export-out --out {base}/x.safetensors", 2, "format"),
+    Case("import-out-read-only", "import {f}/export-out --out {base}/ro/x.safetensors", 2, "ead-only",
+         fault=_read_only("ro")),
+    Case("distill-truncated-teacher", "distill --checkpoint {ck}/truncated.safetensors --rounds 1 --out {base}/d", 4),
+    Case("distill-foreign-teacher", "distill --checkpoint {f}/foreign.safetensors --rounds 1 --out {base}/d", 4,
+         "foreign.safetensors"),
+    Case("distill-rounds-zero", "distill --checkpoint {run} --rounds 0 --out {base}/d", 2, "rounds"),
+    Case("distill-out-read-only", "distill --checkpoint {run} --rounds 1 --steps-per-round 1 --out {base}/ro/d", 2,
+         "ead-only", fault=_read_only("ro")),
+    Case("distill-corrupt-data", "distill --checkpoint {run} --rounds 1 --data {f}/corrupt-folder --out {base}/d", 3,
+         "corrupt-folder"),
+    Case("distill-empty-data", "distill --checkpoint {run} --rounds 1 --data {f}/empty-folder --out {base}/d", 3,
+         "no image files"),
+    Case("export-empty-run-dir", "export --checkpoint {f}/empty-run --out {base}/x", 4, "no checkpoints"),
+    Case("distill-disk-full", "distill --checkpoint {run} --rounds 1 --steps-per-round 2 --batch-size 2 "
+         "--checkpoint-every 2 --quiet --out {base}/d", 4, "No space left", fault=_enospc_on("step-"),
+         may_write=True),
+]
+
+
 def _params():
     out = []
     for case in CASES:
@@ -498,7 +702,45 @@ def _clean(world: Path, before: dict, after: dict) -> None:
         (world / name).unlink(missing_ok=True)
 
 
-def test_the_corpus_is_large_and_covers_every_command():
-    commands = {shlex.split(c.argv)[0] for c in CASES}
-    assert len(CASES) >= 60
-    assert commands == {"train", "sample", "interpolate", "inspect", "eval", "viz", "export", "import", "distill"}
+# The kinds of bad input, each recognised by words of a case's id.
+KINDS = {
+    "corrupt image": ("corrupt", "nan-tiff", "inf-tiff", "bomb", "not-an-image"),
+    "empty folder": ("empty-folder", "empty-run", "empty-data"),
+    "wrong shape": ("wrong-shape", "other-image-size", "image-size-three"),
+    "nonsense option": ("nonsense", "bogus", "negative", "-text", "-two", "-zero", "-huge", "over-T", "out-empty",
+                        "-nan"),
+    "bad checkpoint": ("truncated", "foreign", "nan-ema", "nan-checkpoint", "nan-teacher", "text-checkpoint",
+                       "header", "missing-checkpoint", "edited"),
+    "unwritable output": ("read-only", "below-a-file"),
+    "full disk": ("disk-full",),
+}
+ALL_KINDS = set(KINDS)
+# The kinds that apply to each command (inspect writes nothing; the editing commands fit any image to the
+# model's shape; import's full disk is in tests/test_untrusted_files.py, which has a real pipeline folder).
+EXPECTED_KINDS = {
+    "train": ALL_KINDS, "sample": ALL_KINDS, "eval": ALL_KINDS, "viz": ALL_KINDS,
+    "interpolate": ALL_KINDS - {"empty folder", "wrong shape"},
+    "inspect": {"corrupt image", "empty folder", "nonsense option", "bad checkpoint"},
+    "export": ALL_KINDS - {"corrupt image", "wrong shape"},
+    "import": ALL_KINDS - {"wrong shape", "full disk"},
+    "distill": ALL_KINDS - {"wrong shape"},
+    "inpaint": ALL_KINDS - {"empty folder"},
+    "edit": ALL_KINDS - {"empty folder", "wrong shape"},
+    "invert": ALL_KINDS - {"empty folder", "wrong shape"},
+    "prepare": ALL_KINDS - {"bad checkpoint"},
+}
+
+
+def _kinds(case: Case) -> set[str]:
+    return {kind for kind, words in KINDS.items() if any(word in case.id for word in words)}
+
+
+def test_the_corpus_is_large_and_covers_every_command_with_every_kind():
+    covered: dict[str, set[str]] = {}
+    for case in CASES:
+        covered.setdefault(shlex.split(case.argv)[0], set()).update(_kinds(case))
+    assert len(CASES) >= 200, len(CASES)
+    assert set(covered) == set(EXPECTED_KINDS)
+    missing = {command: sorted(EXPECTED_KINDS[command] - kinds) for command, kinds in covered.items()
+               if EXPECTED_KINDS[command] - kinds}
+    assert not missing, missing

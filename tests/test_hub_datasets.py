@@ -60,6 +60,18 @@ def test_a_saved_dataset_loads_lazily_with_its_class_names(saved, monkeypatch):
     np.testing.assert_array_equal(data.images[:], pixels)
 
 
+def test_string_labels_are_numbered_in_sorted_order(tmp_path):
+    """Class indices do not depend on the order of the rows: the names sorted, each label its name's index."""
+    names = ["zebra", "ant", "mole", "ant", "zebra", "mole"]
+    features = datasets.Features({"img": datasets.Image(), "kind": datasets.Value("string")})
+    table = datasets.Dataset.from_dict({"img": [Image.new("RGB", (8, 8)) for _ in names], "kind": names},
+                                       features=features)
+    table.save_to_disk(str(tmp_path / "saved"))
+    data = load_dataset(tmp_path / "saved", label_column="kind")
+    assert data.class_names == ["ant", "mole", "zebra"]
+    assert data.labels.tolist() == [2, 0, 1, 0, 2, 1]
+
+
 def test_columns_are_found_or_named_and_a_wrong_name_is_one_line(saved):
     folder, _ = saved
     assert load_dataset(folder).labels is None                     # no 'label' column: unlabelled

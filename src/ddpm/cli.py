@@ -158,10 +158,10 @@ def _train(args, stop) -> int:
         check_training_memory(config, device)                # anything runs, and so is a model too big for it
         check_request(config.train.precision, device)        # and a precision it cannot run (fp16 on a CPU)
         check_tracker(config.train.tracker)                  # --tracker wandb without the wandb package
-    if config.choice and main_rank and not args.resume:
-        from .estimates import choice_line, estimate_seconds_per_step
+    if main_rank and not args.resume:
+        from .estimates import duration_lines    # a run's expected duration, timed on the device when it could be long
 
-        print(choice_line(config.choice, config, estimate_seconds_per_step(config, device), device), file=sys.stderr)
+        print(*duration_lines(config, device, dry_run=args.dry_run), sep="", end="", file=sys.stderr)
     if args.dry_run:
         if main_rank:
             print(json.dumps(config.to_dict(), indent=2))
@@ -512,14 +512,19 @@ def _labels_per_image(args, diffusion, meta, count: int):
     return labels, guidance
 
 
-def _write_results(out: Path, rows: list, record: dict, **arrays) -> None:
+def _write_results(out: Path, rows: list, record: dict, extra=None, **arrays) -> None:
+    """grid.png, results.npz, record.json and the files ``extra(folder)`` writes, staged and moved into
+    ``out`` together: a failure (a full disk) leaves none of them there."""
     from .editing import result_grid
-    from .fileio import write_json
+    from .fileio import staged_dir, write_json
     from .images import save_npz, save_png
 
-    save_png(out / "grid.png", result_grid(rows))
-    save_npz(out / "results.npz", **arrays)
-    write_json(out / "record.json", record)
+    with staged_dir(out) as stage:
+        if extra is not None:
+            extra(stage)
+        save_png(stage / "grid.png", result_grid(rows))
+        save_npz(stage / "results.npz", **arrays)
+        write_json(stage / "record.json", record)
 
 
 def cmd_inpaint(args) -> int:
@@ -595,9 +600,9 @@ def cmd_invert(args) -> int:
     record = sample_record(diffusion, meta, sampling, seed=0, weights=args.weights, images=args.image,
                            classes=labels, guidance_scale=guidance, mean_abs_error=float(error.mean()),
                            max_abs_error=float(error.max()), error_range="[0, 1] images")
-    save_latents(out / "latents.npz", latents, timesteps=list(sampling.timesteps),
-                 num_timesteps=diffusion.timesteps, steps=record["steps"], spacing=args.spacing)
-    _write_results(out, [inputs, recon], record, images=recon, inputs=inputs)
+    _write_results(out, [inputs, recon], record, images=recon, inputs=inputs, extra=lambda folder: save_latents(
+        folder / "latents.npz", latents, timesteps=list(sampling.timesteps), num_timesteps=diffusion.timesteps,
+        steps=record["steps"], spacing=args.spacing))
     print(f"inverted {len(images)} image(s) over {record['steps']} DDIM steps -> {out / 'latents.npz'}; "
           f"reconstruction error {error.mean():.4f} mean, {error.max():.4f} max (images in [0, 1])")
     return 0
@@ -669,6 +674,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``ddpm`` command; Ctrl-C at any moment, the heavy imports of the start included, is one line."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("ddpm: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -709,8 +723,5 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("ddpm: error: out of memory; choose a smaller model, image size or batch size", file=sys.stderr)
         return ConfigError.exit_code
-    except KeyboardInterrupt:
-        print("ddpm: interrupted", file=sys.stderr)
-        return 130
     finally:
         distributed.shutdown(completed=code == 0)

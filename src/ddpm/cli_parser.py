@@ -107,9 +107,12 @@ def _add_renamed(group, name: str, *old: str, dest: str, type, **kwargs) -> None
         group.add_argument(alias, dest=dest, type=type, action=_DeprecatedAlias, new=name)
 
 
-def _add_num_images(group, *old: str, dest: str = "n", help: str, **kwargs) -> None:
-    """``--num-images N``, every command's image count (``old``: the spellings it replaced)."""
-    _add_renamed(group, "--num-images", *old, dest=dest, type=_positive_int, metavar="N", help=help, **kwargs)
+def _add_num_images(group, *old: str, dest: str = "n", help: str, limit: int = 65_536, **kwargs) -> None:
+    """``--num-images N``, every command's image count (``old``: the spellings it replaced), 1 .. ``limit``:
+    the work a command does grows with it, so each command bounds it by what a user could want."""
+    count = _number(int, lambda v: 1 <= v <= limit, f"a positive integer up to {limit:,}")
+    _add_renamed(group, "--num-images", *old, dest=dest, type=count, metavar="N",
+                 help=f"{help}; at most {limit:,}", **kwargs)
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
@@ -273,8 +276,9 @@ def _add_sample(sub) -> None:
                                    "from which any single image can be regenerated.",
                        epilog=EXAMPLES_SAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
-    _add_num_images(p, "--n", help="number of images, of each class with --class (default 64, or one per --latents; "
-                                   "under torchrun the total over all processes)")
+    _add_num_images(p, "--n", limit=1_000_000,
+                    help="number of images, of each class with --class (default 64, or one per --latents; "
+                         "under torchrun the total over all processes; --num-images x --steps at most 10^9)")
     p.add_argument("--out", metavar="DIR", help="a directory for grid.png, samples.npz and record.json (default: "
                                                 "samples/NNN, the next free number)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
@@ -354,7 +358,7 @@ def _add_interpolate(sub) -> None:
     p.add_argument("--image-b", required=True, metavar="SPEC", help="like --image-a")
     p.add_argument("--data-root", help="folder holding the IDX files of mnist / fashion-mnist")
     p.add_argument("--t", type=_nonneg_int, help="0-based timestep to diffuse to (default T // 2, the paper's 500)")
-    _add_num_images(p, "--n-interp", dest="n_interp", default=8,
+    _add_num_images(p, "--n-interp", dest="n_interp", default=8, limit=1_000,
                     help="interpolants, lambda from 0 to 1 (at least 2; default 8)")
     p.add_argument("--method", choices=("linear", "slerp"), default="linear",
                    help="linear (the paper's) or spherical interpolation of the two x_t")
@@ -429,7 +433,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist / cifar10")
     p.add_argument("--split", choices=("train", "test"), default="test", help="reference split (default test)")
     _add_hub_columns(p, labels=False)
-    _add_num_images(p, "--n", default=100, help="images to evaluate: test images for bpd, samples generated or read, "
+    _add_num_images(p, "--n", default=100, limit=1_000_000, help="images to evaluate: test images for bpd, samples generated or read, "
                                                 "under torchrun the total over all processes (default 100)")
     p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
     p.add_argument("--ref-stats", metavar="NPZ",
@@ -609,7 +613,7 @@ def _add_viz(sub) -> None:
                    help="0-based steps to show (default 0 100 250 500 750 999)")
     f.add_argument("--timesteps", type=_timesteps, default=1000, help="T (default 1000)")
     f.add_argument("--schedules", **schedules)
-    _add_num_images(f, "--n", default=4, help="images, the first N of the train split (default 4)")
+    _add_num_images(f, "--n", default=4, limit=256, help="images, the first N of the train split (default 4)")
     f.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N", help="resize and center-crop")
     f.add_argument("--seed", type=_seed, default=0)
     f.add_argument("--out", required=True, metavar="PNG_FILE", help=PNG_OUT_HELP)
@@ -619,7 +623,7 @@ def _add_viz(sub) -> None:
                         description="Progressive generation from a checkpoint with any sampler: for each image, "
                                     "a row of x_t and a row of the x0 estimate at evenly spaced sampler steps.")
     r.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
-    _add_num_images(r, "--n", default=4, help="images, of each class with --class (default 4)")
+    _add_num_images(r, "--n", default=4, limit=256, help="images, of each class with --class (default 4)")
     r.add_argument("--frames", type=_positive_int, default=10, help="columns: sampler steps shown (default 10)")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--device", default="auto")
@@ -657,7 +661,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(sub)
     _add_invert(sub)
     _add_prepare(sub)
+    _refuse_empty_out(parser)
     return parser
+
+
+def _output_path(text: str) -> str:
+    """An argparse type for ``--out``: an empty path would be the current directory, never what was meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder ('.' for the current directory)")
+    return text
+
+
+def _refuse_empty_out(parser: argparse.ArgumentParser) -> None:
+    """Give every command's ``--out`` (those of ``viz``'s subcommands too) the type :func:`_output_path`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _refuse_empty_out(command)
+        elif "--out" in action.option_strings and action.type is None:
+            action.type = _output_path
 
 
 # ----------------------------------------------------------------------------- commands
@@ -735,7 +757,7 @@ def _add_editing_inputs(p, *, results: bool = True) -> None:
     p.add_argument("--out", metavar="DIR", help="a directory for grid.png, results.npz and record.json (default: "
                                                 "samples/NNN, the next free number)")
     if results:
-        _add_num_images(p, "--n", default=1, help="results per input image (default 1)")
+        _add_num_images(p, "--n", default=1, limit=1_000, help="results per input image (default 1)")
         p.add_argument("--seed", type=int, default=0, help="result k uses a seed derived from (seed, k)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images per batch (does not change them)")
     p.add_argument("--device", default="auto")

@@ -42,6 +42,7 @@ import torch
 
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from .config import DataConfig, RunConfig, TrainConfig, _is_int
+from .data import load_dataset
 from .denoiser import denoise
 from .diffusion import offset_noise, q_sample
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
@@ -334,6 +335,9 @@ def new_plan(checkpoint: str | None, rounds: int | None, *, steps_per_round: int
         data_cfg = DataConfig(name=data or teacher.data.name, root=data_root, split=teacher.data.split,
                               image_size=teacher.data.image_size, channels=teacher.data.channels,
                               hflip=teacher.data.hflip, strict=teacher.data.strict)
+        # other data is read once here, so that an unreadable or empty one is refused before any folder exists
+        load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split, image_size=data_cfg.image_size,
+                     channels=data_cfg.channels, strict=data_cfg.strict)
     return config, train, data_cfg
 
 

@@ -5,7 +5,8 @@
 :func:`estimate_seconds_per_step` times the run's own optimizer step (its batch, gradient accumulation,
 model flags and precision) on the device, a median of repeats after a warm-up, for the line printed with an
 automatic choice (:func:`choice_line`, :func:`ddpm.recipes.choose`), which describes the run after every
-override. ``benchmarks/estimates.py`` records these estimates against measured training times.
+override, and for the warning before a run estimated to last over a day (:func:`long_run_warning`).
+``benchmarks/estimates.py`` records these estimates against measured training times.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from .precision import autocast, channels_last, resolve_precision
 from .training_state import EMA
 
 __all__ = ["training_bytes_at_least", "check_training_memory", "estimate_seconds_per_step", "format_duration",
-           "choice_line", "run_words", "median_seconds", "training_step"]
+           "choice_line", "run_words", "median_seconds", "training_step", "LONG_RUN_SECONDS", "MIN_TIMED_IMAGES",
+           "worth_timing", "long_run_warning", "duration_lines"]
+
+# A run estimated to last longer than this says so before it starts: a warning, not a refusal (long
+# runs are legitimate; the user may have meant fewer steps or a smaller model, or may want --time-limit).
+LONG_RUN_SECONDS = 24 * 3600
+# Runs of fewer images x steps than this are not timed: to last a day, each image would need more than
+# 8.6 s per step, which no model that passes the memory check takes.
+MIN_TIMED_IMAGES = 10_000
 
 
 def training_bytes_at_least(config: RunConfig) -> int:
@@ -144,3 +153,32 @@ def choice_line(reason: str, config: RunConfig, seconds_per_step: float | None, 
                 if seconds_per_step is not None else "")
     return (f"ddpm: no --preset given: chose for {reason}; this run: {run_words(config, device)}{estimate} "
             f"(override with --preset, --steps, --batch-size or a model flag such as --dim)")
+
+
+def worth_timing(config: RunConfig) -> bool:
+    """Whether a run is long enough in images x steps that it could last a day (:data:`MIN_TIMED_IMAGES`)."""
+    tc = config.train
+    return tc.steps * tc.batch_size * tc.grad_accum >= MIN_TIMED_IMAGES
+
+
+def long_run_warning(config: RunConfig, seconds_per_step: float, device: str) -> str | None:
+    """A warning line when ``config.train.steps`` steps take over :data:`LONG_RUN_SECONDS`, unless a time
+    limit of at most a day stops the run first; else None."""
+    total = seconds_per_step * config.train.steps
+    limit = config.train.time_limit * 60
+    if total <= LONG_RUN_SECONDS or 0 < limit <= LONG_RUN_SECONDS:
+        return None
+    return (f"ddpm: warning: this run is estimated to take {format_duration(total)} on {device} "
+            f"({config.train.steps:,} steps of about {seconds_per_step:.2g} s); --time-limit MINUTES stops it in "
+            "time, or choose fewer --steps, a smaller --batch-size or a smaller model")
+
+
+def duration_lines(config: RunConfig, device: torch.device, *, dry_run: bool = False) -> list[str]:
+    """The lines ``ddpm train`` prints before a new run: the automatic choice's (with its estimate) and
+    the warning of a run estimated at over a day, each ending in a newline. The run is timed on the
+    device only when it could be that long (:func:`worth_timing`), and not for a dry run without a choice."""
+    timed = config.choice or (worth_timing(config) and not dry_run)
+    seconds_per_step = estimate_seconds_per_step(config, device) if timed else None
+    lines = [choice_line(config.choice, config, seconds_per_step, device.type)] if config.choice else []
+    warning = seconds_per_step is not None and long_run_warning(config, seconds_per_step, device.type)
+    return [line + "\n" for line in lines + ([warning] if warning else [])]

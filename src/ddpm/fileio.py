@@ -111,6 +111,8 @@ def check_output_path(path: str | os.PathLike, *, directory: bool = False, overw
     (permissions, read-only file system), a directory where a file is expected (or a file
     where a directory is), and an existing file unless ``overwrite``. Nothing is created.
     """
+    if isinstance(path, str) and not path.strip():       # Path("") is ".": the current directory, never meant
+        raise OutputError(f"{option} is an empty path; name a file or folder ('.' for the current directory)")
     path = Path(path)
     blocker = _file_above(path)
     if blocker is not None:

@@ -27,7 +27,7 @@ from .models import PRESETS, UnetConfig, preset_config
 from .recipes import DEFAULT_PRESET_FOR_DATA, RECIPES, choose
 
 __all__ = ["merge_layers", "merge_over_recipe", "TRAIN_KEY_ALIASES", "load_toml", "dataset_num_classes",
-           "resolve_train_config", "INIT_MAY_CHANGE", "resolve_init_config", "checkpoint_global_batch",
+           "resolve_train_config", "check_overridden_values", "INIT_MAY_CHANGE", "resolve_init_config", "checkpoint_global_batch",
            "per_process_batch", "RESUME_MAY_CHANGE", "resume_config"]
 
 
@@ -153,6 +153,7 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
         if key in file_layer.get("model", {}):
             raise ConfigError(f"{config_file}: set {key} under [data]; the model takes it from the data")
     merged = merge_over_recipe(preset, file_layer, flags)
+    check_overridden_values(file_layer, flags, merged, config_file)
     data_cfg, diffusion_cfg, train_cfg = _sections(merged)
     data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
                         image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict,
@@ -180,6 +181,24 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
         raise ConfigError(f"invalid [model] option: {exc}") from None
     return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg,
                      choice=None if choice is None else choice.reason), data
+
+
+def check_overridden_values(file_layer: dict, flags: dict, merged: dict, config_file) -> None:
+    """Validate the file's values that options override, which the merged configuration never sees: each
+    section as if the file had won on every key it gives (``batch_size = -8`` under ``--batch-size 8``
+    is refused all the same). [model] values are checked when the file is read (:func:`load_toml`)."""
+    for section, cls in (("data", DataConfig), ("diffusion", DiffusionConfig), ("train", TrainConfig)):
+        given = file_layer.get(section, {})
+        overridden = sorted(k for k, v in flags.get(section, {}).items() if v is not None and k in given)
+        if not overridden:
+            continue
+        try:
+            cls(**{**merged.get(section, {}), **given})
+        except (ConfigError, TypeError) as exc:
+            spelled = {key: alias for alias, key in TRAIN_KEY_ALIASES.items()}       # num_samples: --num-images
+            options = ", ".join("--" + spelled.get(k, k).replace("_", "-") for k in overridden)
+            raise ConfigError(f"{config_file}: {exc} (overridden by {options}, but every value given is "
+                              "checked; fix or remove it in the file)") from None
 
 
 def _sections(merged: dict) -> tuple[DataConfig, DiffusionConfig, TrainConfig]:
@@ -230,6 +249,7 @@ def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str
     base = {"diffusion": saved.to_dict()["diffusion"],
             "data": {"image_size": saved.model.image_size, "channels": saved.model.channels}}
     merged = merge_over_recipe(saved.preset, base, file_layer, flags)
+    check_overridden_values(file_layer, flags, merged, config_file)
     data_cfg, diffusion_cfg, train_cfg = _sections(merged)
     for what, ours, theirs in (("self_condition", diffusion_cfg.self_condition, saved.diffusion.self_condition),
                                ("learned variance", diffusion_cfg.learned_variance, saved.diffusion.learned_variance)):

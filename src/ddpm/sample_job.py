@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import __version__, distributed, viz
 from .data import load_dataset
+from .data.image_files import convert_image
 from .errors import ConfigError, DataError
 from .fileio import staged_dir, write_json
 from .generate import (DEFAULT_GUIDANCE_SCALE, generate, interpolate, interpolation_plan, progressive_frames,
@@ -86,9 +87,11 @@ def load_image(spec: str, image_size: tuple[int, int], channels: int, *,
         raise DataError(f"no such image file: {spec} (or give DATASET:INDEX, e.g. digits:0)")
     try:
         with Image.open(path) as image:
-            image = image.convert({1: "L", 3: "RGB", 4: "RGBA"}[channels])
+            image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {spec}: {exc}") from None
+    # as the data loader reads it: 16-bit grey scaled, float grey in 0..255 and finite, else one DataError
+    image = convert_image(image, channels, spec)
     height, width = image_size
     image = ImageOps.fit(image, (width, height), method=Image.BICUBIC)
     pixels = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
@@ -172,6 +175,17 @@ class SamplePlan:
     row_labels: list[str] | None = None      # one per grid row: the class each row shows
 
 
+# Network evaluations one ddpm sample may ask for: a million images of 1,000 steps (twenty FID-50k sets).
+MAX_EVALUATIONS = 10 ** 9
+
+
+def check_evaluations(images: int, steps: int) -> None:
+    """Refuse --num-images x --steps beyond :data:`MAX_EVALUATIONS`, before anything is sampled."""
+    if images * steps > MAX_EVALUATIONS:
+        raise ConfigError(f"--num-images {images:,} x {steps:,} steps is {images * steps:,} network evaluations; "
+                          f"at most {MAX_EVALUATIONS:,} in one run (split it with --start-index)")
+
+
 def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOptions | SamplingPlan, *, n: int,
                  classes=None, guidance_scale: float | None = None, seed: int = 0, start_index: int = 0,
                  weights: str = "ema", device: str = "cpu", world: int = 1, latents=None, latents_path=None,
@@ -200,6 +214,7 @@ def plan_samples(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOpt
         if total < world:
             raise ConfigError(f"{total} image(s) for {world} processes; each process needs at least one")
     sampling = resolve_plan(diffusion, sampling)                   # validates the steps against T
+    check_evaluations(total, sampling.steps)
     record = sample_record(diffusion, meta, sampling, seed=seed, weights=weights, n=total,
                            start_index=start_index, device=device, **extra,
                            **(sources or {}))

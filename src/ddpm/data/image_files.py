@@ -65,9 +65,14 @@ def convert_image(image: Image.Image, channels: int | None, where) -> Image.Imag
 
 
 def _high_depth_to_uint8(pixels: np.ndarray, mode: str, path: Path) -> np.ndarray:
-    """16-bit grey is scaled to 0..255; 32-bit int / float grey must already lie in 0..255."""
+    """16-bit grey is scaled to 0..255; 32-bit int / float grey must already lie in 0..255 (and be finite:
+    NaN passes every comparison, and would become 0 in the cast)."""
     if mode.startswith("I;16"):
         return ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        bad = int(pixels.size - np.isfinite(pixels).sum())
+        raise DataError(f"image {path} (mode {mode}) has {bad} non-finite pixel(s) (NaN or inf); "
+                        "replace them, or convert the image to 8-bit first")
     if pixels.size and (pixels.min() < 0 or pixels.max() > 255):
         raise DataError(f"image {path} (mode {mode}) has values outside 0..255; convert it to 8-bit first")
     return np.rint(pixels).astype(np.uint8)

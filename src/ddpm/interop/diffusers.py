@@ -75,7 +75,7 @@ from safetensors import SafetensorError
 from ..checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from ..config import DataConfig, DiffusionConfig, RunConfig
 from ..errors import CheckpointError, ConfigError
-from ..fileio import fsync_dir
+from ..fileio import check_output_path, fsync_dir
 from ..models import PRESETS, Unet, UnetConfig, preset_config
 from ..schedules import SCHEDULES, NoiseSchedule
 from .diffusers_bounds import check_scheduler_bounds, check_unet_bounds
@@ -470,6 +470,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _check_out_dir(out: Path) -> None:
+    check_output_path(out, directory=True)          # below a file, read-only: refused before any work
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -644,6 +645,7 @@ def import_diffusers(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise ConfigError(f"--out {out} already exists; choose a new checkpoint path (nothing is overwritten)")
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out} must end in .safetensors")
+    check_output_path(out, overwrite=True)          # below a file, read-only: refused before any work
     index = _read_json(folder / "model_index.json", folder)
     _component(index, "unet", "UNet2DModel", folder)
     _component(index, "scheduler", "DDPMScheduler", folder)

@@ -37,6 +37,7 @@ import torch
 from ..checkpoint import save_checkpoint
 from ..config import DataConfig, DiffusionConfig, RunConfig
 from ..errors import CheckpointError, ConfigError
+from ..fileio import check_output_path
 from ..models import Unet, UnetConfig
 from ..schedules import NoiseSchedule
 
@@ -262,6 +263,7 @@ def import_openai(path: str | os.PathLike, out: str | os.PathLike, flags: str) -
         raise ConfigError(f"--out {out} already exists; choose a new checkpoint path (nothing is overwritten)")
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out {out} must end in .safetensors")
+    check_output_path(out, overwrite=True)          # below a file, read-only: refused before any work
     parsed = parse_openai_flags(flags)
     openai_configs(parsed, num_classes=1)           # refuse bad flags before reading a large file
     NoiseSchedule(parsed["noise_schedule"], parsed["diffusion_steps"])   # a schedule every sampler can build

@@ -112,7 +112,13 @@ def _train_config(args):
     from .resolve import resolve_train_config
 
     return resolve_train_config(_flag_layer(args), preset=args.preset, config_file=args.config,
-                                conditional=args.conditional, label_dropout_given=args.label_dropout is not None)
+                                conditional=args.conditional, label_dropout_given=args.label_dropout is not None,
+                                condition=_image_condition_flags(args))
+
+
+def _image_condition_flags(args) -> dict:
+    """--task, --scale, --condition-noise, --condition-data (ddpm.resolve.image_condition reads them)."""
+    return {"task": args.task, "scale": args.scale, "noise": args.condition_noise, "data": args.condition_data}
 
 
 def _resume_config(args):

@@ -210,7 +210,22 @@ def _add_train(sub) -> None:
     g.add_argument("--init", metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's EMA weights, with its architecture (and, unless "
                         "given, its diffusion settings and image size); e.g. a model made by ddpm import")
+    _add_image_condition_train(p.add_argument_group("image-conditioned models (docs/conditioning.md)"))
     _add_train_output(p.add_argument_group("output"))
+
+
+def _add_image_condition_train(g) -> None:
+    """``ddpm train``'s options of an image-conditioned model (SR3, Palette, Cascaded Diffusion)."""
+    g.add_argument("--task", choices=("super-resolution", "colorize", "paired"),
+                   help="condition the model on an image: the area-downsampled target (super-resolution, with "
+                        "--scale), its luminance (colorize, RGB data) or a second dataset (paired, --condition-data)")
+    g.add_argument("--scale", type=_positive_int, metavar="S",
+                   help="super-resolution factor: the condition is the target at 1/S of its size (S divides it)")
+    g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
+                   help="conditioning augmentation: c + level x N(0, I), the level uniform in [0, L] per image "
+                        "and given to the network as one more channel (Cascaded Diffusion; default 0: off)")
+    g.add_argument("--condition-data", metavar="SRC",
+                   help="--task paired: the conditions, row k (or the file of the same relative path) for target k")
 
 
 def _add_train_output(g) -> None:
@@ -283,6 +298,19 @@ def _add_sample(sub) -> None:
     g.add_argument("--guidance-scale", type=float, metavar="W",
                    help=f"classifier-free guidance: eps = eps_uncond + W (eps_cond - eps_uncond); 1 is the "
                         f"conditional model alone, 0 the unconditional (default {DEFAULT_GUIDANCE_SCALE:g})")
+    _add_image_condition_sample(p.add_argument_group("image-conditioned models and cascades (docs/conditioning.md)"))
+
+
+def _add_image_condition_sample(g) -> None:
+    """``ddpm sample``'s options of an image-conditioned model and of a cascade."""
+    g.add_argument("--condition", metavar="SRC",
+                   help="the conditions: an image file, a folder, an .npz, or a dataset's test image (digits:3, "
+                        "mnist:7); --num-images samples of each")
+    g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
+                   help="the conditioning-augmentation level at sampling (a model trained with --condition-noise)")
+    g.add_argument("--then", action="append", metavar="RUN",
+                   help="a cascade: each image the checkpoint makes conditions this super-resolution run "
+                        "(repeat for more stages)")
 
 
 # The defaults of --sampler and --steps, as ddpm.generate.resolve_sampling implements them.

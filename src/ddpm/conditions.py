@@ -191,3 +191,17 @@ def training_condition(condition: ImageCondition, x0: torch.Tensor, paired: torc
     if rows is not None:
         levels, noise = levels[rows], noise[rows]
     return augment(condition, c, levels, noise)
+
+
+def given_condition(condition: ImageCondition, targets: torch.Tensor) -> torch.Tensor:
+    """The condition a user would give for ``targets`` (in [0, 1]), in [0, 1]: the low-resolution image
+    (super-resolution) or the luminance (colorize). Both maps are linear with weights summing to 1,
+    so they commute with the map [0, 1] -> [-1, 1] and equal the training condition's source."""
+    if condition.task == "super-resolution":
+        return area_downsample(targets, condition.scale)
+    return luminance(targets)
+
+
+def shown_condition(condition: ImageCondition, given: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A given condition in [0, 1] at the samples' size, as the network sees it (before augmentation)."""
+    return (condition_from_input(condition, given.float() * 2.0 - 1.0, size) + 1.0) / 2.0

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import checkpoint_path, flatten_optimizer_state, list_checkpoints, save_checkpoint
-from .conditions import training_condition
+from .conditions import given_condition, shown_condition, training_condition
 from .config import RunConfig
 from .data import ImageData, check_same_dataset, load_dataset
 from .data.pairs import load_paired_data
@@ -47,7 +47,7 @@ from .gaussian_diffusion import GaussianDiffusion
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
-from .pixels import uint8_to_unit as to_tensor_on_device
+from .pixels import to_uint8, uint8_to_unit as to_tensor_on_device
 from .precision import autocast, channels_last, check_precision, resolve_precision
 from .data.prepared import BatchPrefetcher
 from .denoiser import CONDITION_KEY
@@ -592,6 +592,12 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
         n, cond = len(labels), {"labels": labels, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
         names = config.model.class_names
         rows = [names[c] if names else str(c) for c in labels[::nrow]]
+    panels = []
+    if config.condition is not None:    # the first n training conditions, shown beside the samples
+        given = _grid_conditions(setup, n)
+        n, cond["conditions"] = len(given), given
+        shown = shown_condition(config.condition, given, config.model.image_size)
+        panels = [make_grid(to_uint8(shown), nrow=nrow)]
     grids = [make_grid(generate(d, n, batch_size=n, seed=seed, progress=False, **cond), nrow=nrow)
              for d in (state.ema_diffusion, setup.diffusion.eval())]
     if rows:
@@ -600,7 +606,17 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
         for name, grid in zip(("ema", "raw"), grids):
             rgb = np.repeat(grid, 3, axis=2) if grid.shape[2] == 1 else grid
             board.add_image(f"samples/{name}", rgb, step, dataformats="HWC")
-    return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
+    return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png",
+                    side_by_side(panels + grids, ["condition"] * len(panels) + ["EMA", "raw"]))
+
+
+def _grid_conditions(setup: Setup, n: int) -> torch.Tensor:
+    """The conditions, in [0, 1], of the first ``n`` training images (paired rows, or implied by the targets)."""
+    rows = np.arange(min(n, setup.data.num_images))
+    if setup.conditions is not None:
+        return to_tensor_on_device(setup.conditions[torch.from_numpy(rows).to(setup.device)]).cpu()
+    targets = to_tensor_on_device(torch.from_numpy(np.asarray(setup.data.images[rows])))
+    return given_condition(setup.config.condition, targets)
 
 
 def _evaluator(setup: Setup):

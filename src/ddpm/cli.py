@@ -224,6 +224,8 @@ def cmd_sample(args) -> int:
         choice = _precision(args, device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
                                          precision=choice.precision)
+        if args.condition is not None or args.then or getattr(diffusion, "condition", None) is not None:
+            return _sample_image_conditioned(args, out, device, choice, diffusion, meta)
         latents, latent_sampling = _latents_from_args(args, diffusion)
         sampling, sources = _sampling_from_args(args, diffusion, latent_sampling)   # e.g. a student's steps
         plan = plan_samples(diffusion, meta, sampling, n=args.n, classes=args.classes,
@@ -237,6 +239,47 @@ def cmd_sample(args) -> int:
         print(f"wrote {_plural(plan.total, 'image')} ({plan.record['sampler']}, "
               f"{_plural(plan.record['steps'], 'step')}) from "
               f"{meta['path']} (step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {paths['record']}")
+    return 0
+
+
+def _sample_image_conditioned(args, out, device, choice, diffusion, meta) -> int:
+    """``ddpm sample --condition SRC`` on an image-conditioned checkpoint, or a cascade (``--then RUN``)."""
+    from .condition_job import load_conditions, plan_cascade, run_cascade, run_conditioned
+    from .generate import load_diffusion
+
+    for flag, given in (("--latents", args.latents), ("--progressive", args.progressive), ("--png", args.png)):
+        if given:
+            raise ConfigError(f"{flag} is not available with --condition or --then")
+    if args.then:
+        if args.condition is not None or args.condition_noise:
+            raise ConfigError("a cascade conditions each stage on the previous stage's images: drop --condition "
+                              "and --condition-noise")
+        stages = [(args.checkpoint, diffusion, meta, _sampling_from_args(args, diffusion)[0])]
+        for path in args.then:
+            stage, stage_meta = load_diffusion(path, device=device, weights=args.weights, precision=choice.precision)
+            stages.append((path, stage, stage_meta, _sampling_from_args(args, stage)[0]))
+        records = plan_cascade(stages, args.seed, args.weights)
+        n = args.n or 1
+        labels, guidance = _classes_from_args(args, diffusion, meta)
+        if labels is not None:
+            labels = [c for c in labels for _ in range(n)]
+        paths = run_cascade(stages, records, out, n=len(labels) if labels else n, start_index=args.start_index,
+                            batch_size=args.batch_size, progress=_show_progress(args), labels=labels,
+                            guidance_scale=guidance)
+        print(f"wrote a {len(stages)}-stage cascade to {paths['grid']}, {paths['samples']} and {paths['record']}")
+        return 0
+    if args.condition is None:
+        raise ConfigError(f"{meta['path']} is image-conditioned ({diffusion.condition.task}): give --condition SRC")
+    if args.classes or args.start_index:
+        raise ConfigError("--class and --start-index are not available with --condition")
+    conditions = load_conditions(diffusion, args.condition, data_root=getattr(args, "data_root", None))
+    sampling, sources = _sampling_from_args(args, diffusion)
+    _say_precision(args, choice)
+    paths = run_conditioned(diffusion, meta, conditions, out, sampling=sampling, per_condition=args.n or 1,
+                            seed=args.seed, level=args.condition_noise or 0.0, batch_size=args.batch_size,
+                            progress=_show_progress(args), weights=args.weights, device=str(device), sources=sources)
+    print(f"wrote {_plural(len(conditions.images) * (args.n or 1), 'image')} for "
+          f"{_plural(len(conditions.images), 'condition')} to {paths['grid']}, {paths['samples']} and {paths['record']}")
     return 0
 
 

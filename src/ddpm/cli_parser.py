@@ -305,7 +305,9 @@ def _add_image_condition_sample(g) -> None:
     """``ddpm sample``'s options of an image-conditioned model and of a cascade."""
     g.add_argument("--condition", metavar="SRC",
                    help="the conditions: an image file, a folder, an .npz, or a dataset's test image (digits:3, "
-                        "mnist:7); --num-images samples of each")
+                        "mnist:7, from the test split; their targets are kept); --num-images samples of each "
+                        "(default 1)")
+    g.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist, for --condition mnist:K")
     g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
                    help="the conditioning-augmentation level at sampling (a model trained with --condition-noise)")
     g.add_argument("--then", action="append", metavar="RUN",

@@ -246,3 +246,10 @@ def test_bad_training_options_are_one_line_and_write_nothing(tmp_path, capsys):
     for argv, words in cases:
         assert words in one_line_error(capsys, ["train", *argv, *TINY, "--out", str(out)])
         assert not out.exists()
+
+
+def test_export_to_diffusers_refuses_an_image_conditioned_model(runs, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "pipe"
+    assert "image-conditioned" in one_line_error(capsys, ["export", "--checkpoint", str(runs["sr"]), "--out", str(out)])
+    assert not out.exists()

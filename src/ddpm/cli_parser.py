@@ -504,7 +504,7 @@ def _add_export(sub) -> None:
                                    "(DDPMScheduler config: the same schedule, variance, prediction type and "
                                    "clipping), model_index.json, and a model card README.md for the Hugging Face "
                                    "Hub with a copy of the run's samples.png. Needs diffusers (pip install 'ddpm[diffusers]'). "
-                                   "Class-conditional and other models DDPMPipeline cannot run are refused.",
+                                   "Class-conditional, image-conditioned and other models DDPMPipeline cannot run are refused.",
                        epilog=EXAMPLES_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
     p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the target format (diffusers)")

@@ -366,6 +366,14 @@ def cmd_eval(args) -> int:
     for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
         if path:                        # before any work: an existing file needs --overwrite
             check_output_path(path, overwrite=args.overwrite, option=option)
+    if args.checkpoint and _is_image_conditioned(args.checkpoint):
+        results = _eval_image_conditioned(args)
+        for key, value in results.items():
+            print(f"{key:>26}: {value:.6g}" if isinstance(value, float) else f"{key:>26}: {value}")
+        if args.out:
+            write_json(args.out, results)
+            print(f"wrote {args.out}")
+        return 0
     names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
              "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
              "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
@@ -380,6 +388,43 @@ def cmd_eval(args) -> int:
         write_json(args.out, results)
         print(f"wrote {args.out}")
     return 0
+
+
+def _is_image_conditioned(checkpoint) -> bool:
+    from .checkpoint import read_metadata
+
+    return read_metadata(checkpoint)["config"].get("condition") is not None
+
+
+def _eval_image_conditioned(args) -> dict:
+    """PSNR, SSIM, consistency and the fast metric of an image-conditioned checkpoint on held-out pairs
+    (the --split of --data, with --condition-data for a paired model), beside the trivial baseline's."""
+    from .data import load_dataset
+    from .data.pairs import load_pairs
+    from .device import select_device
+    from .evaluation.conditioned import evaluate_conditioned
+    from .generate import load_diffusion, sampling_options
+
+    import numpy as np      # the command line loads numpy (with torch) only for the commands that use it
+
+    if args.data is None:
+        raise ConfigError("an image-conditioned checkpoint is evaluated on held-out pairs: give --data (its --split, "
+                          "default test, holds the targets)")
+    device = select_device(args.device)
+    diffusion, _ = load_diffusion(args.checkpoint, device=device, weights=args.weights,
+                                  precision=_precision(args, device).precision)
+    size, channels = tuple(diffusion.image_size), diffusion.channels
+    if args.condition_data is not None:
+        targets, conditions = load_pairs(args.data, args.condition_data, data_root=args.data_root, split=args.split,
+                                         image_size=size, channels=channels)
+        condition_rows = np.asarray(conditions.images[:args.n])
+    else:
+        targets, condition_rows = load_dataset(args.data, data_root=args.data_root, split=args.split, image_size=size,
+                                               channels=channels), None
+    sampling = sampling_options(args.sampler, args.steps, eta=args.eta, base=diffusion.default_sampling)
+    return evaluate_conditioned(diffusion, np.asarray(targets.images[:args.n]), condition_rows, seed=args.seed,
+                                batch_size=args.batch_size, sampling=sampling, level=args.condition_noise or 0.0,
+                                progress=_show_progress(args))
 
 
 def cmd_viz(args) -> int:

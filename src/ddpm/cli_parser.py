@@ -472,6 +472,15 @@ def _add_eval(sub) -> None:
     _add_precision(g)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_progress(p)
+    _add_image_condition_eval(p.add_argument_group("image-conditioned checkpoints (docs/conditioning.md)"))
+
+
+def _add_image_condition_eval(g) -> None:
+    """``ddpm eval``'s options for an image-conditioned checkpoint (held-out pairs: --data's --split)."""
+    g.add_argument("--condition-data", metavar="SRC",
+                   help="the held-out conditions of a paired model, row k for target k of --data")
+    g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
+                   help="the conditioning-augmentation level at sampling (default 0)")
 
 
 EXAMPLES_EXPORT = """\

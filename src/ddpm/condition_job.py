@@ -34,7 +34,8 @@ from .pixels import to_tensor, to_uint8
 from .sample_job import sample_record
 from .seeding import derive_seed
 
-__all__ = ["Conditions", "load_conditions", "plan_cascade", "check_cascade", "run_conditioned", "run_cascade"]
+__all__ = ["Conditions", "load_conditions", "plan_cascade", "check_cascade", "condition_grid", "run_conditioned",
+           "run_cascade"]
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -130,7 +131,7 @@ def check_cascade(stages: list[tuple[str, GaussianDiffusion]]) -> None:
         previous = (stage.channels, *stage.image_size)
 
 
-def _grid(images: np.ndarray, shown: np.ndarray, targets: np.ndarray | None, per: int) -> np.ndarray:
+def condition_grid(images: np.ndarray, shown: np.ndarray, targets: np.ndarray | None, per: int) -> np.ndarray:
     """One column per condition: the condition, its ``per`` samples, the target; rows labelled."""
     k = len(shown)
     channels = images.shape[3]
@@ -160,7 +161,7 @@ def run_conditioned(diffusion: GaussianDiffusion, meta: dict, conditions: Condit
                                       "condition_of_image_k": "conditions[k // per_condition]"})
     out = Path(out)
     with staged_dir(out) as stage:
-        save_png(stage / "grid.png", _grid(images, shown, targets, per_condition))
+        save_png(stage / "grid.png", condition_grid(images, shown, targets, per_condition))
         save_npz(stage / "samples.npz", **arrays)
         write_json(stage / "record.json", record)
     return {"grid": out / "grid.png", "samples": out / "samples.npz", "record": out / "record.json"}

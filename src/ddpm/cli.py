@@ -244,42 +244,11 @@ def cmd_sample(args) -> int:
 
 def _sample_image_conditioned(args, out, device, choice, diffusion, meta) -> int:
     """``ddpm sample --condition SRC`` on an image-conditioned checkpoint, or a cascade (``--then RUN``)."""
-    from .condition_job import load_conditions, plan_cascade, run_cascade, run_conditioned
-    from .generate import load_diffusion
+    from .condition_job import sample_command        # the command's own module, loaded when it runs
 
-    for flag, given in (("--latents", args.latents), ("--progressive", args.progressive), ("--png", args.png)):
-        if given:
-            raise ConfigError(f"{flag} is not available with --condition or --then")
-    if args.then:
-        if args.condition is not None or args.condition_noise:
-            raise ConfigError("a cascade conditions each stage on the previous stage's images: drop --condition "
-                              "and --condition-noise")
-        stages = [(args.checkpoint, diffusion, meta, _sampling_from_args(args, diffusion)[0])]
-        for path in args.then:
-            stage, stage_meta = load_diffusion(path, device=device, weights=args.weights, precision=choice.precision)
-            stages.append((path, stage, stage_meta, _sampling_from_args(args, stage)[0]))
-        records = plan_cascade(stages, args.seed, args.weights)
-        n = args.n or 1
-        labels, guidance = _classes_from_args(args, diffusion, meta)
-        if labels is not None:
-            labels = [c for c in labels for _ in range(n)]
-        paths = run_cascade(stages, records, out, n=len(labels) if labels else n, start_index=args.start_index,
-                            batch_size=args.batch_size, progress=_show_progress(args), labels=labels,
-                            guidance_scale=guidance)
-        print(f"wrote a {len(stages)}-stage cascade to {paths['grid']}, {paths['samples']} and {paths['record']}")
-        return 0
-    if args.condition is None:
-        raise ConfigError(f"{meta['path']} is image-conditioned ({diffusion.condition.task}): give --condition SRC")
-    if args.classes or args.start_index:
-        raise ConfigError("--class and --start-index are not available with --condition")
-    conditions = load_conditions(diffusion, args.condition, data_root=getattr(args, "data_root", None))
-    sampling, sources = _sampling_from_args(args, diffusion)
-    _say_precision(args, choice)
-    paths = run_conditioned(diffusion, meta, conditions, out, sampling=sampling, per_condition=args.n or 1,
-                            seed=args.seed, level=args.condition_noise or 0.0, batch_size=args.batch_size,
-                            progress=_show_progress(args), weights=args.weights, device=str(device), sources=sources)
-    print(f"wrote {_plural(len(conditions.images) * (args.n or 1), 'image')} for "
-          f"{_plural(len(conditions.images), 'condition')} to {paths['grid']}, {paths['samples']} and {paths['record']}")
+    print(sample_command(args, out, device, choice.precision, diffusion, meta,
+                         sampling_for=lambda d: _sampling_from_args(args, d)[0],
+                         classes=_classes_from_args(args, diffusion, meta), progress=_show_progress(args)))
     return 0
 
 
@@ -360,25 +329,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation.pipeline import EvalConfig, evaluate
     from .fileio import check_output_path, write_json
 
     for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
         if path:                        # before any work: an existing file needs --overwrite
             check_output_path(path, overwrite=args.overwrite, option=option)
     if args.checkpoint and _is_image_conditioned(args.checkpoint):
-        results = _eval_image_conditioned(args)
-        for key, value in results.items():
-            print(f"{key:>26}: {value:.6g}" if isinstance(value, float) else f"{key:>26}: {value}")
-        if args.out:
-            write_json(args.out, results)
-            print(f"wrote {args.out}")
-        return 0
-    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
-             "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
-             "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
-    options = {name: getattr(args, name) for name in names}
-    results = evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
+        from .evaluation.conditioned import evaluate_checkpoint    # held-out pairs: their own figures
+
+        results = evaluate_checkpoint(args, progress=_show_progress(args))
+    else:
+        results = _evaluate(args)
     if results is None:               # a process other than rank 0 under torchrun
         return 0
     for key, value in results.items():
@@ -390,41 +351,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _evaluate(args):
+    """The metrics of ``ddpm eval`` (ddpm.evaluation.pipeline)."""
+    from .evaluation.pipeline import EvalConfig, evaluate
+
+    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
+             "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
+             "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
+    options = {name: getattr(args, name) for name in names}
+    return evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
+
+
 def _is_image_conditioned(checkpoint) -> bool:
-    from .checkpoint import read_metadata
+    from .checkpoint import read_metadata             # the checkpoint's header alone, before the eval pipeline
 
-    return read_metadata(checkpoint)["config"].get("condition") is not None
-
-
-def _eval_image_conditioned(args) -> dict:
-    """PSNR, SSIM, consistency and the fast metric of an image-conditioned checkpoint on held-out pairs
-    (the --split of --data, with --condition-data for a paired model), beside the trivial baseline's."""
-    from .data import load_dataset
-    from .data.pairs import load_pairs
-    from .device import select_device
-    from .evaluation.conditioned import evaluate_conditioned
-    from .generate import load_diffusion, sampling_options
-
-    import numpy as np      # the command line loads numpy (with torch) only for the commands that use it
-
-    if args.data is None:
-        raise ConfigError("an image-conditioned checkpoint is evaluated on held-out pairs: give --data (its --split, "
-                          "default test, holds the targets)")
-    device = select_device(args.device)
-    diffusion, _ = load_diffusion(args.checkpoint, device=device, weights=args.weights,
-                                  precision=_precision(args, device).precision)
-    size, channels = tuple(diffusion.image_size), diffusion.channels
-    if args.condition_data is not None:
-        targets, conditions = load_pairs(args.data, args.condition_data, data_root=args.data_root, split=args.split,
-                                         image_size=size, channels=channels)
-        condition_rows = np.asarray(conditions.images[:args.n])
-    else:
-        targets, condition_rows = load_dataset(args.data, data_root=args.data_root, split=args.split, image_size=size,
-                                               channels=channels), None
-    sampling = sampling_options(args.sampler, args.steps, eta=args.eta, base=diffusion.default_sampling)
-    return evaluate_conditioned(diffusion, np.asarray(targets.images[:args.n]), condition_rows, seed=args.seed,
-                                batch_size=args.batch_size, sampling=sampling, level=args.condition_noise or 0.0,
-                                progress=_show_progress(args))
+    try:
+        return read_metadata(checkpoint)["config"].get("condition") is not None
+    except DdpmError:                                 # the eval pipeline reports an unreadable checkpoint
+        return False
 
 
 def cmd_viz(args) -> int:

@@ -28,14 +28,14 @@ from .data.image_files import find_image_files
 from .errors import ConfigError, DataError
 from .fileio import staged_dir, write_json
 from .gaussian_diffusion import GaussianDiffusion
-from .generate import generate
+from .generate import generate, load_diffusion
 from .images import label_rows, make_grid, save_npz, save_png
 from .pixels import to_tensor, to_uint8
 from .sample_job import sample_record
 from .seeding import derive_seed
 
 __all__ = ["Conditions", "load_conditions", "plan_cascade", "check_cascade", "condition_grid", "run_conditioned",
-           "run_cascade"]
+           "run_cascade", "sample_command"]
 
 MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -197,3 +197,42 @@ def run_cascade(stages, records: list[dict], out: str | os.PathLike, *, n: int, 
         save_npz(stage / "samples.npz", **arrays)
         write_json(stage / "record.json", record)
     return {"grid": out / "grid.png", "samples": out / "samples.npz", "record": out / "record.json"}
+
+
+def _check_flags(args) -> None:
+    for flag, given in (("--latents", args.latents), ("--progressive", args.progressive), ("--png", args.png)):
+        if given:
+            raise ConfigError(f"{flag} is not available with --condition or --then")
+    if args.then and (args.condition is not None or args.condition_noise):
+        raise ConfigError("a cascade conditions each stage on the previous stage's images: drop --condition "
+                          "and --condition-noise")
+
+
+def sample_command(args, out, device, precision: str, diffusion: GaussianDiffusion, meta: dict, *, sampling_for,
+                   classes: tuple, progress: bool) -> str:
+    """``ddpm sample`` of an image-conditioned checkpoint (``--condition``) or of a cascade (``--then``):
+    checked, run, written; returns the line to print. ``sampling_for(diffusion)`` resolves the sampler
+    flags against a checkpoint, ``classes`` are the (labels, guidance scale) of ``--class``."""
+    _check_flags(args)
+    n = args.n or 1
+    if args.then:
+        stages = [(args.checkpoint, diffusion, meta, sampling_for(diffusion))]
+        for path in args.then:
+            stage, stage_meta = load_diffusion(path, device=device, weights=args.weights, precision=precision)
+            stages.append((path, stage, stage_meta, sampling_for(stage)))
+        records = plan_cascade(stages, args.seed, args.weights)
+        labels = None if classes[0] is None else [c for c in classes[0] for _ in range(n)]
+        paths = run_cascade(stages, records, out, n=len(labels) if labels else n, start_index=args.start_index,
+                            batch_size=args.batch_size, progress=progress, labels=labels, guidance_scale=classes[1])
+        return f"wrote a {len(stages)}-stage cascade to {paths['grid']}, {paths['samples']} and {paths['record']}"
+    if args.condition is None:
+        raise ConfigError(f"{meta['path']} is image-conditioned ({diffusion.condition.task}): give --condition SRC")
+    if classes[0] is not None or args.start_index:
+        raise ConfigError("--class and --start-index are not available with --condition")
+    conditions = load_conditions(diffusion, args.condition, data_root=args.data_root)
+    paths = run_conditioned(diffusion, meta, conditions, out, sampling=sampling_for(diffusion), per_condition=n,
+                            seed=args.seed, level=args.condition_noise or 0.0, batch_size=args.batch_size,
+                            progress=progress, weights=args.weights, device=str(device), sources={})
+    count = len(conditions.images)
+    return (f"wrote {count * n} image(s) for {count} condition(s) to {paths['grid']}, {paths['samples']} and "
+            f"{paths['record']}")

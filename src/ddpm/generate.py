@@ -161,12 +161,7 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
         if len(latents) < start_index + n:
             raise ConfigError(f"{len(latents)} latents for images {start_index}..{start_index + n - 1}; "
                               "give at most as many images as latents")
-    if conditions is not None:
-        conditions = torch.as_tensor(conditions, dtype=torch.float32)
-        if len(conditions) != n:
-            raise ConfigError(f"{len(conditions)} conditions for {n} images; give one per image")
-    check_condition(getattr(diffusion, "condition", None), None if conditions is None else conditions[:1],
-                    "this checkpoint")
+    conditions = _checked_conditions(diffusion, conditions, n)
     plan = resolve_plan(diffusion, sampling)                    # once for every batch
     out = []
     for first in range(start_index, start_index + n, batch_size):
@@ -181,6 +176,17 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
                                condition_level=condition_level)
         out.append(to_uint8(images.cpu()))
     return np.concatenate(out)
+
+
+def _checked_conditions(diffusion: GaussianDiffusion, conditions, n: int) -> torch.Tensor | None:
+    """One image condition per image, as a float tensor, for a model that takes them (else one line)."""
+    if conditions is not None:
+        conditions = torch.as_tensor(conditions, dtype=torch.float32)
+        if len(conditions) != n:
+            raise ConfigError(f"{len(conditions)} conditions for {n} images; give one per image")
+    check_condition(getattr(diffusion, "condition", None), None if conditions is None else conditions[:1],
+                    "this checkpoint")
+    return conditions
 
 
 def _progressive_steps(total: int, frames: int) -> list[int]:

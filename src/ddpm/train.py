@@ -35,7 +35,8 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import checkpoint_path, flatten_optimizer_state, list_checkpoints, save_checkpoint
-from .conditions import given_condition, shown_condition, training_condition
+from .condition_data import check_condition_data, grid_conditions, paired_conditions
+from .conditions import shown_condition, training_condition
 from .config import RunConfig
 from .data import ImageData, check_same_dataset, load_dataset
 from .data.pairs import load_paired_data
@@ -111,7 +112,7 @@ def check_training_data(config: RunConfig, data: ImageData, world_size: int | No
         if len(data.labels) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < config.model.num_classes:
             raise DataError(f"dataset {data.name!r} has labels {int(data.labels.min())}..{int(data.labels.max())} "
                             f"but the model has num_classes = {config.model.num_classes}")
-    _check_condition_data(config, data)
+    check_condition_data(config, data)
     world = distributed.env_world_size() if world_size is None else world_size
     global_batch = config.train.global_batch_size(world)
     if data.num_images < global_batch:
@@ -119,18 +120,6 @@ def check_training_data(config: RunConfig, data: ImageData, world_size: int | No
                 f"the global batch {global_batch} (--batch-size {config.train.batch_size} x {world} process(es) "
                 f"x grad_accum {config.train.grad_accum})")
         raise DataError(f"dataset {data.name!r} has {data.num_images} images, fewer than {what}; lower --batch-size")
-
-
-def _check_condition_data(config: RunConfig, data: ImageData) -> None:
-    """Paired conditions present exactly for --task paired, with the condition's channels."""
-    cond = config.condition
-    if cond is None or cond.task != "paired":
-        return
-    if data.conditions is None:
-        raise DataError(f"--task paired needs the conditions of {data.name!r} (--condition-data)")
-    if data.conditions.shape[3] != cond.channels:
-        raise DataError(f"the paired conditions have {data.conditions.shape[3]} channel(s); the model takes "
-                        f"{cond.channels}")
 
 
 class EpochOrder:
@@ -330,20 +319,13 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
                   optimizer=optimizer, scaler=scaler, loss=loss, global_batch=global_batch,
                   order=EpochOrder(data.num_images, global_batch, tc.seed), mine=mine, start_time=start_time,
                   reader=lazy_reader(data.images, data.num_images, global_batch, tc.seed, mine, device) if lazy else None,
-                  conditions=_paired_conditions(config, data, device))
+                  conditions=paired_conditions(config, data, device))
     if setup.main:
         if chosen is not None and progress:
             print(chosen.line(), file=sys.stderr)         # once the set-up has passed its checks
         open_run(run_dir, config.to_dict(), state.counters.step, resume)
         state.ema_diffusion = build_diffusion(config, state.ema.model)
     return setup, state
-
-
-def _paired_conditions(config: RunConfig, data: ImageData, device: torch.device) -> torch.Tensor | None:
-    """The paired conditions (``--task paired``), in memory on the device, row-aligned with ``data``."""
-    if config.condition is None or config.condition.task != "paired":
-        return None
-    return torch.from_numpy(np.ascontiguousarray(data.conditions)).to(device)
 
 
 def _data_parallel(model: nn.Module, world: int, device: torch.device) -> nn.Module:
@@ -594,7 +576,7 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
         rows = [names[c] if names else str(c) for c in labels[::nrow]]
     panels = []
     if config.condition is not None:    # the first n training conditions, shown beside the samples
-        given = _grid_conditions(setup, n)
+        given = grid_conditions(config.condition, setup.data, setup.conditions, n)
         n, cond["conditions"] = len(given), given
         shown = shown_condition(config.condition, given, config.model.image_size)
         panels = [make_grid(to_uint8(shown), nrow=nrow)]
@@ -608,15 +590,6 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
             board.add_image(f"samples/{name}", rgb, step, dataformats="HWC")
     return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png",
                     side_by_side(panels + grids, ["condition"] * len(panels) + ["EMA", "raw"]))
-
-
-def _grid_conditions(setup: Setup, n: int) -> torch.Tensor:
-    """The conditions, in [0, 1], of the first ``n`` training images (paired rows, or implied by the targets)."""
-    rows = np.arange(min(n, setup.data.num_images))
-    if setup.conditions is not None:
-        return to_tensor_on_device(setup.conditions[torch.from_numpy(rows).to(setup.device)]).cpu()
-    targets = to_tensor_on_device(torch.from_numpy(np.asarray(setup.data.images[rows])))
-    return given_condition(setup.config.condition, targets)
 
 
 def _evaluator(setup: Setup):

@@ -25,7 +25,7 @@ from .features import LenetFeatures
 from .image_metrics import psnr, ssim
 from .metrics import fid_from_features
 
-__all__ = ["baseline_outputs", "condition_scores", "evaluate_conditioned"]
+__all__ = ["baseline_outputs", "condition_scores", "evaluate_conditioned", "evaluate_checkpoint"]
 
 
 def baseline_outputs(condition: ImageCondition, given: torch.Tensor, size: tuple[int, int], channels: int) -> torch.Tensor:
@@ -83,3 +83,33 @@ def evaluate_conditioned(diffusion, targets: np.ndarray, conditions: np.ndarray 
     scores = condition_scores(condition, outputs, targets, given, features)
     base = condition_scores(condition, baseline, targets, given, features)
     return {"task": condition.task, "n": len(targets), **scores, **{f"baseline_{k}": v for k, v in base.items()}}
+
+
+def evaluate_checkpoint(args, progress: bool = False) -> dict:
+    """``ddpm eval --checkpoint`` of an image-conditioned model: :func:`evaluate_conditioned` on the first
+    ``--num-images`` held-out pairs (the ``--split`` of ``--data``, with ``--condition-data`` for a paired model)."""
+    from ..data import load_dataset             # the data package is large: loaded when a command asks for it
+    from ..data.pairs import load_pairs
+    from ..device import select_device
+    from ..generate import load_diffusion, sampling_options
+    from ..precision import resolve_precision
+
+    if args.data is None:
+        raise ConfigError("an image-conditioned checkpoint is evaluated on held-out pairs: give --data (its --split, "
+                          "default test, holds the targets)")
+    device = select_device(args.device)
+    diffusion, _ = load_diffusion(args.checkpoint, device=device, weights=args.weights,
+                                  precision=resolve_precision(args.precision, device).precision)
+    size, channels = tuple(diffusion.image_size), diffusion.channels
+    conditions = None
+    if args.condition_data is not None:
+        targets, paired = load_pairs(args.data, args.condition_data, data_root=args.data_root, split=args.split,
+                                     image_size=size, channels=channels)
+        conditions = np.asarray(paired.images[:args.n])
+    else:
+        targets = load_dataset(args.data, data_root=args.data_root, split=args.split, image_size=size,
+                               channels=channels)
+    sampling = sampling_options(args.sampler, args.steps, eta=args.eta, base=diffusion.default_sampling)
+    return evaluate_conditioned(diffusion, np.asarray(targets.images[:args.n]), conditions, seed=args.seed,
+                                batch_size=args.batch_size, sampling=sampling, level=args.condition_noise or 0.0,
+                                progress=progress)

@@ -265,3 +265,17 @@ def test_eval_reports_the_model_beside_the_bicubic_baseline(runs, tmp_path, caps
     # The bicubic baseline, area-downsampled again, is close to its own low-resolution input.
     assert scores["baseline_consistency_psnr"] > 15
     assert scores["n"] == 4 and scores["task"] == "super-resolution"
+
+
+@pytest.mark.parametrize("edit, words", [({"scale": 3}, "does not divide"), ({"task": "deblur"}, "unknown task"),
+                                         ({"channels": 9}, "do not match")])
+def test_checkpoint_condition_sections_are_validated(runs, tmp_path, edit, words):
+    """The condition section is checked on load; one whose channels disagree with the weights is refused too."""
+    from helpers.crafted import craft
+
+    from ddpm.errors import CheckpointError
+
+    src = sorted((runs["sr"] / "checkpoints").glob("*.safetensors"))[-1]
+    bad = craft(src, tmp_path / "bad.safetensors", edit_meta=lambda meta: meta["config"]["condition"].update(edit))
+    with pytest.raises(CheckpointError, match=words):
+        load_diffusion(bad)

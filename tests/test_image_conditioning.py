@@ -242,7 +242,8 @@ def test_bad_training_options_are_one_line_and_write_nothing(tmp_path, capsys):
              (["--task", "paired", "--data", str(targets), "--condition-data", str(conditions), "--preset",
                "digits"], "009"),
              (["--task", "paired"], "--condition-data"),
-             (["--scale", "2"], "--task")]
+             (["--scale", "2"], "--task"),
+             (["--resume", str(tmp_path), "--task", "colorize"], "--resume")]
     for argv, words in cases:
         assert words in one_line_error(capsys, ["train", *argv, *TINY, "--out", str(out)])
         assert not out.exists()

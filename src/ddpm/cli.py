@@ -126,6 +126,9 @@ def _resume_config(args):
     from . import distributed
     from .resolve import resume_config
 
+    if any(value is not None for value in _image_condition_flags(args).values()):
+        raise ConfigError("--task, --scale, --condition-noise and --condition-data are the run's own; "
+                          "drop them with --resume")
     given = {key: getattr(args, key) for key in ("out", "config", "preset", "conditional", "steps", "device",
                                                   "grad_accum", "batch_size", "time_limit")}
     return resume_config(args.resume, _flag_layer(args), world_size=distributed.env_world_size(),

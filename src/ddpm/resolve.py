@@ -146,7 +146,7 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     file_layer = load_toml(config_file) if config_file else {}
     init = flags.get("train", {}).get("init") or file_layer.get("train", {}).get("init")
     if init:
-        if condition:
+        if any(value is not None for value in (condition or {}).values()):
             raise ConfigError("--task with --init: fine-tuning takes the checkpoint's architecture and condition")
         return resolve_init_config(init, flags, file_layer, preset=preset, config_file=config_file,
                                    conditional=conditional)

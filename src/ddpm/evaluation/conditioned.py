@@ -18,8 +18,12 @@ import numpy as np
 import torch
 
 from ..conditions import ImageCondition, area_downsample, given_condition, luminance, shown_condition
+from ..data import load_dataset
+from ..data.pairs import load_pairs
+from ..device import select_device
 from ..errors import ConfigError
-from ..generate import generate
+from ..generate import generate, load_diffusion, sampling_options
+from ..precision import resolve_precision
 from ..pixels import to_tensor, to_uint8
 from .features import LenetFeatures
 from .image_metrics import psnr, ssim
@@ -88,12 +92,6 @@ def evaluate_conditioned(diffusion, targets: np.ndarray, conditions: np.ndarray 
 def evaluate_checkpoint(args, progress: bool = False) -> dict:
     """``ddpm eval --checkpoint`` of an image-conditioned model: :func:`evaluate_conditioned` on the first
     ``--num-images`` held-out pairs (the ``--split`` of ``--data``, with ``--condition-data`` for a paired model)."""
-    from ..data import load_dataset             # the data package is large: loaded when a command asks for it
-    from ..data.pairs import load_pairs
-    from ..device import select_device
-    from ..generate import load_diffusion, sampling_options
-    from ..precision import resolve_precision
-
     if args.data is None:
         raise ConfigError("an image-conditioned checkpoint is evaluated on held-out pairs: give --data (its --split, "
                           "default test, holds the targets)")

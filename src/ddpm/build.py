@@ -25,7 +25,8 @@ __all__ = ["build_model", "build_diffusion", "model_bytes"]
 def _unet(config: RunConfig) -> Unet:
     """The U-Net of ``config``, built on the current default device."""
     c, d, m = config.model.channels, config.diffusion, config.model
-    io = {"in_channels": 2 * c if d.self_condition else c, "out_channels": 2 * c if d.learned_variance else c}
+    extra = config.condition.input_channels if config.condition is not None else 0    # [x_t, (x0_prev), c]
+    io = {"in_channels": (2 * c if d.self_condition else c) + extra, "out_channels": 2 * c if d.learned_variance else c}
     for key, value in io.items():
         if getattr(m, key) not in (None, value):
             raise ConfigError(f"model {key} = {getattr(m, key)} contradicts the diffusion options, which need {value}")
@@ -46,7 +47,8 @@ def build_model(config: RunConfig) -> Unet:
 
     The diffusion options decide its channel counts, the network never learns why: 2C outputs
     with a learned variance (prediction, then the variance interpolation), 2C inputs with
-    self-conditioning ([x_t, x0_prev]). It is built on the CPU, so its weights must fit the
+    self-conditioning ([x_t, x0_prev]), and the image condition's channels after those
+    (``config.condition.input_channels``). It is built on the CPU, so its weights must fit the
     machine's memory: that is checked first, on the meta device.
     """
     check_fits(model_bytes(config), "cpu", "this model's weights take")
@@ -59,4 +61,4 @@ def build_diffusion(config: RunConfig, model: nn.Module | None = None, *, precis
     return GaussianDiffusion(model if model is not None else build_model(config), config=config.diffusion,
                              image_size=config.model.image_size, channels=config.model.channels,
                              sampling=config.sampling,
-                             precision=precision)
+                             precision=precision, condition=config.condition)

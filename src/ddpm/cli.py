@@ -114,7 +114,13 @@ def _train_config(args):
     from .resolve import resolve_train_config
 
     return resolve_train_config(_flag_layer(args), preset=args.preset, config_file=args.config,
-                                conditional=args.conditional, label_dropout_given=args.label_dropout is not None)
+                                conditional=args.conditional, label_dropout_given=args.label_dropout is not None,
+                                condition=_image_condition_flags(args))
+
+
+def _image_condition_flags(args) -> dict:
+    """--task, --scale, --condition-noise, --condition-data (ddpm.resolve.image_condition reads them)."""
+    return {"task": args.task, "scale": args.scale, "noise": args.condition_noise, "data": args.condition_data}
 
 
 def _resume_config(args):
@@ -122,6 +128,9 @@ def _resume_config(args):
     from . import distributed
     from .resolve import resume_config
 
+    if any(value is not None for value in _image_condition_flags(args).values()):
+        raise ConfigError("--task, --scale, --condition-noise and --condition-data are the run's own; "
+                          "drop them with --resume")
     given = {key: getattr(args, key) for key in ("out", "config", "preset", "conditional", "steps", "device",
                                                   "grad_accum", "batch_size", "time_limit")}
     return resume_config(args.resume, _flag_layer(args), world_size=distributed.env_world_size(),
@@ -221,6 +230,8 @@ def cmd_sample(args) -> int:
         choice = _precision(args, device)
         diffusion, meta = load_diffusion(args.checkpoint, device=device, weights=args.weights,
                                          precision=choice.precision)
+        if args.condition is not None or args.then or getattr(diffusion, "condition", None) is not None:
+            return _sample_image_conditioned(args, out, device, choice, diffusion, meta)
         latents, latent_sampling = _latents_from_args(args, diffusion)
         sampling, sources = _sampling_from_args(args, diffusion, latent_sampling)   # e.g. a student's steps
         plan = plan_samples(diffusion, meta, sampling, n=args.n, classes=args.classes,
@@ -234,6 +245,16 @@ def cmd_sample(args) -> int:
         print(f"wrote {_plural(plan.total, 'image')} ({plan.record['sampler']}, "
               f"{_plural(plan.record['steps'], 'step')}) from "
               f"{meta['path']} (step {meta.get('step')}) to {paths['grid']}, {paths['samples']} and {paths['record']}")
+    return 0
+
+
+def _sample_image_conditioned(args, out, device, choice, diffusion, meta) -> int:
+    """``ddpm sample --condition SRC`` on an image-conditioned checkpoint, or a cascade (``--then RUN``)."""
+    from .condition_job import sample_command        # the command's own module, loaded when it runs
+
+    print(sample_command(args, out, device, choice.precision, diffusion, meta,
+                         sampling_for=lambda d: _sampling_from_args(args, d)[0],
+                         classes=_classes_from_args(args, diffusion, meta), progress=_show_progress(args)))
     return 0
 
 
@@ -314,17 +335,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation.pipeline import EvalConfig, evaluate
     from .fileio import check_output_path, write_json
 
     for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
         if path:                        # before any work: an existing file needs --overwrite
             check_output_path(path, overwrite=args.overwrite, option=option)
-    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "image_column", "n", "ref_n", "features", "inception",
-             "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
-             "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
-    options = {name: getattr(args, name) for name in names}
-    results = evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
+    if args.checkpoint and _is_image_conditioned(args.checkpoint):
+        from .evaluation.conditioned import evaluate_checkpoint    # held-out pairs: their own figures
+
+        results = evaluate_checkpoint(args, progress=_show_progress(args))
+    else:
+        results = _evaluate(args)
     if results is None:               # a process other than rank 0 under torchrun
         return 0
     for key, value in results.items():
@@ -334,6 +355,26 @@ def cmd_eval(args) -> int:
         write_json(args.out, results)
         print(f"wrote {args.out}")
     return 0
+
+
+def _evaluate(args):
+    """The metrics of ``ddpm eval`` (ddpm.evaluation.pipeline)."""
+    from .evaluation.pipeline import EvalConfig, evaluate
+
+    names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "image_column", "n", "ref_n", "features",
+             "inception", "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
+             "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
+    options = {name: getattr(args, name) for name in names}
+    return evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
+
+
+def _is_image_conditioned(checkpoint) -> bool:
+    from .checkpoint import read_metadata             # the checkpoint's header alone, before the eval pipeline
+
+    try:
+        return read_metadata(checkpoint)["config"].get("condition") is not None
+    except DdpmError:                                 # the eval pipeline reports an unreadable checkpoint
+        return False
 
 
 def cmd_viz(args) -> int:

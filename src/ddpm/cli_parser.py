@@ -214,6 +214,7 @@ def _add_train(sub) -> None:
     g.add_argument("--init", metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's EMA weights, with its architecture (and, unless "
                         "given, its diffusion settings and image size); e.g. a model made by ddpm import")
+    _add_image_condition_train(p.add_argument_group("image-conditioned models (docs/conditioning.md)"))
     _add_train_output(p.add_argument_group("output"))
 
 
@@ -234,6 +235,20 @@ def _add_tracker_options(g) -> None:
     g.add_argument("--wandb-project", metavar="NAME",
                    help="with --tracker wandb: the W&B project (default: $WANDB_PROJECT, else ddpm)")
     g.add_argument("--wandb-name", metavar="NAME", help="with --tracker wandb: the W&B run's display name")
+
+
+def _add_image_condition_train(g) -> None:
+    """``ddpm train``'s options of an image-conditioned model (SR3, Palette, Cascaded Diffusion)."""
+    g.add_argument("--task", choices=("super-resolution", "colorize", "paired"),
+                   help="condition the model on an image: the area-downsampled target (super-resolution, with "
+                        "--scale), its luminance (colorize, RGB data) or a second dataset (paired, --condition-data)")
+    g.add_argument("--scale", type=_positive_int, metavar="S",
+                   help="super-resolution factor: the condition is the target at 1/S of its size (S divides it)")
+    g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
+                   help="conditioning augmentation: c + level x N(0, I), the level uniform in [0, L] per image "
+                        "and given to the network as one more channel (Cascaded Diffusion; default 0: off)")
+    g.add_argument("--condition-data", metavar="SRC",
+                   help="--task paired: the conditions, row k (or the file of the same relative path) for target k")
 
 
 def _add_train_output(g) -> None:
@@ -308,6 +323,21 @@ def _add_sample(sub) -> None:
     g.add_argument("--guidance-scale", type=float, metavar="W",
                    help=f"classifier-free guidance: eps = eps_uncond + W (eps_cond - eps_uncond); 1 is the "
                         f"conditional model alone, 0 the unconditional (default {DEFAULT_GUIDANCE_SCALE:g})")
+    _add_image_condition_sample(p.add_argument_group("image-conditioned models and cascades (docs/conditioning.md)"))
+
+
+def _add_image_condition_sample(g) -> None:
+    """``ddpm sample``'s options of an image-conditioned model and of a cascade."""
+    g.add_argument("--condition", metavar="SRC",
+                   help="the conditions: an image file, a folder, an .npz, or a dataset's test image (digits:3, "
+                        "mnist:7, from the test split; their targets are kept); --num-images samples of each "
+                        "(default 1)")
+    g.add_argument("--data-root", help="folder holding the files of mnist / fashion-mnist, for --condition mnist:K")
+    g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
+                   help="the conditioning-augmentation level at sampling (a model trained with --condition-noise)")
+    g.add_argument("--then", action="append", metavar="RUN",
+                   help="a cascade: each image the checkpoint makes conditions this super-resolution run "
+                        "(repeat for more stages)")
 
 
 # The defaults of --sampler and --steps, as ddpm.generate.resolve_sampling implements them.
@@ -469,6 +499,15 @@ def _add_eval(sub) -> None:
     _add_precision(g)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_progress(p)
+    _add_image_condition_eval(p.add_argument_group("image-conditioned checkpoints (docs/conditioning.md)"))
+
+
+def _add_image_condition_eval(g) -> None:
+    """``ddpm eval``'s options for an image-conditioned checkpoint (held-out pairs: --data's --split)."""
+    g.add_argument("--condition-data", metavar="SRC",
+                   help="the held-out conditions of a paired model, row k for target k of --data")
+    g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
+                   help="the conditioning-augmentation level at sampling (default 0)")
 
 
 EXAMPLES_EXPORT = """\
@@ -501,7 +540,7 @@ def _add_export(sub) -> None:
                                    "(DDPMScheduler config: the same schedule, variance, prediction type and "
                                    "clipping), model_index.json, and a model card README.md for the Hugging Face "
                                    "Hub with a copy of the run's samples.png. Needs diffusers (pip install 'ddpm[diffusers]'). "
-                                   "Class-conditional and other models DDPMPipeline cannot run are refused.",
+                                   "Class-conditional, image-conditioned and other models DDPMPipeline cannot run are refused.",
                        epilog=EXAMPLES_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
     p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the target format (diffusers)")

@@ -131,3 +131,77 @@ def training_levels(condition: ImageCondition, batch: int, generator: torch.Gene
                     device=None) -> torch.Tensor:
     """Per-image augmentation levels of a training batch, uniform in [0, condition.noise]."""
     return torch.rand(batch, generator=generator, device=device) * condition.noise
+
+
+def check_condition(condition: ImageCondition | None, c: torch.Tensor | None, what: str = "this model") -> None:
+    """One line when a condition is given to a model without one, or missing, or of the wrong channels."""
+    if condition is None:
+        if c is not None:
+            raise ConfigError(f"{what} is not image-conditioned: it takes no condition (train with --task)")
+        return
+    if c is None:
+        raise ConfigError(f"{what} is image-conditioned ({condition.task}): give a condition image")
+    if c.ndim != 4 or c.shape[1] != condition.channels:
+        raise ConfigError(f"{what} takes {condition.channels}-channel conditions ({condition.task}); got "
+                          f"{c.shape[1] if c.ndim == 4 else 'a'} {'channel(s)' if c.ndim == 4 else 'tensor of shape '}"
+                          f"{'' if c.ndim == 4 else list(c.shape)}")
+
+
+def prepare_condition(condition: ImageCondition, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Given conditions in [0, 1] ([B, C_c, h, w]; low resolution or full size for super-resolution)
+    as the network's c: model range [-1, 1], full size ``size``, not yet augmented."""
+    check_condition(condition, images)
+    return condition_from_input(condition, images.float() * 2.0 - 1.0, size)
+
+
+def sampling_augmentation(condition: ImageCondition, c: torch.Tensor, level: float,
+                          generators: list[torch.Generator] | torch.Generator | None = None) -> torch.Tensor:
+    """c augmented at one fixed ``level`` for sampling (Ho et al. 2021, Sec. 3.2): the noise of image k
+    from its own generator (``generators[k]``), so an image does not depend on its batch; one
+    generator draws the batch's noise at once."""
+    if not 0.0 <= float(level) <= 1.0:
+        raise ConfigError(f"--condition-noise must be in [0, 1], got {level!r}")
+    if condition.noise <= 0:
+        if level:
+            raise ConfigError("this model was trained without conditioning augmentation (--condition-noise 0); "
+                              "it takes no sampling level")
+        return c
+    if generators is None or isinstance(generators, torch.Generator):
+        noise = torch.randn(c.shape, generator=generators, dtype=c.dtype, device=c.device)
+    else:
+        noise = torch.stack([torch.randn(c.shape[1:], generator=g) for g in generators]).to(c.device, c.dtype)
+    return augment(condition, c, float(level), noise)
+
+
+def training_condition(condition: ImageCondition, x0: torch.Tensor, paired: torch.Tensor | None,
+                       generator: torch.Generator | None = None, *, batch: int | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The network's c for training targets x0 (model range): the paired rows, else implied by x0
+    (:func:`condition_from_target`), augmented at levels uniform in [0, ``condition.noise``].
+
+    The levels and noise are drawn from ``generator`` for the whole batch of ``batch`` images, then
+    ``rows`` of them kept (the rows of x0 in that batch; None: all), as the training loop draws for
+    its global batch.
+    """
+    c = paired if paired is not None else condition_from_target(condition, x0)
+    if condition.noise <= 0:
+        return c
+    levels = training_levels(condition, x0.shape[0] if batch is None else batch, generator, x0.device)
+    noise = torch.randn((levels.shape[0], *c.shape[1:]), generator=generator, device=x0.device, dtype=c.dtype)
+    if rows is not None:
+        levels, noise = levels[rows], noise[rows]
+    return augment(condition, c, levels, noise)
+
+
+def given_condition(condition: ImageCondition, targets: torch.Tensor) -> torch.Tensor:
+    """The condition a user would give for ``targets`` (in [0, 1]), in [0, 1]: the low-resolution image
+    (super-resolution) or the luminance (colorize). Both maps are linear with weights summing to 1,
+    so they commute with the map [0, 1] -> [-1, 1] and equal the training condition's source."""
+    if condition.task == "super-resolution":
+        return area_downsample(targets, condition.scale)
+    return luminance(targets)
+
+
+def shown_condition(condition: ImageCondition, given: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A given condition in [0, 1] at the samples' size, as the network sees it (before augmentation)."""
+    return (condition_from_input(condition, given.float() * 2.0 - 1.0, size) + 1.0) / 2.0

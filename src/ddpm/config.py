@@ -16,6 +16,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .conditions import ImageCondition
 from .diffusion import LEARNED_VARIANCE, LOSS_WEIGHTINGS, LOSSES, OBJECTIVES, VARIANCES
 from .errors import ConfigError
 from .models import UnetConfig, preset_config
@@ -175,17 +176,18 @@ class DataConfig:
                                                   # when the run starts (ddpm.data.dataset_fingerprint)
     image_column: str | None = None               # a Hugging Face dataset's image column (None: the first Image one)
     label_column: str | None = None               # its label column (None: label or labels, when there is one)
+    condition_data: str | None = None             # paired image conditions: row k conditions image k (ddpm.data.pairs)
 
     def __post_init__(self) -> None:
         if self.fingerprint is not None and not (isinstance(self.fingerprint, dict) and set(self.fingerprint) == {
                 "num_images", "image_shape", "sample_sha256"}):
             raise ConfigError(f"data fingerprint must hold num_images, image_shape and sample_sha256; "
                               f"got {self.fingerprint!r}")
-        for name in ("name", "root"):
+        for name in ("name", "root", "condition_data"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
-            elif not (isinstance(value, str) or (value is None and name == "root")):
+            elif not (isinstance(value, str) or (value is None and name != "name")):
                 raise ConfigError(f"data {name} must be a string; got {value!r}")
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
@@ -323,6 +325,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingOptions | None = None    # sampler defaults for this checkpoint (None: the library's)
     choice: str | None = None                  # why the preset and recipe were chosen, when no preset was given
+    condition: ImageCondition | None = None    # an image-conditioned model (SR3, Palette): what c is (ddpm.conditions)
+
+    def __post_init__(self) -> None:
+        if self.condition is not None:
+            if not isinstance(self.condition, ImageCondition):
+                raise ConfigError(f"condition must be an ImageCondition; got {self.condition!r}")
+            if self.model.image_size is not None:
+                self.condition.check_image_size(tuple(self.model.image_size))
+        if (self.condition is not None and self.condition.task == "paired") != (self.data.condition_data is not None):
+            raise ConfigError("--condition-data is the condition source of --task paired (and paired needs it)")
 
     @property
     def conditional(self) -> bool:
@@ -331,10 +343,12 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
-                "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()},
+                "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()
+                         if not (k == "condition_data" and v is None)},
                 "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.train).items()},
                 **({"sampling": self.sampling.to_dict()} if self.sampling is not None else {}),
-                **({"choice": self.choice} if self.choice is not None else {})}
+                **({"choice": self.choice} if self.choice is not None else {}),
+                **({"condition": asdict(self.condition)} if self.condition is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -342,7 +356,8 @@ class RunConfig:
             raise ConfigError("configuration has no [model] section")
         if not isinstance(d.get("preset", "custom"), str):
             raise ConfigError(f"preset must be a string; got {d['preset']!r}")
-        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling", "choice"})
+        unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "sampling", "choice",
+                                 "condition"})
         if unknown:
             raise ConfigError(f"unknown configuration section(s): {', '.join(unknown)}")
         try:
@@ -352,7 +367,9 @@ class RunConfig:
                        data=_from_dict(DataConfig, d.get("data", {}), "data"),
                        train=_from_dict(TrainConfig, d.get("train", {}), "train"),
                        sampling=None if d.get("sampling") is None
-                       else _from_dict(SamplingOptions, d["sampling"], "sampling"), choice=d.get("choice"))
+                       else _from_dict(SamplingOptions, d["sampling"], "sampling"), choice=d.get("choice"),
+                       condition=None if d.get("condition") is None
+                       else _from_dict(ImageCondition, d["condition"], "condition"))
         except TypeError as exc:  # a value of the wrong type that the validators could not compare
             raise ConfigError(f"invalid configuration: {exc}") from None
 

@@ -23,12 +23,13 @@ from .diffusion import (LEARNED_VARIANCE, check_objective, p_mean_variance_from_
 from .errors import ConfigError
 from .schedules import NoiseSchedule
 
-__all__ = ["Prediction", "Denoiser", "DYNAMIC_THRESHOLD_PERCENTILE", "dynamic_threshold", "timestep_batch",
+__all__ = ["Prediction", "Denoiser", "DYNAMIC_THRESHOLD_PERCENTILE", "CONDITION_KEY", "dynamic_threshold", "timestep_batch",
            "model_output", "split_output", "denoise", "make_denoiser", "p_mean_variance"]
 
 Denoiser = Callable[[torch.Tensor, "int | torch.Tensor"], "Prediction"]
 
 DYNAMIC_THRESHOLD_PERCENTILE = 0.995
+CONDITION_KEY = "condition"          # model_kwargs entry of an image condition c [B, C_c, H, W]
 
 
 class Prediction(tuple):
@@ -66,14 +67,23 @@ def model_output(model: Callable, x_t: torch.Tensor, t: torch.Tensor, *, self_co
 
     A self-conditioned network (``self_condition``) takes [x_t, x0_prev] concatenated along the
     channels, where x0_prev is ``self_cond`` (an earlier estimate of x0) or zeros when there is none
-    (Chen et al. 2023, "Analog Bits", Sec. 3.3). Any other network takes x_t alone.
+    (Chen et al. 2023, "Analog Bits", Sec. 3.3). An image-conditioned network gets its condition c
+    (``model_kwargs["condition"]``, model range, already augmented: :mod:`ddpm.conditions`) as the
+    last input channels, [x_t, (x0_prev), c] (SR3, Saharia et al. 2021, Sec. 2.1): the one place
+    where c reaches the network, for the losses and the samplers alike. Any other network takes x_t alone.
     """
     if self_condition:
         x0_prev = torch.zeros_like(x_t) if self_cond is None else self_cond.to(x_t.dtype)
         x_t = torch.cat([x_t, x0_prev], dim=1)
     elif self_cond is not None:
         raise ConfigError("an x0 estimate for self-conditioning was given to a network trained without it")
-    return model(x_t, t, **(model_kwargs or {})).float()
+    kwargs = dict(model_kwargs or {})
+    c = kwargs.pop(CONDITION_KEY, None)
+    if c is not None:
+        if c.shape[0] != x_t.shape[0] or c.shape[-2:] != x_t.shape[-2:]:
+            raise ConfigError(f"a condition of shape {list(c.shape)} for x_t of shape {list(x_t.shape)}")
+        x_t = torch.cat([x_t, c.to(x_t.dtype)], dim=1)
+    return model(x_t, t, **kwargs).float()
 
 
 def split_output(output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,7 +14,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .conditions import ImageCondition, check_condition, prepare_condition, sampling_augmentation, training_condition
 from .config import DiffusionConfig
+from .denoiser import CONDITION_KEY
 from .diffusion import SampleTrajectory, from_model_range, randn, to_model_range
 from .errors import ConfigError
 from .losses import make_loss
@@ -45,10 +47,18 @@ class GaussianDiffusion(nn.Module):
     :class:`~ddpm.samplers.SamplingOptions`; None: the library's) and ``precision`` (the network's
     autocast while sampling, :mod:`ddpm.precision`) are fixed when it is built; nothing is set
     from outside afterwards.
+
+    An image-conditioned model (SR3, Palette; :mod:`ddpm.conditions`) takes ``condition=``, an
+    :class:`~ddpm.conditions.ImageCondition` (or a dict of its fields); its U-Net has the condition's
+    extra input channels (``Unet(UnetConfig(..., in_channels=C + condition.input_channels))``).
+    ``diffusion(images, condition=c)`` trains on c (for super-resolution and colorize c may be left
+    out: it is then the one the targets imply) and ``diffusion.sample(condition=c)`` samples one
+    image per condition; c is in [0, 1], at full size or (super-resolution) the low resolution.
     """
 
     def __init__(self, model: nn.Module, *, config=None, image_size: int | Sequence[int] | None = None,
-                 channels: int | None = None, sampling=None, precision: str = "fp32", **options):
+                 channels: int | None = None, sampling=None, precision: str = "fp32",
+                 condition: ImageCondition | dict | None = None, **options):
         super().__init__()
         if config is not None and options:
             raise ConfigError("pass config= or the diffusion options as keywords, not both")
@@ -70,6 +80,11 @@ class GaussianDiffusion(nn.Module):
         if model_size is not None and tuple(model_size) != self.image_size:
             raise ConfigError(f"image_size {self.image_size} differs from the model's {tuple(model_size)}")
         self._sampling, self._precision = sampling, precision
+        self.condition = ImageCondition(**condition) if isinstance(condition, dict) else condition
+        if self.condition is not None:
+            if not isinstance(self.condition, ImageCondition):
+                raise ConfigError(f"condition must be an ImageCondition or a dict of its fields; got {condition!r}")
+            self.condition.check_image_size(self.image_size)
         self._schedules: dict[torch.device, NoiseSchedule] = {}
 
     # What the samplers, the bound and the sample record read; all from the configuration.
@@ -94,7 +109,7 @@ class GaussianDiffusion(nn.Module):
     def forward(self, images: torch.Tensor, *, generator: torch.Generator | None = None,
                 t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                 model_kwargs: dict | None = None, reduction: str = "mean",
-                self_cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+                self_cond_mask: torch.Tensor | None = None, condition: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss for a batch of images in [0, 1] (Algorithm 1), from the configuration's loss.
 
         t and eps ~ N(0, I) are drawn from ``generator`` (default: one seeded from the global RNG)
@@ -118,6 +133,15 @@ class GaussianDiffusion(nn.Module):
             _, extras = loss.draw_extras(noise, generator)          # the given noise as it is; the coins drawn
         if self_cond_mask is not None:
             extras["self_cond_mask"] = self_cond_mask
+        if self.condition is not None:           # c, then its augmentation, drawn after everything else
+            if condition is None and self.condition.task == "paired":
+                check_condition(self.condition, None)
+            paired = None if condition is None else prepare_condition(self.condition, condition.to(x0.device),
+                                                                      self.image_size)
+            c = training_condition(self.condition, x0, paired, generator)
+            model_kwargs = {**(model_kwargs or {}), CONDITION_KEY: c}
+        else:
+            check_condition(None, condition)
         losses = loss.losses(self.model, x0, t, noise, model_kwargs=model_kwargs, **extras)
         losses = losses if weights is None else losses * weights
         return losses.mean() if reduction == "mean" else losses
@@ -126,7 +150,8 @@ class GaussianDiffusion(nn.Module):
     def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None,
                spacing: str = "trailing", generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                progress: bool = True, return_intermediates: bool = False, record_every: int = 1,
-               clip_denoised: bool | None = None, model_kwargs: dict | None = None, **options):
+               clip_denoised: bool | None = None, model_kwargs: dict | None = None,
+               condition: torch.Tensor | None = None, condition_level: float = 0.0, **options):
         """Images in [0, 1], shape [B, C, H, W], from the sampler registry (``ddpm.samplers.SAMPLERS``).
 
         The default is the paper's ancestral sampler over all T steps (Algorithm 2); ``sampler`` and
@@ -134,15 +159,23 @@ class GaussianDiffusion(nn.Module):
         ``variance``) and the denoiser's (``dynamic_thresholding``, ``guidance_scale``,
         ``uncond_kwargs``). x_T is ``noise`` or drawn from ``generator``, as is every later noise.
         With ``return_intermediates`` a :class:`SampleTrajectory` is returned, its tensors (x_t after
-        every ``record_every``-th step, and the last) mapped to [0, 1] too.
+        every ``record_every``-th step, and the last) mapped to [0, 1] too. An image-conditioned model
+        takes ``condition`` (one image per sample, in [0, 1]; ``batch_size`` is then its length),
+        augmented at ``condition_level`` when it was trained with conditioning augmentation.
         """
         conditioning = {k: options.pop(k) for k in ("guidance_scale", "uncond_kwargs") if k in options}
         if model_kwargs is not None:
             conditioning["model_kwargs"] = model_kwargs
         plan = resolve_plan(self, self._sampling_options(sampler, steps, spacing, clip_denoised, options))
         device = self.device
+        check_condition(self.condition, condition)
+        batch_size = batch_size if condition is None else condition.shape[0]
         shape = (batch_size, self.channels, *self.image_size)
         x_T = randn(shape, generator=generator, device=device) if noise is None else noise.to(device, torch.float32)
+        if condition is not None:          # c, augmented with noise drawn after x_T
+            c = prepare_condition(self.condition, condition.to(device), self.image_size)
+            c = sampling_augmentation(self.condition, c, condition_level, generator)
+            conditioning["model_kwargs"] = {**conditioning.get("model_kwargs", {}), CONDITION_KEY: c}
         traj = SampleTrajectory(x0=x_T, timesteps=[], x_t=[], x0_pred=[])
 
         def on_step(info: dict) -> None:

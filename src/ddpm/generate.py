@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, load_weights
+from .conditions import check_condition
 from .config import RunConfig
 from .device import select_device          # re-exported: its earlier home
 from .build import build_diffusion
@@ -125,13 +126,16 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
              clip: bool | None = None, dynamic_thresholding: bool | None = None,
              sampling: SamplingOptions | SamplingPlan | None = None, start_index: int = 0,
              callback: Callable | None = None, labels=None, guidance_scale: float | None = None,
-             latents: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+             latents: torch.Tensor | np.ndarray | None = None, conditions: torch.Tensor | np.ndarray | None = None,
+             condition_level: float = 0.0) -> np.ndarray:
     """Images ``start_index`` .. ``start_index + n - 1`` of a run, as uint8 [N, H, W, C], in batches.
 
     A class-conditional model takes ``labels`` (one class per image, length ``n``; None:
     unconditional) and a classifier-free ``guidance_scale`` (see :func:`ddpm.sampling.sample_images`).
     ``latents`` [K, C, H, W] gives image k its starting noise x_T = ``latents[k]`` (k counted over
     the run, like the seeds; e.g. from :func:`ddpm.editing.invert`) instead of drawing it.
+    An image-conditioned model takes ``conditions`` [n, C_c, h, w] in [0, 1], one per image (counted
+    from ``start_index``), augmented at ``condition_level`` (:func:`ddpm.sampling.sample_images`).
 
     The sampler is the checkpoint's own default (``diffusion.default_sampling``, set for distilled
     students) or else :data:`~ddpm.samplers.DEFAULT_SAMPLING` (ancestral over 50 respaced steps), unless
@@ -157,6 +161,7 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
         if len(latents) < start_index + n:
             raise ConfigError(f"{len(latents)} latents for images {start_index}..{start_index + n - 1}; "
                               "give at most as many images as latents")
+    conditions = _checked_conditions(diffusion, conditions, n)
     plan = resolve_plan(diffusion, sampling)                    # once for every batch
     out = []
     for first in range(start_index, start_index + n, batch_size):
@@ -165,9 +170,23 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
         batch_labels = None if labels is None else [labels[k - start_index] for k in indices]
         images = sample_images(diffusion, indices, seed=seed, sampling=plan, callback=on_step,
                                progress=progress, labels=batch_labels, guidance_scale=guidance_scale,
-                               given_x_T=None if latents is None else latents[indices[0]:indices[-1] + 1])
+                               given_x_T=None if latents is None else latents[indices[0]:indices[-1] + 1],
+                               conditions=None if conditions is None else
+                               conditions[indices[0] - start_index:indices[-1] + 1 - start_index],
+                               condition_level=condition_level)
         out.append(to_uint8(images.cpu()))
     return np.concatenate(out)
+
+
+def _checked_conditions(diffusion: GaussianDiffusion, conditions, n: int) -> torch.Tensor | None:
+    """One image condition per image, as a float tensor, for a model that takes them (else one line)."""
+    if conditions is not None:
+        conditions = torch.as_tensor(conditions, dtype=torch.float32)
+        if len(conditions) != n:
+            raise ConfigError(f"{len(conditions)} conditions for {n} images; give one per image")
+    check_condition(getattr(diffusion, "condition", None), None if conditions is None else conditions[:1],
+                    "this checkpoint")
+    return conditions
 
 
 def _progressive_steps(total: int, frames: int) -> list[int]:

@@ -21,7 +21,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 from .checkpoint import load_newest_verified, read_metadata
 from .config import DataConfig, DiffusionConfig, RunConfig, TrainConfig, check_keys, check_model_options
+from .conditions import ImageCondition
 from .data import data_source, load_dataset
+from .data.pairs import load_paired_data
 from .errors import CheckpointError, ConfigError, DataError
 from .models import PRESETS, UnetConfig, preset_config
 from .recipes import DEFAULT_PRESET_FOR_DATA, RECIPES, choose
@@ -134,15 +136,18 @@ def dataset_num_classes(data) -> int:
 
 
 def resolve_train_config(flags: dict, *, preset: str | None = None, config_file: str | None = None,
-                         conditional: bool = False, label_dropout_given: bool = False):
+                         conditional: bool = False, label_dropout_given: bool = False, condition: dict | None = None):
     """A new run's configuration: the preset's recipe < the ``config_file`` (TOML) < ``flags`` (sections
     of options, as :func:`merge_layers` takes them). The model's image size and channels come from the
     data, which is loaded here. A folder or .npz given without a preset gets the preset and recipe that
     :func:`ddpm.recipes.choose` picks from its size and count (``RunConfig.choice`` says why); its path is
-    recorded absolute, with its fingerprint. Returns (config, data)."""
+    recorded absolute, with its fingerprint. ``condition`` (task, scale, noise, data: the options of an
+    image-conditioned model, :func:`image_condition`) adds the condition. Returns (config, data)."""
     file_layer = load_toml(config_file) if config_file else {}
     init = flags.get("train", {}).get("init") or file_layer.get("train", {}).get("init")
     if init:
+        if any(value is not None for value in (condition or {}).values()):
+            raise ConfigError("--task with --init: fine-tuning takes the checkpoint's architecture and condition")
         return resolve_init_config(init, flags, file_layer, preset=preset, config_file=config_file,
                                    conditional=conditional)
     data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
@@ -155,9 +160,7 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     merged = merge_over_recipe(preset, file_layer, flags)
     check_overridden_values(file_layer, flags, merged, config_file)
     data_cfg, diffusion_cfg, train_cfg = _sections(merged)
-    data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
-                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict,
-                        image_column=data_cfg.image_column, label_column=data_cfg.label_column)
+    data = _load_training_data(data_cfg, (condition or {}).get("data"))
     choice = None
     if preset is None:                       # a folder or .npz without a preset: chosen from the data
         choice = choose(data.image_size, data.channels, data.num_images)
@@ -168,6 +171,10 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
                                                              {"diffusion": diffusion}))
     if data.path is not None:                # the run finds its data from any directory, and knows it again
         data_cfg = replace(data_cfg, name=data.path, fingerprint=data.fingerprint())
+    image_cond = image_condition(condition, data)
+    if image_cond is not None and image_cond.task == "paired":
+        source = condition["data"]
+        data_cfg = replace(data_cfg, condition_data=os.path.abspath(source) if Path(source).exists() else str(source))
     model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
     if conditional:
         model_layer["num_classes"] = dataset_num_classes(data)
@@ -180,7 +187,42 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     except TypeError as exc:
         raise ConfigError(f"invalid [model] option: {exc}") from None
     return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg,
-                     choice=None if choice is None else choice.reason), data
+                     choice=None if choice is None else choice.reason, condition=image_cond), data
+
+
+def _load_training_data(d: DataConfig, condition_data=None):
+    """The training images ``d`` names; with ``condition_data`` (paired), holding their conditions row by row."""
+    if condition_data is None:
+        return load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
+                            strict=d.strict, image_column=d.image_column, label_column=d.label_column)
+    return load_paired_data(d.name, condition_data, data_root=d.root, split=d.split, image_size=d.image_size,
+                            channels=d.channels)
+
+
+def image_condition(options: dict | None, data) -> ImageCondition | None:
+    """The :class:`~ddpm.conditions.ImageCondition` of ``--task`` (with ``--scale``, ``--condition-noise``,
+    ``--condition-data``) for the training ``data``: the condition has the targets' channels
+    (super-resolution), one (colorize: luminance) or the paired conditions' own."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    task = options.get("task")
+    if task is None:
+        given = sorted(k for k in options if k != "task")
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to image-conditioned models; add --task")
+        return None
+    if (task == "paired") != ("data" in options):
+        raise ConfigError("--condition-data is the condition source of --task paired, and paired needs it")
+    if task == "paired":
+        channels = data.conditions.shape[3]
+    else:
+        channels = 1 if task == "colorize" else data.channels
+    if task == "colorize" and data.channels != 3:
+        raise ConfigError(f"colorize needs RGB targets (3 channels); {data.name} has {data.channels} "
+                          "(pass --channels 3)")
+    cond = ImageCondition(task=task, channels=channels, scale=options.get("scale"),
+                          noise=float(options.get("noise", 0.0)))
+    cond.check_image_size(data.image_size)
+    return cond
 
 
 def check_overridden_values(file_layer: dict, flags: dict, merged: dict, config_file) -> None:

@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .denoiser import make_denoiser
+from .conditions import check_condition, prepare_condition, sampling_augmentation
+from .denoiser import CONDITION_KEY, make_denoiser
 from .errors import ConfigError
 from .pixels import from_model_range
 from .precision import autocast
@@ -187,7 +188,8 @@ def label_conditioning(diffusion, labels=None, guidance_scale: float | None = No
 def sample_images(diffusion, indices: list[int], *, seed: int = 0,
                   sampling: SamplingOptions | SamplingPlan = DEFAULT_SAMPLING, callback: Callable | None = None,
                   progress: bool = False, labels=None, guidance_scale: float | None = None,
-                  given_x_T: torch.Tensor | None = None) -> torch.Tensor:
+                  given_x_T: torch.Tensor | None = None, conditions: torch.Tensor | None = None,
+                  condition_level: float = 0.0) -> torch.Tensor:
     """One batch: the images with run indices ``indices``, in [0, 1], shape [B, C, H, W].
 
     Image k's noise comes from a CPU generator seeded with ``derive_seed(seed, k)``: first x_T,
@@ -195,6 +197,9 @@ def sample_images(diffusion, indices: list[int], *, seed: int = 0,
     A class-conditional model takes one class label per image (``labels``; None: unconditional)
     and classifier-free guidance with ``guidance_scale`` w (None or 1: the conditional model alone).
     ``given_x_T`` [B, C, H, W] replaces the drawn starting noise (e.g. DDIM-inverted latents).
+    An image-conditioned model takes one condition per image (``conditions``, in [0, 1], full size
+    or, for super-resolution, low resolution), augmented at ``condition_level`` with image k's
+    noise from ``derive_seed(seed, k, 1)``.
     """
     plan = resolve_plan(diffusion, sampling)
     shape = (diffusion.channels, *diffusion.image_size)
@@ -205,5 +210,14 @@ def sample_images(diffusion, indices: list[int], *, seed: int = 0,
             raise ConfigError(f"starting noise of shape {tuple(given_x_T.shape)[1:]} for a model of shape {shape}")
         x_T = given_x_T.to(device=diffusion.device, dtype=x_T.dtype)
     conditioning = label_conditioning(diffusion, labels, guidance_scale)
+    image_cond = getattr(diffusion, "condition", None)
+    check_condition(image_cond, conditions, "this checkpoint")
+    if conditions is not None:
+        if len(conditions) != len(indices):
+            raise ConfigError(f"{len(conditions)} conditions for {len(indices)} images; give one per image")
+        c = prepare_condition(image_cond, conditions.to(diffusion.device), diffusion.image_size)
+        generators = [torch.Generator().manual_seed(derive_seed(seed, k, 1)) for k in indices]
+        c = sampling_augmentation(image_cond, c, condition_level, generators)
+        conditioning["model_kwargs"] = {**conditioning.get("model_kwargs", {}), CONDITION_KEY: c}
     x0 = run_sampler(diffusion, plan, x_T, noise=noise, conditioning=conditioning, callback=callback, progress=progress)
     return from_model_range(x0)

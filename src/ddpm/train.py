@@ -35,8 +35,11 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import checkpoint_path, flatten_optimizer_state, list_checkpoints, save_checkpoint
+from .condition_data import check_condition_data, grid_conditions, paired_conditions
+from .conditions import shown_condition, training_condition
 from .config import RunConfig
 from .data import ImageData, check_same_dataset, load_dataset
+from .data.pairs import load_paired_data
 from .diffusion import to_model_range
 from .errors import DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write
@@ -45,10 +48,11 @@ from .gaussian_diffusion import GaussianDiffusion
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
-from .pixels import uint8_to_unit as to_tensor_on_device
+from .pixels import to_uint8, uint8_to_unit as to_tensor_on_device
 from .precision import autocast, channels_last, check_precision, resolve_precision
 from .data.hub import is_hub_spec
 from .data.prepared import BatchPrefetcher
+from .denoiser import CONDITION_KEY
 from .run_dir import open_run, prune_checkpoints
 from .seeding import derive_seed
 from .signals import StopSignals, Stopped
@@ -83,8 +87,12 @@ def load_training_data(config: RunConfig) -> ImageData:
     if d.fingerprint is not None and not is_hub_spec(d.name) and not Path(d.name).exists():
         raise DataError(f"the run's data {d.name} is gone; if it moved, pass --data NEW_PATH (a copy is "
                         "recognised by its fingerprint)")
-    data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
-                        strict=d.strict, image_column=d.image_column, label_column=d.label_column)
+    if d.condition_data is None:
+        data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
+                            strict=d.strict, image_column=d.image_column, label_column=d.label_column)
+    else:                               # paired image conditions, row k for image k (ddpm.data.pairs)
+        data = load_paired_data(d.name, d.condition_data, data_root=d.root, split=d.split, image_size=d.image_size,
+                                channels=d.channels)
     check_same_dataset(d.fingerprint, data)
     check_training_data(config, data)
     return data
@@ -105,6 +113,7 @@ def check_training_data(config: RunConfig, data: ImageData, world_size: int | No
         if len(data.labels) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < config.model.num_classes:
             raise DataError(f"dataset {data.name!r} has labels {int(data.labels.min())}..{int(data.labels.max())} "
                             f"but the model has num_classes = {config.model.num_classes}")
+    check_condition_data(config, data)
     world = distributed.env_world_size() if world_size is None else world_size
     global_batch = config.train.global_batch_size(world)
     if data.num_images < global_batch:
@@ -248,6 +257,7 @@ class Setup:
     mine: torch.Tensor                   # this rank's rows of the global batch
     start_time: float
     reader: BatchPrefetcher | None = None   # a memory-mapped dataset: this rank's rows, one step ahead
+    conditions: torch.Tensor | None = None  # paired image conditions, uint8 [N, H, W, C_c], row k for image k
 
     @property
     def tc(self):
@@ -309,7 +319,8 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
                   labels=labels, diffusion=diffusion, model=model, net=_data_parallel(model, world, device),
                   optimizer=optimizer, scaler=scaler, loss=loss, global_batch=global_batch,
                   order=EpochOrder(data.num_images, global_batch, tc.seed), mine=mine, start_time=start_time,
-                  reader=lazy_reader(data.images, data.num_images, global_batch, tc.seed, mine, device) if lazy else None)
+                  reader=lazy_reader(data.images, data.num_images, global_batch, tc.seed, mine, device) if lazy else None,
+                  conditions=paired_conditions(config, data, device))
     if setup.main:
         if chosen is not None and progress:
             print(chosen.line(), file=sys.stderr)         # once the set-up has passed its checks
@@ -341,6 +352,7 @@ class _Batch:
     noise: torch.Tensor
     y: torch.Tensor | None
     extras: dict
+    c: torch.Tensor | None = None         # the image condition of an image-conditioned model (augmented)
 
 
 def _draw_batch(setup: Setup, step: int) -> _Batch:
@@ -362,17 +374,24 @@ def _draw_batch(setup: Setup, step: int) -> _Batch:
         x = to_tensor_on_device(setup.images[index[mine]])
     else:                               # the same rows, read from the memory map (ahead, on another thread)
         x = to_tensor_on_device(setup.reader.get(step)[0].to(device, non_blocking=True))
+    paired = None if setup.conditions is None else to_tensor_on_device(setup.conditions[index[mine]])
     if config.data.hflip:
         flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if paired is not None:          # a pair is flipped together
+            paired = torch.where(flip[:, None, None, None], paired.flip(3), paired)
     t, t_weights = setup.loss.draw_timesteps(shape[0], g, device)
     noise = torch.randn(shape, generator=g, device=device)
     y = None
     if setup.labels is not None:        # drawn after the noise, so unconditional runs keep their random stream
         y = label_dropout(setup.labels[index], config.model.num_classes, tc.label_dropout, g)[mine]
     noise, extras = setup.loss.draw_extras(noise, g)
-    return _Batch(step=step, x0=to_model_range(x), t=t[mine], t_weights=None if t_weights is None else t_weights[mine],
-                  noise=noise[mine], y=y, extras={k: v[mine] for k, v in extras.items()})
+    x0, c = to_model_range(x), None
+    if config.condition is not None:    # drawn last: the other runs keep their random stream
+        c = training_condition(config.condition, x0, None if paired is None else to_model_range(paired), g,
+                               batch=shape[0], rows=mine)
+    return _Batch(step=step, x0=x0, t=t[mine], t_weights=None if t_weights is None else t_weights[mine],
+                  noise=noise[mine], y=y, extras={k: v[mine] for k, v in extras.items()}, c=c)
 
 
 def _forward_backward(setup: Setup, batch: _Batch) -> torch.Tensor:
@@ -385,6 +404,8 @@ def _forward_backward(setup: Setup, batch: _Batch) -> torch.Tensor:
         rows = slice(i, i + micro)
         sync = contextlib.nullcontext() if setup.world == 1 or a == tc.grad_accum - 1 else setup.net.no_sync()
         kwargs = None if batch.y is None else {"y": batch.y[rows]}
+        if batch.c is not None:                         # the image condition: ddpm.denoiser.model_output
+            kwargs = {**(kwargs or {}), CONDITION_KEY: batch.c[rows]}
         with sync, distributed.collective("a training step"):
             with autocast(setup.device, tc.precision):
                 per_sample = setup.loss.losses(setup.net, batch.x0[rows], batch.t[rows], batch.noise[rows],
@@ -579,6 +600,12 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
         n, cond = len(labels), {"labels": labels, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
         names = config.model.class_names
         rows = [names[c] if names else str(c) for c in labels[::nrow]]
+    panels = []
+    if config.condition is not None:    # the first n training conditions, shown beside the samples
+        given = grid_conditions(config.condition, setup.data, setup.conditions, n)
+        n, cond["conditions"] = len(given), given
+        shown = shown_condition(config.condition, given, config.model.image_size)
+        panels = [make_grid(to_uint8(shown), nrow=nrow)]
     grids = [make_grid(generate(d, n, batch_size=n, seed=seed, progress=False, **cond), nrow=nrow)
              for d in (state.ema_diffusion, setup.diffusion.eval())]
     if rows:
@@ -586,7 +613,8 @@ def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
     if board:
         for name, grid in zip(("ema", "raw"), grids):
             board.image(f"samples/{name}", grid, step)
-    return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png", side_by_side(grids, ["EMA", "raw"]))
+    return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png",
+                    side_by_side(panels + grids, ["condition"] * len(panels) + ["EMA", "raw"]))
 
 
 def _evaluator(setup: Setup):

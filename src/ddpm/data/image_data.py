@@ -40,6 +40,7 @@ class ImageData:
     class_names: list[str] | None = None
     skipped: list[str] = field(default_factory=list)   # "path: reason" of each unreadable file left out
     path: str | None = None
+    conditions: np.ndarray | None = None     # paired image conditions, uint8 [N, H, W, C_c]: row k conditions image k
 
     def __post_init__(self) -> None:
         if getattr(self.images, "dtype", None) != np.uint8 or getattr(self.images, "ndim", None) != 4:
@@ -47,6 +48,9 @@ class ImageData:
         if self.labels is not None and not (isinstance(self.labels, np.ndarray) and self.labels.dtype == np.int64
                                             and self.labels.shape == (len(self.images),)):
             raise ValueError(f"ImageData.labels must be an int64 numpy array of shape [{len(self.images)}] or None")
+        if self.conditions is not None and (getattr(self.conditions, "dtype", None) != np.uint8
+                                            or self.conditions.ndim != 4 or len(self.conditions) != len(self.images)):
+            raise ValueError("ImageData.conditions must be a uint8 array of shape [N, H, W, C_c] or None")
 
     @property
     def lazy(self) -> bool:

@@ -11,8 +11,11 @@ given, else they must already have it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import DataError
 from .image_data import ImageData
@@ -77,3 +80,10 @@ def load_pairs(data, condition_data, *, data_root=None, split: str = "train", im
         raise DataError(f"the conditions are {conditions.image_size[0]}x{conditions.image_size[1]}, the targets "
                         f"{size[0]}x{size[1]}; pass --image-size to bring both to one size")
     return targets, conditions
+
+
+def load_paired_data(data, condition_data, **options) -> ImageData:
+    """The targets of :func:`load_pairs` holding their conditions (``ImageData.conditions``, in memory)."""
+    targets, conditions = load_pairs(data, condition_data, **options)
+    rows = conditions.images if not conditions.lazy else conditions.images[np.arange(conditions.num_images)]
+    return dataclasses.replace(targets, conditions=np.ascontiguousarray(rows))

@@ -545,6 +545,9 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
         config = RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
+    if config.condition is not None:                # DDPMPipeline has no input for c (docs/conditioning.md)
+        raise ConfigError(f"DDPMPipeline cannot sample {meta['path']}: it is image-conditioned "
+                          f"({config.condition.task}) and the pipeline passes no condition image")
     unet_config = unet_to_diffusers_config(config.model)
     scheduler_config = scheduler_to_diffusers_config(config.diffusion)
     prefix = "ema" if weights == "ema" else "model"

@@ -58,5 +58,5 @@ def build_diffusion(config: RunConfig, model: nn.Module | None = None, *, precis
     the checkpoint's sampler defaults (``config.sampling``) and the network's autocast ``precision``."""
     return GaussianDiffusion(model if model is not None else build_model(config), config=config.diffusion,
                              image_size=config.model.image_size, channels=config.model.channels,
-                             sampling=None if config.sampling is None else config.sampling.options(),
+                             sampling=config.sampling,
                              precision=precision)

@@ -87,7 +87,16 @@ def _sampling_from_args(args, diffusion=None, latent_sampling=None):
     base = latent_sampling or getattr(diffusion, "default_sampling", None)
     return resolve_sampling(args.sampler, args.steps, base=base, base_from="latents" if latent_sampling else
                             FROM_CHECKPOINT, spacing=args.spacing, eta=args.eta, variance=args.variance,
-                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None)
+                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None,
+                            **_sigma_options(args))
+
+
+SIGMA_OPTIONS = ("churn", "s_tmin", "s_tmax", "s_noise", "rho")
+
+
+def _sigma_options(args) -> dict:
+    """The sigma samplers' flags (``--churn`` ... ``--rho``), as :class:`~ddpm.samplers.SamplingOptions` fields."""
+    return {name: getattr(args, name, None) for name in SIGMA_OPTIONS}
 
 
 def _flag_layer(args) -> dict:
@@ -319,7 +328,7 @@ def cmd_eval(args) -> int:
             check_output_path(path, overwrite=args.overwrite, option=option)
     names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
              "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
-             "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
+             "steps", "spacing", "eta", *SIGMA_OPTIONS, "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
     options = {name: getattr(args, name) for name in names}
     results = evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
     if results is None:               # a process other than rank 0 under torchrun

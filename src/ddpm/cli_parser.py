@@ -116,6 +116,8 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+_finite_nonneg = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_finite_positive = _number(float, lambda v: 0 < v < float("inf"), "a finite positive number")
 # T and seeds are bounded as they are parsed: a schedule of 10^9 steps would exhaust the memory before
 # any message. The bounds are those of ddpm.config (MAX_TIMESTEPS, SEED_LIMIT).
 _timesteps = _number(int, lambda v: 2 <= v <= 100_000, "an integer T from 2 to 100,000")
@@ -286,24 +288,26 @@ def _add_sample(sub) -> None:
 
 
 # The defaults of --sampler and --steps, as ddpm.generate.resolve_sampling implements them.
-SAMPLER_HELP = ("ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M) (default: the checkpoint's own sampler "
+SAMPLER_HELP = ("ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M); or a sigma sampler (Karras et al. 2022): "
+                "euler, heun, euler-ancestral, dpm-solver++-sde (default: the checkpoint's own sampler "
                 "if it names one, e.g. a distilled student's, else ddpm over 50 respaced steps, the best at 25 to "
                 "50 steps in benchmarks/RESULTS.md)")
-STEPS_HELP = ("network evaluations, 1..T (default: the checkpoint's own count for its sampler, else 50 without "
-              "--sampler; with --sampler alone: all T for ddpm, 50 for ddim, 20 for dpm-solver++, at most T)")
+STEPS_HELP = ("sampler steps, 1..T, one network evaluation each, heun two but the last (default: the checkpoint's own count for its sampler, else 50 without "
+              "--sampler; with --sampler alone: all T for ddpm, 50 for ddim, euler and euler-ancestral, 20 for "
+              "dpm-solver++, 25 for dpm-solver++-sde, 18 for heun (35 evaluations), at most T)")
 
 
 def _add_sampler_options(p) -> None:
     """The sampler flags of every command that samples (their defaults: :func:`ddpm.generate.resolve_sampling`)."""
     from .diffusion import VARIANCES
-    from .samplers import SAMPLERS, SPACINGS
+    from .samplers import SAMPLERS
 
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
     g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
-    g.add_argument("--spacing", choices=tuple(SPACINGS),
-                   help="which K of the T timesteps are kept (default trailing; see docs/samplers.md)")
+    _add_spacing(g)
     g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
+    _add_sigma_sampler_options(g)
     g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde, beta, or learned-range for "
                                                          "models trained with it (default: the checkpoint's)")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -311,6 +315,28 @@ def _add_sampler_options(p) -> None:
     g.add_argument("--dynamic-threshold", action="store_true",
                    help="dynamic thresholding of the x0 estimate (Saharia et al. 2022, p = 0.995) instead of clipping")
     _add_precision(g)
+
+
+def _add_spacing(g) -> None:
+    from .samplers import SPACING_CHOICES         # deferred: the parser imports no torch until a command runs
+
+    g.add_argument("--spacing", choices=SPACING_CHOICES,
+                   help="which K of the T timesteps are kept, or karras: EDM's sigma spacing (Karras et al. 2022, "
+                        "Eq. 5; default trailing; see docs/samplers.md)")
+
+
+def _add_sigma_sampler_options(g) -> None:
+    """EDM's options of the sigma samplers (Karras et al. 2022, Algorithm 2) and of the karras spacing."""
+    g.add_argument("--churn", type=_finite_nonneg, metavar="S",
+                   help="euler/heun: S_churn, the noise added back per step (default 0: the deterministic ODE)")
+    g.add_argument("--s-tmin", type=_finite_nonneg, metavar="SIGMA",
+                   help="euler/heun: churn only where sigma >= S_tmin (default 0)")
+    g.add_argument("--s-tmax", type=_nonneg_float, metavar="SIGMA",
+                   help="euler/heun: churn only where sigma <= S_tmax (default inf)")
+    g.add_argument("--s-noise", type=_finite_nonneg, metavar="S",
+                   help="sigma samplers: S_noise, the scale of the fresh noise (default 1)")
+    g.add_argument("--rho", type=_finite_positive, metavar="RHO",
+                   help="--spacing karras: rho of Eq. 5 (default 7)")
 
 
 def _add_precision(group) -> None:
@@ -431,7 +457,9 @@ def _add_eval(sub) -> None:
     g = p.add_argument_group("sampling (with --checkpoint)")
     g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
     g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
+    _add_spacing(g)
     g.add_argument("--eta", type=float, help="DDIM eta")
+    _add_sigma_sampler_options(g)
     g.add_argument("--class", dest="class_label", metavar="NAME|INDEX",
                    help="sample a class-conditional model at this class (an index, or a name the checkpoint lists)")
     g.add_argument("--guidance-scale", type=_nonneg_float, help="classifier-free guidance with --class (default 2)")

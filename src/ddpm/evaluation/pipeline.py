@@ -53,7 +53,13 @@ class EvalConfig:
     nn_grid: str | None = None
     sampler: str | None = None
     steps: int | None = None
+    spacing: str | None = None
     eta: float | None = None
+    churn: float | None = None              # the sigma samplers' options (ddpm.samplers.SamplingOptions)
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
+    rho: float | None = None
     class_label: str | None = None          # a class index, or a name the checkpoint lists
     guidance_scale: float | None = None
     batch_size: int = 64
@@ -157,7 +163,9 @@ def _sampling(config: EvalConfig, diffusion):
     from ..generate import resolve_sampling
     from ..sampling import resolve_plan
 
-    sampling, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta)
+    sampling, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta,
+                                         spacing=config.spacing, churn=config.churn, s_tmin=config.s_tmin,
+                                         s_tmax=config.s_tmax, s_noise=config.s_noise, rho=config.rho)
     plan = resolve_plan(diffusion, sampling)                   # also checks --steps against the checkpoint's T
     return plan, {"sampler": plan.sampler, "steps": plan.steps, **sources}
 

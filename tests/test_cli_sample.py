@@ -148,7 +148,7 @@ def test_interpolate_reads_image_files_of_any_size_and_mode(run_dir, tmp_path):
     (["--sampler", "ddim", "--eta", "1.5"], "eta must be between 0 and 1"),
     (["--sampler", "ddim", "--variance", "beta"], "only applies to the ddpm sampler"),
     (["--clip", "--dynamic-threshold"], "exclude each other"),
-    (["--sampler", "euler"], "invalid choice"),
+    (["--sampler", "eulr"], "invalid choice"),
     (["--start-index", "-1"], "--start-index"),
 ])
 def test_nonsense_sample_options_are_one_line_errors(run_dir, tmp_path, capsys, argv, phrase):

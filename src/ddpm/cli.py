@@ -33,6 +33,7 @@ TRAIN_FLAGS = {
     "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
     **{name: ("diffusion", name) for name in (
         "variance", "loss", "vlb_weight", "timestep_sampling", "offset_noise", "self_condition")},
+    **{name: ("diffusion", name) for name in ("formulation", "sigma_data", "p_mean", "p_std", "sigma_min", "sigma_max")},
     **{name: ("model", name) for name in (
         "dropout", "dim", "dim_mults", "num_res_blocks", "attention_levels", "attention_resolutions")},
     **{name: ("train", name) for name in (

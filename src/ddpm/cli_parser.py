@@ -185,6 +185,7 @@ def _add_train(sub) -> None:
                    help="class-conditional model: num_classes from the data's labels, for classifier-free guidance")
     g.add_argument("--label-dropout", type=float, metavar="P",
                    help="with --conditional: probability that a label is replaced by the null label (default 0.1)")
+    _add_edm_options(p.add_argument_group("formulation"))
     g = p.add_argument_group("training")
     g.add_argument("--config", metavar="TOML", help="a TOML file with [model], [diffusion], [data], [train] tables")
     g.add_argument("--steps", type=_positive_int, help="optimizer steps (with --resume: may extend the run)")
@@ -213,6 +214,21 @@ def _add_train(sub) -> None:
                    help="fine-tune: start from this checkpoint's EMA weights, with its architecture (and, unless "
                         "given, its diffusion settings and image size); e.g. a model made by ddpm import")
     _add_train_output(p.add_argument_group("output"))
+
+
+def _add_edm_options(g) -> None:
+    """--formulation edm and its options (Karras et al. 2022, Table 1; ddpm.edm, docs/continuous-time.md)."""
+    g.add_argument("--formulation", choices=("ddpm", "edm"),
+                   help="ddpm (the T-step process, the default) or edm: a network trained in sigma space with "
+                        "EDM's preconditioning, log-normal sigmas and loss weight (Karras et al. 2022); sampled "
+                        "with the sigma samplers over karras levels (default heun, 18 steps)")
+    g.add_argument("--sigma-data", type=_finite_positive, metavar="S", help="edm: the data's std (default 0.5)")
+    g.add_argument("--p-mean", type=float, metavar="M", help="edm: ln sigma ~ N(P_mean, P_std^2) (default -1.2)")
+    g.add_argument("--p-std", type=_finite_positive, metavar="S", help="edm: P_std (default 1.2)")
+    g.add_argument("--sigma-min", type=_finite_positive, metavar="SIGMA",
+                   help="edm: the lowest noise level sampled (default 0.002)")
+    g.add_argument("--sigma-max", type=_finite_positive, metavar="SIGMA",
+                   help="edm: the highest noise level sampled (default 80)")
 
 
 def _add_train_output(g) -> None:

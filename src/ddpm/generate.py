@@ -25,7 +25,7 @@ from .gaussian_diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .pixels import to_uint8
 from .precision import channels_last as default_channels_last, resolve_precision
-from .samplers import DEFAULT_SAMPLING, SamplingOptions, ddim_invert
+from .samplers import DEFAULT_SAMPLING, KARRAS, SIGMA_SAMPLERS, SamplingOptions, ddim_invert
 from .sigmas import Sigmas
 from .sampling import (SamplingPlan, check_labels, image_noise, label_conditioning, resolve_plan, run_sampler,
                        sample_images)
@@ -93,7 +93,8 @@ def resolve_sampling(sampler: str | None = None, steps: int | None = None, *, ba
       over :data:`SAMPLER_DEFAULT_STEPS` (ddpm all T, ddim 50, dpm-solver++ 20, heun 18, ..., at most T);
     - an explicit ``steps`` wins over everything (exactly that many; more than T is an error).
 
-    The other ``options`` (spacing, eta, ...; None = unset) override whichever start was chosen.
+    The other ``options`` (spacing, eta, ...; None = unset) override whichever start was chosen; a sigma
+    sampler named over a ``base`` with the karras spacing (an EDM model's) keeps that spacing unless given.
     """
     given = {k: v for k, v in options.items() if v is not None}
     if sampler is None:
@@ -108,6 +109,8 @@ def resolve_sampling(sampler: str | None = None, steps: int | None = None, *, ba
     if steps is not None:
         given.update(steps=steps, steps_at_most=False)
         steps_from = FROM_FLAG
+    if base is not None and base.spacing == KARRAS and start is not base and start.sampler in SIGMA_SAMPLERS:
+        given.setdefault("spacing", KARRAS)     # an EDM model's levels: a sigma sampler named alone keeps them
     return dataclasses.replace(start, **given), {"sampler_from": sampler_from, "steps_from": steps_from}
 
 

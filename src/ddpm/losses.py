@@ -175,8 +175,12 @@ class VlbLoss(SimpleLoss):
         return self.weighted_mse(pred, x0, t, noise) + self.vlb_weight * vlb
 
 
-def make_loss(config, schedule: NoiseSchedule) -> SimpleLoss:
-    """The loss a :class:`~ddpm.config.DiffusionConfig` trains with, on ``schedule``."""
+def make_loss(config, schedule: NoiseSchedule) -> Loss:
+    """The loss a :class:`~ddpm.config.DiffusionConfig` trains with, on ``schedule`` (unused by EDM's)."""
+    if getattr(config, "formulation", "ddpm") == "edm":
+        from .edm import EDMLoss          # edm builds on this module's Loss: imported when asked for
+
+        return EDMLoss(sigma_data=config.sigma_data, p_mean=config.p_mean, p_std=config.p_std)
     options = dict(objective=config.objective, weighting=config.loss_weighting, min_snr_gamma=config.min_snr_gamma,
                    self_condition=config.self_condition, offset_noise=config.offset_noise)
     if config.loss == "simple":

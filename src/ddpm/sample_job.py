@@ -37,7 +37,8 @@ __all__ = ["class_indices", "class_names", "resolve_classes", "load_image", "fil
 
 def sampling_record(diffusion: GaussianDiffusion, plan: SamplingPlan) -> dict:
     """Every sampling setting as actually used (checkpoint defaults filled in), for the sample record."""
-    return {"sampler": plan.sampler, "steps": plan.steps, "timesteps": diffusion.timesteps,
+    return {"sampler": plan.sampler, "steps": plan.steps,
+            "timesteps": None if getattr(diffusion, "formulation", "ddpm") == "edm" else diffusion.timesteps,
             "spacing": plan.options.spacing, "eta": plan.sampler_kwargs.get("eta"),
             "variance": plan.sampler_kwargs.get("variance"), "clip": plan.clip,
             "dynamic_thresholding": plan.dynamic_thresholding, "precision": diffusion.precision,

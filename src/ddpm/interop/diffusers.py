@@ -544,6 +544,9 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
         config = RunConfig.from_dict(meta["config"])
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
+    if config.diffusion.formulation == "edm":
+        raise ConfigError("an EDM model has no DDPMScheduler (it is trained in sigma space); it cannot be exported "
+                          "to diffusers")
     unet_config = unet_to_diffusers_config(config.model)
     scheduler_config = scheduler_to_diffusers_config(config.diffusion)
     prefix = "ema" if weights == "ema" else "model"

@@ -329,7 +329,8 @@ def cmd_eval(args) -> int:
             check_output_path(path, overwrite=args.overwrite, option=option)
     names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "n", "ref_n", "features", "inception",
              "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
-             "steps", "spacing", "eta", *SIGMA_OPTIONS, "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
+             "steps", "spacing", "eta", *SIGMA_OPTIONS, "class_label", "guidance_scale", "batch_size", "seed",
+             "device", "weights", "precision", "probes", "ode_solver", "ode_steps")
     options = {name: getattr(args, name) for name in names}
     results = evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
     if results is None:               # a process other than rank 0 under torchrun

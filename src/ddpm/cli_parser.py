@@ -440,8 +440,9 @@ def _add_eval(sub) -> None:
                                    "See docs/evaluation.md.",
                        epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--metric", action="append", choices=EVAL_METRICS, default=[],
-                   help="bpd, fid, kid, pr (precision and recall), is (Inception Score) or fast (LeNet FID and "
-                        "KID); repeat for several (default: fast for grey images of 28x28 or smaller, else fid)")
+                   help="bpd (the variational bound), bpd-ode (the exact NLL through the probability-flow ODE), "
+                        "fid, kid, pr (precision and recall), is (Inception Score) or fast (LeNet FID and KID); "
+                        "repeat for several (default: fast for grey images of 28x28 or smaller, else fid)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file or run directory, sampled here")
     source.add_argument("--samples", metavar="PATH", help="a folder of images or an .npz with array 'images'")
@@ -484,8 +485,22 @@ def _add_eval(sub) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_precision(g)
+    _add_ode_options(p.add_argument_group("bpd-ode (with --metric bpd-ode)"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_progress(p)
+
+
+_probes = _number(int, lambda v: 1 <= v <= 64, "an integer from 1 to 64")
+
+
+def _add_ode_options(g) -> None:
+    """The exact likelihood's options (ddpm.evaluation.ode_likelihood, docs/evaluation.md)."""
+    g.add_argument("--probes", type=_probes, default=1, metavar="N",
+                   help="Hutchinson probe vectors per image for the divergence's trace, 1..64 (default 1)")
+    g.add_argument("--ode-solver", choices=("rk45", "rk4", "heun"), default="rk45",
+                   help="rk45 (adaptive Dormand-Prince, rtol = atol = 1e-5, the default), or rk4 / heun in "
+                        "fixed steps of ln sigma")
+    g.add_argument("--ode-steps", type=_positive_int, metavar="K", help="steps of rk4 / heun (default 32)")
 
 
 EXAMPLES_EXPORT = """\

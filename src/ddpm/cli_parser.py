@@ -341,8 +341,11 @@ def _add_spacing(g) -> None:
                         "Eq. 5; default trailing; see docs/samplers.md)")
 
 
-def _add_sigma_sampler_options(g) -> None:
-    """EDM's options of the sigma samplers (Karras et al. 2022, Algorithm 2) and of the karras spacing."""
+def _add_sigma_sampler_options(g, *, spacing: bool = False) -> None:
+    """EDM's options of the sigma samplers (Karras et al. 2022, Algorithm 2) and of the karras spacing
+    (with ``spacing``, --spacing itself first)."""
+    if spacing:
+        _add_spacing(g)
     g.add_argument("--churn", type=_finite_nonneg, metavar="S",
                    help="euler/heun: S_churn, the noise added back per step (default 0: the deterministic ODE)")
     g.add_argument("--s-tmin", type=_finite_nonneg, metavar="SIGMA",
@@ -474,9 +477,8 @@ def _add_eval(sub) -> None:
     g = p.add_argument_group("sampling (with --checkpoint)")
     g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
     g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
-    _add_spacing(g)
     g.add_argument("--eta", type=float, help="DDIM eta")
-    _add_sigma_sampler_options(g)
+    _add_sigma_sampler_options(g, spacing=True)
     g.add_argument("--class", dest="class_label", metavar="NAME|INDEX",
                    help="sample a class-conditional model at this class (an index, or a name the checkpoint lists)")
     g.add_argument("--guidance-scale", type=_nonneg_float, help="classifier-free guidance with --class (default 2)")

@@ -265,8 +265,8 @@ def _bpd(config: EvalConfig, diffusion) -> dict:
 
 def _test_images(config: EvalConfig, diffusion) -> np.ndarray:
     """A spread subset of ``config.n`` images of the split (not a prefix), uint8, at the model's own size."""
-    from ..data import load_dataset
-    from .reference import subset_indices
+    from ..data import load_dataset            # the data package is large: loaded when asked for
+    from .reference import subset_indices      # as the other metrics load theirs
 
     test = load_dataset(config.data, data_root=config.data_root, split=config.split, channels=diffusion.channels)
     if tuple(test.image_size) != tuple(diffusion.image_size):
@@ -278,7 +278,7 @@ def _test_images(config: EvalConfig, diffusion) -> np.ndarray:
 
 def _bpd_ode(config: EvalConfig, diffusion) -> dict:
     """The exact NLL in bits/dim through the probability-flow ODE (``ode_likelihood``), on the images of ``_bpd``."""
-    from .ode_likelihood import evaluate_bpd_ode
+    from .ode_likelihood import evaluate_bpd_ode    # the ODE module loads the EDM code: when asked for
 
     start = time.perf_counter()
     result = evaluate_bpd_ode(diffusion, _test_images(config, diffusion), probes=config.probes,

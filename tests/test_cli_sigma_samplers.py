@@ -87,6 +87,9 @@ def test_edit_refuses_karras_in_one_line_and_takes_churn(run_dir, tmp_path, caps
     base = ["edit", "--checkpoint", str(run_dir), "--image", "digits:3", "--strength", "0.5"]
     assert "karras" in one_line_error(capsys, [*base, "--out", str(tmp_path / "k"), "--sampler", "euler",
                                                "--spacing", "karras"])
+    assert "karras" in one_line_error(capsys, ["interpolate", "--checkpoint", str(run_dir), "--image-a", "digits:0",
+                                               "--image-b", "digits:1", "--t", "10", "--spacing", "karras",
+                                               "--out", str(tmp_path / "i")])
     assert main([*base, "--out", str(tmp_path / "c"), "--sampler", "euler", "--steps", "3", "--churn", "1"]) == 0
     assert [(name, kwargs) for name, _, kwargs in spy] == [("euler", {"churn": 1.0})]
     assert json.loads((tmp_path / "c" / "record.json").read_text())["churn"] == 1.0

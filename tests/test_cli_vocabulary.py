@@ -216,13 +216,18 @@ def test_every_out_says_whether_it_is_a_directory_or_a_file():
 # ----------------------------------------------------------------------------- default step counts
 
 def test_the_rule_in_the_library():
-    assert SAMPLER_DEFAULT_STEPS == {"ddpm": None, "ddim": 50, "dpm-solver++": 20}
+    assert SAMPLER_DEFAULT_STEPS == {"ddpm": None, "ddim": 50, "dpm-solver++": 20, "euler": 50, "heun": 18,
+                                     "euler-ancestral": 50, "dpm-solver++-sde": 25}
     student = SamplingOptions(sampler="ddim", steps=4, eta=0.0, clip=False)
     table = [  # (sampler, steps, base) -> (sampler, steps over T = 100, sampler_from, steps_from)
         ((None, None, None), ("ddpm", 50, "default", "default")),
         (("ddpm", None, None), ("ddpm", 100, "flag", "default")),
         (("ddim", None, None), ("ddim", 50, "flag", "default")),
         (("dpm-solver++", None, None), ("dpm-solver++", 20, "flag", "default")),
+        (("heun", None, None), ("heun", 18, "flag", "default")),
+        (("euler", None, None), ("euler", 50, "flag", "default")),
+        (("euler-ancestral", None, None), ("euler-ancestral", 50, "flag", "default")),
+        (("dpm-solver++-sde", None, None), ("dpm-solver++-sde", 25, "flag", "default")),
         ((None, None, student), ("ddim", 4, "checkpoint", "checkpoint")),
         (("ddim", None, student), ("ddim", 4, "flag", "checkpoint")),
         (("dpm-solver++", None, student), ("dpm-solver++", 20, "flag", "default")),

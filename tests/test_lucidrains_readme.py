@@ -45,7 +45,6 @@ def test_the_readme_trainer_and_unet_examples_import():
 
 
 @pytest.mark.parametrize("name, nearest", [
-    ("ElucidatedDiffusion", "GaussianDiffusion(model"),
     ("ContinuousTimeGaussianDiffusion", "timesteps=1000"),
     ("VParamContinuousTimeGaussianDiffusion", "objective='pred_v'"),
     ("WeightedObjectiveGaussianDiffusion", "objective='pred_v'"),

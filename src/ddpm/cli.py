@@ -34,6 +34,7 @@ TRAIN_FLAGS = {
     "objective": ("diffusion", "objective"), "loss_weighting": ("diffusion", "loss_weighting"),
     **{name: ("diffusion", name) for name in (
         "variance", "loss", "vlb_weight", "timestep_sampling", "offset_noise", "self_condition")},
+    **{name: ("diffusion", name) for name in ("formulation", "sigma_data", "p_mean", "p_std", "sigma_min", "sigma_max")},
     **{name: ("model", name) for name in (
         "dropout", "dim", "dim_mults", "num_res_blocks", "attention_levels", "attention_resolutions")},
     **{name: ("train", name) for name in (
@@ -89,7 +90,16 @@ def _sampling_from_args(args, diffusion=None, latent_sampling=None):
     base = latent_sampling or getattr(diffusion, "default_sampling", None)
     return resolve_sampling(args.sampler, args.steps, base=base, base_from="latents" if latent_sampling else
                             FROM_CHECKPOINT, spacing=args.spacing, eta=args.eta, variance=args.variance,
-                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None)
+                            clip=args.clip, dynamic_thresholding=args.dynamic_threshold or None,
+                            **_sigma_options(args))
+
+
+SIGMA_OPTIONS = ("churn", "s_tmin", "s_tmax", "s_noise", "rho")
+
+
+def _sigma_options(args) -> dict:
+    """The sigma samplers' flags (``--churn`` ... ``--rho``), as :class:`~ddpm.samplers.SamplingOptions` fields."""
+    return {name: getattr(args, name, None) for name in SIGMA_OPTIONS}
 
 
 def _flag_layer(args) -> dict:
@@ -362,8 +372,9 @@ def _evaluate(args):
     from .evaluation.pipeline import EvalConfig, evaluate
 
     names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "image_column", "n", "ref_n", "features",
-             "inception", "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid", "sampler",
-             "steps", "eta", "class_label", "guidance_scale", "batch_size", "seed", "device", "weights", "precision")
+             "inception", "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid",
+             "sampler", "steps", "spacing", "eta", *SIGMA_OPTIONS, "class_label", "guidance_scale", "batch_size", "seed",
+             "device", "weights", "precision", "probes", "ode_solver", "ode_steps")
     options = {name: getattr(args, name) for name in names}
     return evaluate(EvalConfig(metrics=tuple(options.pop("metric")), progress=_show_progress(args), **options))
 

@@ -119,6 +119,8 @@ _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
+_finite_nonneg = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_finite_positive = _number(float, lambda v: 0 < v < float("inf"), "a finite positive number")
 # T and seeds are bounded as they are parsed: a schedule of 10^9 steps would exhaust the memory before
 # any message. The bounds are those of ddpm.config (MAX_TIMESTEPS, SEED_LIMIT).
 _timesteps = _number(int, lambda v: 2 <= v <= 100_000, "an integer T from 2 to 100,000")
@@ -187,6 +189,7 @@ def _add_train(sub) -> None:
                    help="class-conditional model: num_classes from the data's labels, for classifier-free guidance")
     g.add_argument("--label-dropout", type=float, metavar="P",
                    help="with --conditional: probability that a label is replaced by the null label (default 0.1)")
+    _add_edm_options(p.add_argument_group("formulation"))
     g = p.add_argument_group("training")
     g.add_argument("--config", metavar="TOML", help="a TOML file with [model], [diffusion], [data], [train] tables")
     g.add_argument("--steps", type=_positive_int, help="optimizer steps (with --resume: may extend the run)")
@@ -249,6 +252,21 @@ def _add_image_condition_train(g) -> None:
                         "and given to the network as one more channel (Cascaded Diffusion; default 0: off)")
     g.add_argument("--condition-data", metavar="SRC",
                    help="--task paired: the conditions, row k (or the file of the same relative path) for target k")
+
+
+def _add_edm_options(g) -> None:
+    """--formulation edm and its options (Karras et al. 2022, Table 1; ddpm.edm, docs/continuous-time.md)."""
+    g.add_argument("--formulation", choices=("ddpm", "edm"),
+                   help="ddpm (the T-step process, the default) or edm: a network trained in sigma space with "
+                        "EDM's preconditioning, log-normal sigmas and loss weight (Karras et al. 2022); sampled "
+                        "with the sigma samplers over karras levels (default heun, 18 steps)")
+    g.add_argument("--sigma-data", type=_finite_positive, metavar="S", help="edm: the data's std (default 0.5)")
+    g.add_argument("--p-mean", type=float, metavar="M", help="edm: ln sigma ~ N(P_mean, P_std^2) (default -1.2)")
+    g.add_argument("--p-std", type=_finite_positive, metavar="S", help="edm: P_std (default 1.2)")
+    g.add_argument("--sigma-min", type=_finite_positive, metavar="SIGMA",
+                   help="edm: the lowest noise level sampled (default 0.002)")
+    g.add_argument("--sigma-max", type=_finite_positive, metavar="SIGMA",
+                   help="edm: the highest noise level sampled (default 80)")
 
 
 def _add_train_output(g) -> None:
@@ -341,24 +359,26 @@ def _add_image_condition_sample(g) -> None:
 
 
 # The defaults of --sampler and --steps, as ddpm.generate.resolve_sampling implements them.
-SAMPLER_HELP = ("ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M) (default: the checkpoint's own sampler "
+SAMPLER_HELP = ("ddpm (ancestral, the paper's), ddim or dpm-solver++ (2M); or a sigma sampler (Karras et al. 2022): "
+                "euler, heun, euler-ancestral, dpm-solver++-sde (default: the checkpoint's own sampler "
                 "if it names one, e.g. a distilled student's, else ddpm over 50 respaced steps, the best at 25 to "
                 "50 steps in benchmarks/RESULTS.md)")
-STEPS_HELP = ("network evaluations, 1..T (default: the checkpoint's own count for its sampler, else 50 without "
-              "--sampler; with --sampler alone: all T for ddpm, 50 for ddim, 20 for dpm-solver++, at most T)")
+STEPS_HELP = ("sampler steps, 1..T, one network evaluation each, heun two but the last (default: the checkpoint's own count for its sampler, else 50 without "
+              "--sampler; with --sampler alone: all T for ddpm, 50 for ddim, euler and euler-ancestral, 20 for "
+              "dpm-solver++, 25 for dpm-solver++-sde, 18 for heun (35 evaluations), at most T)")
 
 
 def _add_sampler_options(p) -> None:
     """The sampler flags of every command that samples (their defaults: :func:`ddpm.generate.resolve_sampling`)."""
     from .diffusion import VARIANCES
-    from .samplers import SAMPLERS, SPACINGS
+    from .samplers import SAMPLERS
 
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
     g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
-    g.add_argument("--spacing", choices=tuple(SPACINGS),
-                   help="which K of the T timesteps are kept (default trailing; see docs/samplers.md)")
+    _add_spacing(g)
     g.add_argument("--eta", type=float, help="DDIM only: 0 deterministic (default), 1 the ancestral variance")
+    _add_sigma_sampler_options(g)
     g.add_argument("--variance", choices=VARIANCES, help="ddpm only: sigma^2 = beta-tilde, beta, or learned-range for "
                                                          "models trained with it (default: the checkpoint's)")
     g.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
@@ -366,6 +386,31 @@ def _add_sampler_options(p) -> None:
     g.add_argument("--dynamic-threshold", action="store_true",
                    help="dynamic thresholding of the x0 estimate (Saharia et al. 2022, p = 0.995) instead of clipping")
     _add_precision(g)
+
+
+def _add_spacing(g) -> None:
+    from .samplers import SPACING_CHOICES         # deferred: the parser imports no torch until a command runs
+
+    g.add_argument("--spacing", choices=SPACING_CHOICES,
+                   help="which K of the T timesteps are kept, or karras: EDM's sigma spacing (Karras et al. 2022, "
+                        "Eq. 5; default trailing; see docs/samplers.md)")
+
+
+def _add_sigma_sampler_options(g, *, spacing: bool = False) -> None:
+    """EDM's options of the sigma samplers (Karras et al. 2022, Algorithm 2) and of the karras spacing
+    (with ``spacing``, --spacing itself first)."""
+    if spacing:
+        _add_spacing(g)
+    g.add_argument("--churn", type=_finite_nonneg, metavar="S",
+                   help="euler/heun: S_churn, the noise added back per step (default 0: the deterministic ODE)")
+    g.add_argument("--s-tmin", type=_finite_nonneg, metavar="SIGMA",
+                   help="euler/heun: churn only where sigma >= S_tmin (default 0)")
+    g.add_argument("--s-tmax", type=_nonneg_float, metavar="SIGMA",
+                   help="euler/heun: churn only where sigma <= S_tmax (default inf)")
+    g.add_argument("--s-noise", type=_finite_nonneg, metavar="S",
+                   help="sigma samplers: S_noise, the scale of the fresh noise (default 1)")
+    g.add_argument("--rho", type=_finite_positive, metavar="RHO",
+                   help="--spacing karras: rho of Eq. 5 (default 7)")
 
 
 def _add_precision(group) -> None:
@@ -453,8 +498,9 @@ def _add_eval(sub) -> None:
                                    "See docs/evaluation.md.",
                        epilog=EXAMPLES_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--metric", action="append", choices=EVAL_METRICS, default=[],
-                   help="bpd, fid, kid, pr (precision and recall), is (Inception Score) or fast (LeNet FID and "
-                        "KID); repeat for several (default: fast for grey images of 28x28 or smaller, else fid)")
+                   help="bpd (the variational bound), bpd-ode (the exact NLL through the probability-flow ODE), "
+                        "fid, kid, pr (precision and recall), is (Inception Score) or fast (LeNet FID and KID); "
+                        "repeat for several (default: fast for grey images of 28x28 or smaller, else fid)")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH", help="a checkpoint file or run directory, sampled here")
     source.add_argument("--samples", metavar="PATH", help="a folder of images or an .npz with array 'images'")
@@ -489,6 +535,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
     g.add_argument("--steps", type=_positive_int, metavar="K", help=STEPS_HELP)
     g.add_argument("--eta", type=float, help="DDIM eta")
+    _add_sigma_sampler_options(g, spacing=True)
     g.add_argument("--class", dest="class_label", metavar="NAME|INDEX",
                    help="sample a class-conditional model at this class (an index, or a name the checkpoint lists)")
     g.add_argument("--guidance-scale", type=_nonneg_float, help="classifier-free guidance with --class (default 2)")
@@ -497,6 +544,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--weights", choices=("ema", "raw"), default="ema")
     _add_precision(g)
+    _add_ode_options(p.add_argument_group("bpd-ode (with --metric bpd-ode)"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_progress(p)
     _add_image_condition_eval(p.add_argument_group("image-conditioned checkpoints (docs/conditioning.md)"))
@@ -508,6 +556,19 @@ def _add_image_condition_eval(g) -> None:
                    help="the held-out conditions of a paired model, row k for target k of --data")
     g.add_argument("--condition-noise", type=_nonneg_float, metavar="L",
                    help="the conditioning-augmentation level at sampling (default 0)")
+
+
+_probes = _number(int, lambda v: 1 <= v <= 64, "an integer from 1 to 64")
+
+
+def _add_ode_options(g) -> None:
+    """The exact likelihood's options (ddpm.evaluation.ode_likelihood, docs/evaluation.md)."""
+    g.add_argument("--probes", type=_probes, default=1, metavar="N",
+                   help="Hutchinson probe vectors per image for the divergence's trace, 1..64 (default 1)")
+    g.add_argument("--ode-solver", choices=("rk45", "rk4", "heun"), default="rk45",
+                   help="rk45 (adaptive Dormand-Prince, rtol = atol = 1e-5, the default), or rk4 / heun in "
+                        "fixed steps of ln sigma")
+    g.add_argument("--ode-steps", type=_positive_int, metavar="K", help="steps of rk4 / heun (default 32)")
 
 
 EXAMPLES_EXPORT = """\

@@ -18,6 +18,7 @@ from typing import Any
 
 from .conditions import ImageCondition
 from .diffusion import LEARNED_VARIANCE, LOSS_WEIGHTINGS, LOSSES, OBJECTIVES, VARIANCES
+from .edm import FORMULATIONS, P_MEAN, P_STD, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .errors import ConfigError
 from .models import UnetConfig, preset_config
 from .samplers import SamplingOptions
@@ -119,6 +120,14 @@ class DiffusionConfig:
     timestep_sampling: str = "uniform"  # uniform | importance (p_t ~ sqrt(E[L_t^2]), Sec. 3.3)
     offset_noise: float = 0.0          # strength of a per-(sample, channel) constant added to eps (0: off)
     self_condition: bool = False       # feed the previous x0 estimate back as extra input (Chen et al. 2023)
+    # The formulation: ddpm (the discrete T-step process above) or edm (Karras et al. 2022: a network
+    # trained in sigma space, ddpm.edm; none of the options above but clip_denoised apply, the ones below do).
+    formulation: str = "ddpm"
+    sigma_data: float = SIGMA_DATA     # EDM Table 1: the data's standard deviation
+    p_mean: float = P_MEAN             # ln sigma ~ N(P_mean, P_std^2) in training
+    p_std: float = P_STD
+    sigma_min: float = SIGMA_MIN       # the noise levels sampling spans
+    sigma_max: float = SIGMA_MAX
 
     def __post_init__(self) -> None:
         _check_int(self.timesteps, "timesteps", 2, MAX_TIMESTEPS)
@@ -134,6 +143,33 @@ class DiffusionConfig:
         if not isinstance(self.self_condition, bool):
             raise ConfigError(f"self_condition must be true or false; got {self.self_condition!r}")
         self._check_combination()
+        self._check_formulation()
+
+    def _check_formulation(self) -> None:
+        """EDM's options, and what has no meaning in the other formulation: refused one by one."""
+        _choice(self.formulation, FORMULATIONS, "formulation")
+        _check_float(self.sigma_data, "sigma_data", 0.0, 100.0, lo_open=True)
+        _check_float(self.p_mean, "p_mean", -20.0, 20.0)
+        _check_float(self.p_std, "p_std", 0.0, 20.0, lo_open=True)
+        _check_float(self.sigma_min, "sigma_min", 0.0, 1e6, lo_open=True)
+        _check_float(self.sigma_max, "sigma_max", 0.0, 1e6, lo_open=True)
+        if self.sigma_min >= self.sigma_max:
+            raise ConfigError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        defaults = DiffusionConfig.__dataclass_fields__
+        if self.formulation == "ddpm":
+            for name in _EDM_FIELDS:
+                if getattr(self, name) != defaults[name].default:
+                    raise ConfigError(f"--{name.replace('_', '-')} applies to --formulation edm only")
+            return
+        for name, flag in _DDPM_ONLY.items():
+            if getattr(self, name) != defaults[name].default:
+                raise ConfigError(f"{flag} {_flag_value(getattr(self, name))} has no meaning with --formulation edm "
+                                  "(a network trained in sigma space; see docs/continuous-time.md)")
+
+    def to_dict(self) -> dict:
+        """The configuration section; a ddpm model's without the EDM fields (its files stay as they were)."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k not in ("formulation", *_EDM_FIELDS)} if self.formulation == "ddpm" else d
 
     def _check_combination(self) -> None:
         """Refuse combinations that train nothing or estimate nothing (docs/improved-ddpm.md)."""
@@ -159,6 +195,18 @@ class DiffusionConfig:
     def learned_variance(self) -> bool:
         """The network has 2C output channels (the second C interpolate the log-variance)."""
         return self.variance == LEARNED_VARIANCE
+
+
+_EDM_FIELDS = ("sigma_data", "p_mean", "p_std", "sigma_min", "sigma_max")
+# The ddpm options EDM's loss and denoiser (ddpm.edm) do not have, with their flags.
+_DDPM_ONLY = {"timesteps": "--timesteps", "schedule": "--schedule", "objective": "--objective",
+              "loss_weighting": "--loss-weighting", "variance": "--variance", "loss": "--loss",
+              "timestep_sampling": "--timestep-sampling", "offset_noise": "--offset-noise",
+              "self_condition": "--self-condition", "min_snr_gamma": "min_snr_gamma", "vlb_weight": "--vlb-weight"}
+
+
+def _flag_value(value) -> str:
+    return "" if value is True else str(value)
 
 
 @dataclass
@@ -342,7 +390,7 @@ class RunConfig:
         return self.model.num_classes is not None
 
     def to_dict(self) -> dict:
-        return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": asdict(self.diffusion),
+        return {"preset": self.preset, "model": self.model.to_dict(), "diffusion": self.diffusion.to_dict(),
                 "data": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.data).items()
                          if not (k == "condition_data" and v is None)},
                 "train": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.train).items()},

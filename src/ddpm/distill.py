@@ -259,6 +259,9 @@ def load_teacher_config(path: str | os.PathLike) -> tuple[Path, RunConfig]:
 def check_teacher(teacher: RunConfig, config: DistillConfig) -> None:
     """Refuse plans the teacher cannot take: too many steps for T, or a distilled teacher at another count."""
     T = teacher.diffusion.timesteps
+    if teacher.diffusion.formulation == "edm":
+        raise ConfigError("distillation needs a ddpm teacher (DDIM steps on its T-step schedule); this one is "
+                          "an EDM model, which has no timesteps")
     if teacher.diffusion.variance == "learned-range" or teacher.diffusion.self_condition:
         raise ConfigError("distillation needs a teacher with fixed variances and without self-conditioning; "
                           "this one has " + ("learned variances" if teacher.diffusion.variance == "learned-range"

@@ -28,7 +28,7 @@ import torch
 
 from .denoiser import model_output
 from .errors import ConfigError
-from .losses import Loss
+from .losses import FORMULATION_LOSSES, Loss
 from .sigmas import SigmaDenoiser, _column
 
 __all__ = ["FORMULATIONS", "SIGMA_DATA", "P_MEAN", "P_STD", "SIGMA_MIN", "SIGMA_MAX", "preconditioning",
@@ -130,3 +130,7 @@ class EDMLoss(Loss):
         D = edm_denoise(net, x, sigma, sigma_data=self.sigma_data, model_kwargs=model_kwargs)
         mse = (D - x0).pow(2).mean(dim=tuple(range(1, x0.ndim)))
         return loss_weight(sigma, self.sigma_data) * mse                           # Eq. 2 with lambda(sigma)
+
+
+FORMULATION_LOSSES["edm"] = lambda config: EDMLoss(sigma_data=config.sigma_data, p_mean=config.p_mean,
+                                                   p_std=config.p_std)        # ddpm.losses.make_loss's

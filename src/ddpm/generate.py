@@ -26,7 +26,8 @@ from .gaussian_diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .pixels import to_uint8
 from .precision import channels_last as default_channels_last, resolve_precision
-from .samplers import DEFAULT_SAMPLING, SamplingOptions, ddim_invert
+from .samplers import DEFAULT_SAMPLING, KARRAS, SIGMA_SAMPLERS, SamplingOptions, ddim_invert
+from .sigmas import Sigmas
 from .sampling import (SamplingPlan, check_labels, image_noise, label_conditioning, resolve_plan, run_sampler,
                        sample_images)
 
@@ -68,7 +69,11 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
 # sampler over all its steps; DPM-Solver++(2M) at 20, where it has converged in the step-count table of
 # benchmarks/RESULTS.md (fast FID 18.8, against 18.2 at 1000 steps); DDIM at 50, as the default
 # ancestral sampler (fast FID 20.4 there, against 18.2 at 1000 steps, for a twentieth of the time).
-SAMPLER_DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm-solver++": 20}
+# The sigma samplers (ddpm.samplers, Karras et al. 2022): Euler and ancestral Euler at 50 like DDIM, which
+# they generalise; Heun at 18, EDM's count (35 network evaluations: two per step but the last);
+# SDE-DPM-Solver++(2M) at 25, a little more than its deterministic sibling, as its noise needs.
+SAMPLER_DEFAULT_STEPS = {"ddpm": None, "ddim": 50, "dpm-solver++": 20, "euler": 50, "heun": 18,
+                         "euler-ancestral": 50, "dpm-solver++-sde": 25}
 
 # Where a resolved sampler or step count came from, as record.json says it.
 FROM_FLAG, FROM_CHECKPOINT, FROM_DEFAULT = "flag", "checkpoint", "default"
@@ -86,10 +91,11 @@ def resolve_sampling(sampler: str | None = None, steps: int | None = None, *, ba
     - neither ``sampler`` nor ``steps``: ``base``, else :data:`~ddpm.samplers.DEFAULT_SAMPLING`
       (ancestral over at most 50 respaced steps);
     - ``sampler`` alone: ``base`` when it names that sampler with a step count, else that sampler
-      over :data:`SAMPLER_DEFAULT_STEPS` (ddpm all T, ddim 50, dpm-solver++ 20, at most T);
+      over :data:`SAMPLER_DEFAULT_STEPS` (ddpm all T, ddim 50, dpm-solver++ 20, heun 18, ..., at most T);
     - an explicit ``steps`` wins over everything (exactly that many; more than T is an error).
 
-    The other ``options`` (spacing, eta, ...; None = unset) override whichever start was chosen.
+    The other ``options`` (spacing, eta, ...; None = unset) override whichever start was chosen; a sigma
+    sampler named over a ``base`` with the karras spacing (an EDM model's) keeps that spacing unless given.
     """
     given = {k: v for k, v in options.items() if v is not None}
     if sampler is None:
@@ -104,6 +110,8 @@ def resolve_sampling(sampler: str | None = None, steps: int | None = None, *, ba
     if steps is not None:
         given.update(steps=steps, steps_at_most=False)
         steps_from = FROM_FLAG
+    if base is not None and base.spacing == KARRAS and start is not base and start.sampler in SIGMA_SAMPLERS:
+        given.setdefault("spacing", KARRAS)     # an EDM model's levels: a sigma sampler named alone keeps them
     return dataclasses.replace(start, **given), {"sampler_from": sampler_from, "steps_from": steps_from}
 
 
@@ -197,10 +205,12 @@ def _progressive_steps(total: int, frames: int) -> list[int]:
 
 
 def progressive_timesteps(diffusion: GaussianDiffusion, frames: int = 10,
-                          sampling: SamplingOptions | SamplingPlan = DEFAULT_SAMPLING) -> list[int]:
+                          sampling: SamplingOptions | SamplingPlan = DEFAULT_SAMPLING) -> list[int] | list[float]:
     """The 0-based timestep t of each frame of :func:`progressive_frames` (frame f shows x_t and the
-    x0 estimate made from it)."""
+    x0 estimate made from it); the noise level sigma (a float) where the plan visits Sigmas (karras)."""
     timesteps = resolve_plan(diffusion, sampling).timesteps
+    if isinstance(timesteps, Sigmas):
+        return [timesteps.values[i] for i in _progressive_steps(len(timesteps), frames)]
     return [int(timesteps[i]) for i in _progressive_steps(len(timesteps), frames)]
 
 

@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .schedules import NoiseSchedule
 from .timestep_sampling import ImportanceSampler
 
-__all__ = ["Loss", "SimpleLoss", "VlbLoss", "make_loss", "self_condition_estimate", "training_losses"]
+__all__ = ["Loss", "SimpleLoss", "VlbLoss", "make_loss", "FORMULATION_LOSSES", "self_condition_estimate", "training_losses"]
 
 
 def _mean_over_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -175,8 +175,16 @@ class VlbLoss(SimpleLoss):
         return self.weighted_mse(pred, x0, t, noise) + self.vlb_weight * vlb
 
 
-def make_loss(config, schedule: NoiseSchedule) -> SimpleLoss:
-    """The loss a :class:`~ddpm.config.DiffusionConfig` trains with, on ``schedule``."""
+# The losses of the other formulations, by name, each built from a DiffusionConfig: ddpm.edm adds
+# "edm" (it builds on Loss, so it registers itself; ddpm.config imports it with the formulation names).
+FORMULATION_LOSSES: dict[str, Callable] = {}
+
+
+def make_loss(config, schedule: NoiseSchedule) -> Loss:
+    """The loss a :class:`~ddpm.config.DiffusionConfig` trains with, on ``schedule`` (unused by EDM's)."""
+    formulation = FORMULATION_LOSSES.get(getattr(config, "formulation", "ddpm"))
+    if formulation is not None:
+        return formulation(config)
     options = dict(objective=config.objective, weighting=config.loss_weighting, min_snr_gamma=config.min_snr_gamma,
                    self_condition=config.self_condition, offset_noise=config.offset_noise)
     if config.loss == "simple":

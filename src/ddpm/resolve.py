@@ -50,12 +50,15 @@ def merge_layers(*layers: dict) -> dict:
 def merge_over_recipe(preset: str | None, *layers: dict) -> dict:
     """``layers`` (checkpoint, file, options) merged over the ``preset``'s recipe, the lowest layer.
     A recipe loss weighting gives way to a chosen ``loss = vlb``, which has no use for it (the bound
-    is not a weighted mean squared error), so ``--loss vlb`` works with every preset."""
+    is not a weighted mean squared error), so ``--loss vlb`` works with every preset; the recipe's
+    diffusion options all give way to ``formulation = edm``, which has none of them."""
     given = merge_layers(*layers)
     recipe = {section: dict(options) for section, options in RECIPES.get(preset, {}).items()}
     chosen = given.get("diffusion", {})
     if chosen.get("loss") == "vlb" and "loss_weighting" not in chosen:
         recipe.get("diffusion", {}).pop("loss_weighting", None)
+    if chosen.get("formulation") == "edm":                # EDM's loss has its own weighting (ddpm.edm)
+        recipe.pop("diffusion", None)
     return merge_layers(recipe, given)
 
 

@@ -28,7 +28,8 @@ from .generate import (DEFAULT_GUIDANCE_SCALE, generate, interpolate, interpolat
 from .gaussian_diffusion import GaussianDiffusion
 from .images import caption_below, label_rows, make_grid, save_npz, save_png
 from .pixels import to_tensor, to_uint8
-from .samplers import DEFAULT_SAMPLING, SamplingOptions
+from .samplers import DEFAULT_SAMPLING, KARRAS, SamplingOptions
+from .sigmas import KARRAS_RHO
 from .sampling import SamplingPlan, check_labels, num_classes, resolve_plan
 
 __all__ = ["class_indices", "class_names", "resolve_classes", "load_image", "file_sha256", "sampling_record",
@@ -37,10 +38,20 @@ __all__ = ["class_indices", "class_names", "resolve_classes", "load_image", "fil
 
 def sampling_record(diffusion: GaussianDiffusion, plan: SamplingPlan) -> dict:
     """Every sampling setting as actually used (checkpoint defaults filled in), for the sample record."""
-    return {"sampler": plan.sampler, "steps": plan.steps, "timesteps": diffusion.timesteps,
+    return {"sampler": plan.sampler, "steps": plan.steps,
+            "timesteps": None if getattr(diffusion, "formulation", "ddpm") == "edm" else diffusion.timesteps,
             "spacing": plan.options.spacing, "eta": plan.sampler_kwargs.get("eta"),
             "variance": plan.sampler_kwargs.get("variance"), "clip": plan.clip,
-            "dynamic_thresholding": plan.dynamic_thresholding, "precision": diffusion.precision}
+            "dynamic_thresholding": plan.dynamic_thresholding, "precision": diffusion.precision,
+            **_sigma_record(plan)}
+
+
+def _sigma_record(plan: SamplingPlan) -> dict:
+    """The sigma samplers' options as used (churn, S_tmin, S_tmax, S_noise; rho of the karras spacing), where they apply."""
+    record = {k: v for k, v in plan.sampler_kwargs.items() if k in ("churn", "s_tmin", "s_tmax", "s_noise")}
+    if plan.options.spacing == KARRAS:
+        record["rho"] = KARRAS_RHO if plan.options.rho is None else plan.options.rho
+    return record
 
 
 def class_indices(specs, count: int | None, class_names=None) -> list[int]:

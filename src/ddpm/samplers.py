@@ -407,10 +407,10 @@ class SamplingOptions:
 
     def sigmas(self, sigma_min: float, sigma_max: float) -> Sigmas:
         """The levels for a model trained in sigma space (EDM): ``steps`` (default 18) Karras sigmas (Eq. 5)."""
-        if self.spacing != KARRAS:
-            raise ConfigError(f"a model trained in sigma space is sampled with the karras spacing, not {self.spacing}")
         if self.sampler not in SIGMA_SAMPLERS:
             raise ConfigError(f"a model trained in sigma space needs a sigma sampler ({', '.join(SIGMA_SAMPLERS)})")
+        if self.spacing != KARRAS:
+            raise ConfigError(f"a model trained in sigma space is sampled with the karras spacing, not {self.spacing}")
         return karras_sigmas(self.steps or 18, sigma_min, sigma_max, KARRAS_RHO if self.rho is None else self.rho)
 
     def sampler_options(self, default_variance: str = "posterior") -> dict:

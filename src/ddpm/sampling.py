@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .conditions import check_condition, prepare_condition, sampling_augmentation
 from .denoiser import CONDITION_KEY, make_denoiser
+from .edm import EDMDenoiser
 from .errors import ConfigError
 from .pixels import from_model_range
 from .precision import autocast
@@ -85,6 +86,8 @@ def resolve_plan(diffusion, options: SamplingOptions | SamplingPlan = DEFAULT_SA
         if start is None or options.start == start:
             return options
         options = options.options
+    if getattr(diffusion, "formulation", "ddpm") == "edm":
+        return _edm_plan(diffusion, options, start, start_name)
     if start is None:
         timesteps = options.timesteps(diffusion.timesteps, diffusion.schedule)
     elif options.spacing == KARRAS:
@@ -105,6 +108,25 @@ def resolve_plan(diffusion, options: SamplingOptions | SamplingPlan = DEFAULT_SA
                         dynamic_thresholding=options.dynamic_thresholding, start=start)
 
 
+def _edm_plan(diffusion, options: SamplingOptions, start, start_name: str) -> SamplingPlan:
+    """An EDM model's plan: a sigma sampler over ``options.sigmas`` (karras) between the model's sigma_min and
+    sigma_max; no x0 clipping (EDM's denoiser has none) and no start inside the schedule (it has no timesteps)."""
+    if start is not None:
+        raise ConfigError(f"an EDM model has no timesteps to start from ({start_name} = {start}); sample it whole")
+    if options.clip or options.dynamic_thresholding:
+        raise ConfigError("an EDM model is sampled without x0 clipping or dynamic thresholding")
+    config = diffusion.config
+    return SamplingPlan(options=options, timesteps=options.sigmas(config.sigma_min, config.sigma_max),
+                        sampler_kwargs=options.sampler_options(), clip=False, dynamic_thresholding=False)
+
+
+def _edm_denoiser(diffusion, conditioning: dict):
+    """EDM's D(x; sigma) of ``diffusion``'s network (ddpm.edm.EDMDenoiser), with the label conditioning."""
+    config = diffusion.config
+    return EDMDenoiser(diffusion.model, sigma_data=config.sigma_data, sigma_min=config.sigma_min,
+                       sigma_max=config.sigma_max, **conditioning)
+
+
 def run_sampler(diffusion, plan: SamplingPlan, x: torch.Tensor, *, noise: Callable | None = None,
                 conditioning: dict | None = None, callback: Callable | None = None, progress: bool = False,
                 run: Callable | None = None) -> torch.Tensor:
@@ -117,9 +139,13 @@ def run_sampler(diffusion, plan: SamplingPlan, x: torch.Tensor, *, noise: Callab
     sampler (an editing method's loop over the plan's timesteps; no per-step callback). A stop signal
     (:func:`ddpm.signals.check_stop`) raises :class:`ddpm.signals.Stopped` before the next network evaluation."""
     device = diffusion.device
-    denoiser = make_denoiser(diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective,
-                             clip=plan.clip, dynamic_thresholding=plan.dynamic_thresholding,
-                             self_condition=diffusion.self_condition, **(conditioning or {}))
+    edm = getattr(diffusion, "formulation", "ddpm") == "edm"
+    if edm and run is not None:
+        raise ConfigError("an EDM model has no timesteps for an editing method's steps; sample it whole")
+    denoiser = _edm_denoiser(diffusion, conditioning or {}) if edm else make_denoiser(
+        diffusion.model, diffusion.schedule_on(device), objective=diffusion.objective, clip=plan.clip,
+        dynamic_thresholding=plan.dynamic_thresholding, self_condition=diffusion.self_condition,
+        **(conditioning or {}))
     bar = tqdm(total=plan.steps, desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
     def checked(*args, **kwargs):

@@ -57,7 +57,7 @@ class MetricsWindow:
         self.norm += grad_norm if math.isfinite(grad_norm) else 0.0
         self.steps += 1
         self.images += per_sample.shape[0] * world
-        q = (t * 4 // T).cpu()
+        q = (t * 4 // T).long().clamp(0, 3).cpu()            # t: a timestep of T, or a probability of T = 1
         self.q_sum.index_add_(0, q, per_sample.double().cpu())
         self.q_count.index_add_(0, q, torch.ones_like(q, dtype=torch.float64))
 

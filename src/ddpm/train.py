@@ -504,7 +504,8 @@ def _log_step(setup: Setup, state: State, tracker: Tracker, batch: _Batch, per_s
     state.loss = outcome.loss
     if not setup.main:
         return
-    tracker.window.add(per_sample, batch.t, setup.config.diffusion.timesteps, grad_norm,
+    t, T = _noise_position(setup.config.diffusion, batch.t)
+    tracker.window.add(per_sample, t, T, grad_norm,
                        loss=None if setup.world == 1 else outcome.loss, world=setup.world)
     tracker.bar.update(1)
     tracker.bar.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
@@ -513,6 +514,13 @@ def _log_step(setup: Setup, state: State, tracker: Tracker, batch: _Batch, per_s
         metrics = tracker.window.flush(done, lr_at(setup.config, batch.step), state.counters, setup.start_time)
         tracker.write(metrics, done)
     tracker.progress_line(done, metrics)          # outside a terminal: step, loss, images/s, ETA
+
+
+def _noise_position(d, t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(t, T) for the loss quartiles; EDM's sigma as its probability under ln sigma ~ N(P_mean, P_std^2), T = 1."""
+    if d.formulation != "edm":
+        return t, d.timesteps
+    return torch.special.ndtr((t.double().log() - d.p_mean) / d.p_std), 1
 
 
 def _checkpoint(setup: Setup, state: State, tracker: Tracker, outcome: _Outcome) -> None:
@@ -637,8 +645,10 @@ def _evaluate(setup: Setup, state: State, tracker: Tracker, evaluator, step: int
     """EMA samples drawn with DPM-Solver++ in 25 steps, scored; logged to metrics.jsonl, TensorBoard
     (``eval/<key>``) and one console line; with --keep-best, the checkpoint kept when it is the best so far."""
     tc = setup.tc
+    sampler = {"sampling": state.ema_diffusion.default_sampling} if setup.config.diffusion.formulation == "edm" else {
+        "sampler": "dpm-solver++", "steps": 25}                                 # EDM: its own, heun over 18 levels
     images = generate(state.ema_diffusion, tc.eval_samples, batch_size=min(tc.eval_samples, 256),
-                      seed=derive_seed(tc.seed, 3), progress=False, sampler="dpm-solver++", steps=25)
+                      seed=derive_seed(tc.seed, 3), progress=False, **sampler)
     scores = evaluator(images)
     tracker.write_scores(step, scores)
     if tc.keep_best:

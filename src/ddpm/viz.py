@@ -164,7 +164,8 @@ def progressive_figure(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.nda
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
     ax = _grid_axes(fig, grid, LABEL_WIDTH, HEADER_HEIGHT)
     cell_w, cell_h = (grid.shape[1] - 2) / frames, (grid.shape[0] - 2) / (2 * n)     # make_grid pads 2 px
-    ax.set_xticks([1 + cell_w * (f + 0.5) for f in range(frames)], [f"t = {t}" for t in timesteps])
+    labels = [f"sigma = {t:.3g}" if isinstance(t, float) else f"t = {t}" for t in timesteps]   # floats: Sigmas
+    ax.set_xticks([1 + cell_w * (f + 0.5) for f in range(frames)], labels)
     ax.xaxis.tick_top()
     ax.tick_params(axis="x", labelsize="small", length=0)
     ax.set_yticks([1 + cell_h * (r + 0.5) for r in range(2 * n)],

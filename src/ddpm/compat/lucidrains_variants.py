@@ -5,7 +5,10 @@ and the others as classes that refuse in one line naming the nearest ddpm call.
   the hybrid loss L_simple + lambda L_vlb and sampled with the learned variance (Nichol & Dhariwal 2021).
 * ``XMWrapper(diffusion, candidates=K)``: each image's loss is the smallest of K draws of the noise
   at one timestep; sampling is the diffusion's.
-* ``WeightedObjectiveGaussianDiffusion``, ``ElucidatedDiffusion``, ``ContinuousTimeGaussianDiffusion``,
+* ``ElucidatedDiffusion(net, image_size=, channels=, num_sample_steps=, sigma_min=, ..., S_noise=)``:
+  EDM (Karras et al. 2022) on ``ddpm.edm`` (preconditioning, log-normal sigmas, the loss weight) and
+  the Heun sampler of ``ddpm.samplers`` with churn over the karras levels.
+* ``WeightedObjectiveGaussianDiffusion``, ``ContinuousTimeGaussianDiffusion``,
   ``VParamContinuousTimeGaussianDiffusion``, ``KarrasUnet`` (and its 1D and 3D forms): no equivalent.
 Import these names from :mod:`ddpm.compat.lucidrains`.
 """
@@ -15,6 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..edm import EDMDenoiser, EDMLoss
+from ..samplers import sample_heun
+from ..sigmas import karras_sigmas
 from .lucidrains import ArgumentError, GaussianDiffusion
 
 __all__ = ["LearnedGaussianDiffusion", "XMWrapper", "UNSUPPORTED", "WeightedObjectiveGaussianDiffusion",
@@ -65,14 +71,63 @@ class XMWrapper(nn.Module):
         return losses.reshape(b, k).amin(dim=1).mean()
 
 
+class ElucidatedDiffusion(nn.Module):
+    """EDM (Karras et al. 2022) with lucidrains' arguments: ``diffusion(images)`` is EDM's loss (``ddpm.edm``:
+    Eq. 2 with Table 1's preconditioning, sigma log-normal with ``P_mean``, ``P_std``) for images in [0, 1];
+    ``sample(batch_size)`` runs Heun's method with churn (Algorithm 2, ``S_churn``, ``S_tmin``, ``S_tmax``,
+    ``S_noise``) over ``num_sample_steps`` karras levels (Eq. 5, ``rho``) between ``sigma_min`` and
+    ``sigma_max``, images in [0, 1]. The network is called as ``net(c_in x, c_noise)``."""
+
+    def __init__(self, net, *, image_size, channels: int = 3, num_sample_steps: int = 32, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, sigma_data: float = 0.5, rho: float = 7.0, P_mean: float = -1.2,
+                 P_std: float = 1.2, S_churn: float = 80.0, S_tmin: float = 0.05, S_tmax: float = 50.0,
+                 S_noise: float = 1.003, **options):
+        super().__init__()
+        if options:
+            raise ArgumentError(f"ElucidatedDiffusion({next(iter(options))}=...) has no equivalent in ddpm; it takes "
+                                "image_size, channels, num_sample_steps, sigma_min, sigma_max, sigma_data, rho, "
+                                "P_mean, P_std, S_churn, S_tmin, S_tmax and S_noise")
+        if not isinstance(num_sample_steps, int) or num_sample_steps < 1:
+            raise ArgumentError(f"ElucidatedDiffusion(num_sample_steps={num_sample_steps!r}) must be a positive integer")
+        self.net, self.channels, self.num_sample_steps = net, channels, num_sample_steps
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.sigma_min, self.sigma_max, self.sigma_data, self.rho = sigma_min, sigma_max, sigma_data, rho
+        self.S_churn, self.S_tmin, self.S_tmax, self.S_noise = S_churn, S_tmin, S_tmax, S_noise
+        self.loss = EDMLoss(sigma_data=sigma_data, p_mean=P_mean, p_std=P_std)
+        self.denoiser = EDMDenoiser(net, sigma_data=sigma_data, sigma_min=sigma_min, sigma_max=sigma_max)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """EDM's loss, the mean over the batch, for images in [0, 1] drawn with the global RNG."""
+        if tuple(images.shape[1:]) != (self.channels, *self.image_size):
+            raise ArgumentError(f"ElucidatedDiffusion expects images [B, {self.channels}, "
+                                f"{', '.join(map(str, self.image_size))}]; got {list(images.shape)}")
+        generator = torch.Generator(images.device).manual_seed(int(torch.randint(2 ** 62, (1,))))
+        sigma, _ = self.loss.draw_timesteps(images.shape[0], generator, images.device)
+        x0 = images.float() * 2.0 - 1.0
+        noise = torch.randn(x0.shape, generator=generator, device=images.device)
+        return self.loss.losses(self.net, x0, sigma, noise).mean()
+
+    @torch.no_grad()
+    def sample(self, batch_size: int = 16, num_sample_steps: int | None = None, clamp: bool = True) -> torch.Tensor:
+        """``batch_size`` images in [0, 1] by EDM's stochastic Heun sampler (Algorithm 2) from the global RNG."""
+        steps = num_sample_steps or self.num_sample_steps
+        shape = (batch_size, self.channels, *self.image_size)
+        sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
+        x = sample_heun(self.denoiser, torch.randn(shape, device=self.device), None, sigmas,
+                        noise=lambda: torch.randn(shape, device=self.device), churn=self.S_churn,
+                        s_tmin=self.S_tmin, s_tmax=self.S_tmax, s_noise=self.S_noise)
+        return ((x.clamp(-1.0, 1.0) if clamp else x) + 1.0) / 2.0
+
+
 # lucidrains' classes without an equivalent here, and the nearest ddpm call for each.
 UNSUPPORTED = {
     "WeightedObjectiveGaussianDiffusion": "a network predicting eps and x0 with learned mixing weights is not "
                                           "built here; nearest: GaussianDiffusion(model, objective='pred_v'), "
                                           "whose target mixes eps and x0 by the step's signal-to-noise ratio",
-    "ElucidatedDiffusion": "continuous-noise-level (EDM) training and sampling are not here yet; nearest: "
-                           "GaussianDiffusion(model, ...) with sampling_timesteps (DDIM) or ddpm sample "
-                           "--sampler dpm-solver++",
     "ContinuousTimeGaussianDiffusion": "time is discrete here (T steps); nearest: GaussianDiffusion(model, "
                                        "timesteps=1000, beta_schedule='cosine')",
     "VParamContinuousTimeGaussianDiffusion": "time is discrete here (T steps); nearest: GaussianDiffusion("
@@ -95,7 +150,6 @@ def _unsupported(name: str) -> type:
 
 
 WeightedObjectiveGaussianDiffusion = _unsupported("WeightedObjectiveGaussianDiffusion")
-ElucidatedDiffusion = _unsupported("ElucidatedDiffusion")
 ContinuousTimeGaussianDiffusion = _unsupported("ContinuousTimeGaussianDiffusion")
 VParamContinuousTimeGaussianDiffusion = _unsupported("VParamContinuousTimeGaussianDiffusion")
 KarrasUnet = _unsupported("KarrasUnet")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..denoiser import p_mean_variance
 from ..diffusion import (BIN_HALF_WIDTH, LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl,
                          q_mean_variance, q_sample, randn, vb_terms_from_mean_variance)
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..schedules import NoiseSchedule
 
 __all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "prior_bpd", "vb_terms_bpd", "bpd_terms",
@@ -111,6 +111,9 @@ def evaluate_bpd(diffusion, images: np.ndarray, *, batch_size: int = 100, seed: 
     Uses the diffusion's objective, variance (fixed or learned), self-conditioning and x0 clipping (as sampling does, and as
     improved-diffusion's evaluation does); the x_t noise comes from a CPU generator seeded with ``seed``.
     """
+    if getattr(diffusion, "formulation", "ddpm") == "edm":
+        raise ConfigError("the variational bound is a ddpm model's (its T steps); for an EDM model use "
+                          "--metric bpd-ode, the exact likelihood")
     x0_all = images_to_x0(images)
     expected = (diffusion.channels, *diffusion.image_size)
     if tuple(x0_all.shape[1:]) != expected:

@@ -30,12 +30,16 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..denoiser import make_denoiser
+from ..edm import EDMDenoiser
 from ..errors import ConfigError, DataError
-from ..sigmas import SigmaDenoiser
+from ..sigmas import DiscreteSigmaDenoiser, SigmaDenoiser
 
-__all__ = ["ODE_SOLVERS", "hutchinson_divergence", "log_likelihood_ode", "dequantize", "OdeBpdResult", "bpd_ode"]
+__all__ = ["ODE_SOLVERS", "hutchinson_divergence", "log_likelihood_ode", "dequantize", "OdeBpdResult", "bpd_ode",
+           "sigma_denoiser", "evaluate_bpd_ode", "MAX_PROBES"]
 
 ODE_SOLVERS = ("heun", "rk4", "rk45")
+MAX_PROBES = 64                       # ddpm eval --probes: 1..64 Hutchinson vectors per image
 LOG2 = math.log(2.0)
 
 
@@ -166,3 +170,33 @@ def bpd_ode(D: SigmaDenoiser, x0: torch.Tensor, *, generator: torch.Generator | 
     per_image = np.concatenate(values)
     stderr = float(per_image.std(ddof=1) / math.sqrt(len(per_image))) if len(per_image) > 1 else float("nan")
     return OdeBpdResult(float(per_image.mean()), stderr, per_image, nfe)
+
+
+def sigma_denoiser(diffusion) -> SigmaDenoiser:
+    """D(x; sigma) of a :class:`~ddpm.gaussian_diffusion.GaussianDiffusion`, unclipped (the trace needs its
+    gradient): EDM's denoiser for an EDM model, else the ddpm model's sigma view (``ddpm.sigmas``)."""
+    config = diffusion.config
+    if getattr(diffusion, "formulation", "ddpm") == "edm":
+        return EDMDenoiser(diffusion.model, sigma_data=config.sigma_data, sigma_min=config.sigma_min,
+                           sigma_max=config.sigma_max)
+    schedule = diffusion.schedule_on(diffusion.device)
+    denoiser = make_denoiser(diffusion.model, schedule, objective=diffusion.objective, clip=False,
+                             self_condition=diffusion.self_condition)
+    return DiscreteSigmaDenoiser(denoiser, schedule)
+
+
+def evaluate_bpd_ode(diffusion, images: np.ndarray, *, probes: int = 1, solver: str = "rk45", steps: int | None = None,
+                     batch_size: int = 64, seed: int = 0) -> dict:
+    """:func:`bpd_ode` of uint8 ``images`` [N, H, W, C] under ``diffusion``'s network, in float32, with
+    gradients on (outside inference mode); the draws from a CPU generator seeded with ``seed``.
+    Returns the ``bpd_ode*`` entries of ``ddpm eval``'s results."""
+    if solver == "rk45" and steps is not None:
+        raise ConfigError("--ode-steps sets the fixed-step solvers (heun, rk4); rk45 chooses its own steps")
+    x0 = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).float() * (2.0 / 255.0) - 1.0   # 2 k / 255 - 1
+    options = {"probes": probes, "solver": solver, **({"steps": steps} if steps is not None else {})}
+    with torch.inference_mode(False), torch.enable_grad():
+        result = bpd_ode(sigma_denoiser(diffusion), x0.to(diffusion.device), generator=torch.Generator().manual_seed(seed),
+                         batch_size=batch_size, **options)
+    return {"bpd_ode": result.bpd, "bpd_ode_stderr": result.stderr, "bpd_ode_n": len(result.per_image),
+            "bpd_ode_nfe": result.nfe, "bpd_ode_probes": probes, "bpd_ode_solver": solver,
+            **({"bpd_ode_steps": steps if steps is not None else 32} if solver != "rk45" else {})}

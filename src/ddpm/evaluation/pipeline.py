@@ -21,7 +21,8 @@ from .features import INCEPTION_RESIZE_MODES
 
 __all__ = ["EVAL_METRICS", "EvalConfig", "evaluate", "default_metrics", "resolve_class"]
 
-EVAL_METRICS = ("bpd", "fid", "kid", "pr", "is", "fast")
+EVAL_METRICS = ("bpd", "bpd-ode", "fid", "kid", "pr", "is", "fast")
+LIKELIHOOD_METRICS = ("bpd", "bpd-ode")
 SAMPLE_METRICS = ("fid", "kid", "pr", "is", "fast")
 FEATURE_METRICS = ("fid", "kid", "pr")
 IS_SPLITS = 10                      # Salimans et al. 2016
@@ -55,7 +56,13 @@ class EvalConfig:
     nn_grid: str | None = None
     sampler: str | None = None
     steps: int | None = None
+    spacing: str | None = None
     eta: float | None = None
+    churn: float | None = None              # the sigma samplers' options (ddpm.samplers.SamplingOptions)
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
+    rho: float | None = None
     class_label: str | None = None          # a class index, or a name the checkpoint lists
     guidance_scale: float | None = None
     batch_size: int = 64
@@ -64,6 +71,9 @@ class EvalConfig:
     weights: str = "ema"
     precision: str = "auto"
     progress: bool = True
+    probes: int = 1                         # bpd-ode: Hutchinson probes per image (1..64)
+    ode_solver: str = "rk45"                # bpd-ode: rk45 (adaptive) | rk4 | heun
+    ode_steps: int | None = None            # bpd-ode: steps of rk4 / heun (default 32)
 
     def __post_init__(self) -> None:
         self.metrics = tuple(dict.fromkeys(self.metrics))
@@ -76,11 +86,12 @@ class EvalConfig:
             raise ConfigError("give --checkpoint or --samples to evaluate (or only --save-stats with --data)")
         if "bpd" in self.metrics and not self.checkpoint:
             raise ConfigError("--metric bpd needs --checkpoint (the bound is a property of the model)")
+        self._check_ode()
         if self.data is None and not (self.ref_stats and self.metrics and set(self.metrics) <= {*FEATURE_METRICS, "is"}):
             raise ConfigError("give --data, the reference dataset (or --ref-stats with --metric fid, kid, pr, is)")
         if self.ref_stats and self.save_stats:
             raise ConfigError("--save-stats writes the statistics of --data; it cannot be combined with --ref-stats")
-        if self.ref_stats and (set(self.metrics) & {"fast", "bpd"} or self.nn_grid):
+        if self.ref_stats and (set(self.metrics) & {"fast", *LIKELIHOOD_METRICS} or self.nn_grid):
             raise ConfigError("--ref-stats replaces the reference set of --metric fid, kid, pr only")
         if self.features not in ("inception", "lenet"):
             raise ConfigError(f"--features must be inception or lenet; got {self.features!r}")
@@ -90,6 +101,21 @@ class EvalConfig:
             raise ConfigError("--class and --guidance-scale sample a checkpoint: they need --checkpoint")
         if self.guidance_scale is not None and self.class_label is None:
             raise ConfigError("--guidance-scale needs --class")
+
+    def _check_ode(self) -> None:
+        """bpd-ode's options: --probes 1..64, --ode-solver, --ode-steps with the fixed-step solvers only."""
+        from .ode_likelihood import MAX_PROBES, ODE_SOLVERS    # the ODE module loads the EDM code: when asked for
+
+        if "bpd-ode" in self.metrics and not self.checkpoint:
+            raise ConfigError("--metric bpd-ode needs --checkpoint (the likelihood is a property of the model)")
+        if not (isinstance(self.probes, int) and 1 <= self.probes <= MAX_PROBES):
+            raise ConfigError(f"--probes must be an integer from 1 to {MAX_PROBES}; got {self.probes!r}")
+        if self.ode_solver not in ODE_SOLVERS:
+            raise ConfigError(f"--ode-solver must be one of {', '.join(ODE_SOLVERS)}; got {self.ode_solver!r}")
+        if self.ode_steps is not None and (self.ode_solver == "rk45" or not 1 <= self.ode_steps <= 10_000):
+            raise ConfigError("--ode-steps (1..10,000) sets the fixed-step solvers: add --ode-solver rk4 or heun")
+        if (self.probes != 1 or self.ode_solver != "rk45") and "bpd-ode" not in self.metrics:
+            raise ConfigError("--probes and --ode-solver apply to --metric bpd-ode")
 
 
 def resolve_class(label: str, count: int | None, meta: dict) -> int:
@@ -159,7 +185,9 @@ def _sampling(config: EvalConfig, diffusion):
     from ..generate import resolve_sampling
     from ..sampling import resolve_plan
 
-    sampling, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta)
+    sampling, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta,
+                                         spacing=config.spacing, churn=config.churn, s_tmin=config.s_tmin,
+                                         s_tmax=config.s_tmax, s_noise=config.s_noise, rho=config.rho)
     plan = resolve_plan(diffusion, sampling)                   # also checks --steps against the checkpoint's T
     return plan, {"sampler": plan.sampler, "steps": plan.steps, **sources}
 
@@ -211,6 +239,8 @@ def evaluate(config: EvalConfig) -> dict | None:
         return None
     if "bpd" in metrics:
         results.update(_bpd(config, diffusion))
+    if "bpd-ode" in metrics:
+        results.update(_bpd_ode(config, diffusion))
     if wants_samples:
         if samples is None:
             start = time.perf_counter()
@@ -229,20 +259,37 @@ def evaluate(config: EvalConfig) -> dict | None:
 
 def _bpd(config: EvalConfig, diffusion) -> dict:
     """The variational bound in bits/dim over a spread subset of ``config.n`` images of the split."""
-    from ..data import load_dataset
     from .likelihood import evaluate_bpd
-    from .reference import subset_indices
 
     start = time.perf_counter()
+    bound = evaluate_bpd(diffusion, _test_images(config, diffusion), batch_size=config.batch_size, seed=config.seed,
+                         progress=config.progress)
+    return {**bound.to_dict(), "bpd_seconds": round(time.perf_counter() - start, 2)}
+
+
+def _test_images(config: EvalConfig, diffusion) -> np.ndarray:
+    """A spread subset of ``config.n`` images of the split (not a prefix), uint8, at the model's own size."""
+    from ..data import load_dataset            # the data package is large: loaded when asked for
+    from .reference import subset_indices      # as the other metrics load theirs
+
     test = load_dataset(config.data, data_root=config.data_root, split=config.split, channels=diffusion.channels,
                         image_column=config.image_column)
     if tuple(test.image_size) != tuple(diffusion.image_size):
         raise DataError(f"{config.data} holds {test.image_size[0]}x{test.image_size[1]} images, the model "
                         f"{diffusion.image_size[0]}x{diffusion.image_size[1]} ones; bits/dim is the model's "
                         "bound on its own image size (resized images would give another number)")
-    images = test.images[subset_indices(test.num_images, config.n)]     # a spread subset, not a prefix
-    bound = evaluate_bpd(diffusion, images, batch_size=config.batch_size, seed=config.seed, progress=config.progress)
-    return {**bound.to_dict(), "bpd_seconds": round(time.perf_counter() - start, 2)}
+    return test.images[subset_indices(test.num_images, config.n)]
+
+
+def _bpd_ode(config: EvalConfig, diffusion) -> dict:
+    """The exact NLL in bits/dim through the probability-flow ODE (``ode_likelihood``), on the images of ``_bpd``."""
+    from .ode_likelihood import evaluate_bpd_ode    # the ODE module loads the EDM code: when asked for
+
+    start = time.perf_counter()
+    result = evaluate_bpd_ode(diffusion, _test_images(config, diffusion), probes=config.probes,
+                              solver=config.ode_solver, steps=config.ode_steps, batch_size=config.batch_size,
+                              seed=config.seed)
+    return {**result, "bpd_ode_seconds": round(time.perf_counter() - start, 2)}
 
 
 def _extractor(config: EvalConfig, name: str):

@@ -548,6 +548,9 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
     if config.condition is not None:                # DDPMPipeline has no input for c (docs/conditioning.md)
         raise ConfigError(f"DDPMPipeline cannot sample {meta['path']}: it is image-conditioned "
                           f"({config.condition.task}) and the pipeline passes no condition image")
+    if config.diffusion.formulation == "edm":
+        raise ConfigError("an EDM model has no DDPMScheduler (it is trained in sigma space); it cannot be exported "
+                          "to diffusers")
     unet_config = unet_to_diffusers_config(config.model)
     scheduler_config = scheduler_to_diffusers_config(config.diffusion)
     prefix = "ema" if weights == "ema" else "model"

@@ -1,0 +1,206 @@
+"""The continuous-time layer on MNIST: sigma samplers and spacings, EDM training, the exact likelihood.
+
+    .venv/bin/python benchmarks/continuous_time.py --checkpoint runs/NNN --data-root ../shared/data/mnist \\
+        --out .bench/continuous                 # (a), (b) and (c) on a quiet machine: a few hours
+    .venv/bin/python benchmarks/continuous_time.py --data-root ../shared/data/mnist --quick --out /tmp/ct
+                                                # a smoke run of every part, under 2 minutes
+
+(a) Quality against network evaluations (NFE): every sampler (``ddpm.samplers.SAMPLERS``) with every
+    spacing (``SPACING_CHOICES``) on one trained ``mnist`` checkpoint at NFE 10, 20, 35, 50, 100, and
+    every sampler at 1000 (its default spacing; the best of them is the reference). Heun takes
+    (NFE + 1) / 2 steps (two evaluations a step but the last), the others NFE steps. The same
+    ``--n`` images (per-image seeds: image k from ``derive_seed(0, k)``) in every row, scored with
+    the fast metric (LeNet FID/KID against the test split); NFE is counted at the network.
+(b) EDM against the current ``mnist`` recipe at equal CPU time: ``ddpm train --preset mnist --batch-size 64
+    --time-limit MINUTES`` (12 by default, ``--threads`` 2, as benchmarks/time_to_quality.py) with and
+    without ``--formulation edm``, each then scored with its best sampler at <= 35 NFE.
+(c) ``bpd-ode`` (the probability-flow ODE's NLL, rk45) against ``bpd`` (the variational bound) on the
+    checkpoint of (a), on the same ``--bpd-n`` test images.
+
+Prints markdown tables and writes them, with every row as JSON, into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm.data import load_dataset
+from ddpm.evaluation import fast_metric, fast_reference
+from ddpm.evaluation.likelihood import evaluate_bpd
+from ddpm.evaluation.ode_likelihood import evaluate_bpd_ode
+from ddpm.evaluation.reference import subset_indices
+from ddpm.generate import generate, load_diffusion, select_device
+from ddpm.samplers import SAMPLERS, SIGMA_SAMPLERS, SPACING_CHOICES, SamplingOptions
+
+NFES = (10, 20, 35, 50, 100)
+REFERENCE_NFE = 1000
+# (b): the candidates at <= 35 NFE of each formulation (sampler, steps, spacing).
+DDPM_CANDIDATES = (("ddpm", 35, "trailing"), ("ddim", 35, "trailing"), ("dpm-solver++", 20, "trailing"),
+                   ("dpm-solver++", 35, "karras"), ("heun", 18, "karras"), ("dpm-solver++-sde", 35, "karras"))
+EDM_CANDIDATES = (("heun", 18, "karras"), ("euler", 35, "karras"), ("euler-ancestral", 35, "karras"),
+                  ("dpm-solver++-sde", 35, "karras"))
+
+
+def steps_for(sampler: str, nfe: int) -> int:
+    """Sampler steps giving ``nfe`` network evaluations: Heun's last step is an Euler step (2 K - 1)."""
+    return (nfe + 1) // 2 if sampler == "heun" else nfe
+
+
+def score(diffusion, reference, sampling: SamplingOptions, n: int, batch_size: int) -> dict:
+    """The fast metric of ``n`` images (seed 0, image k's own noise), the NFE counted at the network, seconds."""
+    calls = [0]
+    hook = diffusion.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    start = time.perf_counter()
+    try:
+        images = generate(diffusion, n, batch_size=batch_size, seed=0, progress=False, sampling=sampling)
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - start
+    return {"sampler": sampling.sampler, "steps": sampling.steps, "spacing": sampling.spacing,
+            "nfe": calls[0] // math.ceil(n / batch_size), **fast_metric(images, reference), "seconds": seconds}
+
+
+def row(r: dict) -> str:
+    return (f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['nfe']} | {r['fast_fid']:.2f} | "
+            f"{r['fast_kid']:.4f} | {r['seconds']:.1f} |")
+
+
+HEADER = "| sampler | spacing | steps | NFE | fast FID | fast KID | seconds |\n|---|---|---|---|---|---|---|"
+
+
+def part_a(diffusion, reference, args) -> list[dict]:
+    """Every sampler x spacing at each NFE, then every sampler at the reference NFE."""
+    print("\n(a) quality against NFE\n" + HEADER, flush=True)
+    rows = []
+    for nfe in args.nfes:
+        for sampler in SAMPLERS:
+            for spacing in SPACING_CHOICES:
+                steps = steps_for(sampler, nfe)
+                if steps > diffusion.timesteps:
+                    continue
+                rows.append(score(diffusion, reference, SamplingOptions(sampler=sampler, steps=steps, spacing=spacing),
+                                  args.n, args.batch_size))
+                print(row(rows[-1]), flush=True)
+    reference_rows = [score(diffusion, reference, SamplingOptions(sampler=s, steps=min(steps_for(s, args.reference_nfe),
+                                                                                       diffusion.timesteps)),
+                            args.n, args.batch_size) for s in SAMPLERS]
+    for r in reference_rows:
+        print(row(r), flush=True)
+    best = min(reference_rows, key=lambda r: r["fast_fid"])
+    print(f"best at NFE {best['nfe']}: {best['sampler']} ({best['fast_fid']:.2f})")
+    return rows + [{**r, "reference": True} for r in reference_rows]
+
+
+def train_run(args, out: Path, name: str, flags: list[str]) -> Path:
+    """``ddpm train`` for the time budget, as a user runs it, in a process of its own (``--threads`` threads)."""
+    run = out / f"{name}-run"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    subprocess.run([sys.executable, "-m", "ddpm", "train", "--data", "mnist", "--data-root", args.data_root,
+                    "--preset", "mnist", "--batch-size", "64", "--steps", "1000000", "--time-limit", str(args.minutes),
+                    "--checkpoint-every", "0", "--seed", "0", "--num-images", "1" if args.quick else "16", "--quiet", *flags,
+                    *args.model_flags.split(), "--out", str(run)], check=True, env=env)
+    return run
+
+
+def part_b(args, out: Path, reference) -> list[dict]:
+    """EDM against the mnist recipe at equal training time, each with its best sampler at <= 35 NFE."""
+    print(f"\n(b) EDM against the mnist recipe, {args.minutes} minutes each\n"
+          "| formulation | optimizer steps | " + HEADER.splitlines()[0][2:] + "\n|---|---|" + HEADER.splitlines()[1][1:])
+    results = []
+    for name, flags, candidates in (("ddpm", args.ddpm_flags.split(), DDPM_CANDIDATES),
+                                    ("edm", ["--formulation", "edm"], EDM_CANDIDATES)):
+        run = train_run(args, out, name, flags)
+        diffusion, meta = load_diffusion(run, device=select_device(args.device))
+        tried = [score(diffusion, reference, SamplingOptions(sampler=s, steps=min(k, args.max_steps), spacing=sp),
+                       args.n, args.batch_size) for s, k, sp in candidates]
+        best = min(tried, key=lambda r: r["fast_fid"])
+        results.append({"formulation": name, "optimizer_steps": meta["step"], "best": best, "tried": tried})
+        print(f"| {name} | {meta['step']} " + row(best), flush=True)
+    return results
+
+
+def part_c(diffusion, args) -> dict:
+    """bpd-ode (rk45) beside the bound, on the same test images."""
+    test = load_dataset("mnist", data_root=args.data_root, split="test")
+    images = test.images[subset_indices(test.num_images, args.bpd_n)]
+    start = time.perf_counter()
+    bound = evaluate_bpd(diffusion, images, batch_size=args.batch_size, seed=0, progress=False)
+    bound_seconds, start = time.perf_counter() - start, time.perf_counter()
+    ode = evaluate_bpd_ode(diffusion, images, probes=args.probes, solver=args.ode_solver, steps=args.ode_steps,
+                           batch_size=args.batch_size, seed=0)
+    ode_seconds = time.perf_counter() - start
+    print(f"\n(c) likelihood on {len(images)} test images\n| measure | bits/dim | stderr | NFE | seconds |\n|---|---|---|---|---|\n"
+          f"| bpd (bound, T = {diffusion.timesteps}) | {bound.bpd:.4f} | {bound.stderr:.4f} | {diffusion.timesteps} | "
+          f"{bound_seconds:.1f} |\n| bpd-ode ({args.ode_solver}, {args.probes} probe(s)) | {ode['bpd_ode']:.4f} | "
+          f"{ode['bpd_ode_stderr']:.4f} | {ode['bpd_ode_nfe']} | {ode_seconds:.1f} |")
+    return {"bpd": bound.bpd, "bpd_stderr": bound.stderr, "bpd_seconds": bound_seconds, **ode,
+            "bpd_ode_seconds": ode_seconds}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a trained mnist run for (a) and (c) (default: the ddpm run of (b))")
+    parser.add_argument("--data-root", required=True, help="folder of the MNIST IDX files")
+    parser.add_argument("--out", required=True, help="a folder for the runs and results.json")
+    parser.add_argument("--parts", default="abc", help="which parts to run (default abc)")
+    parser.add_argument("--n", type=int, default=1000, help="images per row (default 1000)")
+    parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="comma-separated NFEs of (a)")
+    parser.add_argument("--reference-nfe", type=int, default=REFERENCE_NFE)
+    parser.add_argument("--minutes", type=float, default=12.0, help="training budget of each run in (b)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model-flags", default="", help="extra ddpm train flags for both runs of (b)")
+    parser.add_argument("--ddpm-flags", default="", help="extra ddpm train flags for the ddpm run of (b) only")
+    parser.add_argument("--bpd-n", type=int, default=100, help="test images for (c)")
+    parser.add_argument("--probes", type=int, default=1)
+    parser.add_argument("--ode-solver", default="rk45")
+    parser.add_argument("--ode-steps", type=int)
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: a tiny model trained for 0.1 minutes, 8 images, NFE 4, reference NFE 8, "
+                             "2 test images with rk4 in 2 steps")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.nfes, args.reference_nfe, args.minutes, args.bpd_n = 8, "4", 8, 0.1, 2
+        args.ode_solver, args.ode_steps = "rk4", 2
+        args.model_flags = args.model_flags or "--dim 8 --dim-mults 1 2 --num-res-blocks 1"
+        args.ddpm_flags = args.ddpm_flags or "--timesteps 50"
+    args.nfes = [int(k) for k in args.nfes.split(",")]
+    args.max_steps = 4 if args.quick else 1000          # (b)'s candidates: at most this many steps
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    reference = fast_reference("mnist", data_root=args.data_root)
+    results: dict = {"args": {k: v for k, v in vars(args).items()}}
+    if "b" in args.parts:
+        results["b"] = part_b(args, out, reference)
+    checkpoint = args.checkpoint or (out / "ddpm-run" if (out / "ddpm-run").exists() else None)
+    if checkpoint is None and set(args.parts) & {"a", "c"}:
+        checkpoint = train_run(args, out, "ddpm", args.ddpm_flags.split())
+    if set(args.parts) & {"a", "c"}:
+        diffusion, meta = load_diffusion(checkpoint, device=select_device(args.device), precision="fp32")
+        results["checkpoint"] = {"path": str(meta["path"]), "step": meta["step"]}
+        if "a" in args.parts:
+            results["a"] = part_a(diffusion, reference, args)
+        if "c" in args.parts:
+            results["c"] = part_c(diffusion, args)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -111,6 +111,7 @@ def test_sample_uses_edms_denoiser_over_karras_levels(edm_run, tmp_path, monkeyp
     assert main(["sample", "--checkpoint", str(edm_run), "--num-images", "2", "--steps", "3", "--quiet",
                  "--out", str(out)]) == 0
     (denoiser, _, _, levels), = calls
+    denoiser = denoiser.wrapped                  # the driver's stop check around EDM's denoiser
     assert isinstance(denoiser, EDMDenoiser) and denoiser.sigma_data == 0.4
     assert levels == samplers.karras_sigmas(3, 0.002, 40.0)
     record = json.loads((out / "record.json").read_text())

@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .pixels import from_model_range
 from .precision import autocast
 from .samplers import DEFAULT_SAMPLING, KARRAS, SAMPLERS, SamplingOptions, batch_noise
-from .sigmas import Sigmas
+from .sigmas import SigmaDenoiser, Sigmas
 from .seeding import derive_seed
 from .signals import check_stop
 
@@ -127,6 +127,36 @@ def _edm_denoiser(diffusion, conditioning: dict):
                        sigma_max=config.sigma_max, **conditioning)
 
 
+class _StopChecked:
+    """A denoiser that checks for a stop request (:func:`ddpm.signals.check_stop`) before each evaluation;
+    everything else is the wrapped denoiser's."""
+
+    def __init__(self, denoiser):
+        self.wrapped = denoiser
+
+    def __call__(self, *args, **kwargs):
+        check_stop()
+        return self.wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "wrapped":                 # not set yet (a copy in the making): no recursion
+            raise AttributeError(name)
+        return getattr(self.wrapped, name)
+
+
+class _StopCheckedSigma(_StopChecked, SigmaDenoiser):
+    """:class:`_StopChecked` of a denoiser in sigma space (an EDM model), still one for the sigma samplers."""
+
+    def __init__(self, denoiser: SigmaDenoiser):
+        super().__init__(denoiser)
+        self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
+
+
+def stop_checked(denoiser):
+    """``denoiser``, checking for a stop request before each network evaluation, of the same kind."""
+    return _StopCheckedSigma(denoiser) if isinstance(denoiser, SigmaDenoiser) else _StopChecked(denoiser)
+
+
 def run_sampler(diffusion, plan: SamplingPlan, x: torch.Tensor, *, noise: Callable | None = None,
                 conditioning: dict | None = None, callback: Callable | None = None, progress: bool = False,
                 run: Callable | None = None) -> torch.Tensor:
@@ -148,9 +178,7 @@ def run_sampler(diffusion, plan: SamplingPlan, x: torch.Tensor, *, noise: Callab
         **(conditioning or {}))
     bar = tqdm(total=plan.steps, desc="sampling", disable=not progress, leave=False, dynamic_ncols=True)
 
-    def checked(*args, **kwargs):
-        check_stop()                      # SIGINT / SIGTERM: stop before the next network evaluation
-        return denoiser(*args, **kwargs)
+    checked = stop_checked(denoiser)      # SIGINT / SIGTERM: stop before the next network evaluation
 
     def on_step(info: dict) -> None:
         bar.update(1)

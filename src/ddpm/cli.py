@@ -40,7 +40,8 @@ TRAIN_FLAGS = {
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
         "eval_every", "eval_samples", "eval_metric", "keep_best", "inception_weights", "label_dropout",
-        "time_limit")},
+        "time_limit", "lr_schedule", "lr_min", "lr_ref_steps", "ema_extra_decays", "ema_snapshot_every",
+        "ema_profiles")},
 }
 
 

@@ -621,11 +621,31 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_ema(args) -> int:
+    from .device import select_device                           # torch: loaded for the commands that use it
+    from .posthoc_ema_job import sweep, write_reconstruction   # the post-hoc EMA job: loaded for this command
+
+    if args.sweep:
+        device = select_device(args.device)
+        result = sweep(args.checkpoint, args.sigma_rels, step=args.step, n=args.n, metric=args.metric,
+                       out_dir=args.out, device=str(device), overwrite=args.overwrite)
+        print(f"wrote {result.json_path}" + (f" and {result.plot}" if result.plot else ""))
+        return 0
+    if args.sigma_rels or args.n or args.metric:
+        raise ConfigError("--sigma-rels, --num-images and --metric apply to --sweep")
+    if not args.out:
+        raise ConfigError("--sigma-rel needs --out FILE, the checkpoint to write")
+    out, rec = write_reconstruction(args.checkpoint, args.sigma_rel, args.out, step=args.step, overwrite=args.overwrite)
+    print(f"rebuilt sigma_rel {rec.sigma_rel:g} (gamma {rec.gamma:.2f}) at step {rec.step} from "
+          f"{len(rec.inputs)} stored averages ({len({s for s, _ in rec.inputs})} snapshots); relative error of the "
+          f"fit {100 * rec.rel_error:.2f}%; wrote {out}")
+    return 0
+
 # The commands that share their work among the processes torchrun starts.
 DISTRIBUTED_COMMANDS = ("train", "sample", "eval", "distill")
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz,
             "export": cmd_export, "import": cmd_import, "distill": cmd_distill, "inpaint": cmd_inpaint,
-            "edit": cmd_edit, "invert": cmd_invert, "prepare": cmd_prepare}
+            "edit": cmd_edit, "invert": cmd_invert, "prepare": cmd_prepare, "ema": cmd_ema}
 
 
 def _discard_stdout() -> None:

@@ -211,7 +211,10 @@ def test_snapshots_hold_the_power_function_averages_and_a_resume_rewrites_the_lo
     originals = {s: p.read_bytes() for s, p in list_snapshots(run)}
     drop_last_checkpoint(copy, 6)
     (copy / "ema-snapshots" / "step-0000004.safetensors").write_bytes(b"stale")   # after the checkpoint of step 3
-    train(copy, "--steps", "6", resume=True)
+    train(copy, "--steps", "4", resume=True)               # from 3 to 4: the snapshot of step 6 belongs to no state now
+    assert [s for s, _ in list_snapshots(copy)] == [2, 4]
+    drop_last_checkpoint(copy, 4)
+    train(copy, "--steps", "6", resume=True)               # from 3 again, to 6: the same snapshots as the whole run
     for s, p in list_snapshots(copy):
         a, b = load_snapshot(p)[0], load_snapshot(list_snapshots(run)[s // 2 - 1][1])[0]
         assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x), s

@@ -257,7 +257,7 @@ def test_ddpm_ema_sweep_scores_each_length_and_writes_a_table_and_a_plot(snapsho
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
     run, _ = snapshotted
     assert main(["ema", "--checkpoint", str(run), "--sweep", "--sigma-rels", "0.05", "0.08", "0.1",
-                 "--num-images", "16", "--device", "cpu", "--out", str(tmp_path / "sweep")]) == 0
+                 "--num-images", "16", "--device", "cpu", "--sweep-dir", str(tmp_path / "sweep")]) == 0
     said = capsys.readouterr().out
     result = json.loads((tmp_path / "sweep" / "ema-sweep.json").read_text())
     assert result["metric"] == "fast_fid" and result["step"] == 6

@@ -626,13 +626,15 @@ def cmd_ema(args) -> int:
     from .posthoc_ema_job import sweep, write_reconstruction   # the post-hoc EMA job: loaded for this command
 
     if args.sweep:
+        if args.out:
+            raise ConfigError("--out names the checkpoint of --sigma-rel; --sweep writes to --sweep-dir DIR")
         device = select_device(args.device)
         result = sweep(args.checkpoint, args.sigma_rels, step=args.step, n=args.n, metric=args.metric,
-                       out_dir=args.out, device=str(device), overwrite=args.overwrite)
+                       out_dir=args.sweep_dir, device=str(device), overwrite=args.overwrite)
         print(f"wrote {result.json_path}" + (f" and {result.plot}" if result.plot else ""))
         return 0
-    if args.sigma_rels or args.n or args.metric:
-        raise ConfigError("--sigma-rels, --num-images and --metric apply to --sweep")
+    if args.sigma_rels or args.n or args.metric or args.sweep_dir:
+        raise ConfigError("--sigma-rels, --num-images, --metric and --sweep-dir apply to --sweep")
     if not args.out:
         raise ConfigError("--sigma-rel needs --out FILE, the checkpoint to write")
     out, rec = write_reconstruction(args.checkpoint, args.sigma_rel, args.out, step=args.step, overwrite=args.overwrite)
@@ -640,6 +642,7 @@ def cmd_ema(args) -> int:
           f"{len(rec.inputs)} stored averages ({len({s for s, _ in rec.inputs})} snapshots); relative error of the "
           f"fit {100 * rec.rel_error:.2f}%; wrote {out}")
     return 0
+
 
 # The commands that share their work among the processes torchrun starts.
 DISTRIBUTED_COMMANDS = ("train", "sample", "eval", "distill")

@@ -833,8 +833,10 @@ def _add_ema(sub) -> None:
     what.add_argument("--sweep", action="store_true",
                       help="score each of --sigma-rels; print a table, write ema-sweep.json and ema-sweep.png")
     p.add_argument("--step", type=_positive_int, metavar="N", help="the step to rebuild at (default: the last snapshot)")
-    p.add_argument("--out", metavar="PATH", help="--sigma-rel: the checkpoint file to write (required; not inside "
-                                                "RUN_DIR/checkpoints); --sweep: the folder of its files (default RUN_DIR)")
+    p.add_argument("--out", metavar="FILE", help="a file: with --sigma-rel, the checkpoint to write (required; not "
+                                                "inside RUN_DIR/checkpoints)")
+    p.add_argument("--sweep-dir", metavar="DIR", help="--sweep: the folder for ema-sweep.json and ema-sweep.png "
+                                                     "(default RUN_DIR)")
     p.add_argument("--sigma-rels", type=_sigma_rel, nargs="+", metavar="S",
                    help="--sweep: the lengths to score (default 0.025 0.05 ... 0.25, those the profiles reach)")
     _add_num_images(p, dest="n", help="--sweep: images generated per length (default the run's --eval-num-images)")

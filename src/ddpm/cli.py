@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_ema import cmd_ema
 from .cli_parser import build_parser
 from .errors import ConfigError, DdpmError, OutputError, TrainingInterrupted
 
@@ -618,29 +619,6 @@ def cmd_prepare(args) -> int:
     resumed = f", {result.resumed_rows} of them by an interrupted run" if result.resumed_rows else ""
     skipped = f"; {len(result.skipped)} unreadable file(s) skipped (first: {result.skipped[0]})" if result.skipped else ""
     print(f"prepared {n} images of {height}x{width}x{channels} in {result.path}{resumed}{skipped}")
-    return 0
-
-
-def cmd_ema(args) -> int:
-    from .device import select_device                           # torch: loaded for the commands that use it
-    from .posthoc_ema_job import sweep, write_reconstruction   # the post-hoc EMA job: loaded for this command
-
-    if args.sweep:
-        if args.out:
-            raise ConfigError("--out names the checkpoint of --sigma-rel; --sweep writes to --sweep-dir DIR")
-        device = select_device(args.device)
-        result = sweep(args.checkpoint, args.sigma_rels, step=args.step, n=args.n, metric=args.metric,
-                       out_dir=args.sweep_dir, device=str(device), overwrite=args.overwrite)
-        print(f"wrote {result.json_path}" + (f" and {result.plot}" if result.plot else ""))
-        return 0
-    if args.sigma_rels or args.n or args.metric or args.sweep_dir:
-        raise ConfigError("--sigma-rels, --num-images, --metric and --sweep-dir apply to --sweep")
-    if not args.out:
-        raise ConfigError("--sigma-rel needs --out FILE, the checkpoint to write")
-    out, rec = write_reconstruction(args.checkpoint, args.sigma_rel, args.out, step=args.step, overwrite=args.overwrite)
-    print(f"rebuilt sigma_rel {rec.sigma_rel:g} (gamma {rec.gamma:.2f}) at step {rec.step} from "
-          f"{len(rec.inputs)} stored averages ({len({s for s, _ in rec.inputs})} snapshots); relative error of the "
-          f"fit {100 * rec.rel_error:.2f}%; wrote {out}")
     return 0
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import __version__
+from .cli_ema import WEIGHTS_HELP, add_ema_command, add_ema_options, weights_type
 
 # ddpm.precision.CHOICES, repeated so that building the parser does not import torch.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -120,55 +121,6 @@ _positive_float = _number(float, lambda v: v > 0, "a positive number")
 # any message. The bounds are those of ddpm.config (MAX_TIMESTEPS, SEED_LIMIT).
 _timesteps = _number(int, lambda v: 2 <= v <= 100_000, "an integer T from 2 to 100,000")
 _seed = _number(int, lambda v: 0 <= v < 2 ** 63, "an integer seed from 0 to 2^63 - 1")
-_decay = _number(float, lambda v: 0 <= v <= 1, "an EMA decay in [0, 1]")
-# sigma_rel of a power-function EMA (EDM2 Eq. 123): gamma > 0 gives 0 < sigma_rel < 1 / (2 sqrt 3)
-_sigma_rel = _number(float, lambda v: 0 < v < 0.28867513459481287, "a sigma_rel in (0, 0.2887)")
-WEIGHTS_HELP = "ema (default: the first EMA), raw, or ema:D (the EMA of decay D, when the run kept several)"
-
-
-def _weights(text: str) -> str:
-    """--weights: raw, ema or ema:D, checked as it is parsed (ddpm.ema.parse_weights, without importing torch)."""
-    kind, sep, value = text.partition(":")
-    if (kind in ("raw", "ema") and not sep) or (kind == "ema" and _decay_or_none(value) is not None):
-        return text
-    raise argparse.ArgumentTypeError(f"expected raw, ema or ema:DECAY (a decay in [0, 1]), got {text!r}")
-
-
-def _decay_or_none(text: str) -> float | None:
-    try:
-        return _decay(text)
-    except argparse.ArgumentTypeError:
-        return None
-
-
-class _EMADecays(argparse.Action):
-    """--ema-decay D [D ...]: the first decay is ema_decay (the default weights), the others ema_extra_decays."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        namespace.ema_decay, namespace.ema_extra_decays = values[0], list(values[1:])
-
-
-def _add_ema_options(g) -> None:
-    """Training: the learning-rate schedule, the moving averages and the post-hoc EMA snapshots (docs/ema.md)."""
-    g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear", "inverse-sqrt"),
-                   help="after the warm-up (default constant): cosine or linear decay to --lr-min at --steps, or "
-                        "inverse-sqrt, lr / sqrt(max(step / --lr-ref-steps, 1)) (EDM2)")
-    g.add_argument("--lr-min", type=_nonneg_float, help="floor of the cosine and linear schedules (default 0)")
-    g.add_argument("--lr-ref-steps", type=_nonneg_int, metavar="N",
-                   help="t_ref of inverse-sqrt (default 0: the warm-up length)")
-    g.add_argument("--ema-decay", type=_decay, nargs="+", action=_EMADecays, metavar="D",
-                   help="EMA decay(s) in [0, 1] (default 0.9999); with several, each average is kept and "
-                        "checkpointed, the first is the default weights, --weights ema:D picks another")
-    g.add_argument("--ema-snapshot-every", type=_nonneg_int, metavar="N",
-                   help="save the post-hoc EMA profiles to RUN/ema-snapshots every N steps, for ddpm ema "
-                        "(EDM2; default 0: off)")
-    g.add_argument("--ema-profiles", type=_sigma_rel, nargs="+", metavar="SIGMA_REL",
-                   help="relative lengths of the tracked power-function profiles (default 0.05 0.10)")
-    g.set_defaults(ema_extra_decays=None)             # set with --ema-decay's first value
-
-
-
-
 def _add_model_size(g) -> None:
     """The U-Net's width and depth, over the preset's: --dim, --dim-mults, --num-res-blocks, attention."""
     g.add_argument("--dim", type=_positive_int, help="the U-Net's base channel count (the preset's by default)")
@@ -245,7 +197,7 @@ def _add_train(sub) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-steps", type=_nonneg_int, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
-    _add_ema_options(g)
+    add_ema_options(g)
     g.add_argument("--ema-warmup", action=bool_flag, help="EMA decay min(decay, (1+n)/(10+n)) (default on)")
     g.add_argument("--precision", choices=PRECISION_CHOICES,
                    help="autocast for the network (default auto: bf16 where it is faster on this device, else fp32; "
@@ -308,7 +260,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--start-index", type=_nonneg_int, default=0, metavar="K",
                    help="first image index: --start-index K --num-images M regenerates images K..K+M-1 of a run")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", type=_weights, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
+    p.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     _add_sampler_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--png", action="store_true", help="also write one PNG per image, DIR/images/NNNNNN.png (index k)")
@@ -485,7 +437,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto")
-    g.add_argument("--weights", type=_weights, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
+    g.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     _add_precision(g)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_progress(p)
@@ -527,7 +479,7 @@ def _add_export(sub) -> None:
     p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the target format (diffusers)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="a directory for the pipeline's files: new or empty (nothing is overwritten)")
-    p.add_argument("--weights", type=_weights, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
+    p.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="also upload the folder to this Hugging Face Hub "
                                                               "model repository (created if absent; token from hf auth login)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -678,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(sub)
     _add_invert(sub)
     _add_prepare(sub)
-    _add_ema(sub)
+    add_ema_command(sub)
     return parser
 
 
@@ -809,38 +761,3 @@ def _add_invert(sub) -> None:
     p.add_argument("--spacing", choices=tuple(SPACINGS), default="trailing", help="kept timesteps (default trailing)")
     _add_precision(p)
 
-
-EXAMPLES_EMA = """\
-examples:
-  ddpm train --data mnist --data-root DIR --steps 20000 --ema-snapshot-every 500 --out runs/mnist
-  ddpm ema --checkpoint runs/mnist --sigma-rel 0.08 --out ema-0.08.safetensors
-  ddpm sample --checkpoint ema-0.08.safetensors --num-images 64 --out samples/ema-0.08
-  ddpm ema --checkpoint runs/mnist --sweep --sigma-rels 0.03 0.05 0.08 0.12
-"""
-
-
-def _add_ema(sub) -> None:
-    p = sub.add_parser("ema", help="post-hoc EMA: rebuild the average of any length from a run's snapshots",
-                       description="Post-hoc EMA (Karras et al. 2024, EDM2): from the power-function averages "
-                                   "a run saved with --ema-snapshot-every, rebuild the average of relative length "
-                                   "SIGMA_REL at a stored step by least squares and write it as a checkpoint "
-                                   "(--sigma-rel), or score a range of lengths with the run's training metric "
-                                   "(--sweep). See docs/ema.md.",
-                       epilog=EXAMPLES_EMA, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a run directory with ema-snapshots/")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--sigma-rel", type=_sigma_rel, metavar="S", help="the relative length to rebuild")
-    what.add_argument("--sweep", action="store_true",
-                      help="score each of --sigma-rels; print a table, write ema-sweep.json and ema-sweep.png")
-    p.add_argument("--step", type=_positive_int, metavar="N", help="the step to rebuild at (default: the last snapshot)")
-    p.add_argument("--out", metavar="FILE", help="a file: with --sigma-rel, the checkpoint to write (required; not "
-                                                "inside RUN_DIR/checkpoints)")
-    p.add_argument("--sweep-dir", metavar="DIR", help="--sweep: the folder for ema-sweep.json and ema-sweep.png "
-                                                     "(default RUN_DIR)")
-    p.add_argument("--sigma-rels", type=_sigma_rel, nargs="+", metavar="S",
-                   help="--sweep: the lengths to score (default 0.025 0.05 ... 0.25, those the profiles reach)")
-    _add_num_images(p, dest="n", help="--sweep: images generated per length (default the run's --eval-num-images)")
-    p.add_argument("--metric", choices=("fast", "fid", "kid", "is"),
-                   help="--sweep: what to score (default the run's evaluation metric)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--device", default="auto")

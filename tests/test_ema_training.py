@@ -18,9 +18,10 @@ import torch
 from helpers.spies import no_sample_grids, spy_optimizer
 
 from ddpm.build import build_model
-from ddpm.checkpoint import checkpoint_path, load_checkpoint, split_prefix
+from ddpm.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, split_prefix
 from ddpm.cli import main
 from ddpm.config import RunConfig
+from ddpm.errors import CheckpointError
 from ddpm.models import Unet
 from ddpm.posthoc_ema import load_snapshot, list_snapshots, sigma_rel_to_gamma
 
@@ -265,3 +266,43 @@ def test_ddpm_ema_sweep_scores_each_length_and_writes_a_table_and_a_plot(snapsho
     assert all(math.isfinite(r["fast_fid"]) for r in result["rows"])
     assert "best: sigma_rel" in said and said.count("%") >= 3
     assert (tmp_path / "sweep" / "ema-sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- checkpoints and run directories
+
+def resave(tmp_path, tensors, meta, name="edited.safetensors"):
+    path = tmp_path / name
+    save_checkpoint(path, {k: v.clone() for k, v in tensors.items()},
+                    {k: v for k, v in meta.items() if k not in ("path", "sha256", "format_version")})
+    return path
+
+
+def test_the_checkpoint_checks_know_the_decays_the_profiles_and_their_finiteness(two_emas, snapshotted, tmp_path):
+    _, _, (tensors, meta) = two_emas
+    for edit, phrase in (({"ema_decays": [0.9, 0.7]}, "ema_decays"), ({"ema_decays": [0.9, 1.5]}, "ema_decays"),
+                         ({"ema_profiles": [0.05]}, None)):
+        path = resave(tmp_path, tensors, {**meta, **edit})
+        if phrase is None:
+            load_checkpoint(path)                   # profiles listed, no phema.* tensors: a run that stopped snapshotting
+            continue
+        with pytest.raises(CheckpointError, match=phrase):
+            load_checkpoint(path)
+    poisoned = dict(tensors)
+    name = next(k for k in tensors if k.startswith("ema@0.5."))
+    poisoned[name] = torch.full_like(tensors[name], float("nan"))
+    with pytest.raises(CheckpointError, match="non-finite"):
+        load_checkpoint(resave(tmp_path, poisoned, meta, "nan.safetensors"))
+    ph_tensors, ph_meta = load_checkpoint(snapshotted[0])
+    with pytest.raises(CheckpointError, match="ema_profiles"):
+        load_checkpoint(resave(tmp_path, ph_tensors, {k: v for k, v in ph_meta.items() if k != "ema_profiles"}))
+    with pytest.raises(CheckpointError, match="ema_profiles"):
+        load_checkpoint(resave(tmp_path, ph_tensors, {**ph_meta, "ema_profiles": [0.05]}))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_without_its_old_snapshots(tmp_path):
+    run = tmp_path / "run"
+    (run / "ema-snapshots").mkdir(parents=True)
+    stale = run / "ema-snapshots" / "step-0000004.safetensors"
+    stale.write_bytes(b"from the run that stopped")
+    train(run, "--steps", "2", "--checkpoint-every", "2", "--ema-snapshot-every", "1")
+    assert [s for s, _ in list_snapshots(run)] == [1, 2]

@@ -16,7 +16,7 @@ on MNIST with the ``mnist`` recipe.
    fixed CPU budget (``--minutes``, default 12): the step count that budget allows is measured from
    run 1's step time, each schedule trains that many steps, and its EMA is scored as above.
 
-``--quick`` shrinks everything (a U-Net of width 8, a few dozen steps, 64 images) to check the
+``--quick`` shrinks everything (a U-Net of width 8, T = 100, a few dozen steps, 64 images) to check the
 script end to end in under two minutes; its figures mean nothing. Runs single-threaded.
 """
 
@@ -44,7 +44,7 @@ from ddpm.train import train
 def configure(args, out: Path, steps: int, **train_options):
     """The ``mnist`` recipe on MNIST (``--dim`` wide), ``steps`` steps, with ``train_options``."""
     flags = {"data": {"name": "mnist", "root": args.data_root},
-             "model": {"dim": args.dim},
+             "model": {"dim": args.dim}, **({"diffusion": {"timesteps": 100}} if args.quick else {}),
              "train": {"steps": steps, "checkpoint_every": steps, "log_every": max(steps // 10, 1), "num_samples": 4,
                        "device": "cpu", "precision": "fp32", **({"batch_size": args.batch_size} if args.batch_size else {}),
                        **({"warmup_steps": 4} if args.quick else {}), **train_options}}

@@ -64,7 +64,7 @@ def add_ema_options(g) -> None:
     g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear", "inverse-sqrt"),
                    help="after the warm-up (default constant): cosine or linear decay to --lr-min at --steps, or "
                         "inverse-sqrt, lr / sqrt(max(step / --lr-ref-steps, 1)) (EDM2)")
-    g.add_argument("--lr-min", type=_nonneg_float, help="floor of the cosine and linear schedules (default 0)")
+    g.add_argument("--lr-min", type=_nonneg_float, metavar="LR", help="floor of the cosine and linear schedules (default 0)")
     g.add_argument("--lr-ref-steps", type=_count, metavar="N",
                    help="t_ref of inverse-sqrt (default 0: the warm-up length)")
     g.add_argument("--ema-decay", type=_decay, nargs="+", action=_EMADecays, metavar="D",

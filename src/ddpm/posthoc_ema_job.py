@@ -50,7 +50,7 @@ def write_reconstruction(run_dir: str | os.PathLike, sigma_rel: float, out: str 
     run_dir = Path(run_dir)
     snapshots = stored_snapshots(run_dir)
     out = check_output_path(out, overwrite=overwrite)
-    if out.resolve().parent == (run_dir / "checkpoints").resolve():
+    if out.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise OutputError(f"--out {out} is inside {run_dir / 'checkpoints'}, which holds the run's own checkpoints; "
                           "write the rebuilt average elsewhere")
     plan_reconstruction(snapshots, sigma_rel, step)             # the reach, before any tensor is read

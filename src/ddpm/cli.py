@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .checkpoint_schema import weight_group
 from .cli_ema import cmd_ema
 from .cli_parser import build_parser
 from .errors import ConfigError, DdpmError, OutputError, TrainingInterrupted
@@ -301,8 +302,8 @@ def cmd_inspect(args) -> int:
               "used by the commands that sample when neither --sampler nor --steps is given, or --sampler "
               "names it")
     groups: dict[str, list] = {}
-    for name, t in tensors.items():
-        groups.setdefault(name.split(".", 1)[0], []).append(t)
+    for name, t in tensors.items():          # ema@0.999.* and phema.0.* are groups of their own
+        groups.setdefault((weight_group(name) or (name.split(".", 1)[0],))[0], []).append(t)
     print("tensors:")
     for prefix, ts in sorted(groups.items()):
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in ts})

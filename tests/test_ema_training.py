@@ -283,7 +283,7 @@ def test_the_checkpoint_checks_know_the_decays_the_profiles_and_their_finiteness
                          ({"ema_profiles": [0.05]}, None)):
         path = resave(tmp_path, tensors, {**meta, **edit})
         if phrase is None:
-            load_checkpoint(path)                   # profiles listed, no phema.* tensors: a run that stopped snapshotting
+            load_checkpoint(path)                   # profiles listed without phema.* tensors are accepted
             continue
         with pytest.raises(CheckpointError, match=phrase):
             load_checkpoint(path)

@@ -188,7 +188,7 @@ def test_the_checkpoint_both_ways_or_neither_is_a_usage_error(argv, tmp_path, ca
 
 OUT_KINDS = {"train": "directory", "sample": "directory", "interpolate": "directory", "export": "directory",
              "distill": "directory", "prepare": "directory", "inpaint": "directory", "edit": "directory",
-             "invert": "directory", "eval": "file", "import": "file", "viz schedule": "file",
+             "invert": "directory", "eval": "file", "import": "file", "ema": "file", "viz schedule": "file",
              "viz forward": "file", "viz reverse": "file", "viz training": "file"}
 
 

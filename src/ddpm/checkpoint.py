@@ -249,7 +249,7 @@ def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Refuse NaN or inf weights: they would only give NaN images (or a NaN run) much later."""
     for name in sorted(tensors):
         t = tensors[name]
-        if name.startswith(("model.", "ema.")) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if name.startswith(("model.", "ema.", "ema@", "phema.")) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{path} holds non-finite weights (NaN or inf in {name}); it cannot be used")
 
 

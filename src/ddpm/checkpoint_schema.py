@@ -103,6 +103,7 @@ def check_checkpoint(path: Path, meta: dict, layout: dict[str, tuple[str, tuple[
     _check_weights(refuse, layout)
     _check_counts(refuse, meta, step)
     _check_extras(refuse, meta, config)
+    _check_averages(refuse, meta, layout)
     if "optimizer" in meta:
         missing = [f for f in RESUME_FIELDS if f not in meta]
         if missing:
@@ -252,6 +253,29 @@ def _check_extras(refuse, meta: dict, config: RunConfig) -> None:
     if imported is not None and not (isinstance(imported, dict)
                                      and all(isinstance(v, str) or v is None for v in imported.values())):
         refuse("imported_from", "expected null or an object of strings (the format and folder imported)")
+
+
+def _check_averages(refuse, meta: dict, layout: dict) -> None:
+    """``ema_decays``: the decay of ema.* then one per ema@D.* group, each in [0, 1], none twice;
+    ``ema_profiles``: one sigma_rel in (0, 1 / (2 sqrt 3)) per phema.I.* group (EDM2 Eq. 123)."""
+    groups = {g for name in layout if (found := weight_group(name)) for g in (found[0],)}
+    decays = meta.get("ema_decays")
+    if decays is not None:
+        if not (isinstance(decays, list) and decays and all(_is_number(d) and 0 <= d <= 1 for d in decays)
+                and len(set(decays)) == len(decays)):
+            refuse("ema_decays", "expected a list of distinct numbers in [0, 1], the first that of ema.*")
+        held = sorted(ema_decay_of_key(g + ".x") for g in groups if g.startswith("ema@"))
+        if held != sorted(float(d) for d in decays[1:]):
+            refuse("ema_decays", f"{decays[1:]} differ from the ema@D.* tensors' decays {held}")
+    profiles = meta.get("ema_profiles")
+    phema = sorted(g for g in groups if g.startswith("phema."))
+    if profiles is not None:
+        if not (isinstance(profiles, list) and all(_is_number(p) and 0 < p < 1 / (2 * math.sqrt(3)) for p in profiles)):
+            refuse("ema_profiles", "expected a list of sigma_rel numbers in (0, 0.2887)")
+        if phema and len(phema) != len(profiles):
+            refuse("ema_profiles", f"{len(profiles)} profile(s), but the file holds {len(phema)} phema.I.* group(s)")
+    elif phema:
+        refuse("ema_profiles", "missing, but the file holds phema.I.* tensors")
 
 
 def _check_optimizer(refuse, info, layout: dict) -> None:

@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from .checkpoint_schema import weight_group
+from .cli_ema import cmd_ema
 from .cli_parser import build_parser
 from .errors import ConfigError, DdpmError, OutputError, TrainingInterrupted
 
@@ -42,7 +44,8 @@ TRAIN_FLAGS = {
         "ema_decay", "ema_warmup", "precision", "grad_checkpointing", "max_bad_steps", "seed", "device", "init",
         "log_every", "checkpoint_every", "keep_last", "milestone_every", "sample_every", "num_samples",
         "eval_every", "eval_samples", "eval_metric", "keep_best", "inception_weights", "label_dropout",
-        "time_limit")},
+        "time_limit", "lr_schedule", "lr_min", "lr_ref_steps", "ema_extra_decays", "ema_snapshot_every",
+        "ema_profiles")},
     **{name: ("train", name) for name in ("tracker", "wandb_project", "wandb_name")},
 }
 
@@ -333,8 +336,8 @@ def cmd_inspect(args) -> int:
               "used by the commands that sample when neither --sampler nor --steps is given, or --sampler "
               "names it")
     groups: dict[str, list] = {}
-    for name, t in tensors.items():
-        groups.setdefault(name.split(".", 1)[0], []).append(t)
+    for name, t in tensors.items():          # ema@0.999.* and phema.0.* are groups of their own
+        groups.setdefault((weight_group(name) or (name.split(".", 1)[0],))[0], []).append(t)
     print("tensors:")
     for prefix, ts in sorted(groups.items()):
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in ts})
@@ -688,7 +691,7 @@ def cmd_prepare(args) -> int:
 DISTRIBUTED_COMMANDS = ("train", "sample", "eval", "distill")
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "interpolate": cmd_interpolate, "inspect": cmd_inspect, "eval": cmd_eval, "viz": cmd_viz,
             "export": cmd_export, "import": cmd_import, "distill": cmd_distill, "inpaint": cmd_inpaint,
-            "edit": cmd_edit, "invert": cmd_invert, "prepare": cmd_prepare}
+            "edit": cmd_edit, "invert": cmd_invert, "prepare": cmd_prepare, "ema": cmd_ema}
 
 
 # Commands whose long phases are samplers (ddpm.signals.check_stop); train installs its own handlers.

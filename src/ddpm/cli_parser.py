@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import __version__
+from .cli_ema import WEIGHTS_HELP, add_ema_command, add_ema_options, weights_type
 
 # ddpm.precision.CHOICES, repeated so that building the parser does not import torch.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -125,8 +126,6 @@ _finite_positive = _number(float, lambda v: 0 < v < float("inf"), "a finite posi
 # any message. The bounds are those of ddpm.config (MAX_TIMESTEPS, SEED_LIMIT).
 _timesteps = _number(int, lambda v: 2 <= v <= 100_000, "an integer T from 2 to 100,000")
 _seed = _number(int, lambda v: 0 <= v < 2 ** 63, "an integer seed from 0 to 2^63 - 1")
-
-
 def _add_model_size(g) -> None:
     """The U-Net's width and depth, over the preset's: --dim, --dim-mults, --num-res-blocks, attention."""
     g.add_argument("--dim", type=_positive_int, help="the U-Net's base channel count (the preset's by default)")
@@ -205,7 +204,7 @@ def _add_train(sub) -> None:
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup-steps", type=_nonneg_int, help="linear learning-rate warm-up")
     g.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
-    g.add_argument("--ema-decay", type=float)
+    add_ema_options(g)
     g.add_argument("--ema-warmup", action=bool_flag, help="EMA decay min(decay, (1+n)/(10+n)) (default on)")
     g.add_argument("--precision", choices=PRECISION_CHOICES,
                    help="autocast for the network (default auto: bf16 where it is faster on this device, else fp32; "
@@ -319,7 +318,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--start-index", type=_nonneg_int, default=0, metavar="K",
                    help="first image index: --start-index K --num-images M regenerates images K..K+M-1 of a run")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     _add_sampler_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--png", action="store_true", help="also write one PNG per image, DIR/images/NNNNNN.png (index k)")
@@ -542,7 +541,7 @@ def _add_eval(sub) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--seed", type=_seed, default=0)
     g.add_argument("--device", default="auto")
-    g.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    g.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     _add_precision(g)
     _add_ode_options(p.add_argument_group("bpd-ode (with --metric bpd-ode)"))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -607,8 +606,7 @@ def _add_export(sub) -> None:
     p.add_argument("--format", choices=("diffusers",), default="diffusers", help="the target format (diffusers)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="a directory for the pipeline's files: new or empty (nothing is overwritten)")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
-                   help="EMA (default, what ddpm sample uses) or raw weights")
+    p.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     p.add_argument("--push-to-hub", metavar="OWNER/NAME", help="also upload the folder to this Hugging Face Hub "
                                                               "model repository (created if absent; token from hf auth login)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
@@ -761,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_edit(sub)
     _add_invert(sub)
     _add_prepare(sub)
+    add_ema_command(sub)
     _refuse_empty_out(parser)
     return parser
 
@@ -908,3 +907,4 @@ def _add_invert(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=50, metavar="K", help="DDIM steps, 1..T (default 50)")
     p.add_argument("--spacing", choices=tuple(SPACINGS), default="trailing", help="kept timesteps (default trailing)")
     _add_precision(p)
+

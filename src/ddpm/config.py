@@ -20,6 +20,7 @@ from .conditions import ImageCondition
 from .diffusion import LEARNED_VARIANCE, LOSS_WEIGHTINGS, LOSSES, OBJECTIVES, VARIANCES
 from .edm import FORMULATIONS, P_MEAN, P_STD, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .errors import ConfigError
+from .lr_schedules import LR_SCHEDULES
 from .models import UnetConfig, preset_config
 from .samplers import SamplingOptions
 from .schedules import SCHEDULES
@@ -272,6 +273,12 @@ class TrainConfig:
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.9999          # decay of the exponential moving average of the weights
     ema_warmup: bool = True            # decay_n = min(ema_decay, (1 + n) / (10 + n)), so short runs are usable
+    ema_extra_decays: tuple[float, ...] = ()   # further averages kept besides ema_decay's (ema@D.* in checkpoints)
+    ema_profiles: tuple[float, ...] = (0.05, 0.10)   # sigma_rel of the post-hoc EMA profiles (EDM2), when snapshotting
+    ema_snapshot_every: int = 0        # steps between post-hoc EMA snapshots (ema-snapshots/; 0: off, no profiles)
+    lr_schedule: str = "constant"      # constant | cosine | linear | inverse-sqrt, after the warm-up (ddpm.lr_schedules)
+    lr_min: float = 0.0                # floor of the cosine and linear schedules
+    lr_ref_steps: int = 0              # t_ref of inverse-sqrt (0: the warm-up length)
     precision: str = "auto"            # auto (ddpm.precision.resolve_precision; the run records what it chose) |
                                        # fp32 (bit-reproducible) | bf16 (autocast) | fp16 (autocast + gradient scaler, CUDA)
     grad_checkpointing: bool = False   # recompute activations in the backward pass (less memory)
@@ -302,7 +309,8 @@ class TrainConfig:
             _check_int(getattr(self, name), name.replace("_", " "), 1, MAX_COUNT)
         for name in ("batch_size", "grad_accum", "num_samples", "eval_samples"):
             _check_int(getattr(self, name), name.replace("_", " "), 1, MAX_BATCH)
-        for name in ("sample_every", "checkpoint_every", "warmup_steps", "keep_last", "milestone_every", "eval_every"):
+        for name in ("sample_every", "checkpoint_every", "warmup_steps", "keep_last", "milestone_every", "eval_every",
+                     "ema_snapshot_every", "lr_ref_steps"):
             _check_int(getattr(self, name), name.replace("_", " "), 0, MAX_COUNT)
         _choice(self.optimizer, ("adam", "adamw"), "optimizer")
         self._check_evaluation()
@@ -311,6 +319,7 @@ class TrainConfig:
         _check_float(self.weight_decay, "weight decay", 0.0)
         _check_float(self.grad_clip, "gradient clipping norm", 0.0)
         _check_float(self.ema_decay, "EMA decay", 0.0, 1.0)
+        self._check_averages_and_lr()
         _check_float(self.label_dropout, "label dropout", 0.0, 1.0)
         _check_float(self.time_limit, "time limit (minutes)", 0.0)
         _check_int(self.seed, "seed", 0, SEED_LIMIT - 1)
@@ -337,6 +346,30 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a string on one line; got {value!r}")
             if value and self.tracker != "wandb":
                 raise ConfigError(f"--{name.replace('_', '-')} names a Weights & Biases run: give --tracker wandb as well")
+
+    def _check_averages_and_lr(self) -> None:
+        """Extra EMA decays in [0, 1] (none twice), post-hoc profile lengths, and the lr schedule."""
+        for name in ("ema_extra_decays", "ema_profiles"):
+            if not isinstance(getattr(self, name), (tuple, list)):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a list of numbers; got {getattr(self, name)!r}")
+        for d in self.ema_extra_decays:
+            _check_float(d, "EMA decay", 0.0, 1.0)
+        decays = [float(self.ema_decay), *map(float, self.ema_extra_decays)]
+        if len(set(decays)) != len(decays):
+            raise ConfigError(f"each EMA decay may be given once; got {', '.join(map(repr, decays))}")
+        self.ema_extra_decays = tuple(decays[1:])
+        for s in self.ema_profiles:             # power-function lengths (EDM2 Eq. 123): gamma > 0
+            _check_float(s, "post-hoc EMA sigma_rel", 0.0, 1.0 / (2.0 * math.sqrt(3.0)), lo_open=True, hi_open=True)
+        if self.ema_snapshot_every and not self.ema_profiles:
+            raise ConfigError("--ema-snapshot-every needs at least one post-hoc EMA profile (--ema-profiles)")
+        if len(set(map(float, self.ema_profiles))) != len(self.ema_profiles):
+            raise ConfigError(f"each post-hoc EMA profile may be given once; got {list(self.ema_profiles)!r}")
+        self.ema_profiles = tuple(float(s) for s in self.ema_profiles)
+        _choice(self.lr_schedule, LR_SCHEDULES, "lr schedule")
+        _check_float(self.lr_min, "lr min", 0.0, float(self.lr))
+        if self.lr_schedule in ("cosine", "linear") and self.steps <= self.warmup_steps:
+            raise ConfigError(f"the {self.lr_schedule} lr schedule needs --steps ({self.steps}) above "
+                              f"--warmup-steps ({self.warmup_steps})")
 
     def _check_evaluation(self) -> None:
         """--eval-metric, --keep-best and --inception-weights agree with --eval-every and with each other."""

@@ -31,13 +31,14 @@ __all__ = ["EMABank", "check_decays", "ema_prefix", "decays_in", "first_decay", 
 
 
 def check_decays(decays: Iterable[float]) -> tuple[float, ...]:
-    """The decays as floats, each in (0, 1), none twice; otherwise one line naming the bad value."""
+    """The decays as floats, each in [0, 1] (0: the raw weights; 1: the initial weights, kept), none twice;
+    otherwise one line naming the bad value."""
     if isinstance(decays, (int, float)):
         decays = (decays,)
     out = []
     for d in decays:
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or not 0.0 < d < 1.0:
-            raise ConfigError(f"EMA decay must be a number in (0, 1); got {d!r}")
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or not 0.0 <= d <= 1.0:
+            raise ConfigError(f"EMA decay must be a number in [0, 1]; got {d!r}")
         if float(d) in out:
             raise ConfigError(f"EMA decay {float(d)!r} is given twice")
         out.append(float(d))
@@ -138,7 +139,7 @@ def parse_weights(selection: str) -> tuple[str, float | None]:
             return "ema", check_decays([float(value)])[0]
         except ValueError:
             pass
-    raise ConfigError(f"--weights must be raw, ema or ema:DECAY (a decay in (0, 1), e.g. ema:0.9999); got {selection!r}")
+    raise ConfigError(f"--weights must be raw, ema or ema:DECAY (a decay in [0, 1], e.g. ema:0.9999); got {selection!r}")
 
 
 def first_decay(meta: dict) -> float | None:

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import load_checkpoint, load_weights
 from .conditions import check_condition
+from .ema import parse_weights, select_weights
 from .config import RunConfig
 from .device import select_device          # re-exported: its earlier home
 from .build import build_diffusion
@@ -41,15 +42,15 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
                    channels_last: bool | None = None) -> tuple[GaussianDiffusion, dict]:
     """Rebuild model and diffusion from a checkpoint (file or run directory), ready to sample.
 
-    ``weights`` is ``"ema"`` (the default, as in the paper) or ``"raw"``. ``precision`` is the
+    ``weights`` is ``"ema"`` (the default, as in the paper: the first average), ``"raw"`` or ``"ema:D"``
+    (the average of decay D, when the run kept several; :func:`ddpm.ema.select_weights`). ``precision`` is the
     network's autocast while sampling (:mod:`ddpm.precision`; the sampler's maths stays float32;
     ``"auto"`` picks this device's faster one).
     ``channels_last`` (default: :func:`ddpm.precision.channels_last`, on the CPU and CUDA) stores
     the weights in the channels-last memory format, which the convolutions run faster in. Returns
     the diffusion (on ``device``, in eval mode) and the checkpoint's metadata.
     """
-    if weights not in ("ema", "raw"):
-        raise ConfigError(f"weights must be 'ema' or 'raw'; got {weights!r}")
+    parse_weights(weights)                                          # a bad selection fails before any read
     device = torch.device(device)
     precision = resolve_precision(precision, device).precision      # "auto" becomes this device's choice
     tensors, meta = load_checkpoint(checkpoint)
@@ -58,7 +59,7 @@ def load_diffusion(checkpoint: str | os.PathLike, device: str | torch.device = "
     except (KeyError, ConfigError) as exc:
         raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
     diffusion = build_diffusion(config, precision=precision)
-    load_weights(diffusion.model, tensors, "ema" if weights == "ema" else "model", meta["path"])
+    load_weights(diffusion.model, tensors, select_weights(tensors, meta, weights), meta["path"])
     meta["run_config"] = config
     if channels_last if channels_last is not None else default_channels_last(device, precision, training=False):
         diffusion.model.to(memory_format=torch.channels_last)

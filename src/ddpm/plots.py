@@ -46,8 +46,9 @@ def _finite(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> tuple[list
 
 
 def draw_series(ax, series: Series, *, xlabel: str = "", ylabel: str = "", log_y: bool = False,
-                title: str = "") -> None:
-    """Each (x, y) series as a line on ``ax``, non-finite points dropped; integer x ticks (steps).
+                title: str = "", integer_x: bool = True) -> None:
+    """Each (x, y) series as a line on ``ax``, non-finite points dropped; integer x ticks (steps) unless
+    ``integer_x`` is off.
 
     With ``log_y`` non-positive points are dropped too, and the y axis is logarithmic when the
     values span a factor of 10 or more.
@@ -64,8 +65,9 @@ def draw_series(ax, series: Series, *, xlabel: str = "", ylabel: str = "", log_y
         ax.set_yscale("log")
     else:
         ax.ticklabel_format(axis="y", useOffset=False)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -75,7 +77,7 @@ def draw_series(ax, series: Series, *, xlabel: str = "", ylabel: str = "", log_y
 
 
 def line_chart(series: Series, path: str | os.PathLike, *, title: str = "", xlabel: str = "", ylabel: str = "",
-               log_y: bool = False, size: tuple[int, int] = (800, 450)) -> Path | None:
+               log_y: bool = False, size: tuple[int, int] = (800, 450), integer_x: bool = True) -> Path | None:
     """Draw the series in one chart of ``size`` pixels and save it as PNG, atomically.
 
     Returns the path, or None (after a one-line note) when matplotlib is not installed.
@@ -86,5 +88,5 @@ def line_chart(series: Series, path: str | os.PathLike, *, title: str = "", xlab
         note_missing_matplotlib(Path(path).name)
         return None
     fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
-    draw_series(fig.subplots(), series, xlabel=xlabel, ylabel=ylabel, log_y=log_y, title=title)
+    draw_series(fig.subplots(), series, xlabel=xlabel, ylabel=ylabel, log_y=log_y, title=title, integer_x=integer_x)
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))

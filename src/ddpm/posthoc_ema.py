@@ -364,7 +364,8 @@ def reconstruction_checkpoint(run_dir: str | os.PathLike, rec: Reconstruction) -
     if at_step.is_file():
         tensors, _ = load_checkpoint(at_step)
         raw, raw_from = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, str(at_step)
-    out = {**{f"model.{k}": v for k, v in raw.items()}, **{f"ema.{k}": v for k, v in rec.state.items()}}
+    out = {**{f"model.{k}": v.clone() for k, v in raw.items()},     # never the ema.* storage: saved apart
+           **{f"ema.{k}": v for k, v in rec.state.items()}}
     info = {"sigma_rel": rec.sigma_rel, "gamma": rec.gamma, "rel_error": rec.rel_error, "raw": raw_from,
             "inputs": [[s, g, x] for (s, g), x in zip(rec.inputs, rec.coefficients)]}
     return out, {"step": rec.step, "config": meta["config"], "posthoc_ema": info}

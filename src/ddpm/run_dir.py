@@ -50,7 +50,8 @@ def new_run_dir(root: str | os.PathLike = "runs") -> Path:
 # checkpoint) is a run stopped before it saved anything to resume from: the same command may start
 # it again from step 0, and --resume starts it from its config.json (docs/robustness.md).
 BEFORE_FIRST_CHECKPOINT = frozenset({"config.json", "provenance.json", "metrics.jsonl", "loss.png", "samples",
-                                     "checkpoints", "tensorboard", "wandb", "wandb-run-id", LOCK_FILE})
+                                     "checkpoints", "tensorboard", "wandb", "wandb-run-id", "ema-snapshots",
+                                     LOCK_FILE})
 
 
 # ----------------------------------------------------------------------------- claiming

@@ -48,6 +48,8 @@ from .gaussian_diffusion import GaussianDiffusion
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
+from .lr_schedules import LRSchedule, schedule_from_train_config
+from .posthoc_ema import save_snapshot
 from .pixels import to_uint8, uint8_to_unit as to_tensor_on_device
 from .precision import autocast, channels_last, check_precision, resolve_precision
 from .data.hub import is_hub_spec
@@ -71,11 +73,9 @@ def label_dropout(y: torch.Tensor, num_classes: int, p: float, generator: torch.
 
 
 def lr_at(config: RunConfig, step: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to the peak, then constant."""
-    tc = config.train
-    if tc.warmup_steps and step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    return tc.lr
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up to the peak, then the run's
+    schedule (constant by default; :mod:`ddpm.lr_schedules`)."""
+    return schedule_from_train_config(config.train)(step)
 
 
 # ----------------------------------------------------------------------------- data
@@ -218,6 +218,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
                 outcome = _agree(setup, step, per_sample, stop)
                 grad_norm = _optimizer_step(setup, state, batch, per_sample, outcome)   # line 5: the update
                 _log_step(setup, state, tracker, batch, per_sample, outcome, grad_norm)
+                _snapshot(setup, state, outcome)
                 _checkpoint(setup, state, tracker, outcome)
                 _sample_and_evaluate(setup, state, tracker, evaluator, outcome)
                 if outcome.time_up:
@@ -256,6 +257,7 @@ class Setup:
     order: EpochOrder
     mine: torch.Tensor                   # this rank's rows of the global batch
     start_time: float
+    lr_schedule: LRSchedule              # the learning rate of each step (ddpm.lr_schedules)
     reader: BatchPrefetcher | None = None   # a memory-mapped dataset: this rank's rows, one step ahead
     conditions: torch.Tensor | None = None  # paired image conditions, uint8 [N, H, W, C_c], row k for image k
 
@@ -319,6 +321,7 @@ def _set_up(config: RunConfig, run_dir: Path, data: ImageData | None, resume: bo
                   labels=labels, diffusion=diffusion, model=model, net=_data_parallel(model, world, device),
                   optimizer=optimizer, scaler=scaler, loss=loss, global_batch=global_batch,
                   order=EpochOrder(data.num_images, global_batch, tc.seed), mine=mine, start_time=start_time,
+                  lr_schedule=schedule_from_train_config(tc),
                   reader=lazy_reader(data.images, data.num_images, global_batch, tc.seed, mine, device) if lazy else None,
                   conditions=paired_conditions(config, data, device))
     if setup.main:
@@ -364,7 +367,7 @@ def _draw_batch(setup: Setup, step: int) -> _Batch:
     tc, mine, device, config = setup.tc, setup.mine, setup.device, setup.config
     setup.model.train()
     for group in setup.optimizer.param_groups:
-        group["lr"] = lr_at(config, step)
+        group["lr"] = setup.lr_schedule(step)
     step_seed = derive_seed(tc.seed, step, 0)
     torch.manual_seed(step_seed if setup.rank == 0 else derive_seed(tc.seed, step, 0, setup.rank))   # dropout
     g = torch.Generator(device=device).manual_seed(step_seed)    # flips, t, eps
@@ -478,6 +481,8 @@ def _optimizer_step(setup: Setup, state: State, batch: _Batch, per_sample: torch
                 f"loss {outcome.loss}, gradient norm {grad_norm}); training stopped. Last good checkpoint: "
                 f"{last[-1][1] if last else 'none'}. Try a lower --lr, --grad-clip 1 or --precision fp32")
     counters.step = batch.step + 1
+    if state.power_ema is not None:                    # every step, skipped or not: t = steps done (EDM2 Eq. 127)
+        state.power_ema.update(setup.model, counters.step)
     return grad_norm
 
 
@@ -511,7 +516,7 @@ def _log_step(setup: Setup, state: State, tracker: Tracker, batch: _Batch, per_s
     tracker.bar.set_postfix(loss=f"{outcome.loss:.4f}", refresh=False)
     metrics = None
     if done % tc.log_every == 0 or outcome.last:
-        metrics = tracker.window.flush(done, lr_at(setup.config, batch.step), state.counters, setup.start_time)
+        metrics = tracker.window.flush(done, setup.lr_schedule(batch.step), state.counters, setup.start_time)
         tracker.write(metrics, done)
     tracker.progress_line(done, metrics)          # outside a terminal: step, loss, images/s, ETA
 
@@ -521,6 +526,14 @@ def _noise_position(d, t: torch.Tensor) -> tuple[torch.Tensor, int]:
     if d.formulation != "edm":
         return t, d.timesteps
     return torch.special.ndtr((t.double().log() - d.p_mean) / d.p_std), 1
+
+
+def _snapshot(setup: Setup, state: State, outcome: _Outcome) -> None:
+    """The post-hoc EMA profiles saved to ema-snapshots/ when due and at the last step (rank 0), before the
+    checkpoint of the same step, so a resume never lacks a snapshot its checkpoint has passed."""
+    every, done = setup.tc.ema_snapshot_every, state.counters.step
+    if state.power_ema is not None and (done % every == 0 or outcome.last):
+        save_snapshot(setup.run_dir, done, state.power_ema)
 
 
 def _checkpoint(setup: Setup, state: State, tracker: Tracker, outcome: _Outcome) -> None:
@@ -582,13 +595,14 @@ def _save(setup: Setup, state: State, step: int) -> Path:
 
 def _checkpoint_state(setup: Setup, state: State, step: int) -> tuple[dict, dict]:
     """The tensors and metadata of a checkpoint of the whole run state at ``step``."""
-    scaler, data, ema = setup.scaler, setup.data, state.ema
+    scaler, data, ema, power = setup.scaler, setup.data, state.ema, state.power_ema
     optim_tensors, optim_info = flatten_optimizer_state(setup.optimizer.state_dict())
     sampler = setup.loss.timestep_sampler
     tensors = {**{f"model.{k}": v for k, v in setup.model.state_dict().items()},
-               **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}, **optim_tensors,
+               **ema.state_tensors(), **(power.state_tensors() if power else {}), **optim_tensors,
                **(sampler.state_tensors() if sampler else {})}
     meta = {"step": step, "config": setup.config.to_dict(), "ema_updates": ema.num_updates, "optimizer": optim_info,
+            "ema_decays": list(ema.decays), "ema_profiles": list(setup.tc.ema_profiles) if power else [],
             "counters": vars(state.counters), "scaler": scaler.state_dict() if scaler else None,
             "dataset": data.name, "num_images": data.num_images, "data_position": step * setup.global_batch,
             "global_batch": setup.global_batch, "world_size": setup.world, "rng": rng_states()}

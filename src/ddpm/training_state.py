@@ -1,9 +1,10 @@
 """What a training run changes from step to step, and how a checkpoint gives it back.
 
 The fixed set-up (configuration, model, optimizer, data) is built once by :mod:`ddpm.train`; the
-state here is what moves: the :class:`Counters` saved in every checkpoint, the :class:`EMA` of the
-weights (rank 0), the global RNG states, and the best evaluation score so far. :func:`restore`
-loads the newest checkpoint of a run directory into the model, optimizer and state.
+state here is what moves: the :class:`Counters` saved in every checkpoint, the moving averages of the
+weights (rank 0: an :class:`ddpm.ema.EMABank`, one average per decay, and with snapshots on a
+:class:`ddpm.posthoc_ema.PowerEMA`), the global RNG states, and the best evaluation score so far.
+:func:`restore` loads the newest checkpoint of a run directory into the model, optimizer and state.
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from torch import nn
 from . import distributed
 from .checkpoint import load_checkpoint, load_newest_verified, load_weights, read_metadata, unflatten_optimizer_state
 from .config import RunConfig
+from .ema import EMABank
+from .posthoc_ema import PowerEMA, list_snapshots, sigma_rel_to_gamma
 from .resolve import checkpoint_global_batch
 from .errors import CheckpointError, ConfigError
 from .gaussian_diffusion import GaussianDiffusion
 from .timestep_sampling import ImportanceSampler
 
 __all__ = ["EMA", "Counters", "State", "restore", "restore_or_start", "init_from", "match_parameter_layout",
-           "rng_states", "set_rng_states", "BEST_CHECKPOINT", "best_so_far"]
+           "rng_states", "set_rng_states", "BEST_CHECKPOINT", "best_so_far", "averages", "drop_snapshots_after"]
 
 
 class EMA:
@@ -71,10 +74,11 @@ class Counters:
 
 @dataclass
 class State:
-    """What the loop changes: counters, the EMA (rank 0 alone keeps it), and what the run has produced."""
+    """What the loop changes: counters, the averages (rank 0 alone keeps them), and what the run has produced."""
 
     counters: Counters
-    ema: EMA | None
+    ema: EMABank | None                              # ema_decay's average first (the default weights), then the others
+    power_ema: PowerEMA | None = None                # the post-hoc EMA profiles (--ema-snapshot-every)
     ema_diffusion: GaussianDiffusion | None = None   # around the EMA weights (sample grids, evaluation)
     best: float | None = None                        # the best evaluation value so far (--keep-best)
     loss: float = float("nan")                       # the last step's global mean loss
@@ -140,21 +144,41 @@ def _check_global_batch(meta: dict, config: RunConfig, global_batch: int) -> Non
                           f"{saved_batch} / (processes x grad_accum) keeps it")
 
 
+def averages(config: RunConfig, model: nn.Module) -> tuple[EMABank, PowerEMA | None]:
+    """The run's moving averages of ``model``, fresh: one per EMA decay, and the post-hoc profiles when
+    snapshots are on."""
+    tc = config.train
+    bank = EMABank(model, (tc.ema_decay, *tc.ema_extra_decays), tc.ema_warmup)
+    if not tc.ema_snapshot_every:
+        return bank, None
+    return bank, PowerEMA(model, [sigma_rel_to_gamma(s) for s in tc.ema_profiles])
+
+
+def drop_snapshots_after(run_dir: Path, step: int) -> None:
+    """Delete the post-hoc EMA snapshots newer than ``step`` (the run continues from there and writes them again)."""
+    for s, path in list_snapshots(run_dir):
+        if s > step:
+            path.unlink(missing_ok=True)
+
+
 def restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler, global_batch: int,
-            keep_ema: bool = True, timestep_sampler: ImportanceSampler | None = None) -> tuple[Counters, EMA | None]:
-    """Load weights, EMA (when ``keep_ema``), optimizer, counters (and the timestep sampler's state)
-    from the newest checkpoint of ``run_dir``."""
+            keep_ema: bool = True, timestep_sampler: ImportanceSampler | None = None) -> State:
+    """Load weights, averages (when ``keep_ema``), optimizer, counters (and the timestep sampler's state)
+    from the newest checkpoint of ``run_dir``; snapshots newer than it are deleted."""
     loaded = load_newest_verified(run_dir, warn=lambda message: None)   # the CLI has warned already
     if loaded is None:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
     tensors, meta = loaded
     _check_global_batch(meta, config, global_batch)
     load_weights(model, tensors, "model", meta["path"])
-    ema = None
+    bank = power = None
     if keep_ema:
-        ema = EMA(model, config.train.ema_decay, config.train.ema_warmup)
-        load_weights(ema.model, tensors, "ema", meta["path"])
-        ema.num_updates = int(meta.get("ema_updates", 0))
+        bank, power = averages(config, model)
+        bank.load_state_tensors(tensors, meta["path"])
+        bank.num_updates = int(meta.get("ema_updates", 0))
+        if power is not None:
+            power.load_state_tensors(tensors, meta["path"])
+            drop_snapshots_after(run_dir, meta["step"])
     try:
         # Tensors stay on the CPU: load_state_dict moves moments to the parameters' device and
         # keeps Adam's step counters where the optimizer expects them.
@@ -167,7 +191,7 @@ def restore(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scale
     if timestep_sampler is not None:
         timestep_sampler.load_state_tensors(tensors, meta["path"])
     set_rng_states(meta.get("rng"))
-    return Counters(**meta.get("counters", {"step": meta["step"]})), ema
+    return State(Counters(**meta.get("counters", {"step": meta["step"]})), bank, power)
 
 
 def restore_or_start(run_dir: Path, config: RunConfig, model: nn.Module, optimizer, scaler, global_batch: int,
@@ -176,11 +200,14 @@ def restore_or_start(run_dir: Path, config: RunConfig, model: nn.Module, optimiz
     tc = config.train
     with distributed.agree("loading the checkpoint"):
         if resume:
-            return State(*restore(run_dir, config, model, optimizer, scaler, global_batch, keep_ema=main,
-                                  timestep_sampler=timestep_sampler))
+            return restore(run_dir, config, model, optimizer, scaler, global_batch, keep_ema=main,
+                           timestep_sampler=timestep_sampler)
         if tc.init:
             init_from(tc.init, model)
-        return State(Counters(), EMA(model, tc.ema_decay, tc.ema_warmup) if main else None)
+        if not main:
+            return State(Counters(), None)
+        drop_snapshots_after(run_dir, 0)               # a run started again from step 0 snapshots anew
+        return State(Counters(), *averages(config, model))
 
 
 BEST_CHECKPOINT = "best.safetensors"        # in checkpoints/; not a step-NNNNNNN file, so never pruned

@@ -74,6 +74,7 @@ from safetensors import SafetensorError
 
 from ..checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from ..config import DataConfig, DiffusionConfig, RunConfig
+from ..ema import parse_weights, select_weights
 from ..errors import CheckpointError, ConfigError
 from ..fileio import check_output_path, fsync_dir
 from ..models import PRESETS, Unet, UnetConfig, preset_config
@@ -529,15 +530,14 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
                      command: str | None = None) -> Path:
     """Write a ``DDPMPipeline`` folder ``out`` from a checkpoint (file or run directory).
 
-    ``weights`` is ``"ema"`` (the default, what ``ddpm sample`` uses) or ``"raw"``. Beside the
+    ``weights`` is ``"ema"`` (the default, what ``ddpm sample`` uses), ``"raw"`` or ``"ema:D"``. Beside the
     pipeline the folder gets a model card, ``README.md``, naming ``command`` (the export's command
     line; default: the equivalent ``ddpm export``), and a copy of the run's ``samples.png``. The
     folder is written beside ``out`` under a temporary name and renamed into place, so a failure
     leaves nothing behind; an existing non-empty ``out`` is refused. Returns ``out``.
     """
     diffusers = require_diffusers("ddpm export --format diffusers")
-    if weights not in ("ema", "raw"):
-        raise ConfigError(f"weights must be 'ema' or 'raw'; got {weights!r}")
+    parse_weights(weights)                              # raw, ema or ema:D, checked before any read
     out = Path(out)
     _check_out_dir(out)
     tensors, meta = load_checkpoint(checkpoint)
@@ -553,7 +553,7 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
                           "to diffusers")
     unet_config = unet_to_diffusers_config(config.model)
     scheduler_config = scheduler_to_diffusers_config(config.diffusion)
-    prefix = "ema" if weights == "ema" else "model"
+    prefix = select_weights(tensors, meta, weights)
     state = split_prefix(tensors, prefix)
     shapes = _expected_shapes(config.model)
     if set(state) != set(shapes) or any(state[k].shape != s for k, s in shapes.items()):

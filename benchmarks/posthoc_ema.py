@@ -1,0 +1,148 @@
+"""Post-hoc EMA lengths against the default EMA, what the snapshots cost, and the learning-rate schedules,
+on MNIST with the ``mnist`` recipe.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/posthoc_ema.py --data-root ../shared/data/mnist \\
+        --out-dir /tmp/posthoc --json /tmp/posthoc/results.json
+    .venv/bin/python benchmarks/posthoc_ema.py --data-root ../shared/data/mnist --out-dir /tmp/q --quick
+
+1. One run of the ``mnist`` recipe with ``--ema-snapshot-every`` (EDM2's two profiles, sigma_rel
+   0.05 and 0.10). After the same training, the fast metric (LeNet FID against the MNIST test split)
+   of the default EMA (decay 0.9999 with warm-up, the recipe's) and of each post-hoc length
+   rebuilt by ``ddpm ema`` (``ddpm.posthoc_ema_job.sweep``), all sampled alike: DPM-Solver++ in 25
+   steps, the evaluation seed, ``--n`` images.
+2. The snapshots' cost: their bytes on disk (against one checkpoint's), the time of one profile
+   update and of one snapshot save, against the measured time of a training step.
+3. The learning-rate schedules (constant, cosine, linear, inverse-sqrt) of the ``mnist`` recipe at a
+   fixed CPU budget (``--minutes``, default 12): the step count that budget allows is measured from
+   run 1's step time, each schedule trains that many steps, and its EMA is scored as above.
+
+``--quick`` shrinks everything (a U-Net of width 8, T = 100, 20 steps and 8 per schedule, 32 images) to check the
+script end to end in under two minutes; its figures mean nothing. Runs single-threaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm.checkpoint import list_checkpoints
+from ddpm.evaluation.training import TrainingEvaluator
+from ddpm.generate import generate, load_diffusion
+from ddpm.lr_schedules import LR_SCHEDULES
+from ddpm.posthoc_ema import PowerEMA, list_snapshots, save_snapshot
+from ddpm.posthoc_ema_job import sweep
+from ddpm.resolve import resolve_train_config
+from ddpm.seeding import derive_seed
+from ddpm.train import train
+
+
+def configure(args, out: Path, steps: int, **train_options):
+    """The ``mnist`` recipe on MNIST (``--dim`` wide), ``steps`` steps, with ``train_options``."""
+    flags = {"data": {"name": "mnist", "root": args.data_root},
+             "model": {"dim": args.dim}, **({"diffusion": {"timesteps": 100}} if args.quick else {}),
+             "train": {"steps": steps, "checkpoint_every": steps, "log_every": max(steps // 10, 1), "num_samples": 4,
+                       "device": "cpu", "precision": "fp32", **({"batch_size": args.batch_size} if args.batch_size else {}),
+                       **({"warmup_steps": 2} if args.quick else {}), **train_options}}
+    return resolve_train_config(flags, preset="mnist")
+
+
+def score_ema(run_dir: Path, evaluator, n: int) -> float:
+    """The run's default EMA scored as ddpm.train._evaluate and ddpm ema --sweep score theirs."""
+    diffusion, meta = load_diffusion(run_dir)
+    images = generate(diffusion, n, batch_size=min(n, 256), seed=derive_seed(meta["run_config"].train.seed, 3),
+                      progress=False, sampler="dpm-solver++", steps=25)
+    return float(evaluator(images)[evaluator.headline])
+
+
+def seconds_per_step(run_dir: Path, steps: int) -> float:
+    """Training time per step from the last metrics line (set-up included, the final sample grid not)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "elapsed_s" in r][-1]["elapsed_s"] / steps
+
+
+def disk_bytes(paths) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
+
+
+def snapshot_cost(run_dir: Path, config, seconds_per_step: float) -> dict:
+    """Bytes of the snapshots against a checkpoint; one profile update and one save, timed."""
+    diffusion, _ = load_diffusion(run_dir, weights="raw")
+    model = diffusion.model.train()
+    power = PowerEMA(model)
+    start = time.perf_counter()
+    for t in range(1, 21):
+        power.update(model, t)
+    update = (time.perf_counter() - start) / 20
+    start = time.perf_counter()
+    path = save_snapshot(run_dir / "timing", 1, power)
+    save = time.perf_counter() - start
+    snapshots = [p for _, p in list_snapshots(run_dir)]
+    return {"snapshots": len(snapshots), "snapshot_bytes": disk_bytes(snapshots[:1]),
+            "all_snapshots_bytes": disk_bytes(snapshots), "checkpoint_bytes": disk_bytes([list_checkpoints(run_dir)[-1][1]]),
+            "update_s": update, "save_s": save, "step_s": seconds_per_step,
+            "update_share_of_step": update / seconds_per_step, "timing_file_bytes": path.stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, help="folder with the MNIST IDX files")
+    parser.add_argument("--out-dir", required=True, help="run directories are written here (must not exist)")
+    parser.add_argument("--json", help="write all figures to this file")
+    parser.add_argument("--quick", action="store_true", help="a tiny end-to-end check (< 2 minutes); figures meaningless")
+    parser.add_argument("--steps", type=int, default=5000, help="steps of the post-hoc EMA run")
+    parser.add_argument("--snapshot-every", type=int, default=250)
+    parser.add_argument("--minutes", type=float, default=12.0, help="CPU budget of each lr-schedule run")
+    parser.add_argument("--dim", type=int, default=32, help="U-Net base width (the mnist preset's: 32)")
+    parser.add_argument("--batch-size", type=int, help="default: the recipe's (64)")
+    parser.add_argument("--n", type=int, default=1000, help="images per score")
+    parser.add_argument("--sigma-rels", type=float, nargs="+", default=[0.025, 0.05, 0.075, 0.1, 0.15, 0.2])
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.snapshot_every, args.minutes, args.dim, args.batch_size, args.n = 20, 5, 0.01, 8, 16, 32
+        args.sigma_rels = [0.05, 0.1]
+    torch.set_num_threads(1)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=False)
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread", flush=True)
+
+    # 1. the post-hoc EMA run, its default EMA and its rebuilt lengths
+    config, data = configure(args, out, args.steps, ema_snapshot_every=args.snapshot_every)
+    evaluator = TrainingEvaluator.build("fast", "mnist", data_root=args.data_root, image_size=(28, 28), channels=1)
+    result = train(config, out / "posthoc", data=data, progress=False)
+    step_s = seconds_per_step(out / "posthoc", args.steps)
+    default = score_ema(out / "posthoc", evaluator, args.n)
+    print(f"default EMA (decay {config.train.ema_decay}): fast FID {default:.2f}", flush=True)
+    swept = sweep(out / "posthoc", args.sigma_rels, n=args.n, metric="fast", out_dir=out, device="cpu")
+    results = {"quick": args.quick, "steps": args.steps, "dim": args.dim, "batch_size": config.train.batch_size,
+               "n": args.n, "default_ema": {"decay": config.train.ema_decay, "fast_fid": default},
+               "posthoc": swept.rows, "final_loss": result.final_loss}
+
+    # 2. what the snapshots cost
+    results["cost"] = cost = snapshot_cost(out / "posthoc", config, step_s)
+    print(f"snapshots: {cost['snapshots']} x {cost['snapshot_bytes'] / 1e6:.2f} MB (a checkpoint: "
+          f"{cost['checkpoint_bytes'] / 1e6:.2f} MB); profile update {1e3 * cost['update_s']:.2f} ms "
+          f"({100 * cost['update_share_of_step']:.1f}% of a {1e3 * step_s:.0f} ms step), save {1e3 * cost['save_s']:.1f} ms",
+          flush=True)
+
+    # 3. the lr schedules at a fixed budget
+    budget_steps = max(int(60 * args.minutes / step_s), 8 if args.quick else 400)   # cosine, linear: > the warm-up
+    results["lr_schedules"] = {"minutes": args.minutes, "steps": budget_steps, "fast_fid": {}}
+    print(f"lr schedules: {budget_steps} steps each ({args.minutes:g} CPU-minutes at {1e3 * step_s:.0f} ms a step)")
+    print("| schedule | fast FID (EMA) |\n|---|---|")
+    for name in LR_SCHEDULES:
+        config, data = configure(args, out, budget_steps, lr_schedule=name)
+        train(config, out / f"lr-{name}", data=data, progress=False)
+        value = score_ema(out / f"lr-{name}", evaluator, args.n)
+        results["lr_schedules"]["fast_fid"][name] = value
+        print(f"| {name} | {value:.2f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

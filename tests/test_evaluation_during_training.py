@@ -97,11 +97,12 @@ def test_the_best_survives_a_resume_and_is_only_replaced_by_a_better_one(tmp_pat
     assert best == {"metric": "fid", "value": 2.0, "step": 8}
 
 
-def test_one_console_line_per_evaluation(tmp_path, scripted, capsys):
+def test_one_console_line_per_evaluation_after_saying_it_starts(tmp_path, scripted, capsys):
     scripted.values = [12.5, 11.0, 10.0]
     assert main(["train", *TINY, "--eval-every", "2", "--eval-metric", "fid", "--out", str(tmp_path / "run")]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("eval")]
-    assert len(lines) == 3 and "step 2" in lines[0] and "fid 12.5" in lines[0]
+    assert lines[::2] == ["evaluating at step 2...", "evaluating at step 4...", "evaluating at step 6..."]
+    assert len(lines) == 6 and "step 2" in lines[1] and "fid 12.5" in lines[1]
 
 
 def test_the_default_metric_is_fast_for_digits_and_fid_for_colour_images(tmp_path, scripted):

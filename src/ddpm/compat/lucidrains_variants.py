@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lucidrains import ArgumentError, GaussianDiffusion
+from .lucidrains_core import ArgumentError, GaussianDiffusion
 
 __all__ = ["LearnedGaussianDiffusion", "XMWrapper", "UNSUPPORTED", "WeightedObjectiveGaussianDiffusion",
            "ElucidatedDiffusion", "ContinuousTimeGaussianDiffusion", "VParamContinuousTimeGaussianDiffusion",

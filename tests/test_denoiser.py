@@ -16,6 +16,7 @@ import torch
 import ddpm
 from ddpm import denoiser as Dn
 from ddpm import diffusion as D
+from ddpm import pixels as P
 from ddpm import losses as L
 from ddpm import samplers as S
 from ddpm.config import DiffusionConfig, RunConfig, TrainConfig
@@ -99,7 +100,7 @@ def test_ddim_step_with_per_sample_levels_is_the_float_step_sample_by_sample(sch
 
 def test_ddim_inversion_runs_the_same_update_upwards(schedule):
     """One inversion step from the data to level t is Eq. 12 with alpha-bar_prev = alpha-bar_t."""
-    denoiser = S.make_denoiser(smooth_net, schedule)
+    denoiser = Dn.make_denoiser(smooth_net, schedule)
     x0 = torch.randn(2, 1, 2, 2, generator=gen(6))
     up = S.ddim_invert(denoiser, x0, schedule, [40])
     eps, _ = denoiser(x0, 40)
@@ -136,11 +137,11 @@ def test_facade_sample_runs_the_registry_sampler(sampler, options):
     x_T = torch.randn(2, 1, 8, 8, generator=gen(7))
     got = diffusion.sample(2, sampler=sampler, steps=5, noise=x_T, generator=gen(8), progress=False, **options)
     g = gen(8)
-    denoiser = S.make_denoiser(diffusion.model, diffusion.schedule, clip=True)
+    denoiser = Dn.make_denoiser(diffusion.model, diffusion.schedule, clip=True)
     options = {"variance": "posterior"} if sampler == "ddpm" else options
     want = S.SAMPLERS[sampler](denoiser, x_T, diffusion.schedule, S.spaced_timesteps(25, 5),
                                noise=lambda: D.randn(x_T.shape, generator=g), **options)
-    assert torch.equal(got, D.from_model_range(want))
+    assert torch.equal(got, P.from_model_range(want))
     default = diffusion.sample(2, noise=x_T, generator=gen(8), progress=False, return_intermediates=True)
     assert default.timesteps == list(range(24, -1, -1))                  # the paper's sampler: all T steps
 

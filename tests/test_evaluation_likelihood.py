@@ -16,8 +16,8 @@ import torch
 from scipy.special import log_ndtr
 from scipy.stats import norm
 
-from ddpm.evaluation.likelihood import (bpd_terms, discretized_gaussian_log_likelihood, evaluate_bpd,
-                                        images_to_x0, normal_kl, prior_bpd)
+from ddpm.diffusion import discretized_gaussian_log_likelihood, normal_kl
+from ddpm.evaluation.likelihood import bpd_terms, evaluate_bpd, images_to_x0, prior_bpd
 from ddpm.schedules import NoiseSchedule
 
 MU = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=torch.float64)

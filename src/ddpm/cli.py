@@ -472,8 +472,9 @@ def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
     """Output folder, model, images, class labels and sampler of an editing command, all checked before any
     work. ``sampling`` (fixed options, e.g. invert's DDIM) replaces the sampler flags, which resolve over
     the checkpoint's own defaults; returns their origins too (:func:`ddpm.generate.resolve_sampling`)."""
+    from .device import select_device
     from .editing import load_images
-    from .generate import load_diffusion, select_device
+    from .generate import load_diffusion
     from .sampling import resolve_plan
 
     out = _output_dir(args, outputs)

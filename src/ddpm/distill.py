@@ -34,20 +34,23 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import distributed, train as training
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from .config import DataConfig, RunConfig, TrainConfig, _is_int
 from .denoiser import denoise
 from .diffusion import offset_noise, q_sample
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .fileio import write_json
+from .generate import load_diffusion
 from .losses import Loss
-from . import train as training
+from .precision import resolve_precision
 from .samplers import SamplingOptions, ddim_step, spaced_timesteps
 from .sampling import x0_clip
 from .schedules import NoiseSchedule
@@ -286,8 +289,6 @@ def student_run_config(teacher: RunConfig, train: TrainConfig, data: DataConfig,
 
 
 def _teacher_loss(path: str, device: torch.device, grid: StudentGrid, weighting: str) -> DistillationLoss:
-    from .generate import load_diffusion
-
     diffusion, _ = load_diffusion(path, device=device, weights="ema")
     return DistillationLoss(diffusion.model, diffusion.schedule, grid, teacher_objective=diffusion.objective,
                             teacher_clip=x0_clip(diffusion, diffusion.default_sampling), weighting=weighting, device=device,
@@ -385,11 +386,6 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     called before each round that runs. Under torchrun every process runs this function and each
     round trains data-parallel like ``ddpm train``; rank 0 alone writes the plan and the round files.
     """
-    import time
-
-    from . import distributed
-    from .precision import resolve_precision
-
     start = time.time()
     run_dir = Path(run_dir)
     teacher_path, teacher = load_teacher_config(config.teacher)
@@ -436,8 +432,6 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
 def _prepare_round(run_dir: Path, round_dir: Path, steps: int, r: int, config: DistillConfig, init: str) -> str:
     """Round r's state ('done', 'partial' or 'new', as rank 0 sees it) and, on rank 0, its directory:
     a finished round is linked as the student, a round killed before its first checkpoint is cleared."""
-    from . import distributed
-
     state = distributed.broadcast_object(_round_state(round_dir, steps) if distributed.is_main() else None)
     with distributed.agree("preparing a distillation round"):
         if not distributed.is_main():

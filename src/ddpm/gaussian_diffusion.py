@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .config import DiffusionConfig
-from .diffusion import SampleTrajectory, from_model_range, randn, to_model_range
+from .diffusion import SampleTrajectory, randn
 from .errors import ConfigError
 from .losses import make_loss
+from .pixels import from_model_range, to_model_range
 from .samplers import SamplingOptions
 from .sampling import resolve_plan, run_sampler
 from .schedules import NoiseSchedule

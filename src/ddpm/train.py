@@ -37,7 +37,6 @@ from . import distributed
 from .checkpoint import checkpoint_path, flatten_optimizer_state, list_checkpoints, save_checkpoint
 from .config import RunConfig
 from .data import ImageData, check_same_dataset, load_dataset
-from .diffusion import to_model_range
 from .errors import DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write
 from .build import build_diffusion
@@ -45,7 +44,7 @@ from .gaussian_diffusion import GaussianDiffusion
 from .generate import DEFAULT_GUIDANCE_SCALE, generate
 from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
-from .pixels import uint8_to_unit as to_tensor_on_device
+from .pixels import to_model_range, uint8_to_unit
 from .precision import autocast, channels_last, check_precision, resolve_precision
 from .data.prepared import BatchPrefetcher
 from .run_dir import open_run, prune_checkpoints
@@ -358,9 +357,9 @@ def _draw_batch(setup: Setup, step: int) -> _Batch:
     index = setup.order.batch(step).to(device)
     shape = (index.shape[0], config.model.channels, *config.model.image_size)
     if setup.reader is None:
-        x = to_tensor_on_device(setup.images[index[mine]])
+        x = uint8_to_unit(setup.images[index[mine]])
     else:                               # the same rows, read from the memory map (ahead, on another thread)
-        x = to_tensor_on_device(setup.reader.get(step)[0].to(device, non_blocking=True))
+        x = uint8_to_unit(setup.reader.get(step)[0].to(device, non_blocking=True))
     if config.data.hflip:
         flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)

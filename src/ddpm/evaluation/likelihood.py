@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# The bound's maths lives in ddpm.diffusion (training's L_vlb uses it too); re-exported here.
+# The bound's maths lives in ddpm.diffusion (training's L_vlb uses it too).
 from ..denoiser import p_mean_variance
 from ..diffusion import (BIN_HALF_WIDTH, LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl,
                          q_mean_variance, q_sample, randn, vb_terms_from_mean_variance)
 from ..errors import DataError
 from ..schedules import NoiseSchedule
 
-__all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "prior_bpd", "vb_terms_bpd", "bpd_terms",
+__all__ = ["prior_bpd", "vb_terms_bpd", "bpd_terms",
            "images_to_x0", "BpdResult", "evaluate_bpd"]
 
 

@@ -516,7 +516,7 @@ def test_learned_variance_closes_most_of_the_fixed_variance_gap_on_gaussian_data
     gaps = {}
     for name, model, variance in (("fixed", DiagonalGaussianOracle(schedule), "posterior"),
                                   ("learned", LearnedVarianceGaussianOracle(schedule), "learned-range")):
-        out = bpd_terms(model, schedule, x0, generator=gen(5), clip_denoised=False, variance=variance)
+        out = bpd_terms(Dn.Denoiser(model, schedule), x0, generator=gen(5), variance=variance)
         diff = out["total"].numpy() - nll
         gaps[name] = (diff.mean(), diff.std(ddof=1) / math.sqrt(len(diff)))
     mean, stderr = gaps["learned"]

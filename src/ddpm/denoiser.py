@@ -3,9 +3,10 @@
 Whatever the network was trained to predict (``objective`` eps, x0 or v), with or without a learned
 variance (2C output channels) or self-conditioning (2C input channels), and with optional
 classifier-free guidance, x0 clipping or dynamic thresholding, :func:`denoise` turns one call of
-the network into a :class:`Prediction`. Everything that reads a network's output goes through it:
-the samplers (:func:`make_denoiser`), the training losses (``ddpm.losses``), the distillation
-teacher and student, and the bound (:func:`p_mean_variance`, ``ddpm.evaluation.likelihood``).
+the network into a :class:`Prediction`. A :class:`Denoiser` binds a network to those options once,
+and everything that reads a network's output goes through one: the samplers (its call), the
+training losses (``ddpm.losses``), the distillation teacher and student (:meth:`Denoiser.predict`),
+and the bound (:meth:`Denoiser.p_mean_variance`, ``ddpm.evaluation.likelihood``).
 
 ``t`` is the 0-based timestep (``docs/notation.md``): an int shared by the batch, or a per-sample
 LongTensor [B]. The network never sees the schedule; the schedule is only used here to convert
@@ -25,8 +26,6 @@ from .schedules import NoiseSchedule
 
 __all__ = ["Prediction", "Denoiser", "DYNAMIC_THRESHOLD_PERCENTILE", "dynamic_threshold", "timestep_batch",
            "model_output", "split_output", "denoise", "make_denoiser", "p_mean_variance"]
-
-Denoiser = Callable[[torch.Tensor, "int | torch.Tensor"], "Prediction"]
 
 DYNAMIC_THRESHOLD_PERCENTILE = 0.995
 
@@ -144,37 +143,80 @@ def denoise(model: Callable, schedule: NoiseSchedule, x_t: torch.Tensor, t: int 
     return Prediction(predict_eps_from_x0(schedule, x_t, t, x0_pred), x0_pred, pred.var_values, pred.output)
 
 
+class Denoiser:
+    """A network bound once to what it takes to read it: its schedule, its training ``objective`` (eps,
+    x0 or v) and ``self_condition``, and how it is asked (``model_kwargs``, classifier-free guidance with
+    ``guidance_scale`` and ``uncond_kwargs``, x0 ``clip`` or ``dynamic_thresholding``: the options of
+    :func:`denoise`). Like k-diffusion's wrappers, it serves every reader of the network:
+
+    * ``denoiser(x_t, t)``, the samplers' call: a self-conditioned network is fed the x0_pred this
+      denoiser returned last (zeros at the first call), the previous step's estimate in every sampler
+      (Chen et al. 2023, Sec. 3.3). That is state: build one per sampling run.
+    * :meth:`predict`: one evaluation with an explicit x0_prev, holding no state (the losses, distillation).
+    * :meth:`p_mean_variance`: the reverse step's Gaussian p_theta(x_{t-1} | x_t) (the bound).
+
+    A sampler takes any callable ``(x_t, t) -> Prediction`` (e.g. the sigma-space adapters of ``ddpm.sigmas``); this is
+    the one built from a network.
+    """
+
+    def __init__(self, model: Callable, schedule: NoiseSchedule, *, objective: str = "eps",
+                 self_condition: bool = False, clip: bool = False, dynamic_thresholding: bool = False,
+                 model_kwargs: dict | None = None, guidance_scale: float | None = None,
+                 uncond_kwargs: dict | None = None):
+        check_objective(objective)
+        if clip and dynamic_thresholding:
+            raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
+        if guidance_scale is not None and uncond_kwargs is None:
+            raise ConfigError("classifier-free guidance needs uncond_kwargs (the model's unconditional inputs)")
+        self.model, self.schedule, self.objective, self.self_condition = model, schedule, objective, self_condition
+        self.clip, self.dynamic_thresholding = clip, dynamic_thresholding
+        self.model_kwargs, self.guidance_scale, self.uncond_kwargs = model_kwargs, guidance_scale, uncond_kwargs
+        self.x0_prev: torch.Tensor | None = None          # self-conditioning: the last x0_pred returned
+
+    def predict(self, x_t: torch.Tensor, t: int | torch.Tensor, *, x0_prev: torch.Tensor | None = None,
+                model_kwargs: dict | None = None, clip: bool | None = None) -> Prediction:
+        """One network evaluation at (x_t, t) (:func:`denoise`); ``model_kwargs`` and ``clip``, when
+        given, replace the bound ones (a batch's own labels, the self-conditioning pass's clipping)."""
+        return denoise(self.model, self.schedule, x_t, t, objective=self.objective, x0_prev=x0_prev,
+                       self_condition=self.self_condition,
+                       model_kwargs=self.model_kwargs if model_kwargs is None else model_kwargs,
+                       guidance_scale=self.guidance_scale, uncond_kwargs=self.uncond_kwargs,
+                       clip=self.clip if clip is None else clip, dynamic_thresholding=self.dynamic_thresholding)
+
+    def __call__(self, x_t: torch.Tensor, t: int | torch.Tensor) -> Prediction:
+        x0_prev = self.x0_prev
+        if x0_prev is not None and x0_prev.shape != x_t.shape:
+            x0_prev = None
+        pred = self.predict(x_t, t, x0_prev=x0_prev)
+        if self.self_condition:
+            self.x0_prev = pred[1]
+        return pred
+
+    def p_mean_variance(self, x_t: torch.Tensor, t: torch.Tensor, *, variance: str = "posterior",
+                        x0_prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Parameters of p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)  (Ho et al. 2020, Eq. 1).
+
+        The mean is the posterior mean (Eq. 7) evaluated at the model's x0 estimate (clipped to [-1, 1]
+        first when the denoiser clips, as in the paper's code), which for an eps model equals Eq. 11.
+        The variance is that of :func:`ddpm.diffusion.p_mean_variance_from_prediction`.
+        """
+        pred = self.predict(x_t, t, x0_prev=x0_prev)
+        if variance == LEARNED_VARIANCE and pred.var_values is None:
+            raise ConfigError("variance 'learned-range' needs a network trained with learned variances "
+                              "(2C output channels); this one has C")
+        out = p_mean_variance_from_prediction(self.schedule, x_t, t, pred[1], pred.var_values, variance=variance)
+        return {**out, "eps_pred": pred[0], "x0_pred": pred[1]}
+
+
 def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = "eps", clip: bool = False,
                   dynamic_thresholding: bool = False, model_kwargs: dict | None = None,
                   guidance_scale: float | None = None, uncond_kwargs: dict | None = None,
                   self_condition: bool = False) -> Denoiser:
-    """Adapt ``model(x_t, t_batch, **model_kwargs)`` trained with ``objective`` into
-    ``denoiser(x_t, t) -> Prediction(eps_pred, x0_pred, var_values)``, for the samplers.
-
-    The options are those of :func:`denoise`. A self-conditioned network (``self_condition``) is fed
-    the x0_pred this denoiser returned last (zeros at the first call): the previous step's estimate,
-    in every sampler (Chen et al. 2023, Sec. 3.3). Such a denoiser holds that state, so build one
-    per sampling run.
-    """
-    check_objective(objective)
-    if clip and dynamic_thresholding:
-        raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
-    if guidance_scale is not None and uncond_kwargs is None:
-        raise ConfigError("classifier-free guidance needs uncond_kwargs (the model's unconditional inputs)")
-    state: dict = {"x0_prev": None}          # self-conditioning: the last x0_pred returned
-
-    def denoiser(x_t: torch.Tensor, t: int | torch.Tensor) -> Prediction:
-        x0_prev = state["x0_prev"]
-        if x0_prev is not None and x0_prev.shape != x_t.shape:
-            x0_prev = None
-        pred = denoise(model, schedule, x_t, t, objective=objective, x0_prev=x0_prev, self_condition=self_condition,
-                       model_kwargs=model_kwargs, guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs,
-                       clip=clip, dynamic_thresholding=dynamic_thresholding)
-        if self_condition:
-            state["x0_prev"] = pred[1]
-        return pred
-
-    return denoiser
+    """A :class:`Denoiser` for one sampling run: ``denoiser(x_t, t) -> Prediction(eps_pred, x0_pred,
+    var_values)`` from ``model(x_t, t_batch, **model_kwargs)`` trained with ``objective``."""
+    return Denoiser(model, schedule, objective=objective, self_condition=self_condition, clip=clip,
+                    dynamic_thresholding=dynamic_thresholding, model_kwargs=model_kwargs,
+                    guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs)
 
 
 def p_mean_variance(model: Callable, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, *,
@@ -188,10 +230,5 @@ def p_mean_variance(model: Callable, schedule: NoiseSchedule, x_t: torch.Tensor,
     the paper's code). The variance is that of :func:`ddpm.diffusion.p_mean_variance_from_prediction`.
     A self-conditioned network gets ``self_cond`` as its x0_prev.
     """
-    pred = denoise(model, schedule, x_t, t, objective=objective, x0_prev=self_cond, self_condition=self_condition,
-                   model_kwargs=model_kwargs, clip=clip_denoised)
-    if variance == LEARNED_VARIANCE and pred.var_values is None:
-        raise ConfigError("variance 'learned-range' needs a network trained with learned variances "
-                          "(2C output channels); this one has C")
-    out = p_mean_variance_from_prediction(schedule, x_t, t, pred[1], pred.var_values, variance=variance)
-    return {**out, "eps_pred": pred[0], "x0_pred": pred[1]}
+    return Denoiser(model, schedule, objective=objective, self_condition=self_condition, model_kwargs=model_kwargs,
+                    clip=clip_denoised).p_mean_variance(x_t, t, variance=variance, x0_prev=self_cond)

@@ -44,7 +44,7 @@ import torch
 from . import distributed, train as training
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from .config import DataConfig, RunConfig, TrainConfig, _is_int
-from .denoiser import denoise
+from .denoiser import Denoiser
 from .diffusion import offset_noise, q_sample
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .fileio import write_json
@@ -143,8 +143,9 @@ class DistillationLoss(Loss):
 
     ``teacher(x_t, t_batch, **model_kwargs)`` is the frozen teacher network trained with
     ``teacher_objective``; ``teacher_clip`` clips its x0 estimate as its own sampler would. Both
-    networks are read through :func:`ddpm.denoiser.denoise`. :meth:`draw_timesteps` draws student
-    timesteps uniformly from the grid (Algorithm 2: t = i / N); ``offset_noise`` is the run's.
+    networks are read through a :class:`ddpm.denoiser.Denoiser`, the teacher's bound once.
+    :meth:`draw_timesteps` draws student timesteps uniformly from the grid (Algorithm 2: t = i / N);
+    ``offset_noise`` is the run's.
     """
 
     def __init__(self, teacher: Callable, schedule: NoiseSchedule, grid: StudentGrid, *,
@@ -157,6 +158,7 @@ class DistillationLoss(Loss):
         super().__init__(schedule.to(device))
         self.teacher, self.grid, self.weighting, self.offset_noise = teacher, grid, weighting, offset_noise
         self.teacher_objective, self.teacher_clip, self.student_objective = teacher_objective, teacher_clip, student_objective
+        self.teacher_denoiser = Denoiser(teacher, self.schedule, objective=teacher_objective, clip=teacher_clip)
         T = schedule.timesteps
         # alpha-bar with one more entry, index T, for "the data" (alpha-bar = 1).
         self.alpha_bar = torch.cat([schedule.alphas_cumprod.double(), torch.ones(1, dtype=torch.float64)]).to(device)
@@ -178,8 +180,7 @@ class DistillationLoss(Loss):
 
     def teacher_predict(self, z: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None):
         """(eps_pred, x0_pred) of the teacher at per-sample timesteps, clipped as its sampler would."""
-        return denoise(self.teacher, self.schedule, z, t, objective=self.teacher_objective, model_kwargs=model_kwargs,
-                       clip=self.teacher_clip)
+        return self.teacher_denoiser.predict(z, t, model_kwargs=model_kwargs)
 
     @torch.no_grad()
     def targets(self, z_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor:
@@ -198,7 +199,8 @@ class DistillationLoss(Loss):
         """Per-sample loss w(t) ||x^(z_t) - x~||^2 (mean over pixels) for data x0 in [-1, 1]."""
         z_t = q_sample(self.schedule, x0, t, noise)                       # Eq. 4
         x_tilde = self.targets(z_t, t, model_kwargs)
-        _, x0_pred = denoise(net, self.schedule, z_t, t, objective=self.student_objective, model_kwargs=model_kwargs)
+        student = Denoiser(net, self.schedule, objective=self.student_objective)
+        _, x0_pred = student.predict(z_t, t, model_kwargs=model_kwargs)
         mse = (x0_pred - x_tilde).pow(2).mean(dim=tuple(range(1, x0.ndim)))
         return mse * distillation_weight(self.alpha_bar[t].float(), self.weighting)
 

@@ -106,13 +106,13 @@ MUTANTS = [
            "return mse",
            (f"{EFFECTS}::test_min_snr_weighting_reaches_the_loss",), "Min-SNR weighting never applied"),
     Mutant("diffusion.self-condition-unclamped", LOSSES,
-           "self_condition=True, model_kwargs=kwargs,\n                   clip=True)",
-           "self_condition=True, model_kwargs=kwargs,\n                   clip=False)",
+           "denoiser.predict(x_t[idx], t[idx], model_kwargs=kwargs, clip=True)",
+           "denoiser.predict(x_t[idx], t[idx], model_kwargs=kwargs, clip=False)",
            (f"{EFFECTS}::test_self_conditioning_feeds_the_first_passs_clamped_x0_to_the_samples_whose_coin_is_set",),
            "self-conditioning's x0 estimate not clamped to the data range"),
 
     # --- samplers ----------------------------------------------------------------------------------------
-    Mutant("samplers.dpm-ratio-inverted", SAMP, "r = h_before / h", "r = h / h_before",
+    Mutant("samplers.dpm-ratio-inverted", SAMP, "r = h_before / h    ", "r = h / h_before    ",
            (f"{ORDER}::test_dpm_solver_pp_2m_is_second_order_on_the_probability_flow_ode",),
            "DPM-Solver++(2M) step ratio r inverted: loses its second order"),
     Mutant("samplers.dpm-first-order", SAMP,

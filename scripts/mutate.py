@@ -129,12 +129,12 @@ MUTANTS = [
     Mutant("samplers.trailing-off-by-one", SAMP, "return [int(np.round(timesteps - k * timesteps / steps)) - 1 for k in range(steps)]",
            "return [int(np.round(timesteps - (k + 1) * timesteps / steps)) for k in range(steps)]",
            ("tests/test_samplers.py", ORDER), "trailing spacing shifted to the leading step set"),
-    Mutant("samplers.guidance-inverted", DENOISER, "eps_pred = eps_uncond + guidance_scale * (eps_cond - eps_uncond)",
-           "eps_pred = eps_cond + guidance_scale * (eps_uncond - eps_cond)",
+    Mutant("samplers.guidance-inverted", DENOISER, "eps_pred = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)",
+           "eps_pred = eps_cond + self.guidance_scale * (eps_uncond - eps_cond)",
            (f"{FRONT}::test_guidance_scale_zero_is_the_unconditional_model",),
            "classifier-free guidance mixes from the conditional side"),
     Mutant("samplers.clip-eps-not-rederived", DENOISER,
-           "return Prediction(predict_eps_from_x0(schedule, x_t, t, x0_pred), x0_pred, pred.var_values, pred.output)",
+           "return Prediction(predict_eps_from_x0(self.schedule, x_t, t, x0_pred), x0_pred, pred.var_values, pred.output)",
            "return Prediction(pred[0], x0_pred, pred.var_values, pred.output)", ("tests/test_samplers.py",), "clipping x0 without re-deriving eps (an inconsistent pair)"),
 
     # --- diffusion maths ---------------------------------------------------------------------------------

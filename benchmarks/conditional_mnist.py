@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from ddpm.evaluation import classify, fast_metric, fast_reference
-from ddpm.generate import generate, load_diffusion, select_device
+from ddpm.device import select_device
+from ddpm.generate import generate, load_diffusion
 
 
 def main() -> None:

@@ -38,7 +38,8 @@ from ddpm.evaluation import fast_metric, fast_reference
 from ddpm.evaluation.likelihood import evaluate_bpd
 from ddpm.evaluation.ode_likelihood import evaluate_bpd_ode
 from ddpm.evaluation.reference import subset_indices
-from ddpm.generate import generate, load_diffusion, select_device
+from ddpm.device import select_device
+from ddpm.generate import generate, load_diffusion
 from ddpm.samplers import SAMPLERS, SIGMA_SAMPLERS, SPACING_CHOICES, SamplingOptions
 
 NFES = (10, 20, 35, 50, 100)

@@ -32,7 +32,8 @@ from ddpm.checkpoint import list_checkpoints
 from ddpm.config import TrainConfig
 from ddpm.distill import PLAN_FILE, DistillConfig, distill, load_teacher_config
 from ddpm.evaluation import fast_metric, fast_reference
-from ddpm.generate import generate, load_diffusion, select_device
+from ddpm.device import select_device
+from ddpm.generate import generate, load_diffusion
 from ddpm.images import make_grid, save_png
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -27,7 +27,8 @@ from ddpm.pixels import to_tensor
 from ddpm.editing import edit, inpaint, masked_preview, named_mask, result_grid
 from ddpm.evaluation import classify, fast_metric, fast_reference
 from ddpm.evaluation.reference import subset_indices
-from ddpm.generate import load_diffusion, select_device
+from ddpm.device import select_device
+from ddpm.generate import load_diffusion
 from ddpm.images import save_png, side_by_side
 from ddpm.samplers import DEFAULT_SAMPLING
 

@@ -21,7 +21,8 @@ import torch
 from ddpm.data import load_dataset
 from ddpm.evaluation import (InceptionFeatures, LenetFeatures, feature_statistics, find_inception,
                              frechet_distance, reference_stats)
-from ddpm.generate import generate, load_diffusion, select_device
+from ddpm.device import select_device
+from ddpm.generate import generate, load_diffusion
 
 
 def timed(fn, *args, **kwargs):

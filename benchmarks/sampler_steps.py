@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ddpm.evaluation import fast_metric, fast_reference
-from ddpm.generate import generate, load_diffusion, select_device
+from ddpm.device import select_device
+from ddpm.generate import generate, load_diffusion
 from ddpm.images import make_grid, save_png
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")

@@ -112,13 +112,13 @@ MUTANTS = [
            "return mse",
            (f"{EFFECTS}::test_min_snr_weighting_reaches_the_loss",), "Min-SNR weighting never applied"),
     Mutant("diffusion.self-condition-unclamped", LOSSES,
-           "self_condition=True, model_kwargs=kwargs,\n                   clip=True)",
-           "self_condition=True, model_kwargs=kwargs,\n                   clip=False)",
+           "denoiser.predict(x_t[idx], t[idx], model_kwargs=kwargs, clip=True)",
+           "denoiser.predict(x_t[idx], t[idx], model_kwargs=kwargs, clip=False)",
            (f"{EFFECTS}::test_self_conditioning_feeds_the_first_passs_clamped_x0_to_the_samples_whose_coin_is_set",),
            "self-conditioning's x0 estimate not clamped to the data range"),
 
     # --- samplers ----------------------------------------------------------------------------------------
-    Mutant("samplers.dpm-ratio-inverted", SAMP, "r = h_before / h", "r = h / h_before",
+    Mutant("samplers.dpm-ratio-inverted", SAMP, "r = h_before / h    ", "r = h / h_before    ",
            (f"{ORDER}::test_dpm_solver_pp_2m_is_second_order_on_the_probability_flow_ode",),
            "DPM-Solver++(2M) step ratio r inverted: loses its second order"),
     Mutant("samplers.dpm-first-order", SAMP,
@@ -135,12 +135,12 @@ MUTANTS = [
     Mutant("samplers.trailing-off-by-one", SAMP, "return [int(np.round(timesteps - k * timesteps / steps)) - 1 for k in range(steps)]",
            "return [int(np.round(timesteps - (k + 1) * timesteps / steps)) for k in range(steps)]",
            ("tests/test_samplers.py", ORDER), "trailing spacing shifted to the leading step set"),
-    Mutant("samplers.guidance-inverted", DENOISER, "eps_pred = eps_uncond + guidance_scale * (eps_cond - eps_uncond)",
-           "eps_pred = eps_cond + guidance_scale * (eps_uncond - eps_cond)",
+    Mutant("samplers.guidance-inverted", DENOISER, "eps_pred = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)",
+           "eps_pred = eps_cond + self.guidance_scale * (eps_uncond - eps_cond)",
            (f"{FRONT}::test_guidance_scale_zero_is_the_unconditional_model",),
            "classifier-free guidance mixes from the conditional side"),
     Mutant("samplers.clip-eps-not-rederived", DENOISER,
-           "return Prediction(predict_eps_from_x0(schedule, x_t, t, x0_pred), x0_pred, pred.var_values, pred.output)",
+           "return Prediction(predict_eps_from_x0(self.schedule, x_t, t, x0_pred), x0_pred, pred.var_values, pred.output)",
            "return Prediction(pred[0], x0_pred, pred.var_values, pred.output)", ("tests/test_samplers.py",), "clipping x0 without re-deriving eps (an inconsistent pair)"),
 
     # --- diffusion maths ---------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from ddpm.data import ImageData, load_dataset
 from ddpm.errors import ConfigError, DataError
 from ddpm.generate import generate, load_diffusion
 from ddpm.models import Unet, preset_config
-from ddpm.samplers import SAMPLERS, make_denoiser, spaced_timesteps
+from ddpm.denoiser import make_denoiser
+from ddpm.samplers import SAMPLERS, spaced_timesteps
 from ddpm.schedules import NoiseSchedule
 from ddpm.train import EpochOrder, label_dropout, train
 

@@ -16,6 +16,7 @@ import torch
 import ddpm
 from ddpm import denoiser as Dn
 from ddpm import diffusion as D
+from ddpm import pixels as P
 from ddpm import losses as L
 from ddpm import samplers as S
 from ddpm.config import DiffusionConfig, RunConfig, TrainConfig
@@ -50,7 +51,7 @@ def test_denoise_gives_eq4_pairs_for_every_objective(schedule, objective):
     x_t = torch.randn(4, 1, 3, 3, generator=gen(0))
     t = torch.tensor([0, 17, 50, 99])
     out = smooth_net(x_t, t)
-    pred = Dn.denoise(smooth_net, schedule, x_t, t, objective=objective)
+    pred = Dn.Denoiser(smooth_net, schedule, objective=objective).predict(x_t, t)
     abar = schedule.alphas_cumprod[t].double().reshape(-1, 1, 1, 1)
     a, s, x = abar.sqrt(), (1 - abar).sqrt(), x_t.double()
     eps, x0 = {"eps": (out, (x - s * out) / a),                         # Eq. 4 solved for x0
@@ -64,21 +65,22 @@ def test_denoise_gives_eq4_pairs_for_every_objective(schedule, objective):
 def test_per_sample_timesteps_equal_one_int_timestep_at_a_time(schedule):
     x_t = torch.randn(3, 1, 2, 2, generator=gen(1))
     t = torch.tensor([5, 60, 99])
-    together = Dn.denoise(smooth_net, schedule, x_t, t, objective="v", clip=True)
+    v_net = Dn.Denoiser(smooth_net, schedule, objective="v", clip=True)
+    together = v_net.predict(x_t, t)
     for k in range(3):
-        alone = Dn.denoise(smooth_net, schedule, x_t[k:k + 1], int(t[k]), objective="v", clip=True)
+        alone = v_net.predict(x_t[k:k + 1], int(t[k]))
         torch.testing.assert_close(together[0][k:k + 1], alone[0])
         torch.testing.assert_close(together[1][k:k + 1], alone[1])
     with pytest.raises(ConfigError, match="timesteps for a batch"):
-        Dn.denoise(smooth_net, schedule, x_t, torch.tensor([1, 2]))
+        Dn.Denoiser(smooth_net, schedule).predict(x_t, torch.tensor([1, 2]))
 
 
 def test_clipping_rederives_eps_from_the_clipped_x0(schedule):
     x_t = 3 * torch.randn(6, 1, 2, 2, generator=gen(2))
     t = torch.full((6,), 3)
-    pred = Dn.denoise(lambda x, t_in: -x, schedule, x_t, t, clip=True)
+    pred = Dn.Denoiser(lambda x, t_in: -x, schedule, clip=True).predict(x_t, t)
     assert float(pred[1].abs().max()) <= 1.0
-    assert float(Dn.denoise(lambda x, t_in: -x, schedule, x_t, t)[1].abs().max()) > 1.0     # it had to clip
+    assert float(Dn.Denoiser(lambda x, t_in: -x, schedule).predict(x_t, t)[1].abs().max()) > 1.0     # it had to clip
     torch.testing.assert_close(pred[0], D.predict_eps_from_x0(schedule, x_t, t, pred[1]))
 
 
@@ -99,7 +101,7 @@ def test_ddim_step_with_per_sample_levels_is_the_float_step_sample_by_sample(sch
 
 def test_ddim_inversion_runs_the_same_update_upwards(schedule):
     """One inversion step from the data to level t is Eq. 12 with alpha-bar_prev = alpha-bar_t."""
-    denoiser = S.make_denoiser(smooth_net, schedule)
+    denoiser = Dn.make_denoiser(smooth_net, schedule)
     x0 = torch.randn(2, 1, 2, 2, generator=gen(6))
     up = S.ddim_invert(denoiser, x0, schedule, [40])
     eps, _ = denoiser(x0, 40)
@@ -136,11 +138,11 @@ def test_facade_sample_runs_the_registry_sampler(sampler, options):
     x_T = torch.randn(2, 1, 8, 8, generator=gen(7))
     got = diffusion.sample(2, sampler=sampler, steps=5, noise=x_T, generator=gen(8), progress=False, **options)
     g = gen(8)
-    denoiser = S.make_denoiser(diffusion.model, diffusion.schedule, clip=True)
+    denoiser = Dn.make_denoiser(diffusion.model, diffusion.schedule, clip=True)
     options = {"variance": "posterior"} if sampler == "ddpm" else options
     want = S.SAMPLERS[sampler](denoiser, x_T, diffusion.schedule, S.spaced_timesteps(25, 5),
                                noise=lambda: D.randn(x_T.shape, generator=g), **options)
-    assert torch.equal(got, D.from_model_range(want))
+    assert torch.equal(got, P.from_model_range(want))
     default = diffusion.sample(2, noise=x_T, generator=gen(8), progress=False, return_intermediates=True)
     assert default.timesteps == list(range(24, -1, -1))                  # the paper's sampler: all T steps
 

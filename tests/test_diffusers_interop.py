@@ -28,7 +28,8 @@ from ddpm.config import DataConfig, DiffusionConfig, RunConfig
 from ddpm.generate import generate, load_diffusion
 from ddpm.sampling import sample_images
 from ddpm.models import Unet, UnetConfig, preset_config
-from ddpm.samplers import SamplingOptions, make_denoiser, sample_ancestral, spaced_timesteps
+from ddpm.denoiser import make_denoiser
+from ddpm.samplers import SamplingOptions, sample_ancestral, spaced_timesteps
 from ddpm.schedules import NoiseSchedule
 from ddpm.seeding import derive_seed
 

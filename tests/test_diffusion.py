@@ -14,6 +14,7 @@ import torch
 import ddpm
 from ddpm import denoiser as Dn
 from ddpm import diffusion as D
+from ddpm import pixels as P
 from ddpm import losses as L
 from ddpm import samplers as S
 from ddpm.models import Unet
@@ -285,7 +286,7 @@ def test_forward_maps_images_to_model_range_once():
     expected = L.training_losses(diffusion.model, diffusion.schedule, x0, t, noise)
     torch.testing.assert_close(diffusion(images, t=t, noise=noise, reduction="none"), expected)
     torch.testing.assert_close(diffusion(images, t=t, noise=noise), expected.mean())
-    torch.testing.assert_close(D.from_model_range(D.to_model_range(images)), images)
+    torch.testing.assert_close(P.from_model_range(P.to_model_range(images)), images)
 
 
 # ----------------------------------------------------------------------------- one reverse step
@@ -309,7 +310,7 @@ def paper_sampler(model, schedule: NoiseSchedule, shape, *, generator, noise=Non
             traj.x_t.append(info["x"])
             traj.x0_pred.append(info["x0_pred"])
 
-    denoiser = S.make_denoiser(model, schedule, clip=clip_denoised, self_condition=self_condition)
+    denoiser = Dn.make_denoiser(model, schedule, clip=clip_denoised, self_condition=self_condition)
     traj.x0 = S.SAMPLERS["ddpm"](denoiser, x_T, schedule, S.spaced_timesteps(schedule.timesteps),
                                  noise=lambda: D.randn(shape, generator=generator), callback=record, variance=variance)
     return traj if return_intermediates else traj.x0
@@ -317,7 +318,7 @@ def paper_sampler(model, schedule: NoiseSchedule, shape, *, generator, noise=Non
 
 def ancestral_step_at(schedule: NoiseSchedule, x_t, t: int, noise, variance: str, model=linear_model):
     """One step of the ancestral sampler from timestep t of the full step set; returns (x_{t-1}, x0_pred)."""
-    denoiser = S.make_denoiser(model, schedule, clip=True)
+    denoiser = Dn.make_denoiser(model, schedule, clip=True)
     abar = schedule.alphas_cumprod.tolist()
     _, x0_pred = denoiser(x_t, t)
     z = noise if t > 0 else torch.zeros_like(noise)                # the sampler adds no noise at its last step
@@ -327,7 +328,7 @@ def ancestral_step_at(schedule: NoiseSchedule, x_t, t: int, noise, variance: str
 @pytest.mark.parametrize("variance", D.FIXED_VARIANCES)
 def test_the_ancestral_sampler_adds_no_noise_at_t0(linear, variance):
     x_t = torch.randn(4, 1, 2, 2, generator=gen(10))
-    denoiser = S.make_denoiser(linear_model, linear, clip=True)
+    denoiser = Dn.make_denoiser(linear_model, linear, clip=True)
     run = lambda seed: S.sample_ancestral(denoiser, x_t, linear, [0], variance=variance,
                                           noise=lambda: 100 * torch.randn(x_t.shape, generator=gen(seed)))
     a, b = run(11), run(12)

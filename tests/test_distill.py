@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm import denoiser as Dn
 from ddpm import samplers as S
 from ddpm.checkpoint import load_checkpoint, read_metadata
 from ddpm.cli import main
@@ -93,7 +94,7 @@ def test_two_step_target_matches_two_explicit_ddim_steps(schedule, teacher_objec
     one DDIM step from z_t with x0 = x~ (and the eps consistent with it) lands exactly there."""
     n = 4
     obj = objective_for(schedule, n, teacher_objective=teacher_objective, clip=clip)
-    teacher = S.make_denoiser(IsotropicGaussianOracle(schedule, 0.3, 0.5, teacher_objective), schedule,
+    teacher = Dn.make_denoiser(IsotropicGaussianOracle(schedule, 0.3, 0.5, teacher_objective), schedule,
                               objective=teacher_objective, clip=clip)
     grid = obj.grid
     for i in range(n):
@@ -144,8 +145,8 @@ def test_a_perfect_student_samples_in_n_steps_what_the_teacher_samples_in_2n(sch
         return a * eps - s * x_tilde                                   # v
 
     x_T = z_at(3) / 1.3
-    teacher = S.make_denoiser(IsotropicGaussianOracle(schedule, 0.3, 0.5, "eps"), schedule, objective="eps", clip=clip)
-    student = S.make_denoiser(perfect_student, schedule, objective="v", clip=False)
+    teacher = Dn.make_denoiser(IsotropicGaussianOracle(schedule, 0.3, 0.5, "eps"), schedule, objective="eps", clip=clip)
+    student = Dn.make_denoiser(perfect_student, schedule, objective="v", clip=False)
     want = S.sample_ddim(teacher, x_T, schedule, S.spaced_timesteps(1000, 2 * n))
     got = S.sample_ddim(student, x_T, schedule, S.spaced_timesteps(1000, n))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -15,7 +15,8 @@ import torch
 
 from ddpm import editing as E
 from ddpm.errors import ConfigError
-from ddpm.samplers import SAMPLERS, ddim_invert, make_denoiser, sample_ddim, spaced_timesteps
+from ddpm.denoiser import make_denoiser
+from ddpm.samplers import SAMPLERS, ddim_invert, sample_ddim, spaced_timesteps
 from ddpm.schedules import NoiseSchedule
 
 F64 = torch.float64

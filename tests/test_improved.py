@@ -106,7 +106,7 @@ def test_learned_range_needs_a_learned_variance_network():
     with pytest.raises(ConfigError, match="learned variances"):
         Dn.p_mean_variance(lambda x, t: torch.zeros_like(x), schedule, x_t, torch.tensor([3, 4]),
                           variance="learned-range")
-    denoiser = S.make_denoiser(lambda x, t: torch.zeros_like(x), schedule)
+    denoiser = Dn.make_denoiser(lambda x, t: torch.zeros_like(x), schedule)
     with pytest.raises(ConfigError, match="learned variances"):
         S.sample_ancestral(denoiser, x_t, schedule, [50, 10], noise=lambda: torch.zeros_like(x_t),
                            variance="learned-range")
@@ -131,7 +131,7 @@ def test_full_ancestral_sampler_with_learned_variance_is_algorithm_2_with_eq_15(
         z = D.randn(x_T.shape, generator=g) if i > 0 else torch.zeros_like(x_T)
         expected = out["mean"] + torch.exp(0.5 * out["log_variance"]) * z
     g = gen(4)
-    got = S.sample_ancestral(S.make_denoiser(model, schedule, clip=True), x_T, schedule, range(29, -1, -1),
+    got = S.sample_ancestral(Dn.make_denoiser(model, schedule, clip=True), x_T, schedule, range(29, -1, -1),
                              noise=lambda: D.randn(x_T.shape, generator=g), variance="learned-range")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -358,7 +358,7 @@ def test_every_sampler_feeds_back_the_previous_x0_estimate(sampler):
     schedule = NoiseSchedule("linear", 100)
     net = Recorder(learned=True)
     returned = []
-    denoiser = S.make_denoiser(net, schedule, clip=True, self_condition=True)
+    denoiser = Dn.make_denoiser(net, schedule, clip=True, self_condition=True)
 
     def recording(x_t, t):
         pred = denoiser(x_t, t)
@@ -379,7 +379,7 @@ def test_self_conditioning_with_guidance_feeds_both_halves():
     schedule = NoiseSchedule("linear", 100)
     net = Recorder()
     y = torch.tensor([1, 2])
-    denoiser = S.make_denoiser(net, schedule, self_condition=True, model_kwargs={"y": y}, guidance_scale=2.0,
+    denoiser = Dn.make_denoiser(net, schedule, self_condition=True, model_kwargs={"y": y}, guidance_scale=2.0,
                                uncond_kwargs={"y": torch.tensor([9, 9])})
     x = torch.randn(2, 1, 2, 2, generator=gen(9))
     _, x0_pred = denoiser(x, 50)
@@ -394,7 +394,7 @@ def test_the_paper_sampler_feeds_back_the_previous_x0_estimate():
     x_T = torch.randn(2, 1, 2, 2, generator=gen(10))
     x0_preds = []
     g = gen(11)
-    S.sample_ancestral(S.make_denoiser(net, schedule, clip=True, self_condition=True), x_T, schedule, range(4, -1, -1),
+    S.sample_ancestral(Dn.make_denoiser(net, schedule, clip=True, self_condition=True), x_T, schedule, range(4, -1, -1),
                        noise=lambda: D.randn(x_T.shape, generator=g), callback=lambda info: x0_preds.append(info["x0_pred"]))
     assert torch.equal(net.calls[0][0][:, 1:], torch.zeros_like(x_T))
     for k in range(1, 5):
@@ -516,7 +516,7 @@ def test_learned_variance_closes_most_of_the_fixed_variance_gap_on_gaussian_data
     gaps = {}
     for name, model, variance in (("fixed", DiagonalGaussianOracle(schedule), "posterior"),
                                   ("learned", LearnedVarianceGaussianOracle(schedule), "learned-range")):
-        out = bpd_terms(model, schedule, x0, generator=gen(5), clip_denoised=False, variance=variance)
+        out = bpd_terms(Dn.Denoiser(model, schedule), x0, generator=gen(5), variance=variance)
         diff = out["total"].numpy() - nll
         gaps[name] = (diff.mean(), diff.std(ddof=1) / math.sqrt(len(diff)))
     mean, stderr = gaps["learned"]

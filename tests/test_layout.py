@@ -89,7 +89,6 @@ def test_the_circle_finder_finds_a_circle():
     assert circles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.xfail(reason="the ring's clean-up is in progress", strict=False)
 def test_no_import_circle_among_ddpm_modules():
     assert circles(import_graph()) == []
 
@@ -103,7 +102,6 @@ def function_level_imports(path: Path) -> list[ast.AST]:
     return found
 
 
-@pytest.mark.xfail(reason="the ring's clean-up is in progress", strict=False)
 def test_every_function_level_import_says_why():
     """Imports inside functions stay only where they keep ``ddpm --help`` fast or an optional
     dependency optional; each says so in a comment on its line or the line above."""
@@ -118,24 +116,26 @@ def test_every_function_level_import_says_why():
     assert missing == []
 
 
-@pytest.mark.xfail(reason="the ring's clean-up is in progress", strict=False)
-def test_no_function_over_60_lines_and_no_module_over_650():
-    long_functions, long_modules = [], []
+def test_no_function_over_60_lines():
+    long_functions = []
     for name, path in modules().items():
-        text = path.read_text()
-        if len(text.splitlines()) > MAX_MODULE_LINES:
-            long_modules.append(name)
-        for node in ast.walk(ast.parse(text)):
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 if length > MAX_FUNCTION_LINES:
                     long_functions.append(f"{name}.{node.name} ({length})")
-    assert long_modules == [] and long_functions == []
+    assert long_functions == []
+
+
+@pytest.mark.xfail(reason="cli.py and cli_parser.py are over 650 lines until they are split", strict=False)
+def test_no_module_over_650_lines():
+    long_modules = [name for name, path in modules().items() if len(path.read_text().splitlines()) > MAX_MODULE_LINES]
+    assert long_modules == []
 
 
 if __name__ == "__main__":      # a report of the current state, for reading
     print("circles:", circles(import_graph()))
-    for test in (test_every_function_level_import_says_why, test_no_function_over_60_lines_and_no_module_over_650):
+    for test in (test_every_function_level_import_says_why, test_no_function_over_60_lines, test_no_module_over_650_lines):
         try:
             test()
         except AssertionError as exc:

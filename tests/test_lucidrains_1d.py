@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ddpm.compat.lucidrains import ArgumentError, Dataset1D, GaussianDiffusion1D, Trainer1D, Unet1D
-from ddpm.diffusion import q_sample, to_model_range
+from ddpm.diffusion import q_sample
+from ddpm.pixels import to_model_range
 from ddpm.models.unet1d import Unet1D as NativeUnet1D
 
 

@@ -20,8 +20,7 @@ from PIL import Image
 from ddpm import viz
 from ddpm.cli import main
 from ddpm.data import load_dataset
-from ddpm.pixels import to_uint8
-from ddpm.diffusion import from_model_range
+from ddpm.pixels import from_model_range, to_uint8
 from ddpm.seeding import derive_seed
 
 pytest.importorskip("matplotlib")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_samplers import GaussianOracle, gaussian_data
 
+from ddpm import denoiser as Dn
 from ddpm import samplers as S
 from ddpm.evaluation.metrics import kid
 from ddpm.schedules import NoiseSchedule
@@ -36,7 +37,7 @@ def test_ddim_with_eta_between_0_and_1_equals_diffusers_step_by_step(eta):
     noises = [torch.randn(8, 1, 2, 2, generator=g) for _ in timesteps]
     ours: list[torch.Tensor] = []
     draws = iter(noises)
-    S.sample_ddim(S.make_denoiser(model, schedule), x_T, schedule, timesteps, eta=eta, noise=lambda: next(draws),
+    S.sample_ddim(Dn.make_denoiser(model, schedule), x_T, schedule, timesteps, eta=eta, noise=lambda: next(draws),
                   callback=lambda s: ours.append(s["x"]))
     x, theirs = x_T, []
     for t, z in zip(scheduler.timesteps, noises):
@@ -46,7 +47,7 @@ def test_ddim_with_eta_between_0_and_1_equals_diffusers_step_by_step(eta):
     for i, (a, b) in enumerate(zip(ours, theirs)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {i}")
     deterministic: list[torch.Tensor] = []
-    S.sample_ddim(S.make_denoiser(model, schedule), x_T, schedule, timesteps, eta=0.0,
+    S.sample_ddim(Dn.make_denoiser(model, schedule), x_T, schedule, timesteps, eta=0.0,
                   callback=lambda s: deterministic.append(s["x"]))
     assert (ours[0] - deterministic[0]).abs().max() > 1e-3          # the noise reaches the sample
 

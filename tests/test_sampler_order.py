@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_samplers import GaussianOracle, gaussian_data
 
+from ddpm import denoiser as Dn
 from ddpm import samplers as S
 from ddpm.schedules import NoiseSchedule
 
@@ -35,7 +36,7 @@ def error_at_timestep_0(sampler, schedule: NoiseSchedule, steps: int) -> float:
     x_T = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
     timesteps = S.spaced_timesteps(schedule.timesteps, steps, "linspace")      # from T - 1 down to 0
     seen = []
-    sampler(S.make_denoiser(GaussianOracle(schedule, mu, sigma), schedule), x_T.reshape(64, 1, 2, 2), schedule,
+    sampler(Dn.make_denoiser(GaussianOracle(schedule, mu, sigma), schedule), x_T.reshape(64, 1, 2, 2), schedule,
             timesteps, callback=seen.append)
     assert seen[-1]["t"] == 0
     state = seen[-1]["x_t"].reshape(64, 4).double()
@@ -96,6 +97,6 @@ def test_ddim_and_dpm_solver_equal_diffusers_schedulers(dlib, sampler, steps):
     theirs, their_steps = diffusers_loop(scheduler, model, x_T, steps)
     timesteps = S.spaced_timesteps(1000, steps, "trailing")
     assert their_steps == timesteps
-    ours = S.SAMPLERS[sampler](S.make_denoiser(model, schedule), x_T, schedule, timesteps)
+    ours = S.SAMPLERS[sampler](Dn.make_denoiser(model, schedule), x_T, schedule, timesteps)
     assert ours.std() > 0.1
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

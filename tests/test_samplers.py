@@ -69,7 +69,7 @@ def gaussian_data():
 
 def oracle_denoiser(schedule, objective="eps", **kwargs):
     mu, sigma = gaussian_data()
-    return S.make_denoiser(GaussianOracle(schedule, mu, sigma, objective), schedule, objective=objective, **kwargs)
+    return Dn.make_denoiser(GaussianOracle(schedule, mu, sigma, objective), schedule, objective=objective, **kwargs)
 
 
 def exact_moments(name: str, schedule: NoiseSchedule, timesteps, **options):
@@ -134,14 +134,14 @@ def test_clipping_rederives_eps_from_the_clipped_x0(linear):
     abar = linear.alphas_cumprod[t].item()                           # x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
     torch.testing.assert_close(abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps, x, rtol=1e-4, atol=1e-4)
     with pytest.raises(ddpm.ConfigError):
-        S.make_denoiser(lambda x, t: x, linear, clip=True, dynamic_thresholding=True)
+        Dn.make_denoiser(lambda x, t: x, linear, clip=True, dynamic_thresholding=True)
 
 
 def test_dynamic_threshold_follows_saharia_et_al():
     x0 = torch.zeros(2, 1, 20, 20)
     x0[0] = torch.linspace(-0.5, 0.5, 400).reshape(1, 20, 20)       # within [-1, 1]: untouched (s = 1)
     x0[1] = torch.linspace(-4.0, 4.0, 400).reshape(1, 20, 20)
-    out = S.dynamic_threshold(x0)
+    out = Dn.dynamic_threshold(x0)
     torch.testing.assert_close(out[0], x0[0])
     s = torch.quantile(x0[1].abs().flatten(), 0.995)
     assert s > 3.9
@@ -243,7 +243,7 @@ def test_full_ancestral_sampler_is_the_papers_algorithm_2():
         z = D.randn(x_T.shape, generator=g) if i > 0 else torch.zeros_like(x_T)
         expected = out["mean"] + out["variance"].sqrt() * z
     g = gen(4)
-    got = S.sample_ancestral(S.make_denoiser(model, schedule, clip=True), x_T, schedule, range(39, -1, -1),
+    got = S.sample_ancestral(Dn.make_denoiser(model, schedule, clip=True), x_T, schedule, range(39, -1, -1),
                              noise=lambda: D.randn(x_T.shape, generator=g))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -268,7 +268,7 @@ def test_callback_sees_every_step_and_model_calls_equal_steps(linear):
     for name in S.SAMPLERS:
         model = GaussianOracle(linear, mu, sigma)
         seen = []
-        S.SAMPLERS[name](S.make_denoiser(model, linear), torch.randn(2, 1, 2, 2, generator=gen(6)), linear, kept,
+        S.SAMPLERS[name](Dn.make_denoiser(model, linear), torch.randn(2, 1, 2, 2, generator=gen(6)), linear, kept,
                          noise=lambda: torch.randn(2, 1, 2, 2, generator=gen(7)), callback=lambda i: seen.append(i["t"]))
         assert seen == kept and model.calls == (2 * 12 - 1 if name == "heun" else 12), name   # Heun: 2 per step but the last
 

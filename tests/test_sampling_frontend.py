@@ -19,9 +19,8 @@ from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
 from ddpm.build import build_model
 from ddpm.config import DiffusionConfig, RunConfig, TrainConfig
-from ddpm.diffusion import from_model_range
 from ddpm.generate import generate, interpolate, load_diffusion, progressive_frames, sampling_options
-from ddpm.pixels import to_uint8
+from ddpm.pixels import from_model_range, to_uint8
 from ddpm.models import preset_config
 from ddpm.seeding import derive_seed
 from ddpm.viz import progressive_grid

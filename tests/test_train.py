@@ -16,14 +16,14 @@ from ddpm.checkpoint import load_checkpoint, split_prefix
 from ddpm.build import build_model
 from ddpm.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
 from ddpm.data import ImageData
-from ddpm.pixels import to_tensor
+from ddpm.pixels import to_tensor, uint8_to_unit
 from ddpm.losses import SimpleLoss
 from ddpm.errors import ConfigError, DataError
-from ddpm.generate import select_device
+from ddpm.device import select_device
 from ddpm.models import preset_config
 from ddpm.run_dir import new_run_dir, prepare_run_dir
 from ddpm.seeding import derive_seed
-from ddpm.train import EpochOrder, check_training_data, to_tensor_on_device, train
+from ddpm.train import EpochOrder, check_training_data, train
 from ddpm.training_state import EMA
 
 
@@ -165,9 +165,9 @@ def test_epoch_order_batch_depends_only_on_seed_and_step():
     assert not torch.equal(EpochOrder(50, 8, seed=4).batch(13), walked[13])
 
 
-def test_to_tensor_on_device_matches_the_data_module():
+def test_the_loops_uint8_to_unit_matches_the_data_module():
     images = tiny_data(3, size=(4, 6), channels=3).images
-    torch.testing.assert_close(to_tensor_on_device(torch.from_numpy(images)), to_tensor(images), rtol=0, atol=0)
+    torch.testing.assert_close(uint8_to_unit(torch.from_numpy(images)), to_tensor(images), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- training runs

@@ -16,6 +16,7 @@ import torch
 from helpers.spies import no_sample_grids, spy_network, spy_optimizer
 
 from ddpm import diffusion as D
+from ddpm import pixels as P
 from ddpm.checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from ddpm.build import build_model
 from ddpm.config import DataConfig, DiffusionConfig, RunConfig, TrainConfig
@@ -29,7 +30,7 @@ T = 50
 SCHEDULE = NoiseSchedule("linear", T)
 IMAGE = np.zeros((8, 8, 1), np.uint8)
 IMAGE[:, :3] = 255                                   # a bright left edge: not mirror-symmetric
-X0 = D.to_model_range(torch.from_numpy(IMAGE).permute(2, 0, 1).float() / 255.0).double()   # [1, 8, 8] in [-1, 1]
+X0 = P.to_model_range(torch.from_numpy(IMAGE).permute(2, 0, 1).float() / 255.0).double()   # [1, 8, 8] in [-1, 1]
 
 
 def config(diffusion: dict | None = None, **train_options) -> RunConfig:

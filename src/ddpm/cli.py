@@ -71,14 +71,14 @@ def _flag(name: str) -> str:
 
 def _precision(args, device):
     """``--precision`` resolved on ``device`` (auto: :func:`ddpm.precision.resolve_precision`)."""
-    from .precision import resolve_precision
+    from .precision import resolve_precision  # here: beside its command (--help loads it too)
 
     return resolve_precision(args.precision, device)
 
 
 def _say_precision(args, choice) -> None:
     """The automatic choice in one line on stderr, once the options have passed every check."""
-    from . import distributed
+    from . import distributed  # here: beside its command (--help loads it too)
 
     if args.precision == "auto" and not getattr(args, "quiet", False) and distributed.is_main():
         print(choice.line(), file=sys.stderr)
@@ -88,7 +88,7 @@ def _sampling_from_args(args, diffusion=None, latent_sampling=None):
     """The sampler flags resolved by :func:`ddpm.generate.resolve_sampling` over the defaults of
     ``diffusion``'s checkpoint (or of a ``--latents`` file, which name DDIM steps); returns the
     options and where the sampler and steps came from, for the record."""
-    from .generate import FROM_CHECKPOINT, resolve_sampling
+    from .generate import FROM_CHECKPOINT, resolve_sampling  # here: beside its command (--help loads it too)
 
     base = latent_sampling or getattr(diffusion, "default_sampling", None)
     return resolve_sampling(args.sampler, args.steps, base=base, base_from="latents" if latent_sampling else
@@ -124,7 +124,7 @@ def _flag_layer(args) -> dict:
 
 def _train_config(args):
     """A new run's configuration from the options: preset recipe < --config file < options."""
-    from .resolve import resolve_train_config
+    from .resolve import resolve_train_config  # here: beside its command (--help loads it too)
 
     return resolve_train_config(_flag_layer(args), preset=args.preset, config_file=args.config,
                                 conditional=args.conditional, label_dropout_given=args.label_dropout is not None,
@@ -138,8 +138,8 @@ def _image_condition_flags(args) -> dict:
 
 def _resume_config(args):
     """The saved configuration of the run to resume, and the options checked against it."""
-    from . import distributed
-    from .resolve import resume_config
+    from . import distributed  # here: beside its command (--help loads it too)
+    from .resolve import resume_config  # here: beside its command (--help loads it too)
 
     if any(value is not None for value in _image_condition_flags(args).values()):
         raise ConfigError("--task, --scale, --condition-noise and --condition-data are the run's own; "
@@ -151,7 +151,7 @@ def _resume_config(args):
 
 
 def cmd_train(args) -> int:
-    from .signals import StopSignals
+    from .signals import StopSignals  # here: beside its command (--help loads it too)
 
     with StopSignals() as stop:            # SIGINT / SIGTERM handled before the run directory exists
         return _train(args, stop)
@@ -197,9 +197,9 @@ def _train(args, stop) -> int:
 
 def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
     """Train in the claimed ``run_dir``: from its newest verified checkpoint (``resume``) or from step 0."""
-    from . import distributed
-    from .build import build_model
-    from .train import train
+    from . import distributed  # here: beside its command (--help loads it too)
+    from .build import build_model  # here: beside its command (--help loads it too)
+    from .train import train  # here: beside its command (--help loads it too)
 
     main_rank = distributed.is_main()
     world = distributed.world_size()
@@ -222,8 +222,8 @@ def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
 def _output_dir(args, names: tuple[str, ...]) -> Path:
     """``--out DIR`` checked before any work: writable, not below a file, none of ``names`` there
     unless ``--overwrite``. (The outputs are then staged and moved into DIR together.)"""
-    from .fileio import check_output_path
-    from .run_dir import new_run_dir
+    from .fileio import check_output_path  # here: beside its command (--help loads it too)
+    from .run_dir import new_run_dir  # here: beside its command (--help loads it too)
 
     out = check_output_path(Path(args.out) if args.out else new_run_dir("samples"), directory=True)
     existing = [name for name in names if (out / name).exists()]
@@ -233,9 +233,9 @@ def _output_dir(args, names: tuple[str, ...]) -> Path:
 
 
 def cmd_sample(args) -> int:
-    from . import distributed
-    from .generate import load_diffusion
-    from .sample_job import plan_samples, run_samples
+    from . import distributed  # here: beside its command (--help loads it too)
+    from .generate import load_diffusion  # here: beside its command (--help loads it too)
+    from .sample_job import plan_samples, run_samples  # here: keeps ddpm --help fast
 
     with distributed.agree("checking the options"):
         out = _output_dir(args, ("grid.png", "samples.npz", "record.json", "progressive.png", "images"))
@@ -275,7 +275,7 @@ def _latents_from_args(args, diffusion):
     """``--latents NPZ``: the latents and the DDIM options the file names (None, None without it)."""
     if getattr(args, "latents", None) is None:
         return None, None
-    from .editing import load_latents
+    from .editing import load_latents  # here: keeps ddpm --help fast
 
     latents, sampling = load_latents(args.latents, diffusion)
     if args.start_index >= len(latents) or (args.n is not None and args.start_index + args.n > len(latents)):
@@ -286,15 +286,15 @@ def _latents_from_args(args, diffusion):
 
 def _classes_from_args(args, diffusion, meta=None) -> tuple[list[int] | None, float | None]:
     """``--class K ... | all`` (indices, or names the checkpoint holds) and ``--guidance-scale W``."""
-    from .sample_job import resolve_classes
+    from .sample_job import resolve_classes  # here: keeps ddpm --help fast
 
     return resolve_classes(diffusion, args.classes, args.guidance_scale, (meta or {}).get("class_names"))
 
 
 def cmd_interpolate(args) -> int:
-    from .device import select_device
-    from .generate import load_diffusion
-    from .sample_job import interpolation_folder
+    from .device import select_device  # here: beside its command (--help loads it too)
+    from .generate import load_diffusion  # here: beside its command (--help loads it too)
+    from .sample_job import interpolation_folder  # here: keeps ddpm --help fast
 
     out = _output_dir(args, ("interpolation.png", "interpolation.npz", "record.json"))
     device = select_device(args.device)
@@ -320,7 +320,7 @@ def _checkpoint_arg(positional: str | None, option: str | None, what: str) -> st
 
 
 def cmd_inspect(args) -> int:
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint  # here: beside its command (--help loads it too)
 
     tensors, meta = load_checkpoint(_checkpoint_arg(args.path, args.checkpoint, "the checkpoint to inspect"))
     if args.json:
@@ -392,9 +392,9 @@ def _is_image_conditioned(checkpoint) -> bool:
 
 
 def cmd_viz(args) -> int:
-    from . import viz
+    from . import viz  # here: keeps ddpm --help fast
 
-    from .fileio import check_output_path
+    from .fileio import check_output_path  # here: beside its command (--help loads it too)
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -403,7 +403,7 @@ def cmd_viz(args) -> int:
     if args.viz_command == "schedule":
         viz.schedule_figure(out, timesteps=args.timesteps, schedules=args.schedules)
     elif args.viz_command == "forward":
-        from .data import load_dataset
+        from .data import load_dataset  # here: beside its command (--help loads it too)
 
         size = None
         if args.image_size:
@@ -414,9 +414,9 @@ def cmd_viz(args) -> int:
         viz.forward_figure(out, data.images[:args.n], args.steps, schedules=args.schedules,
                            timesteps=args.timesteps, seed=args.seed)
     elif args.viz_command == "reverse":
-        from .device import select_device
-        from .generate import load_diffusion
-        from .sampling import resolve_plan
+        from .device import select_device  # here: beside its command (--help loads it too)
+        from .generate import load_diffusion  # here: beside its command (--help loads it too)
+        from .sampling import resolve_plan  # here: beside its command (--help loads it too)
 
         device = select_device(args.device)
         choice = _precision(args, device)
@@ -439,14 +439,14 @@ def cmd_viz(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .interop.diffusers import export_diffusers
+    from .interop.diffusers import export_diffusers  # here: keeps ddpm --help fast
 
     if args.private and not args.push_to_hub:
         raise ConfigError("--private applies to --push-to-hub OWNER/NAME; give that too")
     out = export_diffusers(args.checkpoint, args.out, weights=args.weights)
     print(f"wrote a diffusers DDPMPipeline folder to {out} ({args.weights} weights of {args.checkpoint})")
     if args.push_to_hub:
-        from .interop.hub import push_to_hub
+        from .interop.hub import push_to_hub  # here: keeps ddpm --help fast
 
         url = push_to_hub(out, args.push_to_hub, private=args.private)
         print(f"uploaded it to {url}")
@@ -454,10 +454,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from .interop.diffusers import import_diffusers
+    from .interop.diffusers import import_diffusers  # here: keeps ddpm --help fast
 
     if args.format == "openai":
-        from .interop.openai import import_openai
+        from .interop.openai import import_openai  # here: keeps ddpm --help fast
 
         source = _checkpoint_arg(args.folder, args.checkpoint, "the state dict to import")
         if not args.flags:
@@ -472,7 +472,7 @@ def cmd_import(args) -> int:
         raise ConfigError("--flags applies to --format openai only")
     folder = _checkpoint_arg(args.folder, args.checkpoint, "the diffusers folder to import")
     if folder.startswith("hf://"):
-        from .interop.hub import diffusers_snapshot
+        from .interop.hub import diffusers_snapshot  # here: keeps ddpm --help fast
 
         folder = str(diffusers_snapshot(folder))
     out = import_diffusers(folder, args.out)
@@ -487,9 +487,9 @@ DISTILL_TRAIN_FLAGS = ("batch_size", "lr", "ema_decay", "grad_clip", "precision"
 
 
 def cmd_distill(args) -> int:
-    from . import distributed
-    from .distill import distill, new_plan, resumed_plan
-    from .run_dir import prepare_run_dir
+    from . import distributed  # here: beside its command (--help loads it too)
+    from .distill import distill, new_plan, resumed_plan  # here: beside its command (--help loads it too)
+    from .run_dir import prepare_run_dir  # here: beside its command (--help loads it too)
 
     main_rank = distributed.is_main()
     with distributed.agree("checking the configuration"):     # one rank's mistake stops all, one message
@@ -534,9 +534,10 @@ def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
     """Output folder, model, images, class labels and sampler of an editing command, all checked before any
     work. ``sampling`` (fixed options, e.g. invert's DDIM) replaces the sampler flags, which resolve over
     the checkpoint's own defaults; returns their origins too (:func:`ddpm.generate.resolve_sampling`)."""
-    from .editing import load_images
-    from .generate import load_diffusion, select_device
-    from .sampling import resolve_plan
+    from .device import select_device  # here: beside its command (--help loads it too)
+    from .editing import load_images  # here: keeps ddpm --help fast
+    from .generate import load_diffusion  # here: beside its command (--help loads it too)
+    from .sampling import resolve_plan  # here: beside its command (--help loads it too)
 
     out = _output_dir(args, outputs)
     diffusion, meta = load_diffusion(args.checkpoint, device=select_device(args.device), weights=args.weights,
@@ -550,9 +551,9 @@ def _editing_setup(args, outputs: tuple[str, ...], sampling=None):
 
 def _labels_per_image(args, diffusion, meta, count: int):
     """``--class``: one class for every image or one per image, by index or (when the checkpoint has them) name."""
-    from .generate import DEFAULT_GUIDANCE_SCALE
-    from .sample_job import class_indices, class_names
-    from .sampling import check_labels, num_classes
+    from .generate import DEFAULT_GUIDANCE_SCALE  # here: beside its command (--help loads it too)
+    from .sample_job import class_indices, class_names  # here: keeps ddpm --help fast
+    from .sampling import check_labels, num_classes  # here: beside its command (--help loads it too)
 
     if args.classes is None:
         if args.guidance_scale is not None:
@@ -583,10 +584,10 @@ def _write_results(out: Path, rows: list, record: dict, extra=None, **arrays) ->
 
 
 def cmd_inpaint(args) -> int:
-    import numpy as np
+    import numpy as np  # here: beside its command (--help loads it too)
 
-    from .editing import RESAMPLING_DEFAULTS, inpaint, load_mask, masked_preview
-    from .sample_job import sample_record
+    from .editing import RESAMPLING_DEFAULTS, inpaint, load_mask, masked_preview  # here: keeps ddpm --help fast
+    from .sample_job import sample_record  # here: keeps ddpm --help fast
 
     out, diffusion, meta, images, sizes, labels, guidance, sampling, sources = _editing_setup(
         args, ("grid.png", "results.npz", "record.json"))
@@ -610,11 +611,11 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    import numpy as np
+    import numpy as np  # here: beside its command (--help loads it too)
 
-    from .editing import edit, sdedit_start
-    from .sample_job import sample_record
-    from .sampling import resolve_plan
+    from .editing import edit, sdedit_start  # here: keeps ddpm --help fast
+    from .sample_job import sample_record  # here: keeps ddpm --help fast
+    from .sampling import resolve_plan  # here: beside its command (--help loads it too)
 
     out, diffusion, meta, images, _, labels, guidance, sampling, sources = _editing_setup(
         args, ("grid.png", "results.npz", "record.json"))
@@ -639,11 +640,11 @@ def cmd_edit(args) -> int:
 
 
 def cmd_invert(args) -> int:
-    import numpy as np
+    import numpy as np  # here: beside its command (--help loads it too)
 
-    from .editing import invert, save_latents
-    from .sample_job import sample_record
-    from .samplers import SamplingOptions
+    from .editing import invert, save_latents  # here: keeps ddpm --help fast
+    from .sample_job import sample_record  # here: keeps ddpm --help fast
+    from .samplers import SamplingOptions  # here: beside its command (--help loads it too)
 
     sampling = SamplingOptions(sampler="ddim", steps=args.steps, spacing=args.spacing, clip=False)
     out, diffusion, meta, images, _, labels, guidance, sampling, _ = _editing_setup(
@@ -665,13 +666,13 @@ def cmd_invert(args) -> int:
 
 def _to_uint8_batch(images):
     """[N, C, H, W] float in [0, 1] -> uint8 [N, H, W, C]."""
-    from .pixels import to_uint8
+    from .pixels import to_uint8  # here: beside its command (--help loads it too)
 
     return to_uint8(images.cpu())
 
 
 def cmd_prepare(args) -> int:
-    from .data.prepare import prepare_dataset
+    from .data.prepare import prepare_dataset  # here: keeps ddpm --help fast
 
     if args.image_size is not None and len(args.image_size) not in (1, 2):
         raise ConfigError("--image-size takes N or H W")
@@ -707,7 +708,7 @@ def _stop_signals(command: str):
 
 def _discard_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe cannot fail."""
-    import os
+    import os  # here: beside its command (--help loads it too)
 
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -743,7 +744,7 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from . import distributed
+    from . import distributed  # here: beside its command (--help loads it too)
 
     code = None
     try:

@@ -140,8 +140,7 @@ def _add_model_size(g) -> None:
 
 
 def _add_train(sub) -> None:
-    from .models import PRESETS
-    from .schedules import SCHEDULES
+    from .models import PRESETS  # here: choices read when the parser is built
 
     p = sub.add_parser("train", help="train a model", description="Train a noise-prediction U-Net (Algorithm 1). "
                        "Options override a --config TOML file, which overrides the preset's recipe.",
@@ -164,30 +163,7 @@ def _add_train(sub) -> None:
                         "fashion-mnist, cifar10 for cifar10; for a folder or .npz, chosen from the image size "
                         "and count, and printed)")
     _add_model_size(g)
-    g.add_argument("--timesteps", type=_timesteps, help="T (default 1000)")
-    g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
-    g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
-    g.add_argument("--loss-weighting", choices=("uniform", "min-snr"),
-                   help="default uniform (L_simple); the mnist recipe: min-snr (gamma 5)")
-    g.add_argument("--dropout", type=float, help="dropout rate in the residual blocks")
-    g.add_argument("--variance", choices=("posterior", "beta", "learned-range"),
-                   help="reverse-process variance: beta-tilde or beta (fixed), or learned-range (Nichol & Dhariwal "
-                        "2021; needs --loss hybrid or vlb) (default posterior)")
-    g.add_argument("--loss", choices=("simple", "hybrid", "vlb"),
-                   help="simple (L_simple, the paper's), hybrid (L_simple + lambda L_vlb) or vlb (the bound alone) "
-                        "(default simple)")
-    g.add_argument("--vlb-weight", type=_positive_float, metavar="LAMBDA", help="lambda of the hybrid loss (default 0.001)")
-    g.add_argument("--timestep-sampling", choices=("uniform", "importance"),
-                   help="importance: t drawn in proportion to its loss RMS, losses reweighted (needs an L_vlb term) "
-                        "(default uniform)")
-    g.add_argument("--offset-noise", type=_nonneg_float, metavar="STRENGTH",
-                   help="add STRENGTH x N(0, 1) per image and channel to the noise (default 0: off)")
-    g.add_argument("--self-condition", action=bool_flag,
-                   help="feed the previous x0 estimate back to the network (half the batch in training)")
-    g.add_argument("--conditional", action="store_true",
-                   help="class-conditional model: num_classes from the data's labels, for classifier-free guidance")
-    g.add_argument("--label-dropout", type=float, metavar="P",
-                   help="with --conditional: probability that a label is replaced by the null label (default 0.1)")
+    _add_diffusion_options(g)
     _add_edm_options(p.add_argument_group("formulation"))
     g = p.add_argument_group("training")
     g.add_argument("--config", metavar="TOML", help="a TOML file with [model], [diffusion], [data], [train] tables")
@@ -268,6 +244,37 @@ def _add_edm_options(g) -> None:
                    help="edm: the highest noise level sampled (default 80)")
 
 
+def _add_diffusion_options(g) -> None:
+    """The diffusion process, the loss and the conditioning of ``ddpm train``."""
+    from .schedules import SCHEDULES  # here: choices read when the parser is built
+
+    bool_flag = argparse.BooleanOptionalAction
+    g.add_argument("--timesteps", type=_timesteps, help="T (default 1000)")
+    g.add_argument("--schedule", choices=sorted(SCHEDULES), help="noise schedule (default linear)")
+    g.add_argument("--objective", choices=("eps", "x0", "v"), help="what the network predicts (default eps)")
+    g.add_argument("--loss-weighting", choices=("uniform", "min-snr"),
+                   help="default uniform (L_simple); the mnist recipe: min-snr (gamma 5)")
+    g.add_argument("--dropout", type=float, help="dropout rate in the residual blocks")
+    g.add_argument("--variance", choices=("posterior", "beta", "learned-range"),
+                   help="reverse-process variance: beta-tilde or beta (fixed), or learned-range (Nichol & Dhariwal "
+                        "2021; needs --loss hybrid or vlb) (default posterior)")
+    g.add_argument("--loss", choices=("simple", "hybrid", "vlb"),
+                   help="simple (L_simple, the paper's), hybrid (L_simple + lambda L_vlb) or vlb (the bound alone) "
+                        "(default simple)")
+    g.add_argument("--vlb-weight", type=_positive_float, metavar="LAMBDA", help="lambda of the hybrid loss (default 0.001)")
+    g.add_argument("--timestep-sampling", choices=("uniform", "importance"),
+                   help="importance: t drawn in proportion to its loss RMS, losses reweighted (needs an L_vlb term) "
+                        "(default uniform)")
+    g.add_argument("--offset-noise", type=_nonneg_float, metavar="STRENGTH",
+                   help="add STRENGTH x N(0, 1) per image and channel to the noise (default 0: off)")
+    g.add_argument("--self-condition", action=bool_flag,
+                   help="feed the previous x0 estimate back to the network (half the batch in training)")
+    g.add_argument("--conditional", action="store_true",
+                   help="class-conditional model: num_classes from the data's labels, for classifier-free guidance")
+    g.add_argument("--label-dropout", type=float, metavar="P",
+                   help="with --conditional: probability that a label is replaced by the null label (default 0.1)")
+
+
 def _add_train_output(g) -> None:
     g.add_argument("--out", metavar="RUN_DIR",
                    help="a directory: the run directory, made here (default: runs/NNN, the next free number)")
@@ -331,7 +338,7 @@ def _add_sample(sub) -> None:
     g.add_argument("--latents", metavar="NPZ",
                    help="start image k from latents[k] of this .npz (e.g. from ddpm invert) instead of drawn noise; "
                         "without --sampler, the DDIM steps the file names")
-    from .generate import DEFAULT_GUIDANCE_SCALE
+    from .generate import DEFAULT_GUIDANCE_SCALE  # here: choices read when the parser is built
 
     g = p.add_argument_group("class-conditional models (trained with --conditional)")
     g.add_argument("--class", dest="classes", nargs="+", metavar="K",
@@ -369,8 +376,8 @@ STEPS_HELP = ("sampler steps, 1..T, one network evaluation each, heun two but th
 
 def _add_sampler_options(p) -> None:
     """The sampler flags of every command that samples (their defaults: :func:`ddpm.generate.resolve_sampling`)."""
-    from .diffusion import VARIANCES
-    from .samplers import SAMPLERS
+    from .diffusion import VARIANCES  # here: choices read when the parser is built
+    from .samplers import SAMPLERS  # here: choices read when the parser is built
 
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", choices=tuple(SAMPLERS), help=SAMPLER_HELP)
@@ -450,7 +457,7 @@ def _add_interpolate(sub) -> None:
 
 def _add_class_option(p, text: str, nargs="+") -> None:
     """``--class`` and ``--guidance-scale`` for a class-conditional checkpoint."""
-    from .generate import DEFAULT_GUIDANCE_SCALE
+    from .generate import DEFAULT_GUIDANCE_SCALE  # here: choices read when the parser is built
 
     g = p.add_argument_group("class-conditional models (trained with --conditional)")
     g.add_argument("--class", dest="classes", nargs=nargs, metavar="K", help=text)
@@ -485,9 +492,9 @@ examples:
 
 
 def _add_eval(sub) -> None:
-    from .evaluation.features import INCEPTION_RESIZE_MODES
-    from .evaluation.pipeline import EVAL_METRICS
-    from .samplers import SAMPLERS
+    from .evaluation.features import INCEPTION_RESIZE_MODES  # here: choices read when the parser is built
+    from .evaluation.pipeline import EVAL_METRICS  # here: choices read when the parser is built
+    from .samplers import SAMPLERS  # here: choices read when the parser is built
 
     p = sub.add_parser("eval", help="bits/dim, FID, KID, precision/recall, IS of a checkpoint or of samples",
                        description="Evaluate a model: the variational bound in bits/dim (needs --checkpoint) and "
@@ -684,7 +691,7 @@ PNG_OUT_HELP = "a file: the PNG to write (an existing file needs --overwrite)"
 
 
 def _add_viz(sub) -> None:
-    from .schedules import SCHEDULES
+    from .schedules import SCHEDULES  # here: choices read when the parser is built
 
     p = sub.add_parser("viz", help="pictures of the schedule, forward and reverse process, and training",
                        description="Draw each stage of a diffusion model as one PNG: the noise schedules, real "
@@ -784,7 +791,7 @@ def _refuse_empty_out(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------- commands
 
 def _add_distill(sub) -> None:
-    from .distill import DISTILL_WEIGHTINGS
+    from .distill import DISTILL_WEIGHTINGS  # here: choices read when the parser is built
 
     p = sub.add_parser("distill", help="progressive distillation: the same model in a few sampling steps",
                        description="Progressive distillation (Salimans & Ho 2022): each round trains a student, "
@@ -895,7 +902,7 @@ def _add_edit(sub) -> None:
 
 
 def _add_invert(sub) -> None:
-    from .samplers import SPACINGS
+    from .samplers import SPACINGS  # here: choices read when the parser is built
 
     p = sub.add_parser("invert", help="DDIM-invert images to their latent noise and reconstruct them",
                        description="Run the deterministic DDIM step forwards (Song et al. 2021, Sec. 4.3) from each "

@@ -2,10 +2,11 @@
 
 Whatever the network was trained to predict (``objective`` eps, x0 or v), with or without a learned
 variance (2C output channels) or self-conditioning (2C input channels), and with optional
-classifier-free guidance, x0 clipping or dynamic thresholding, :func:`denoise` turns one call of
-the network into a :class:`Prediction`. Everything that reads a network's output goes through it:
-the samplers (:func:`make_denoiser`), the training losses (``ddpm.losses``), the distillation
-teacher and student, and the bound (:func:`p_mean_variance`, ``ddpm.evaluation.likelihood``).
+classifier-free guidance, x0 clipping or dynamic thresholding, a :class:`Denoiser` binds a network
+to those options once and turns one call of it into a :class:`Prediction` (:meth:`Denoiser.predict`).
+Everything that reads a network's output goes through one: the samplers (its call), the training
+losses (``ddpm.losses``), the distillation teacher and student (:meth:`Denoiser.predict`), and the
+bound (:meth:`Denoiser.p_mean_variance`, ``ddpm.evaluation.likelihood``).
 
 ``t`` is the 0-based timestep (``docs/notation.md``): an int shared by the batch, or a per-sample
 LongTensor [B]. The network never sees the schedule; the schedule is only used here to convert
@@ -23,10 +24,8 @@ from .diffusion import (LEARNED_VARIANCE, check_objective, p_mean_variance_from_
 from .errors import ConfigError
 from .schedules import NoiseSchedule
 
-__all__ = ["Prediction", "Denoiser", "DYNAMIC_THRESHOLD_PERCENTILE", "CONDITION_KEY", "dynamic_threshold", "timestep_batch",
-           "model_output", "split_output", "denoise", "make_denoiser", "p_mean_variance"]
-
-Denoiser = Callable[[torch.Tensor, "int | torch.Tensor"], "Prediction"]
+__all__ = ["Prediction", "Denoiser", "DYNAMIC_THRESHOLD_PERCENTILE", "CONDITION_KEY", "dynamic_threshold",
+           "timestep_batch", "model_output", "split_output", "make_denoiser", "p_mean_variance"]
 
 DYNAMIC_THRESHOLD_PERCENTILE = 0.995
 CONDITION_KEY = "condition"          # model_kwargs entry of an image condition c [B, C_c, H, W]
@@ -102,89 +101,120 @@ def split_output(output: torch.Tensor, channels: int) -> tuple[torch.Tensor, tor
     return prediction, var_values
 
 
-def _guided(model: Callable, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, *, objective: str,
-            x0_prev, self_condition: bool, kwargs: dict, uncond_kwargs: dict, guidance_scale: float) -> Prediction:
-    """Classifier-free guidance from ONE forward pass over the batch concatenated with itself."""
-    both = {k: torch.cat([kwargs[k], uncond_kwargs[k]]) for k in kwargs}
-    x_2, t_2 = torch.cat([x_t, x_t]), torch.cat([t, t])
-    prev_2 = None if x0_prev is None else torch.cat([x0_prev, x0_prev])
-    output = model_output(model, x_2, t_2, self_cond=prev_2, self_condition=self_condition, model_kwargs=both)
-    prediction, var_values = split_output(output, x_t.shape[1])
-    eps_2, _ = prediction_to_eps_x0(schedule, x_2, t_2, prediction, objective)
-    eps_cond, eps_uncond = eps_2.chunk(2)
-    eps_pred = eps_uncond + guidance_scale * (eps_cond - eps_uncond)                  # Ho & Salimans, Eq. 6
-    return Prediction(eps_pred, predict_x0_from_eps(schedule, x_t, t, eps_pred),
-                      None if var_values is None else var_values.chunk(2)[0])
+class Denoiser:
+    """A network bound once to what it takes to read it: its schedule, its training ``objective`` (eps,
+    x0 or v) and ``self_condition``, and how it is asked (``model_kwargs``, classifier-free guidance with
+    ``guidance_scale`` and ``uncond_kwargs``, x0 ``clip`` or ``dynamic_thresholding``). Like
+    k-diffusion's wrappers, it serves every reader of the network:
 
+    * ``denoiser(x_t, t)``, the samplers' call: a self-conditioned network is fed the x0_pred this
+      denoiser returned last (zeros at the first call), the previous step's estimate in every sampler
+      (Chen et al. 2023, Sec. 3.3). That is state: build one per sampling run.
+    * :meth:`predict`: one evaluation with an explicit x0_prev, holding no state (the losses, distillation).
+    * :meth:`p_mean_variance`: the reverse step's Gaussian p_theta(x_{t-1} | x_t) (the bound).
 
-def denoise(model: Callable, schedule: NoiseSchedule, x_t: torch.Tensor, t: int | torch.Tensor, *,
-            objective: str = "eps", x0_prev: torch.Tensor | None = None, self_condition: bool = False,
-            model_kwargs: dict | None = None, guidance_scale: float | None = None,
-            uncond_kwargs: dict | None = None, clip: bool = False,
-            dynamic_thresholding: bool = False) -> Prediction:
-    """One network evaluation at (x_t, t) as a :class:`Prediction`: (eps_pred, x0_pred), var_values, output.
-
-    With ``guidance_scale`` w, classifier-free guidance (Ho & Salimans 2022, Eq. 6, written with
-    w = 1 + their w): eps_pred = eps_uncond + w (eps_cond - eps_uncond), where eps_cond uses
-    ``model_kwargs`` (e.g. ``{"y": labels}``) and eps_uncond ``uncond_kwargs`` (e.g. the null label),
-    both from one batched pass. x0- or v-outputs are converted to eps first and combined there;
-    x0_pred is then recomputed from the guided eps (Eq. 4); var_values are the conditional half's.
-
-    With ``clip`` x0_pred is clipped to [-1, 1], with ``dynamic_thresholding`` it is thresholded
-    (:func:`dynamic_threshold`); either way eps_pred is then re-derived from the corrected x0_pred
-    (Eq. 4 solved for eps), so every consumer sees a consistent pair. A self-conditioned network
-    gets ``x0_prev`` (zeros when None) as its extra input channels.
+    A sampler takes any callable ``(x_t, t) -> Prediction`` (e.g. the sigma-space adapters of ``ddpm.sigmas``); this is
+    the one built from a network.
     """
-    if clip and dynamic_thresholding:
-        raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
-    t = timestep_batch(t, x_t)
-    if guidance_scale is None:
-        output = model_output(model, x_t, t, self_cond=x0_prev, self_condition=self_condition,
-                              model_kwargs=model_kwargs)
-        prediction, var_values = split_output(output, x_t.shape[1])
-        pred = Prediction(*prediction_to_eps_x0(schedule, x_t, t, prediction, objective), var_values, prediction)
-    else:
-        if uncond_kwargs is None:
+
+    def __init__(self, model: Callable, schedule: NoiseSchedule, *, objective: str = "eps",
+                 self_condition: bool = False, clip: bool = False, dynamic_thresholding: bool = False,
+                 model_kwargs: dict | None = None, guidance_scale: float | None = None,
+                 uncond_kwargs: dict | None = None):
+        check_objective(objective)
+        if clip and dynamic_thresholding:
+            raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
+        if guidance_scale is not None and uncond_kwargs is None:
             raise ConfigError("classifier-free guidance needs uncond_kwargs (the model's unconditional inputs)")
-        pred = _guided(model, schedule, x_t, t, objective=objective, x0_prev=x0_prev, self_condition=self_condition,
-                       kwargs=model_kwargs or {}, uncond_kwargs=uncond_kwargs, guidance_scale=guidance_scale)
-    if not (clip or dynamic_thresholding):
+        self.model, self.schedule, self.objective, self.self_condition = model, schedule, objective, self_condition
+        self.clip, self.dynamic_thresholding = clip, dynamic_thresholding
+        self.model_kwargs, self.guidance_scale, self.uncond_kwargs = model_kwargs, guidance_scale, uncond_kwargs
+        self.x0_prev: torch.Tensor | None = None          # self-conditioning: the last x0_pred returned
+
+    def predict(self, x_t: torch.Tensor, t: int | torch.Tensor, *, x0_prev: torch.Tensor | None = None,
+                model_kwargs: dict | None = None, clip: bool | None = None) -> Prediction:
+        """One network evaluation at (x_t, t) as a :class:`Prediction`: (eps_pred, x0_pred), var_values, output.
+
+        ``model_kwargs`` and ``clip``, when given, replace the bound ones (a batch's own labels, the
+        self-conditioning pass's clipping). A self-conditioned network gets ``x0_prev`` (zeros when
+        None) as its extra input channels.
+
+        With ``guidance_scale`` w, classifier-free guidance (Ho & Salimans 2022, Eq. 6, written with
+        w = 1 + their w): eps_pred = eps_uncond + w (eps_cond - eps_uncond), where eps_cond uses
+        ``model_kwargs`` (e.g. ``{"y": labels}``) and eps_uncond ``uncond_kwargs`` (e.g. the null label),
+        both from one batched pass. x0- or v-outputs are converted to eps first and combined there;
+        x0_pred is then recomputed from the guided eps (Eq. 4); var_values are the conditional half's.
+
+        With ``clip`` x0_pred is clipped to [-1, 1], with ``dynamic_thresholding`` it is thresholded
+        (:func:`dynamic_threshold`); either way eps_pred is then re-derived from the corrected x0_pred
+        (Eq. 4 solved for eps), so every consumer sees a consistent pair.
+        """
+        clip = self.clip if clip is None else clip
+        if clip and self.dynamic_thresholding:
+            raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
+        model_kwargs = self.model_kwargs if model_kwargs is None else model_kwargs
+        t = timestep_batch(t, x_t)
+        if self.guidance_scale is None:
+            output = model_output(self.model, x_t, t, self_cond=x0_prev, self_condition=self.self_condition,
+                                  model_kwargs=model_kwargs)
+            prediction, var_values = split_output(output, x_t.shape[1])
+            pred = Prediction(*prediction_to_eps_x0(self.schedule, x_t, t, prediction, self.objective), var_values,
+                              prediction)
+        else:
+            pred = self._guided(x_t, t, x0_prev, model_kwargs or {})
+        if not (clip or self.dynamic_thresholding):
+            return pred
+        x0_pred = pred[1].clamp(-1.0, 1.0) if clip else dynamic_threshold(pred[1])
+        return Prediction(predict_eps_from_x0(self.schedule, x_t, t, x0_pred), x0_pred, pred.var_values, pred.output)
+
+    def _guided(self, x_t: torch.Tensor, t: torch.Tensor, x0_prev: torch.Tensor | None, kwargs: dict) -> Prediction:
+        """Classifier-free guidance from ONE forward pass over the batch concatenated with itself."""
+        both = {k: torch.cat([kwargs[k], self.uncond_kwargs[k]]) for k in kwargs}
+        x_2, t_2 = torch.cat([x_t, x_t]), torch.cat([t, t])
+        prev_2 = None if x0_prev is None else torch.cat([x0_prev, x0_prev])
+        output = model_output(self.model, x_2, t_2, self_cond=prev_2, self_condition=self.self_condition,
+                              model_kwargs=both)
+        prediction, var_values = split_output(output, x_t.shape[1])
+        eps_2, _ = prediction_to_eps_x0(self.schedule, x_2, t_2, prediction, self.objective)
+        eps_cond, eps_uncond = eps_2.chunk(2)
+        eps_pred = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)             # Ho & Salimans, Eq. 6
+        return Prediction(eps_pred, predict_x0_from_eps(self.schedule, x_t, t, eps_pred),
+                          None if var_values is None else var_values.chunk(2)[0])
+
+    def __call__(self, x_t: torch.Tensor, t: int | torch.Tensor) -> Prediction:
+        x0_prev = self.x0_prev
+        if x0_prev is not None and x0_prev.shape != x_t.shape:
+            x0_prev = None
+        pred = self.predict(x_t, t, x0_prev=x0_prev)
+        if self.self_condition:
+            self.x0_prev = pred[1]
         return pred
-    x0_pred = pred[1].clamp(-1.0, 1.0) if clip else dynamic_threshold(pred[1])
-    return Prediction(predict_eps_from_x0(schedule, x_t, t, x0_pred), x0_pred, pred.var_values, pred.output)
+
+    def p_mean_variance(self, x_t: torch.Tensor, t: torch.Tensor, *, variance: str = "posterior",
+                        x0_prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Parameters of p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)  (Ho et al. 2020, Eq. 1).
+
+        The mean is the posterior mean (Eq. 7) evaluated at the model's x0 estimate (clipped to [-1, 1]
+        first when the denoiser clips, as in the paper's code), which for an eps model equals Eq. 11.
+        The variance is that of :func:`ddpm.diffusion.p_mean_variance_from_prediction`.
+        """
+        pred = self.predict(x_t, t, x0_prev=x0_prev)
+        if variance == LEARNED_VARIANCE and pred.var_values is None:
+            raise ConfigError("variance 'learned-range' needs a network trained with learned variances "
+                              "(2C output channels); this one has C")
+        out = p_mean_variance_from_prediction(self.schedule, x_t, t, pred[1], pred.var_values, variance=variance)
+        return {**out, "eps_pred": pred[0], "x0_pred": pred[1]}
 
 
 def make_denoiser(model: Callable, schedule: NoiseSchedule, *, objective: str = "eps", clip: bool = False,
                   dynamic_thresholding: bool = False, model_kwargs: dict | None = None,
                   guidance_scale: float | None = None, uncond_kwargs: dict | None = None,
                   self_condition: bool = False) -> Denoiser:
-    """Adapt ``model(x_t, t_batch, **model_kwargs)`` trained with ``objective`` into
-    ``denoiser(x_t, t) -> Prediction(eps_pred, x0_pred, var_values)``, for the samplers.
-
-    The options are those of :func:`denoise`. A self-conditioned network (``self_condition``) is fed
-    the x0_pred this denoiser returned last (zeros at the first call): the previous step's estimate,
-    in every sampler (Chen et al. 2023, Sec. 3.3). Such a denoiser holds that state, so build one
-    per sampling run.
-    """
-    check_objective(objective)
-    if clip and dynamic_thresholding:
-        raise ConfigError("x0 clipping and dynamic thresholding exclude each other; choose one")
-    if guidance_scale is not None and uncond_kwargs is None:
-        raise ConfigError("classifier-free guidance needs uncond_kwargs (the model's unconditional inputs)")
-    state: dict = {"x0_prev": None}          # self-conditioning: the last x0_pred returned
-
-    def denoiser(x_t: torch.Tensor, t: int | torch.Tensor) -> Prediction:
-        x0_prev = state["x0_prev"]
-        if x0_prev is not None and x0_prev.shape != x_t.shape:
-            x0_prev = None
-        pred = denoise(model, schedule, x_t, t, objective=objective, x0_prev=x0_prev, self_condition=self_condition,
-                       model_kwargs=model_kwargs, guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs,
-                       clip=clip, dynamic_thresholding=dynamic_thresholding)
-        if self_condition:
-            state["x0_prev"] = pred[1]
-        return pred
-
-    return denoiser
+    """A :class:`Denoiser` for one sampling run: ``denoiser(x_t, t) -> Prediction(eps_pred, x0_pred,
+    var_values)`` from ``model(x_t, t_batch, **model_kwargs)`` trained with ``objective``."""
+    return Denoiser(model, schedule, objective=objective, self_condition=self_condition, clip=clip,
+                    dynamic_thresholding=dynamic_thresholding, model_kwargs=model_kwargs,
+                    guidance_scale=guidance_scale, uncond_kwargs=uncond_kwargs)
 
 
 def p_mean_variance(model: Callable, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, *,
@@ -198,10 +228,5 @@ def p_mean_variance(model: Callable, schedule: NoiseSchedule, x_t: torch.Tensor,
     the paper's code). The variance is that of :func:`ddpm.diffusion.p_mean_variance_from_prediction`.
     A self-conditioned network gets ``self_cond`` as its x0_prev.
     """
-    pred = denoise(model, schedule, x_t, t, objective=objective, x0_prev=self_cond, self_condition=self_condition,
-                   model_kwargs=model_kwargs, clip=clip_denoised)
-    if variance == LEARNED_VARIANCE and pred.var_values is None:
-        raise ConfigError("variance 'learned-range' needs a network trained with learned variances "
-                          "(2C output channels); this one has C")
-    out = p_mean_variance_from_prediction(schedule, x_t, t, pred[1], pred.var_values, variance=variance)
-    return {**out, "eps_pred": pred[0], "x0_pred": pred[1]}
+    return Denoiser(model, schedule, objective=objective, self_condition=self_condition, model_kwargs=model_kwargs,
+                    clip=clip_denoised).p_mean_variance(x_t, t, variance=variance, x0_prev=self_cond)

@@ -30,12 +30,11 @@ from typing import Sequence
 import torch
 
 from .errors import ConfigError
-from .pixels import from_model_range, to_model_range     # re-exported: the pixel mappings
 from .schedules import NoiseSchedule, extract
 
 __all__ = [
     "OBJECTIVES", "LOSS_WEIGHTINGS", "VARIANCES",
-    "to_model_range", "from_model_range", "randn",
+    "randn",
     "q_sample", "q_mean_variance", "q_posterior_mean_variance",
     "predict_x0_from_eps", "predict_eps_from_x0", "predict_x0_from_v", "predict_eps_from_v", "v_target",
     "prediction_to_eps_x0", "check_objective", "loss_weight",

@@ -34,21 +34,24 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import distributed, train as training
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint
 from .config import DataConfig, RunConfig, TrainConfig, _is_int
 from .data import load_dataset
-from .denoiser import denoise
+from .denoiser import Denoiser
 from .diffusion import offset_noise, q_sample
 from .errors import CheckpointError, ConfigError, TrainingInterrupted
 from .fileio import write_json
+from .generate import load_diffusion
 from .losses import Loss
-from . import train as training
+from .precision import resolve_precision
 from .samplers import SamplingOptions, ddim_step, spaced_timesteps
 from .sampling import x0_clip
 from .schedules import NoiseSchedule
@@ -141,8 +144,9 @@ class DistillationLoss(Loss):
 
     ``teacher(x_t, t_batch, **model_kwargs)`` is the frozen teacher network trained with
     ``teacher_objective``; ``teacher_clip`` clips its x0 estimate as its own sampler would. Both
-    networks are read through :func:`ddpm.denoiser.denoise`. :meth:`draw_timesteps` draws student
-    timesteps uniformly from the grid (Algorithm 2: t = i / N); ``offset_noise`` is the run's.
+    networks are read through a :class:`ddpm.denoiser.Denoiser`, the teacher's bound once.
+    :meth:`draw_timesteps` draws student timesteps uniformly from the grid (Algorithm 2: t = i / N);
+    ``offset_noise`` is the run's.
     """
 
     def __init__(self, teacher: Callable, schedule: NoiseSchedule, grid: StudentGrid, *,
@@ -155,6 +159,7 @@ class DistillationLoss(Loss):
         super().__init__(schedule.to(device))
         self.teacher, self.grid, self.weighting, self.offset_noise = teacher, grid, weighting, offset_noise
         self.teacher_objective, self.teacher_clip, self.student_objective = teacher_objective, teacher_clip, student_objective
+        self.teacher_denoiser = Denoiser(teacher, self.schedule, objective=teacher_objective, clip=teacher_clip)
         T = schedule.timesteps
         # alpha-bar with one more entry, index T, for "the data" (alpha-bar = 1).
         self.alpha_bar = torch.cat([schedule.alphas_cumprod.double(), torch.ones(1, dtype=torch.float64)]).to(device)
@@ -176,8 +181,7 @@ class DistillationLoss(Loss):
 
     def teacher_predict(self, z: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None):
         """(eps_pred, x0_pred) of the teacher at per-sample timesteps, clipped as its sampler would."""
-        return denoise(self.teacher, self.schedule, z, t, objective=self.teacher_objective, model_kwargs=model_kwargs,
-                       clip=self.teacher_clip)
+        return self.teacher_denoiser.predict(z, t, model_kwargs=model_kwargs)
 
     @torch.no_grad()
     def targets(self, z_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None) -> torch.Tensor:
@@ -196,7 +200,8 @@ class DistillationLoss(Loss):
         """Per-sample loss w(t) ||x^(z_t) - x~||^2 (mean over pixels) for data x0 in [-1, 1]."""
         z_t = q_sample(self.schedule, x0, t, noise)                       # Eq. 4
         x_tilde = self.targets(z_t, t, model_kwargs)
-        _, x0_pred = denoise(net, self.schedule, z_t, t, objective=self.student_objective, model_kwargs=model_kwargs)
+        student = Denoiser(net, self.schedule, objective=self.student_objective)
+        _, x0_pred = student.predict(z_t, t, model_kwargs=model_kwargs)
         mse = (x0_pred - x_tilde).pow(2).mean(dim=tuple(range(1, x0.ndim)))
         return mse * distillation_weight(self.alpha_bar[t].float(), self.weighting)
 
@@ -290,8 +295,6 @@ def student_run_config(teacher: RunConfig, train: TrainConfig, data: DataConfig,
 
 
 def _teacher_loss(path: str, device: torch.device, grid: StudentGrid, weighting: str) -> DistillationLoss:
-    from .generate import load_diffusion
-
     diffusion, _ = load_diffusion(path, device=device, weights="ema")
     return DistillationLoss(diffusion.model, diffusion.schedule, grid, teacher_objective=diffusion.objective,
                             teacher_clip=x0_clip(diffusion, diffusion.default_sampling), weighting=weighting, device=device,
@@ -392,11 +395,6 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
     called before each round that runs. Under torchrun every process runs this function and each
     round trains data-parallel like ``ddpm train``; rank 0 alone writes the plan and the round files.
     """
-    import time
-
-    from . import distributed
-    from .precision import resolve_precision
-
     start = time.time()
     run_dir = Path(run_dir)
     teacher_path, teacher = load_teacher_config(config.teacher)
@@ -443,8 +441,6 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
 def _prepare_round(run_dir: Path, round_dir: Path, steps: int, r: int, config: DistillConfig, init: str) -> str:
     """Round r's state ('done', 'partial' or 'new', as rank 0 sees it) and, on rank 0, its directory:
     a finished round is linked as the student, a round killed before its first checkpoint is cleared."""
-    from . import distributed
-
     state = distributed.broadcast_object(_round_state(round_dir, steps) if distributed.is_main() else None)
     with distributed.agree("preparing a distillation round"):
         if not distributed.is_main():

@@ -29,12 +29,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import MAX_IMAGE_SIDE, MAX_TIMESTEPS
-from .pixels import to_uint8
-from .diffusion import from_model_range, to_model_range
-from .errors import ConfigError, DataError
 from .denoiser import Denoiser
+from .errors import ConfigError, DataError
+from .images import make_grid, save_npz
+from .pixels import from_model_range, to_model_range, to_uint8
 from .sample_job import load_image
 from .samplers import _draw  # the samplers' own noise check
 from .samplers import DEFAULT_SAMPLING, SAMPLERS, SamplingOptions, ancestral_step, ddim_invert, sample_ddim, transitions
@@ -98,8 +99,6 @@ def load_mask(spec: str, image_size: Sequence[int], *, source_sizes: Sequence[tu
     aspect ratio of each input image (``source_sizes``, (H, W) as read; the model's size when
     empty); it is fitted to ``image_size`` as the images are (cover, center-crop), with nearest.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if not spec.lower().endswith(".png") and not Path(spec).is_file():
         return named_mask(spec, image_size, seed=seed)
     height, width = (int(v) for v in image_size)
@@ -361,8 +360,6 @@ def load_images(specs: Sequence[str], diffusion, *, data_root: str | os.PathLike
                 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """The input images at the model's size and channels, [N, C, H, W] in [0, 1], and the (H, W)
     of each as read (an image file's own size; the model's for ``DATASET:INDEX``)."""
-    from PIL import Image
-
     images, sizes = [], []
     for spec in specs:
         images.append(load_image(spec, diffusion.image_size, diffusion.channels, data_root=data_root))
@@ -381,16 +378,12 @@ def masked_preview(images: np.ndarray, keep: torch.Tensor) -> np.ndarray:
 
 def result_grid(rows: Sequence[np.ndarray]) -> np.ndarray:
     """One grid, a row per array of uint8 [N, H, W, C] (e.g. inputs, masked inputs, results)."""
-    from .images import make_grid
-
     return make_grid(np.concatenate(list(rows)), nrow=len(rows[0]))
 
 
 def save_latents(path: str | os.PathLike, latents: torch.Tensor, *, timesteps: Sequence[int], num_timesteps: int,
                  steps: int, spacing: str) -> Path:
     """``latents.npz``: ``latents`` float32 [N, C, H, W] and the DDIM steps that decode them."""
-    from .images import save_npz
-
     return save_npz(path, latents=latents.numpy().astype(np.float32), timesteps=np.asarray(timesteps),
                     num_timesteps=np.int64(num_timesteps), steps=np.int64(steps), spacing=np.str_(spacing))
 

@@ -203,7 +203,7 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         try:
-            import fcntl
+            import fcntl                    # here: POSIX only
         except ModuleNotFoundError:         # no flock on this platform
             return self
         for _ in range(10):                 # retry when the holder removed the file as we opened it

@@ -17,9 +17,10 @@ from torch import nn
 from .conditions import ImageCondition, check_condition, prepare_condition, sampling_augmentation, training_condition
 from .config import DiffusionConfig
 from .denoiser import CONDITION_KEY
-from .diffusion import SampleTrajectory, from_model_range, randn, to_model_range
+from .diffusion import SampleTrajectory, randn
 from .errors import ConfigError
 from .losses import make_loss
+from .pixels import from_model_range, to_model_range
 from .samplers import SamplingOptions
 from .sampling import resolve_plan, run_sampler
 from .schedules import NoiseSchedule

@@ -20,19 +20,18 @@ from .checkpoint import load_checkpoint, load_weights
 from .conditions import check_condition
 from .ema import parse_weights, select_weights
 from .config import RunConfig
-from .device import select_device          # re-exported: its earlier home
 from .build import build_diffusion
-from .diffusion import from_model_range, q_sample, to_model_range
+from .diffusion import q_sample
 from .gaussian_diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
-from .pixels import to_uint8
+from .pixels import from_model_range, to_model_range, to_uint8
 from .precision import channels_last as default_channels_last, resolve_precision
 from .samplers import DEFAULT_SAMPLING, KARRAS, SIGMA_SAMPLERS, SamplingOptions, ddim_invert
 from .sigmas import Sigmas
 from .sampling import (SamplingPlan, check_labels, image_noise, label_conditioning, resolve_plan, run_sampler,
                        sample_images)
 
-__all__ = ["select_device", "load_diffusion", "DEFAULT_GUIDANCE_SCALE", "SAMPLER_DEFAULT_STEPS", "resolve_sampling",
+__all__ = ["load_diffusion", "DEFAULT_GUIDANCE_SCALE", "SAMPLER_DEFAULT_STEPS", "resolve_sampling",
            "sampling_options", "generate", "progressive_frames", "progressive_timesteps", "interpolation_plan",
            "interpolate", "slerp"]
 

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .fileio import atomic_write
 
@@ -69,8 +69,6 @@ def class_grid_layout(num_classes: int, num_samples: int) -> tuple[list[int], in
 def label_rows(grid: np.ndarray, labels: list[str], padding: int = 2, pad_value: int = 255) -> np.ndarray:
     """``grid`` (from :func:`make_grid` with the same ``padding``) with ``labels[r]`` written left of row r;
     ``labels`` has one entry per grid row (``""``: none)."""
-    from PIL import ImageDraw
-
     cell = (grid.shape[0] - padding) // max(1, len(labels)) - padding
     width = 6 * max((len(label) for label in labels), default=0) + 2 * padding
     channels = grid.shape[2]
@@ -120,8 +118,6 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
 
 def side_by_side(images: list[np.ndarray], titles: list[str], gap: int = 12, title_height: int = 14) -> np.ndarray:
     """Place uint8 [H, W, C] images next to each other on white, each under its title."""
-    from PIL import ImageDraw
-
     channels = max(im.shape[2] for im in images)
     images = [np.repeat(im, channels, axis=2) if im.shape[2] != channels else im for im in images]
     height = max(im.shape[0] for im in images) + title_height

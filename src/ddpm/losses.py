@@ -15,9 +15,9 @@ A loss takes the network as an argument and never owns it (EDM's loss, k-diffusi
 The losses: :class:`SimpleLoss`, L_simple (Ho et al. 2020, Eq. 14) with its weightings;
 :class:`VlbLoss`, the hybrid L_simple + lambda L_vlb and the pure L_vlb (Nichol & Dhariwal 2021);
 and :class:`ddpm.distill.DistillationLoss` (Salimans & Ho 2022). :func:`make_loss` builds the first
-two from a :class:`~ddpm.config.DiffusionConfig`. Every one reads the network through
-:func:`ddpm.denoiser.denoise`. The draws happen in a fixed order that no option reorders: an option
-that is off draws nothing, so other runs keep their random stream.
+two from a :class:`~ddpm.config.DiffusionConfig`. Every one reads the network through a
+:class:`ddpm.denoiser.Denoiser` bound to its objective. The draws happen in a fixed order that no
+option reorders: an option that is off draws nothing, so other runs keep their random stream.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .denoiser import Prediction, denoise
+from .denoiser import Denoiser, Prediction
 from .diffusion import (LOSSES, check_objective, loss_weight, offset_noise, p_mean_variance_from_prediction,
                         prediction_to_eps_x0, q_sample, v_target, vb_terms_from_mean_variance)
 from .errors import ConfigError
@@ -67,19 +67,18 @@ class Loss:
 
 
 @torch.no_grad()
-def self_condition_estimate(net: Callable, schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor,
-                            mask: torch.Tensor, *, objective: str = "eps", model_kwargs: dict | None = None) -> torch.Tensor:
+def self_condition_estimate(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *,
+                            model_kwargs: dict | None = None) -> torch.Tensor:
     """x0_prev for self-conditioned training (Chen et al. 2023, Sec. 3.3): where ``mask`` [B] is set, the
-    network's own x0 estimate from a first pass with x0_prev = 0, without gradient and clipped to the
-    data range [-1, 1]; zeros elsewhere."""
+    self-conditioned ``denoiser``'s own x0 estimate from a first pass with x0_prev = 0, without gradient
+    and clipped to the data range [-1, 1]; zeros elsewhere."""
     x0_prev = torch.zeros_like(x_t)
     idx = mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return x0_prev
     kwargs = {k: v[idx] if torch.is_tensor(v) and v.shape[:1] == mask.shape else v
               for k, v in (model_kwargs or {}).items()}
-    pred = denoise(net, schedule, x_t[idx], t[idx], objective=objective, self_condition=True, model_kwargs=kwargs,
-                   clip=True)
+    pred = denoiser.predict(x_t[idx], t[idx], model_kwargs=kwargs, clip=True)
     x0_prev[idx] = pred[1].to(x0_prev.dtype)
     return x0_prev
 
@@ -116,12 +115,11 @@ class SimpleLoss(Loss):
                 self_cond_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Prediction]:
         """x_t ~ q(x_t | x0) (Eq. 4) and the network's prediction there."""
         x_t = q_sample(self.schedule, x0, t, noise)
+        denoiser = Denoiser(net, self.schedule, objective=self.objective, self_condition=self.self_condition)
         x0_prev = None
         if self.self_condition and self_cond_mask is not None:
-            x0_prev = self_condition_estimate(net, self.schedule, x_t, t, self_cond_mask, objective=self.objective,
-                                              model_kwargs=model_kwargs)
-        return x_t, denoise(net, self.schedule, x_t, t, objective=self.objective, x0_prev=x0_prev,
-                            self_condition=self.self_condition, model_kwargs=model_kwargs)
+            x0_prev = self_condition_estimate(denoiser, x_t, t, self_cond_mask, model_kwargs=model_kwargs)
+        return x_t, denoiser.predict(x_t, t, x0_prev=x0_prev, model_kwargs=model_kwargs)
 
     def weighted_mse(self, pred: Prediction, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         target = {"eps": noise, "x0": x0}.get(self.objective)

@@ -53,7 +53,7 @@ def draw_series(ax, series: Series, *, xlabel: str = "", ylabel: str = "", log_y
     With ``log_y`` non-positive points are dropped too, and the y axis is logarithmic when the
     values span a factor of 10 or more.
     """
-    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter     # here: optional dependency (viz extra)
 
     values = []
     for name, (xs, ys) in series.items():
@@ -83,7 +83,7 @@ def line_chart(series: Series, path: str | os.PathLike, *, title: str = "", xlab
     Returns the path, or None (after a one-line note) when matplotlib is not installed.
     """
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure        # here: optional dependency (viz extra)
     except ImportError:
         note_missing_matplotlib(Path(path).name)
         return None

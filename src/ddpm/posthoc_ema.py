@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import read_metadata, tensor_checksum
+from .checkpoint import checkpoint_path, load_checkpoint, read_metadata, tensor_checksum
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write
 
@@ -356,8 +356,6 @@ def reconstruction_checkpoint(run_dir: str | os.PathLike, rec: Reconstruction) -
     :func:`ddpm.checkpoint.save_checkpoint`: the configuration is the run's newest checkpoint's, and
     ``model.*`` holds the raw weights of the checkpoint at the same step when the run kept one (else the
     reconstruction again, said in ``posthoc_ema.raw``)."""
-    from .checkpoint import checkpoint_path, load_checkpoint
-
     meta = read_metadata(run_dir)
     raw, raw_from = rec.state, "reconstruction"
     at_step = checkpoint_path(run_dir, rec.step)

@@ -43,7 +43,9 @@ from typing import Callable
 
 import torch
 
+from . import distributed
 from .errors import ConfigError
+from .fileio import write_json
 
 __all__ = ["PRECISIONS", "CHOICES", "ENV_VAR", "BF16_MIN_SPEEDUP", "Resolved", "autocast", "channels_last",
            "check_precision", "check_request", "resolve_precision", "cpu_verdict", "probe_cpu", "machine_key", "cache_path"]
@@ -144,8 +146,6 @@ def resolve_precision(requested: str, device: torch.device) -> Resolved:
         return Resolved("fp32", f"auto: {torch.cuda.get_device_name(device)} lacks native bfloat16")
     if device.type != "cpu":
         return Resolved("fp32", f"auto: the default on {device.type}")
-    from . import distributed
-
     found = distributed.broadcast_object(cpu_verdict() if distributed.is_main() else None,
                                          "sharing the precision verdict")
     return Resolved(found["precision"], f"auto: {found['why']}")
@@ -181,8 +181,6 @@ def cpu_verdict(*, cache_dir: str | os.PathLike | None = None, probe: Callable[[
     found = {**found, "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
     cached[key] = found
     try:
-        from .fileio import write_json
-
         write_json(path, cached)
     except OSError:
         pass

@@ -7,7 +7,7 @@ Every sampler is one function with the same signature::
 * ``denoiser(x_t, t)`` returns ``(eps_pred, x0_pred)`` for the 0-based timestep ``t`` (an int shared
   by the batch), as a :class:`~ddpm.denoiser.Prediction` that also carries a learned-variance
   network's interpolation channels (``var_values``, used by the ancestral sampler only).
-  :func:`~ddpm.denoiser.make_denoiser` (re-exported here) builds one from any network, whatever its
+  :func:`~ddpm.denoiser.make_denoiser` builds one from any network, whatever its
   training objective (eps, x0 or v), with optional guidance, x0 clipping or dynamic thresholding:
   samplers never branch on it.
 * ``x_T`` is the starting noise; ``schedule`` a :class:`~ddpm.schedules.NoiseSchedule`;
@@ -33,14 +33,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .denoiser import DYNAMIC_THRESHOLD_PERCENTILE, Denoiser, Prediction, dynamic_threshold, make_denoiser
+from .denoiser import Denoiser
 from .diffusion import LEARNED_VARIANCE, VARIANCES, learned_range_log_variance, randn
 from .errors import ConfigError
 from .schedules import NoiseSchedule
 from .sigmas import KARRAS_RHO, Sigmas, as_sigma_denoiser, karras_sigmas, karras_timesteps, schedule_sigmas, sigma_steps
 
 __all__ = [
-    "Denoiser", "Prediction", "make_denoiser", "dynamic_threshold", "DYNAMIC_THRESHOLD_PERCENTILE",   # ddpm.denoiser
     "leading_timesteps", "trailing_timesteps", "linspace_timesteps", "SPACINGS", "spaced_timesteps",
     "transitions", "ancestral_step", "ddim_sigma", "ddim_step", "half_log_snr",
     "sample_ancestral", "sample_ddim", "sample_dpm_solver_pp_2m", "SAMPLERS",

@@ -40,7 +40,6 @@ from .conditions import shown_condition, training_condition
 from .config import RunConfig
 from .data import ImageData, check_same_dataset, load_dataset
 from .data.pairs import load_paired_data
-from .diffusion import to_model_range
 from .errors import DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write
 from .build import build_diffusion
@@ -50,7 +49,7 @@ from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_
 from .losses import Loss, make_loss
 from .lr_schedules import LRSchedule, schedule_from_train_config
 from .posthoc_ema import save_snapshot
-from .pixels import to_uint8, uint8_to_unit as to_tensor_on_device
+from .pixels import to_model_range, to_uint8, uint8_to_unit
 from .precision import autocast, channels_last, check_precision, resolve_precision
 from .data.hub import is_hub_spec
 from .data.prepared import BatchPrefetcher
@@ -374,10 +373,10 @@ def _draw_batch(setup: Setup, step: int) -> _Batch:
     index = setup.order.batch(step).to(device)
     shape = (index.shape[0], config.model.channels, *config.model.image_size)
     if setup.reader is None:
-        x = to_tensor_on_device(setup.images[index[mine]])
+        x = uint8_to_unit(setup.images[index[mine]])
     else:                               # the same rows, read from the memory map (ahead, on another thread)
-        x = to_tensor_on_device(setup.reader.get(step)[0].to(device, non_blocking=True))
-    paired = None if setup.conditions is None else to_tensor_on_device(setup.conditions[index[mine]])
+        x = uint8_to_unit(setup.reader.get(step)[0].to(device, non_blocking=True))
+    paired = None if setup.conditions is None else uint8_to_unit(setup.conditions[index[mine]])
     if config.data.hflip:
         flip = torch.rand(shape[0], generator=g, device=device)[mine] < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(3), x)

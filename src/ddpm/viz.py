@@ -16,12 +16,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+from .diffusion import q_sample
 from .errors import ConfigError, DataError
 from .fileio import atomic_write
 from .generate import progressive_frames, progressive_timesteps
-from .images import make_grid, save_png
+from .images import grid_scale, make_grid, save_png
+from .pixels import from_model_range, to_model_range, to_tensor, to_uint8
+from .plots import draw_series, have_matplotlib, note_missing_matplotlib
 from .sampling import SamplingPlan, resolve_plan
+from .schedules import NoiseSchedule
 
 __all__ = ["require_matplotlib", "schedule_figure", "forward_strips", "forward_figure", "progressive_grid",
            "progressive_figure", "progressive_png", "reverse_figure", "training_figure", "grid_display_scale",
@@ -35,7 +40,7 @@ TRAINING_FIGSIZE = (12.0, 8.0)      # at least 1200 pixels wide; as tall (and wi
 def require_matplotlib(what: str):
     """matplotlib's ``Figure`` class, or a one-line error that names the extra to install."""
     try:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure        # here: optional dependency (viz extra)
     except ImportError:
         raise ConfigError(f"{what} needs matplotlib, which is not installed: pip install 'ddpm[viz]' "
                           "(or pip install matplotlib)") from None
@@ -52,8 +57,6 @@ def _save_figure(fig, path: str | os.PathLike) -> Path:
 def schedule_figure(path: str | os.PathLike, *, timesteps: int = 1000,
                     schedules: Sequence[str] = ("linear", "cosine", "sigmoid")) -> Path:
     """alpha-bar_t, beta_t and log SNR(t) = log(alpha-bar_t / (1 - alpha-bar_t)) against t, one line per schedule."""
-    from .schedules import NoiseSchedule
-
     if not schedules:
         raise ConfigError("name at least one schedule")
     tables = {kind: NoiseSchedule(kind, timesteps) for kind in dict.fromkeys(schedules)}   # validates T and names
@@ -85,10 +88,6 @@ def forward_strips(images: np.ndarray, steps: Sequence[int], *, schedule: str = 
     Image k uses the same noise at every step and for every schedule (drawn from ``seed``), so
     strips differ only by how much of x_0 the schedule keeps.
     """
-    from .pixels import to_tensor, to_uint8
-    from .diffusion import from_model_range, q_sample, to_model_range
-    from .schedules import NoiseSchedule
-
     noise_schedule = NoiseSchedule(schedule, timesteps)
     bad = [s for s in steps if not 0 <= s < timesteps]
     if bad:
@@ -101,8 +100,6 @@ def forward_strips(images: np.ndarray, steps: Sequence[int], *, schedule: str = 
 
 
 def _title_strip(width: int, text: str, channels: int, height: int = 14) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
     pil = Image.new("L", (width, height), 255)
     ImageDraw.Draw(pil).text((2, 1), text, fill=0)
     strip = np.asarray(pil)[:, :, None]
@@ -195,8 +192,6 @@ def progressive_title(plan: SamplingPlan, seed: int, meta: dict | None = None) -
 def progressive_png(path: str | os.PathLike, x_t: np.ndarray, x0_pred: np.ndarray, timesteps: Sequence[int],
                     *, title: str) -> Path:
     """:func:`progressive_figure`, or without matplotlib the unlabelled grid (after a one-line note)."""
-    from .plots import have_matplotlib, note_missing_matplotlib
-
     if have_matplotlib():
         return progressive_figure(path, x_t, x0_pred, timesteps, title=title)
     note_missing_matplotlib(f"labelling {Path(path).name}")
@@ -273,8 +268,6 @@ def grid_display_scale(native: tuple[int, int] | None) -> int:
     The grids are stored magnified by :func:`~ddpm.images.grid_scale` already (8x for 8x8 digits,
     3x for 28x28 MNIST), so most are drawn pixel for pixel.
     """
-    from .images import grid_scale
-
     if native is None:
         return 1
     return max(1, -(-MIN_SAMPLE_SCALE // grid_scale(*native)))
@@ -282,8 +275,6 @@ def grid_display_scale(native: tuple[int, int] | None) -> int:
 
 def _loss_charts(fig, rows: list[dict], width: int, height: int) -> None:
     """The loss curve and the loss per timestep quartile, side by side in the band below the title."""
-    from .plots import draw_series
-
     steps = [r["step"] for r in rows]
 
     def column(key: str) -> list[float]:
@@ -306,8 +297,6 @@ def training_figure(path: str | os.PathLike, run_dir: str | os.PathLike, *, grid
     The grids are drawn large enough to read -- each sample at least 3x its native size
     (:func:`grid_display_scale`), two grids a row -- and the figure grows to hold them.
     """
-    from PIL import Image
-
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     shown = sample_grids(run_dir, grids)
@@ -344,10 +333,8 @@ def training_to_tensorboard(run_dir: str | os.PathLike, figure: str | os.PathLik
     EMA and raw side by side, at their steps) as images in ``RUN_DIR/tensorboard``, where training logs.
     False when tensorboard is not installed.
     """
-    from PIL import Image
-
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter     # here: optional dependency (tensorboard extra)
     except Exception:          # tensorboard missing or broken: the PNG has everything
         return False
     writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))

@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
+from ..checkpoint import load_checkpoint, load_weights, save_checkpoint
 from ..errors import ConfigError
-from ..models.unet1d import Unet1D as _Unet1D
-from ..models.unet1d import Unet1DConfig
-from .lucidrains import _AT_DEFAULT_ONLY, ArgumentError, GaussianDiffusion, _precision, check_arguments
+from ..models.unet1d import Unet1D as _Unet1D, Unet1DConfig
+from ..precision import autocast
+from ..training_state import EMA
+from .lucidrains_core import _AT_DEFAULT_ONLY, ArgumentError, GaussianDiffusion, _precision, check_arguments
 
 __all__ = ["Unet1D", "GaussianDiffusion1D", "Trainer1D", "Dataset1D"]
 
@@ -117,8 +120,6 @@ class Trainer1D:
                  save_and_sample_every: int = 1000, num_samples: int = 25, results_folder="./results",
                  amp: bool = False, mixed_precision_type: str | None = None, split_batches: bool = True,
                  max_grad_norm: float = 1.0):
-        from ..training_state import EMA
-
         for name, value in (("train_batch_size", train_batch_size), ("gradient_accumulate_every",
                             gradient_accumulate_every), ("train_num_steps", train_num_steps),
                             ("ema_update_every", ema_update_every), ("save_and_sample_every", save_and_sample_every)):
@@ -142,10 +143,6 @@ class Trainer1D:
 
     def train(self) -> None:
         """Train to ``train_num_steps``; a milestone (checkpoint and samples) every ``save_and_sample_every``."""
-        from tqdm.auto import tqdm
-
-        from ..precision import autocast
-
         self.results_folder.mkdir(parents=True, exist_ok=True)
         loader = _cycle(DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True))
         scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16" and self.device.type == "cuda")
@@ -178,8 +175,6 @@ class Trainer1D:
         np.savez(self.results_folder / f"sample-{milestone}.npz", samples=samples.float().cpu().numpy())
 
     def save(self, milestone: int) -> Path:
-        from ..checkpoint import save_checkpoint
-
         tensors = {**{f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                    **{f"ema.{k}": v.detach().cpu().contiguous() for k, v in self.ema.model.state_dict().items()}}
         return save_checkpoint(self.results_folder / f"model-{milestone}.safetensors", tensors,
@@ -190,8 +185,6 @@ class Trainer1D:
 
     def load(self, milestone: int) -> None:
         """Read ``model-{milestone}.safetensors``: the weights, the moving average and the step."""
-        from ..checkpoint import load_checkpoint, load_weights
-
         path = self.results_folder / f"model-{milestone}.safetensors"
         tensors, meta = load_checkpoint(path)
         load_weights(self.model, tensors, "model", str(path))

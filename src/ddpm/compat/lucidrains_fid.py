@@ -21,7 +21,11 @@ from contextlib import contextmanager
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..checkpoint import checkpoint_path, load_checkpoint, load_weights
+from ..device import select_device
 from ..errors import TrainingInterrupted
+from ..evaluation.training import TrainingEvaluator
+from ..generate import generate
 
 __all__ = ["milestone_fid", "stop_on_signals"]
 
@@ -47,11 +51,6 @@ def stop_on_signals(what: str):
 
 def milestone_fid(trainer, step: int) -> float:
     """The FID of ``trainer.num_fid_samples`` EMA samples of the checkpoint at ``step``, logged and printed."""
-    from ..checkpoint import checkpoint_path, load_checkpoint, load_weights
-    from ..device import select_device
-    from ..evaluation.training import TrainingEvaluator
-    from ..generate import generate
-
     path = checkpoint_path(trainer.results_folder, step)
     with stop_on_signals(f"the FID at step {step} (the checkpoint {path} is saved)"):
         tensors, _ = load_checkpoint(path)

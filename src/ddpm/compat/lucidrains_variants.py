@@ -21,7 +21,7 @@ from torch import nn
 from ..edm import EDMDenoiser, EDMLoss
 from ..samplers import sample_heun
 from ..sigmas import karras_sigmas
-from .lucidrains import ArgumentError, GaussianDiffusion
+from .lucidrains_core import ArgumentError, GaussianDiffusion
 
 __all__ = ["LearnedGaussianDiffusion", "XMWrapper", "UNSUPPORTED", "WeightedObjectiveGaussianDiffusion",
            "ElucidatedDiffusion", "ContinuousTimeGaussianDiffusion", "VParamContinuousTimeGaussianDiffusion",

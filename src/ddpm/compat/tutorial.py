@@ -17,12 +17,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..denoiser import make_denoiser, p_mean_variance
+from ..diffusion import q_sample
 from ..errors import ConfigError
+from ..losses import training_losses
 from ..models import Unet
 from ..models.unet import ResBlock as _ResBlock
 from ..precision import autocast
-from ..schedules import NoiseSchedule as _NoiseSchedule
-from ..schedules import extract
+from ..samplers import sample_ancestral
+from ..schedules import NoiseSchedule as _NoiseSchedule, extract
 from ..training_state import EMA
 
 __all__ = ["NoiseSchedule", "DDPM", "UNet", "ResBlock", "EMA", "autocast"]
@@ -67,24 +70,18 @@ class DDPM(nn.Module):
 
     def q_sample(self, x_0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
         """(x_t, noise): x_t ~ q(x_t | x_0) (Eq. 4) with the given or a fresh ``noise``."""
-        from ..diffusion import q_sample
-
         noise = torch.randn_like(x_0) if noise is None else noise
         return q_sample(self._schedule(x_0.device), x_0, t, noise), noise
 
     @torch.no_grad()
     def p_sample(self, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True) -> torch.Tensor:
         """x_{t-1} ~ p(x_{t-1} | x_t) with sigma_t^2 = beta-tilde; no noise where t = 0 (Algorithm 2)."""
-        from ..denoiser import p_mean_variance
-
         p = p_mean_variance(self.model, self._schedule(x_t.device), x_t, t, clip_denoised=clip_denoised)
         nonzero = (t != 0).to(x_t.dtype).reshape(-1, *((1,) * (x_t.ndim - 1)))
         return p["mean"] + nonzero * torch.exp(0.5 * p["log_variance"]) * torch.randn_like(x_t)
 
     def training_loss(self, x_0: torch.Tensor) -> torch.Tensor:
         """L_simple (Eq. 14) of data ``x_0`` in [-1, 1], t uniform in {0, ..., T-1}."""
-        from ..losses import training_losses
-
         t = torch.randint(0, self.timesteps, (x_0.shape[0],), device=x_0.device)
         return training_losses(self.model, self._schedule(x_0.device), x_0, t, torch.randn_like(x_0)).mean()
 
@@ -92,9 +89,6 @@ class DDPM(nn.Module):
     def sample(self, batch_size: int, image_size: int, channels: int = 3, device: str = "cuda",
                show_progress: bool = True) -> torch.Tensor:
         """``batch_size`` samples in [-1, 1] by the paper's ancestral sampler over all T steps."""
-        from ..denoiser import make_denoiser
-        from ..samplers import sample_ancestral
-
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"DDPM.sample(device={str(device)!r}): CUDA is not available here; pass device='cpu'")

@@ -37,6 +37,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from ..errors import ConfigError, DataError
@@ -103,9 +105,6 @@ _LENET_CACHE: dict[str, tuple[LeNet, dict]] = {}
 
 def load_lenet(path: str | os.PathLike | None = None) -> tuple[LeNet, dict]:
     """The LeNet (eval mode, CPU) and its metadata (test accuracy, seed, ...); cached per path."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
     path = Path(path) if path is not None else LENET_WEIGHTS
     key = str(path.resolve())
     if key not in _LENET_CACHE:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .features import InceptionPreprocess
 
 __all__ = ["InceptionV3", "INCEPTION_WEIGHTS_FILE", "NUM_INCEPTION_CLASSES", "load_inception_v3",
            "InceptionClassifier"]
@@ -238,8 +239,6 @@ class InceptionClassifier:
 
     def __init__(self, path: str | os.PathLike | None, *, device: str | torch.device = "cpu", batch_size: int = 50,
                  resize: str = "tensorflow"):
-        from .features import InceptionPreprocess
-
         self.model = load_inception_v3(path, device=device).to(memory_format=torch.channels_last)
         self.path, self.batch_size = Path(path), batch_size
         self.preprocess = InceptionPreprocess(resize, device=device, channels_last=True)

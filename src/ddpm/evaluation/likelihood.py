@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# The bound's maths lives in ddpm.diffusion (training's L_vlb uses it too); re-exported here.
-from ..denoiser import p_mean_variance
+# The bound's maths lives in ddpm.diffusion (training's L_vlb uses it too).
+from ..denoiser import Denoiser
 from ..diffusion import (BIN_HALF_WIDTH, LOG2, discretized_gaussian_log_likelihood, mean_over_dims, normal_kl,
                          q_mean_variance, q_sample, randn, vb_terms_from_mean_variance)
 from ..errors import ConfigError, DataError
 from ..schedules import NoiseSchedule
 
-__all__ = ["normal_kl", "discretized_gaussian_log_likelihood", "prior_bpd", "vb_terms_bpd", "bpd_terms",
+__all__ = ["prior_bpd", "vb_terms_bpd", "bpd_terms",
            "images_to_x0", "BpdResult", "evaluate_bpd"]
 
 
@@ -44,38 +43,38 @@ def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
     return mean_over_dims(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / LOG2
 
 
-def vb_terms_bpd(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
-                 objective: str = "eps", variance: str = "posterior", clip_denoised: bool = True,
-                 model_kwargs: dict | None = None, self_condition: bool = False) -> torch.Tensor:
+def vb_terms_bpd(denoiser: Denoiser, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+                 variance: str = "posterior") -> torch.Tensor:
     """One term of the bound per image, in bits/dim, shape [B]: L_{t-1} (a KL) where t >= 1, L_0 where t = 0.
 
-    A learned variance (``variance="learned-range"``) enters the KL and the decoder as it enters
-    sampling. A self-conditioned network is evaluated as a reverse step of its own: a first pass with
-    x0_prev = 0 gives the x0 estimate that the second pass is conditioned on.
+    ``denoiser`` is the network bound to its schedule, objective and self-conditioning, clipping its x0
+    estimate or not. A learned variance (``variance="learned-range"``) enters the KL and the decoder as
+    it enters sampling. A self-conditioned network is evaluated as a reverse step of its own: a first
+    pass with x0_prev = 0 gives the x0 estimate that the second pass is conditioned on.
     """
-    kwargs = dict(objective=objective, variance=variance, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                  self_condition=self_condition)
-    self_cond = p_mean_variance(model, schedule, x_t, t, **kwargs)["x0_pred"] if self_condition else None
-    out = p_mean_variance(model, schedule, x_t, t, self_cond=self_cond, **kwargs)
-    return vb_terms_from_mean_variance(schedule, x0, x_t, t, out["mean"].double(), out["log_variance"].double())
+    self_cond = denoiser.p_mean_variance(x_t, t, variance=variance)["x0_pred"] if denoiser.self_condition else None
+    out = denoiser.p_mean_variance(x_t, t, variance=variance, x0_prev=self_cond)
+    return vb_terms_from_mean_variance(denoiser.schedule, x0, x_t, t, out["mean"].double(),
+                                       out["log_variance"].double())
 
 
 @torch.inference_mode()
-def bpd_terms(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, *, generator: torch.Generator | None = None,
-              progress: bool = False, **kwargs) -> dict[str, torch.Tensor]:
-    """Every term of the bound for a batch x0 [B, ...] on the 8-bit grid in [-1, 1].
+def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, variance: str = "posterior",
+              generator: torch.Generator | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every term of the bound for a batch x0 [B, ...] on the 8-bit grid in [-1, 1], by ``denoiser``
+    (:func:`vb_terms_bpd`) on its schedule.
 
     Returns, in bits/dim, ``terms`` [B, T] (column t is L_0 for t = 0, else L_t in the paper's
-    numbering), ``prior`` [B] (L_T) and ``total`` [B] = prior + sum of the terms. ``kwargs`` go
-    to :func:`vb_terms_bpd` (objective, variance, clip_denoised, model_kwargs, self_condition).
+    numbering), ``prior`` [B] (L_T) and ``total`` [B] = prior + sum of the terms.
     """
+    schedule = denoiser.schedule
     b, T = x0.shape[0], schedule.timesteps
     terms = torch.zeros(b, T, dtype=torch.float64)
     steps = range(T - 1, -1, -1)
     for i in tqdm(steps, desc="bits/dim", disable=not progress, leave=False, dynamic_ncols=True):
         t = torch.full((b,), i, device=x0.device, dtype=torch.long)
         x_t = q_sample(schedule, x0, t, randn(x0.shape, generator=generator, device=x0.device))
-        terms[:, i] = vb_terms_bpd(model, schedule, x0, x_t, t, **kwargs).cpu()
+        terms[:, i] = vb_terms_bpd(denoiser, x0, x_t, t, variance=variance).cpu()
     prior = prior_bpd(schedule, x0).cpu()
     return {"terms": terms, "prior": prior, "total": prior + terms.sum(dim=1)}
 
@@ -123,13 +122,13 @@ def evaluate_bpd(diffusion, images: np.ndarray, *, batch_size: int = 100, seed: 
     schedule = diffusion.schedule_on(device)
     generator = torch.Generator().manual_seed(seed)
     clip = diffusion.clip_denoised if clip_denoised is None else clip_denoised
+    denoiser = Denoiser(diffusion.model, schedule, objective=diffusion.objective, clip=clip,
+                        self_condition=getattr(diffusion, "self_condition", False))
     results = []
     batches = range(0, len(x0_all), batch_size)
     for start in tqdm(batches, desc="bits/dim batches", disable=not progress or len(batches) == 1, dynamic_ncols=True):
         x0 = x0_all[start:start + batch_size].to(device)
-        results.append(bpd_terms(diffusion.model, schedule, x0, generator=generator, progress=progress,
-                                 objective=diffusion.objective, variance=diffusion.variance, clip_denoised=clip,
-                                 self_condition=getattr(diffusion, "self_condition", False)))
+        results.append(bpd_terms(denoiser, x0, variance=diffusion.variance, generator=generator, progress=progress))
     total = torch.cat([r["total"] for r in results])
     terms = torch.cat([r["terms"] for r in results])
     prior = torch.cat([r["prior"] for r in results])

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..images import make_grid
 
 __all__ = ["feature_statistics", "frechet_distance", "fid_from_features", "kid", "precision_recall", "inception_score",
            "nearest_neighbours", "nearest_neighbour_grid"]
@@ -167,8 +168,6 @@ def nearest_neighbours(samples: np.ndarray, train: np.ndarray, k: int = 3) -> tu
 
 def nearest_neighbour_grid(samples: np.ndarray, train: np.ndarray, k: int = 3) -> np.ndarray:
     """A uint8 grid image: one row per sample, the sample first, then its k closest training images."""
-    from ..images import make_grid
-
     idx, _ = nearest_neighbours(samples, train, k)
     rows = [np.concatenate([samples[i:i + 1], train[idx[i]]]) for i in range(len(samples))]
     return make_grid(np.concatenate(rows), nrow=idx.shape[1] + 1)

@@ -15,9 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
+from ..data import load_dataset
 from ..data.sources import has_splits
+from ..device import select_device
 from ..errors import ConfigError, DataError
-from .features import INCEPTION_RESIZE_MODES
+from ..generate import DEFAULT_GUIDANCE_SCALE, load_diffusion, resolve_sampling
+from ..images import save_png
+from ..sampling import num_classes, resolve_plan
+from .features import (INCEPTION_PACKAGE, INCEPTION_RESIZE_MODES, InceptionFeatures, LenetFeatures,
+                       _check_torchscript_file, find_inception)
+from .inception import InceptionClassifier, load_inception_v3
+from .likelihood import evaluate_bpd
+from .metrics import (feature_statistics, frechet_distance, inception_score, kid, nearest_neighbour_grid,
+                      precision_recall)
+from .reference import ReferenceStats, reference_stats, subset_indices
 
 __all__ = ["EVAL_METRICS", "EvalConfig", "evaluate", "default_metrics", "resolve_class"]
 
@@ -141,10 +153,6 @@ def resolve_class(label: str, count: int | None, meta: dict) -> int:
 
 def _check_networks(config: EvalConfig) -> None:
     """Fail before sampling when a network or statistics file the metrics need is missing or unreadable."""
-    from .features import INCEPTION_PACKAGE, _check_torchscript_file, find_inception
-    from .inception import load_inception_v3
-    from .reference import ReferenceStats
-
     metrics = set(config.metrics)
     if config.features == "inception" and (metrics & set(FEATURE_METRICS) or config.save_stats or not metrics):
         path = config.inception or find_inception()
@@ -164,10 +172,6 @@ def _check_networks(config: EvalConfig) -> None:
 
 def _load_model(config: EvalConfig):
     """(diffusion, meta, labels, guidance) of the checkpoint, or Nones for --samples."""
-    from .. import distributed
-    from ..generate import DEFAULT_GUIDANCE_SCALE, load_diffusion
-    from ..sampling import num_classes
-
     if not config.checkpoint:
         return None, None, None, None
     diffusion, meta = load_diffusion(config.checkpoint, device=distributed.training_device(config.device),
@@ -182,9 +186,6 @@ def _load_model(config: EvalConfig):
 def _sampling(config: EvalConfig, diffusion):
     """The sampler options the samples are drawn with (by the rule of ``ddpm sample``: the flags over the
     checkpoint's own section), and their record: sampler, steps and where each came from."""
-    from ..generate import resolve_sampling
-    from ..sampling import resolve_plan
-
     sampling, sources = resolve_sampling(config.sampler, config.steps, base=diffusion.default_sampling, eta=config.eta,
                                          spacing=config.spacing, churn=config.churn, s_tmin=config.s_tmin,
                                          s_tmax=config.s_tmax, s_noise=config.s_noise, rho=config.rho)
@@ -195,9 +196,7 @@ def _sampling(config: EvalConfig, diffusion):
 def _samples(config: EvalConfig, diffusion, sampling, labels, guidance) -> np.ndarray | None:
     """uint8 samples [N, H, W, C]: generated from the checkpoint with ``sampling`` (shared among
     processes), or read."""
-    from .. import distributed
-    from ..data import load_dataset
-    from ..generate import generate
+    from ..generate import generate     # here: looked up at each call, so a replaced one is used
 
     if diffusion is None:
         return load_dataset(config.samples).images[:config.n] if distributed.is_main() else None
@@ -214,8 +213,6 @@ def _samples(config: EvalConfig, diffusion, sampling, labels, guidance) -> np.nd
 
 def evaluate(config: EvalConfig) -> dict | None:
     """The results of ``config`` as a dict keyed by metric (see ``docs/evaluation.md``); None on ranks > 0."""
-    from .. import distributed
-
     with distributed.agree("checking the options"):
         _check_networks(config)
         diffusion, meta, labels, guidance = _load_model(config)
@@ -259,8 +256,6 @@ def evaluate(config: EvalConfig) -> dict | None:
 
 def _bpd(config: EvalConfig, diffusion) -> dict:
     """The variational bound in bits/dim over a spread subset of ``config.n`` images of the split."""
-    from .likelihood import evaluate_bpd
-
     start = time.perf_counter()
     bound = evaluate_bpd(diffusion, _test_images(config, diffusion), batch_size=config.batch_size, seed=config.seed,
                          progress=config.progress)
@@ -269,9 +264,6 @@ def _bpd(config: EvalConfig, diffusion) -> dict:
 
 def _test_images(config: EvalConfig, diffusion) -> np.ndarray:
     """A spread subset of ``config.n`` images of the split (not a prefix), uint8, at the model's own size."""
-    from ..data import load_dataset            # the data package is large: loaded when asked for
-    from .reference import subset_indices      # as the other metrics load theirs
-
     test = load_dataset(config.data, data_root=config.data_root, split=config.split, channels=diffusion.channels,
                         image_column=config.image_column)
     if tuple(test.image_size) != tuple(diffusion.image_size):
@@ -293,9 +285,6 @@ def _bpd_ode(config: EvalConfig, diffusion) -> dict:
 
 
 def _extractor(config: EvalConfig, name: str):
-    from ..device import select_device
-    from .features import InceptionFeatures, LenetFeatures
-
     if name == "lenet":
         return LenetFeatures()
     return InceptionFeatures(config.inception, device=select_device(config.device), resize=config.inception_resize)
@@ -303,8 +292,6 @@ def _extractor(config: EvalConfig, name: str):
 
 def _reference(config: EvalConfig, extractor, samples: np.ndarray | None, from_checkpoint: bool):
     """The reference statistics: a --ref-stats file, else the cached features of the dataset split."""
-    from .reference import ReferenceStats, reference_stats
-
     if config.ref_stats:
         return ReferenceStats.load(config.ref_stats, dim=extractor.dim)
     shape = {} if samples is None else {"image_size": tuple(samples.shape[1:3])}
@@ -318,9 +305,6 @@ def _reference(config: EvalConfig, extractor, samples: np.ndarray | None, from_c
 
 def _sample_quality(config: EvalConfig, metrics, samples: np.ndarray, *, from_checkpoint: bool, results: dict) -> None:
     """fast / fid / kid / pr / is, the nearest-neighbour grid and --save-stats for uint8 ``samples``."""
-    from .features import LenetFeatures
-    from .metrics import feature_statistics, frechet_distance, kid
-
     if "fast" in metrics:
         start = time.perf_counter()
         lenet = LenetFeatures()
@@ -345,8 +329,6 @@ def _sample_quality(config: EvalConfig, metrics, samples: np.ndarray, *, from_ch
 
 
 def _feature_metrics(metrics, extractor, ref, samples: np.ndarray, config: EvalConfig, results: dict) -> None:
-    from .metrics import feature_statistics, frechet_distance, kid, precision_recall
-
     feats = extractor(samples)
     results.update(features=extractor.name, n_reference=ref.n)
     if extractor.name == "inception":
@@ -361,10 +343,6 @@ def _feature_metrics(metrics, extractor, ref, samples: np.ndarray, config: EvalC
 
 def _inception_score(config: EvalConfig, samples: np.ndarray) -> dict:
     """IS over 10 splits of the samples, from the full 2015 network's class probabilities."""
-    from ..device import select_device
-    from .inception import InceptionClassifier
-    from .metrics import inception_score
-
     if len(samples) < IS_SPLITS:
         raise ConfigError(f"--metric is needs at least {IS_SPLITS} samples (10 splits); got {len(samples)}")
     start = time.perf_counter()
@@ -375,10 +353,6 @@ def _inception_score(config: EvalConfig, samples: np.ndarray) -> dict:
 
 
 def _nn_grid(config: EvalConfig, samples: np.ndarray, results: dict) -> None:
-    from ..data import load_dataset
-    from ..images import save_png
-    from .metrics import nearest_neighbour_grid
-
     train = load_dataset(config.data, data_root=config.data_root, split="train", image_size=samples.shape[1:3],
                          channels=samples.shape[3], image_column=config.image_column)
     save_png(config.nn_grid, nearest_neighbour_grid(samples[:16], train.images))

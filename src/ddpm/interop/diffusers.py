@@ -70,7 +70,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from ..checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from ..config import DataConfig, DiffusionConfig, RunConfig
@@ -79,7 +79,9 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import check_output_path, fsync_dir
 from ..models import PRESETS, Unet, UnetConfig, preset_config
 from ..schedules import SCHEDULES, NoiseSchedule
-from .diffusers_bounds import check_scheduler_bounds, check_unet_bounds
+from .diffusers_bounds import (UNEXPRESSIBLE, attention_heads, check_scheduler_bounds, check_unet_bounds,
+                               check_unet_expressible)
+from .model_card import SAMPLES_NAME, model_card, run_dir_of
 
 __all__ = ["require_diffusers", "unet_to_diffusers_config", "unet_from_diffusers_config",
            "scheduler_to_diffusers_config", "diffusion_from_diffusers_scheduler",
@@ -106,7 +108,7 @@ _DIFFUSION_TRAINING_ONLY = {"loss_weighting", "min_snr_gamma",            # shap
 def require_diffusers(what: str = "converting to or from diffusers"):
     """The ``diffusers`` module, or a one-line error that names the extra to install."""
     try:
-        import diffusers
+        import diffusers                # here: optional dependency (the diffusers extra)
     except ImportError as exc:
         if exc.name not in (None, "diffusers"):          # installed, but one of its own imports fails
             raise ConfigError(f"{what} needs diffusers, which failed to import ({exc}); reinstall it: "
@@ -202,69 +204,23 @@ def unet_from_diffusers_config(config: dict) -> UnetConfig:
     diffusers = require_diffusers()
     c = _with_defaults(diffusers.UNet2DModel, config, "the UNet2DModel configuration")
     check_unet_bounds(c)
-    cannot = "ddpm's U-Net cannot express this UNet2DModel"
-
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise CheckpointError(f"{cannot}: {what}")
-
-    need(c["time_embedding_type"] == "positional", f"time_embedding_type={c['time_embedding_type']!r} "
-                                                   "(only 'positional')")
-    need(c["resnet_time_scale_shift"] == "default",
-         f"resnet_time_scale_shift={c['resnet_time_scale_shift']!r} (only 'default': the time embedding added)")
-    need(c["class_embed_type"] is None and c["num_class_embeds"] is None, "it is class-conditional")
-    need(not c["center_input_sample"], "center_input_sample=True")
-    need(c["act_fn"] in ("silu", "swish"), f"act_fn={c['act_fn']!r} (only silu)")
-    need(c["mid_block_type"] == "UNetMidBlock2D" and c["add_attention"] is not False,
-         f"mid_block_type={c['mid_block_type']!r}, add_attention={c['add_attention']} "
-         "(only UNetMidBlock2D with attention)")
-    need(c["mid_block_scale_factor"] == 1, f"mid_block_scale_factor={c['mid_block_scale_factor']} (only 1)")
-    need(c["downsample_type"] == "conv" and c["upsample_type"] == "conv",
-         f"downsample_type={c['downsample_type']!r}, upsample_type={c['upsample_type']!r} (only 'conv')")
-    need(c["downsample_padding"] in (0, 1), f"downsample_padding={c['downsample_padding']} (only 0 or 1)")
-    need(c["in_channels"] == c["out_channels"],
-         f"out_channels={c['out_channels']} differs from in_channels={c['in_channels']} (learned variances?)")
-    groups = c["norm_num_groups"]
-    need(groups is not None, "norm_num_groups=None")
-    need(c["attn_norm_num_groups"] in (None, groups), f"attn_norm_num_groups={c['attn_norm_num_groups']} "
-                                                      f"differs from norm_num_groups={groups}")
-    down, up, chans = list(c["down_block_types"]), list(c["up_block_types"]), list(c["block_out_channels"])
-    need(all(b in ("DownBlock2D", "AttnDownBlock2D") for b in down),
-         f"down_block_types {down} (only DownBlock2D and AttnDownBlock2D)")
-    need(all(b in ("UpBlock2D", "AttnUpBlock2D") for b in up), f"up_block_types {up} (only UpBlock2D and AttnUpBlock2D)")
-    need(len(down) == len(up) == len(chans) >= 1, "the block lists differ in length")
-    attn = [b == "AttnDownBlock2D" for b in down]
-    need([b == "AttnUpBlock2D" for b in reversed(up)] == attn,
-         f"attention in {up} does not mirror {down}")
-    dim = chans[0]
-    need(all(isinstance(ch, int) and ch % dim == 0 for ch in chans),
-         f"block_out_channels {chans} are not multiples of the first")
-    need(c["time_embedding_dim"] in (None, 4 * dim), f"time_embedding_dim={c['time_embedding_dim']} (only 4 x {dim})")
+    check_unet_expressible(c)
+    chans, dim = list(c["block_out_channels"]), c["block_out_channels"][0]
+    attn = [b == "AttnDownBlock2D" for b in c["down_block_types"]]
     size = c["sample_size"]
-    need(size is not None, "it has no sample_size")
     image_size = (size, size) if isinstance(size, int) else tuple(size)
-    heads, head_dim = 1, None
-    if c["attention_head_dim"] is not None:
-        d = c["attention_head_dim"]
-        widths = [ch for ch, a in zip(chans, attn) if a] + [chans[-1]]          # the attention layers' widths
-        need(isinstance(d, int) and d >= 1 and all(ch % d == 0 for ch in widths),
-             f"attention_head_dim={d!r} does not divide the attention layers' channels {sorted(set(widths))}")
-        counts = {ch // d for ch in widths}
-        if len(counts) == 1:
-            heads = counts.pop()                    # one head count everywhere: attention_heads
-        else:
-            head_dim = d                            # diffusers' default: a fixed width, more heads where wider
+    heads, head_dim = attention_heads(c)
     levels = [min(image_size) // 2 ** i for i in range(len(chans))]
     try:
         return UnetConfig(image_size=image_size, channels=c["in_channels"], dim=dim,
                           dim_mults=tuple(ch // dim for ch in chans), num_res_blocks=c["layers_per_block"],
                           attention_resolutions=tuple(r for r, a in zip(levels, attn) if a),
-                          dropout=float(c["dropout"]), norm_groups=groups, attention_heads=heads,
+                          dropout=float(c["dropout"]), norm_groups=c["norm_num_groups"], attention_heads=heads,
                           attention_head_dim=head_dim, norm_eps=float(c["norm_eps"]),
                           downsample_padding="same" if c["downsample_padding"] == 0 else "symmetric",
                           flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"])
     except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{cannot}: {exc}") from None
+        raise CheckpointError(f"{UNEXPRESSIBLE}: {exc}") from None
 
 
 def scheduler_to_diffusers_config(d: DiffusionConfig) -> dict:
@@ -505,8 +461,6 @@ def _run_file(run_dir: Path, name: str) -> Path | None:
 def _write_card(folder: Path, meta: dict, config: RunConfig, *, weights: str, parameters: int,
                 command: str) -> None:
     """``README.md`` (the model card) and, when the run has one, a copy of its ``samples.png``."""
-    from .model_card import SAMPLES_NAME, model_card, run_dir_of
-
     run_dir = run_dir_of(Path(meta["path"]))
     source = _run_file(run_dir, SAMPLES_NAME) if run_dir is not None else None
     samples = source is not None
@@ -606,8 +560,6 @@ def _read_json(path: Path, folder: Path) -> dict:
 
 def _read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     """The UNet's safetensors weights; pickled ``.bin`` files are refused, never loaded."""
-    from safetensors import safe_open
-
     path = unet_dir / WEIGHTS_NAME
     if not path.is_file():
         if (unet_dir / f"{WEIGHTS_NAME}.index.json").is_file():

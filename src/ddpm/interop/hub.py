@@ -21,6 +21,7 @@ import os
 import re
 from pathlib import Path
 
+from ..checkpoint import read_metadata
 from ..errors import CheckpointError, ConfigError
 
 __all__ = ["HUB_SCHEME", "ALLOW_PATTERNS", "parse_hub_source", "hub_snapshot", "repository_kind",
@@ -35,7 +36,7 @@ INSTALL_HINT = "pip install huggingface_hub (it comes with pip install 'ddpm[dif
 
 def _hub():
     try:
-        import huggingface_hub
+        import huggingface_hub          # here: optional dependency (the hub extra)
     except ImportError:
         raise ConfigError(f"Hugging Face Hub models need the huggingface_hub package: {INSTALL_HINT}") from None
     return huggingface_hub
@@ -63,7 +64,7 @@ def _offline() -> bool:
 def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     """The local snapshot folder of a Hub model repository (downloaded, or from the cache)."""
     hub = _hub()
-    from huggingface_hub import errors
+    from huggingface_hub import errors      # here: optional dependency (the hub extra)
 
     name = f"hf://{repo_id}" + (f"@{revision}" if revision else "")
     try:
@@ -88,8 +89,6 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
 
 
 def _ddpm_checkpoints(folder: Path) -> list[Path]:
-    from ..checkpoint import read_metadata
-
     found = []
     for path in sorted(folder.glob("*.safetensors")):
         try:
@@ -193,7 +192,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     if not _REPO_ID.fullmatch(repo_id):
         raise ConfigError(f"--push-to-hub {repo_id!r}: give OWNER/NAME")
     hub = _hub()
-    from huggingface_hub import errors
+    from huggingface_hub import errors      # here: optional dependency (the hub extra)
 
     api = api if api is not None else hub.HfApi()
     try:

@@ -33,6 +33,7 @@ import shlex
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..checkpoint import save_checkpoint
 from ..config import DataConfig, DiffusionConfig, RunConfig
@@ -168,8 +169,6 @@ def read_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"no such file: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -159,13 +159,13 @@ def cmd_train(args) -> int:
 
 def _train(args, stop) -> int:
     """Check everything, claim the run directory (rank 0 locks it), train in it."""
-    from . import distributed
-    from .checkpoint import list_checkpoints
-    from .estimates import check_training_memory
-    from .precision import check_request
-    from .run_dir import claimed
+    from . import distributed  # here: beside its command (--help loads it too)
+    from .checkpoint import list_checkpoints  # here: beside its command (--help loads it too)
+    from .estimates import check_training_memory  # here: keeps ddpm --help fast
+    from .precision import check_request  # here: beside its command (--help loads it too)
+    from .run_dir import claimed  # here: beside its command (--help loads it too)
     from .tracking import check_tracker          # the CLI loads the training modules when it trains
-    from .train import check_training_data, load_training_data
+    from .train import check_training_data, load_training_data  # here: beside its command (--help loads it too)
 
     main_rank = distributed.is_main()
     run_dir = None
@@ -348,7 +348,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .fileio import check_output_path, write_json
+    from .fileio import check_output_path, write_json  # here: beside its command (--help loads it too)
 
     for option, path in (("--out", args.out), ("--nn-grid", args.nn_grid)):
         if path:                        # before any work: an existing file needs --overwrite
@@ -372,7 +372,7 @@ def cmd_eval(args) -> int:
 
 def _evaluate(args):
     """The metrics of ``ddpm eval`` (ddpm.evaluation.pipeline)."""
-    from .evaluation.pipeline import EvalConfig, evaluate
+    from .evaluation.pipeline import EvalConfig, evaluate  # here: keeps ddpm --help fast
 
     names = ("metric", "checkpoint", "samples", "data", "data_root", "split", "image_column", "n", "ref_n", "features",
              "inception", "inception_weights", "inception_resize", "ref_stats", "save_stats", "cache_dir", "nn_grid",
@@ -571,9 +571,9 @@ def _labels_per_image(args, diffusion, meta, count: int):
 def _write_results(out: Path, rows: list, record: dict, extra=None, **arrays) -> None:
     """grid.png, results.npz, record.json and the files ``extra(folder)`` writes, staged and moved into
     ``out`` together: a failure (a full disk) leaves none of them there."""
-    from .editing import result_grid
-    from .fileio import staged_dir, write_json
-    from .images import save_npz, save_png
+    from .editing import result_grid  # here: keeps ddpm --help fast
+    from .fileio import staged_dir, write_json  # here: beside its command (--help loads it too)
+    from .images import save_npz, save_png  # here: beside its command (--help loads it too)
 
     with staged_dir(out) as stage:
         if extra is not None:

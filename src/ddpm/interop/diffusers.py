@@ -480,6 +480,21 @@ def _io_reason(exc: BaseException) -> str:
     return found.group(1) if found else " ".join(str(exc).split())
 
 
+def _exportable_config(meta: dict) -> RunConfig:
+    """The checkpoint's configuration, refused when a DDPMPipeline cannot sample its model."""
+    try:
+        config = RunConfig.from_dict(meta["config"])
+    except (KeyError, ConfigError) as exc:
+        raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
+    if config.condition is not None:                # DDPMPipeline has no input for c (docs/conditioning.md)
+        raise ConfigError(f"DDPMPipeline cannot sample {meta['path']}: it is image-conditioned "
+                          f"({config.condition.task}) and the pipeline passes no condition image")
+    if config.diffusion.formulation == "edm":
+        raise ConfigError("an EDM model has no DDPMScheduler (it is trained in sigma space); it cannot be exported "
+                          "to diffusers")
+    return config
+
+
 def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, weights: str = "ema",
                      command: str | None = None) -> Path:
     """Write a ``DDPMPipeline`` folder ``out`` from a checkpoint (file or run directory).
@@ -495,16 +510,7 @@ def export_diffusers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, w
     out = Path(out)
     _check_out_dir(out)
     tensors, meta = load_checkpoint(checkpoint)
-    try:
-        config = RunConfig.from_dict(meta["config"])
-    except (KeyError, ConfigError) as exc:
-        raise CheckpointError(f"{meta['path']} has an unusable configuration: {exc}") from None
-    if config.condition is not None:                # DDPMPipeline has no input for c (docs/conditioning.md)
-        raise ConfigError(f"DDPMPipeline cannot sample {meta['path']}: it is image-conditioned "
-                          f"({config.condition.task}) and the pipeline passes no condition image")
-    if config.diffusion.formulation == "edm":
-        raise ConfigError("an EDM model has no DDPMScheduler (it is trained in sigma space); it cannot be exported "
-                          "to diffusers")
+    config = _exportable_config(meta)
     unet_config = unet_to_diffusers_config(config.model)
     scheduler_config = scheduler_to_diffusers_config(config.diffusion)
     prefix = select_weights(tensors, meta, weights)

@@ -117,6 +117,8 @@ def _add_num_images(group, *old: str, dest: str = "n", help: str, limit: int = 6
 
 
 _positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+MAX_REF_IMAGES = 10_000_000     # eval --ref-n: beyond every published reference set (ImageNet's 1.28M)
+MAX_FRAMES = 1_000              # viz reverse --frames: one column per sampler step shown
 _nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 _nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
 _positive_float = _number(float, lambda v: v > 0, "a positive number")
@@ -516,7 +518,8 @@ def _add_eval(sub) -> None:
     _add_hub_columns(p, labels=False)
     _add_num_images(p, "--n", default=100, limit=1_000_000, help="images to evaluate: test images for bpd, samples generated or read, "
                                                 "under torchrun the total over all processes (default 100)")
-    p.add_argument("--ref-n", type=_positive_int, help="reference images for FID/KID/PR (default: the whole split)")
+    p.add_argument("--ref-n", type=_number(int, lambda v: 1 <= v <= MAX_REF_IMAGES, f"1..{MAX_REF_IMAGES:,}"),
+                   help=f"reference images for FID/KID/PR, at most {MAX_REF_IMAGES:,} (default: the whole split)")
     _add_eval_reference_options(p)
     p.add_argument("--cache-dir", metavar="DIR", help="reference statistics cache (default $DDPM_CACHE or ~/.cache/ddpm)")
     p.add_argument("--nn-grid", metavar="PNG", help="write samples beside their 3 nearest training images")
@@ -735,7 +738,8 @@ def _add_viz(sub) -> None:
                                     "a row of x_t and a row of the x0 estimate at evenly spaced sampler steps.")
     r.add_argument("--checkpoint", required=True, metavar="PATH", help="a checkpoint file or a run directory")
     _add_num_images(r, "--n", default=4, limit=256, help="images, of each class with --class (default 4)")
-    r.add_argument("--frames", type=_positive_int, default=10, help="columns: sampler steps shown (default 10)")
+    r.add_argument("--frames", type=_number(int, lambda v: 1 <= v <= MAX_FRAMES, f"1..{MAX_FRAMES}"), default=10,
+                   help=f"columns: sampler steps shown, at most {MAX_FRAMES} (default 10)")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--weights", choices=("ema", "raw"), default="ema")

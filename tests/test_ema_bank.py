@@ -3,6 +3,9 @@ checkpoint names keep old checkpoints loadable, and ``--weights`` picks the tens
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,22 +16,10 @@ from ddpm.ema import EMABank, check_decays, decays_in, ema_prefix, parse_weights
 from ddpm.errors import CheckpointError, ConfigError
 from ddpm.training_state import EMA
 
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from running_mean import RunningMean  # noqa: E402
+
 CONFIG = RunConfig.for_preset("digits").to_dict()      # a valid configuration (the tensors need not fit it)
-
-
-class RunningMean(nn.Module):
-    """A float buffer that moves in training, like BatchNorm's running mean (ddpm checkpoints hold no integer
-    tensors, so BatchNorm's num_batches_tracked would be refused by the checkpoint checks)."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.register_buffer("running_mean", torch.zeros(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.running_mean.mul_(0.9).add_(0.1 * x.mean(dim=0))
-        return x - self.running_mean
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

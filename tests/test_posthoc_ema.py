@@ -15,6 +15,8 @@ parameter's range over training.
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,9 @@ from ddpm.posthoc_ema import (DEFAULT_GAMMAS, SIGMA_REL_MAX, PowerEMA, gamma_to_
                               load_snapshot, plan_reconstruction, power_beta, profile_inner, profile_weights,
                               read_snapshot_meta, reconstruct, reconstruction_checkpoint, save_snapshot,
                               sigma_rel_to_gamma, snapshot_path, solve_coefficients)
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from running_mean import RunningMean  # noqa: E402
 
 CONFIG = RunConfig.for_preset("digits").to_dict()      # a valid configuration (the tensors need not fit it)
 
@@ -93,21 +98,6 @@ def test_each_tracked_profile_equals_its_closed_form():
     assert power_beta(6.94, 1) == 0.0
     with pytest.raises(ValueError, match="1-based"):
         ema.update(model, 0)
-
-
-class RunningMean(nn.Module):
-    """A float buffer that moves in training, like BatchNorm's running mean (ddpm checkpoints hold no integer
-    tensors, so BatchNorm's num_batches_tracked would be refused by the checkpoint checks)."""
-
-    def __init__(self, features: int):
-        super().__init__()
-        self.register_buffer("running_mean", torch.zeros(features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.running_mean.mul_(0.9).add_(0.1 * x.mean(dim=0))
-        return x - self.running_mean
 
 
 def tiny_model() -> nn.Module:

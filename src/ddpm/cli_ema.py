@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_types import nonneg_float, nonneg_int, number, positive_int
 from .errors import ConfigError
 
 __all__ = ["WEIGHTS_HELP", "weights_type", "add_ema_options", "add_ema_command", "cmd_ema", "EXAMPLES_EMA"]
 
 
-def _number(kind: type, ok, expected: str):
-    """An argparse type: ``kind(text)`` for which ``ok(value)`` holds, else a one-line usage error."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
+_count, _positive, _nonneg_float = nonneg_int, positive_int, nonneg_float
 
-
-_count = _number(int, lambda v: v >= 0, "an integer >= 0")
-_positive = _number(int, lambda v: v >= 1, "a positive integer")
-_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
-
-_decay = _number(float, lambda v: 0 <= v <= 1, "an EMA decay in [0, 1]")
+_decay = number(float, lambda v: 0 <= v <= 1, "an EMA decay in [0, 1]")
 # sigma_rel of a power-function EMA (EDM2 Eq. 123): gamma > 0 gives 0 < sigma_rel < 1 / (2 sqrt 3)
-_sigma_rel = _number(float, lambda v: 0 < v < 0.28867513459481287, "a sigma_rel in (0, 0.2887)")
+_sigma_rel = number(float, lambda v: 0 < v < 0.28867513459481287, "a sigma_rel in (0, 0.2887)")
 WEIGHTS_HELP = "ema (default: the first EMA), raw, or ema:D (the EMA of decay D, when the run kept several)"
 
 

@@ -9,6 +9,13 @@ import sys
 
 from . import __version__
 from .cli_ema import WEIGHTS_HELP, add_ema_command, add_ema_options, weights_type
+from .cli_types import finite_nonneg as _finite_nonneg
+from .cli_types import finite_positive as _finite_positive
+from .cli_types import nonneg_float as _nonneg_float
+from .cli_types import nonneg_int as _nonneg_int
+from .cli_types import number as _number
+from .cli_types import positive_float as _positive_float
+from .cli_types import positive_int as _positive_int
 
 # ddpm.precision.CHOICES, repeated so that building the parser does not import torch.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -74,19 +81,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _number(kind: type, ok, expected: str):
-    """An argparse type: ``kind(text)`` for which ``ok(value)`` holds, else a one-line usage error."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
 class _DeprecatedAlias(argparse.Action):
     """An older spelling of an option, hidden from --help: it sets the same destination through the same
     type, and says once on stderr (rank 0 only under torchrun) which spelling replaces it."""
@@ -116,14 +110,8 @@ def _add_num_images(group, *old: str, dest: str = "n", help: str, limit: int = 6
                  help=f"{help}; at most {limit:,}", **kwargs)
 
 
-_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 MAX_REF_IMAGES = 10_000_000     # eval --ref-n: beyond every published reference set (ImageNet's 1.28M)
 MAX_FRAMES = 1_000              # viz reverse --frames: one column per sampler step shown
-_nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-_nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
-_positive_float = _number(float, lambda v: v > 0, "a positive number")
-_finite_nonneg = _number(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
-_finite_positive = _number(float, lambda v: 0 < v < float("inf"), "a finite positive number")
 # T and seeds are bounded as they are parsed: a schedule of 10^9 steps would exhaust the memory before
 # any message. The bounds are those of ddpm.config (MAX_TIMESTEPS, SEED_LIMIT).
 _timesteps = _number(int, lambda v: 2 <= v <= 100_000, "an integer T from 2 to 100,000")

@@ -6,7 +6,6 @@ model says so in one line."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,11 @@ from ddpm.data import load_dataset
 from ddpm.edm import EDMLoss, EDMDenoiser
 from ddpm.errors import ConfigError
 from ddpm.gaussian_diffusion import GaussianDiffusion
-from ddpm.generate import load_diffusion
 from ddpm.losses import SimpleLoss, make_loss
 from ddpm.models import Unet, preset_config
 from ddpm.resolve import merge_over_recipe
 from ddpm.train import train
+from test_cli_sigma_samplers import one_line_error
 
 TINY = ["--dim", "8", "--num-res-blocks", "1"]
 EDM = ["--formulation", "edm", "--sigma-data", "0.4", "--p-mean", "-1.0", "--p-std", "1.1", "--sigma-max", "40"]
@@ -36,16 +35,6 @@ def edm_run(tmp_path_factory) -> Path:
     assert main(["train", *EDM, "--steps", "2", "--batch-size", "4", "--num-images", "1", "--quiet", *TINY,
                  "--out", str(run)]) == 0
     return run
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "error:" in err[0] and "Traceback" not in err[0], (code, err)
-    return err[0]
 
 
 def test_the_config_is_saved_and_read_back(edm_run):

@@ -13,20 +13,9 @@ from ddpm.errors import DataError
 from ddpm.evaluation import ode_likelihood as L
 from ddpm.models import Unet
 from ddpm.schedules import NoiseSchedule
+from test_continuous_samplers import GaussianDenoiser, gen   # the optimal denoiser of Gaussian data
 
 MU, SD = 0.1, 0.4
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-class GaussianDenoiser(Sg.SigmaDenoiser):
-    def __init__(self, mu=MU, sd=SD, sigma_min=0.002, sigma_max=80.0):
-        self.mu, self.sd, self.sigma_min, self.sigma_max = mu, sd, sigma_min, sigma_max
-
-    def __call__(self, x, sigma):
-        return self.mu + self.sd ** 2 / (self.sd ** 2 + sigma ** 2) * (x - self.mu)
 
 
 def gaussian_log_density(x: torch.Tensor, var: float) -> torch.Tensor:
@@ -57,7 +46,7 @@ def test_hutchinson_trace_is_unbiased():
 
 @pytest.mark.parametrize("solver", ["rk45", "rk4"])
 def test_log_likelihood_of_gaussian_data_equals_the_closed_form(solver):
-    D = GaussianDenoiser()
+    D = GaussianDenoiser(MU, SD)
     x0 = MU + SD * torch.randn(16, 1, 2, 2, generator=gen(3))
     log_p, nfe = L.log_likelihood_ode(D, x0, generator=gen(4), solver=solver, steps=100)
     torch.testing.assert_close(log_p, ode_closed_form(x0, D.sigma_min, D.sigma_max), rtol=0, atol=5e-4)
@@ -67,7 +56,7 @@ def test_log_likelihood_of_gaussian_data_equals_the_closed_form(solver):
 
 
 def test_bpd_ode_is_the_dequantised_density_plus_seven_bits():
-    D = GaussianDenoiser()
+    D = GaussianDenoiser(MU, SD)
     k = (127.5 * (1 + MU + SD * torch.randn(12, 1, 2, 2, generator=gen(5)))).round().clamp(0, 255)
     x0 = 2 * k / 255 - 1                                                       # 8-bit data
     result = L.bpd_ode(D, x0, generator=gen(6), solver="rk4", steps=100, batch_size=12)

@@ -163,3 +163,19 @@ def test_guidance_and_refusals():
         edm.edm_denoise(lambda x, c: torch.cat([x, x], 1), x, 1.0)
     with pytest.raises(ConfigError):
         S.SamplingOptions(sampler="ddim", spacing="karras").sigmas(0.002, 80.0)
+
+
+def test_gaussian_diffusion_samples_an_edm_model_with_edm_heun_by_default():
+    """``sample()`` with no sampler: the paper's sampler for a DDPM model, EDM's Heun over 18 karras levels
+    (35 evaluations) for an EDM one; a sigma sampler named alone takes the karras spacing."""
+    from ddpm import GaussianDiffusion
+
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(Unet(dim=32, dim_mults=(1,), channels=1, image_size=8), formulation="edm")
+    calls = []
+    diffusion.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    assert diffusion.sample(2, progress=False).shape == (2, 1, 8, 8)
+    assert len(calls) == 2 * 18 - 1
+    calls.clear()
+    diffusion.sample(2, sampler="euler", steps=5, progress=False)
+    assert len(calls) == 5

@@ -158,15 +158,16 @@ class GaussianDiffusion(nn.Module):
         return losses.mean() if reduction == "mean" else losses
 
     @torch.inference_mode()
-    def sample(self, batch_size: int = 16, *, sampler: str = "ddpm", steps: int | None = None,
-               spacing: str = "trailing", generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+    def sample(self, batch_size: int = 16, *, sampler: str | None = None, steps: int | None = None,
+               spacing: str | None = None, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
                progress: bool = True, return_intermediates: bool = False, record_every: int = 1,
                clip_denoised: bool | None = None, model_kwargs: dict | None = None,
                condition: torch.Tensor | None = None, condition_level: float = 0.0, **options):
         """Images in [0, 1], shape [B, C, H, W], from the sampler registry (``ddpm.samplers.SAMPLERS``).
 
-        The default is the paper's ancestral sampler over all T steps (Algorithm 2); ``sampler`` and
-        ``steps`` (with ``spacing``) choose another, ``options`` are the sampler's own (``eta``,
+        The default is the paper's ancestral sampler over all T steps (Algorithm 2), or for an EDM model
+        EDM's Heun sampler over 18 karras levels (Algorithm 1); ``sampler`` and ``steps`` (with ``spacing``,
+        default trailing, karras for an EDM model) choose another, ``options`` are the sampler's own (``eta``,
         ``variance``) and the denoiser's (``dynamic_thresholding``, ``guidance_scale``,
         ``uncond_kwargs``). x_T is ``noise`` or drawn from ``generator``, as is every later noise.
         With ``return_intermediates`` a :class:`SampleTrajectory` is returned, its tensors (x_t after
@@ -200,8 +201,8 @@ class GaussianDiffusion(nn.Module):
         traj.x0 = from_model_range(x0)
         return traj if return_intermediates else traj.x0
 
-    def _sampling_options(self, sampler: str, steps: int | None, spacing: str, clip_denoised: bool | None,
-                          options: dict) -> SamplingOptions:
+    def _sampling_options(self, sampler: str | None, steps: int | None, spacing: str | None,
+                          clip_denoised: bool | None, options: dict) -> SamplingOptions:
         """:meth:`sample`'s keywords as :class:`~ddpm.samplers.SamplingOptions` (all T steps unless ``steps``;
         ``clip_denoised`` gives way to dynamic thresholding)."""
         for name in ("image_size", "channels", "device"):
@@ -214,6 +215,10 @@ class GaussianDiffusion(nn.Module):
             raise ConfigError(f"sample() got an unexpected argument {unknown[0]!r}; the sampler's own are eta "
                               f"(ddim), variance (ddpm) and {', '.join(SIGMA_OPTIONS)} (the sigma samplers), the "
                               "denoiser's dynamic_thresholding, guidance_scale and uncond_kwargs")
+        edm = self.formulation == "edm"
+        if sampler is None:
+            sampler, steps = (EDM_SAMPLING.sampler, steps or EDM_SAMPLING.steps) if edm else ("ddpm", steps)
+        spacing = spacing if spacing is not None else EDM_SAMPLING.spacing if edm else "trailing"
         dynamic = bool(options.get("dynamic_thresholding", False))
         return SamplingOptions(sampler=sampler, steps=steps, spacing=spacing, eta=options.get("eta"),
                                variance=options.get("variance"), dynamic_thresholding=dynamic,

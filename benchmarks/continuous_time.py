@@ -12,8 +12,9 @@
     ``--n`` images (per-image seeds: image k from ``derive_seed(0, k)``) in every row, scored with
     the fast metric (LeNet FID/KID against the test split); NFE is counted at the network.
 (b) EDM against the current ``mnist`` recipe at equal CPU time: ``ddpm train --preset mnist --batch-size 64
-    --time-limit MINUTES`` (12 by default, ``--threads`` 2, as benchmarks/time_to_quality.py) with and
-    without ``--formulation edm``, each then scored with its best sampler at <= 35 NFE.
+    --time-limit MINUTES`` (12 by default, batch 64 as benchmarks/time_to_quality.py) with and without
+    ``--formulation edm``, both at once, each in its own process with ``--threads`` threads (1 on a 2-core
+    machine: each run has one core for the budget), each then scored with its best sampler at <= 35 NFE.
 (c) ``bpd-ode`` (the probability-flow ODE's NLL, rk45) against ``bpd`` (the variational bound) on the
     checkpoint of (a), on the same ``--bpd-n`` test images.
 
@@ -31,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from ddpm.data import load_dataset
 from ddpm.evaluation import fast_metric, fast_reference
@@ -40,7 +40,7 @@ from ddpm.evaluation.ode_likelihood import evaluate_bpd_ode
 from ddpm.evaluation.reference import subset_indices
 from ddpm.device import select_device
 from ddpm.generate import generate, load_diffusion
-from ddpm.samplers import SAMPLERS, SIGMA_SAMPLERS, SPACING_CHOICES, SamplingOptions
+from ddpm.samplers import SAMPLERS, SPACING_CHOICES, SamplingOptions
 
 NFES = (10, 20, 35, 50, 100)
 REFERENCE_NFE = 1000
@@ -101,15 +101,28 @@ def part_a(diffusion, reference, args) -> list[dict]:
     return rows + [{**r, "reference": True} for r in reference_rows]
 
 
-def train_run(args, out: Path, name: str, flags: list[str]) -> Path:
-    """``ddpm train`` for the time budget, as a user runs it, in a process of its own (``--threads`` threads)."""
+def train_command(args, out: Path, name: str, flags: list[str]) -> tuple[list[str], Path]:
+    """``ddpm train`` for the time budget, as a user runs it (the command and its run directory)."""
     run = out / f"{name}-run"
+    return [sys.executable, "-m", "ddpm", "train", "--data", "mnist", "--data-root", args.data_root,
+            "--preset", "mnist", "--batch-size", "64", "--steps", "1000000", "--time-limit", str(args.minutes),
+            "--checkpoint-every", "0", "--seed", "0", "--num-images", "1" if args.quick else "16", "--quiet", *flags,
+            *args.model_flags.split(), "--out", str(run)], run
+
+
+def train_runs(args, out: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
+    """Every run of ``runs`` (name: flags) at once, each in a process of its own with ``--threads`` threads.
+
+    Side by side, the runs share whatever else the machine does alike: at 1 thread each on 2 cores, each
+    gets one core's time for the budget, a fair "equal CPU time" even on a machine that is not idle.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    subprocess.run([sys.executable, "-m", "ddpm", "train", "--data", "mnist", "--data-root", args.data_root,
-                    "--preset", "mnist", "--batch-size", "64", "--steps", "1000000", "--time-limit", str(args.minutes),
-                    "--checkpoint-every", "0", "--seed", "0", "--num-images", "1" if args.quick else "16", "--quiet", *flags,
-                    *args.model_flags.split(), "--out", str(run)], check=True, env=env)
-    return run
+    started = {name: train_command(args, out, name, flags) for name, flags in runs.items()}
+    processes = {name: subprocess.Popen(command, env=env) for name, (command, _) in started.items()}
+    for name, process in processes.items():
+        if process.wait() != 0:
+            raise SystemExit(f"the {name} run failed")
+    return {name: run for name, (_, run) in started.items()}
 
 
 def part_b(args, out: Path, reference) -> list[dict]:
@@ -117,10 +130,9 @@ def part_b(args, out: Path, reference) -> list[dict]:
     print(f"\n(b) EDM against the mnist recipe, {args.minutes} minutes each\n"
           "| formulation | optimizer steps | " + HEADER.splitlines()[0][2:] + "\n|---|---|" + HEADER.splitlines()[1][1:])
     results = []
-    for name, flags, candidates in (("ddpm", args.ddpm_flags.split(), DDPM_CANDIDATES),
-                                    ("edm", ["--formulation", "edm"], EDM_CANDIDATES)):
-        run = train_run(args, out, name, flags)
-        diffusion, meta = load_diffusion(run, device=select_device(args.device))
+    runs = train_runs(args, out, {"ddpm": args.ddpm_flags.split(), "edm": ["--formulation", "edm"]})
+    for name, candidates in (("ddpm", DDPM_CANDIDATES), ("edm", EDM_CANDIDATES)):
+        diffusion, meta = load_diffusion(runs[name], device=select_device(args.device))
         tried = [score(diffusion, reference, SamplingOptions(sampler=s, steps=min(k, args.max_steps), spacing=sp),
                        args.n, args.batch_size) for s, k, sp in candidates]
         best = min(tried, key=lambda r: r["fast_fid"])
@@ -157,7 +169,7 @@ def parse_args():
     parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="comma-separated NFEs of (a)")
     parser.add_argument("--reference-nfe", type=int, default=REFERENCE_NFE)
     parser.add_argument("--minutes", type=float, default=12.0, help="training budget of each run in (b)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads of each training run of (b) (default 1)")
     parser.add_argument("--model-flags", default="", help="extra ddpm train flags for both runs of (b)")
     parser.add_argument("--ddpm-flags", default="", help="extra ddpm train flags for the ddpm run of (b) only")
     parser.add_argument("--bpd-n", type=int, default=100, help="test images for (c)")
@@ -184,14 +196,13 @@ def main() -> None:
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
     reference = fast_reference("mnist", data_root=args.data_root)
     results: dict = {"args": {k: v for k, v in vars(args).items()}}
     if "b" in args.parts:
         results["b"] = part_b(args, out, reference)
     checkpoint = args.checkpoint or (out / "ddpm-run" if (out / "ddpm-run").exists() else None)
     if checkpoint is None and set(args.parts) & {"a", "c"}:
-        checkpoint = train_run(args, out, "ddpm", args.ddpm_flags.split())
+        checkpoint = train_runs(args, out, {"ddpm": args.ddpm_flags.split()})["ddpm"]
     if set(args.parts) & {"a", "c"}:
         diffusion, meta = load_diffusion(checkpoint, device=select_device(args.device), precision="fp32")
         results["checkpoint"] = {"path": str(meta["path"]), "step": meta["step"]}

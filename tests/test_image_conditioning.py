@@ -143,6 +143,52 @@ def test_condition_noise_adds_the_level_channel_and_resume_is_exact(tmp_path, mo
         assert torch.equal(a, b), name
 
 
+def test_a_condition_table_in_the_configuration_file_under_the_options(tmp_path, capsys):
+    config = tmp_path / "sr.toml"
+    config.write_text('[condition]\ntask = "super-resolution"\nscale = 4\nnoise = 0.2\n')
+    assert main(["train", "--config", str(config), *TINY, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["condition"] == {"task": "super-resolution", "channels": 1,
+                                                                "scale": 4, "noise": 0.2}
+    assert main(["train", "--config", str(config), "--scale", "2", *TINY, "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["condition"]["scale"] == 2          # the option wins
+    for table, words in (('factor = 4', "factor"), ('task = "super-resolution"\nscale = "4"', "whole number")):
+        config.write_text(f"[condition]\n{table}\n")
+        assert words in one_line_error(capsys, ["train", "--config", str(config), *TINY, "--dry-run"])
+
+
+FINE_TUNE = ["--steps", "2", "--batch-size", "4", "--num-images", "2", "--device", "cpu", "--quiet",
+             "--checkpoint-every", "0"]
+
+
+def test_fine_tuning_keeps_the_checkpoints_condition(runs, tmp_path, monkeypatch, capsys):
+    made, calls = _train_spied(monkeypatch, ["--init", str(runs["sr"]), *FINE_TUNE, "--out", str(tmp_path / "ft")])
+    assert len(made) == 2 and all(call.x.shape[1] == 2 for call in calls)          # [x_t, c] reach the network
+    for x0, _, c in made:
+        torch.testing.assert_close(c, upsample(area_downsample(x0, 2), (8, 8)), rtol=0, atol=0)
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["condition"] == {
+        "task": "super-resolution", "channels": 1, "scale": 2, "noise": 0.0}
+    out = tmp_path / "refused"
+    for argv, words in ((["--init", str(runs["sr"]), "--scale", "4"], "contradicts"),
+                        (["--init", str(runs["sr"]), "--task", "colorize"], "contradicts"),
+                        (["--init", str(runs["base"]), "--task", "super-resolution", "--scale", "2"],
+                         "not image-conditioned")):
+        assert words in one_line_error(capsys, ["train", *argv, *FINE_TUNE, "--out", str(out)])
+        assert not out.exists()
+
+
+def test_fine_tuning_a_paired_model_takes_new_pairs_matched_by_path(tmp_path, monkeypatch, capsys):
+    targets, conditions = _index_folders(tmp_path, 6)
+    paired = ["--data", str(targets), "--preset", "digits"]
+    with no_sample_grids():
+        assert main(["train", "--task", "paired", "--condition-data", str(conditions), *paired, *TINY,
+                     "--out", str(tmp_path / "base")]) == 0
+    made, _ = _train_spied(monkeypatch, ["--init", str(tmp_path / "base"), "--condition-data", str(conditions),
+                                         *paired, *FINE_TUNE, "--out", str(tmp_path / "ft")])
+    assert len(made) == 2 and _pairs_match(made)
+    assert "--condition-data" in one_line_error(capsys, ["train", "--init", str(tmp_path / "base"), *paired,
+                                                         *FINE_TUNE, "--out", str(tmp_path / "refused")])
+
+
 # ----------------------------------------------------------------------------- the Python API and sampling
 
 def _api_diffusion(noise: float = 0.0) -> GaussianDiffusion:

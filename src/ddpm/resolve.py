@@ -79,17 +79,20 @@ def _train_key_aliases(table: dict, path) -> dict:
 
 
 def load_toml(path: str | os.PathLike) -> dict:
-    """Read a TOML configuration file: optional ``preset`` and tables [model], [diffusion], [data], [train].
+    """Read a TOML configuration file: optional ``preset`` and tables [model], [diffusion], [data], [train],
+    [condition] (an image-conditioned model: ``task``, ``scale``, ``noise``, ``data``, as ``--task``,
+    ``--scale``, ``--condition-noise`` and ``--condition-data`` give them).
 
     A file that is binary or not UTF-8, an unknown table or an unknown key in a table (named with
     its section and the keys allowed there) is one :class:`ConfigError`. [train] also takes the
     keys :data:`TRAIN_KEY_ALIASES` names (``num_images`` for ``num_samples``, ...).
     """
     d = _parse_toml(path)
-    unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train"})
+    unknown = sorted(set(d) - {"preset", "model", "diffusion", "data", "train", "condition"})
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; "
-                          "expected preset and the tables [model], [diffusion], [data], [train]")
+                          "expected preset and the tables [model], [diffusion], [data], [train], [condition]")
+    _check_condition_table(d.get("condition", {}), path)
     if "preset" in d and not isinstance(d["preset"], str):
         raise ConfigError(f"{path}: preset must be a string; got {d['preset']!r}")
     if isinstance(d.get("train"), dict):
@@ -103,6 +106,29 @@ def load_toml(path: str | os.PathLike) -> dict:
         check_keys(d[section], cls, section, where=f"{path}: ")
     check_model_options(d.get("model", {}), where=f"{path}: ")
     return d
+
+
+CONDITION_FLAGS = {"task": "--task", "scale": "--scale", "noise": "--condition-noise", "data": "--condition-data"}
+
+
+def _check_condition_table(table, path) -> None:
+    """[condition]: a table of the keys :data:`CONDITION_FLAGS` names (their values are checked as the options')."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: condition must be a table [condition]; got {table!r}")
+    unknown = sorted(set(table) - set(CONDITION_FLAGS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)} in [condition]; "
+                          f"expected {', '.join(CONDITION_FLAGS)}")
+    for key, kinds, what in (("task", str, "string"), ("data", str, "string"), ("scale", int, "whole number"),
+                             ("noise", (int, float), "number")):
+        if key in table and (not isinstance(table[key], kinds) or isinstance(table[key], bool)):
+            raise ConfigError(f"{path}: [condition] {key} = {table[key]!r} is not a {what}")
+
+
+def condition_layers(file_layer: dict, flags: dict | None) -> dict:
+    """The image condition's options: the file's [condition] table < the options given (``flags``: task, scale,
+    noise, data, None where not given)."""
+    return {**file_layer.get("condition", {}), **{k: v for k, v in (flags or {}).items() if v is not None}}
 
 
 def _parse_toml(path: str | os.PathLike) -> dict:
@@ -147,12 +173,11 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     recorded absolute, with its fingerprint. ``condition`` (task, scale, noise, data: the options of an
     image-conditioned model, :func:`image_condition`) adds the condition. Returns (config, data)."""
     file_layer = load_toml(config_file) if config_file else {}
+    condition = condition_layers(file_layer, condition)
     init = flags.get("train", {}).get("init") or file_layer.get("train", {}).get("init")
     if init:
-        if any(value is not None for value in (condition or {}).values()):
-            raise ConfigError("--task with --init: fine-tuning takes the checkpoint's architecture and condition")
         return resolve_init_config(init, flags, file_layer, preset=preset, config_file=config_file,
-                                   conditional=conditional)
+                                   conditional=conditional, condition=condition)
     data_name = flags.get("data", {}).get("name") or file_layer.get("data", {}).get("name") or "digits"
     preset = preset or file_layer.get("preset") or DEFAULT_PRESET_FOR_DATA.get(data_name)
     if preset is not None and preset not in PRESETS:
@@ -279,10 +304,11 @@ def _check_init_model(saved: RunConfig, source: str, flags: dict, file_layer: di
 
 
 def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str | None = None,
-                        config_file: str | None = None, conditional: bool = False):
+                        config_file: str | None = None, conditional: bool = False, condition: dict | None = None):
     """A fine-tuning run's configuration: the architecture of the ``init`` checkpoint and, unless the
     file or the options say otherwise, its diffusion settings and image size; the preset's recipe
-    below them. Returns (config, data)."""
+    below them. An image-conditioned checkpoint keeps its condition (a paired one takes new pairs from
+    ``condition['data']``). Returns (config, data)."""
     meta = read_metadata(init)
     try:
         saved = RunConfig.from_dict(meta["config"])
@@ -300,12 +326,36 @@ def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str
                                ("learned variance", diffusion_cfg.learned_variance, saved.diffusion.learned_variance)):
         if ours != theirs:             # the network's input or output channels would change
             raise ConfigError(f"{what} = {ours} contradicts {source}, whose model has {what} = {theirs}")
-    data = load_dataset(data_cfg.name, data_root=data_cfg.root, split=data_cfg.split,
-                        image_size=data_cfg.image_size, channels=data_cfg.channels, strict=data_cfg.strict,
-                        image_column=data_cfg.image_column, label_column=data_cfg.label_column)
+    pairs = _init_condition(saved.condition, condition or {}, source)
+    data = _load_training_data(data_cfg, pairs)
+    if pairs is not None:
+        if data.conditions.shape[3] != saved.condition.channels:
+            raise DataError(f"--condition-data {pairs} has {data.conditions.shape[3]}-channel conditions; "
+                            f"{source}'s model takes {saved.condition.channels}")
+        data_cfg = replace(data_cfg, condition_data=os.path.abspath(pairs) if Path(pairs).exists() else str(pairs))
     model = {**saved.model.to_dict(), **{k: v for k, v in merged.get("model", {}).items() if k in INIT_MAY_CHANGE}}
     return RunConfig(preset=saved.preset, model=UnetConfig(**model), diffusion=diffusion_cfg, data=data_cfg,
-                     train=train_cfg), data
+                     train=train_cfg, condition=saved.condition), data
+
+
+def _init_condition(saved: ImageCondition | None, given: dict, source: str) -> str | None:
+    """Fine-tuning keeps the checkpoint's condition: the options may repeat it, not change it (the network's
+    input channels would). Returns the paired model's new condition source (None for the other tasks)."""
+    if saved is None:
+        if given:
+            key = sorted(given)[0]
+            raise ConfigError(f"{CONDITION_FLAGS[key]} with --init: {source} is not image-conditioned, and "
+                              "fine-tuning keeps its model's inputs; train a new run for an image condition")
+        return None
+    for key in ("task", "scale", "noise"):
+        have = getattr(saved, key)
+        if key in given and given[key] != have:
+            raise ConfigError(f"{CONDITION_FLAGS[key]} {given[key]} contradicts {source}, whose model has "
+                              f"{key} = {have}; fine-tuning keeps the checkpoint's condition")
+    if (saved.task == "paired") != ("data" in given):
+        raise ConfigError(f"fine-tuning the paired model {source} takes its pairs: give --condition-data"
+                          if saved.task == "paired" else "--condition-data is the condition source of paired models")
+    return given.get("data")
 
 
 # ----------------------------------------------------------------------------- a resumed run

@@ -65,12 +65,11 @@ def plot_sequences(path: str | os.PathLike, sequences: np.ndarray, title: str = 
     if not have_matplotlib():
         image = Image.fromarray(sequence_grid(shown))
         return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-    import matplotlib                   # optional (the viz extra): loaded only when a figure is drawn
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure     # here: optional dependency (viz extra), loaded when a figure is drawn
 
     n, channels, _ = shown.shape
-    fig, axes = plt.subplots(n, 1, figsize=(7, 1.4 * n + 0.8), sharex=True, squeeze=False)
+    fig = Figure(figsize=(7, 1.4 * n + 0.8))
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)
     for k, ax in enumerate(axes[:, 0]):
         for c in range(channels):
             ax.plot(shown[k, c], lw=1, color=np.array(COLOURS[c % len(COLOURS)]) / 255, label=f"channel {c}")
@@ -82,7 +81,4 @@ def plot_sequences(path: str | os.PathLike, sequences: np.ndarray, title: str = 
     if title:
         fig.suptitle(title, fontsize="small")
     fig.tight_layout()
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
-    finally:
-        plt.close(fig)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))

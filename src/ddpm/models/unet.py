@@ -132,13 +132,17 @@ class UnetConfig:
         self.validate()
         self.attention_levels, self.attention_resolutions = self._resolve_attention()
 
-    def validate(self) -> None:
+    def _check_kind(self) -> None:
+        """The kind, and an image size of its rank: (H, W) for images, (L,) for sequences."""
         if self.kind not in MODEL_KINDS:
             raise ConfigError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
         sides = 1 if self.kind == "unet1d" else 2
         if self.image_size is not None and (len(self.image_size) != sides or min(self.image_size) < 1):
             raise ConfigError(f"image_size must be a positive int or {'(L,)' if sides == 1 else '(H, W)'}, "
                               f"got {self.image_size}")
+
+    def validate(self) -> None:
+        self._check_kind()
         if self.channels < 1:
             raise ConfigError(f"channels must be >= 1, got {self.channels}")
         for name in ("in_channels", "out_channels"):

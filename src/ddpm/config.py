@@ -416,6 +416,8 @@ class RunConfig:
                 self.condition.check_image_size(tuple(self.model.image_size))
         if (self.condition is not None and self.condition.task == "paired") != (self.data.condition_data is not None):
             raise ConfigError("--condition-data is the condition source of --task paired (and paired needs it)")
+        if self.model.kind == "unet1d":
+            _check_sequence_run(self)
 
     @property
     def conditional(self) -> bool:
@@ -457,6 +459,33 @@ class RunConfig:
     @classmethod
     def for_preset(cls, preset: str, **model_overrides) -> "RunConfig":
         return cls(preset=preset, model=preset_config(preset, **model_overrides))
+
+
+# What a sequence run (model kind unet1d, data [N, C, L]) refuses, with the reason: these options act on
+# images, or on parts of the image U-Net that the 1D U-Net (ddpm.models.unet1d) does not have.
+_NOT_FOR_SEQUENCES = (
+    (lambda c: c.data.hflip, "--hflip flips images"),
+    (lambda c: c.data.image_size is not None, "--image-size resizes images; a sequence keeps its length L"),
+    (lambda c: c.data.channels is not None, "--channels converts images' colours; a sequence keeps its channels"),
+    (lambda c: c.condition is not None, "--task trains an image-conditioned model"),
+    (lambda c: c.model.num_classes is not None, "--conditional needs class labels, which the 1D U-Net does not take"),
+    (lambda c: c.train.eval_every > 0, "--eval-every scores images (FID, KID, IS, the fast metric)"),
+    (lambda c: c.train.grad_checkpointing, "--grad-checkpointing is an option of the image U-Net"),
+)
+_IMAGE_UNET_ONLY = ("use_scale_shift_norm", "resblock_updown", "attention_head_dim", "downsample_padding",
+                    "flip_sin_to_cos", "freq_shift", "timestep_scale", "norm_eps")
+
+
+def _check_sequence_run(config: RunConfig) -> None:
+    """Refuse, in one line, what has no meaning for a sequence model (data [N, C, L], a 1D U-Net)."""
+    for applies, why in _NOT_FOR_SEQUENCES:
+        if applies(config):
+            raise ConfigError(f"{why}; this is a sequence model (data [N, C, L], a 1D U-Net)")
+    defaults = UnetConfig.__dataclass_fields__
+    for name in _IMAGE_UNET_ONLY:
+        if getattr(config.model, name) != defaults[name].default:
+            raise ConfigError(f"model {name} is an option of the image U-Net; the 1D U-Net of a sequence model "
+                              "has no such part")
 
 
 # Bounds on the [model] options (UnetConfig fields), checked before a UnetConfig is built: in a

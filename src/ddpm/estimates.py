@@ -40,9 +40,9 @@ def training_bytes_at_least(config: RunConfig) -> int:
     """A lower bound on training memory: weights, gradients, Adam's two moments and the EMA (5 copies
     of the parameters), plus the activations of the top level's residual blocks kept for the backward pass."""
     m, tc = config.model, config.train
-    h, w = m.image_size
+    positions = math.prod(m.image_size)            # H x W, or L for sequences
     blocks = 1 if tc.grad_checkpointing else 2 * m.num_res_blocks + 1
-    activations = 4 * tc.batch_size * m.dim * m.dim_mults[0] * h * w * blocks
+    activations = 4 * tc.batch_size * m.dim * m.dim_mults[0] * positions * blocks
     return 5 * model_bytes(config) + activations
 
 

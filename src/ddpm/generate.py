@@ -136,7 +136,8 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
              callback: Callable | None = None, labels=None, guidance_scale: float | None = None,
              latents: torch.Tensor | np.ndarray | None = None, conditions: torch.Tensor | np.ndarray | None = None,
              condition_level: float = 0.0) -> np.ndarray:
-    """Images ``start_index`` .. ``start_index + n - 1`` of a run, as uint8 [N, H, W, C], in batches.
+    """Images ``start_index`` .. ``start_index + n - 1`` of a run, as uint8 [N, H, W, C], in batches (a
+    sequence model's: float32 [N, C, L] in the data's units, :func:`_as_output`).
 
     A class-conditional model takes ``labels`` (one class per image, length ``n``; None:
     unconditional) and a classifier-free ``guidance_scale`` (see :func:`ddpm.sampling.sample_images`).
@@ -182,8 +183,16 @@ def generate(diffusion: GaussianDiffusion, n: int, *, batch_size: int = 64, seed
                                conditions=None if conditions is None else
                                conditions[indices[0] - start_index:indices[-1] + 1 - start_index],
                                condition_level=condition_level)
-        out.append(to_uint8(images.cpu()))
+        out.append(_as_output(images.cpu()))
     return np.concatenate(out)
+
+
+def _as_output(images: torch.Tensor) -> np.ndarray:
+    """Sampled images in [0, 1] as uint8 [N, H, W, C]; sequences [N, C, L] as float32 data x0 in [-1, 1]
+    (:mod:`ddpm.data.sequences`: the data's own units, no quantisation)."""
+    if images.ndim == 3:
+        return to_model_range(images).numpy().astype(np.float32, copy=False)
+    return to_uint8(images)
 
 
 def _checked_conditions(diffusion: GaussianDiffusion, conditions, n: int) -> torch.Tensor | None:

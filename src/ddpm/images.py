@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .fileio import atomic_write
+from .sequence_plots import sequence_grid
 
 __all__ = ["grid_scale", "make_grid", "class_grid_layout", "label_rows", "side_by_side", "save_png", "save_npz"]
 
@@ -29,6 +30,8 @@ def make_grid(images: np.ndarray, nrow: int | None = None, padding: int = 2, sca
     ``nrow`` defaults to a square-ish grid; ``scale`` (nearest neighbour) defaults to
     whatever brings small images up to at least 64 pixels, so 8x8 digits stay visible.
     """
+    if images.ndim == 3 and images.dtype == np.float32:     # a sequence model's samples: line plots
+        return sequence_grid(images, nrow=nrow)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images [N, H, W, C], got {images.dtype} {images.shape}")
     n, h, w, c = images.shape

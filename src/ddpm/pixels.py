@@ -3,6 +3,10 @@
 Datasets and sample files hold uint8 pixels [N, H, W, C]; the user API takes and returns images
 in [0, 1] as float [N, C, H, W]; the diffusion maths works on data x0 in [-1, 1] (Ho et al. 2020,
 Sec. 3.3). Every conversion between them is here.
+
+Sequences (:mod:`ddpm.data.sequences`) are no pixels: their data hold x0 itself, float32 [N, L, C]
+in [-1, 1]; :func:`uint8_to_unit` gives them the same [0, 1] view, (x0 + 1) / 2, so that
+:func:`to_model_range` returns x0 (to float32 rounding) wherever images take that road.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ def from_model_range(x0: torch.Tensor) -> torch.Tensor:
 
 
 def uint8_to_unit(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W, C] (a tensor, on any device) -> float32 [B, C, H, W] in [0, 1], on that device."""
+    """uint8 [B, H, W, C] (a tensor, on any device) -> float32 [B, C, H, W] in [0, 1], on that device;
+    sequences, float32 x0 [B, L, C] in [-1, 1] -> float32 (x0 + 1) / 2 [B, C, L]."""
+    if batch.is_floating_point() and batch.ndim == 3:
+        return batch.permute(0, 2, 1).add(1.0).div_(2.0)
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from .errors import DataError
 from .models import preset_config
 
-__all__ = ["DEFAULT_PRESET_FOR_DATA", "RECIPES", "AutoChoice", "STEPS", "choose"]
+__all__ = ["DEFAULT_PRESET_FOR_DATA", "RECIPES", "AutoChoice", "STEPS", "choose", "choose_sequences"]
 
 # The U-Net preset used when --preset is not given, by dataset name.
 DEFAULT_PRESET_FOR_DATA = {"digits": "digits", "mnist": "mnist", "fashion-mnist": "mnist", "cifar10": "cifar10"}
@@ -119,3 +119,28 @@ def _steps(side: int, num_images: int) -> int:
     row = next(steps for limit, steps in STEPS.items() if side <= limit)
     column = sum(num_images >= edge for edge in _COUNT_EDGES)
     return row[column]
+
+
+# Sequences [N, C, L] (a 1D U-Net): the shape of the small presets, by length.
+_BY_LENGTH = ((64, "digits", "up to 64 positions"), (float("inf"), "mnist", "above 64 positions"))
+
+
+def choose_sequences(length: int, channels: int, num_sequences: int) -> AutoChoice:
+    """The preset (its shape, as a 1D U-Net) and recipe for ``num_sequences`` sequences of ``channels`` x L:
+    ``digits`` (two levels) up to 64 positions, ``mnist`` (three) above, or the smaller one whose levels
+    halve L evenly; the steps of :data:`STEPS`'s first row by count (deterministic)."""
+    preset, why = next((name, why) for limit, name, why in _BY_LENGTH if length <= limit)
+    while preset is not None and length % preset_config(preset, image_size=None).downsample_factor:
+        preset, why = _SMALLER[preset], f"{preset} would need a length divisible by 4"
+    if preset is None:
+        raise DataError(f"sequences of odd length {length}, which no preset's levels can halve; pad or crop "
+                        f"them to an even length (e.g. {length + 1})")
+    steps = _steps(1, num_sequences)
+    recipe = RECIPES.get(preset, {}).get("train", {})
+    batch = min(recipe.get("batch_size", 128), num_sequences)
+    train = {"steps": steps, "batch_size": batch, "lr": recipe.get("lr", 1e-3),
+             "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 10),
+             "checkpoint_every": max(1, steps // 5), "sample_every": max(1, steps // 5)}
+    reason = (f"{num_sequences:,} sequence(s) of {channels}x{length}: the 1D U-Net of preset {preset!r}'s shape "
+              f"({why}), its recipe {steps:,} steps at batch {batch}")
+    return AutoChoice(preset, train, reason)

@@ -26,7 +26,7 @@ from .data import data_source, load_dataset
 from .data.pairs import load_paired_data
 from .errors import CheckpointError, ConfigError, DataError
 from .models import PRESETS, UnetConfig, preset_config
-from .recipes import DEFAULT_PRESET_FOR_DATA, RECIPES, choose
+from .recipes import DEFAULT_PRESET_FOR_DATA, RECIPES, choose, choose_sequences
 
 __all__ = ["merge_layers", "merge_over_recipe", "TRAIN_KEY_ALIASES", "load_toml", "dataset_num_classes",
            "resolve_train_config", "check_overridden_values", "INIT_MAY_CHANGE", "resolve_init_config", "checkpoint_global_batch",
@@ -191,7 +191,8 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
     data = _load_training_data(data_cfg, (condition or {}).get("data"))
     choice = None
     if preset is None:                       # a folder or .npz without a preset: chosen from the data
-        choice = choose(data.image_size, data.channels, data.num_images)
+        choice = (choose_sequences(data.image_size[0], data.channels, data.num_images) if data.is_sequences
+                  else choose(data.image_size, data.channels, data.num_images))
         preset = choice.preset
         # The chosen preset's recipe brings its diffusion options; its train options are the choice's.
         diffusion = merge_over_recipe(preset, file_layer, flags).get("diffusion", {})
@@ -204,6 +205,9 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
         source = condition["data"]
         data_cfg = replace(data_cfg, condition_data=os.path.abspath(source) if Path(source).exists() else str(source))
     model_layer = {**merged.get("model", {}), "image_size": data.image_size, "channels": data.channels}
+    if data.is_sequences:                    # float [N, C, L]: a 1D U-Net (ddpm.models.unet1d)
+        model_layer["kind"] = "unet1d"
+        data_cfg = _sequence_data(data_cfg, file_layer, flags)
     if conditional:
         model_layer["num_classes"] = dataset_num_classes(data)
         if data.class_names and len(data.class_names) == model_layer["num_classes"]:
@@ -216,6 +220,13 @@ def resolve_train_config(flags: dict, *, preset: str | None = None, config_file:
         raise ConfigError(f"invalid [model] option: {exc}") from None
     return RunConfig(preset=preset, model=model_cfg, diffusion=diffusion_cfg, data=data_cfg, train=train_cfg,
                      choice=None if choice is None else choice.reason, condition=image_cond), data
+
+
+def _sequence_data(data_cfg: DataConfig, file_layer: dict, flags: dict) -> DataConfig:
+    """A sequence run's data options: a preset recipe's random flips (an image augmentation) left out,
+    unless the file or the command line asked for them (which the run's configuration then refuses)."""
+    asked = any(layer.get("data", {}).get("hflip") is not None for layer in (file_layer, flags))
+    return data_cfg if asked else replace(data_cfg, hflip=False)
 
 
 def _load_training_data(d: DataConfig, condition_data=None):

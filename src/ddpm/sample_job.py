@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from . import __version__, distributed, viz
 from .data import load_dataset
 from .data.image_files import convert_image
+from .data.sequences import SEQUENCES_KEY
 from .errors import ConfigError, DataError
 from .fileio import staged_dir, write_json
 from .generate import (DEFAULT_GUIDANCE_SCALE, generate, interpolate, interpolation_plan, progressive_frames,
@@ -29,6 +30,7 @@ from .gaussian_diffusion import GaussianDiffusion
 from .images import caption_below, label_rows, make_grid, save_npz, save_png
 from .pixels import to_tensor, to_uint8
 from .samplers import DEFAULT_SAMPLING, KARRAS, SamplingOptions
+from .sequence_plots import plot_sequences
 from .sigmas import KARRAS_RHO
 from .sampling import SamplingPlan, check_labels, num_classes, resolve_plan
 
@@ -87,6 +89,8 @@ def load_image(spec: str, image_size: tuple[int, int], channels: int, *,
     ``path/to/images.npz:3``). Anything else is an image file. Either is converted to ``channels``
     and resized so that it covers ``image_size``, then center-cropped.
     """
+    if len(image_size) == 1:
+        raise ConfigError("this is a sequence model (data [N, C, L]); it takes no input images")
     source, _, index = spec.rpartition(":")
     if source and index.isdigit():
         data = load_dataset(source, data_root=data_root, image_size=tuple(image_size), channels=channels)
@@ -132,8 +136,13 @@ def sample_record(diffusion: GaussianDiffusion, meta: dict, sampling: SamplingOp
 def write_samples(out_dir: str | os.PathLike, images: np.ndarray, nrow: int | None = None,
                   row_labels: list[str] | None = None, caption: str | None = None, **extra: np.ndarray) -> dict[str, Path]:
     """Write ``grid.png`` (``nrow`` images a row; default square-ish; ``row_labels`` written left of
-    the rows, ``caption`` under them) and ``samples.npz`` (array ``images``, uint8 [N, H, W, C]) to ``out_dir``."""
+    the rows, ``caption`` under them) and ``samples.npz`` (array ``images``, uint8 [N, H, W, C]) to ``out_dir``.
+    Sequences (float32 [N, C, L]) go to ``samples.npz`` as array ``sequences``, in the data's units (the
+    layout a sequence model trains on), and ``grid.png`` plots the first few (titled ``caption``)."""
     out_dir = Path(out_dir)
+    if images.ndim == 3:                 # a sequence model's: float32 [N, C, L] (ddpm.data.sequences)
+        return {"grid": plot_sequences(out_dir / "grid.png", images, caption or ""),
+                "samples": save_npz(out_dir / "samples.npz", **{SEQUENCES_KEY: images}, **extra)}
     grid = make_grid(images, nrow=nrow)
     if row_labels:
         grid = label_rows(grid, row_labels)
@@ -250,6 +259,9 @@ def run_samples(diffusion: GaussianDiffusion, plan: SamplePlan, out: str | os.Pa
     each process generates a contiguous range of the indices (image k depends only on (seed, k)) and rank 0
     writes; the others return None."""
     out, sampling = Path(out), plan.sampling
+    if len(diffusion.image_size) == 1 and (png or progressive):
+        raise ConfigError(f"{'--png' if png else '--progressive'} draws images; a sequence model's samples are "
+                          "in samples.npz (array sequences [N, C, L]), plotted in grid.png")
     lo, hi = distributed.shard_range(plan.total)
     common = dict(batch_size=batch_size, seed=seed, progress=progress and distributed.is_main(),
                   start_index=plan.start_index + lo, labels=None if plan.labels is None else plan.labels[lo:hi],

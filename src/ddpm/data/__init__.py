@@ -4,6 +4,7 @@
   CIFAR-10 binary) or from a path (a folder of images, an ``.npz``, a prepared dataset);
 * :mod:`ddpm.data.image_data`: :class:`ImageData`, dataset fingerprints, class names;
 * :mod:`ddpm.data.image_files`: finding, decoding and resizing image files;
+* :mod:`ddpm.data.sequences`: float sequences [N, C, L] from an ``.npz`` (a sequence model's data);
 * :mod:`ddpm.data.prepared`: the prepared-dataset format, read lazily from a memory map;
 * :mod:`ddpm.data.prepare`: ``ddpm prepare``, which writes one.
 """

@@ -43,14 +43,23 @@ class ImageData:
     conditions: np.ndarray | None = None     # paired image conditions, uint8 [N, H, W, C_c]: row k conditions image k
 
     def __post_init__(self) -> None:
-        if getattr(self.images, "dtype", None) != np.uint8 or getattr(self.images, "ndim", None) != 4:
-            raise ValueError("ImageData.images must be a uint8 array of shape [N, H, W, C]")
+        if self.is_sequences:            # ddpm.data.sequences: float data x0, not pixels
+            if self.conditions is not None:
+                raise ValueError("sequence data has no paired image conditions")
+        elif getattr(self.images, "dtype", None) != np.uint8 or getattr(self.images, "ndim", None) != 4:
+            raise ValueError("ImageData.images must be a uint8 array of shape [N, H, W, C] "
+                             "(or float32 sequences [N, L, C])")
         if self.labels is not None and not (isinstance(self.labels, np.ndarray) and self.labels.dtype == np.int64
                                             and self.labels.shape == (len(self.images),)):
             raise ValueError(f"ImageData.labels must be an int64 numpy array of shape [{len(self.images)}] or None")
         if self.conditions is not None and (getattr(self.conditions, "dtype", None) != np.uint8
                                             or self.conditions.ndim != 4 or len(self.conditions) != len(self.images)):
             raise ValueError("ImageData.conditions must be a uint8 array of shape [N, H, W, C_c] or None")
+
+    @property
+    def is_sequences(self) -> bool:
+        """Sequences (:mod:`ddpm.data.sequences`): ``images`` holds float32 [N, L, C], data x0 in [-1, 1]."""
+        return getattr(self.images, "dtype", None) == np.float32 and getattr(self.images, "ndim", None) == 3
 
     @property
     def lazy(self) -> bool:
@@ -62,13 +71,13 @@ class ImageData:
         return self.images.shape[0]
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width)."""
-        return self.images.shape[1], self.images.shape[2]
+    def image_size(self) -> tuple[int, int] | tuple[int]:
+        """(height, width); (L,) for sequences."""
+        return (self.images.shape[1],) if self.is_sequences else (self.images.shape[1], self.images.shape[2])
 
     @property
     def channels(self) -> int:
-        return self.images.shape[3]
+        return self.images.shape[-1]
 
     def fingerprint(self) -> dict:
         """:func:`dataset_fingerprint` of these images and labels."""

@@ -10,7 +10,8 @@ Where the data comes from (``load_dataset(data, ...)``):
   ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain or ``.gz``)
   read from ``data_root``; 60000 train / 10000 test images of 28x28.
 * any other string is a path: a ``.npz`` archive holding ``images`` (and optionally
-  ``labels``, and ``class_names`` for them), or a folder of image files, whose class
+  ``labels``, and ``class_names`` for them), an ``.npz`` of float ``sequences`` [N, C, L]
+  (:mod:`ddpm.data.sequences`, for a sequence model), or a folder of image files, whose class
   subfolders give labels and class names. A path is always loaded whole, so
   ``split`` does not apply to it: ``train`` and ``test`` give the same images.
 
@@ -39,6 +40,7 @@ from .image_files import (check_folder_fits_in_memory, check_same_size, class_la
 from .image_data import ImageData, check_channels, check_split, parse_image_size
 from .hub import is_hub_spec, is_saved_dataset, load_hub_dataset
 from .prepared import is_prepared, open_prepared
+from .sequences import is_sequence_archive, load_sequences
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 
@@ -133,6 +135,8 @@ def _load_path(data, size, channels, strict: bool) -> ImageData:
             return open_prepared(path, image_size=size, channels=channels)
         return _load_image_folder(path, size, channels, strict)
     if path.suffix.lower() == ".npz":
+        if is_sequence_archive(path):       # float [N, C, L]: a sequence model's data (ddpm.data.sequences)
+            return load_sequences(path, image_size=size, channels=channels)
         return resize_and_convert(_load_npz(path), size, channels)
     raise DataError(f"cannot load {path}: expected a .npz file or a folder of images")
 

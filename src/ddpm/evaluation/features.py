@@ -42,6 +42,9 @@ from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..signals import check_stop
+
+FEATURES_PHASE = "extracting image features"     # what a stop during feature extraction says it interrupted
 
 __all__ = ["LeNet", "LENET_WEIGHTS", "LENET_IMAGE_SIZE", "LenetFeatures", "load_lenet", "classify",
            "InceptionFeatures", "find_inception", "INCEPTION_PACKAGE", "INCEPTION_IMAGE_SIZE",
@@ -134,8 +137,10 @@ class LenetFeatures:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
         check_images(images)
-        out = [self.model.features(images_to_grey_28(images[i:i + self.batch_size])).double().numpy()
-               for i in range(0, len(images), self.batch_size)]
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            check_stop(FEATURES_PHASE)          # SIGINT / SIGTERM end a long extraction between batches
+            out.append(self.model.features(images_to_grey_28(images[i:i + self.batch_size])).double().numpy())
         return np.concatenate(out)
 
 
@@ -144,8 +149,10 @@ def classify(images: np.ndarray, *, path: str | os.PathLike | None = None, batch
     """Class probabilities [N, 10] of the MNIST LeNet for uint8 images [N, H, W, C] (resized to 28x28)."""
     model, _ = load_lenet(path)
     check_images(images)
-    out = [F.softmax(model(images_to_grey_28(images[i:i + batch_size])), dim=1).double().numpy()
-           for i in range(0, len(images), batch_size)]
+    out = []
+    for i in range(0, len(images), batch_size):
+        check_stop("classifying images")
+        out.append(F.softmax(model(images_to_grey_28(images[i:i + batch_size])), dim=1).double().numpy())
     return np.concatenate(out)
 
 
@@ -272,6 +279,7 @@ class InceptionFeatures:
         check_images(images)
         out = []
         for i in range(0, len(images), self.batch_size):
+            check_stop(FEATURES_PHASE)          # SIGINT / SIGTERM end a long extraction between batches
             feats = self.model(self.preprocess(images[i:i + self.batch_size]))
             feats = feats.reshape(feats.shape[0], -1)
             if feats.shape[1] != self.dim:

@@ -31,6 +31,7 @@ from ..diffusion import (BIN_HALF_WIDTH, LOG2, discretized_gaussian_log_likeliho
                          q_mean_variance, q_sample, randn, vb_terms_from_mean_variance)
 from ..errors import ConfigError, DataError
 from ..schedules import NoiseSchedule
+from ..signals import check_stop
 
 __all__ = ["prior_bpd", "vb_terms_bpd", "bpd_terms",
            "images_to_x0", "BpdResult", "evaluate_bpd"]
@@ -72,6 +73,7 @@ def bpd_terms(denoiser: Denoiser, x0: torch.Tensor, *, variance: str = "posterio
     terms = torch.zeros(b, T, dtype=torch.float64)
     steps = range(T - 1, -1, -1)
     for i in tqdm(steps, desc="bits/dim", disable=not progress, leave=False, dynamic_ncols=True):
+        check_stop("computing bits/dim")        # T network evaluations per batch: SIGINT / SIGTERM end it between two
         t = torch.full((b,), i, device=x0.device, dtype=torch.long)
         x_t = q_sample(schedule, x0, t, randn(x0.shape, generator=generator, device=x0.device))
         terms[:, i] = vb_terms_bpd(denoiser, x0, x_t, t, variance=variance).cpu()
@@ -127,6 +129,7 @@ def evaluate_bpd(diffusion, images: np.ndarray, *, batch_size: int = 100, seed: 
     results = []
     batches = range(0, len(x0_all), batch_size)
     for start in tqdm(batches, desc="bits/dim batches", disable=not progress or len(batches) == 1, dynamic_ncols=True):
+        check_stop("computing bits/dim")
         x0 = x0_all[start:start + batch_size].to(device)
         results.append(bpd_terms(denoiser, x0, variance=diffusion.variance, generator=generator, progress=progress))
     total = torch.cat([r["total"] for r in results])

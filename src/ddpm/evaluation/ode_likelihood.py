@@ -34,6 +34,7 @@ from ..denoiser import make_denoiser
 from ..edm import EDMDenoiser
 from ..errors import ConfigError, DataError
 from ..sigmas import DiscreteSigmaDenoiser, SigmaDenoiser
+from ..signals import check_stop
 
 __all__ = ["ODE_SOLVERS", "hutchinson_divergence", "log_likelihood_ode", "dequantize", "OdeBpdResult", "bpd_ode",
            "sigma_denoiser", "evaluate_bpd_ode", "MAX_PROBES"]
@@ -68,6 +69,7 @@ def _fixed_steps(rhs, y: torch.Tensor, s0: float, s1: float, steps: int, solver:
     """``steps`` equal steps of Heun's method or the classical Runge-Kutta method (RK4) from s0 to s1."""
     h = (s1 - s0) / steps
     for i in range(steps):
+        check_stop("computing bits/dim along the probability-flow ODE")
         s = s0 + i * h
         k1 = rhs(s, y)
         if solver == "heun":
@@ -161,6 +163,7 @@ def bpd_ode(D: SigmaDenoiser, x0: torch.Tensor, *, generator: torch.Generator | 
     dims = x0[0].numel()
     values, nfe = [], 0
     for first in range(0, x0.shape[0], batch_size):
+        check_stop("computing bits/dim along the probability-flow ODE")
         x = dequantize(x0[first:first + batch_size], generator)
         log_p, calls = log_likelihood_ode(D, x, generator=generator, **options)
         values.append((-log_p / (dims * LOG2) + 7.0).cpu().numpy())

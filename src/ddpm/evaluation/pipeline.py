@@ -176,6 +176,9 @@ def _load_model(config: EvalConfig):
         return None, None, None, None
     diffusion, meta = load_diffusion(config.checkpoint, device=distributed.training_device(config.device),
                                      weights=config.weights, precision=config.precision)
+    if len(diffusion.image_size) == 1:
+        raise ConfigError(f"{meta['path']} is a sequence model (data [N, C, L]); ddpm eval's metrics (FID, KID, "
+                          "IS, the fast metric, bits/dim of 8-bit pixels) score images")
     if config.class_label is None:
         return diffusion, meta, None, None
     label = resolve_class(config.class_label, num_classes(diffusion), meta)
@@ -199,7 +202,12 @@ def _samples(config: EvalConfig, diffusion, sampling, labels, guidance) -> np.nd
     from ..generate import generate     # here: looked up at each call, so a replaced one is used
 
     if diffusion is None:
-        return load_dataset(config.samples).images[:config.n] if distributed.is_main() else None
+        if not distributed.is_main():
+            return None
+        given = load_dataset(config.samples)
+        if given.is_sequences:
+            raise ConfigError(f"{config.samples} holds sequences [N, C, L]; ddpm eval's metrics score images")
+        return given.images[:config.n]
     if config.n < distributed.world_size():
         raise ConfigError(f"--num-images {config.n} is fewer than the {distributed.world_size()} processes")
     # Each process generates a contiguous range of the indices; rank 0 gathers them.

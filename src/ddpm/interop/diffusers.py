@@ -489,6 +489,9 @@ def _exportable_config(meta: dict) -> RunConfig:
     if config.condition is not None:                # DDPMPipeline has no input for c (docs/conditioning.md)
         raise ConfigError(f"DDPMPipeline cannot sample {meta['path']}: it is image-conditioned "
                           f"({config.condition.task}) and the pipeline passes no condition image")
+    if config.model.kind == "unet1d":               # UNet2DModel and DDPMPipeline make images
+        raise ConfigError(f"{meta['path']} is a sequence model (a 1D U-Net over [N, C, L]); diffusers' "
+                          "DDPMPipeline makes images, so it cannot be exported")
     if config.diffusion.formulation == "edm":
         raise ConfigError("an EDM model has no DDPMScheduler (it is trained in sigma space); it cannot be exported "
                           "to diffusers")

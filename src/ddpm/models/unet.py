@@ -37,15 +37,22 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from .presets import preset_fields
 
-__all__ = ["UnetConfig", "Unet", "preset_config", "timestep_embedding", "check_image_size", "DOWNSAMPLE_PADDINGS"]
+__all__ = ["UnetConfig", "Unet", "preset_config", "timestep_embedding", "check_image_size", "DOWNSAMPLE_PADDINGS",
+           "MODEL_KINDS"]
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "same")
+MODEL_KINDS = ("unet2d", "unet1d")          # images [B, C, H, W] (Unet) | sequences [B, C, L] (unet1d.Unet1D)
 
 
 def check_image_size(image_size, num_levels: int) -> tuple[int, int]:
     """``image_size`` as (H, W), refused unless both sides halve evenly ``num_levels - 1`` times."""
-    h, w = image_size
     factor = 2 ** (num_levels - 1)
+    if len(image_size) == 1:            # a sequence model's (L,)
+        if image_size[0] % factor:
+            raise ConfigError(f"sequence length {image_size[0]} must be divisible by {factor} for {num_levels} "
+                              f"resolution levels; pad or crop the sequences, or use fewer levels (dim_mults)")
+        return image_size
+    h, w = image_size
     if h % factor or w % factor:
         raise ConfigError(f"image size {h}x{w} must be divisible by {factor} for {num_levels} resolution levels; "
                           f"use a size that is a multiple of {factor}, or a model with fewer levels (dim_mults)")
@@ -112,20 +119,30 @@ class UnetConfig:
                                                   # nearest upsampling inside it) instead of a convolution
     timestep_scale: float = 1.0                   # the embedding sees t * timestep_scale (improved-diffusion's
                                                   # rescale_timesteps: 1000 / T)
+    kind: str = "unet2d"                          # unet2d: images [B, C, H, W]; unet1d: sequences [B, C, L]
+                                                  # (ddpm.models.unet1d), image_size = (L,)
 
     def __post_init__(self) -> None:
-        size = self.image_size
+        size, sides = self.image_size, 1 if self.kind == "unet1d" else 2
         if size is not None:
-            self.image_size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+            self.image_size = (size,) * sides if isinstance(size, int) else tuple(int(s) for s in size)
         self.dim_mults = tuple(int(m) for m in self.dim_mults)
         if self.class_names is not None and not isinstance(self.class_names, (str, bytes)):
             self.class_names = tuple(self.class_names)
         self.validate()
         self.attention_levels, self.attention_resolutions = self._resolve_attention()
 
+    def _check_kind(self) -> None:
+        """The kind, and an image size of its rank: (H, W) for images, (L,) for sequences."""
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        sides = 1 if self.kind == "unet1d" else 2
+        if self.image_size is not None and (len(self.image_size) != sides or min(self.image_size) < 1):
+            raise ConfigError(f"image_size must be a positive int or {'(L,)' if sides == 1 else '(H, W)'}, "
+                              f"got {self.image_size}")
+
     def validate(self) -> None:
-        if self.image_size is not None and (len(self.image_size) != 2 or min(self.image_size) < 1):
-            raise ConfigError(f"image_size must be a positive int or (H, W), got {self.image_size}")
+        self._check_kind()
         if self.channels < 1:
             raise ConfigError(f"channels must be >= 1, got {self.channels}")
         for name in ("in_channels", "out_channels"):
@@ -210,6 +227,8 @@ class UnetConfig:
             if len(set(levels)) != len(levels):
                 raise ConfigError(f"attention_levels {list(levels)} name a level twice")
             levels = tuple(sorted(levels))
+        if sizes is not None and self.kind == "unet1d":
+            raise ConfigError("a sequence model places attention by level: give attention_levels")
         if sizes is not None:
             if self.image_size is None:
                 raise ConfigError("attention_resolutions are feature-map sizes, which need an image_size; "
@@ -223,7 +242,7 @@ class UnetConfig:
                 raise ConfigError(f"attention_levels {list(levels)} and attention_resolutions {list(sizes)} disagree: "
                                   f"at {_format_hw(self.image_size)} the levels' sizes are {shorter}; give one of them")
             levels = by_size
-        if self.image_size is None:
+        if self.image_size is None or self.kind == "unet1d":
             return levels, None
         return levels, tuple(min(self.feature_map_sizes()[level]) for level in levels)
 
@@ -233,6 +252,8 @@ class UnetConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["kind"] == "unet2d":           # the images' network: its files stay as they were before kinds
+            del d["kind"]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod

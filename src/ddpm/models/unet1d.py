@@ -168,6 +168,9 @@ class Unet1D(nn.Module):
                 (nn.init.zeros_ if getattr(m, "zero_init", False) else nn.init.xavier_uniform_)(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
     @staticmethod
     def _run(blocks: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         for block in blocks:

@@ -112,3 +112,14 @@ def test_values_outside_the_data_range_are_refused(tmp_path, capsys):
     assert run("train", "--data", tmp_path / "big.npz", "--steps", 2, "--out", tmp_path / "r", *TINY) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "must lie in [-1, 1]" in err[0]
+
+
+def test_fine_tuning_a_sequence_model_keeps_its_length(seqs, straight, tmp_path, capsys):
+    tiny = ["--batch-size", "8", *TINY[6:]]             # the checkpoint's width and T kept
+    assert run("train", "--init", straight, "--data", seqs, "--steps", 1, "--out", tmp_path / "ft", *tiny) == 0
+    assert RunConfig.from_dict(json.loads((tmp_path / "ft" / "config.json").read_text())).model.kind == "unet1d"
+    np.savez(tmp_path / "short.npz", sequences=np.zeros((8, 2, 8), np.float32))
+    assert run("train", "--init", straight, "--data", tmp_path / "short.npz", "--steps", 1,
+               "--out", tmp_path / "r", *tiny) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes 2x16" in err[0] and not (tmp_path / "r").exists()

@@ -328,8 +328,9 @@ def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str
     source = f"--init {init}"
     _check_init_model(saved, source, flags, file_layer, preset=preset, config_file=config_file,
                       conditional=conditional)
+    sequences = saved.model.kind == "unet1d"      # a sequence keeps its length and channels: nothing to resize
     base = {"diffusion": saved.to_dict()["diffusion"],
-            "data": {"image_size": saved.model.image_size, "channels": saved.model.channels}}
+            "data": {} if sequences else {"image_size": saved.model.image_size, "channels": saved.model.channels}}
     merged = merge_over_recipe(saved.preset, base, file_layer, flags)
     check_overridden_values(file_layer, flags, merged, config_file)
     data_cfg, diffusion_cfg, train_cfg = _sections(merged)
@@ -339,6 +340,9 @@ def resolve_init_config(init: str, flags: dict, file_layer: dict, *, preset: str
             raise ConfigError(f"{what} = {ours} contradicts {source}, whose model has {what} = {theirs}")
     pairs = _init_condition(saved.condition, condition or {}, source)
     data = _load_training_data(data_cfg, pairs)
+    if sequences and (tuple(data.image_size), data.channels) != (tuple(saved.model.image_size), saved.model.channels):
+        raise DataError(f"{data.name} holds sequences of {data.channels}x{data.image_size[0]}; {source}'s model "
+                        f"takes {saved.model.channels}x{saved.model.image_size[0]}")
     if pairs is not None:
         if data.conditions.shape[3] != saved.condition.channels:
             raise DataError(f"--condition-data {pairs} has {data.conditions.shape[3]}-channel conditions; "

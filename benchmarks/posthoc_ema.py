@@ -52,7 +52,7 @@ def configure(args, out: Path, steps: int, **train_options):
 
 
 def score_ema(run_dir: Path, evaluator, n: int) -> float:
-    """The run's default EMA scored as ddpm.train._evaluate and ddpm ema --sweep score theirs."""
+    """The run's default EMA scored as ddpm.train_eval.evaluate and ddpm ema --sweep score theirs."""
     diffusion, meta = load_diffusion(run_dir)
     images = generate(diffusion, n, batch_size=min(n, 256), seed=derive_seed(meta["run_config"].train.seed, 3),
                       progress=False, sampler="dpm-solver++", steps=25)

@@ -58,7 +58,7 @@ RESUME = "tests/test_resume.py::test_resumed_run_is_bit_identical_to_uninterrupt
 SCHEMA, BOUNDS = "src/ddpm/checkpoint_schema.py", "src/ddpm/interop/diffusers_bounds.py"
 PREPARE, HUB, IMAGE_FILES = "src/ddpm/data/prepare.py", "src/ddpm/data/hub.py", "src/ddpm/data/image_files.py"
 SIGMAS, EDM, EMA, POSTHOC = "src/ddpm/sigmas.py", "src/ddpm/edm.py", "src/ddpm/ema.py", "src/ddpm/posthoc_ema.py"
-LR, COND, RESOLVE, PARSER = "src/ddpm/lr_schedules.py", "src/ddpm/conditions.py", "src/ddpm/resolve.py", "src/ddpm/cli_parser.py"
+LR, COND, RESOLVE, PARSER = "src/ddpm/lr_schedules.py", "src/ddpm/conditions.py", "src/ddpm/resolve.py", "src/ddpm/cli/parser.py"
 UNTRUSTED, CORPUS = "tests/test_untrusted_files.py", "tests/test_bad_inputs.py"
 REFUSALS = "tests/test_input_refusals.py"
 

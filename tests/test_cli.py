@@ -116,6 +116,19 @@ def test_help_shows_examples():
         assert proc.returncode == 0 and "examples:" in proc.stdout, args
 
 
+def test_help_imports_no_torch():
+    """``--help`` of every command answers without torch (or numpy): the parser's modules are light, and a
+    command's own modules load only when it runs."""
+    commands = [[], *([name] for name in ("train", "sample", "interpolate", "inspect", "eval", "viz", "export",
+                                           "import", "distill", "inpaint", "edit", "invert", "prepare", "ema"))]
+    code = ("import sys\nfrom ddpm.cli import main\n"
+            f"for argv in {commands!r}:\n"
+            "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+            "print('loaded:', sorted(name for name in ('torch', 'numpy') if name in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "loaded: []", proc.stdout[-300:] + proc.stderr
+
+
 def test_npz_dataset_trains_with_explicit_preset(tmp_path):
     rng = np.random.default_rng(0)
     npz = tmp_path / "data.npz"

@@ -20,7 +20,7 @@ import torch
 from ddpm import samplers as samplers_module
 from ddpm.checkpoint import save_checkpoint
 from ddpm.cli import main
-from ddpm.cli_parser import build_parser
+from ddpm.cli.parser import build_parser
 from ddpm.config import DiffusionConfig, RunConfig
 from ddpm.errors import ConfigError
 from ddpm.generate import SAMPLER_DEFAULT_STEPS, resolve_sampling
@@ -143,11 +143,24 @@ def test_the_toml_keys_of_the_image_counts_take_both_spellings(tmp_path):
 
 
 def test_messages_name_the_counts_by_their_new_spelling():
-    from ddpm.cli import FLAG_SPELLINGS, TRAIN_FLAGS, _flag          # e.g. resume's "cannot change --num-images"
+    from ddpm.cli.cmd_train import TRAIN_FLAGS
+    from ddpm.cli.common import FLAG_SPELLINGS, flag as _flag     # e.g. resume's "cannot change --num-images"
 
     assert {_flag(name) for name in TRAIN_FLAGS} >= {"--num-images", "--eval-num-images"}
     assert not {"--num-samples", "--eval-samples"} & {_flag(name) for name in TRAIN_FLAGS}
     assert set(FLAG_SPELLINGS) <= set(TRAIN_FLAGS)
+
+
+def test_the_parsers_choices_are_the_librarys_names():
+    """The parser repeats the library's names (presets, schedules, samplers, ...) so that --help imports no
+    torch; each must equal its source, in its order."""
+    import importlib
+
+    from ddpm.cli import choices
+
+    for name, module in choices.SOURCES.items():
+        source = getattr(importlib.import_module(module), name)
+        assert getattr(choices, name) == (source if isinstance(source, float) else tuple(source)), name
 
 
 # ----------------------------------------------------------------------------- --checkpoint everywhere
@@ -160,7 +173,7 @@ def test_inspect_takes_the_checkpoint_either_way(plain, capsys):
 
 
 def test_viz_training_and_import_take_the_checkpoint_either_way(monkeypatch, tmp_path, capsys):
-    import ddpm.interop.diffusers as interop
+    import ddpm.cli.cmd_io as interop
     import ddpm.viz as viz
 
     seen = []

@@ -110,7 +110,7 @@ def test_toml_files_are_refused_in_one_line(tmp_path, content, message):
 def test_the_option_parsers_bound_t_and_seeds_like_the_configuration():
     import argparse
 
-    from ddpm.cli_parser import _seed, _timesteps
+    from ddpm.cli.arg_types import seed_type as _seed, timesteps_type as _timesteps
 
     assert _timesteps("2") == 2 and _timesteps(str(MAX_TIMESTEPS)) == MAX_TIMESTEPS
     assert _seed("0") == 0 and _seed(str(SEED_LIMIT - 1)) == SEED_LIMIT - 1

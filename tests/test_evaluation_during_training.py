@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ddpm.tracking
-import ddpm.train
+import ddpm.train_eval
 from ddpm.checkpoint import list_checkpoints, read_metadata
 from ddpm.cli import main
 from ddpm.evaluation import training
@@ -60,7 +60,7 @@ def scripted(monkeypatch):
 
     monkeypatch.setattr(training.TrainingEvaluator, "build", staticmethod(build))
     monkeypatch.setattr(ddpm.tracking, "tensorboard", lambda run_dir, **options: state.board)
-    monkeypatch.setattr(ddpm.train, "generate", lambda diffusion, n, **kw: np.zeros((n, 8, 8, 1), np.uint8))
+    monkeypatch.setattr(ddpm.train_eval, "generate", lambda diffusion, n, **kw: np.zeros((n, 8, 8, 1), np.uint8))
     return state
 
 
@@ -116,7 +116,7 @@ def test_the_default_metric_is_fast_for_digits_and_fid_for_colour_images(tmp_pat
 
 
 def test_the_fast_metric_still_logs_fast_fid_under_its_old_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(ddpm.train, "generate", lambda diffusion, n, **kw: np.zeros((n, 8, 8, 1), np.uint8))
+    monkeypatch.setattr(ddpm.train_eval, "generate", lambda diffusion, n, **kw: np.zeros((n, 8, 8, 1), np.uint8))
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     assert main(["train", *TINY, "--eval-every", "3", "--eval-metric", "fast", "--keep-best", "fast", "--quiet",

@@ -166,7 +166,7 @@ def _recording_api(sent: dict):
 
 def test_export_pushes_the_exported_folder_with_its_card(tmp_path, capsys, monkeypatch):
     """The CLI wiring, with the diffusers export replaced by a folder of known files (no diffusers import)."""
-    import ddpm.interop.diffusers as interop_diffusers
+    import ddpm.cli.cmd_io as interop_diffusers       # where ddpm export finds it
 
     def fake_export(checkpoint, out, *, weights="ema", command=None):
         out = Path(out)

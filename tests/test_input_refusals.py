@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ddpm.cli import main
-from ddpm.cli_parser import build_parser
+from ddpm.cli.parser import build_parser
 from ddpm.data.image_files import load_image_file
 from ddpm.errors import ConfigError, DataError, OutputError
 from ddpm.fileio import check_output_path
@@ -133,12 +133,12 @@ def test_images_times_steps_is_bounded():
 @pytest.fixture
 def timed(monkeypatch):
     """The estimate of seconds per step is 100 s, and the training itself does not run."""
-    import ddpm.cli
+    import ddpm.cli.cmd_train
     import ddpm.estimates
 
     calls = []
     monkeypatch.setattr(ddpm.estimates, "estimate_seconds_per_step", lambda config, device: calls.append(1) or 100.0)
-    monkeypatch.setattr(ddpm.cli, "_train_in", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(ddpm.cli.cmd_train, "_train_in", lambda *args, **kwargs: 0)
     return calls
 
 

@@ -127,7 +127,6 @@ def test_no_function_over_60_lines():
     assert long_functions == []
 
 
-@pytest.mark.xfail(reason="cli.py, cli_parser.py and train.py are over 650 lines until they are split", strict=False)
 def test_no_module_over_650_lines():
     long_modules = [name for name, path in modules().items() if len(path.read_text().splitlines()) > MAX_MODULE_LINES]
     assert long_modules == []

@@ -141,6 +141,7 @@ def test_restored_adam_moments_take_their_parameters_layout(fused):
 
 import ddpm.precision as precision_module  # noqa: E402
 import ddpm.train  # noqa: E402
+import ddpm.train_eval  # noqa: E402
 from ddpm.precision import BF16_MIN_SPEEDUP, cache_path, cpu_verdict, machine_key, probe_cpu, resolve_precision  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -263,7 +264,7 @@ def autocast_spy(monkeypatch) -> list[str]:
 
 
 def test_train_auto_runs_records_and_resumes_with_the_probed_precision(probed, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(ddpm.train, "generate", lambda d, n, **kw: np.zeros((n, *d.image_size, d.channels), np.uint8))
+    monkeypatch.setattr(ddpm.train_eval, "generate", lambda d, n, **kw: np.zeros((n, *d.image_size, d.channels), np.uint8))
     seen = autocast_spy(monkeypatch)
     run = tmp_path / "run"
     tiny = ["--batch-size", "8", "--timesteps", "50", "--num-images", "2", "--checkpoint-every", "0"]
@@ -291,7 +292,7 @@ def test_python_training_defaults_to_auto(probed, monkeypatch, tmp_path):
     from ddpm.train import train
 
     assert TrainConfig().precision == "auto"
-    monkeypatch.setattr(ddpm.train, "generate", lambda d, n, **kw: np.zeros((n, *d.image_size, d.channels), np.uint8))
+    monkeypatch.setattr(ddpm.train_eval, "generate", lambda d, n, **kw: np.zeros((n, *d.image_size, d.channels), np.uint8))
     seen = autocast_spy(monkeypatch)
     config = RunConfig(preset="digits", model=preset_config("digits"), diffusion=DiffusionConfig(timesteps=50),
                        train=TrainConfig(steps=1, batch_size=8, num_samples=2, checkpoint_every=0))

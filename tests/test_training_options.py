@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import ddpm.train
+import ddpm.train_eval
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, split_prefix
 from ddpm.cli import main
 from ddpm.build import build_model
@@ -61,7 +62,7 @@ def blank_samples(diffusion, n: int, **kwargs) -> np.ndarray:
 
 @pytest.fixture
 def no_sampling(monkeypatch):
-    monkeypatch.setattr(ddpm.train, "generate", blank_samples)
+    monkeypatch.setattr(ddpm.train_eval, "generate", blank_samples)
 
 
 def weights(checkpoint: Path, prefix: str = "model") -> dict[str, torch.Tensor]:
@@ -96,7 +97,7 @@ def cli_run(tmp_path_factory) -> Path:
 def one_adam_step(tmp_path_factory) -> Path:
     """The checkpoint after one plain Adam step of ``tiny_config()``: the reference for several options."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ddpm.train, "generate", blank_samples)
+        mp.setattr(ddpm.train_eval, "generate", blank_samples)
         return train(tiny_config(), tmp_path_factory.mktemp("adam") / "run", data=tiny_data(),
                      progress=False).checkpoint
 
@@ -587,7 +588,7 @@ def test_periodic_fast_metric_is_logged_and_tracks_sample_quality(tmp_path, monk
     def fake_generate(diffusion, n, **kwargs):       # stand in for sampling: the metric is under test
         return served["images"][:n]
 
-    monkeypatch.setattr(ddpm.train, "generate", fake_generate)
+    monkeypatch.setattr(ddpm.train_eval, "generate", fake_generate)
     monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     assert main(["train", "--steps", "4", "--batch-size", "8", "--timesteps", "50", "--num-images", "2",

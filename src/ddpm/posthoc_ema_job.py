@@ -118,7 +118,7 @@ def sweep(run_dir: str | os.PathLike, sigma_rels: Sequence[float] | None = None,
 
 
 def _score(config: RunConfig, rec: Reconstruction, evaluator, n: int, device: str) -> dict:
-    """The reconstruction's samples scored as the training loop scores its EMA (ddpm.train._evaluate)."""
+    """The reconstruction's samples scored as the training loop scores its EMA (ddpm.train_eval.evaluate)."""
     diffusion = build_diffusion(config)
     diffusion.model.load_state_dict(rec.state, strict=True)
     diffusion = diffusion.to(device).eval()

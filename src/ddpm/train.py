@@ -35,8 +35,8 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import checkpoint_path, flatten_optimizer_state, list_checkpoints, save_checkpoint
-from .condition_data import check_condition_data, grid_conditions, paired_conditions
-from .conditions import shown_condition, training_condition
+from .condition_data import check_condition_data, paired_conditions
+from .conditions import training_condition
 from .config import RunConfig
 from .data import ImageData, check_same_dataset, load_dataset
 from .data.pairs import load_paired_data
@@ -44,12 +44,10 @@ from .errors import DataError, TrainingError, TrainingInterrupted
 from .fileio import atomic_write
 from .build import build_diffusion
 from .gaussian_diffusion import GaussianDiffusion
-from .generate import DEFAULT_GUIDANCE_SCALE, generate
-from .images import class_grid_layout, label_rows, make_grid, save_png, side_by_side
 from .losses import Loss, make_loss
 from .lr_schedules import LRSchedule, schedule_from_train_config
 from .posthoc_ema import save_snapshot
-from .pixels import to_model_range, to_uint8, uint8_to_unit
+from .pixels import to_model_range, uint8_to_unit
 from .precision import autocast, channels_last, check_precision, resolve_precision
 from .data.hub import is_hub_spec
 from .data.prepared import BatchPrefetcher
@@ -58,7 +56,8 @@ from .run_dir import open_run, prune_checkpoints
 from .seeding import derive_seed
 from .signals import StopSignals, Stopped
 from .tracking import Tracker, draw_loss_curve
-from .training_state import BEST_CHECKPOINT, Counters, State, best_so_far, restore_or_start, rng_states
+from .train_eval import build_evaluator, evaluate, keep_best, sample_grid
+from .training_state import Counters, State, best_so_far, restore_or_start, rng_states
 
 __all__ = ["label_dropout", "lr_at", "load_training_data", "check_training_data", "EpochOrder", "rank_rows",
            "lazy_reader", "train", "TrainResult", "Setup"]
@@ -206,7 +205,7 @@ def train(config: RunConfig, run_dir: str | os.PathLike, *, data: ImageData | No
     setup, state = _set_up(config, Path(run_dir), data, resume, loss if loss is not None else objective, progress)
     tracker = Tracker(setup.run_dir, setup.config.to_dict(), setup.tc.steps, state.counters.step, progress,
                       setup.main)
-    evaluator = _evaluator(setup) if setup.main else None
+    evaluator = build_evaluator(setup.config, setup.device) if setup.main else None
     if evaluator is not None and setup.tc.keep_best:
         state.best = best_so_far(setup.run_dir, evaluator.headline)
     try:
@@ -562,7 +561,10 @@ def _sample_and_evaluate(setup: Setup, state: State, tracker: Tracker, evaluator
         if setup.main and evaluator is not None and (done % tc.eval_every == 0 or outcome.last):
             phase = f"the evaluation at step {done}"
             _say(tracker, f"evaluating at step {done}...")
-            _evaluate(setup, state, tracker, evaluator, done)
+            scores = evaluate(setup.config, state.ema_diffusion, evaluator, tracker, done)
+            if tc.keep_best:
+                state.best = keep_best(setup.run_dir, evaluator, scores, state.best, done,
+                                       lambda: _checkpoint_state(setup, state, done))
     except Stopped as exc:          # a stop signal between two sampler steps: save the run, then stop
         raise _stopped_during(setup, state, tracker, phase, exc.signum) from None
 
@@ -609,76 +611,9 @@ def _checkpoint_state(setup: Setup, state: State, step: int) -> tuple[dict, dict
 
 
 def _sample_grid(setup: Setup, state: State, step: int, board=None) -> Path:
-    """EMA and raw weights side by side, from one fixed seed (a generator of its own); with a
-    tracker ``board`` (:class:`ddpm.tracking.Board`) each grid is also logged as an image (``samples/ema``, ``samples/raw``).
-    A class-conditional model gives each class whole rows (:func:`ddpm.images.class_grid_layout`),
-    labelled with its name, with guidance."""
-    tc, config = setup.tc, setup.config
-    seed = derive_seed(tc.seed, 2)
-    n, cond, nrow, rows = tc.num_samples, {}, None, None
-    if config.conditional:
-        labels, nrow = class_grid_layout(config.model.num_classes, tc.num_samples)
-        n, cond = len(labels), {"labels": labels, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
-        names = config.model.class_names
-        rows = [names[c] if names else str(c) for c in labels[::nrow]]
-    panels = []
-    if config.condition is not None:    # the first n training conditions, shown beside the samples
-        given = grid_conditions(config.condition, setup.data, setup.conditions, n)
-        n, cond["conditions"] = len(given), given
-        shown = shown_condition(config.condition, given, config.model.image_size)
-        panels = [make_grid(to_uint8(shown), nrow=nrow)]
-    grids = [make_grid(generate(d, n, batch_size=n, seed=seed, progress=False, **cond), nrow=nrow)
-             for d in (state.ema_diffusion, setup.diffusion.eval())]
-    if rows:
-        grids = [label_rows(grid, rows) for grid in grids]
-    if board:
-        for name, grid in zip(("ema", "raw"), grids):
-            board.image(f"samples/{name}", grid, step)
-    return save_png(setup.run_dir / "samples" / f"step-{step:07d}.png",
-                    side_by_side(panels + grids, ["condition"] * len(panels) + ["EMA", "raw"]))
-
-
-def _evaluator(setup: Setup):
-    """The metric of --eval-every, built once with its network and reference statistics (cached), or None.
-
-    The reference is the dataset's test split in the model's size and channels (ddpm.evaluation.training).
-    """
-    tc = setup.tc
-    if not tc.eval_every:
-        return None
-    from .evaluation.training import TrainingEvaluator    # the evaluation package is large: loaded when asked for
-
-    d, m = setup.config.data, setup.config.model
-    metric = tc.evaluation_metric(m.channels, m.image_size)
-    return TrainingEvaluator.build(metric, d.name, data_root=d.root, image_size=d.image_size, channels=d.channels,
-                                   inception_weights=tc.inception_weights or None, device=str(setup.device))
-
-
-def _evaluate(setup: Setup, state: State, tracker: Tracker, evaluator, step: int) -> None:
-    """EMA samples drawn with DPM-Solver++ in 25 steps, scored; logged to metrics.jsonl, TensorBoard
-    (``eval/<key>``) and one console line; with --keep-best, the checkpoint kept when it is the best so far."""
-    tc = setup.tc
-    sampler = {"sampling": state.ema_diffusion.default_sampling} if setup.config.diffusion.formulation == "edm" else {
-        "sampler": "dpm-solver++", "steps": 25}                                 # EDM: its own, heun over 18 levels
-    images = generate(state.ema_diffusion, tc.eval_samples, batch_size=min(tc.eval_samples, 256),
-                      seed=derive_seed(tc.seed, 3), progress=False, **sampler)
-    scores = evaluator(images)
-    tracker.write_scores(step, scores)
-    if tc.keep_best:
-        _keep_best(setup, state, evaluator, step, scores)
-
-
-def _keep_best(setup: Setup, state: State, evaluator, step: int, scores: dict) -> None:
-    """Save checkpoints/best.safetensors when the headline value beats the best so far (its metadata says so)."""
-    from .evaluation.training import is_better            # the evaluation package is large: loaded when asked for
-
-    value = float(scores[evaluator.headline])
-    if not is_better(evaluator.metric, value, state.best):
-        return
-    tensors, meta = _checkpoint_state(setup, state, step)
-    meta["best"] = {"metric": evaluator.headline, "value": value, "step": step}
-    save_checkpoint(setup.run_dir / "checkpoints" / BEST_CHECKPOINT, tensors, meta)
-    state.best = value
+    """The grid of step ``step`` (:func:`ddpm.train_eval.sample_grid`) from the EMA and the raw weights."""
+    return sample_grid(setup.config, setup.run_dir, (state.ema_diffusion, setup.diffusion.eval()), step,
+                       data=setup.data, conditions=setup.conditions, board=board)
 
 
 def _finish(setup: Setup, state: State) -> TrainResult:

@@ -104,9 +104,9 @@ def blank_samples(diffusion, n: int, **kwargs) -> np.ndarray:
 @contextlib.contextmanager
 def no_sample_grids():
     """Training without drawing its sample grids (the loop's one patched internal, kept here)."""
-    import ddpm.train
+    import ddpm.train_eval
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ddpm.train, "generate", blank_samples)
+        mp.setattr(ddpm.train_eval, "generate", blank_samples)
         yield
 

@@ -1,16 +1,16 @@
 """The ``ddpm`` command line of the learning-rate schedules, the moving averages and the post-hoc EMA
 (docs/ema.md): the training options, ``--weights raw|ema|ema:D`` and the ``ddpm ema`` command.
 
-Kept apart from :mod:`ddpm.cli_parser` and :mod:`ddpm.cli`, which call in with one line each; nothing
-here imports torch until a command runs.
+Kept apart from the parser (:mod:`ddpm.cli.parser_train`, :mod:`ddpm.cli.parser`), which calls in with one
+line each; nothing here imports torch until a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .cli_types import nonneg_float, nonneg_int, number, positive_int
-from .errors import ConfigError
+from .arg_types import nonneg_float, nonneg_int, number, positive_int
+from ..errors import ConfigError
 
 __all__ = ["WEIGHTS_HELP", "weights_type", "add_ema_options", "add_ema_command", "cmd_ema", "EXAMPLES_EMA"]
 
@@ -50,7 +50,8 @@ def add_ema_options(g) -> None:
     g.add_argument("--lr-schedule", choices=("constant", "cosine", "linear", "inverse-sqrt"),
                    help="after the warm-up (default constant): cosine or linear decay to --lr-min at --steps, or "
                         "inverse-sqrt, lr / sqrt(max(step / --lr-ref-steps, 1)) (EDM2)")
-    g.add_argument("--lr-min", type=_nonneg_float, metavar="LR", help="floor of the cosine and linear schedules (default 0)")
+    g.add_argument("--lr-min", type=_nonneg_float, metavar="LR",
+                   help="floor of the cosine and linear schedules (default 0)")
     g.add_argument("--lr-ref-steps", type=_count, metavar="N",
                    help="t_ref of inverse-sqrt (default 0: the warm-up length)")
     g.add_argument("--ema-decay", type=_decay, nargs="+", action=_EMADecays, metavar="D",
@@ -102,8 +103,8 @@ def add_ema_command(sub) -> None:
 
 
 def cmd_ema(args) -> int:
-    from .device import select_device                           # torch: loaded for the commands that use it
-    from .posthoc_ema_job import sweep, write_reconstruction   # the post-hoc EMA job: loaded for this command
+    from ..device import select_device                           # torch: loaded for the commands that use it
+    from ..posthoc_ema_job import sweep, write_reconstruction   # the post-hoc EMA job: loaded for this command
 
     if args.sweep:
         if args.out:

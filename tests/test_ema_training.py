@@ -127,8 +127,8 @@ def test_several_emas_resume_bit_for_bit(two_emas, tmp_path):
     assert again.keys() == tensors.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
 
 
-def sample(capsys, run, out, weights: str) -> dict[str, torch.Tensor]:
-    """``ddpm sample --weights WEIGHTS``: the weights the network held when the sampler called it."""
+def seen_weights(capsys, argv: list[str]) -> dict[str, torch.Tensor]:
+    """Run the command: the weights the network held when it was first called."""
     seen = {}
     original = Unet.forward
 
@@ -138,11 +138,17 @@ def sample(capsys, run, out, weights: str) -> dict[str, torch.Tensor]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Unet, "forward", forward)
-        assert main(["sample", "--checkpoint", str(run), "--num-images", "2", "--sampler", "ddim", "--steps", "2",
-                     "--device", "cpu", "--quiet", "--weights", weights, "--out", str(out)]) == 0
+        assert main(argv) == 0
     capsys.readouterr()
-    assert json.loads((out / "record.json").read_text())["weights"] == weights
     return seen["weights"]
+
+
+def sample(capsys, run, out, weights: str) -> dict[str, torch.Tensor]:
+    """``ddpm sample --weights WEIGHTS``: the weights the network held when the sampler called it."""
+    seen = seen_weights(capsys, ["sample", "--checkpoint", str(run), "--num-images", "2", "--sampler", "ddim",
+                                 "--steps", "2", "--device", "cpu", "--quiet", "--weights", weights, "--out", str(out)])
+    assert json.loads((out / "record.json").read_text())["weights"] == weights
+    return seen
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -158,6 +164,18 @@ def test_weights_ema_d_samples_with_that_decays_average(two_emas, tmp_path, caps
     one_line_error(capsys, ["sample", "--checkpoint", str(run), "--weights", "ema:0.7", "--out", str(tmp_path / "x")],
                    "no EMA weights for decay 0.7", "0.9, 0.5")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["interpolate", "--image-a", "digits:0", "--image-b", "digits:1", "--num-images", "3", "--t", "2"],
+    ["viz", "reverse", "--num-images", "1", "--frames", "2", "--steps", "2", "--sampler", "ddim"],
+    ["edit", "--image", "digits:0", "--strength", "0.1", "--steps", "2", "--sampler", "ddim"],
+])
+def test_weights_ema_d_reaches_the_other_sampling_commands(two_emas, tmp_path, capsys, command):
+    run, _, (tensors, _) = two_emas
+    out = tmp_path / ("reverse.png" if command[0] == "viz" else "out")
+    argv = [*command, "--checkpoint", str(run), "--device", "cpu", "--weights", "ema:0.5", "--out", str(out)]
+    assert_same(seen_weights(capsys, argv), split_prefix(tensors, "ema@0.5"))
 
 
 @pytest.mark.parametrize("argv, phrase", [

@@ -6,6 +6,7 @@ import argparse
 
 from .arg_types import positive_int
 from .choices import SPACINGS
+from .ema import WEIGHTS_HELP, weights_type
 from .options import add_class_option, add_num_images, add_precision, add_sampler_options
 
 
@@ -47,7 +48,7 @@ def _add_editing_inputs(p, *, results: bool = True) -> None:
         p.add_argument("--seed", type=int, default=0, help="result k uses a seed derived from (seed, k)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (does not change them)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace outputs already in DIR")
     add_class_option(p, "class index or name: one for every image, or one per --image")
 

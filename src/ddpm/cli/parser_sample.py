@@ -112,7 +112,7 @@ def add_interpolate(sub) -> None:
                                                 "record.json (default: samples/NNN, the next free number)")
     p.add_argument("--seed", type=seed_type, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     p.add_argument("--invert", action="store_true",
                    help="start from the images' DDIM inversions to t (deterministic) instead of q(x_t | x_0)")
     add_class_option(p, "the class of every interpolant (index or name)", nargs=1)
@@ -180,7 +180,7 @@ def add_viz(sub) -> None:
                    help=f"columns: sampler steps shown, at most {MAX_FRAMES} (default 10)")
     r.add_argument("--seed", type=seed_type, default=0)
     r.add_argument("--device", default="auto")
-    r.add_argument("--weights", choices=("ema", "raw"), default="ema")
+    r.add_argument("--weights", type=weights_type, default="ema", metavar="WEIGHTS", help=WEIGHTS_HELP)
     add_class_option(r, "class labels (indices or names) or 'all': --num-images images of each")
     add_sampler_options(r)
     r.add_argument("--out", required=True, metavar="PNG_FILE", help=PNG_OUT_HELP)

@@ -123,3 +123,8 @@ def test_fine_tuning_a_sequence_model_keeps_its_length(seqs, straight, tmp_path,
                "--out", tmp_path / "r", *tiny) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "takes 2x16" in err[0] and not (tmp_path / "r").exists()
+
+
+def test_a_sequence_run_says_what_it_trains_on(seqs, tmp_path, capsys):
+    assert run("train", "--data", seqs, "--steps", 1, "--out", tmp_path / "r", *TINY[:-1]) == 0
+    assert "2x16" in capsys.readouterr().err                    # channels x length, where images say C x H x W

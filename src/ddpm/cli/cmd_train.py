@@ -126,9 +126,9 @@ def _train_in(args, config, data, run_dir: Path, stop, resume: bool) -> int:
     if not args.quiet and main_rank:
         verb = "resuming" if args.resume else "training"
         procs = f" with {world} processes (global batch {config.train.global_batch_size(world)})" if world > 1 else ""
+        shape = "x".join(map(str, (data.channels, *data.image_size)))       # C x H x W, or C x L for sequences
         print(f"{verb} preset {config.preset!r} ({build_model(config).num_parameters() / 1e6:.2f}M parameters) "
-              f"on {data.name} ({plural(data.num_images, 'image')}, "
-              f"{data.channels}x{data.image_size[0]}x{data.image_size[1]}) "
+              f"on {data.name} ({plural(data.num_images, 'image')}, {shape}) "
               f"to step {config.train.steps}{procs} -> {run_dir}", file=sys.stderr)
     result = train(config, run_dir, data=data, resume=resume, progress=not args.quiet, stop=stop)
     if not main_rank:

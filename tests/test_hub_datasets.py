@@ -16,7 +16,7 @@ import torch
 
 from ddpm.cli import main
 from ddpm.data import hub, load_dataset
-from ddpm.train import lazy_reader, rank_rows
+from ddpm.training_data import lazy_reader, rank_rows
 from test_resume import assert_bit_identical, final_tensors
 
 datasets = pytest.importorskip("datasets")

@@ -23,7 +23,8 @@ from ddpm.device import select_device
 from ddpm.models import preset_config
 from ddpm.run_dir import new_run_dir, prepare_run_dir
 from ddpm.seeding import derive_seed
-from ddpm.train import EpochOrder, check_training_data, train
+from ddpm.train import train
+from ddpm.training_data import EpochOrder, check_training_data
 from ddpm.training_state import EMA
 
 

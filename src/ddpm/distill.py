@@ -55,6 +55,7 @@ from .precision import resolve_precision
 from .samplers import SamplingOptions, ddim_step, spaced_timesteps
 from .sampling import x0_clip
 from .schedules import NoiseSchedule
+from .training_data import load_training_data
 
 __all__ = ["DISTILL_WEIGHTINGS", "STUDENT_OBJECTIVE", "two_step_target", "teacher_two_steps",
            "distillation_weight", "StudentGrid", "student_grid", "DistillationLoss", "DistillationObjective", "DistillConfig",
@@ -419,7 +420,7 @@ def distill(config: DistillConfig, train: TrainConfig, run_dir: str | os.PathLik
         if state == "done":
             continue
         if images is None:
-            images = training.load_training_data(round_config)
+            images = load_training_data(round_config)
             if chosen is not None and progress and distributed.is_main():
                 print(chosen.line(), file=sys.stderr)     # once, when the first round's checks have passed
         if on_round is not None:

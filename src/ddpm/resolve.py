@@ -442,7 +442,7 @@ def _saved_config(run_dir: Path) -> RunConfig:
 
 def _moved_data(saved: DataConfig, name: str) -> DataConfig:
     """The run's data config pointed at ``name``: its own place, or a copy that the fingerprint recorded at
-    the start of the run will recognise (checked when it is loaded, :func:`ddpm.train.load_training_data`)."""
+    the start of the run will recognise (checked when it is loaded, :func:`ddpm.training_data.load_training_data`)."""
     new = data_source(name)
     if new in (saved.name, data_source(saved.name)):
         return saved

@@ -29,18 +29,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import distributed
 from .checkpoint import checkpoint_path, flatten_optimizer_state, list_checkpoints, save_checkpoint
-from .condition_data import check_condition_data, paired_conditions
+from .condition_data import paired_conditions
 from .conditions import training_condition
 from .config import RunConfig
-from .data import ImageData, check_same_dataset, load_dataset
-from .data.pairs import load_paired_data
-from .errors import DataError, TrainingError, TrainingInterrupted
+from .data import ImageData
+from .errors import TrainingError, TrainingInterrupted
 from .fileio import atomic_write
 from .build import build_diffusion
 from .gaussian_diffusion import GaussianDiffusion
@@ -49,7 +47,6 @@ from .lr_schedules import LRSchedule, schedule_from_train_config
 from .posthoc_ema import save_snapshot
 from .pixels import to_model_range, uint8_to_unit
 from .precision import autocast, channels_last, check_precision, resolve_precision
-from .data.hub import is_hub_spec
 from .data.prepared import BatchPrefetcher
 from .denoiser import CONDITION_KEY
 from .run_dir import open_run, prune_checkpoints
@@ -57,10 +54,10 @@ from .seeding import derive_seed
 from .signals import StopSignals, Stopped
 from .tracking import Tracker, draw_loss_curve
 from .train_eval import build_evaluator, evaluate, keep_best, sample_grid
+from .training_data import EpochOrder, check_training_data, lazy_reader, load_training_data, rank_rows
 from .training_state import Counters, State, best_so_far, restore_or_start, rng_states
 
-__all__ = ["label_dropout", "lr_at", "load_training_data", "check_training_data", "EpochOrder", "rank_rows",
-           "lazy_reader", "train", "TrainResult", "Setup"]
+__all__ = ["label_dropout", "lr_at", "train", "TrainResult", "Setup"]
 
 
 def label_dropout(y: torch.Tensor, num_classes: int, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -74,95 +71,6 @@ def lr_at(config: RunConfig, step: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up to the peak, then the run's
     schedule (constant by default; :mod:`ddpm.lr_schedules`)."""
     return schedule_from_train_config(config.train)(step)
-
-
-# ----------------------------------------------------------------------------- data
-
-def load_training_data(config: RunConfig) -> ImageData:
-    """Load the dataset that ``config.data`` names and check that it fits the model, and that it is the
-    dataset whose fingerprint the run recorded (if it did)."""
-    d = config.data
-    if d.fingerprint is not None and not is_hub_spec(d.name) and not Path(d.name).exists():
-        raise DataError(f"the run's data {d.name} is gone; if it moved, pass --data NEW_PATH (a copy is "
-                        "recognised by its fingerprint)")
-    if d.condition_data is None:
-        data = load_dataset(d.name, data_root=d.root, split=d.split, image_size=d.image_size, channels=d.channels,
-                            strict=d.strict, image_column=d.image_column, label_column=d.label_column)
-    else:                               # paired image conditions, row k for image k (ddpm.data.pairs)
-        data = load_paired_data(d.name, d.condition_data, data_root=d.root, split=d.split, image_size=d.image_size,
-                                channels=d.channels)
-    check_same_dataset(d.fingerprint, data)
-    check_training_data(config, data)
-    return data
-
-
-def check_training_data(config: RunConfig, data: ImageData, world_size: int | None = None) -> None:
-    """Raise :class:`DataError` unless ``data`` matches the model and holds at least one global batch
-    (``world_size`` processes; default: as many as the launcher started)."""
-    if data.image_size != tuple(config.model.image_size) or data.channels != config.model.channels:
-        raise DataError(f"dataset {data.name!r} has {data.channels}-channel {data.image_size[0]}x{data.image_size[1]} "
-                        f"images but the model expects {config.model.channels}-channel "
-                        f"{config.model.image_size[0]}x{config.model.image_size[1]}; "
-                        "pass --image-size / --channels")
-    if config.conditional:
-        if data.labels is None:
-            raise DataError(f"dataset {data.name!r} has no class labels; a class-conditional model needs them "
-                            "(class subfolders, an .npz 'labels' array, or a labelled built-in dataset)")
-        if len(data.labels) and not 0 <= int(data.labels.min()) <= int(data.labels.max()) < config.model.num_classes:
-            raise DataError(f"dataset {data.name!r} has labels {int(data.labels.min())}..{int(data.labels.max())} "
-                            f"but the model has num_classes = {config.model.num_classes}")
-    check_condition_data(config, data)
-    world = distributed.env_world_size() if world_size is None else world_size
-    global_batch = config.train.global_batch_size(world)
-    if data.num_images < global_batch:
-        what = (f"the batch size {global_batch}" if global_batch == config.train.batch_size else
-                f"the global batch {global_batch} (--batch-size {config.train.batch_size} x {world} process(es) "
-                f"x grad_accum {config.train.grad_accum})")
-        raise DataError(f"dataset {data.name!r} has {data.num_images} images, fewer than {what}; lower --batch-size")
-
-
-class EpochOrder:
-    """Global batches of indices: one permutation per epoch seeded by (seed, epoch), last partial batch
-    dropped; the same for any number of processes (each takes its rows of the global batch)."""
-
-    def __init__(self, num_images: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = num_images, batch_size, seed
-        self.steps_per_epoch = num_images // batch_size
-        self._epoch, self._perm = -1, None
-
-    def batch(self, step: int) -> torch.Tensor:
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 1))
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
-
-
-def rank_rows(batch_size: int, world_size: int, grad_accum: int, rank: int) -> torch.Tensor:
-    """The rows of the global batch that ``rank`` trains on, micro-batch after micro-batch.
-
-    The global batch of batch_size x world_size x grad_accum rows is cut into grad_accum chunks of
-    batch_size x world_size rows (one micro-batch of every rank); rank r takes rows
-    [r * batch_size, (r + 1) * batch_size) of each chunk. So two ranks with batch b cover exactly
-    the rows one rank with batch 2b covers, micro-batch by micro-batch.
-    """
-    chunk = batch_size * world_size
-    return torch.cat([torch.arange(a * chunk + rank * batch_size, a * chunk + (rank + 1) * batch_size)
-                      for a in range(grad_accum)])
-
-
-
-def lazy_reader(images: np.ndarray, num_images: int, global_batch: int, seed: int, mine: torch.Tensor,
-                device: torch.device) -> BatchPrefetcher:
-    """Reads this rank's rows (``mine`` of each global batch) of a memory-mapped dataset, a step ahead.
-
-    The rows are those of :class:`EpochOrder` with the run's seed, so a lazy run trains on exactly
-    the pixels an in-memory run does; the reader keeps an order of its own, since it runs on another
-    thread. Pinned memory on CUDA lets the copy to the device overlap the step.
-    """
-    order, mine = EpochOrder(num_images, global_batch, seed), mine.cpu()
-    return BatchPrefetcher(images, None, lambda step: order.batch(step)[mine].numpy(),
-                           pin_memory=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- training

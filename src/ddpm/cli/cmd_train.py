@@ -18,7 +18,8 @@ from ..resolve import resolve_train_config, resume_config
 from ..run_dir import claimed, prepare_run_dir
 from ..signals import StopSignals
 from ..tracking import check_tracker
-from ..train import check_training_data, load_training_data, train
+from ..train import train
+from ..training_data import check_training_data, load_training_data
 from .common import flag, plural
 
 

@@ -132,7 +132,8 @@ def test_celebahq256_preset_forward_equals_diffusers(dlib, tmp_path):
 
 def test_the_padding_choice_is_visible_in_the_output(dlib):
     """The forward check can fail: diffusers' other padding gives another function."""
-    from ddpm.interop.diffusers import state_dict_to_diffusers, unet_to_diffusers_config
+    from ddpm.interop.diffusers import unet_to_diffusers_config
+    from ddpm.interop.diffusers_weights import state_dict_to_diffusers
 
     m = UnetConfig(**TINY)
     ours = randomize(Unet(m))
@@ -644,7 +645,8 @@ def test_diffusers_default_unet_imports_with_its_embedding_and_heads(diffusers_d
 def test_each_embedding_choice_is_what_diffusers_computes(dlib, flip, shift):
     """The forward check can fail: each (flip_sin_to_cos, freq_shift) is a different network, and ours
     follows diffusers for each."""
-    from ddpm.interop.diffusers import state_dict_from_diffusers, unet_from_diffusers_config
+    from ddpm.interop.diffusers import unet_from_diffusers_config
+    from ddpm.interop.diffusers_weights import state_dict_from_diffusers
 
     torch.manual_seed(1)
     unet = dlib.UNet2DModel(**DIFFUSERS_DEFAULTS_SMALL, flip_sin_to_cos=flip, freq_shift=shift).eval()
@@ -733,7 +735,8 @@ def test_init_refuses_a_contradicting_model_table(diffusers_default_folder, tmp_
 @pytest.mark.slow
 def test_the_full_default_unet2dmodel_imports_exactly(dlib):
     """UNet2DModel() as diffusers builds it with no arguments at all (274M parameters; 32x32 RGB)."""
-    from ddpm.interop.diffusers import state_dict_from_diffusers, unet_from_diffusers_config
+    from ddpm.interop.diffusers import unet_from_diffusers_config
+    from ddpm.interop.diffusers_weights import state_dict_from_diffusers
 
     torch.manual_seed(0)
     unet = dlib.UNet2DModel(sample_size=32).eval()

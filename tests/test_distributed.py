@@ -27,7 +27,7 @@ from ddpm.config import TrainConfig
 from ddpm.resolve import per_process_batch
 from ddpm.errors import ConfigError
 from ddpm.resolve import checkpoint_global_batch
-from ddpm.train import EpochOrder, rank_rows
+from ddpm.training_data import EpochOrder, rank_rows
 
 WORKER = Path(__file__).parent / "helpers" / "ddp_worker.py"
 # A tiny run on the built-in digits: T = 50, dropout 0 (dropout masks are drawn per rank).

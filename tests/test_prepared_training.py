@@ -21,7 +21,7 @@ from ddpm.data import prepared
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.cli import main
 from ddpm.signals import StopSignals
-from ddpm.train import EpochOrder
+from ddpm.training_data import EpochOrder
 from test_distributed import TINY, assert_close_checkpoints, torchrun
 from test_resume import assert_bit_identical, final_tensors
 

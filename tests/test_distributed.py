@@ -397,3 +397,18 @@ def test_distillation_under_two_processes_trains_like_one_process(two_and_one, t
     assert meta["world_size"] == 2 and meta["global_batch"] == 8 and meta["step"] == 3
     assert_close_checkpoints(two, one)
     assert (tmp_path / "two" / "student").resolve() == (tmp_path / "two" / "round-01").resolve()
+
+
+@pytest.mark.slow
+def test_an_image_conditioned_run_on_two_processes_trains_like_one(tmp_path):
+    """Super-resolution with conditioning augmentation: each rank makes the conditions (and draws the
+    augmentation levels) of its own rows as one process does for the whole global batch."""
+    sr = ["--task", "super-resolution", "--scale", "2", "--condition-noise", "0.2", *TINY, "--steps", "3",
+          "--checkpoint-every", "0"]
+    proc = torchrun("train", *sr, "--batch-size", "4", "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", *sr, "--batch-size", "8", "--out", str(tmp_path / "one")]) == 0
+    two, meta = load_checkpoint(tmp_path / "two")
+    one, _ = load_checkpoint(tmp_path / "one")
+    assert meta["world_size"] == 2 and json.loads((tmp_path / "two" / "config.json").read_text())["condition"]
+    assert_close_checkpoints(two, one)

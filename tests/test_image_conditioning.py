@@ -126,6 +126,29 @@ def test_paired_rows_follow_the_targets_indices(tmp_path, monkeypatch, shuffle):
         torch.testing.assert_close(call.x[:, 1:], paired, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("source", ["prepared", "hub"])
+def test_paired_rows_of_a_prepared_or_hub_dataset_follow_row_order(tmp_path, monkeypatch, source):
+    """Sources other than folders pair by row: targets from a prepared dataset (read lazily) with
+    conditions from an .npz, or targets from an .npz with conditions from a saved Hub dataset."""
+    index = np.repeat(np.arange(12, dtype=np.uint8)[:, None, None, None] * 10, 8, 1).repeat(8, 2)   # [12, 8, 8, 1]
+    np.savez(tmp_path / "rows.npz", images=index)
+    if source == "prepared":
+        assert main(["prepare", "--data", str(tmp_path / "rows.npz"), "--out", str(tmp_path / "prep"), "--quiet"]) == 0
+        data, conditions = tmp_path / "prep", tmp_path / "rows.npz"
+    else:
+        datasets = pytest.importorskip("datasets")
+        table = datasets.Dataset.from_dict({"image": [Image.fromarray(x[..., 0]) for x in index]},
+                                           features=datasets.Features({"image": datasets.Image()}))
+        table.save_to_disk(str(tmp_path / "saved"))
+        data, conditions = tmp_path / "rows.npz", tmp_path / "saved"
+    made, calls = _train_spied(monkeypatch, ["--task", "paired", "--data", str(data), "--condition-data",
+                                             str(conditions), "--preset", "digits", *TINY, "--steps", "4",
+                                             "--out", str(tmp_path / "run")])
+    assert len(made) == 4 and all(torch.equal(x0, paired[:, :1]) for x0, paired, _ in made)
+    for (_, paired, _), call in zip(made, calls):
+        torch.testing.assert_close(call.x[:, 1:], paired, rtol=0, atol=0)
+
+
 def test_condition_noise_adds_the_level_channel_and_resume_is_exact(tmp_path, monkeypatch):
     argv = ["--task", "super-resolution", "--scale", "2", "--condition-noise", "0.3", *TINY, "--steps", "2"]
     made, calls = _train_spied(monkeypatch, [*argv, "--out", str(tmp_path / "whole")])

@@ -44,6 +44,7 @@ from ddpm.generate import generate, load_diffusion
 from ddpm.images import save_png
 from ddpm.pixels import to_tensor, to_uint8
 
+PARTS = ("sr", "colorize", "cascade")
 QUICK = dict(minutes=0.1, n=16, sample_steps=10, crops=64)
 FULL = dict(minutes=12.0, n=1000, sample_steps=50, crops=2048)
 MODEL = ["--dim", "32", "--dim-mults", "1", "2", "--attention-resolutions", "--batch-size", "64", "--lr", "1e-3",
@@ -69,17 +70,25 @@ def train_lanes(*lanes: list[list[str]]) -> None:
             done.result()
 
 
-def training(out: Path, root: str, s: dict) -> None:
-    """The five models: the cascade's stages beside the single model, then super-resolution beside colorize."""
+def training(out: Path, root: str, s: dict, parts: set[str]) -> None:
+    """The models of ``parts``: the cascade's stages beside the single model, then super-resolution beside
+    colorize. Colorize uses the ``mnist`` preset's recipe (its U-Net here is MODEL's, with 3 channels): the
+    ``cifar10`` recipe's 5,000-step warm-up would keep the learning rate near zero for the whole budget."""
     half = s["minutes"] / 2
     mnist = ("--data", "mnist", "--data-root", root, "--preset", "mnist")
-    train_lanes([train_command(out / "single28", s["minutes"], *mnist)],
-                [train_command(out / "base14", half, *mnist, "--image-size", "14"),
-                 train_command(out / "sr2", half, "--task", "super-resolution", "--scale", "2", *mnist)])
-    np.savez(out / "crops.npz", images=photo_crops(s["crops"]))
-    train_lanes([train_command(out / "sr4", s["minutes"], "--task", "super-resolution", "--scale", "4", *mnist)],
-                [train_command(out / "colorize", half, "--task", "colorize", "--data", str(out / "crops.npz"),
-                               "--preset", "cifar10", "--hflip")])
+    if "cascade" in parts:
+        train_lanes([train_command(out / "single28", s["minutes"], *mnist)],
+                    [train_command(out / "base14", half, *mnist, "--image-size", "14"),
+                     train_command(out / "sr2", half, "--task", "super-resolution", "--scale", "2", *mnist)])
+    lanes = []
+    if "sr" in parts:
+        lanes.append([train_command(out / "sr4", s["minutes"], "--task", "super-resolution", "--scale", "4", *mnist)])
+    if "colorize" in parts:
+        np.savez(out / "crops.npz", images=photo_crops(s["crops"]))
+        lanes.append([train_command(out / "colorize", half, "--task", "colorize", "--data", str(out / "crops.npz"),
+                                    "--preset", "mnist", "--hflip")])
+    if lanes:
+        train_lanes(*lanes)
 
 
 def super_resolution(out: Path, root: str, s: dict) -> None:
@@ -164,6 +173,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="a new directory for the runs and pictures")
     parser.add_argument("--quick", action="store_true", help="seconds of training per model: checks it runs (< 2 min)")
     parser.add_argument("--minutes", type=float, help="the training budget of the single and 4x models (default 12)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="which parts (default all)")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     if args.minutes is not None:
@@ -171,11 +181,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
     start = time.perf_counter()
-    training(out, args.data_root, settings)
+    training(out, args.data_root, settings, set(args.parts))
     print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
-    super_resolution(out, args.data_root, settings)
-    colorize(out, settings)
-    cascade(out, args.data_root, settings)
+    if "sr" in args.parts:
+        super_resolution(out, args.data_root, settings)
+    if "colorize" in args.parts:
+        colorize(out, settings)
+    if "cascade" in args.parts:
+        cascade(out, args.data_root, settings)
     (out / "settings.json").write_text(json.dumps(settings))
     print(f"\n{time.perf_counter() - start:.0f} s in all")
 

@@ -85,11 +85,8 @@ def choose(image_size: tuple[int, int], channels: int, num_images: int) -> AutoC
         preset, why = "cifar10", f"up to 64 pixels a side and {_LARGE_DATASET:,} images or more"
     preset, why = _fitting(preset, why, h, w)
     steps = _steps(side, num_images)
-    recipe = RECIPES.get(preset, {}).get("train", {})
-    batch = min(recipe.get("batch_size", 128), num_images)
-    train = {"steps": steps, "batch_size": batch, "lr": recipe.get("lr", 1e-3),
-             "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 10),
-             "checkpoint_every": max(1, steps // 5), "sample_every": max(1, steps // 5)}
+    train = _chosen_train(preset, steps, num_images)
+    batch = train["batch_size"]
     reason = (f"{num_images:,} image(s) of {channels}x{h}x{w}: preset {preset!r} ({why}{_adapted(preset, channels)}), "
               f"its recipe {steps:,} steps at batch {batch}")
     return AutoChoice(preset, train, reason)
@@ -115,6 +112,15 @@ def _fitting(preset: str, why: str, h: int, w: int) -> tuple[str, str]:
                     f"with --image-size (e.g. {h + h % 2} {w + w % 2})")
 
 
+def _chosen_train(preset: str, steps: int, count: int) -> dict:
+    """The train options of an automatic choice: ``steps``, the preset recipe's batch (at most ``count``) and
+    learning rate, its warm-up capped at a tenth of the run, five checkpoints and sample grids."""
+    recipe = RECIPES.get(preset, {}).get("train", {})
+    return {"steps": steps, "batch_size": min(recipe.get("batch_size", 128), count), "lr": recipe.get("lr", 1e-3),
+            "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 10),
+            "checkpoint_every": max(1, steps // 5), "sample_every": max(1, steps // 5)}
+
+
 def _steps(side: int, num_images: int) -> int:
     row = next(steps for limit, steps in STEPS.items() if side <= limit)
     column = sum(num_images >= edge for edge in _COUNT_EDGES)
@@ -136,11 +142,8 @@ def choose_sequences(length: int, channels: int, num_sequences: int) -> AutoChoi
         raise DataError(f"sequences of odd length {length}, which no preset's levels can halve; pad or crop "
                         f"them to an even length (e.g. {length + 1})")
     steps = _steps(1, num_sequences)
-    recipe = RECIPES.get(preset, {}).get("train", {})
-    batch = min(recipe.get("batch_size", 128), num_sequences)
-    train = {"steps": steps, "batch_size": batch, "lr": recipe.get("lr", 1e-3),
-             "warmup_steps": min(recipe.get("warmup_steps", 0), steps // 10),
-             "checkpoint_every": max(1, steps // 5), "sample_every": max(1, steps // 5)}
+    train = _chosen_train(preset, steps, num_sequences)
+    batch = train["batch_size"]
     reason = (f"{num_sequences:,} sequence(s) of {channels}x{length}: the 1D U-Net of preset {preset!r}'s shape "
               f"({why}), its recipe {steps:,} steps at batch {batch}")
     return AutoChoice(preset, train, reason)

@@ -20,19 +20,21 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .image_data import ImageData
 
-__all__ = ["SEQUENCES_KEY", "is_sequence_archive", "load_sequences", "MAX_SEQUENCE_CHANNELS"]
+__all__ = ["SEQUENCES_KEY", "is_sequence_archive", "load_sequences", "open_npz", "MAX_SEQUENCE_CHANNELS"]
 
 SEQUENCES_KEY = "sequences"        # the array's name in training archives and in ddpm sample's samples.npz
 MAX_SEQUENCE_CHANNELS = 128        # the model's in/out channel bound (config._MODEL_INTS)
 
 
-def _open(path: Path):
+def open_npz(path: Path, wanted: str = ""):
+    """The .npz archive at ``path``, opened without pickles; an unreadable file or a bare .npy array is one
+    :class:`DataError` (``wanted``, e.g. " with an 'images' array", says what the archive should hold)."""
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"cannot read {path}: it is not a valid .npz archive") from exc
     if isinstance(archive, np.ndarray):
-        raise DataError(f"{path} is a single .npy array, not an .npz archive")
+        raise DataError(f"{path} is a single .npy array, not an .npz archive{wanted}")
     return archive
 
 
@@ -59,7 +61,7 @@ def is_sequence_archive(path: str | Path) -> bool:
     if path.suffix.lower() != ".npz" or not path.is_file():
         return False
     try:
-        with _open(path) as archive:
+        with open_npz(path) as archive:
             return _sequence_key(archive) is not None
     except DataError:
         return False
@@ -72,7 +74,7 @@ def load_sequences(path: str | Path, *, image_size=None, channels=None) -> Image
     if image_size is not None or channels is not None:
         option = "--image-size resizes" if image_size is not None else "--channels converts"
         raise ConfigError(f"{option} images; {path} holds sequences [N, C, L], which are used as they are")
-    with _open(path) as archive:
+    with open_npz(path) as archive:
         key = _sequence_key(archive)
         if key is None:
             raise DataError(f"{path} holds no sequences: expected an array {SEQUENCES_KEY!r} [N, C, L]")

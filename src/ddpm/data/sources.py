@@ -40,7 +40,7 @@ from .image_files import (check_folder_fits_in_memory, check_same_size, class_la
 from .image_data import ImageData, check_channels, check_split, parse_image_size
 from .hub import is_hub_spec, is_saved_dataset, load_hub_dataset
 from .prepared import is_prepared, open_prepared
-from .sequences import is_sequence_archive, load_sequences
+from .sequences import is_sequence_archive, load_sequences, open_npz
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 
@@ -276,13 +276,7 @@ def _read_maybe_gzipped(path: Path) -> bytes:
 def _load_npz(path: Path) -> ImageData:
     """``images`` uint8 [N, H, W] or [N, H, W, C] (C in 1, 3, 4), optional integer ``labels`` [N]
     and, with labels, optional ``class_names`` (strings, one per class)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"cannot read {path}: it is not a valid .npz archive") from exc
-    if isinstance(archive, np.ndarray):
-        raise DataError(f"{path} is a single .npy array, not an .npz archive with an 'images' array")
-    with archive:
+    with open_npz(path, " with an 'images' array") as archive:
         if "images" not in archive.files:
             raise DataError(f"{path} has no 'images' array (it has: {', '.join(archive.files) or 'nothing'})")
         images = _read_npz_array(archive, "images", path)

@@ -7,7 +7,8 @@
 
 (a) Quality against network evaluations (NFE): every sampler (``ddpm.samplers.SAMPLERS``) with every
     spacing (``SPACING_CHOICES``) on one trained ``mnist`` checkpoint at NFE 10, 20, 35, 50, 100, and
-    every sampler at 1000 (its default spacing; the best of them is the reference). Heun takes
+    every sampler at 1000 (its default spacing; the best of them is the reference). ``--samplers``,
+    ``--spacings`` and ``--reference-samplers`` take a part of that grid (to split it over processes). Heun takes
     (NFE + 1) / 2 steps (two evaluations a step but the last), the others NFE steps. The same
     ``--n`` images (per-image seeds: image k from ``derive_seed(0, k)``) in every row, scored with
     the fast metric (LeNet FID/KID against the test split); NFE is counted at the network.
@@ -83,8 +84,8 @@ def part_a(diffusion, reference, args) -> list[dict]:
     print("\n(a) quality against NFE\n" + HEADER, flush=True)
     rows = []
     for nfe in args.nfes:
-        for sampler in SAMPLERS:
-            for spacing in SPACING_CHOICES:
+        for sampler in args.samplers:
+            for spacing in args.spacings:
                 steps = steps_for(sampler, nfe)
                 if steps > diffusion.timesteps:
                     continue
@@ -93,11 +94,12 @@ def part_a(diffusion, reference, args) -> list[dict]:
                 print(row(rows[-1]), flush=True)
     reference_rows = [score(diffusion, reference, SamplingOptions(sampler=s, steps=min(steps_for(s, args.reference_nfe),
                                                                                        diffusion.timesteps)),
-                            args.n, args.batch_size) for s in SAMPLERS]
+                            args.n, args.batch_size) for s in args.reference_samplers]
     for r in reference_rows:
         print(row(r), flush=True)
-    best = min(reference_rows, key=lambda r: r["fast_fid"])
-    print(f"best at NFE {best['nfe']}: {best['sampler']} ({best['fast_fid']:.2f})")
+    if reference_rows:
+        best = min(reference_rows, key=lambda r: r["fast_fid"])
+        print(f"best at NFE {best['nfe']}: {best['sampler']} ({best['fast_fid']:.2f})")
     return rows + [{**r, "reference": True} for r in reference_rows]
 
 
@@ -168,6 +170,13 @@ def parse_args():
     parser.add_argument("--n", type=int, default=1000, help="images per row (default 1000)")
     parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="comma-separated NFEs of (a)")
     parser.add_argument("--reference-nfe", type=int, default=REFERENCE_NFE)
+    parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS),
+                        help="(a)'s samplers (default: every one); with --spacings and --reference-samplers, "
+                             "(a) splits into processes that run side by side")
+    parser.add_argument("--spacings", nargs="+", choices=SPACING_CHOICES, default=list(SPACING_CHOICES),
+                        help="(a)'s spacings (default: every one)")
+    parser.add_argument("--reference-samplers", nargs="*", choices=list(SAMPLERS), default=list(SAMPLERS),
+                        help="the samplers run at --reference-nfe (default: every one; none: no reference rows)")
     parser.add_argument("--minutes", type=float, default=12.0, help="training budget of each run in (b)")
     parser.add_argument("--threads", type=int, default=1, help="threads of each training run of (b) (default 1)")
     parser.add_argument("--model-flags", default="", help="extra ddpm train flags for both runs of (b)")

@@ -14,7 +14,11 @@ on MNIST with the ``mnist`` recipe.
    update and of one snapshot save, against the measured time of a training step.
 3. The learning-rate schedules (constant, cosine, linear, inverse-sqrt) of the ``mnist`` recipe at a
    fixed CPU budget (``--minutes``, default 12): the step count that budget allows is measured from
-   run 1's step time, each schedule trains that many steps, and its EMA is scored as above.
+   run 1's step time (or, when part 1 does not run in this process, from a 30-step probe run, or
+   given as ``--budget-steps``), each schedule trains that many steps, and its EMA is scored as above.
+
+``--parts`` picks parts (default ``123``). On 2 cores, parts ``12`` and ``3`` can run as two processes
+side by side (one thread each): each schedule run then has one core, with the same neighbour throughout.
 
 ``--quick`` shrinks everything (a U-Net of width 8, T = 100, 20 steps and 8 per schedule, 32 images) to check the
 script end to end in under two minutes; its figures mean nothing. Runs single-threaded.
@@ -59,17 +63,21 @@ def score_ema(run_dir: Path, evaluator, n: int) -> float:
     return float(evaluator(images)[evaluator.headline])
 
 
-def seconds_per_step(run_dir: Path, steps: int) -> float:
-    """Training time per step from the last metrics line (set-up included, the final sample grid not)."""
+def seconds_per_step(run_dir: Path, steps: int, *, setup: bool = True) -> float:
+    """Training time per step from the metrics lines: the last one's over all steps (set-up included, the final
+    sample grid not), or with ``setup=False`` between the first and the last line (a short probe's pace)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "elapsed_s" in r][-1]["elapsed_s"] / steps
+    rows = [r for r in rows if "elapsed_s" in r]
+    if setup or len(rows) < 2:
+        return rows[-1]["elapsed_s"] / steps
+    return (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / (rows[-1]["step"] - rows[0]["step"])
 
 
 def disk_bytes(paths) -> int:
     return sum(Path(p).stat().st_size for p in paths)
 
 
-def snapshot_cost(run_dir: Path, config, seconds_per_step: float) -> dict:
+def snapshot_cost(run_dir: Path, seconds_per_step: float) -> dict:
     """Bytes of the snapshots against a checkpoint; one profile update and one save, timed."""
     diffusion, _ = load_diffusion(run_dir, weights="raw")
     model = diffusion.model.train()
@@ -88,6 +96,28 @@ def snapshot_cost(run_dir: Path, config, seconds_per_step: float) -> dict:
             "update_share_of_step": update / seconds_per_step, "timing_file_bytes": path.stat().st_size}
 
 
+def lr_schedules(args, out: Path, evaluator, step_s: float | None, save) -> dict:
+    """Each schedule for the steps ``--minutes`` allow, its EMA scored; the step time probed when not known."""
+    if args.budget_steps is None and step_s is None:
+        probe = 4 if args.quick else 30
+        config, data = configure(args, out, probe)
+        train(config, out / "probe", data=data, progress=False)
+        step_s = seconds_per_step(out / "probe", probe, setup=False)
+    steps = args.budget_steps or max(int(60 * args.minutes / step_s), 8 if args.quick else 400)  # > the warm-up
+    print(f"lr schedules: {steps} steps each ({args.minutes:g} CPU-minutes at "
+          f"{'?' if step_s is None else f'{1e3 * step_s:.0f}'} ms a step)\n| schedule | fast FID (EMA) |\n|---|---|",
+          flush=True)
+    figures = {"minutes": args.minutes, "steps": steps, "step_s": step_s, "fast_fid": {}, "final_loss": {}}
+    for name in LR_SCHEDULES:
+        config, data = configure(args, out, steps, lr_schedule=name)
+        result = train(config, out / f"lr-{name}", data=data, progress=False)
+        figures["fast_fid"][name] = value = score_ema(out / f"lr-{name}", evaluator, args.n)
+        figures["final_loss"][name] = result.final_loss
+        print(f"| {name} | {value:.2f} |", flush=True)
+        save(figures)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True, help="folder with the MNIST IDX files")
@@ -100,6 +130,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=32, help="U-Net base width (the mnist preset's: 32)")
     parser.add_argument("--batch-size", type=int, help="default: the recipe's (64)")
     parser.add_argument("--n", type=int, default=1000, help="images per score")
+    parser.add_argument("--parts", default="123", help="which parts to run (default 123)")
+    parser.add_argument("--budget-steps", type=int, help="steps of each lr-schedule run (default: from --minutes)")
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=[0.025, 0.05, 0.075, 0.1, 0.15, 0.2])
     args = parser.parse_args()
     if args.quick:
@@ -110,38 +142,36 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=False)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread", flush=True)
 
-    # 1. the post-hoc EMA run, its default EMA and its rebuilt lengths
-    config, data = configure(args, out, args.steps, ema_snapshot_every=args.snapshot_every)
     evaluator = TrainingEvaluator.build("fast", "mnist", data_root=args.data_root, image_size=(28, 28), channels=1)
-    result = train(config, out / "posthoc", data=data, progress=False)
-    step_s = seconds_per_step(out / "posthoc", args.steps)
-    default = score_ema(out / "posthoc", evaluator, args.n)
-    print(f"default EMA (decay {config.train.ema_decay}): fast FID {default:.2f}", flush=True)
-    swept = sweep(out / "posthoc", args.sigma_rels, n=args.n, metric="fast", out_dir=out, device="cpu")
-    results = {"quick": args.quick, "steps": args.steps, "dim": args.dim, "batch_size": config.train.batch_size,
-               "n": args.n, "default_ema": {"decay": config.train.ema_decay, "fast_fid": default},
-               "posthoc": swept.rows, "final_loss": result.final_loss}
+    results = {"quick": args.quick, "dim": args.dim, "n": args.n}
+    step_s = None
 
-    # 2. what the snapshots cost
-    results["cost"] = cost = snapshot_cost(out / "posthoc", config, step_s)
-    print(f"snapshots: {cost['snapshots']} x {cost['snapshot_bytes'] / 1e6:.2f} MB (a checkpoint: "
-          f"{cost['checkpoint_bytes'] / 1e6:.2f} MB); profile update {1e3 * cost['update_s']:.2f} ms "
-          f"({100 * cost['update_share_of_step']:.1f}% of a {1e3 * step_s:.0f} ms step), save {1e3 * cost['save_s']:.1f} ms",
-          flush=True)
+    def save(lr_figures=None):    # after each part and each schedule: a stopped run keeps what it measured
+        if lr_figures is not None:
+            results["lr_schedules"] = lr_figures
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
-    # 3. the lr schedules at a fixed budget
-    budget_steps = max(int(60 * args.minutes / step_s), 8 if args.quick else 400)   # cosine, linear: > the warm-up
-    results["lr_schedules"] = {"minutes": args.minutes, "steps": budget_steps, "fast_fid": {}}
-    print(f"lr schedules: {budget_steps} steps each ({args.minutes:g} CPU-minutes at {1e3 * step_s:.0f} ms a step)")
-    print("| schedule | fast FID (EMA) |\n|---|---|")
-    for name in LR_SCHEDULES:
-        config, data = configure(args, out, budget_steps, lr_schedule=name)
-        train(config, out / f"lr-{name}", data=data, progress=False)
-        value = score_ema(out / f"lr-{name}", evaluator, args.n)
-        results["lr_schedules"]["fast_fid"][name] = value
-        print(f"| {name} | {value:.2f} |", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if "1" in args.parts:   # the post-hoc EMA run, its default EMA and its rebuilt lengths
+        config, data = configure(args, out, args.steps, ema_snapshot_every=args.snapshot_every)
+        result = train(config, out / "posthoc", data=data, progress=False)
+        step_s = seconds_per_step(out / "posthoc", args.steps)
+        default = score_ema(out / "posthoc", evaluator, args.n)
+        print(f"default EMA (decay {config.train.ema_decay}): fast FID {default:.2f}", flush=True)
+        swept = sweep(out / "posthoc", args.sigma_rels, n=args.n, metric="fast", out_dir=out, device="cpu")
+        results.update({"steps": args.steps, "batch_size": config.train.batch_size, "step_s": step_s,
+                        "default_ema": {"decay": config.train.ema_decay, "fast_fid": default},
+                        "posthoc": swept.rows, "final_loss": result.final_loss})
+        save()
+    if "2" in args.parts:   # what the snapshots cost
+        results["cost"] = cost = snapshot_cost(out / "posthoc", step_s or seconds_per_step(out / "posthoc", args.steps))
+        print(f"snapshots: {cost['snapshots']} x {cost['snapshot_bytes'] / 1e6:.2f} MB (a checkpoint: "
+              f"{cost['checkpoint_bytes'] / 1e6:.2f} MB); profile update {1e3 * cost['update_s']:.2f} ms "
+              f"({100 * cost['update_share_of_step']:.1f}% of a {1e3 * cost['step_s']:.0f} ms step), "
+              f"save {1e3 * cost['save_s']:.1f} ms", flush=True)
+        save()
+    if "3" in args.parts:   # the lr schedules at a fixed budget
+        save(lr_schedules(args, out, evaluator, step_s, save))
 
 
 if __name__ == "__main__":

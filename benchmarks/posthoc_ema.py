@@ -96,6 +96,25 @@ def snapshot_cost(run_dir: Path, seconds_per_step: float) -> dict:
             "update_share_of_step": update / seconds_per_step, "timing_file_bytes": path.stat().st_size}
 
 
+def plot_sweep(results: dict, path: Path) -> Path:
+    """Fast FID against the post-hoc EMA length, the default EMA's as a line across: the picture of part 1."""
+    from matplotlib.figure import Figure
+
+    rows = results["posthoc"]
+    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.plot([r["sigma_rel"] for r in rows], [r["fast_fid"] for r in rows], "o-", label="post-hoc EMA (rebuilt by ddpm ema)")
+    ax.axhline(results["default_ema"]["fast_fid"], color="tab:red", linestyle="--",
+               label=f"EMA decay {results['default_ema']['decay']:g} with warm-up (the recipe's)")
+    ax.set(xlabel="sigma_rel (EMA length relative to the training steps)", ylabel="fast FID (LeNet; lower is better)",
+           title=f"MNIST, mnist recipe, {results['steps']:,} steps: EMA length chosen after training "
+                 f"({results['n']} images each)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    return path
+
+
 def lr_schedules(args, out: Path, evaluator, step_s: float | None, save) -> dict:
     """Each schedule for the steps ``--minutes`` allow, its EMA scored; the step time probed when not known."""
     if args.budget_steps is None and step_s is None:
@@ -120,8 +139,8 @@ def lr_schedules(args, out: Path, evaluator, step_s: float | None, save) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", required=True, help="folder with the MNIST IDX files")
-    parser.add_argument("--out-dir", required=True, help="run directories are written here (must not exist)")
+    parser.add_argument("--data-root", help="folder with the MNIST IDX files")
+    parser.add_argument("--out-dir", help="run directories are written here (must not exist)")
     parser.add_argument("--json", help="write all figures to this file")
     parser.add_argument("--quick", action="store_true", help="a tiny end-to-end check (< 2 minutes); figures meaningless")
     parser.add_argument("--steps", type=int, default=5000, help="steps of the post-hoc EMA run")
@@ -132,11 +151,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="images per score")
     parser.add_argument("--parts", default="123", help="which parts to run (default 123)")
     parser.add_argument("--budget-steps", type=int, help="steps of each lr-schedule run (default: from --minutes)")
+    parser.add_argument("--replot", metavar="PNG", help="only draw part 1's plot from --json's figures into PNG")
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=[0.025, 0.05, 0.075, 0.1, 0.15, 0.2])
     args = parser.parse_args()
     if args.quick:
         args.steps, args.snapshot_every, args.minutes, args.dim, args.batch_size, args.n = 20, 5, 0.01, 8, 16, 32
         args.sigma_rels = [0.05, 0.1]
+    if args.replot:
+        if not args.json:
+            parser.error("--replot draws from --json's figures: give --json")
+        print(plot_sweep(json.loads(Path(args.json).read_text()), Path(args.replot)))
+        return
+    if not (args.data_root and args.out_dir):
+        parser.error("--data-root and --out-dir are required")
     torch.set_num_threads(1)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=False)
@@ -163,6 +190,7 @@ def main() -> None:
                         "default_ema": {"decay": config.train.ema_decay, "fast_fid": default},
                         "posthoc": swept.rows, "final_loss": result.final_loss})
         save()
+        print(f"plot: {plot_sweep(results, out / 'posthoc-ema.png')}")
     if "2" in args.parts:   # what the snapshots cost
         results["cost"] = cost = snapshot_cost(out / "posthoc", step_s or seconds_per_step(out / "posthoc", args.steps))
         print(f"snapshots: {cost['snapshots']} x {cost['snapshot_bytes'] / 1e6:.2f} MB (a checkpoint: "

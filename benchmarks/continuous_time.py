@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,9 +122,15 @@ def train_runs(args, out: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     started = {name: train_command(args, out, name, flags) for name, flags in runs.items()}
     processes = {name: subprocess.Popen(command, env=env) for name, (command, _) in started.items()}
-    for name, process in processes.items():
-        if process.wait() != 0:
-            raise SystemExit(f"the {name} run failed")
+    try:
+        for name, process in processes.items():
+            if process.wait() != 0:
+                raise SystemExit(f"the {name} run failed")
+    finally:        # one run failed, or this script was stopped: the other runs stop too
+        for process in processes.values():
+            if process.poll() is None:
+                process.terminate()
+                process.wait()
     return {name: run for name, (_, run) in started.items()}
 
 
@@ -170,7 +177,7 @@ def parse_args():
     parser.add_argument("--n", type=int, default=1000, help="images per row (default 1000)")
     parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="comma-separated NFEs of (a)")
     parser.add_argument("--reference-nfe", type=int, default=REFERENCE_NFE)
-    parser.add_argument("--samplers", nargs="+", choices=list(SAMPLERS), default=list(SAMPLERS),
+    parser.add_argument("--samplers", nargs="*", choices=list(SAMPLERS), default=list(SAMPLERS),
                         help="(a)'s samplers (default: every one); with --spacings and --reference-samplers, "
                              "(a) splits into processes that run side by side")
     parser.add_argument("--spacings", nargs="+", choices=SPACING_CHOICES, default=list(SPACING_CHOICES),
@@ -202,6 +209,7 @@ def parse_args():
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # stopped: unwind, so the training runs stop too
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

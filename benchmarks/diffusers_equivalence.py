@@ -23,7 +23,7 @@ import torch
 
 from ddpm.generate import load_diffusion
 from ddpm.interop import export_diffusers, require_diffusers
-from ddpm.samplers import DEFAULT_SAMPLING, SamplingOptions
+from ddpm.samplers import SamplingOptions
 from ddpm.sampling import sample_images
 from ddpm.seeding import derive_seed
 
@@ -49,7 +49,7 @@ def main() -> None:
         pipe = diffusers.DDPMPipeline.from_pretrained(folder)
         pipe.set_progress_bar_config(disable=True)
         spacing = pipe.scheduler.config.timestep_spacing
-        print(f"| steps | max abs difference (images in [0, 1]) | identical uint8 pixels | diffusers s | ddpm s |")
+        print("| steps | max abs difference (images in [0, 1]) | identical uint8 pixels | diffusers s | ddpm s |")
         print("|---|---|---|---|---|")
         for steps in args.steps:
             generators = [torch.Generator().manual_seed(derive_seed(args.seed, k)) for k in range(args.n)]

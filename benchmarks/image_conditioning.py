@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,16 +60,31 @@ def train_command(out: Path, minutes: float, *args: str) -> list[str]:
 
 
 def train_lanes(*lanes: list[list[str]]) -> None:
-    """Each lane (a list of commands run one after another) in a process of its own, one thread each, all at once."""
+    """Each lane (a list of commands run one after another) in a process of its own, one thread each, all at once.
+    When a command fails or this script is stopped, every running command is stopped and no lane starts another."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    running: list[subprocess.Popen] = []
+    stopping = threading.Event()
 
     def run_lane(commands):
         for command in commands:
-            subprocess.run(command, check=True, env=env)
+            if stopping.is_set():
+                return
+            process = subprocess.Popen(command, env=env)
+            running.append(process)
+            if process.wait() != 0:
+                raise subprocess.CalledProcessError(process.returncode, command)
 
-    with ThreadPoolExecutor(len(lanes)) as pool:
+    pool = ThreadPoolExecutor(len(lanes))
+    try:
         for done in [pool.submit(run_lane, lane) for lane in lanes]:
             done.result()
+    finally:
+        stopping.set()
+        for process in running:
+            if process.poll() is None:
+                process.terminate()
+        pool.shutdown()
 
 
 def training(out: Path, root: str, s: dict, parts: set[str]) -> None:
@@ -175,6 +192,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, help="the training budget of the single and 4x models (default 12)")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="which parts (default all)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # stopped: unwind, so the training runs stop too
     settings = dict(QUICK if args.quick else FULL)
     if args.minutes is not None:
         settings["minutes"] = args.minutes

@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -207,6 +208,7 @@ def run_ours(args) -> dict:
 # --- driver ----------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # stopped: unwind, so subprocess.run stops its child
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "mnist"))
     parser.add_argument("--minutes", type=float, default=12.0, help="training budget per system")

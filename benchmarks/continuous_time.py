@@ -118,11 +118,17 @@ def train_runs(args, out: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
 
     Side by side, the runs share whatever else the machine does alike: at 1 thread each on 2 cores, each
     gets one core's time for the budget, a fair "equal CPU time" even on a machine that is not idle.
+    ``--sequential`` trains them one after another instead: fair where one core is free and the other
+    carries the same steady load throughout (another single-threaded job).
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     started = {name: train_command(args, out, name, flags) for name, flags in runs.items()}
-    processes = {name: subprocess.Popen(command, env=env) for name, (command, _) in started.items()}
+    processes = {}
     try:
+        for name, (command, _) in started.items():
+            processes[name] = subprocess.Popen(command, env=env)
+            if args.sequential and processes[name].wait() != 0:
+                raise SystemExit(f"the {name} run failed")
         for name, process in processes.items():
             if process.wait() != 0:
                 raise SystemExit(f"the {name} run failed")
@@ -186,6 +192,9 @@ def parse_args():
                         help="the samplers run at --reference-nfe (default: every one; none: no reference rows)")
     parser.add_argument("--minutes", type=float, default=12.0, help="training budget of each run in (b)")
     parser.add_argument("--threads", type=int, default=1, help="threads of each training run of (b) (default 1)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="(b): train the runs one after another, not side by side (one core free, the other "
+                             "steadily busy)")
     parser.add_argument("--model-flags", default="", help="extra ddpm train flags for both runs of (b)")
     parser.add_argument("--ddpm-flags", default="", help="extra ddpm train flags for the ddpm run of (b) only")
     parser.add_argument("--bpd-n", type=int, default=100, help="test images for (c)")

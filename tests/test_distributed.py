@@ -356,7 +356,9 @@ def test_distributed_eval_samples_like_one_process(two_and_one, tmp_path):
 
 
 def test_single_process_commands_refuse_torchrun_with_one_line(two_and_one):
-    proc = torchrun("inspect", str(two_and_one["root"] / "one"))
+    """Rank 0 speaks for both ranks. It is slowed down here (3 s before its line, as a loaded machine
+    can): rank 1 must wait for it, for torchrun stops the other workers as soon as one exits."""
+    proc = torchrun("inspect", str(two_and_one["root"] / "one"), worker=True, env={"DDPM_TEST_SLOW_SPEAKER": "3"})
     lines = our_lines(proc)
     assert lines == ["ddpm: error: ddpm inspect runs in one process; start it without torchrun"], proc.stderr[-3000:]
 

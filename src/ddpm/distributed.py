@@ -111,10 +111,22 @@ def init() -> bool:
 _broken = False          # a collective failed: the group cannot be torn down collectively any more
 
 
+def every_rank(exc: DdpmError) -> DdpmError:
+    """Mark an error that every rank raises alike (decided the same way everywhere, or by :func:`agree`)."""
+    exc.every_rank = True
+    return exc
+
+
+def raised_by_every_rank(exc: BaseException) -> bool:
+    return world_size() > 1 and getattr(exc, "every_rank", False)
+
+
 def shutdown(completed: bool = False) -> None:
     """Leave the process group (at exit); harmless when none was joined. After a command that
-    ``completed`` on every rank, the ranks first meet at a barrier, so that none tears its
-    connections down while a peer is still finishing (rank 0 writes the last files alone): a rank
+    ``completed`` on every rank, or failed alike on every rank (:func:`every_rank`), the ranks first
+    meet at a barrier, so that none tears its connections down while a peer is still finishing (rank
+    0 writes the last files alone, and prints the shared error: torchrun stops the other workers as
+    soon as one exits, which could stop rank 0 before it speaks): a rank
     that left early could see its peer close the sockets under it and abort at exit. After a lost
     peer the group is left as it is (tearing it down could wait on the dead peer): the process is
     about to exit."""
@@ -257,10 +269,10 @@ def agree(what: str = "set-up"):
         return
     first, (message, code) = failed[0]
     if rank() == first == 0:
-        raise error
+        raise every_rank(error)
     if is_main():
-        raise Reported(f"rank {first}: {message}", code)
-    raise Reported(message, code)
+        raise every_rank(Reported(f"rank {first}: {message}", code))
+    raise every_rank(Reported(message, code))
 
 
 def shard_range(n: int, rank_: int | None = None, world: int | None = None) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""``python -m ddpm`` for tests launched by torchrun, with three test-only additions.
+"""``python -m ddpm`` for tests launched by torchrun, with four test-only additions.
 
 * ``DDPM_TEST_DIGEST_DIR``: at exit every rank writes ``rank<R>.json`` with the checksum
   (:func:`ddpm.checkpoint.tensor_checksum`) of the weights it trained, taken from the module it
@@ -9,6 +9,8 @@
 * ``DDPM_TEST_ROWS_DIR``: at exit every rank writes ``rows<R>.json``, mapping each step to the
   first pixel of every image the lazy reader of a prepared dataset handed to that step (a test
   dataset stores each image's row number there), so a test can see which rows each rank read.
+* ``DDPM_TEST_SLOW_SPEAKER``: rank 0 waits that many seconds before it prints an error line, as a
+  loaded machine can delay it, so a test can see that its peers wait for it before they exit.
 
 Production code has no such hooks: the worker patches torch's classes before running the CLI.
 """
@@ -56,6 +58,16 @@ if "DDPM_TEST_ROWS_DIR" in os.environ:
         rows_read[step] = x[:, 0, 0, 0].tolist()
         return x, y
     BatchPrefetcher.get = get
+
+if "DDPM_TEST_SLOW_SPEAKER" in os.environ and os.environ["RANK"] == "0":
+    import time
+
+    import ddpm.cli
+
+    def slow_one_line(exc, _one_line=ddpm.cli._one_line):
+        time.sleep(float(os.environ["DDPM_TEST_SLOW_SPEAKER"]))
+        return _one_line(exc)
+    ddpm.cli._one_line = slow_one_line
 
 code = main(sys.argv[1:])
 if "DDPM_TEST_ROWS_DIR" in os.environ:

@@ -95,10 +95,12 @@ def _main(argv: list[str] | None) -> int:
     from .. import distributed      # after parsing: torch is imported by a command, never by --help
 
     code = None
+    shared_error = False            # every rank failed alike: they leave together, after rank 0 has spoken
     try:
         distributed.init()          # under torchrun: join the process group (a no-op otherwise)
         if distributed.world_size() > 1 and args.command not in DISTRIBUTED_COMMANDS:
-            raise ConfigError(f"ddpm {args.command} runs in one process; start it without torchrun")
+            raise distributed.every_rank(ConfigError(f"ddpm {args.command} runs in one process; "
+                                                     "start it without torchrun"))
         from ..interop.hub import resolve_hub_args       # --checkpoint hf://OWNER/NAME: the downloaded file
         resolve_hub_args(args)
         command = _command(args.command)
@@ -119,6 +121,7 @@ def _main(argv: list[str] | None) -> int:
         # by distributed.agree); a lost peer is news only the rank that saw it can give.
         if distributed.is_main() or isinstance(exc, distributed.PeerLost):
             print(f"ddpm: error: {_one_line(exc)}", file=sys.stderr)
+        shared_error = distributed.raised_by_every_rank(exc)
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
@@ -129,4 +132,4 @@ def _main(argv: list[str] | None) -> int:
         print("ddpm: error: out of memory; choose a smaller model, image size or batch size", file=sys.stderr)
         return ConfigError.exit_code
     finally:
-        distributed.shutdown(completed=code == 0)
+        distributed.shutdown(completed=code == 0 or shared_error)

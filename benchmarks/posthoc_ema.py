@@ -19,6 +19,8 @@ on MNIST with the ``mnist`` recipe.
 
 ``--parts`` picks parts (default ``123``). On 2 cores, parts ``12`` and ``3`` can run as two processes
 side by side (one thread each): each schedule run then has one core, with the same neighbour throughout.
+The long-run check of a schedule is ``--parts 3 --budget-steps 10000 --schedules constant cosine``
+(hours on 2 CPU cores; minutes with ``--device cuda``).
 
 ``--quick`` shrinks everything (a U-Net of width 8, T = 100, 20 steps and 8 per schedule, 32 images) to check the
 script end to end in under two minutes; its figures mean nothing. Runs single-threaded.
@@ -50,14 +52,14 @@ def configure(args, out: Path, steps: int, **train_options):
     flags = {"data": {"name": "mnist", "root": args.data_root},
              "model": {"dim": args.dim}, **({"diffusion": {"timesteps": 100}} if args.quick else {}),
              "train": {"steps": steps, "checkpoint_every": steps, "log_every": max(steps // 10, 1), "num_samples": 4,
-                       "device": "cpu", "precision": "fp32", **({"batch_size": args.batch_size} if args.batch_size else {}),
+                       "device": args.device, "precision": "fp32", **({"batch_size": args.batch_size} if args.batch_size else {}),
                        **({"warmup_steps": 2} if args.quick else {}), **train_options}}
     return resolve_train_config(flags, preset="mnist")
 
 
-def score_ema(run_dir: Path, evaluator, n: int) -> float:
+def score_ema(run_dir: Path, evaluator, n: int, device: str = "cpu") -> float:
     """The run's default EMA scored as ddpm.train_eval.evaluate and ddpm ema --sweep score theirs."""
-    diffusion, meta = load_diffusion(run_dir)
+    diffusion, meta = load_diffusion(run_dir, device=device)
     images = generate(diffusion, n, batch_size=min(n, 256), seed=derive_seed(meta["run_config"].train.seed, 3),
                       progress=False, sampler="dpm-solver++", steps=25)
     return float(evaluator(images)[evaluator.headline])
@@ -127,10 +129,10 @@ def lr_schedules(args, out: Path, evaluator, step_s: float | None, save) -> dict
           f"{'?' if step_s is None else f'{1e3 * step_s:.0f}'} ms a step)\n| schedule | fast FID (EMA) |\n|---|---|",
           flush=True)
     figures = {"minutes": args.minutes, "steps": steps, "step_s": step_s, "fast_fid": {}, "final_loss": {}}
-    for name in LR_SCHEDULES:
+    for name in args.schedules:
         config, data = configure(args, out, steps, lr_schedule=name)
         result = train(config, out / f"lr-{name}", data=data, progress=False)
-        figures["fast_fid"][name] = value = score_ema(out / f"lr-{name}", evaluator, args.n)
+        figures["fast_fid"][name] = value = score_ema(out / f"lr-{name}", evaluator, args.n, args.device)
         figures["final_loss"][name] = result.final_loss
         print(f"| {name} | {value:.2f} |", flush=True)
         save(figures)
@@ -151,6 +153,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="images per score")
     parser.add_argument("--parts", default="123", help="which parts to run (default 123)")
     parser.add_argument("--budget-steps", type=int, help="steps of each lr-schedule run (default: from --minutes)")
+    parser.add_argument("--schedules", nargs="+", choices=LR_SCHEDULES, default=list(LR_SCHEDULES),
+                        help="part 3's schedules (default: every one)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the 10,000-step check of part 3, "
+                        "--parts 3 --budget-steps 10000 --schedules constant cosine, takes minutes on a GPU")
     parser.add_argument("--replot", metavar="PNG", help="only draw part 1's plot from --json's figures into PNG")
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=[0.025, 0.05, 0.075, 0.1, 0.15, 0.2])
     args = parser.parse_args()
@@ -183,9 +189,9 @@ def main() -> None:
         config, data = configure(args, out, args.steps, ema_snapshot_every=args.snapshot_every)
         result = train(config, out / "posthoc", data=data, progress=False)
         step_s = seconds_per_step(out / "posthoc", args.steps)
-        default = score_ema(out / "posthoc", evaluator, args.n)
+        default = score_ema(out / "posthoc", evaluator, args.n, args.device)
         print(f"default EMA (decay {config.train.ema_decay}): fast FID {default:.2f}", flush=True)
-        swept = sweep(out / "posthoc", args.sigma_rels, n=args.n, metric="fast", out_dir=out, device="cpu")
+        swept = sweep(out / "posthoc", args.sigma_rels, n=args.n, metric="fast", out_dir=out, device=args.device)
         results.update({"steps": args.steps, "batch_size": config.train.batch_size, "step_s": step_s,
                         "default_ema": {"decay": config.train.ema_decay, "fast_fid": default},
                         "posthoc": swept.rows, "final_loss": result.final_loss})

@@ -8,7 +8,8 @@
 (a) Quality against network evaluations (NFE): every sampler (``ddpm.samplers.SAMPLERS``) with every
     spacing (``SPACING_CHOICES``) on one trained ``mnist`` checkpoint at NFE 10, 20, 35, 50, 100, and
     every sampler at 1000 (its default spacing; the best of them is the reference). ``--samplers``,
-    ``--spacings`` and ``--reference-samplers`` take a part of that grid (to split it over processes). Heun takes
+    ``--spacings`` and ``--reference-samplers`` take a part of that grid (to split it over processes);
+    ``continuous_time.py --merge OUT1/results.json OUT2/results.json ...`` prints the parts as one table. Heun takes
     (NFE + 1) / 2 steps (two evaluations a step but the last), the others NFE steps. The same
     ``--n`` images (per-image seeds: image k from ``derive_seed(0, k)``) in every row, scored with
     the fast metric (LeNet FID/KID against the test split); NFE is counted at the network.
@@ -102,6 +103,31 @@ def part_a(diffusion, reference, args) -> list[dict]:
         best = min(reference_rows, key=lambda r: r["fast_fid"])
         print(f"best at NFE {best['nfe']}: {best['sampler']} ({best['fast_fid']:.2f})")
     return rows + [{**r, "reference": True} for r in reference_rows]
+
+
+def merge_a(paths: list[str]) -> str:
+    """(a)'s rows from the results.json of processes that split the grid: one table (fast FID, by sampler and
+    spacing against NFE; the reference rows apart), the best at <= 20 NFE against the best at any NFE."""
+    rows = [r for path in paths for r in json.loads(Path(path).read_text()).get("a", [])]
+    grid = [r for r in rows if not r.get("reference")]
+    column = {r["nfe"]: min([k for k in NFES if k >= r["nfe"]] or [r["nfe"]]) for r in grid}   # Heun: 2 K - 1
+    nfes = sorted(set(column.values()))
+    lines = ["| sampler | spacing | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
+    for sampler in SAMPLERS:
+        for spacing in SPACING_CHOICES:
+            cells = {column[r["nfe"]]: r["fast_fid"] for r in grid if (r["sampler"], r["spacing"]) == (sampler, spacing)}
+            if cells:
+                lines.append(f"| {sampler} | {spacing} | " + " | ".join(f"{cells[k]:.2f}" if k in cells else ""
+                                                                     for k in nfes) + " |")
+    for r in rows:
+        if r.get("reference"):
+            lines.append(f"\nreference: {r['sampler']} ({r['spacing']}) at NFE {r['nfe']}: {r['fast_fid']:.2f}")
+    best = min(rows, key=lambda r: r["fast_fid"])
+    low = min((r for r in grid if r["nfe"] <= 20), key=lambda r: r["fast_fid"])
+    lines.append(f"\nbest at any NFE: {best['sampler']} {best['spacing']} NFE {best['nfe']}: {best['fast_fid']:.2f}; "
+                 f"best at <= 20 NFE: {low['sampler']} {low['spacing']} NFE {low['nfe']}: {low['fast_fid']:.2f} "
+                 f"({100 * (low['fast_fid'] / best['fast_fid'] - 1):+.1f}%; target: within +10%)")
+    return "\n".join(lines)
 
 
 def train_command(args, out: Path, name: str, flags: list[str]) -> tuple[list[str], Path]:
@@ -219,6 +245,9 @@ def parse_args():
 
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))    # stopped: unwind, so the training runs stop too
+    if sys.argv[1:2] == ["--merge"]:
+        print(merge_a(sys.argv[2:]))
+        return
     args = parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,22 +106,26 @@ def part_a(diffusion, reference, args) -> list[dict]:
 
 
 def merge_a(paths: list[str]) -> str:
-    """(a)'s rows from the results.json of processes that split the grid: one table (fast FID, by sampler and
-    spacing against NFE; the reference rows apart), the best at <= 20 NFE against the best at any NFE."""
+    """(a)'s rows from the results.json of processes that split the grid: one table per measure (fast FID and
+    fast KID, by sampler and spacing against NFE; the reference rows apart), and the <= 20 NFE target's verdict."""
     rows = [r for path in paths for r in json.loads(Path(path).read_text()).get("a", [])]
     grid = [r for r in rows if not r.get("reference")]
     column = {r["nfe"]: min([k for k in NFES if k >= r["nfe"]] or [r["nfe"]]) for r in grid}   # Heun: 2 K - 1
     nfes = sorted(set(column.values()))
-    lines = ["| sampler | spacing | " + " | ".join(f"NFE {k}" for k in nfes) + " |", "|---|---|" + "---|" * len(nfes)]
-    for sampler in SAMPLERS:
-        for spacing in SPACING_CHOICES:
-            cells = {column[r["nfe"]]: r["fast_fid"] for r in grid if (r["sampler"], r["spacing"]) == (sampler, spacing)}
-            if cells:
-                lines.append(f"| {sampler} | {spacing} | " + " | ".join(f"{cells[k]:.2f}" if k in cells else ""
-                                                                     for k in nfes) + " |")
+    lines = []
+    for measure in ("fast_fid", "fast_kid"):
+        lines += [f"\n{measure}\n", "| sampler | spacing | " + " | ".join(f"NFE {k}" for k in nfes) + " |",
+                  "|---|---|" + "---|" * len(nfes)]
+        for sampler in SAMPLERS:
+            for spacing in SPACING_CHOICES:
+                cells = {column[r["nfe"]]: r[measure] for r in grid if (r["sampler"], r["spacing"]) == (sampler, spacing)}
+                if cells:
+                    lines.append(f"| {sampler} | {spacing} | " + " | ".join(f"{cells[k]:.2f}" if k in cells else ""
+                                                                         for k in nfes) + " |")
     for r in rows:
         if r.get("reference"):
-            lines.append(f"\nreference: {r['sampler']} ({r['spacing']}) at NFE {r['nfe']}: {r['fast_fid']:.2f}")
+            lines.append(f"\nreference: {r['sampler']} ({r['spacing']}) at NFE {r['nfe']}: fast FID {r['fast_fid']:.2f}, "
+                         f"fast KID {r['fast_kid']:.2f}")
     best = min(rows, key=lambda r: r["fast_fid"])
     low = min((r for r in grid if r["nfe"] <= 20), key=lambda r: r["fast_fid"])
     lines.append(f"\nbest at any NFE: {best['sampler']} {best['spacing']} NFE {best['nfe']}: {best['fast_fid']:.2f}; "

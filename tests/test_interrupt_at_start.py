@@ -44,6 +44,13 @@ def _interrupted(entry: list[str], delay: float) -> tuple[int, str]:
     return process.returncode, stderr
 
 
+# What a shell shows as exit status 130: exit(130), or death by SIGINT. A fresh-clone run of the suite
+# once saw the second after ddpm had printed its one line and returned 130 (CPython re-sends SIGINT to
+# itself at exit when it judges the interrupt unhandled; which path in torch's import leads there is
+# not known). The shell and the user see the same either way.
+INTERRUPTED = (130, -signal.SIGINT)
+
+
 @pytest.mark.parametrize("entry", ENTRIES, ids=list(ENTRIES))
 def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(entry):
     outcomes = [_interrupted(ENTRIES[entry], delay) for delay in DELAYS[entry]]
@@ -51,5 +58,5 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(entry):
         if code == 4:                       # the command had already finished (a fast machine)
             assert stderr.startswith("ddpm: error: no such checkpoint"), stderr
         else:
-            assert (code, stderr) == (130, "ddpm: interrupted\n")
-    assert outcomes[0][0] == 130            # the first signal lands in torch's import
+            assert (code in INTERRUPTED, stderr) == (True, "ddpm: interrupted\n"), code
+    assert outcomes[0][0] in INTERRUPTED    # the first signal lands in torch's import

@@ -124,10 +124,10 @@ def raised_by_every_rank(exc: BaseException) -> bool:
 def shutdown(completed: bool = False) -> None:
     """Leave the process group (at exit); harmless when none was joined. After a command that
     ``completed`` on every rank, or failed alike on every rank (:func:`every_rank`), the ranks first
-    meet at a barrier, so that none tears its connections down while a peer is still finishing (rank
-    0 writes the last files alone, and prints the shared error: torchrun stops the other workers as
-    soon as one exits, which could stop rank 0 before it speaks): a rank
-    that left early could see its peer close the sockets under it and abort at exit. After a lost
+    meet at a barrier, so that none leaves while a peer is still finishing. Rank 0 writes the last
+    files alone and prints a shared error, and torchrun stops the other workers as soon as one exits,
+    which could stop rank 0 before it speaks; a rank that tore its connections down early could also
+    see its peer close the sockets under it and abort at exit. After a lost
     peer the group is left as it is (tearing it down could wait on the dead peer): the process is
     about to exit."""
     if is_initialized() and not _broken:

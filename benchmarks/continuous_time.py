@@ -12,7 +12,9 @@
     ``continuous_time.py --merge OUT1/results.json OUT2/results.json ...`` prints the parts as one table. Heun takes
     (NFE + 1) / 2 steps (two evaluations a step but the last), the others NFE steps. The same
     ``--n`` images (per-image seeds: image k from ``derive_seed(0, k)``) in every row, scored with
-    the fast metric (LeNet FID/KID against the test split); NFE is counted at the network.
+    the fast metric (LeNet FID/KID against the test split); NFE is counted at the network. ``--seed S`` draws
+    other images for the same rows (image k from ``derive_seed(S, k)``): how far a row's score moves with the
+    draw; ``--merge`` lists those rows apart from the seed-0 grid.
 (b) EDM against the current ``mnist`` recipe at equal CPU time: ``ddpm train --preset mnist --batch-size 64
     --time-limit MINUTES`` (12 by default, batch 64 as benchmarks/time_to_quality.py) with and without
     ``--formulation edm``, both at once, each in its own process with ``--threads`` threads (1 on a 2-core
@@ -59,17 +61,17 @@ def steps_for(sampler: str, nfe: int) -> int:
     return (nfe + 1) // 2 if sampler == "heun" else nfe
 
 
-def score(diffusion, reference, sampling: SamplingOptions, n: int, batch_size: int) -> dict:
-    """The fast metric of ``n`` images (seed 0, image k's own noise), the NFE counted at the network, seconds."""
+def score(diffusion, reference, sampling: SamplingOptions, n: int, batch_size: int, seed: int = 0) -> dict:
+    """The fast metric of ``n`` images (image k's own noise from ``seed``), the NFE counted at the network, seconds."""
     calls = [0]
     hook = diffusion.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     start = time.perf_counter()
     try:
-        images = generate(diffusion, n, batch_size=batch_size, seed=0, progress=False, sampling=sampling)
+        images = generate(diffusion, n, batch_size=batch_size, seed=seed, progress=False, sampling=sampling)
     finally:
         hook.remove()
     seconds = time.perf_counter() - start
-    return {"sampler": sampling.sampler, "steps": sampling.steps, "spacing": sampling.spacing,
+    return {"sampler": sampling.sampler, "steps": sampling.steps, "spacing": sampling.spacing, "seed": seed,
             "nfe": calls[0] // math.ceil(n / batch_size), **fast_metric(images, reference), "seconds": seconds}
 
 
@@ -92,11 +94,11 @@ def part_a(diffusion, reference, args) -> list[dict]:
                 if steps > diffusion.timesteps:
                     continue
                 rows.append(score(diffusion, reference, SamplingOptions(sampler=sampler, steps=steps, spacing=spacing),
-                                  args.n, args.batch_size))
+                                  args.n, args.batch_size, args.seed))
                 print(row(rows[-1]), flush=True)
     reference_rows = [score(diffusion, reference, SamplingOptions(sampler=s, steps=min(steps_for(s, args.reference_nfe),
                                                                                        diffusion.timesteps)),
-                            args.n, args.batch_size) for s in args.reference_samplers]
+                            args.n, args.batch_size, args.seed) for s in args.reference_samplers]
     for r in reference_rows:
         print(row(r), flush=True)
     if reference_rows:
@@ -108,7 +110,8 @@ def part_a(diffusion, reference, args) -> list[dict]:
 def merge_a(paths: list[str]) -> str:
     """(a)'s rows from the results.json of processes that split the grid: one table per measure (fast FID and
     fast KID, by sampler and spacing against NFE; the reference rows apart), and the <= 20 NFE target's verdict."""
-    rows = [r for path in paths for r in json.loads(Path(path).read_text()).get("a", [])]
+    everything = [r for path in paths for r in json.loads(Path(path).read_text()).get("a", [])]
+    rows = [r for r in everything if not r.get("seed")]
     grid = [r for r in rows if not r.get("reference")]
     column = {r["nfe"]: min([k for k in NFES if k >= r["nfe"]] or [r["nfe"]]) for r in grid}   # Heun: 2 K - 1
     nfes = sorted(set(column.values()))
@@ -126,6 +129,10 @@ def merge_a(paths: list[str]) -> str:
         if r.get("reference"):
             lines.append(f"\nreference: {r['sampler']} ({r['spacing']}) at NFE {r['nfe']}: fast FID {r['fast_fid']:.2f}, "
                          f"fast KID {r['fast_kid']:.2f}")
+    reseeded = [r for r in everything if r.get("seed")]
+    for r in sorted(reseeded, key=lambda r: (r["sampler"], r["spacing"], r["nfe"], r["seed"])):
+        lines.append(f"\nseed {r['seed']}: {r['sampler']} ({r['spacing']}) at NFE {r['nfe']}: fast FID "
+                     f"{r['fast_fid']:.2f}, fast KID {r['fast_kid']:.2f}")
     best = min(rows, key=lambda r: r["fast_fid"])
     low = min((r for r in grid if r["nfe"] <= 20), key=lambda r: r["fast_fid"])
     lines.append(f"\nbest at any NFE: {best['sampler']} {best['spacing']} NFE {best['nfe']}: {best['fast_fid']:.2f}; "
@@ -213,6 +220,8 @@ def parse_args():
     parser.add_argument("--n", type=int, default=1000, help="images per row (default 1000)")
     parser.add_argument("--nfes", default=",".join(map(str, NFES)), help="comma-separated NFEs of (a)")
     parser.add_argument("--reference-nfe", type=int, default=REFERENCE_NFE)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="(a)'s images: image k from derive_seed(SEED, k) (default 0, the grid's)")
     parser.add_argument("--samplers", nargs="*", choices=list(SAMPLERS), default=list(SAMPLERS),
                         help="(a)'s samplers (default: every one); with --spacings and --reference-samplers, "
                              "(a) splits into processes that run side by side")

@@ -20,7 +20,9 @@ on MNIST with the ``mnist`` recipe.
 ``--parts`` picks parts (default ``123``). On 2 cores, parts ``12`` and ``3`` can run as two processes
 side by side (one thread each): each schedule run then has one core, with the same neighbour throughout.
 The long-run check of a schedule is ``--parts 3 --budget-steps 10000 --schedules constant cosine``
-(hours on 2 CPU cores; minutes with ``--device cuda``).
+(hours on 2 CPU cores; minutes with ``--device cuda``). With ``--checkpoint-every K`` a schedule run that was
+stopped (or killed) continues from its newest checkpoint when the same command runs again, bit for bit,
+so a long check can span several sittings.
 
 ``--quick`` shrinks everything (a U-Net of width 8, T = 100, 20 steps and 8 per schedule, 32 images) to check the
 script end to end in under two minutes; its figures mean nothing. Runs single-threaded.
@@ -130,8 +132,10 @@ def lr_schedules(args, out: Path, evaluator, step_s: float | None, save) -> dict
           flush=True)
     figures = {"minutes": args.minutes, "steps": steps, "step_s": step_s, "fast_fid": {}, "final_loss": {}}
     for name in args.schedules:
-        config, data = configure(args, out, steps, lr_schedule=name)
-        result = train(config, out / f"lr-{name}", data=data, progress=False)
+        every = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
+        config, data = configure(args, out, steps, lr_schedule=name, **every)
+        run = out / f"lr-{name}"
+        result = train(config, run, data=data, progress=False, resume=bool(list_checkpoints(run)))
         figures["fast_fid"][name] = value = score_ema(out / f"lr-{name}", evaluator, args.n, args.device)
         figures["final_loss"][name] = result.final_loss
         print(f"| {name} | {value:.2f} |", flush=True)
@@ -153,6 +157,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="images per score")
     parser.add_argument("--parts", default="123", help="which parts to run (default 123)")
     parser.add_argument("--budget-steps", type=int, help="steps of each lr-schedule run (default: from --minutes)")
+    parser.add_argument("--checkpoint-every", type=int,
+                        help="checkpoint each lr-schedule run every K steps (default: at its end only); a run "
+                             "with a checkpoint continues from it")
     parser.add_argument("--schedules", nargs="+", choices=LR_SCHEDULES, default=list(LR_SCHEDULES),
                         help="part 3's schedules (default: every one)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the 10,000-step check of part 3, "
@@ -172,7 +179,7 @@ def main() -> None:
         parser.error("--data-root and --out-dir are required")
     torch.set_num_threads(1)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=False)
+    out.mkdir(parents=True, exist_ok=bool(args.checkpoint_every))     # a resumable run's folder may be there
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread", flush=True)
 
     evaluator = TrainingEvaluator.build("fast", "mnist", data_root=args.data_root, image_size=(28, 28), channels=1)

@@ -133,6 +133,15 @@ def merge_a(paths: list[str]) -> str:
     for r in sorted(reseeded, key=lambda r: (r["sampler"], r["spacing"], r["nfe"], r["seed"])):
         lines.append(f"\nseed {r['seed']}: {r['sampler']} ({r['spacing']}) at NFE {r['nfe']}: fast FID "
                      f"{r['fast_fid']:.2f}, fast KID {r['fast_kid']:.2f}")
+    draws: dict = {}
+    for r in everything:
+        draws.setdefault((r["sampler"], r["spacing"], r["nfe"]), []).append(r["fast_fid"])
+    for (sampler, spacing, nfe), fids in draws.items():
+        if len(fids) > 1:     # the spread of one row over its image draws: how far apart two rows may land by chance
+            mean = sum(fids) / len(fids)
+            sd = math.sqrt(sum((f - mean) ** 2 for f in fids) / (len(fids) - 1))
+            lines.append(f"\n{sampler} ({spacing}) at NFE {nfe} over {len(fids)} draws of images: fast FID "
+                         f"{mean:.2f} +- {sd:.2f} (sd; {min(fids):.2f} to {max(fids):.2f})")
     best = min(rows, key=lambda r: r["fast_fid"])
     low = min((r for r in grid if r["nfe"] <= 20), key=lambda r: r["fast_fid"])
     lines.append(f"\nbest at any NFE: {best['sampler']} {best['spacing']} NFE {best['nfe']}: {best['fast_fid']:.2f}; "

@@ -51,9 +51,10 @@ def _interrupted(entry: list[str], delay: float) -> tuple[int, str]:
 INTERRUPTED = (130, -signal.SIGINT)
 
 
-# A fresh-clone run of the suite on a loaded machine once saw both entries finish the command (exit 4)
-# before the first signal arrived. ddpm was right then; the test had missed its moment. So a signal
-# that comes too late is sent again to a new process, a few times.
+# Fresh-clone runs of the whole suite have seen both entries finish the command (exit 4) before every
+# signal arrived, though the file alone passes. ddpm was right then; the test had missed its moment. So
+# a signal that comes too late is sent again to a new process, a few times, and a test that never
+# catches the import is skipped, not passed.
 TRIES = 4
 
 
@@ -70,4 +71,5 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(entry):
             assert stderr.startswith("ddpm: error: no such checkpoint"), stderr
         else:
             assert (code in INTERRUPTED, stderr) == (True, "ddpm: interrupted\n"), code
-    assert any(code in INTERRUPTED for code, _ in outcomes)    # at least one signal landed in torch's import
+    if not any(code in INTERRUPTED for code, _ in outcomes):     # never caught in torch's import: not tested
+        pytest.skip(f"every Ctrl-C came after the command had finished ({len(outcomes)} tries)")

@@ -31,10 +31,21 @@ def _importing_torch(pid: int) -> bool:
         return False
 
 
+def _as_if_in_the_foreground() -> None:
+    """Give the child SIGINT's default action, as a command typed at a terminal has.
+
+    A suite started in the background of a non-interactive shell (``pytest &``, ``nohup``, some CI
+    runners) inherits SIGINT ignored, and an ignored signal survives ``exec``: CPython then keeps it
+    ignored and the Ctrl-C never reaches ddpm. That is right for such a process, but it is not the case
+    under test."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted(entry: list[str], delay: float) -> tuple[int, str]:
     """Exit code and stderr of a ``ddpm inspect`` sent SIGINT ``delay`` seconds after torch starts loading."""
     process = subprocess.Popen([sys.executable, *entry, "inspect", os.devnull + "-missing"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_as_if_in_the_foreground)
     deadline = time.monotonic() + 60
     while not _importing_torch(process.pid) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
@@ -51,25 +62,12 @@ def _interrupted(entry: list[str], delay: float) -> tuple[int, str]:
 INTERRUPTED = (130, -signal.SIGINT)
 
 
-# Fresh-clone runs of the whole suite have seen both entries finish the command (exit 4) before every
-# signal arrived, though the file alone passes. ddpm was right then; the test had missed its moment. So
-# a signal that comes too late is sent again to a new process, a few times, and a test that never
-# catches the import is skipped, not passed.
-TRIES = 4
-
-
 @pytest.mark.parametrize("entry", ENTRIES, ids=list(ENTRIES))
 def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(entry):
-    outcomes = []
-    for delay in DELAYS[entry]:
-        for _ in range(TRIES):
-            outcomes.append(_interrupted(ENTRIES[entry], delay))
-            if outcomes[-1][0] != 4:
-                break
+    outcomes = [_interrupted(ENTRIES[entry], delay) for delay in DELAYS[entry]]
     for code, stderr in outcomes:
         if code == 4:                       # the command had already finished (a fast machine)
             assert stderr.startswith("ddpm: error: no such checkpoint"), stderr
         else:
             assert (code in INTERRUPTED, stderr) == (True, "ddpm: interrupted\n"), code
-    if not any(code in INTERRUPTED for code, _ in outcomes):     # never caught in torch's import: not tested
-        pytest.skip(f"every Ctrl-C came after the command had finished ({len(outcomes)} tries)")
+    assert any(code in INTERRUPTED for code, _ in outcomes)    # at least one signal landed in torch's import

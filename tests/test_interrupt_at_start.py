@@ -31,21 +31,10 @@ def _importing_torch(pid: int) -> bool:
         return False
 
 
-def _as_if_in_the_foreground() -> None:
-    """Give the child SIGINT's default action, as a command typed at a terminal has.
-
-    A suite started in the background of a non-interactive shell (``pytest &``, ``nohup``, some CI
-    runners) inherits SIGINT ignored, and an ignored signal survives ``exec``: CPython then keeps it
-    ignored and the Ctrl-C never reaches ddpm. That is right for such a process, but it is not the case
-    under test."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _interrupted(entry: list[str], delay: float) -> tuple[int, str]:
     """Exit code and stderr of a ``ddpm inspect`` sent SIGINT ``delay`` seconds after torch starts loading."""
     process = subprocess.Popen([sys.executable, *entry, "inspect", os.devnull + "-missing"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=_as_if_in_the_foreground)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not _importing_torch(process.pid) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

@@ -218,3 +218,21 @@ def test_metrics_are_strict_json_even_with_empty_quartiles(tmp_path, digits):
         row = json.loads(line, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name} in {line}"))
         quartiles = [row[f"loss_q{q}"] for q in range(4)]
         assert quartiles.count(None) == 3 and all(isinstance(v, float) for v in quartiles if v is not None)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs POSIX signals")
+def test_a_signal_the_process_was_started_to_ignore_stays_ignored():
+    """``ddpm train ... &`` in a script (or under nohup) starts with SIGINT ignored: the terminal's
+    Ctrl-C is for the foreground job, and must not stop the background run. SIGTERM is still handled."""
+    from ddpm.signals import StopSignals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopSignals() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert stop.received is None
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -50,6 +50,8 @@ class StopSignals:
     def __enter__(self):
         if hasattr(signal, "SIGTERM") and _in_main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue            # started to ignore it (``cmd &`` in a script, nohup): keep ignoring it
                 self._previous[sig] = signal.signal(sig, self._handle)
         _ACTIVE.append(self)
         return self

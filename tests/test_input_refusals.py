@@ -151,6 +151,21 @@ def test_a_run_estimated_at_over_a_day_says_so_before_it_starts(tmp_path, timed)
     assert code == 0 and "warning" not in err                # the time limit stops it within the day
 
 
+def test_a_time_limit_that_cuts_a_decay_short_says_so_before_it_starts(tmp_path, timed):
+    """100 s a step: 1,000 minutes reach step 600 of 2,000, where the cosine rate is still 79% of its peak."""
+    base = ["train", "--steps", "2000", "--batch-size", "4", "--quiet"]       # too few images x steps to time
+    code, _, err = _run([*base, "--lr-schedule", "cosine", "--time-limit", "1000", "--out", str(tmp_path / "o")])
+    assert code == 0 and timed == [1]
+    assert ("ddpm: warning: --time-limit 1000 is estimated to stop this run at about step 600 of 2,000 (about "
+            "100 s a step on cpu), with the cosine learning rate still at 79% of its peak: it decays over --steps; "
+            "give --steps 600 to decay within the limit\n") in err, err
+    code, _, err = _run([*base[:2], "900", *base[3:], "--lr-schedule", "cosine", "--time-limit", "1440",
+                         "--out", str(tmp_path / "p")])
+    assert code == 0 and "warning" not in err             # step 864 of 900: 0.4% of the peak left, the decay is done
+    code, _, err = _run([*base, "--time-limit", "1000", "--out", str(tmp_path / "q")])
+    assert code == 0 and "warning" not in err and timed == [1, 1]     # a constant rate: not timed, nothing to say
+
+
 def test_a_short_run_is_not_timed(tmp_path, timed):
     code, _, err = _run(["train", "--steps", "20", "--batch-size", "8", "--quiet", "--out", str(tmp_path / "o")])
     assert code == 0 and timed == [] and "warning" not in err

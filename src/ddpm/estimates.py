@@ -5,7 +5,8 @@
 :func:`estimate_seconds_per_step` times the run's own optimizer step (its batch, gradient accumulation,
 model flags and precision) on the device, a median of repeats after a warm-up, for the line printed with an
 automatic choice (:func:`choice_line`, :func:`ddpm.recipes.choose`), which describes the run after every
-override, and for the warning before a run estimated to last over a day (:func:`long_run_warning`).
+override, for the warning before a run estimated to last over a day (:func:`long_run_warning`), and for the
+warning before a time limit cuts a decaying learning rate short (:func:`decay_cut_short_warning`).
 ``benchmarks/estimates.py`` records these estimates against measured training times.
 """
 
@@ -21,16 +22,19 @@ import torch
 from .build import build_diffusion, model_bytes
 from .config import RunConfig
 from .device import check_fits
+from .lr_schedules import schedule_from_train_config
 from .precision import autocast, channels_last, resolve_precision
 from .training_state import EMA
 
 __all__ = ["training_bytes_at_least", "check_training_memory", "estimate_seconds_per_step", "format_duration",
            "choice_line", "run_words", "median_seconds", "training_step", "LONG_RUN_SECONDS", "MIN_TIMED_IMAGES",
-           "worth_timing", "long_run_warning", "duration_lines"]
+           "worth_timing", "long_run_warning", "decay_cut_short_warning", "duration_lines"]
 
 # A run estimated to last longer than this says so before it starts: a warning, not a refusal (long
 # runs are legitimate; the user may have meant fewer steps or a smaller model, or may want --time-limit).
 LONG_RUN_SECONDS = 24 * 3600
+# The share of a cosine or linear decay a time limit may leave undone before a run says so before it starts.
+DECAY_LEFT_WARNED = 0.1
 # Runs of fewer images x steps than this are not timed: to last a day, each image would need more than
 # 8.6 s per step, which no model that passes the memory check takes.
 MIN_TIMED_IMAGES = 10_000
@@ -169,16 +173,47 @@ def long_run_warning(config: RunConfig, seconds_per_step: float, device: str) ->
     if total <= LONG_RUN_SECONDS or 0 < limit <= LONG_RUN_SECONDS:
         return None
     return (f"ddpm: warning: this run is estimated to take {format_duration(total)} on {device} "
-            f"({config.train.steps:,} steps of about {seconds_per_step:.2g} s); --time-limit MINUTES stops it in "
+            f"({config.train.steps:,} steps of about {seconds_per_step:.3g} s); --time-limit MINUTES stops it in "
             "time, or choose fewer --steps, a smaller --batch-size or a smaller model")
 
 
+def decays_within_time_limit(config: RunConfig) -> bool:
+    """Whether the run's learning rate decays over ``--steps`` (cosine, linear) and a time limit may stop it first."""
+    return config.train.lr_schedule in ("cosine", "linear") and config.train.time_limit > 0
+
+
+def decay_cut_short_warning(config: RunConfig, seconds_per_step: float, device: str) -> str | None:
+    """A warning line when ``--time-limit`` is estimated to stop the run with more than :data:`DECAY_LEFT_WARNED`
+    of its cosine or linear decay undone (the decay spans ``--steps``, which the time limit does not change);
+    else None. The line names the ``--steps`` that would decay within the limit."""
+    tc = config.train
+    if not decays_within_time_limit(config):
+        return None
+    reached = int(60 * tc.time_limit / seconds_per_step)       # steps done when the limit stops the run
+    if reached >= tc.steps:
+        return None
+    schedule = schedule_from_train_config(tc)
+    left = (schedule(max(reached - 1, 0)) - tc.lr_min) / (tc.lr - tc.lr_min) if tc.lr > tc.lr_min else 0.0
+    if left <= DECAY_LEFT_WARNED:
+        return None
+    fits = f"give --steps {reached:,} to decay within the limit" if reached > tc.warmup_steps else \
+        "the limit ends within the warm-up: give a longer --time-limit"
+    return (f"ddpm: warning: --time-limit {tc.time_limit:g} is estimated to stop this run at about step {reached:,} "
+            f"of {tc.steps:,} (about {seconds_per_step:.3g} s a step on {device}), with the {tc.lr_schedule} learning "
+            f"rate still at {100 * schedule(max(reached - 1, 0)) / tc.lr:.0f}% of its peak: it decays over --steps; "
+            f"{fits}")
+
+
 def duration_lines(config: RunConfig, device: torch.device, *, dry_run: bool = False) -> list[str]:
-    """The lines ``ddpm train`` prints before a new run: the automatic choice's (with its estimate) and
-    the warning of a run estimated at over a day, each ending in a newline. The run is timed on the
-    device only when it could be that long (:func:`worth_timing`), and not for a dry run without a choice."""
-    timed = config.choice or (worth_timing(config) and not dry_run)
+    """The lines ``ddpm train`` prints before a new run: the automatic choice's (with its estimate), the
+    warning of a run estimated at over a day and that of a decay a time limit cuts short, each ending in a
+    newline. The run is timed on the device only when it could be that long (:func:`worth_timing`) or
+    its time limit could cut a decay short (:func:`decays_within_time_limit`), and not for a dry run
+    without a choice."""
+    timed = config.choice or ((worth_timing(config) or decays_within_time_limit(config)) and not dry_run)
     seconds_per_step = estimate_seconds_per_step(config, device) if timed else None
     lines = [choice_line(config.choice, config, seconds_per_step, device.type)] if config.choice else []
-    warning = seconds_per_step is not None and long_run_warning(config, seconds_per_step, device.type)
-    return [line + "\n" for line in lines + ([warning] if warning else [])]
+    if seconds_per_step is not None:
+        lines += [warning for warning in (long_run_warning(config, seconds_per_step, device.type),
+                                          decay_cut_short_warning(config, seconds_per_step, device.type)) if warning]
+    return [line + "\n" for line in lines]

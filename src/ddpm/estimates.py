@@ -192,15 +192,15 @@ def decay_cut_short_warning(config: RunConfig, seconds_per_step: float, device: 
     reached = int(60 * tc.time_limit / seconds_per_step)       # steps done when the limit stops the run
     if reached >= tc.steps:
         return None
-    schedule = schedule_from_train_config(tc)
-    left = (schedule(max(reached - 1, 0)) - tc.lr_min) / (tc.lr - tc.lr_min) if tc.lr > tc.lr_min else 0.0
+    rate = schedule_from_train_config(tc)(max(reached - 1, 0))          # the last step's
+    left = (rate - tc.lr_min) / (tc.lr - tc.lr_min) if tc.lr > tc.lr_min else 0.0
     if left <= DECAY_LEFT_WARNED:
         return None
     fits = f"give --steps {reached:,} to decay within the limit" if reached > tc.warmup_steps else \
         "the limit ends within the warm-up: give a longer --time-limit"
     return (f"ddpm: warning: --time-limit {tc.time_limit:g} is estimated to stop this run at about step {reached:,} "
             f"of {tc.steps:,} (about {seconds_per_step:.3g} s a step on {device}), with the {tc.lr_schedule} learning "
-            f"rate still at {100 * schedule(max(reached - 1, 0)) / tc.lr:.0f}% of its peak: it decays over --steps; "
+            f"rate still at {100 * rate / tc.lr:.0f}% of its peak: it decays over --steps; "
             f"{fits}")
 
 

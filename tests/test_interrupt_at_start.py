@@ -59,4 +59,4 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_code_130(entry):
             assert stderr.startswith("ddpm: error: no such checkpoint"), stderr
         else:
             assert (code in INTERRUPTED, stderr) == (True, "ddpm: interrupted\n"), code
-    assert any(code in INTERRUPTED for code, _ in outcomes)    # at least one signal landed in torch's import
+    assert outcomes[0][0] in INTERRUPTED    # the first signal lands in torch's import

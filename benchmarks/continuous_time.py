@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +44,9 @@ from ddpm.evaluation.reference import subset_indices
 from ddpm.device import select_device
 from ddpm.generate import generate, load_diffusion
 from ddpm.samplers import SAMPLERS, SPACING_CHOICES, SamplingOptions
+
+sys.path.insert(0, str(Path(__file__).parent))
+from side_by_side import run_lanes  # noqa: E402
 
 NFES = (10, 20, 35, 50, 100)
 REFERENCE_NFE = 1000
@@ -160,29 +161,11 @@ def train_command(args, out: Path, name: str, flags: list[str]) -> tuple[list[st
 
 
 def train_runs(args, out: Path, runs: dict[str, list[str]]) -> dict[str, Path]:
-    """Every run of ``runs`` (name: flags) at once, each in a process of its own with ``--threads`` threads.
-
-    Side by side, the runs share whatever else the machine does alike: at 1 thread each on 2 cores, each
-    gets one core's time for the budget, a fair "equal CPU time" even on a machine that is not idle.
-    ``--sequential`` trains them one after another instead: fair where one core is free and the other
-    carries the same steady load throughout (another single-threaded job).
-    """
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    """Every run of ``runs`` (name: flags) at once, each in a process of its own with ``--threads`` threads
+    (``--sequential``: one after another); see side_by_side.py for when each is fair."""
     started = {name: train_command(args, out, name, flags) for name, flags in runs.items()}
-    processes = {}
-    try:
-        for name, (command, _) in started.items():
-            processes[name] = subprocess.Popen(command, env=env)
-            if args.sequential and processes[name].wait() != 0:
-                raise SystemExit(f"the {name} run failed")
-        for name, process in processes.items():
-            if process.wait() != 0:
-                raise SystemExit(f"the {name} run failed")
-    finally:        # one run failed, or this script was stopped: the other runs stop too
-        for process in processes.values():
-            if process.poll() is None:
-                process.terminate()
-                process.wait()
+    commands = [command for command, _ in started.values()]
+    run_lanes(*([commands] if args.sequential else [[command] for command in commands]), threads=args.threads)
     return {name: run for name, (_, run) in started.items()}
 
 

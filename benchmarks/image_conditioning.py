@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +42,9 @@ from ddpm.generate import generate, load_diffusion
 from ddpm.images import save_png
 from ddpm.pixels import to_tensor, to_uint8
 
+sys.path.insert(0, str(Path(__file__).parent))
+from side_by_side import run_lanes  # noqa: E402
+
 PARTS = ("sr", "colorize", "cascade")
 QUICK = dict(minutes=0.1, n=16, sample_steps=10, crops=64)
 FULL = dict(minutes=12.0, n=1000, sample_steps=50, crops=2048)
@@ -59,34 +58,6 @@ def train_command(out: Path, minutes: float, *args: str) -> list[str]:
             "--out", str(out)]
 
 
-def train_lanes(*lanes: list[list[str]]) -> None:
-    """Each lane (a list of commands run one after another) in a process of its own, one thread each, all at once.
-    When a command fails or this script is stopped, every running command is stopped and no lane starts another."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    running: list[subprocess.Popen] = []
-    stopping = threading.Event()
-
-    def run_lane(commands):
-        for command in commands:
-            if stopping.is_set():
-                return
-            process = subprocess.Popen(command, env=env)
-            running.append(process)
-            if process.wait() != 0:
-                raise subprocess.CalledProcessError(process.returncode, command)
-
-    pool = ThreadPoolExecutor(len(lanes))
-    try:
-        for done in [pool.submit(run_lane, lane) for lane in lanes]:
-            done.result()
-    finally:
-        stopping.set()
-        for process in running:
-            if process.poll() is None:
-                process.terminate()
-        pool.shutdown()
-
-
 def training(out: Path, root: str, s: dict, parts: set[str]) -> None:
     """The models of ``parts``: the cascade's stages beside the single model, then super-resolution beside
     colorize. Colorize uses the ``mnist`` preset's recipe (its U-Net here is MODEL's, with 3 channels): the
@@ -94,7 +65,7 @@ def training(out: Path, root: str, s: dict, parts: set[str]) -> None:
     half = s["minutes"] / 2
     mnist = ("--data", "mnist", "--data-root", root, "--preset", "mnist")
     if "cascade" in parts:
-        train_lanes([train_command(out / "single28", s["minutes"], *mnist)],
+        run_lanes([train_command(out / "single28", s["minutes"], *mnist)],
                     [train_command(out / "base14", half, *mnist, "--image-size", "14"),
                      train_command(out / "sr2", half, "--task", "super-resolution", "--scale", "2", *mnist)])
     lanes = []
@@ -105,7 +76,7 @@ def training(out: Path, root: str, s: dict, parts: set[str]) -> None:
         lanes.append([train_command(out / "colorize", half, "--task", "colorize", "--data", str(out / "crops.npz"),
                                     "--preset", "mnist", "--hflip")])
     if lanes:
-        train_lanes(*lanes)
+        run_lanes(*lanes)
 
 
 def super_resolution(out: Path, root: str, s: dict) -> None:

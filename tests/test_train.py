@@ -4,6 +4,7 @@ directories, validation, and the Python API, all on tiny CPU inputs."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from ddpm.losses import SimpleLoss
 from ddpm.errors import ConfigError, DataError
 from ddpm.device import select_device
 from ddpm.models import preset_config
+from ddpm.models.unet import Unet
 from ddpm.run_dir import new_run_dir, prepare_run_dir
 from ddpm.seeding import derive_seed
 from ddpm.train import train
@@ -169,6 +171,24 @@ def test_epoch_order_batch_depends_only_on_seed_and_step():
 def test_the_loops_uint8_to_unit_matches_the_data_module():
     images = tiny_data(3, size=(4, 6), channels=3).images
     torch.testing.assert_close(uint8_to_unit(torch.from_numpy(images)), to_tensor(images), rtol=0, atol=0)
+
+
+def test_the_network_is_fed_rgb_batches_laid_out_as_b_c_h_w(tmp_path, monkeypatch):
+    """The images are stored [B, H, W, C]; a permuted view of them has channels-last strides, which the U-Net
+    carries through every layer (a bf16 training step about a fifth slower on the CPU than the estimate's)."""
+    seen = []
+    original = Unet.forward
+
+    def spy(self, x, t, y=None, **kwargs):
+        if self.training:
+            seen.append(x.is_contiguous())
+        return original(self, x, t, y=y, **kwargs)
+
+    monkeypatch.setattr(Unet, "forward", spy)
+    config = tiny_config(steps=2)
+    config = replace(config, model=replace(config.model, channels=3))
+    train(config, tmp_path / "run", data=tiny_data(channels=3), progress=False)
+    assert seen == [True, True]
 
 
 # ----------------------------------------------------------------------------- training runs

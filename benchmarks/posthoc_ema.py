@@ -23,7 +23,8 @@ The long-run check of a schedule is ``--parts 3 --budget-steps 10000 --schedules
 (hours on 2 CPU cores; minutes with ``--device cuda``). With ``--checkpoint-every K`` a schedule run that was
 stopped (or killed) continues from its newest checkpoint when the same command runs again, bit for bit,
 so a long check can span several sittings. ``--draws K`` scores each schedule's EMA on K draws of images and
-gives their mean and sd: a draw of 1,000 images moves the fast FID by about 1.
+gives their mean and sd: a draw of 1,000 images moved the fast FID of one 10,000-step model from 8.4 to 13.5
+(RESULTS.md).
 
 ``--quick`` shrinks everything (a U-Net of width 8, T = 100, 20 steps and 8 per schedule, 32 images) to check the
 script end to end in under two minutes; its figures mean nothing. Runs single-threaded.

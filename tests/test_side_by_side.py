@@ -21,8 +21,9 @@ def py(code: str) -> list[str]:
 
 def test_lanes_run_at_once_each_in_order_with_the_threads_asked(tmp_path):
     log = tmp_path / "log"
-    mark = ("import os, time; open({log!r}, 'a').write(f'{name} {{os.environ[\"OMP_NUM_THREADS\"]}} {{time.time()}}\\n');"
-            " time.sleep({sleep})")
+    mark = ("import os, time; "
+            "open({log!r}, 'a').write(f'{name} {{os.environ[\"OMP_NUM_THREADS\"]}} {{time.time()}}\\n'); "
+            "time.sleep({sleep})")
     a = [py(mark.format(log=str(log), name=name, sleep=0.5)) for name in ("a1", "a2")]
     b = [py(mark.format(log=str(log), name="b1", sleep=0))]
     side_by_side.run_lanes(a, b, threads=3)

@@ -66,8 +66,8 @@ def training(out: Path, root: str, s: dict, parts: set[str]) -> None:
     mnist = ("--data", "mnist", "--data-root", root, "--preset", "mnist")
     if "cascade" in parts:
         run_lanes([train_command(out / "single28", s["minutes"], *mnist)],
-                    [train_command(out / "base14", half, *mnist, "--image-size", "14"),
-                     train_command(out / "sr2", half, "--task", "super-resolution", "--scale", "2", *mnist)])
+                  [train_command(out / "base14", half, *mnist, "--image-size", "14"),
+                   train_command(out / "sr2", half, "--task", "super-resolution", "--scale", "2", *mnist)])
     lanes = []
     if "sr" in parts:
         lanes.append([train_command(out / "sr4", s["minutes"], "--task", "super-resolution", "--scale", "4", *mnist)])
